@@ -1,0 +1,51 @@
+# linclass developer commands.  Each target creates .venv when it is missing, installs
+# torch first and then linclass (editable, with its C++/CUDA extension), and is safe to
+# rerun: the install steps rerun only when their inputs change.
+#
+#   make test    the test suite (what CI runs)
+#   make demo    the demo on the bundled default data (scikit-learn digits)
+#   make bench   CPU benchmarks -> bench/results/cpu.json, cpu.md, cpu.png
+#
+# TORCH_SPEC picks the torch build (the default is the one this project is developed
+# against); FORCE_CUDA=1 compiles the CUDA kernels without a GPU (needs nvcc).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS     ?= test,data,plots,progress
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip --disable-pip-version-check
+SOURCES    := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.torch: 
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel ninja
+	$(PIP) install -q $(TORCH_SPEC)
+	touch $@
+
+# Dependencies (extras) change with pyproject.toml; the extension with its sources.
+$(VENV)/.deps: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	touch $@ $(VENV)/.build
+
+$(VENV)/.build: $(VENV)/.deps $(SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.build
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m linclass demo
+
+bench: install
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q bench --benchmark-only \
+		--benchmark-json=bench/results/cpu.json
+	$(PY) bench/report.py bench/results/cpu.json bench/results/cpu.md
+
+clean:
+	rm -rf build *.egg-info linclass/_C*.so

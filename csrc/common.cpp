@@ -1,0 +1,80 @@
+#include "common.h"
+
+#include <ATen/ops/empty.h>
+
+namespace linclass {
+
+std::optional<RowGeometry> row_geometry(const at::Tensor& t) {
+  RowGeometry g;
+  if (t.dim() == 1) {
+    g.classes = t.size(0);
+    g.stride_c = t.stride(0);
+    return g;
+  }
+  g.outer = t.size(0);
+  g.classes = t.size(1);
+  g.stride_n = t.stride(0);
+  g.stride_c = t.stride(1);
+  if (t.dim() == 2) return g;
+  // Flatten d1..dk: they must form one strided run (stride(i) == size(i+1) * stride(i+1)),
+  // ignoring size-1 dims whose stride is meaningless.
+  int64_t inner = 1, stride_k = 1;
+  bool first = true;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) == 1) continue;
+    if (first) {
+      stride_k = t.stride(d);
+      first = false;
+    } else if (t.stride(d) != inner * stride_k) {
+      return std::nullopt;
+    }
+    inner *= t.size(d);
+  }
+  for (int64_t d = 2; d < t.dim(); ++d)
+    if (t.size(d) == 0) inner = 0;
+  g.inner = inner;
+  g.stride_k = stride_k;
+  return g;
+}
+
+void check_class_index_args(const char* op, const at::Tensor& input, const at::Tensor& target,
+                            const std::optional<at::Tensor>& weight, int64_t reduction) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
+              ": input must be float32, float64, float16 or bfloat16, got ", input.scalar_type());
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index target must be int64, got ",
+              target.scalar_type());
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension");
+  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
+              " but input is on ", input.device());
+  if (input.dim() == 1) {
+    TORCH_CHECK(target.dim() == 0, op, ": a 1-D input needs a 0-D target, got shape ",
+                target.sizes());
+  } else {
+    TORCH_CHECK(target.dim() == input.dim() - 1, op, ": target must have ", input.dim() - 1,
+                " dims for input of shape ", input.sizes(), ", got ", target.sizes());
+    TORCH_CHECK(target.size(0) == input.size(0), op, ": input batch size ", input.size(0),
+                " does not match target batch size ", target.size(0));
+    for (int64_t d = 2; d < input.dim(); ++d)
+      TORCH_CHECK(target.size(d - 1) == input.size(d), op, ": target shape ", target.sizes(),
+                  " does not match input shape ", input.sizes(), " (class dim removed)");
+  }
+  const int64_t classes = input.dim() == 1 ? input.size(0) : input.size(1);
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == classes, op,
+                ": weight must be a 1-D tensor with one entry per class (", classes,
+                "), got shape ", weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == input.scalar_type(), op, ": weight dtype ",
+                weight->scalar_type(), " does not match input dtype ", input.scalar_type());
+    TORCH_CHECK(weight->device() == input.device(), op, ": weight is on ", weight->device(),
+                " but input is on ", input.device());
+  }
+  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, op,
+              ": unknown reduction code ", reduction);
+}
+
+at::Tensor empty_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
+  if (reduction == kNone) return at::empty(target.sizes(), input.options());
+  return at::empty({}, input.options());
+}
+
+}  // namespace linclass

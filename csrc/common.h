@@ -1,0 +1,48 @@
+// Host-side pieces shared by every loss op (CPU and CUDA): how an input is seen as
+// rows x classes, the reduction codes, and the checks every op makes before it
+// touches memory.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace linclass {
+
+// Same codes as at::Reduction, so Python passes torch's enum values straight through.
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+// A class-index loss sees its input as `rows` rows of `classes` scores.  Inputs are
+// (C,), (N, C) or (N, C, d1, ..., dk); for the last one the d-dims are flattened into
+// `inner` so that row r = (n, k) with n = r / inner, k = r % inner, and
+//   score(r, j) = data[n * stride_n + k * stride_k + j * stride_c].
+// Keeping the strides (instead of moving the class dim last with a copy) lets
+// transposed and K-dimensional inputs reach the kernels without an extra N x C buffer.
+struct RowGeometry {
+  int64_t outer = 1, classes = 1, inner = 1;
+  int64_t stride_n = 0, stride_c = 1, stride_k = 0;
+
+  int64_t rows() const { return outer * inner; }
+  int64_t offset(int64_t r) const {
+    return inner == 1 ? r * stride_n : (r / inner) * stride_n + (r % inner) * stride_k;
+  }
+  bool rows_contiguous() const { return stride_c == 1; }
+};
+
+// Geometry of `t`, whose class dim is dim 0 for 1-D tensors and dim 1 otherwise.
+// Returns nullopt when the d-dims cannot be flattened into one strided dim (then the
+// caller makes the input contiguous first).
+std::optional<RowGeometry> row_geometry(const at::Tensor& t);
+
+// Shape/dtype checks shared by the CPU and CUDA entry points.  The Python wrappers
+// check the same things with torch's wording first; these keep a direct
+// torch.ops.linclass call from ever reaching a kernel with inconsistent arguments.
+void check_class_index_args(const char* op, const at::Tensor& input, const at::Tensor& target,
+                            const std::optional<at::Tensor>& weight, int64_t reduction);
+
+// Loss output for the given reduction: target-shaped for 'none', a 0-dim tensor otherwise.
+at::Tensor empty_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction);
+
+}  // namespace linclass

@@ -1,0 +1,159 @@
+// Fused multi-class hinge (torch's multi_margin_loss) for one row (or one SIMD group of
+// rows): the loss and d loss / d scores from a single read of the scores.
+//
+// For scores x (C classes), target y, margin M, power p in {1, 2}, the target's class
+// weight w_y (1 without `weight`) and the reduction's gradient scale `scale`
+// (1/N for 'mean', else 1):
+//
+//   z_j   = M - x_y + x_j                                   (j != y)
+//   loss  = (w_y / C) sum_{j != y} max(0, z_j)^p
+//   dx_j  = scale (w_y / C) [z_j > 0] (p == 1 ? 1 : 2 z_j)   (j != y)
+//   dx_y  = -sum_{j != y} dx_j
+//
+// The classic SVM loss (sum over wrong classes, margin 1) is this loss times C.
+#pragma once
+
+#include "row_driver.h"
+
+namespace linclass::cpu {
+
+template <typename acc_t>
+struct MultiMarginParams {
+  const acc_t* weight;  // C entries; ones when the caller gave no weight
+  acc_t margin;
+  acc_t scale;          // gradient scale of the reduction
+  int64_t p;            // 1 or 2
+  int64_t classes;
+};
+
+// Hinge term and its derivative for margin violations z: h = max(0, z)^p, d = dh/dz.
+// Like torch, a term counts only where z > 0 (so a NaN term is dropped, not propagated).
+template <int P, typename V>
+inline void hinge(const V& z, V& h, V& d) {
+  using T = typename V::value_type;
+  const V zp = select(z > V(T(0)), z, V(T(0)));
+  if constexpr (P == 1) {
+    h = zp;
+    d = select(z > V(T(0)), V(T(1)), V(T(0)));
+  } else {
+    h = zp * zp;
+    d = zp + zp;
+  }
+}
+template <int P, typename T>
+inline void hinge_scalar(T z, T& h, T& d) {
+  const T zp = z > T(0) ? z : T(0);
+  if constexpr (P == 1) {
+    h = zp;
+    d = z > T(0) ? T(1) : T(0);
+  } else {
+    h = zp * zp;
+    d = zp + zp;
+  }
+}
+
+// Over columns [begin, end): sum_h += sum h(c + x_j), sum_d += sum d(c + x_j).
+template <int P, typename T>
+inline void hinge_sums(const T* x, int64_t begin, int64_t end, T c, T& sum_h, T& sum_d) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vc(c);
+  Vec<T> sh(T(0)), sd(T(0));
+  int64_t j = begin;
+  for (; j + W <= end; j += W) {
+    Vec<T> h, d;
+    hinge<P>(vc + Vec<T>::loadu(x + j), h, d);
+    sh = sh + h;
+    sd = sd + d;
+  }
+  T th = 0, td = 0;
+  for (; j < end; ++j) {
+    T h, d;
+    hinge_scalar<P>(c + x[j], h, d);
+    th += h;
+    td += d;
+  }
+  sum_h += hsum(sh) + th;
+  sum_d += hsum(sd) + td;
+}
+
+struct MultiMarginMath {
+  template <typename acc_t>
+  static bool ignored(int64_t, const MultiMarginParams<acc_t>&) {
+    return false;
+  }
+
+  // `work` is unused: the gradient is a second, store-only pass over the row (x is in
+  // cache by then), which lets it stream g and place the target's entry in order.
+  template <typename acc_t, bool kGrad>
+  static acc_t row(const acc_t* x, acc_t* /*work*/, acc_t* g, int64_t y,
+                   const MultiMarginParams<acc_t>& p, bool stream) {
+    return p.p == 1 ? row_p<1, kGrad>(x, g, y, p, stream) : row_p<2, kGrad>(x, g, y, p, stream);
+  }
+
+  template <typename acc_t, bool kGrad>
+  static Vec<acc_t> lanes(acc_t* tile, const Vec<acc_t>& vy, const MultiMarginParams<acc_t>& p) {
+    return p.p == 1 ? lanes_p<1, kGrad>(tile, vy, p) : lanes_p<2, kGrad>(tile, vy, p);
+  }
+
+ private:
+  template <int P, bool kGrad, typename acc_t>
+  static acc_t row_p(const acc_t* x, acc_t* g, int64_t y, const MultiMarginParams<acc_t>& p,
+                     bool stream) {
+    using V = Vec<acc_t>;
+    const int64_t C = p.classes;
+    const acc_t w_over_c = p.weight[y] / acc_t(C);
+    const acc_t c = p.margin - x[y];
+    acc_t sum_h = 0, sum_d = 0;
+    hinge_sums<P>(x, 0, y, c, sum_h, sum_d);
+    hinge_sums<P>(x, y + 1, C, c, sum_h, sum_d);
+    if constexpr (kGrad) {
+      const acc_t coef = p.scale * w_over_c;
+      const V vc(c), vcoef(coef);
+      const acc_t g_y = -coef * sum_d;
+      store_map(g, 0, C, stream, [&](int64_t j, int64_t n) {
+        V h, d;
+        hinge<P>(vc + V::loadu(x + j, n), h, d);
+        const V out = vcoef * d;
+        return (j <= y && y < j + n) ? with_lane(out, y - j, g_y) : out;
+      });
+    }
+    return w_over_c * sum_h;
+  }
+
+  template <int P, bool kGrad, typename acc_t>
+  static Vec<acc_t> lanes_p(acc_t* tile, const Vec<acc_t>& vy, const MultiMarginParams<acc_t>& p) {
+    using V = Vec<acc_t>;
+    constexpr int64_t W = V::size();
+    const int64_t C = p.classes;
+    const V zero(acc_t(0));
+    // Each lane's target score and weight, picked out by class masks; lanes without a
+    // row keep w_y = 0, so their loss and gradient are zero.
+    V x_y = zero, w_y = zero;
+    for (int64_t j = 0; j < C; ++j) {
+      const V is_y = vy == V(acc_t(j));
+      x_y = select(is_y, V::loadu(tile + j * W), x_y);
+      w_y = select(is_y, V(p.weight[j]), w_y);
+    }
+    const V c = V(p.margin) - x_y;
+    const V w_over_c = w_y / V(acc_t(C));
+    const V coef = V(p.scale) * w_over_c;
+    V sum_h = zero, sum_d = zero;
+    for (int64_t j = 0; j < C; ++j) {
+      V h, d;
+      hinge<P>(c + V::loadu(tile + j * W), h, d);
+      const V not_y = vy != V(acc_t(j));
+      sum_h = sum_h + select(not_y, h, zero);
+      d = select(not_y, d, zero);
+      sum_d = sum_d + d;
+      if constexpr (kGrad) (coef * d).store(tile + j * W);
+    }
+    if constexpr (kGrad) {
+      const V gy = zero - coef * sum_d;
+      for (int64_t j = 0; j < C; ++j)
+        select(vy == V(acc_t(j)), gy, V::loadu(tile + j * W)).store(tile + j * W);
+    }
+    return w_over_c * sum_h;
+  }
+};
+
+}  // namespace linclass::cpu

@@ -1,0 +1,266 @@
+// The loop shared by every fused CPU loss: split the rows into fixed blocks, run the
+// blocks in parallel, and inside a block hand each row (large C) or each group of
+// Vec::size() rows (small C) to the loss's math in the accumulation type.
+//
+// A `Math` type supplies
+//   acc_t row<kGrad>(const acc_t* x, acc_t* work, acc_t* g, int64_t y, const Params& p,
+//                    bool stream)
+//       one contiguous row; writes the row's gradient to g and returns the row's loss;
+//       `work` is a C-element scratch row that may alias x or g; with `stream`, g is
+//       written with non-temporal stores (and does not alias anything);
+//   Vec<acc_t> lanes<kGrad>(acc_t* tile, const Vec<acc_t>& y, const Params& p)
+//       W = Vec::size() rows at once, stored class-major in `tile` (tile[j * W + lane]),
+//       one row per SIMD lane, with their targets (as acc_t) in y; a target < 0 marks a
+//       row that contributes nothing (ignored or padding: its loss and gradient are
+//       exact zeros); overwrites tile with the gradient when kGrad and returns the
+//       rows' losses;
+//   bool ignored(int64_t y, const Params& p).
+//
+// Determinism: block boundaries depend only on (rows, C), each block sums its rows'
+// losses in a fixed order into its own slot of `partials`, and the caller adds the
+// slots in order, so results are bitwise identical whatever the thread count.
+#pragma once
+
+#include "../common.h"
+#include "transpose.h"
+#include "vec_util.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace linclass::cpu {
+
+// Rows with at most this many classes use the lane path.
+constexpr int64_t kLaneMaxClasses = 32;
+// Elements per block (and per parallel task at least): below this, threads cost more
+// than they save.
+constexpr int64_t kBlockElements = 16384;
+// Gradients at least this large are written with non-temporal stores: they cannot stay
+// in the caches anyway, and streaming saves reading every line before writing it.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+// Rows up to this size are prefetched whole, one row ahead.
+constexpr int64_t kPrefetchRowBytes = int64_t(64) << 10;
+
+template <typename scalar_t>
+struct RowTask {
+  const scalar_t* input = nullptr;
+  RowGeometry in;
+  scalar_t* grad = nullptr;  // nullptr: forward only
+  RowGeometry gout;
+  const int64_t* target = nullptr;  // one per row, contiguous
+  // Lane path only: the targets as acc_t, -1 where the row contributes nothing.
+  const at::opmath_type<scalar_t>* lane_targets = nullptr;
+  bool stream_grad = false;         // write the gradient around the caches
+  scalar_t* loss_rows = nullptr;    // per-row losses ('none'), else nullptr
+  double* partials = nullptr;       // one sum per block ('mean'/'sum'), else nullptr
+};
+
+inline int64_t block_rows(int64_t classes) {
+  const int64_t w = Vec<float>::size();
+  if (classes <= kLaneMaxClasses) {
+    const int64_t r = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(classes, 1));
+    return (r + w - 1) / w * w;
+  }
+  return std::max<int64_t>(1, kBlockElements / classes);
+}
+
+inline bool use_lanes(int64_t classes) { return classes <= kLaneMaxClasses; }
+
+inline int64_t num_blocks(int64_t rows, int64_t classes) {
+  const int64_t b = block_rows(classes);
+  return (rows + b - 1) / b;
+}
+
+// ---- the row path ----------------------------------------------------------------
+
+template <typename scalar_t, typename Math, bool kGrad, typename Params>
+void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
+                   double* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = t.in.classes;
+  // Rows are used in place when they already are contiguous acc_t; otherwise they are
+  // converted into `buf`, the math runs in place there, and the gradient is written back.
+  constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
+  const bool direct = same_type && t.in.stride_c == 1 && (!kGrad || t.gout.stride_c == 1);
+  // A streamed gradient needs a cache-resident scratch row for the exponentials.
+  const bool stream = kGrad && direct && t.stream_grad;
+  std::vector<acc_t> buf(direct && !stream ? 0 : C);
+  // The hardware prefetchers stop at 4 KiB page boundaries, so a row that spans only
+  // a page or a few starts every pass from memory; fetch the next row while this one
+  // is being computed.
+  const int64_t row_bytes = C * int64_t(sizeof(scalar_t));
+  const bool prefetch = direct && row_bytes <= kPrefetchRowBytes;
+  double sum = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t y = t.target[r];
+    const scalar_t* x = t.input + t.in.offset(r);
+    if (prefetch && r + 1 < r1) {
+      const char* next = reinterpret_cast<const char*>(t.input + t.in.offset(r + 1));
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next + off, 0, 3);
+    }
+    scalar_t* g = kGrad ? t.grad + t.gout.offset(r) : nullptr;
+    acc_t loss = 0;
+    if (Math::ignored(y, p)) {
+      if constexpr (kGrad)
+        for (int64_t j = 0; j < C; ++j) g[j * t.gout.stride_c] = scalar_t(0);
+    } else if (direct) {
+      const acc_t* xr = reinterpret_cast<const acc_t*>(x);
+      acc_t* gr = reinterpret_cast<acc_t*>(g);
+      loss = Math::template row<acc_t, kGrad>(xr, stream ? buf.data() : gr, gr, y, p, stream);
+    } else {
+      const int64_t sc = t.in.stride_c;
+      if (sc == 1 && !same_type)
+        at::vec::convert(x, buf.data(), C);
+      else
+        for (int64_t j = 0; j < C; ++j) buf[j] = acc_t(x[j * sc]);
+      loss = Math::template row<acc_t, kGrad>(buf.data(), buf.data(), buf.data(), y, p, false);
+      if constexpr (kGrad) {
+        const int64_t gc = t.gout.stride_c;
+        if (gc == 1)
+          at::vec::convert(buf.data(), g, C);
+        else
+          for (int64_t j = 0; j < C; ++j) g[j * gc] = scalar_t(buf[j]);
+      }
+    }
+    if (t.loss_rows) t.loss_rows[r] = scalar_t(loss);
+    sum += double(loss);
+  }
+  if (stream) stream_fence();
+  if (partial) *partial = sum;
+}
+
+// ---- the lane path ---------------------------------------------------------------
+
+// tile[j * W + l] = row (r0 + l), class j, as acc_t; lanes past `n` are zero.
+template <typename scalar_t, typename acc_t>
+inline void pack_tile(const scalar_t* base, const RowGeometry& g, int64_t r0, int64_t n,
+                      acc_t* tile) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const int64_t C = g.classes;
+  // K-dim inputs with unit inner stride: W consecutive rows of one class are adjacent.
+  if (n == W && g.inner > 1 && g.stride_k == 1 && (r0 % g.inner) + W <= g.inner) {
+    const scalar_t* p = base + g.offset(r0);
+    for (int64_t j = 0; j < C; ++j) at::vec::convert(p + j * g.stride_c, tile + j * W, W);
+    return;
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // Row-major float rows: W x W register transposes, the leftover classes one by one.
+    if (n == W && g.inner == 1 && g.stride_c == 1) {
+      const float* p = base + g.offset(r0);
+      int64_t j = 0;
+      for (; j + W <= C; j += W) transpose_block(p + j, g.stride_n, tile + j * W, W);
+      for (; j < C; ++j)
+        for (int64_t l = 0; l < W; ++l) tile[j * W + l] = p[l * g.stride_n + j];
+      return;
+    }
+  }
+  for (int64_t l = 0; l < n; ++l) {
+    const scalar_t* p = base + g.offset(r0 + l);
+    if (g.stride_c == 1)
+      for (int64_t j = 0; j < C; ++j) tile[j * W + l] = acc_t(p[j]);
+    else
+      for (int64_t j = 0; j < C; ++j) tile[j * W + l] = acc_t(p[j * g.stride_c]);
+  }
+  for (int64_t l = n; l < W; ++l)
+    for (int64_t j = 0; j < C; ++j) tile[j * W + l] = acc_t(0);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int64_t n,
+                        scalar_t* base) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const int64_t C = g.classes;
+  if (n == W && g.inner > 1 && g.stride_k == 1 && (r0 % g.inner) + W <= g.inner) {
+    scalar_t* p = base + g.offset(r0);
+    for (int64_t j = 0; j < C; ++j) at::vec::convert(tile + j * W, p + j * g.stride_c, W);
+    return;
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (n == W && g.inner == 1 && g.stride_c == 1) {
+      float* p = base + g.offset(r0);
+      int64_t j = 0;
+      for (; j + W <= C; j += W) transpose_block(tile + j * W, W, p + j, g.stride_n);
+      for (; j < C; ++j)
+        for (int64_t l = 0; l < W; ++l) p[l * g.stride_n + j] = tile[j * W + l];
+      return;
+    }
+  }
+  for (int64_t l = 0; l < n; ++l) {
+    scalar_t* p = base + g.offset(r0 + l);
+    if (g.stride_c == 1)
+      for (int64_t j = 0; j < C; ++j) p[j] = scalar_t(tile[j * W + l]);
+    else
+      for (int64_t j = 0; j < C; ++j) p[j * g.stride_c] = scalar_t(tile[j * W + l]);
+  }
+}
+
+template <typename scalar_t, typename Math, bool kGrad, typename Params>
+void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
+                    double* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::size();
+  alignas(64) acc_t tile[kLaneMaxClasses * W];
+  alignas(64) acc_t tail[W];
+  V sum(acc_t(0));  // lane-wise running loss; each lane adds its rows in order
+  for (int64_t r = r0; r < r1; r += W) {
+    const int64_t n = std::min<int64_t>(W, r1 - r);
+    V vy;
+    if (n == W) {
+      vy = V::loadu(t.lane_targets + r);
+    } else {  // padding lanes take target -1: they contribute nothing
+      for (int64_t l = 0; l < W; ++l) tail[l] = l < n ? t.lane_targets[r + l] : acc_t(-1);
+      vy = V::loadu(tail);
+    }
+    pack_tile(t.input, t.in, r, n, tile);
+    const V loss = Math::template lanes<acc_t, kGrad>(tile, vy, p);
+    if constexpr (kGrad) unpack_tile(tile, t.gout, r, n, t.grad);
+    if (t.loss_rows) {
+      loss.store(tail);
+      for (int64_t l = 0; l < n; ++l) t.loss_rows[r + l] = scalar_t(tail[l]);
+    }
+    sum = sum + loss;
+  }
+  if (partial) {
+    sum.store(tail);
+    double total = 0;
+    for (int64_t l = 0; l < W; ++l) total += double(tail[l]);
+    *partial = total;
+  }
+}
+
+// ---- entry -----------------------------------------------------------------------
+
+template <typename scalar_t, typename Math, typename Params>
+void run_rows(const RowTask<scalar_t>& t, const Params& p) {
+  const int64_t rows = t.in.rows(), C = t.in.classes;
+  if (rows == 0) return;
+  const int64_t per_block = block_rows(C);
+  const int64_t blocks = (rows + per_block - 1) / per_block;
+  const bool lanes = use_lanes(C);
+  // Each block already holds ~kBlockElements of work, so one block per task is enough
+  // to keep tiny inputs on the calling thread.
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
+      double* partial = t.partials ? t.partials + b : nullptr;
+      if (lanes) {
+        if (t.grad)
+          run_lane_block<scalar_t, Math, true>(t, p, r0, r1, partial);
+        else
+          run_lane_block<scalar_t, Math, false>(t, p, r0, r1, partial);
+      } else {
+        if (t.grad)
+          run_row_block<scalar_t, Math, true>(t, p, r0, r1, partial);
+        else
+          run_row_block<scalar_t, Math, false>(t, p, r0, r1, partial);
+      }
+    }
+  });
+}
+
+}  // namespace linclass::cpu

@@ -1,0 +1,55 @@
+// The linclass operator library: schemas of every op (the per-device kernels register
+// against them in cross_entropy.cpp, multi_margin.cpp and cuda/*.cu), plus the Python
+// module stub that loads this shared object.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "buffer_cache.h"
+
+extern "C" {
+// `import linclass._C` only needs to load this library so that the TORCH_LIBRARY
+// initializers below run; the module itself is empty (no pybind11, so the extension
+// builds against the limited Python API).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace linclass {
+namespace {
+
+std::string cpu_isa() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "avx2";
+#else
+  return "default";
+#endif
+}
+
+void cache_clear() { buffer_cache_clear(); }
+
+}  // namespace
+
+TORCH_LIBRARY(linclass, m) {
+  // Fused class-index losses.  They return (loss, grad): `grad` is d loss / d input for
+  // grad_output = 1, computed in the same pass as the loss when compute_grad is true
+  // (an empty tensor otherwise); backward only rescales it.  `reduction` uses
+  // at::Reduction's codes (0 none, 1 mean, 2 sum).
+  m.def(
+      "cross_entropy(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int reduction, bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "multi_margin_loss(Tensor input, Tensor target, int p, float margin, Tensor? weight, "
+      "int reduction, bool compute_grad) -> (Tensor, Tensor)");
+
+  // Build facts and the CPU gradient-buffer cache (see buffer_cache.h).
+  m.def("_cpu_isa() -> str", &cpu_isa);
+  m.def("_buffer_cache_clear() -> ()", &cache_clear);
+  m.def("_buffer_cache_stats() -> int[]", &buffer_cache_stats);
+}
+
+}  // namespace linclass

@@ -1,0 +1,14 @@
+"""linclass: fused loss kernels for PyTorch and the linear-classifier workflow on them.
+
+    import linclass
+    loss = linclass.cross_entropy(scores, y)        # drop-in for F.cross_entropy
+    loss = linclass.multi_margin_loss(scores, y)    # drop-in for F.multi_margin_loss
+"""
+
+from . import _extension  # noqa: F401  (loads linclass._C; warns once if it cannot)
+from . import backends, nn, reference
+from .functional import cross_entropy, multi_margin_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "cross_entropy", "multi_margin_loss", "nn", "reference"]

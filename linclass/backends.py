@@ -1,0 +1,127 @@
+"""Which kernels run an op.
+
+Backends:
+  "cpp"     C++ CPU kernels from linclass._C (CPU tensors)
+  "cuda"    CUDA C++ kernels from linclass._C (CUDA tensors; built with nvcc)
+  "triton"  Triton kernels from linclass.kernels (CUDA tensors; CPU tensors too when
+            TRITON_INTERPRET=1 was set before triton was imported)
+  "torch"   plain torch.nn.functional (any device)
+
+Automatic choice: CPU tensors -> "cpp" (else "torch"); CUDA tensors -> "triton", then
+"cuda", then "torch".  Force one with ``with linclass.backends.use("cpp"): ...`` or the
+environment variable LINCLASS_BACKEND.  A forced backend that cannot run on the tensor
+raises BackendUnavailable; it is never silently replaced by another.
+
+Probability (soft) targets are computed by the torch backend whatever is chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+from . import _extension
+
+NAMES = ("cpp", "triton", "cuda", "torch")
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was requested that cannot run here."""
+
+
+def _triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Availability is decided once, at import: torch.compile traces the code that reads it.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_CUDA = torch.cuda.is_available()
+_REASONS = {
+    "cpp": None if _extension.HAS_CPP else f"linclass._C is not loaded ({_extension.LOAD_ERROR})",
+    "cuda": None
+    if _extension.HAS_CUDA_KERNELS and _CUDA
+    else (
+        "no CUDA device is visible"
+        if _extension.HAS_CUDA_KERNELS
+        else "linclass._C was built without CUDA kernels (build with nvcc, or FORCE_CUDA=1)"
+    ),
+    "triton": None
+    if _HAS_TRITON and (_CUDA or _triton_interpreter())
+    else (
+        "triton is not installed"
+        if not _HAS_TRITON
+        else "no CUDA device is visible (set TRITON_INTERPRET=1 before importing triton to run it on CPU)"
+    ),
+    "torch": None,
+}
+_DEVICES = {"cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu") if _triton_interpreter() else ("cuda",), "torch": None}
+
+_forced: list[str] = []
+
+
+def _check_name(name: str) -> str:
+    if name not in NAMES:
+        raise ValueError(f"unknown linclass backend {name!r}; choose one of {', '.join(NAMES)}")
+    return name
+
+
+_ENV = os.environ.get("LINCLASS_BACKEND") or None
+if _ENV is not None:
+    _check_name(_ENV)
+
+
+def available() -> list[str]:
+    """Names of the backends that can run on this installation (for some device)."""
+    return [n for n in NAMES if _REASONS[n] is None]
+
+
+def current() -> str | None:
+    """The forced backend (innermost ``use``, else LINCLASS_BACKEND), or None for automatic."""
+    return _forced[-1] if _forced else _ENV
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Force a backend inside the block (process-wide, like torch.backends flags).
+
+    Raises BackendUnavailable on entry when ``name`` cannot run on this installation.
+    """
+    _check_name(name)
+    if _REASONS[name] is not None:
+        raise BackendUnavailable(f"linclass backend {name!r} is not available: {_REASONS[name]}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def resolve(device: torch.device) -> str:
+    """The backend that runs an op on tensors of ``device``."""
+    name = current()
+    kind = device.type
+    if name is not None:
+        if _REASONS[name] is not None:
+            raise BackendUnavailable(f"linclass backend {name!r} is not available: {_REASONS[name]}")
+        devices = _DEVICES[name]
+        if devices is not None and kind not in devices:
+            raise BackendUnavailable(
+                f"linclass backend {name!r} cannot run on {kind} tensors (it runs on {', '.join(devices)})"
+            )
+        return name
+    if kind == "cpu":
+        return "cpp" if _REASONS["cpp"] is None else "torch"
+    if kind == "cuda":
+        for n in ("triton", "cuda"):
+            if _REASONS[n] is None:
+                return n
+    return "torch"
+
+
+def empty_cache() -> None:
+    """Release the CPU gradient buffers that linclass keeps for reuse (see README)."""
+    if _extension.HAS_CPP:
+        torch.ops.linclass._buffer_cache_clear()

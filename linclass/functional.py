@@ -1,0 +1,173 @@
+"""Drop-in replacements for torch.nn.functional.cross_entropy and multi_margin_loss.
+
+Each function checks its arguments the way torch does (same exception types, clearer
+messages), picks a backend (linclass.backends) and calls the fused op registered in
+linclass._ops, whose kernel computes the loss and its gradient in one pass:
+  CPU   csrc/cross_entropy.cpp      -> csrc/cpu/cross_entropy_kernel.h
+        csrc/multi_margin.cpp       -> csrc/cpu/multi_margin_kernel.h
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn import _reduction as _Reduction
+
+from . import _ops, backends
+
+_FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _reduction_code(size_average, reduce, reduction: str) -> tuple[str, int]:
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    if reduction not in _ops.REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction, _ops.REDUCTIONS[reduction]
+
+
+def _needs_grad(t: torch.Tensor) -> bool:
+    return t.requires_grad and torch.is_grad_enabled()
+
+
+def _check_input(op: str, input: torch.Tensor) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{op}: input must be a Tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_TYPES:
+        # torch raises NotImplementedError from its kernel dispatch here.
+        raise NotImplementedError(
+            f"{op}: input must be float32, float64, float16 or bfloat16, got {input.dtype}"
+        )
+
+
+def _check_weight(op: str, weight, input: torch.Tensor, classes: int, torch_name: str) -> None:
+    if weight is None:
+        return
+    if weight.dim() != 1 or weight.numel() != classes:
+        raise RuntimeError(
+            f"{op}: weight must have one entry per class ({classes}), got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != input.dtype:
+        raise RuntimeError(f"{op}: weight dtype {weight.dtype} does not match input dtype {input.dtype}")
+    if weight.device != input.device:
+        raise RuntimeError(f"{op}: weight is on {weight.device} but input is on {input.device}")
+    if _needs_grad(weight):
+        raise RuntimeError(
+            f"The function '{torch_name}' is not differentiable with respect to argument 'weight'. "
+            "This input cannot have requires_grad True."
+        )
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average=None,
+    ignore_index: int = -100,
+    reduce=None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Softmax cross-entropy; same arguments, results and errors as
+    ``torch.nn.functional.cross_entropy``.
+
+    input: (C,), (N, C) or (N, C, d1, ..., dk) scores (float32/64, float16, bfloat16).
+    target: class indices (int64 or uint8) of shape (), (N,) or (N, d1, ..., dk), or
+    class probabilities with the input's shape (computed by the torch backend).
+    For class indices the kernel computes the loss and d loss / d input together.
+    """
+    reduction, red = _reduction_code(size_average, reduce, reduction)
+    _check_input("cross_entropy", input)
+    backend = backends.resolve(input.device)
+    if backend == "torch" or target.is_floating_point():
+        return F.cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(
+            f"cross_entropy: expected target dtype to be Long or Byte, but got {target.dtype}"
+        )
+    if input.dim() == 0:
+        raise RuntimeError("cross_entropy: input must have at least 1 dimension (classes)")
+    if input.dim() == 1:
+        if target.dim() > 1 or target.numel() != 1:
+            raise ValueError(
+                "cross_entropy: for 1D input, target must be 0-D or hold one element, "
+                f"got shape {tuple(target.shape)}"
+            )
+        target = target.reshape(())
+    else:
+        if target.dim() == 0 or target.size(0) != input.size(0):
+            got = target.size(0) if target.dim() else 0
+            raise ValueError(
+                f"Expected input batch_size ({input.size(0)}) to match target batch_size ({got})."
+            )
+        expected = (input.size(0),) + tuple(input.shape[2:])
+        if tuple(target.shape) != expected:
+            raise RuntimeError(
+                f"cross_entropy: expected target of shape {list(expected)} for input of shape "
+                f"{list(input.shape)}, got {list(target.shape)}"
+            )
+    classes = input.size(0) if input.dim() == 1 else input.size(1)
+    _check_weight("cross_entropy", weight, input, classes, "nll_loss_forward")
+    if label_smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if target.device != input.device:
+        raise RuntimeError(f"cross_entropy: target is on {target.device} but input is on {input.device}")
+    if target.dtype != torch.int64:
+        target = target.long()
+    # torch applies label smoothing only when it is positive.
+    label_smoothing = max(float(label_smoothing), 0.0)
+    op = _ops.CROSS_ENTROPY[backend]
+    loss, _ = op(input, target, weight, int(ignore_index), label_smoothing, red, _needs_grad(input))
+    return loss
+
+
+def multi_margin_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    p: int = 1,
+    margin: float = 1.0,
+    weight: torch.Tensor | None = None,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Multi-class hinge loss; same arguments, results and errors as
+    ``torch.nn.functional.multi_margin_loss`` (it also accepts float16/bfloat16 on CPU).
+
+    loss_i = sum_{j != y_i} weight[y_i] * max(0, margin - x[y_i] + x[j])^p / C.
+    The classic multiclass SVM loss (sum over wrong classes, mean over N) is
+    ``multi_margin_loss(scores, y) * C``.
+    """
+    reduction, red = _reduction_code(size_average, reduce, reduction)
+    if p not in (1, 2):
+        raise ValueError("only p == 1 and p == 2 supported")
+    _check_input("multi_margin_loss", input)
+    backend = backends.resolve(input.device)
+    if backend == "torch":
+        return F.multi_margin_loss(input, target, p, margin, weight, reduction=reduction)
+    if target.dtype != torch.int64:
+        raise RuntimeError(f"multi_margin_loss: expected target dtype int64, got {target.dtype}")
+    if input.dim() not in (1, 2) or input.shape[-1] == 0:
+        raise RuntimeError(
+            "multi_margin_loss: expected a non-empty vector (C,) or matrix (N, C), "
+            f"got shape {list(input.shape)}"
+        )
+    rows = input.size(0) if input.dim() == 2 else 1
+    if target.dim() > 1 or target.numel() != rows:
+        raise RuntimeError(
+            "multi_margin_loss: target must be 1-D with one class index per input row "
+            f"({rows}), got shape {list(target.shape)} for input of shape {list(input.shape)}"
+        )
+    _check_weight("multi_margin_loss", weight, input, input.shape[-1], "multi_margin_loss")
+    if target.device != input.device:
+        raise RuntimeError(f"multi_margin_loss: target is on {target.device} but input is on {input.device}")
+    out_shape = target.shape
+    op = _ops.MULTI_MARGIN_LOSS[backend]
+    loss, _ = op(
+        input.reshape(rows, input.shape[-1]), target.reshape(rows), int(p), float(margin),
+        weight, red, _needs_grad(input),
+    )
+    return loss.reshape(out_shape) if red == 0 else loss

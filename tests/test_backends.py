@@ -1,0 +1,137 @@
+"""Backend selection, the extension build, and the no-extension fallback."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linclass
+from linclass import backends
+
+
+def test_extension_is_built():
+    # CI and `make test` build linclass._C; without it nothing below is exercised.
+    assert linclass._extension.HAS_CPP, linclass._extension.LOAD_ERROR
+    assert linclass._extension.cpu_isa() in ("avx512", "avx2", "default")
+
+
+@pytest.mark.skipif(os.environ.get("FORCE_CUDA") != "1", reason="built without FORCE_CUDA=1")
+def test_cuda_kernels_are_registered():
+    # With FORCE_CUDA=1 the .cu files must have compiled into linclass._C.
+    for op in ("cross_entropy", "multi_margin_loss"):
+        assert linclass._extension.has_kernel(op, "CUDA"), op
+
+
+def test_available_and_automatic_choice():
+    names = backends.available()
+    assert "cpp" in names and "torch" in names
+    assert set(names) <= set(backends.NAMES)
+    assert backends.current() is None
+    assert backends.resolve(torch.device("cpu")) == "cpp"
+    assert backends.resolve(torch.device("meta")) == "torch"
+
+
+def test_use_forces_and_restores():
+    x, t = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    with backends.use("torch"):
+        assert backends.current() == "torch"
+        with backends.use("cpp"):
+            assert backends.resolve(x.device) == "cpp"
+        assert backends.resolve(x.device) == "torch"
+        torch.testing.assert_close(linclass.cross_entropy(x, t), F.cross_entropy(x, t))
+    assert backends.current() is None
+
+
+def test_unknown_and_unavailable_backends_raise():
+    with pytest.raises(ValueError, match="unknown linclass backend"):
+        with backends.use("fast"):
+            pass
+    if "cuda" not in backends.available():
+        with pytest.raises(backends.BackendUnavailable, match="'cuda' is not available"):
+            with backends.use("cuda"):
+                pass
+    # A backend that exists but cannot take these tensors is an error, not a fallback.
+    if "cuda" in backends.available():
+        with backends.use("cuda"):
+            with pytest.raises(backends.BackendUnavailable, match="cannot run on cpu"):
+                linclass.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def _run(code, **env):
+    full_env = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=full_env, timeout=300)
+
+
+def test_environment_variable_selects_backend():
+    r = _run("""
+        import torch, linclass
+        print(linclass.backends.current(), linclass.backends.resolve(torch.device("cpu")))
+    """, LINCLASS_BACKEND="torch")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["torch", "torch"]
+    r = _run("import linclass", LINCLASS_BACKEND="nope")
+    assert r.returncode != 0 and "unknown linclass backend 'nope'" in r.stderr
+
+
+def test_import_without_extension_warns_once_and_falls_back():
+    r = _run("""
+        import sys, warnings
+        sys.modules["linclass._C"] = None  # as if the extension had failed to build
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch, linclass
+            import torch.nn.functional as F
+            x, t = torch.randn(6, 4, requires_grad=True), torch.randint(0, 4, (6,))
+            loss = linclass.cross_entropy(x, t)
+            loss.backward()
+            assert torch.allclose(loss, F.cross_entropy(x, t))
+            assert torch.allclose(linclass.multi_margin_loss(x, t), F.multi_margin_loss(x, t))
+            names = linclass.backends.available()
+            print("cpp" in names, "torch" in names, linclass.backends.resolve(x.device))
+            try:
+                with linclass.backends.use("cpp"):
+                    pass
+            except linclass.backends.BackendUnavailable as e:
+                print("raised:", e)
+        mine = [w for w in caught if "linclass" in str(w.message)]
+        print(len(mine), mine[0].category.__name__)
+    """)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "False True torch"
+    assert lines[1].startswith("raised: linclass backend 'cpp' is not available")
+    assert lines[2] == "1 RuntimeWarning"
+
+
+def test_buffer_cache_reuses_and_clears():
+    x = torch.randn(512, 1024, requires_grad=True)  # 2 MiB: cached
+    t = torch.randint(0, 1024, (512,))
+    backends.empty_cache()
+    linclass.cross_entropy(x, t).backward()
+    first = x.grad.data_ptr()
+    x.grad = None  # the buffer goes back to the cache ...
+    linclass.cross_entropy(x, t).backward()
+    assert x.grad.data_ptr() == first  # ... and is handed out again
+    blocks, nbytes, hits, misses = torch.ops.linclass._buffer_cache_stats()
+    assert hits >= 1
+    x.grad = None
+    assert torch.ops.linclass._buffer_cache_stats()[0] >= 1
+    backends.empty_cache()
+    assert torch.ops.linclass._buffer_cache_stats()[:2] == [0, 0]
+
+
+def test_buffer_cache_can_be_disabled():
+    r = _run("""
+        import torch, linclass
+        x = torch.randn(512, 1024, requires_grad=True)
+        linclass.cross_entropy(x, torch.randint(0, 1024, (512,))).backward()
+        x.grad = None
+        print(torch.ops.linclass._buffer_cache_stats())
+    """, LINCLASS_CPU_CACHE_MB="0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[0, 0, 0, 0]"

@@ -1,0 +1,282 @@
+"""linclass.cross_entropy against the naive float64 reference and against torch."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linclass
+from linclass import reference
+from helpers import assert_deterministic, assert_close, compare_with_torch, leaf, low_precision_check, run
+
+OPTIONS = list(itertools.product([None, "w"], [False, True], [0.0, 0.3]))  # weight, ignore, smoothing
+
+
+def make_case(N, C, weight, ignore, smoothing, dtype=torch.float64, extra=()):
+    x = torch.randn((N, C) + tuple(extra), dtype=dtype) * 3
+    t = torch.randint(0, C, (N,) + tuple(extra))
+    kwargs = dict(label_smoothing=smoothing)
+    if weight:
+        kwargs["weight"] = torch.rand(C, dtype=dtype) + 0.1
+    if ignore:
+        kwargs["ignore_index"] = 1 if C > 1 else 0
+        t.view(-1)[::3] = kwargs["ignore_index"]
+    return x, t, kwargs
+
+
+# ---- naive reference, float64 ------------------------------------------------------
+
+
+@pytest.mark.parametrize("N", [1, 2, 7, 33])
+@pytest.mark.parametrize("C", [1, 2, 3, 10, 17])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_matches_naive_reference(kernel_backend, N, C, reduction):
+    for weight, ignore, smoothing in OPTIONS:
+        x, t, kw = make_case(N, C, weight, ignore, smoothing)
+        g = torch.rand(N, dtype=torch.float64) if reduction == "none" else None
+        loss, grad = run(linclass.cross_entropy, x, t, reduction=reduction, grad_output=g, **kw)
+        ref_loss, ref_grad = reference.cross_entropy(x, t, reduction=reduction, grad_output=g, **kw)
+        what = f"weight={weight} ignore={ignore} smoothing={smoothing}"
+        assert_close(loss, ref_loss, torch.float64, what)
+        assert_close(grad, ref_grad, torch.float64, what)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (2, 5, 3, 2), (1, 17, 9)])
+def test_kdim_matches_naive_reference(kernel_backend, shape):
+    N, C, extra = shape[0], shape[1], shape[2:]
+    for weight, ignore, smoothing in OPTIONS:
+        x, t, kw = make_case(N, C, weight, ignore, smoothing, extra=extra)
+        for reduction in ["none", "mean", "sum"]:
+            loss, grad = run(linclass.cross_entropy, x, t, reduction=reduction, **kw)
+            ref_loss, ref_grad = reference.cross_entropy(x, t, reduction=reduction, **kw)
+            assert_close(loss, ref_loss, torch.float64, reduction)
+            assert_close(grad, ref_grad, torch.float64, reduction)
+
+
+def test_probability_targets_match_naive_reference():
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    p = torch.softmax(torch.randn(5, 4, 3, dtype=torch.float64), 1)
+    w = torch.rand(4, dtype=torch.float64)
+    for reduction, smoothing, weight in itertools.product(["none", "mean", "sum"], [0.0, 0.2], [None, w]):
+        loss, grad = run(linclass.cross_entropy, x, p, weight=weight, reduction=reduction,
+                         label_smoothing=smoothing)
+        ref_loss, ref_grad = reference.cross_entropy(x, p, weight=weight, reduction=reduction,
+                                                     label_smoothing=smoothing)
+        assert_close(loss, ref_loss, torch.float64)
+        assert_close(grad, ref_grad, torch.float64)
+
+
+# ---- against torch -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (6, 1), (64, 3), (33, 17), (100, 32), (16, 33),
+                                   (64, 1000), (8, 4097), (3, 50257)])
+def test_matches_torch_shapes(kernel_backend, dtype, shape):
+    x = torch.randn(shape, dtype=dtype) * 4
+    t = torch.randint(0, shape[1], (shape[0],))
+    for reduction in ["none", "mean", "sum"]:
+        g = torch.rand(shape[0], dtype=dtype) if reduction == "none" else None
+        compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, reduction=reduction,
+                           grad_output=g)
+
+
+@pytest.mark.parametrize("shape", [(33, 17), (16, 1000)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weight,ignore,smoothing", OPTIONS)
+def test_matches_torch_every_keyword(kernel_backend, shape, reduction, weight, ignore, smoothing):
+    x, t, kw = make_case(*shape, weight, ignore, smoothing, dtype=torch.float32)
+    g = torch.rand(shape[0]) if reduction == "none" else None
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, reduction=reduction,
+                       grad_output=g, **kw)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5), (2, 10, 3, 4), (2, 40, 7), (3, 5, 1, 1), (2, 3, 0)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_kdim_matches_torch(kernel_backend, shape, reduction):
+    x = torch.randn(shape)
+    t = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    w = torch.rand(shape[1])
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, reduction=reduction,
+                       weight=w, label_smoothing=0.1, ignore_index=0)
+
+
+def noncontiguous_inputs():
+    base = torch.randn(40, 24)
+    yield "transposed", base.t()[:, :13], torch.randint(0, 13, (24,))
+    yield "strided rows", base[::3], torch.randint(0, 24, (14,))
+    yield "strided classes", base[:, ::2], torch.randint(0, 12, (40,))
+    yield "expanded", torch.randn(1, 9).expand(16, 9), torch.randint(0, 9, (16,))
+    yield "channels_last", torch.randn(2, 6, 5, 3).to(memory_format=torch.channels_last), torch.randint(0, 6, (2, 5, 3))
+    yield "kdim permuted", torch.randn(3, 4, 7).permute(0, 2, 1), torch.randint(0, 7, (3, 4))
+    yield "kdim sliced", torch.randn(3, 5, 8, 6)[:, :, ::2, 1:], torch.randint(0, 5, (3, 4, 5))
+    yield "large C transposed", torch.randn(2000, 5).t(), torch.randint(0, 2000, (5,))
+
+
+@pytest.mark.parametrize("name,x,t", list(noncontiguous_inputs()), ids=lambda v: v if isinstance(v, str) else "")
+def test_noncontiguous_inputs_match_torch(kernel_backend, name, x, t):
+    assert not x.is_contiguous() or name == "expanded"
+    for reduction in ["none", "mean"]:
+        compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, reduction=reduction,
+                           label_smoothing=0.05)
+    target_view = torch.stack([t, t], -1)[..., 0]  # non-contiguous target
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, target_view)
+
+
+def test_one_dimensional_input(kernel_backend):
+    x = torch.randn(7)
+    for reduction in ["none", "mean", "sum"]:
+        compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, torch.tensor(3),
+                           reduction=reduction)
+        # torch's forward accepts a 1-element target here (its backward then fails);
+        # ours gives the same value and a working gradient.
+        loss, grad = run(linclass.cross_entropy, x, torch.tensor([3]), reduction=reduction)
+        assert_close(loss, F.cross_entropy(x, torch.tensor([3]), reduction=reduction), torch.float32)
+        assert_close(grad, run(F.cross_entropy, x, torch.tensor(3), reduction=reduction)[1],
+                     torch.float32)
+
+
+def test_uint8_targets(kernel_backend):
+    x = torch.randn(9, 5)
+    t = torch.randint(0, 5, (9,), dtype=torch.uint8)
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_probability_targets_match_torch(kernel_backend, reduction):
+    x = torch.randn(6, 5, 2)
+    p = torch.softmax(torch.randn(6, 5, 2), 1)
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, p, reduction=reduction,
+                       weight=torch.rand(5), label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_and_all_ignored(kernel_backend, reduction):
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, torch.randn(0, 5),
+                       torch.zeros(0, dtype=torch.long), reduction=reduction)
+    t = torch.full((4,), -100)
+    for smoothing in [0.0, 0.2]:
+        compare_with_torch(linclass.cross_entropy, F.cross_entropy, torch.randn(4, 5), t,
+                           reduction=reduction, label_smoothing=smoothing)
+
+
+def test_zero_weight_sum_matches_torch(kernel_backend):
+    w = torch.tensor([0.0, 0.0, 1.0])
+    t = torch.tensor([0, 1, 0])  # every target weighs 0: mean is 0/0
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, torch.randn(3, 3), t, weight=w)
+
+
+def test_negative_and_full_label_smoothing(kernel_backend):
+    x, t = torch.randn(8, 6), torch.randint(0, 6, (8,))
+    for smoothing in [-0.1, 1.0]:  # torch accepts both
+        compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, label_smoothing=smoothing)
+
+
+def test_legacy_reduction_arguments(kernel_backend):
+    x, t = torch.randn(8, 6), torch.randint(0, 6, (8,))
+    for size_average, reduce in [(False, None), (None, False), (True, True)]:
+        a = linclass.cross_entropy(x, t, None, size_average, -100, reduce)
+        b = F.cross_entropy(x, t, None, size_average, -100, reduce)
+        assert_close(a, b, torch.float32)
+
+
+# ---- gradcheck, precision, stability, determinism ------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shape", [(5, 4), (3, 40), (2, 3, 4)])
+def test_gradcheck(kernel_backend, reduction, shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    t.view(-1)[0] = 2
+    w = torch.rand(shape[1], dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda x: linclass.cross_entropy(x, t, weight=w, ignore_index=2, reduction=reduction,
+                                         label_smoothing=0.15), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(256, 10), (64, 1000), (4, 32000)])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_low_precision_error_relative_to_fp32(kernel_backend, dtype, shape, smoothing):
+    x = torch.randn(shape) * 3
+    t = torch.randint(0, shape[1], (shape[0],))
+    low_precision_check(linclass.cross_entropy, F.cross_entropy, x, dtype, t,
+                        label_smoothing=smoothing, weight=torch.rand(shape[1]) + 0.5)
+
+
+def test_confident_rows_keep_true_class_gradient(kernel_backend):
+    # p_y -> 1: the true-class gradient -(1 - p_y) is tiny but must not cancel to 0.
+    x = torch.zeros(4, 50, dtype=torch.float32)
+    t = torch.tensor([0, 1, 2, 3])
+    x[torch.arange(4), t] = torch.tensor([12.0, 14.0, 16.0, 18.0])
+    _, grad = run(linclass.cross_entropy, x, t, reduction="sum")
+    ref = reference.cross_entropy(x.double(), t, reduction="sum")[1]
+    rel = ((grad.double() - ref).abs() / ref.abs()).max()
+    assert rel < 1e-5
+
+
+@pytest.mark.parametrize("C", [5, 100])
+def test_stability_extreme_scores(kernel_backend, C):
+    x = torch.randn(6, C) * 1e4
+    t = torch.randint(0, C, (6,))
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, label_smoothing=0.1)
+    loss, grad = run(linclass.cross_entropy, x, t)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    # every score equal and huge: loss log(C), gradient (1/C - onehot) / N
+    x = torch.full((3, C), 3.0e4)
+    t = torch.tensor([0, C - 1, 1])
+    loss, grad = run(linclass.cross_entropy, x, t)
+    torch.testing.assert_close(loss, torch.tensor(float(C)).log())
+    expected = (torch.full((3, C), 1.0 / C) - F.one_hot(t, C)) / 3
+    torch.testing.assert_close(grad, expected)
+
+
+def test_non_finite_scores_propagate_like_torch(kernel_backend):
+    x = torch.randn(4, 12)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    x[2] = float("-inf")
+    t = torch.tensor([0, 1, 2, 3])
+    a = run(linclass.cross_entropy, x, t, reduction="none")
+    b = run(F.cross_entropy, x, t, reduction="none")
+    for ours, theirs in zip(a, b):
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.equal(ours[3], theirs[3]) or torch.allclose(ours[3], theirs[3])
+
+
+@pytest.mark.parametrize("shape", [(1000, 10), (64, 3000)])
+def test_deterministic_across_calls_and_threads(kernel_backend, shape):
+    x = torch.randn(shape)
+    t = torch.randint(0, shape[1], (shape[0],))
+    assert_deterministic(linclass.cross_entropy, x, t, label_smoothing=0.1)
+
+
+# ---- fused: one N x C buffer, forward-only path ---------------------------------------
+
+
+def test_forward_only_when_no_grad(kernel_backend):
+    x = torch.randn(8, 5)
+    t = torch.randint(0, 5, (8,))
+    loss, grad = torch.ops.linclass.cross_entropy(x, t, None, -100, 0.0, 1, False)
+    assert grad.numel() == 0
+    with torch.no_grad():
+        assert not linclass.cross_entropy(leaf(x), t).requires_grad
+
+
+def test_single_nc_buffer_per_step(kernel_backend):
+    # 2 MiB of scores: the gradient comes from linclass's buffer cache (outside torch's
+    # allocator), so torch's allocator must see no N x C allocation at all.
+    x = torch.randn(512, 1024, requires_grad=True)
+    t = torch.randint(0, 1024, (512,))
+    from torch.profiler import ProfilerActivity, profile
+
+    before = torch.ops.linclass._buffer_cache_stats()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        linclass.cross_entropy(x, t).backward()
+    after = torch.ops.linclass._buffer_cache_stats()
+    assert (after[2] + after[3]) - (before[2] + before[3]) == 1  # one cached allocation
+    big = [e for e in prof.events() if e.cpu_memory_usage >= x.numel() * 4]
+    assert not big, [e.name for e in big]
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -1,0 +1,124 @@
+"""Bad input raises the exception torch raises (a clear message, never a crash)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linclass
+
+x = torch.randn(4, 5)
+t = torch.tensor([0, 1, 4, 2])
+
+CE_CASES = {
+    "target >= C": (x, torch.tensor([0, 1, 5, 2]), {}),
+    "negative target": (x, torch.tensor([0, 1, -2, 2]), {}),
+    "target == C in K-dim": (torch.randn(2, 3, 4), torch.tensor([[0, 1, 2, 3], [0, 0, 0, 0]]), {}),
+    "int32 target": (x, t.int(), {}),
+    "batch mismatch": (x, t[:3], {}),
+    "2-D target for 2-D input": (x, t.view(4, 1), {}),
+    "K-dim target mismatch": (torch.randn(2, 3, 4), torch.zeros(2, 5, dtype=torch.long), {}),
+    "float target of wrong shape": (x, torch.rand(4, 4), {}),
+    "float target with ignore_index": (x, torch.rand(4, 5), {"ignore_index": 1}),
+    "weight of wrong size": (x, t, {"weight": torch.ones(4)}),
+    "2-D weight": (x, t, {"weight": torch.ones(1, 5)}),
+    "weight of wrong dtype": (x, t, {"weight": torch.ones(5, dtype=torch.float64)}),
+    "integer weight": (x, t, {"weight": torch.ones(5, dtype=torch.long)}),
+    "unknown reduction": (x, t, {"reduction": "avg"}),
+    "label_smoothing > 1": (x, t, {"label_smoothing": 1.5}),
+    "integer input": (x.long(), t, {}),
+    "0-d input": (torch.tensor(1.0), torch.tensor(0), {}),
+    "1-D input, 2-element target": (torch.randn(5), torch.tensor([3, 1]), {}),
+    "C = 0": (torch.randn(3, 0), torch.zeros(3, dtype=torch.long), {}),
+}
+
+MM_CASES = {
+    "target >= C": (x, torch.tensor([0, 1, 5, 2]), {}),
+    "negative target": (x, torch.tensor([0, 1, -1, 2]), {}),
+    "int32 target": (x, t.int(), {}),
+    "float target": (x, t.float(), {}),
+    "batch mismatch": (x, t[:3], {}),
+    "2-D target": (x, t.view(4, 1), {}),
+    "p = 3": (x, t, {"p": 3}),
+    "weight of wrong size": (x, t, {"weight": torch.ones(4)}),
+    "weight of wrong dtype": (x, t, {"weight": torch.ones(5, dtype=torch.float64)}),
+    "unknown reduction": (x, t, {"reduction": "x"}),
+    "3-D input": (torch.randn(2, 3, 4), torch.zeros(2, dtype=torch.long), {}),
+    "C = 0": (torch.randn(3, 0), torch.zeros(3, dtype=torch.long), {}),
+    "integer input": (x.long(), t, {}),
+}
+
+
+def _raised(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        return e
+    return None
+
+
+def _check(ours_fn, torch_fn, case):
+    inp, tgt, kw = case
+    theirs = _raised(torch_fn, inp, tgt, **kw)
+    assert theirs is not None, "torch accepts this input: not a bad-input case"
+    ours = _raised(ours_fn, inp, tgt, **kw)
+    assert ours is not None, f"linclass accepted input torch rejects ({theirs!r})"
+    # torch's C++ errors subclass RuntimeError; ours must be catchable the same way.
+    assert isinstance(ours, type(theirs)) or type(theirs) in type(ours).__mro__, (ours, theirs)
+    assert str(ours)
+    return ours
+
+
+@pytest.mark.parametrize("name", list(CE_CASES))
+def test_cross_entropy_rejects(kernel_backend, name):
+    _check(linclass.cross_entropy, F.cross_entropy, CE_CASES[name])
+
+
+@pytest.mark.parametrize("name", list(MM_CASES))
+def test_multi_margin_loss_rejects(kernel_backend, name):
+    _check(linclass.multi_margin_loss, F.multi_margin_loss, MM_CASES[name])
+
+
+def test_out_of_range_target_names_index_and_value(kernel_backend):
+    e = _raised(linclass.cross_entropy, torch.randn(2, 3, 4), torch.tensor([[0, 1, 2, 0], [0, 7, 0, 0]]))
+    assert isinstance(e, IndexError) and "target[1, 1] = 7" in str(e), e
+    e = _raised(linclass.multi_margin_loss, x, torch.tensor([0, 1, 2, -3]))
+    assert isinstance(e, RuntimeError) and "target[3] = -3" in str(e), e
+
+
+def test_weight_requiring_grad_is_rejected_like_torch(kernel_backend):
+    w = torch.ones(5, requires_grad=True)
+    for ours, theirs in [(linclass.cross_entropy, F.cross_entropy),
+                         (linclass.multi_margin_loss, F.multi_margin_loss)]:
+        _check(lambda a, b: ours(a.requires_grad_(), b, weight=w),
+               lambda a, b: theirs(a.requires_grad_(), b, weight=w), (x.clone(), t, {}))
+
+
+def test_raw_ops_check_arguments(kernel_backend):
+    ce = torch.ops.linclass.cross_entropy
+    with pytest.raises(RuntimeError, match="int64"):
+        ce(x, t.int(), None, -100, 0.0, 1, False)
+    with pytest.raises(RuntimeError, match="reduction"):
+        ce(x, t, None, -100, 0.0, 7, False)
+    with pytest.raises(RuntimeError, match="batch size"):
+        ce(x, t[:2], None, -100, 0.0, 1, False)
+    with pytest.raises(IndexError):
+        ce(x, t + 10, None, -100, 0.0, 1, True)
+    mm = torch.ops.linclass.multi_margin_loss
+    with pytest.raises(RuntimeError, match="p == 1"):
+        mm(x, t, 3, 1.0, None, 1, False)
+    with pytest.raises(RuntimeError, match="weight"):
+        mm(x, t, 1, 1.0, torch.ones(3), 1, False)
+
+
+def test_backward_without_saved_gradient_is_an_error(kernel_backend):
+    xr = x.clone().requires_grad_()
+    loss, _ = torch.ops.linclass.cross_entropy(xr, t, None, -100, 0.0, 1, False)
+    with pytest.raises(RuntimeError, match="compute_grad"):
+        loss.backward()
+
+
+def test_double_backward_is_an_error(kernel_backend):
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(linclass.cross_entropy(xr, t), xr, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

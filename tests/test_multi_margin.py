@@ -1,0 +1,150 @@
+"""linclass.multi_margin_loss against the naive float64 reference and against torch."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linclass
+from linclass import reference
+from helpers import assert_deterministic, assert_close, compare_with_torch, low_precision_check, run
+
+OPTIONS = list(itertools.product([1, 2], [1.0, 0.3], [None, "w"]))  # p, margin, weight
+
+
+def make_case(N, C, weight, dtype=torch.float64):
+    x = torch.randn(N, C, dtype=dtype)
+    t = torch.randint(0, C, (N,))
+    w = torch.rand(C, dtype=dtype) + 0.1 if weight else None
+    return x, t, w
+
+
+@pytest.mark.parametrize("N", [1, 2, 7, 33])
+@pytest.mark.parametrize("C", [1, 2, 3, 10, 17])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_matches_naive_reference(kernel_backend, N, C, reduction):
+    for p, margin, weight in OPTIONS:
+        x, t, w = make_case(N, C, weight)
+        g = torch.rand(N, dtype=torch.float64) if reduction == "none" else None
+        kw = dict(p=p, margin=margin, weight=w, reduction=reduction)
+        loss, grad = run(linclass.multi_margin_loss, x, t, grad_output=g, **kw)
+        ref_loss, ref_grad = reference.multi_margin_loss(x, t, grad_output=g, **kw)
+        what = f"p={p} margin={margin} weight={weight}"
+        assert_close(loss, ref_loss, torch.float64, what)
+        assert_close(grad, ref_grad, torch.float64, what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (6, 1), (64, 3), (33, 17), (100, 32), (16, 33),
+                                   (64, 1000), (8, 4097), (3, 50257)])
+def test_matches_torch_shapes(kernel_backend, dtype, shape):
+    x = torch.randn(shape, dtype=dtype)
+    t = torch.randint(0, shape[1], (shape[0],))
+    for reduction in ["none", "mean", "sum"]:
+        g = torch.rand(shape[0], dtype=dtype) if reduction == "none" else None
+        compare_with_torch(linclass.multi_margin_loss, F.multi_margin_loss, x, t,
+                           reduction=reduction, grad_output=g)
+
+
+@pytest.mark.parametrize("shape", [(33, 17), (16, 1000)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("p,margin,weight", OPTIONS + [(1, -0.5, None), (2, 0.0, "w")])
+def test_matches_torch_every_keyword(kernel_backend, shape, reduction, p, margin, weight):
+    x, t, w = make_case(*shape, weight, dtype=torch.float32)
+    g = torch.rand(shape[0]) if reduction == "none" else None
+    compare_with_torch(linclass.multi_margin_loss, F.multi_margin_loss, x, t, p=p, margin=margin,
+                       weight=w, reduction=reduction, grad_output=g)
+
+
+def test_noncontiguous_and_vector_inputs(kernel_backend):
+    base = torch.randn(40, 24)
+    cases = [
+        (base.t()[:, :13], torch.randint(0, 13, (24,))),
+        (base[::3], torch.randint(0, 24, (14,))),
+        (base[:, ::2], torch.randint(0, 12, (40,))),
+        (torch.randn(1, 9).expand(16, 9), torch.randint(0, 9, (16,))),
+        (torch.randn(3000, 4).t(), torch.randint(0, 3000, (4,))),
+    ]
+    for x, t in cases:
+        for reduction in ["none", "mean"]:
+            compare_with_torch(linclass.multi_margin_loss, F.multi_margin_loss, x, t,
+                               reduction=reduction, p=2)
+    x = torch.randn(7)
+    for t in [torch.tensor(2), torch.tensor([2])]:
+        for reduction in ["none", "mean", "sum"]:
+            compare_with_torch(linclass.multi_margin_loss, F.multi_margin_loss, x, t,
+                               reduction=reduction)
+    compare_with_torch(linclass.multi_margin_loss, F.multi_margin_loss, torch.randn(1, 5),
+                       torch.tensor(3), reduction="none")
+
+
+def test_empty_batch(kernel_backend):
+    x, t = torch.randn(0, 5), torch.zeros(0, dtype=torch.long)
+    compare_with_torch(linclass.multi_margin_loss, F.multi_margin_loss, x, t, reduction="none")
+    # torch returns uninitialized memory for 'sum' and 'mean' over no rows.
+    assert linclass.multi_margin_loss(x, t, reduction="sum").item() == 0.0
+    assert linclass.multi_margin_loss(x, t).isnan()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("p", [1, 2])
+def test_gradcheck(kernel_backend, reduction, p):
+    x = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 40, (6,))
+    w = torch.rand(40, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda x: linclass.multi_margin_loss(x, t, p=p, margin=0.7, weight=w, reduction=reduction),
+        (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(256, 10), (64, 1000), (4, 32000)])
+def test_low_precision_error_relative_to_fp32(kernel_backend, dtype, shape):
+    x = torch.randn(shape)
+    t = torch.randint(0, shape[1], (shape[0],))
+    # torch has no CPU multi_margin_loss for these dtypes: our error alone is bounded.
+    low_precision_check(linclass.multi_margin_loss, F.multi_margin_loss, x, dtype, t, p=2,
+                        torch_has_dtype=False, slack=1e-2)
+
+
+def test_stability_extreme_scores(kernel_backend):
+    x = torch.randn(6, 50) * 1e4
+    t = torch.randint(0, 50, (6,))
+    for p in [1, 2]:
+        compare_with_torch(linclass.multi_margin_loss, F.multi_margin_loss, x, t, p=p)
+        loss, grad = run(linclass.multi_margin_loss, x, t, p=p)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    x = torch.full((3, 20), 3.0e4)  # all equal: every wrong class violates the margin by 1
+    t = torch.tensor([0, 19, 4])
+    loss, grad = run(linclass.multi_margin_loss, x, t)
+    torch.testing.assert_close(loss, torch.tensor(19 / 20))
+
+
+def test_non_finite_scores_like_torch(kernel_backend):
+    x = torch.randn(4, 12)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    x[2, 7] = float("-inf")
+    t = torch.tensor([0, 1, 2, 3])
+    a = run(linclass.multi_margin_loss, x, t, reduction="none")
+    b = run(F.multi_margin_loss, x, t, reduction="none")
+    for ours, theirs in zip(a, b):
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(1000, 10), (64, 3000)])
+def test_deterministic_across_calls_and_threads(kernel_backend, shape):
+    x = torch.randn(shape)
+    t = torch.randint(0, shape[1], (shape[0],))
+    assert_deterministic(linclass.multi_margin_loss, x, t, p=2)
+
+
+def test_classic_svm_loss_is_multi_margin_times_c(kernel_backend):
+    # sum over wrong classes of max(0, s_j - s_y + 1), averaged over N
+    x = torch.randn(20, 7, dtype=torch.float64)
+    t = torch.randint(0, 7, (20,))
+    margins = (x - x.gather(1, t[:, None]) + 1).clamp_min(0)
+    margins[torch.arange(20), t] = 0
+    classic = margins.sum() / 20
+    torch.testing.assert_close(linclass.multi_margin_loss(x, t) * 7, classic)

@@ -1,0 +1,95 @@
+"""The fused ops are first-class torch ops: opcheck, torch.compile, nn modules."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linclass
+from helpers import assert_close, leaf
+
+
+def ce_samples():
+    x = torch.randn(6, 5, requires_grad=True)
+    t = torch.randint(0, 5, (6,))
+    yield (x, t, None, -100, 0.0, 1, True)
+    yield (x, t, torch.rand(5), 2, 0.1, 0, True)
+    yield (torch.randn(3, 4, 2, 3, requires_grad=True), torch.randint(0, 4, (3, 2, 3)), None, -100, 0.2, 2, True)
+    yield (torch.randn(2, 700, dtype=torch.float64, requires_grad=True), torch.tensor([3, 699]), None, -100, 0.0, 1, True)
+    yield (torch.randn(7), torch.tensor(3), None, -100, 0.0, 0, False)
+
+
+def mm_samples():
+    x = torch.randn(6, 5, requires_grad=True)
+    t = torch.randint(0, 5, (6,))
+    yield (x, t, 1, 1.0, None, 1, True)
+    yield (x, t, 2, 0.5, torch.rand(5), 0, True)
+    yield (torch.randn(3, 900, dtype=torch.float64, requires_grad=True), torch.tensor([0, 5, 899]), 1, 1.0, None, 2, True)
+    yield (torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), 1, 1.0, None, 1, False)
+
+
+@pytest.mark.parametrize("args", list(ce_samples()))
+def test_opcheck_cross_entropy(args):
+    torch.library.opcheck(torch.ops.linclass.cross_entropy.default, args)
+
+
+@pytest.mark.parametrize("args", list(mm_samples()))
+def test_opcheck_multi_margin_loss(args):
+    torch.library.opcheck(torch.ops.linclass.multi_margin_loss.default, args)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compile_fullgraph_forward_backward(kernel_backend, backend):
+    def step(x, t, w):
+        return (linclass.cross_entropy(x, t, weight=w, label_smoothing=0.1)
+                + linclass.multi_margin_loss(x, t, p=2) * 3)
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    x = torch.randn(16, 10)
+    t = torch.randint(0, 10, (16,))
+    w = torch.rand(10)
+    xa, xb = leaf(x), leaf(x)
+    la = compiled(xa, t, w)
+    la.backward()
+    lb = step(xb, t, w)
+    lb.backward()
+    assert_close(la.detach(), lb.detach(), torch.float32)
+    assert_close(xa.grad, xb.grad, torch.float32)
+
+
+def test_compile_fullgraph_kdim_none_reduction(kernel_backend):
+    def f(x, t):
+        return linclass.cross_entropy(x, t, reduction="none").square().mean()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 5, 3, 4)
+    t = torch.randint(0, 5, (2, 3, 4))
+    xa, xb = leaf(x), leaf(x)
+    compiled(xa, t).backward()
+    f(xb, t).backward()
+    assert_close(xa.grad, xb.grad, torch.float32)
+
+
+def test_nn_modules_are_torch_modules(kernel_backend):
+    w = torch.rand(7)
+    ours = linclass.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.1)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x, t = torch.randn(9, 7), torch.randint(0, 7, (9,))
+    assert_close(ours(x, t), theirs(x, t), torch.float32)
+    ours = linclass.nn.MultiMarginLoss(p=2, margin=0.5, weight=w, reduction="sum")
+    theirs = torch.nn.MultiMarginLoss(p=2, margin=0.5, weight=w, reduction="sum")
+    assert_close(ours(x, t), theirs(x, t), torch.float32)
+
+
+def test_drop_in_inside_a_model(kernel_backend):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    x, t = torch.randn(64, 12), torch.randint(0, 5, (64,))
+    grads = []
+    for loss_fn in (F.cross_entropy, linclass.cross_entropy):
+        model.zero_grad()
+        loss_fn(model(x), t).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert_close(b, a, torch.float32)
