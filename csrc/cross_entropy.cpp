@@ -50,6 +50,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& input_,
     const double denom = reduction == kMean ? scan.weight_sum : 1.0;
 
     cpu::CrossEntropyParams<acc_t> p{w.data(),
+                                     weight.has_value(),
                                      acc_t(weight_sum),
                                      acc_t(1.0 - label_smoothing),
                                      acc_t(C > 0 ? label_smoothing / double(C) : 0.0),

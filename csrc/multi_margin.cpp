@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> multi_margin_loss_cpu(const at::Tensor& input
     // torch divides the 'mean' of this loss by the number of rows, whatever the weights.
     const double denom = reduction == kMean ? double(rows) : 1.0;
 
-    cpu::MultiMarginParams<acc_t> prm{w.data(), acc_t(margin), acc_t(1.0 / denom), p, C};
+    cpu::MultiMarginParams<acc_t> prm{w.data(), weight.has_value(), acc_t(margin), acc_t(1.0 / denom), p, C};
     cpu::run_loss<scalar_t, cpu::MultiMarginMath>(input, geom, target, lane_targets.data(),
                                                   reduction, denom, compute_grad, loss, grad, prm);
   });

@@ -24,6 +24,7 @@ namespace linclass::cpu {
 template <typename acc_t>
 struct CrossEntropyParams {
   const acc_t* weight;  // C entries; ones when the caller gave no weight
+  bool has_weight;      // false: every entry of `weight` is 1
   acc_t weight_sum;     // W
   acc_t keep;           // 1 - eps
   acc_t smooth;         // eps / C
@@ -53,16 +54,19 @@ struct CrossEntropyMath {
     return y == p.ignore_index;
   }
 
-  // e_j goes to `work` (which may alias x or g) and the gradient to g, so a caller
-  // streaming g to memory can keep `work` in cache.
+  // e_j goes to io.work and the gradient to io.g, so a caller streaming g to memory
+  // keeps `work` in cache.
   template <typename acc_t, bool kGrad>
-  static acc_t row(const acc_t* x, acc_t* work, acc_t* g, int64_t y,
-                   const CrossEntropyParams<acc_t>& p, bool stream) {
+  static acc_t row(const RowIO<acc_t>& io, int64_t y, const CrossEntropyParams<acc_t>& p) {
     using V = Vec<acc_t>;
+    const acc_t* x = io.x;
+    acc_t* work = io.work;
+    acc_t* g = io.g;
+    const bool stream = io.stream;
     const int64_t C = p.classes;
     const bool smoothing = p.smooth != acc_t(0);
     const acc_t m = max_of(x, C);
-    if (!std::isfinite(m)) {  // a NaN or +inf score, or all -inf: NaN like torch
+    if (!std::isfinite(m)) {  // a +inf score, or all -inf: NaN like torch (NaN scores reach s)
       if constexpr (kGrad)
         store_map(g, 0, C, stream, [](int64_t, int64_t) { return V(std::numeric_limits<acc_t>::quiet_NaN()); });
       return std::numeric_limits<acc_t>::quiet_NaN();
@@ -71,14 +75,15 @@ struct CrossEntropyMath {
     const acc_t w_y = p.weight[y];
     acc_t sum_wd = 0;
     if constexpr (!kGrad) {
-      const acc_t s = smoothing ? exp_sum<true>(x, nullptr, 0, C, m, p.weight, &sum_wd)
-                                : exp_sum(x, nullptr, 0, C, m);
+      const acc_t s = smoothing ? exp_sum<true>(x, nullptr, 0, C, m, p.weight, &sum_wd, io.next)
+                                : exp_sum(x, nullptr, 0, C, m, nullptr, nullptr, io.next);
       return ce_loss(std::log(s), d_y, w_y, sum_wd, p);
     } else {
       const acc_t s_excl =
-          smoothing ? exp_sum<true>(x, work, 0, y, m, p.weight, &sum_wd) +
-                          exp_sum<true>(x, work, y + 1, C, m, p.weight, &sum_wd)
-                    : exp_sum(x, work, 0, y, m) + exp_sum(x, work, y + 1, C, m);
+          smoothing ? exp_sum<true>(x, work, 0, y, m, p.weight, &sum_wd, io.next) +
+                          exp_sum<true>(x, work, y + 1, C, m, p.weight, &sum_wd, io.next)
+                    : exp_sum(x, work, 0, y, m, nullptr, nullptr, io.next) +
+                          exp_sum(x, work, y + 1, C, m, nullptr, nullptr, io.next);
       sum_wd += w_y * d_y;
       const acc_t e_y = sexp(d_y);
       const acc_t s = s_excl + e_y;
@@ -101,32 +106,38 @@ struct CrossEntropyMath {
     constexpr int64_t W = V::size();
     const int64_t C = p.classes;
     const bool smoothing = p.smooth != acc_t(0);
-    const V zero(acc_t(0));
+    const V zero(acc_t(0)), one(acc_t(1));
     const V valid = vy >= zero;
     // Row max, and each lane's target score and weight, picked out by class masks
     // (cheaper than per-lane scalar lookups, which stall store forwarding).
-    V m = V::loadu(tile), x_y = zero, w_y = zero;
-    for (int64_t j = 0; j < C; ++j) {
+    V m = V::loadu(tile), x_y = zero, w_y = select(valid, one, zero);
+    V vj = zero;  // class index as a vector (no int->float per class)
+    for (int64_t j = 0; j < C; ++j, vj = vj + one) {
       const V x = V::loadu(tile + j * W);
-      const V is_y = vy == V(acc_t(j));
-      m = at::vec::maximum(m, x);
+      const V is_y = vy == vj;
+      m = fast_max(m, x);
       x_y = select(is_y, x, x_y);
-      w_y = select(is_y, V(p.weight[j]), w_y);
     }
-    V s_excl = zero, sum_wd = zero;
-    for (int64_t j = 0; j < C; ++j) {
+    if (p.has_weight) {
+      w_y = zero;
+      for (int64_t j = 0; j < C; ++j) w_y = select(vy == V(acc_t(j)), V(p.weight[j]), w_y);
+    }
+    V s_excl = zero, e_y = zero, sum_wd = zero;
+    vj = zero;
+    for (int64_t j = 0; j < C; ++j, vj = vj + one) {
       const V d = V::loadu(tile + j * W) - m;
       const V e = vexp(d);
-      s_excl = s_excl + select(vy == V(acc_t(j)), zero, e);
+      const V is_y = vy == vj;
+      s_excl = s_excl + select(is_y, zero, e);
+      e_y = select(is_y, e, e_y);
       if (smoothing) sum_wd = at::vec::fmadd(V(p.weight[j]), d, sum_wd);
       if constexpr (kGrad) e.store(tile + j * W);
     }
     const V d_y = x_y - m;
-    const V e_y = vexp(d_y);
     const V s = s_excl + e_y;
-    const V log_s = s.log();
-    // Rows whose max is NaN, +inf or -inf come out NaN, like torch (the fast exp does
-    // not propagate NaN itself).
+    const V log_s = vlog(s);  // s >= 1 (NaN rows are replaced below)
+    // Rows whose max is +inf or -inf come out NaN, like torch (NaN scores already made
+    // s NaN through vexp).
     const V finite = m.abs() < V(std::numeric_limits<acc_t>::infinity());
     const V nan(std::numeric_limits<acc_t>::quiet_NaN());
     if constexpr (kGrad) {
@@ -134,11 +145,15 @@ struct CrossEntropyMath {
       const V a = ce_exp_coef(w_y, scale, s, p);
       const V b = scale * V(p.smooth);
       const V gy = ce_target_grad(w_y, scale, s, s_excl, e_y, p);
-      for (int64_t j = 0; j < C; ++j) {
+      // Only tiles with an ignored, padding or non-finite row need the masking pass.
+      const bool clean = (valid & finite).zero_mask() == 0;
+      vj = zero;
+      for (int64_t j = 0; j < C; ++j, vj = vj + one) {
         V g = a * V::loadu(tile + j * W);
         if (smoothing) g = g - b * V(p.weight[j]);
-        g = select(vy == V(acc_t(j)), gy, g);
-        select(valid, select(finite, g, nan), zero).store(tile + j * W);
+        g = select(vy == vj, gy, g);
+        if (!clean) g = select(valid, select(finite, g, nan), zero);
+        g.store(tile + j * W);
       }
     }
     return select(valid, select(finite, ce_loss(log_s, d_y, w_y, sum_wd, p), nan), zero);

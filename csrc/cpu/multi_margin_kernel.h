@@ -20,6 +20,7 @@ namespace linclass::cpu {
 template <typename acc_t>
 struct MultiMarginParams {
   const acc_t* weight;  // C entries; ones when the caller gave no weight
+  bool has_weight;      // false: every entry of `weight` is 1
   acc_t margin;
   acc_t scale;          // gradient scale of the reduction
   int64_t p;            // 1 or 2
@@ -52,14 +53,17 @@ inline void hinge_scalar(T z, T& h, T& d) {
   }
 }
 
-// Over columns [begin, end): sum_h += sum h(c + x_j), sum_d += sum d(c + x_j).
+// Over columns [begin, end): sum_h += sum h(c + x_j), sum_d += sum d(c + x_j); `next`
+// (optional) is prefetched at the same offsets, as in exp_sum.
 template <int P, typename T>
-inline void hinge_sums(const T* x, int64_t begin, int64_t end, T c, T& sum_h, T& sum_d) {
+inline void hinge_sums(const T* x, int64_t begin, int64_t end, T c, T& sum_h, T& sum_d,
+                       const T* next) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> vc(c);
   Vec<T> sh(T(0)), sd(T(0));
   int64_t j = begin;
   for (; j + W <= end; j += W) {
+    if (next && (j - begin) % (2 * W) == 0) prefetch_pair(next + j, W);
     Vec<T> h, d;
     hinge<P>(vc + Vec<T>::loadu(x + j), h, d);
     sh = sh + h;
@@ -82,12 +86,11 @@ struct MultiMarginMath {
     return false;
   }
 
-  // `work` is unused: the gradient is a second, store-only pass over the row (x is in
+  // io.work is unused: the gradient is a second, store-only pass over the row (x is in
   // cache by then), which lets it stream g and place the target's entry in order.
   template <typename acc_t, bool kGrad>
-  static acc_t row(const acc_t* x, acc_t* /*work*/, acc_t* g, int64_t y,
-                   const MultiMarginParams<acc_t>& p, bool stream) {
-    return p.p == 1 ? row_p<1, kGrad>(x, g, y, p, stream) : row_p<2, kGrad>(x, g, y, p, stream);
+  static acc_t row(const RowIO<acc_t>& io, int64_t y, const MultiMarginParams<acc_t>& p) {
+    return p.p == 1 ? row_p<1, kGrad>(io, y, p) : row_p<2, kGrad>(io, y, p);
   }
 
   template <typename acc_t, bool kGrad>
@@ -97,20 +100,20 @@ struct MultiMarginMath {
 
  private:
   template <int P, bool kGrad, typename acc_t>
-  static acc_t row_p(const acc_t* x, acc_t* g, int64_t y, const MultiMarginParams<acc_t>& p,
-                     bool stream) {
+  static acc_t row_p(const RowIO<acc_t>& io, int64_t y, const MultiMarginParams<acc_t>& p) {
     using V = Vec<acc_t>;
+    const acc_t* x = io.x;
     const int64_t C = p.classes;
     const acc_t w_over_c = p.weight[y] / acc_t(C);
     const acc_t c = p.margin - x[y];
     acc_t sum_h = 0, sum_d = 0;
-    hinge_sums<P>(x, 0, y, c, sum_h, sum_d);
-    hinge_sums<P>(x, y + 1, C, c, sum_h, sum_d);
+    hinge_sums<P>(x, 0, y, c, sum_h, sum_d, io.next);
+    hinge_sums<P>(x, y + 1, C, c, sum_h, sum_d, io.next);
     if constexpr (kGrad) {
       const acc_t coef = p.scale * w_over_c;
       const V vc(c), vcoef(coef);
       const acc_t g_y = -coef * sum_d;
-      store_map(g, 0, C, stream, [&](int64_t j, int64_t n) {
+      store_map(io.g, 0, C, io.stream, [&](int64_t j, int64_t n) {
         V h, d;
         hinge<P>(vc + V::loadu(x + j, n), h, d);
         const V out = vcoef * d;
@@ -125,23 +128,25 @@ struct MultiMarginMath {
     using V = Vec<acc_t>;
     constexpr int64_t W = V::size();
     const int64_t C = p.classes;
-    const V zero(acc_t(0));
+    const V zero(acc_t(0)), one(acc_t(1));
     // Each lane's target score and weight, picked out by class masks; lanes without a
     // row keep w_y = 0, so their loss and gradient are zero.
-    V x_y = zero, w_y = zero;
-    for (int64_t j = 0; j < C; ++j) {
-      const V is_y = vy == V(acc_t(j));
-      x_y = select(is_y, V::loadu(tile + j * W), x_y);
-      w_y = select(is_y, V(p.weight[j]), w_y);
+    V x_y = zero, w_y = select(vy >= zero, one, zero);
+    V vj = zero;  // class index as a vector (no int->float per class)
+    for (int64_t j = 0; j < C; ++j, vj = vj + one) x_y = select(vy == vj, V::loadu(tile + j * W), x_y);
+    if (p.has_weight) {
+      w_y = zero;
+      for (int64_t j = 0; j < C; ++j) w_y = select(vy == V(acc_t(j)), V(p.weight[j]), w_y);
     }
     const V c = V(p.margin) - x_y;
     const V w_over_c = w_y / V(acc_t(C));
     const V coef = V(p.scale) * w_over_c;
     V sum_h = zero, sum_d = zero;
-    for (int64_t j = 0; j < C; ++j) {
+    vj = zero;
+    for (int64_t j = 0; j < C; ++j, vj = vj + one) {
       V h, d;
       hinge<P>(c + V::loadu(tile + j * W), h, d);
-      const V not_y = vy != V(acc_t(j));
+      const V not_y = vy != vj;
       sum_h = sum_h + select(not_y, h, zero);
       d = select(not_y, d, zero);
       sum_d = sum_d + d;
@@ -149,8 +154,9 @@ struct MultiMarginMath {
     }
     if constexpr (kGrad) {
       const V gy = zero - coef * sum_d;
-      for (int64_t j = 0; j < C; ++j)
-        select(vy == V(acc_t(j)), gy, V::loadu(tile + j * W)).store(tile + j * W);
+      vj = zero;
+      for (int64_t j = 0; j < C; ++j, vj = vj + one)
+        select(vy == vj, gy, V::loadu(tile + j * W)).store(tile + j * W);
     }
     return w_over_c * sum_h;
   }

@@ -58,20 +58,23 @@ TargetSummary scan_targets(const int64_t* target, int64_t rows, int64_t classes,
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r1 = std::min(rows, (b + 1) * per_block);
       double s = 0;
+      int64_t kept = 0;
       for (int64_t r = b * per_block; r < r1; ++r) {
         const int64_t y = tgt[r];
-        if (has_ignore && y == ignore_index) {
-          if (lane) lane[r] = acc_t(-1);
-          continue;
-        }
-        if (y < 0 || y >= classes) {
+        const bool ignored = has_ignore && y == ignore_index;
+        if (!ignored && uint64_t(y) >= uint64_t(classes)) {
           bad[b] = r;
           break;
         }
-        if (lane) lane[r] = acc_t(y);
-        s += weight ? double(weight[y]) : 1.0;
+        if (lane) lane[r] = ignored ? acc_t(-1) : acc_t(y);
+        if (!ignored) {
+          if (weight)
+            s += double(weight[y]);
+          else
+            ++kept;
+        }
       }
-      sums[b] = s;
+      sums[b] = weight ? s : double(kept);
     }
   });
   for (int64_t b = 0; b < blocks; ++b) {

@@ -3,11 +3,9 @@
 // Vec::size() rows (small C) to the loss's math in the accumulation type.
 //
 // A `Math` type supplies
-//   acc_t row<kGrad>(const acc_t* x, acc_t* work, acc_t* g, int64_t y, const Params& p,
-//                    bool stream)
-//       one contiguous row; writes the row's gradient to g and returns the row's loss;
-//       `work` is a C-element scratch row that may alias x or g; with `stream`, g is
-//       written with non-temporal stores (and does not alias anything);
+//   acc_t row<kGrad>(const RowIO<acc_t>& io, int64_t y, const Params& p)
+//       one contiguous row io.x; writes the row's gradient to io.g and returns the row's
+//       loss (see RowIO);
 //   Vec<acc_t> lanes<kGrad>(acc_t* tile, const Vec<acc_t>& y, const Params& p)
 //       W = Vec::size() rows at once, stored class-major in `tile` (tile[j * W + lane]),
 //       one row per SIMD lane, with their targets (as acc_t) in y; a target < 0 marks a
@@ -41,9 +39,21 @@ constexpr int64_t kLaneMaxClasses = 32;
 constexpr int64_t kBlockElements = 16384;
 // Gradients at least this large are written with non-temporal stores: they cannot stay
 // in the caches anyway, and streaming saves reading every line before writing it.
-constexpr int64_t kStreamBytes = int64_t(16) << 20;
-// Rows up to this size are prefetched whole, one row ahead.
-constexpr int64_t kPrefetchRowBytes = int64_t(64) << 10;
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+// The lane path prefetches this many tiles ahead.
+constexpr int64_t kPrefetchTiles = 8;
+
+// One row for Math::row: scores x, gradient g, a C-element scratch row `work` that may
+// alias x or g; with `stream`, g is written with non-temporal stores (and aliases
+// nothing); `next`, when set, is the next row, to prefetch during the first pass.
+template <typename acc_t>
+struct RowIO {
+  const acc_t* x;
+  acc_t* work;
+  acc_t* g;
+  const acc_t* next;
+  bool stream;
+};
 
 template <typename scalar_t>
 struct RowTask {
@@ -77,9 +87,10 @@ inline int64_t num_blocks(int64_t rows, int64_t classes) {
 
 // ---- the row path ----------------------------------------------------------------
 
+// Rows [r0, r1); rows up to `ahead_end` belong to this thread too and may be prefetched.
 template <typename scalar_t, typename Math, bool kGrad, typename Params>
 void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
-                   double* partial) {
+                   int64_t ahead_end, double* partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = t.in.classes;
   // Rows are used in place when they already are contiguous acc_t; otherwise they are
@@ -89,19 +100,13 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
   // A streamed gradient needs a cache-resident scratch row for the exponentials.
   const bool stream = kGrad && direct && t.stream_grad;
   std::vector<acc_t> buf(direct && !stream ? 0 : C);
-  // The hardware prefetchers stop at 4 KiB page boundaries, so a row that spans only
-  // a page or a few starts every pass from memory; fetch the next row while this one
-  // is being computed.
-  const int64_t row_bytes = C * int64_t(sizeof(scalar_t));
-  const bool prefetch = direct && row_bytes <= kPrefetchRowBytes;
+  // The hardware prefetchers stop at 4 KiB page boundaries, so the first pass over a
+  // row would wait on memory; instead the math prefetches the next row during its
+  // compute-bound pass over this one (RowIO::next).
   double sum = 0;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t y = t.target[r];
     const scalar_t* x = t.input + t.in.offset(r);
-    if (prefetch && r + 1 < r1) {
-      const char* next = reinterpret_cast<const char*>(t.input + t.in.offset(r + 1));
-      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next + off, 0, 3);
-    }
     scalar_t* g = kGrad ? t.grad + t.gout.offset(r) : nullptr;
     acc_t loss = 0;
     if (Math::ignored(y, p)) {
@@ -110,14 +115,18 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
     } else if (direct) {
       const acc_t* xr = reinterpret_cast<const acc_t*>(x);
       acc_t* gr = reinterpret_cast<acc_t*>(g);
-      loss = Math::template row<acc_t, kGrad>(xr, stream ? buf.data() : gr, gr, y, p, stream);
+      const acc_t* next = r + 1 < ahead_end
+                              ? reinterpret_cast<const acc_t*>(t.input + t.in.offset(r + 1))
+                              : nullptr;
+      loss = Math::template row<acc_t, kGrad>({xr, stream ? buf.data() : gr, gr, next, stream}, y, p);
     } else {
       const int64_t sc = t.in.stride_c;
       if (sc == 1 && !same_type)
         at::vec::convert(x, buf.data(), C);
       else
         for (int64_t j = 0; j < C; ++j) buf[j] = acc_t(x[j * sc]);
-      loss = Math::template row<acc_t, kGrad>(buf.data(), buf.data(), buf.data(), y, p, false);
+      loss = Math::template row<acc_t, kGrad>({buf.data(), buf.data(), buf.data(), nullptr, false},
+                                              y, p);
       if constexpr (kGrad) {
         const int64_t gc = t.gout.stride_c;
         if (gc == 1)
@@ -200,13 +209,18 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
 
 template <typename scalar_t, typename Math, bool kGrad, typename Params>
 void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
-                    double* partial) {
+                    int64_t ahead_end, double* partial) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
   alignas(64) acc_t tile[kLaneMaxClasses * W];
   alignas(64) acc_t tail[W];
   V sum(acc_t(0));  // lane-wise running loss; each lane adds its rows in order
+  // Contiguous row-major tiles: prefetch a few tiles ahead (rows of a few classes are
+  // shorter than the distance the hardware prefetchers need to lock on).
+  const bool prefetch = t.in.inner == 1 && t.in.stride_c == 1 && t.in.stride_n == t.in.classes &&
+                        (!kGrad || (t.gout.inner == 1 && t.gout.stride_n == t.gout.classes));
+  const int64_t tile_bytes = W * t.in.classes * int64_t(sizeof(scalar_t));
   for (int64_t r = r0; r < r1; r += W) {
     const int64_t n = std::min<int64_t>(W, r1 - r);
     V vy;
@@ -215,6 +229,15 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
     } else {  // padding lanes take target -1: they contribute nothing
       for (int64_t l = 0; l < W; ++l) tail[l] = l < n ? t.lane_targets[r + l] : acc_t(-1);
       vy = V::loadu(tail);
+    }
+    if (prefetch && r + (kPrefetchTiles + 1) * W <= ahead_end) {
+      // Rows further ahead, and the gradient lines they will be written to.
+      const char* in = reinterpret_cast<const char*>(t.input + t.in.offset(r + kPrefetchTiles * W));
+      for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(in + off, 0, 3);
+      if constexpr (kGrad) {
+        const char* g = reinterpret_cast<const char*>(t.grad + t.gout.offset(r + kPrefetchTiles * W));
+        for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(g + off, 1, 3);
+      }
     }
     pack_tile(t.input, t.in, r, n, tile);
     const V loss = Math::template lanes<acc_t, kGrad>(tile, vy, p);
@@ -245,19 +268,20 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   // Each block already holds ~kBlockElements of work, so one block per task is enough
   // to keep tiny inputs on the calling thread.
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
       double* partial = t.partials ? t.partials + b : nullptr;
       if (lanes) {
         if (t.grad)
-          run_lane_block<scalar_t, Math, true>(t, p, r0, r1, partial);
+          run_lane_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
         else
-          run_lane_block<scalar_t, Math, false>(t, p, r0, r1, partial);
+          run_lane_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);
       } else {
         if (t.grad)
-          run_row_block<scalar_t, Math, true>(t, p, r0, r1, partial);
+          run_row_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
         else
-          run_row_block<scalar_t, Math, false>(t, p, r0, r1, partial);
+          run_row_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);
       }
     }
   });

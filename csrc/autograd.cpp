@@ -1,0 +1,114 @@
+// Autograd for the fused loss ops, once for all of them and every device.
+//
+// A fused op returns (loss, grad) where grad = d loss / d input for grad_output = 1,
+// computed by the forward kernel.  Backward only rescales that buffer by grad_output
+// (per row for reduction='none'), and when grad_output is the 1 that loss.backward()
+// passes it hands the buffer over unchanged: a forward+backward then allocates one
+// N x C buffer in all.
+//
+// This is registered in C++ (the Autograd dispatch key) rather than with
+// torch.library.register_autograd: the Python path costs ~120 us per call on the
+// development machine (schema walk + Python autograd.Function + Python backward
+// node), which is more than the kernels themselves at small batch sizes.  Shapes
+// (register_fake) stay in Python, in linclass/_ops.py.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/mul.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace linclass {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kNone = 0;
+
+// True when `t` is an ordinary CPU tensor holding exactly 1.  Fake, functional and
+// other subclass tensors (torch.compile's tracing) always take the multiply; CUDA
+// tensors too, since reading the value would synchronize the stream.
+bool is_plain_cpu_one(const at::Tensor& t) {
+  constexpr auto kTracing = c10::DispatchKeySet(
+      {c10::DispatchKey::Python, c10::DispatchKey::Functionalize, c10::DispatchKey::PythonTLSSnapshot});
+  if (t.key_set().has_any(kTracing) || !t.device().is_cpu()) return false;  // before numel():
+  return t.numel() == 1 && t.item<double>() == 1.0;  // traced sizes can be symbolic
+}
+
+// Fused loss ops share the signature (input, target, ..., int reduction, bool compute_grad)
+// -> (loss, grad); Args are the op's argument types.
+template <typename... Args>
+struct FusedLoss : public torch::autograd::Function<FusedLoss<Args...>> {
+  using Op = c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(Args...)>;
+  static constexpr size_t kArgs = sizeof...(Args);
+
+  static variable_list forward(AutogradContext* ctx, const Op* op, Args... args) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, grad] = op->call(args...);
+    const auto all = std::forward_as_tuple(args...);
+    ctx->saved_data["input_dim"] = std::get<0>(all).dim();
+    ctx->saved_data["reduction"] = std::get<kArgs - 2>(all);
+    ctx->saved_data["compute_grad"] = std::get<kArgs - 1>(all);
+    ctx->save_for_backward({grad});
+    ctx->mark_non_differentiable({grad});
+    ctx->set_materialize_grads(false);
+    return {loss, grad};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(1 + kArgs);  // the op handle, then one per op argument
+    at::Tensor grad_loss = grads[0];
+    if (!grad_loss.defined()) return out;
+    TORCH_CHECK(ctx->saved_data["compute_grad"].toBool(),
+                "linclass: this fused loss ran with compute_grad=False, so it saved no gradient; "
+                "call it through linclass.cross_entropy / linclass.multi_margin_loss, which set "
+                "compute_grad when the input requires grad");
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "linclass: the fused losses are differentiable once; backward with "
+                "create_graph=True (double backward) is not supported. Use "
+                "linclass.backends.use('torch') for higher-order gradients.");
+    at::Tensor grad = ctx->get_saved_variables()[0];
+    if (ctx->saved_data["reduction"].toInt() == kNone && ctx->saved_data["input_dim"].toInt() >= 2)
+      grad_loss = grad_loss.unsqueeze(1);  // one scale per row, broadcast over classes
+    out[1] = is_plain_cpu_one(grad_loss) ? grad : at::mul(grad, grad_loss);
+    return out;
+  }
+};
+
+template <typename... Args>
+std::tuple<at::Tensor, at::Tensor> fused_loss_autograd(const char* name, Args... args) {
+  // One handle per instantiation (= per op signature); looked up on first use.
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow(name, "")
+                             .template typed<std::tuple<at::Tensor, at::Tensor>(Args...)>();
+  auto out = FusedLoss<Args...>::apply(&op, args...);
+  return {out[0], out[1]};
+}
+
+using OptTensor = const std::optional<at::Tensor>&;
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& input,
+                                                          const at::Tensor& target, OptTensor weight,
+                                                          int64_t ignore_index, double label_smoothing,
+                                                          int64_t reduction, bool compute_grad) {
+  return fused_loss_autograd<const at::Tensor&, const at::Tensor&, OptTensor, int64_t, double,
+                             int64_t, bool>("linclass::cross_entropy", input, target, weight,
+                                            ignore_index, label_smoothing, reduction, compute_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_margin_loss_autograd(const at::Tensor& input,
+                                                              const at::Tensor& target, int64_t p,
+                                                              double margin, OptTensor weight,
+                                                              int64_t reduction, bool compute_grad) {
+  return fused_loss_autograd<const at::Tensor&, const at::Tensor&, int64_t, double, OptTensor,
+                             int64_t, bool>("linclass::multi_margin_loss", input, target, p, margin,
+                                            weight, reduction, compute_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linclass, Autograd, m) {
+  m.impl("cross_entropy", &cross_entropy_autograd);
+  m.impl("multi_margin_loss", &multi_margin_loss_autograd);
+}
+
+}  // namespace linclass
