@@ -1,0 +1,177 @@
+"""Turn pytest-benchmark JSON files into a markdown report and a PNG chart.
+
+    python bench/report.py bench/results/cpu-1.json [cpu-2.json ...] --md bench/results/cpu.md
+
+Every group (one op at one shape) lists each implementation's median time, its
+effective bandwidth (the group's `bytes` / time) and its speed-up over torch; `copy_` is
+the memory roofline.  With several runs of the suite (`make bench` does 3), each time is
+the median of the runs' medians and the spread column shows the runs' lowest and
+highest median: this machine's speed drifts between runs.  Targets (below) are checked
+on the aggregated numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from collections import defaultdict
+
+# (group, impl) -> minimum speed-up over torch, from the issues.
+SPEEDUP_TARGETS = {
+    ("cross_entropy 65536x10", "linclass[cpp]"): 5,
+    ("cross_entropy 4096x1000", "linclass[cpp]"): 3,
+    ("cross_entropy 1024x32000", "linclass[cpp]"): 5,
+    ("multi_margin_loss 65536x10", "linclass[cpp]"): 10,
+    ("multi_margin_loss 4096x1000", "linclass[cpp]"): 10,
+    ("multi_margin_loss 1024x32000", "linclass[cpp]"): 10,
+}
+ROOFLINE_TARGET = 0.60  # fraction of copy_ bandwidth, for inputs of 8 MB or more
+ROOFLINE_MIN_BYTES = 8 << 20
+
+
+def load(paths):
+    runs = defaultdict(list)
+    data = None
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for b in data["benchmarks"]:
+            info = b.get("extra_info", {})
+            runs[(b["group"], info.get("impl", b["name"]))].append((b["stats"]["median"], info))
+    groups = defaultdict(dict)
+    for (group, impl), values in runs.items():
+        medians = sorted(m for m, _ in values)
+        info = values[-1][1]
+        groups[group][impl] = {
+            "median": statistics.median(medians),
+            "low": medians[0],
+            "high": medians[-1],
+            "runs": len(medians),
+            "bytes": info.get("bytes"),
+            "peak_mb": info.get("peak_extra_mb"),
+            "info": info,
+        }
+    return data, groups
+
+
+def fmt_ms(s):
+    return f"{s * 1e3:.3f}" if s < 1 else f"{s * 1e3:.0f}"
+
+
+def machine_line(data):
+    m = data.get("machine_info", {})
+    cpu = m.get("cpu_model") or m.get("cpu", {}).get("brand_raw", "?")
+    return (f"{cpu}, {m.get('threads', '?')} threads, Python {m.get('python_version', '?')}, "
+            f"torch {m.get('torch', '?')}, CPU kernels built for {m.get('linclass_cpu_isa', '?')}; "
+            f"run {data.get('datetime', '?')[:19]}")
+
+
+def report(data, groups):
+    nruns = max(r["runs"] for g in groups.values() for r in g.values())
+    lines = [f"Machine: {machine_line(data)}.", "",
+             f"Median of the timed rounds, then the median over {nruns} run(s) of the suite "
+             "(spread: the runs' lowest and highest median); effective bandwidth = bytes "
+             "moved / time; speed-up = torch's time / this time.", ""]
+    checks = []
+    for group in sorted(groups, key=_group_key):
+        rows = groups[group]
+        torch_t = rows.get("torch", {}).get("median")
+        copy_t = rows.get("copy_", {}).get("median")
+        has_mem = any(r["peak_mb"] is not None for r in rows.values())
+        lines.append(f"### {group}")
+        lines.append("")
+        head = "| implementation | median ms | spread ms | GB/s | vs torch | of copy_ |"
+        lines.append(head + (" peak extra MB |" if has_mem else ""))
+        lines.append("|---|---:|---:|---:|---:|---:|" + ("---:|" if has_mem else ""))
+        for impl in sorted(rows, key=_impl_key):
+            r = rows[impl]
+            gbs = r["bytes"] / r["median"] / 1e9 if r["bytes"] else float("nan")
+            speed = f"{torch_t / r['median']:.2f}x" if torch_t else ""
+            roof = f"{copy_t / r['median']:.0%}" if copy_t and impl != "copy_" else ""
+            mem = f" {r['peak_mb']:.0f} |" if has_mem and r["peak_mb"] is not None else (" |" if has_mem else "")
+            spread = f"{fmt_ms(r['low'])}–{fmt_ms(r['high'])}" if r["runs"] > 1 else ""
+            lines.append(f"| {impl} | {fmt_ms(r['median'])} | {spread} | {gbs:.1f} | {speed} | {roof} |{mem}")
+            target = SPEEDUP_TARGETS.get((group, impl))
+            if target and torch_t:
+                got = torch_t / r["median"]
+                checks.append((f"{group}: {impl} vs torch", f">= {target}x", f"{got:.1f}x", got >= target))
+            if (copy_t and impl.startswith("linclass") and r["bytes"]
+                    and r["bytes"] / 2 >= ROOFLINE_MIN_BYTES and "x" in group.split()[-1]):
+                frac = copy_t / r["median"]
+                checks.append((f"{group}: {impl} share of copy_ bandwidth",
+                               f">= {ROOFLINE_TARGET:.0%}", f"{frac:.0%}", frac >= ROOFLINE_TARGET))
+        lines.append("")
+    if checks:
+        summary = ["## Targets", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
+        summary += [f"| {name} | {want} | {got} | {'yes' if ok else '**no**'} |"
+                    for name, want, got, ok in checks]
+        lines = summary + [""] + lines
+    return "\n".join(lines) + "\n", checks
+
+
+def _group_key(g):
+    op, _, shape = g.rpartition(" ")
+    try:
+        n, c = (int(v) for v in shape.split("x"))
+    except ValueError:
+        return (op, 0, 0)
+    return (op, c, n)
+
+
+def _impl_key(impl):
+    order = ["naive", "torch", "copy_"]
+    return (order.index(impl) if impl in order else 1.5, impl)
+
+
+def chart(groups, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [g for g in sorted(groups, key=_group_key) if "torch" in groups[g]]
+    impls = sorted({i for g in names for i in groups[g] if i not in ("torch", "naive")}, key=_impl_key)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        xs, ys = [], []
+        for i, g in enumerate(names):
+            if impl in groups[g]:
+                xs.append(i + k * width)
+                ys.append(groups[g]["torch"]["median"] / groups[g][impl]["median"])
+        ax.bar(xs, ys, width, label=impl)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("speed-up over torch (log)")
+    ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(names))])
+    ax.set_xticklabels([g.replace(" ", "\n") for g in names], fontsize=8)
+    ax.legend(fontsize=8)
+    ax.set_title("forward + backward, median")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON files, one per run")
+    ap.add_argument("--md", required=True, help="markdown report to write")
+    ap.add_argument("--png", help="chart path (default: the markdown path with .png)")
+    ap.add_argument("--title", default="linclass CPU benchmarks")
+    args = ap.parse_args()
+    data, groups = load(args.json)
+    body, checks = report(data, groups)
+    with open(args.md, "w") as f:
+        f.write(f"# {args.title}\n\nProduced by `make bench` (pytest-benchmark, then "
+                f"`bench/report.py`).\n\n{body}")
+    png = args.png or os.path.splitext(args.md)[0] + ".png"
+    chart(groups, png)
+    missed = [c for c in checks if not c[3]]
+    print(f"wrote {args.md} and {png}: {len(checks) - len(missed)}/{len(checks)} targets met")
+    for name, want, got, _ in missed:
+        print(f"  missed: {name}: wanted {want}, measured {got}")
+
+
+if __name__ == "__main__":
+    main()
