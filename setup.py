@@ -76,12 +76,15 @@ def extensions():
         raise SystemExit(f"LINCLASS_CPU_ISA must be one of {sorted(ISA_FLAGS)}, got {isa!r}")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # The C++ standard is left to torch.utils.cpp_extension: it matches the torch build.
-    cxx = opt + ["-fopenmp", "-DPy_LIMITED_API=0x03090000"] + ISA_FLAGS[isa]
+    cxx = opt + ["-fopenmp", "-Wno-unknown-pragmas"] + ISA_FLAGS[isa]
     nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     use_cuda = bool(cuda_sources) and want_cuda()
     ext = CUDAExtension if use_cuda else CppExtension
+    if use_cuda:
+        cxx.append("-DLINCLASS_WITH_CUDA")
+        nvcc.append("-DLINCLASS_WITH_CUDA")
     print(f"linclass: building _C for CPU ISA {isa}, CUDA {'on' if use_cuda else 'off'}")
     return [
         ext(

@@ -16,6 +16,10 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#ifdef LINCLASS_WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#endif
+
 namespace linclass {
 namespace {
 
@@ -24,14 +28,25 @@ using torch::autograd::variable_list;
 
 constexpr int64_t kNone = 0;
 
-// True when `t` is an ordinary CPU tensor holding exactly 1.  Fake, functional and
-// other subclass tensors (torch.compile's tracing) always take the multiply; CUDA
-// tensors too, since reading the value would synchronize the stream.
-bool is_plain_cpu_one(const at::Tensor& t) {
+// True when `t` is an ordinary tensor holding exactly 1.  Fake, functional and other
+// subclass tensors (torch.compile's tracing) always take the multiply.  Reading a CUDA
+// value synchronizes the stream: it is worth it to avoid a second N x C buffer, except
+// while a CUDA graph is being captured, where it is not allowed.
+bool is_plain_one(const at::Tensor& t) {
   constexpr auto kTracing = c10::DispatchKeySet(
       {c10::DispatchKey::Python, c10::DispatchKey::Functionalize, c10::DispatchKey::PythonTLSSnapshot});
-  if (t.key_set().has_any(kTracing) || !t.device().is_cpu()) return false;  // before numel():
-  return t.numel() == 1 && t.item<double>() == 1.0;  // traced sizes can be symbolic
+  if (t.key_set().has_any(kTracing)) return false;  // before numel(): sizes may be symbolic
+  if (t.device().is_cuda()) {
+#ifdef LINCLASS_WITH_CUDA
+    if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
+      return false;
+#else
+    return false;
+#endif
+  } else if (!t.device().is_cpu()) {
+    return false;
+  }
+  return t.numel() == 1 && t.item<double>() == 1.0;
 }
 
 // Fused loss ops share the signature (input, target, ..., int reduction, bool compute_grad)
@@ -69,7 +84,7 @@ struct FusedLoss : public torch::autograd::Function<FusedLoss<Args...>> {
     at::Tensor grad = ctx->get_saved_variables()[0];
     if (ctx->saved_data["reduction"].toInt() == kNone && ctx->saved_data["input_dim"].toInt() >= 2)
       grad_loss = grad_loss.unsqueeze(1);  // one scale per row, broadcast over classes
-    out[1] = is_plain_cpu_one(grad_loss) ? grad : at::mul(grad, grad_loss);
+    out[1] = is_plain_one(grad_loss) ? grad : at::mul(grad, grad_loss);
     return out;
   }
 };

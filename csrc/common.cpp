@@ -72,6 +72,28 @@ void check_class_index_args(const char* op, const at::Tensor& input, const at::T
               ": unknown reduction code ", reduction);
 }
 
+void check_cross_entropy_args(const at::Tensor& input, const at::Tensor& target,
+                              const std::optional<at::Tensor>& weight, double label_smoothing,
+                              int64_t reduction) {
+  check_class_index_args("cross_entropy", input, target, weight, reduction);
+  TORCH_CHECK(label_smoothing <= 1.0,
+              "cross_entropy: label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
+}
+
+void check_multi_margin_args(const at::Tensor& input, const at::Tensor& target, int64_t p,
+                             const std::optional<at::Tensor>& weight, int64_t reduction) {
+  check_class_index_args("multi_margin_loss", input, target, weight, reduction);
+  TORCH_CHECK(input.dim() == 2 && input.size(1) > 0,
+              "multi_margin_loss: expected input of shape (N, C) with C > 0, got ", input.sizes());
+  TORCH_CHECK(p == 1 || p == 2, "multi_margin_loss: only p == 1 and p == 2 supported, got ", p);
+}
+
+std::pair<at::Tensor, RowGeometry> rows_of(const at::Tensor& input) {
+  if (auto g = row_geometry(input)) return {input, *g};
+  at::Tensor c = input.contiguous();
+  return {c, *row_geometry(c)};
+}
+
 at::Tensor empty_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
   if (reduction == kNone) return at::empty(target.sizes(), input.options());
   return at::empty({}, input.options());

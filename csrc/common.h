@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 namespace linclass {
 
@@ -41,6 +42,16 @@ std::optional<RowGeometry> row_geometry(const at::Tensor& t);
 // torch.ops.linclass call from ever reaching a kernel with inconsistent arguments.
 void check_class_index_args(const char* op, const at::Tensor& input, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, int64_t reduction);
+
+// The argument checks of each op, shared by its CPU and CUDA entry points.
+void check_cross_entropy_args(const at::Tensor& input, const at::Tensor& target,
+                              const std::optional<at::Tensor>& weight, double label_smoothing,
+                              int64_t reduction);
+void check_multi_margin_args(const at::Tensor& input, const at::Tensor& target, int64_t p,
+                             const std::optional<at::Tensor>& weight, int64_t reduction);
+
+// `input` (copied to contiguous only when its d-dims cannot be flattened) and its geometry.
+std::pair<at::Tensor, RowGeometry> rows_of(const at::Tensor& input);
 
 // Loss output for the given reduction: target-shaped for 'none', a 0-dim tensor otherwise.
 at::Tensor empty_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction);

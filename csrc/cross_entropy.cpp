@@ -16,17 +16,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& input_,
                                                      const std::optional<at::Tensor>& weight,
                                                      int64_t ignore_index, double label_smoothing,
                                                      int64_t reduction, bool compute_grad) {
-  check_class_index_args("cross_entropy", input_, target_, weight, reduction);
-  TORCH_CHECK(label_smoothing <= 1.0,
-              "cross_entropy: label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
-  at::Tensor input = input_;
-  auto geom = row_geometry(input);
-  if (!geom) {
-    input = input.contiguous();
-    geom = row_geometry(input);
-  }
+  check_cross_entropy_args(input_, target_, weight, label_smoothing, reduction);
+  const auto [input, geom] = rows_of(input_);
   const at::Tensor target = target_.contiguous();
-  const int64_t rows = geom->rows(), C = geom->classes;
+  const int64_t rows = geom.rows(), C = geom.classes;
 
   at::Tensor loss = empty_loss(input, target, reduction);
   at::Tensor grad = compute_grad ? empty_cached(input.sizes(), input.scalar_type())
@@ -57,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& input_,
                                      acc_t(1.0 / denom),
                                      ignore_index,
                                      C};
-    cpu::run_loss<scalar_t, cpu::CrossEntropyMath>(input, *geom, target, lane_targets.data(),
+    cpu::run_loss<scalar_t, cpu::CrossEntropyMath>(input, geom, target, lane_targets.data(),
                                                    reduction, denom, compute_grad, loss, grad, p);
   });
   return {loss, grad};

@@ -16,10 +16,7 @@ std::tuple<at::Tensor, at::Tensor> multi_margin_loss_cpu(const at::Tensor& input
                                                          double margin,
                                                          const std::optional<at::Tensor>& weight,
                                                          int64_t reduction, bool compute_grad) {
-  check_class_index_args("multi_margin_loss", input, target_, weight, reduction);
-  TORCH_CHECK(input.dim() == 2 && input.size(1) > 0,
-              "multi_margin_loss: expected input of shape (N, C) with C > 0, got ", input.sizes());
-  TORCH_CHECK(p == 1 || p == 2, "multi_margin_loss: only p == 1 and p == 2 supported, got ", p);
+  check_multi_margin_args(input, target_, p, weight, reduction);
   const auto geom = *row_geometry(input);  // 2-D inputs always have a geometry
   const at::Tensor target = target_.contiguous();
   const int64_t rows = geom.rows(), C = geom.classes;

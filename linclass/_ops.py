@@ -1,15 +1,25 @@
-"""Fake-tensor (shape) registrations of the fused loss ops, and the op tables.
+"""Registration of the fused loss ops, and the op tables the public functions use.
 
 Every fused loss op, whatever its backend, has the signature
     op(input, target, <loss options>..., reduction: int, compute_grad: bool) -> (loss, grad)
 where `grad` is d loss / d input for grad_output = 1, written by the forward kernel in
 the same pass as the loss (an empty tensor when compute_grad is False).  Backward only
-rescales that buffer (csrc/autograd.cpp for the C++ ops).
+rescales that buffer.
+
+  linclass::cross_entropy, ::multi_margin_loss   schemas and CPU/CUDA kernels in C++
+      (csrc/), autograd in C++ (csrc/autograd.cpp), shapes registered here
+  linclass::cross_entropy_triton, ::multi_margin_loss_triton   Triton kernels
+      (kernels/), registered here with torch.library.custom_op, register_fake and
+      register_autograd; they do not need linclass._C
 """
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from . import _extension
 
@@ -23,7 +33,53 @@ def _fake_fused_loss(input, target, *args):
     return loss, grad
 
 
-# op families -> {backend: op}; filled for the backends that are built.
+# ---- autograd of the Python (Triton) ops; mirrors csrc/autograd.cpp -------------------
+
+
+def _setup_fused_loss(ctx, inputs, output):
+    ctx.reduction, ctx.compute_grad = inputs[-2], inputs[-1]
+    ctx.input_dim = inputs[0].dim()
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(output[1])
+    # The saved-gradient output takes no gradient: without these, autograd would build
+    # an N x C tensor of zeros for it on every backward.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _is_one(g: Tensor) -> bool:
+    """grad_output is an ordinary tensor holding 1 (reading a CUDA value synchronizes,
+    which is skipped while capturing a CUDA graph; traced tensors always multiply)."""
+    if type(g) is not Tensor or g.numel() != 1:
+        return False
+    if g.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return g.item() == 1.0
+
+
+def _backward_fused_loss(ctx, grad_loss, _grad_of_grad):
+    if grad_loss is None:
+        return (None,) * ctx.n_inputs
+    if not ctx.compute_grad:
+        raise RuntimeError(
+            "linclass: this fused loss ran with compute_grad=False, so it saved no gradient; "
+            "call it through linclass.cross_entropy / linclass.multi_margin_loss, which set "
+            "compute_grad when the input requires grad")
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "linclass: the fused losses are differentiable once; backward with "
+            "create_graph=True (double backward) is not supported. Use "
+            "linclass.backends.use('torch') for higher-order gradients.")
+    (grad,) = ctx.saved_tensors
+    if ctx.reduction == REDUCTIONS["none"] and ctx.input_dim >= 2:
+        grad_loss = grad_loss.unsqueeze(1)  # one scale per row, broadcast over classes
+    grad_input = grad if _is_one(grad_loss) else grad * grad_loss
+    return (grad_input,) + (None,) * (ctx.n_inputs - 1)
+
+
+# ---- op tables ---------------------------------------------------------------------
+
+# op family -> {backend: op}; filled for the backends that are built.
 CROSS_ENTROPY: dict = {}
 MULTI_MARGIN_LOSS: dict = {}
 
@@ -33,3 +89,34 @@ if _extension.HAS_CPP:
     # The C++ op dispatches on device: CPU kernels for "cpp", CUDA kernels for "cuda".
     CROSS_ENTROPY["cpp"] = CROSS_ENTROPY["cuda"] = torch.ops.linclass.cross_entropy.default
     MULTI_MARGIN_LOSS["cpp"] = MULTI_MARGIN_LOSS["cuda"] = torch.ops.linclass.multi_margin_loss.default
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+if HAS_TRITON:
+    # custom_op (not triton_op): its fake registration is what opcheck and
+    # torch.compile use, and it works in the Triton interpreter too (triton_op's
+    # fake-tensor path does not).  The kernels are imported on first call, after the
+    # caller had the chance to set TRITON_INTERPRET.
+
+    @torch.library.custom_op("linclass::cross_entropy_triton", mutates_args=())
+    def cross_entropy_triton(input: Tensor, target: Tensor, weight: Optional[Tensor],
+                             ignore_index: int, label_smoothing: float, reduction: int,
+                             compute_grad: bool) -> tuple[Tensor, Tensor]:
+        from .kernels import cross_entropy as kernel
+
+        return kernel.cross_entropy(input, target, weight, ignore_index, label_smoothing,
+                                    reduction, compute_grad)
+
+    @torch.library.custom_op("linclass::multi_margin_loss_triton", mutates_args=())
+    def multi_margin_loss_triton(input: Tensor, target: Tensor, p: int, margin: float,
+                                 weight: Optional[Tensor], reduction: int,
+                                 compute_grad: bool) -> tuple[Tensor, Tensor]:
+        from .kernels import multi_margin as kernel
+
+        return kernel.multi_margin_loss(input, target, p, margin, weight, reduction, compute_grad)
+
+    for _op in (cross_entropy_triton, multi_margin_loss_triton):
+        _op.register_fake(_fake_fused_loss)
+        _op.register_autograd(_backward_fused_loss, setup_context=_setup_fused_loss)
+    CROSS_ENTROPY["triton"] = torch.ops.linclass.cross_entropy_triton.default
+    MULTI_MARGIN_LOSS["triton"] = torch.ops.linclass.multi_margin_loss_triton.default

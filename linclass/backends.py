@@ -18,12 +18,11 @@ Probability (soft) targets are computed by the torch backend whatever is chosen.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 
 import torch
 
-from . import _extension
+from . import _extension, _ops
 
 NAMES = ("cpp", "triton", "cuda", "torch")
 
@@ -37,7 +36,7 @@ def _triton_interpreter() -> bool:
 
 
 # Availability is decided once, at import: torch.compile traces the code that reads it.
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_TRITON = _ops.HAS_TRITON
 _CUDA = torch.cuda.is_available()
 _REASONS = {
     "cpp": None if _extension.HAS_CPP else f"linclass._C is not loaded ({_extension.LOAD_ERROR})",
@@ -76,6 +75,12 @@ if _ENV is not None:
 def available() -> list[str]:
     """Names of the backends that can run on this installation (for some device)."""
     return [n for n in NAMES if _REASONS[n] is None]
+
+
+def runs_on(name: str, device_type: str) -> bool:
+    """Whether backend `name` is available and takes tensors of `device_type`."""
+    devices = _DEVICES[_check_name(name)]
+    return _REASONS[name] is None and (devices is None or device_type in devices)
 
 
 def current() -> str | None:

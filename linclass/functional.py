@@ -3,11 +3,15 @@
 Each function checks its arguments the way torch does (same exception types, clearer
 messages), picks a backend (linclass.backends) and calls the fused op registered in
 linclass._ops, whose kernel computes the loss and its gradient in one pass:
-  CPU   csrc/cross_entropy.cpp      -> csrc/cpu/cross_entropy_kernel.h
-        csrc/multi_margin.cpp       -> csrc/cpu/multi_margin_kernel.h
+  cpp     csrc/cross_entropy.cpp      -> csrc/cpu/cross_entropy_kernel.h
+          csrc/multi_margin.cpp       -> csrc/cpu/multi_margin_kernel.h
+  triton  linclass/_ops.py            -> kernels/cross_entropy.py, kernels/multi_margin.py
+  cuda    csrc/cuda/cross_entropy.cu, csrc/cuda/multi_margin.cu
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,33 @@ from torch.nn import _reduction as _Reduction
 from . import _ops, backends
 
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# GPU kernels turn an out-of-range target into a NaN row instead of stopping the device;
+# with this set, targets on the GPU are checked first (one host synchronization per call).
+_CHECK_GPU_TARGETS = os.environ.get("LINCLASS_CHECK_TARGETS", "0") == "1"
+
+
+def _check_targets(op: str, backend: str, target: torch.Tensor, classes: int,
+                   ignore_index: int | None, error: type) -> None:
+    """Raise `error` naming the first target outside [0, classes) (ignore_index allowed).
+
+    The C++ CPU kernels check their targets themselves; the other backends are checked
+    here when the targets are in host memory (free) or LINCLASS_CHECK_TARGETS=1.
+    """
+    if backend == "cpp" or torch.compiler.is_compiling():
+        return
+    if target.device.type != "cpu" and not _CHECK_GPU_TARGETS:
+        return
+    bad = (target < 0) | (target >= classes)
+    if ignore_index is not None:
+        bad &= target != ignore_index
+    if bool(bad.any()):
+        flat = int(bad.reshape(-1).nonzero()[0])
+        pos = list(torch.unravel_index(torch.tensor(flat), target.shape)) if target.dim() else []
+        where = "[" + ", ".join(str(int(i)) for i in pos) + "]" if target.dim() else ""
+        allowed = f" or target == ignore_index, which is {ignore_index}" if ignore_index is not None else ""
+        raise error(f"{op}: target{where} = {int(target.reshape(-1)[flat])} is out of bounds for "
+                    f"{classes} classes (expected 0 <= target < {classes}{allowed})")
 
 
 def _reduction_code(size_average, reduce, reduction: str) -> tuple[str, int]:
@@ -117,6 +148,7 @@ def cross_entropy(
         raise RuntimeError(f"cross_entropy: target is on {target.device} but input is on {input.device}")
     if target.dtype != torch.int64:
         target = target.long()
+    _check_targets("cross_entropy", backend, target, classes, ignore_index, IndexError)
     # torch applies label smoothing only when it is positive.
     label_smoothing = max(float(label_smoothing), 0.0)
     op = _ops.CROSS_ENTROPY[backend]
@@ -164,6 +196,7 @@ def multi_margin_loss(
     _check_weight("multi_margin_loss", weight, input, input.shape[-1], "multi_margin_loss")
     if target.device != input.device:
         raise RuntimeError(f"multi_margin_loss: target is on {target.device} but input is on {input.device}")
+    _check_targets("multi_margin_loss", backend, target, input.shape[-1], None, RuntimeError)
     out_shape = target.shape
     op = _ops.MULTI_MARGIN_LOSS[backend]
     loss, _ = op(

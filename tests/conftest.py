@@ -10,12 +10,8 @@ import torch  # noqa: E402
 import linclass  # noqa: E402
 
 
-def cpu_backends():
-    """Backends that run on CPU tensors in this test session."""
-    names = ["cpp", "torch"]
-    if "triton" in linclass.backends.available():
-        names.append("triton")
-    return names
+# The fused kernels that run on CPU tensors here: C++, and Triton in interpreter mode.
+KERNEL_BACKENDS = [b for b in ("cpp", "triton") if linclass.backends.runs_on(b, "cpu")]
 
 
 @pytest.fixture(autouse=True)
@@ -24,8 +20,8 @@ def _seed():
     yield
 
 
-@pytest.fixture(params=["cpp"])
+@pytest.fixture(params=KERNEL_BACKENDS)
 def kernel_backend(request):
-    """The fused C++ backend, forced (so a test never silently runs another)."""
+    """Each fused backend in turn, forced (so a test never silently runs another)."""
     with linclass.backends.use(request.param):
         yield request.param

@@ -27,14 +27,25 @@ def mm_samples():
     yield (torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), 1, 1.0, None, 1, False)
 
 
+def _ops(name):
+    """The registered op of every fused CPU backend: C++ (cpp) and, in interpreter
+    mode, Triton."""
+    ops = [getattr(torch.ops.linclass, name).default]
+    if linclass.backends.runs_on("triton", "cpu"):
+        ops.append(getattr(torch.ops.linclass, f"{name}_triton").default)
+    return ops
+
+
+@pytest.mark.parametrize("op", _ops("cross_entropy"), ids=str)
 @pytest.mark.parametrize("args", list(ce_samples()))
-def test_opcheck_cross_entropy(args):
-    torch.library.opcheck(torch.ops.linclass.cross_entropy.default, args)
+def test_opcheck_cross_entropy(op, args):
+    torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("op", _ops("multi_margin_loss"), ids=str)
 @pytest.mark.parametrize("args", list(mm_samples()))
-def test_opcheck_multi_margin_loss(args):
-    torch.library.opcheck(torch.ops.linclass.multi_margin_loss.default, args)
+def test_opcheck_multi_margin_loss(op, args):
+    torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])

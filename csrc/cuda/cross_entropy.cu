@@ -1,0 +1,180 @@
+// linclass::cross_entropy on CUDA: the fused softmax cross-entropy (loss and d loss /
+// d scores in one launch), mirroring cross_entropy.cpp.  The math is the one in
+// cpu/cross_entropy_kernel.h:
+//
+//   m = max_j x_j,  d_j = x_j - m,  e_j = exp(d_j),  s = sum_j e_j,  s' = sum_{j != y} e_j
+//   loss = (1 - eps) w_y (log s - d_y) + (eps / C) (W log s - sum_j w_j d_j)
+//   dx_j = scale [((1 - eps) w_y + (eps / C) W) e_j / s - (eps / C) w_j]          (j != y)
+//   dx_y = scale [(eps / C) (W e_y / s - w_y) - (1 - eps) w_y s' / s]
+//
+// A group of TPR threads takes one row: a pass for the max, a pass for the sums (both
+// reduced across the group with shuffles / shared memory, no serial loops), a pass for
+// the gradient.  A target outside [0, C) that is not ignore_index gives its row a NaN
+// loss and NaN gradient; nothing is read or written out of bounds.  Per-row losses are
+// reduced with at::sum afterwards (deterministic); the 'mean' scale and the weight sum
+// stay on the device, so there is no host synchronization.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace linclass {
+namespace cuda {
+
+template <typename scalar_t, typename acc_t, int TPR, bool kGrad, bool kSmooth, bool kWeight>
+__global__ void cross_entropy_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ g,
+                                     const int64_t* __restrict__ target,
+                                     const scalar_t* __restrict__ weight,
+                                     acc_t* __restrict__ loss_rows, const acc_t* __restrict__ consts,
+                                     int64_t rows, int64_t C, Geom gx, Geom gg,
+                                     int64_t ignore_index, acc_t keep, acc_t smooth) {
+  __shared__ acc_t smem[32];
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / TPR) + threadIdx.x / TPR;
+  const int lane = threadIdx.x % TPR;
+  if (row >= rows) return;  // the whole group (and for TPR = blockDim, the block)
+  const int64_t y = target[row];
+  const scalar_t* xr = x + gx.offset(row);
+  scalar_t* gr = kGrad ? g + gg.offset(row) : nullptr;
+  if (y == ignore_index || y < 0 || y >= C) {
+    const acc_t fill = y == ignore_index ? acc_t(0) : nan_value<acc_t>();
+    if constexpr (kGrad)
+      for (int64_t j = lane; j < C; j += TPR) gr[j * gg.stride_c] = scalar_t(fill);
+    if (lane == 0) loss_rows[row] = fill;
+    return;
+  }
+
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = lane; j < C; j += TPR) m = max_nan(m, acc_t(xr[j * gx.stride_c]));
+  m = group_reduce<TPR>(m, MaxOp(), smem);
+
+  acc_t s_excl = 0, e_y = 0, sum_wd = 0;
+  for (int64_t j = lane; j < C; j += TPR) {
+    const acc_t d = acc_t(xr[j * gx.stride_c]) - m;
+    const acc_t e = dev_exp(d);
+    if (j == y)
+      e_y = e;
+    else
+      s_excl += e;
+    if constexpr (kSmooth) sum_wd += (kWeight ? acc_t(weight[j]) : acc_t(1)) * d;
+  }
+  s_excl = group_reduce<TPR>(s_excl, SumOp(), smem);
+  e_y = group_reduce<TPR>(e_y, SumOp(), smem);
+  if constexpr (kSmooth) sum_wd = group_reduce<TPR>(sum_wd, SumOp(), smem);
+
+  const acc_t scale = consts[0], weight_sum = consts[1];
+  const acc_t w_y = kWeight ? acc_t(weight[y]) : acc_t(1);
+  const acc_t d_y = acc_t(xr[y * gx.stride_c]) - m;
+  const acc_t s = s_excl + e_y;
+  const acc_t log_s = log(s);
+  if (lane == 0) {
+    acc_t loss = keep * w_y * (log_s - d_y);
+    if constexpr (kSmooth) loss += smooth * (weight_sum * log_s - sum_wd);
+    loss_rows[row] = loss;
+  }
+  if constexpr (kGrad) {
+    const acc_t a = scale * (keep * w_y + smooth * weight_sum) / s;
+    const acc_t b = scale * smooth;
+    const acc_t g_y = scale * (smooth * (weight_sum * e_y / s - w_y) - keep * w_y * s_excl / s);
+    for (int64_t j = lane; j < C; j += TPR) {
+      acc_t v = a * dev_exp(acc_t(xr[j * gx.stride_c]) - m);
+      if constexpr (kSmooth) v -= b * (kWeight ? acc_t(weight[j]) : acc_t(1));
+      gr[j * gg.stride_c] = scalar_t(j == y ? g_y : v);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int TPR>
+void launch(const at::Tensor& input, at::Tensor& grad, const at::Tensor& target,
+            const std::optional<at::Tensor>& weight, at::Tensor& loss_rows, const at::Tensor& consts,
+            int64_t rows, int64_t C, const RowGeometry& gx, const RowGeometry& gg,
+            int64_t ignore_index, double label_smoothing, int threads) {
+  const bool grad_on = grad.numel() > 0, smooth_on = label_smoothing != 0.0, w_on = weight.has_value();
+  const int64_t per_block = threads / TPR;
+  const dim3 blocks(unsigned((rows + per_block - 1) / per_block));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const acc_t keep = acc_t(1.0 - label_smoothing), smooth = acc_t(C > 0 ? label_smoothing / C : 0.0);
+  const scalar_t* wp = w_on ? weight->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gp = grad_on ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+#define LINCLASS_CE_LAUNCH(G, S, W)                                                         \
+  cross_entropy_kernel<scalar_t, acc_t, TPR, G, S, W><<<blocks, threads, 0, stream>>>(      \
+      input.const_data_ptr<scalar_t>(), gp, target.const_data_ptr<int64_t>(), wp,          \
+      loss_rows.mutable_data_ptr<acc_t>(), consts.const_data_ptr<acc_t>(), rows, C, Geom(gx), \
+      Geom(gg), ignore_index, keep, smooth)
+  if (grad_on) {
+    if (smooth_on) { if (w_on) LINCLASS_CE_LAUNCH(true, true, true); else LINCLASS_CE_LAUNCH(true, true, false); }
+    else { if (w_on) LINCLASS_CE_LAUNCH(true, false, true); else LINCLASS_CE_LAUNCH(true, false, false); }
+  } else {
+    if (smooth_on) { if (w_on) LINCLASS_CE_LAUNCH(false, true, true); else LINCLASS_CE_LAUNCH(false, true, false); }
+    else { if (w_on) LINCLASS_CE_LAUNCH(false, false, true); else LINCLASS_CE_LAUNCH(false, false, false); }
+  }
+#undef LINCLASS_CE_LAUNCH
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& input_, const at::Tensor& target_,
+                                                      const std::optional<at::Tensor>& weight,
+                                                      int64_t ignore_index, double label_smoothing,
+                                                      int64_t reduction, bool compute_grad) {
+  check_cross_entropy_args(input_, target_, weight, label_smoothing, reduction);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const auto [input, gx] = rows_of(input_);
+  const at::Tensor target = target_.contiguous();
+  const int64_t rows = gx.rows(), C = gx.classes;
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  at::Tensor grad = compute_grad ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
+  const RowGeometry gg = compute_grad ? *row_geometry(grad) : RowGeometry{};
+  at::Tensor loss_rows = at::empty({rows}, input.options().dtype(acc_type));
+
+  // 'mean' divides by the summed weight of the rows that are not ignored.
+  const at::Tensor flat = target.reshape({-1});
+  const at::Tensor kept = flat.ne(ignore_index);
+  at::Tensor denom, weight_sum;
+  if (weight.has_value()) {
+    const at::Tensor w = weight->to(acc_type);
+    const at::Tensor w_y = C > 0 ? w.gather(0, flat.clamp(0, C - 1)) : at::zeros_like(flat, w.options());
+    denom = at::where(kept, w_y, at::zeros({}, w.options())).sum();
+    weight_sum = w.sum();
+  } else {
+    denom = kept.sum().to(acc_type);
+    weight_sum = at::full({}, double(C), loss_rows.options());
+  }
+  const at::Tensor scale = reduction == kMean ? denom.reciprocal() : at::ones({}, loss_rows.options());
+  const at::Tensor consts = at::stack({scale, weight_sum});
+
+  if (rows > 0) {
+    const auto cfg = cuda::launch_for(C);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      if (cfg.tpr == 8)
+        cuda::launch<scalar_t, acc_t, 8>(input, grad, target, weight, loss_rows, consts, rows, C, gx, gg, ignore_index, label_smoothing, cfg.threads);
+      else if (cfg.tpr == 32)
+        cuda::launch<scalar_t, acc_t, 32>(input, grad, target, weight, loss_rows, consts, rows, C, gx, gg, ignore_index, label_smoothing, cfg.threads);
+      else
+        cuda::launch<scalar_t, acc_t, 256>(input, grad, target, weight, loss_rows, consts, rows, C, gx, gg, ignore_index, label_smoothing, cfg.threads);
+    });
+  }
+  at::Tensor loss;
+  if (reduction == kNone)
+    loss = loss_rows.to(input.scalar_type()).view(target.sizes());
+  else if (reduction == kSum)
+    loss = loss_rows.sum().to(input.scalar_type());
+  else
+    loss = loss_rows.sum().div(denom).to(input.scalar_type());
+  return {loss, grad};
+}
+
+TORCH_LIBRARY_IMPL(linclass, CUDA, m) { m.impl("cross_entropy", &cross_entropy_cuda); }
+
+}  // namespace linclass

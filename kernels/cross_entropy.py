@@ -1,0 +1,265 @@
+"""Fused softmax cross-entropy in Triton: loss and d loss / d scores from one read.
+
+Math, per row of scores x (C classes), target y, class weights w (ones without a
+weight), W = sum_j w_j, label smoothing eps and the reduction's gradient scale `scale`
+(1 / sum of target weights for 'mean', else 1):
+
+    m = max_j x_j,  d_j = x_j - m,  e_j = exp(d_j),  s = sum_j e_j,  s' = sum_{j != y} e_j
+    loss  = (1 - eps) w_y (log s - d_y) + (eps / C) (W log s - sum_j w_j d_j)
+    dx_j  = scale [((1 - eps) w_y + (eps / C) W) e_j / s - (eps / C) w_j]        (j != y)
+    dx_y  = scale [(eps / C) (W e_y / s - w_y) - (1 - eps) w_y s' / s]
+
+s' is summed on its own so that 1 - p_y = s' / s keeps its relative precision in
+confident rows (p_y -> 1): in bfloat16 `p_y - 1` would round to 0.  All arithmetic is
+float32 (float64 for float64 inputs); rows are addressed with int64 offsets.
+
+Rows are (n, k) pairs of an input seen as (outer, C, inner) with element (r, j) at
+n * stride_n + k * stride_k + j * stride_c, so (N, C) inputs of any strides and
+(N, C, d1, ...) inputs reach the kernels without a copy.  A target that is neither a
+class index nor ignore_index gives that row a NaN loss and NaN gradient: the kernels
+never read or write outside the tensors.
+
+Two kernels: `_ce_tile_kernel` takes BLOCK_M rows of C <= BLOCK_C classes as one tile
+(small C); `_ce_loop_kernel` takes one row per program and walks it in BLOCK_C column
+blocks with an online max / log-sum-exp, then a second pass for the gradient (large C).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# C up to this goes through the one-tile kernel.
+TILE_MAX_C = 1024
+
+
+@triton.jit
+def _row_offsets(rows, inner, stride_n, stride_k):
+    return (rows // inner) * stride_n + (rows % inner) * stride_k
+
+
+@triton.jit
+def _ce_tile_kernel(
+    X, G, T, W, LOSS, CONSTS,
+    n_rows, C, inner,
+    sxn, sxc, sxk, sgn, sgc, sgk,
+    ignore_index, keep, smooth,
+    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """BLOCK_M rows x BLOCK_C >= C classes in one tile (see the module docstring).
+
+    CONSTS holds (scale, W) on the device, so launching needs no host synchronization.
+    """
+    weight_sum = tl.load(CONSTS + 1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    y = tl.load(T + rows, mask=row_ok, other=ignore_index)
+    ignored = y == ignore_index
+    bad = row_ok & ~ignored & ((y < 0) | (y >= C))
+    valid = row_ok & ~ignored & ~bad
+
+    x_off = _row_offsets(rows, inner, sxn, sxk)
+    x = tl.load(X + x_off[:, None] + cols[None, :] * sxc, mask=mask, other=float("-inf")).to(ACC)
+    m = tl.max(x, 1)
+    d = x - m[:, None]
+    e = tl.where(mask, tl.exp(d), 0.0)
+    is_y = (cols[None, :] == y[:, None]) & mask
+    s_excl = tl.sum(tl.where(is_y, 0.0, e), 1)
+    e_y = tl.sum(tl.where(is_y, e, 0.0), 1)
+    d_y = tl.sum(tl.where(is_y, d, 0.0), 1)
+    s = s_excl + e_y
+    log_s = tl.log(s)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)
+        w_y = tl.sum(tl.where(is_y, w[None, :], 0.0), 1)
+    else:
+        w = tl.where(col_ok, 1.0, 0.0).to(ACC)
+        w_y = tl.where(valid, 1.0, 0.0).to(ACC)
+    loss = keep * w_y * (log_s - d_y)
+    if SMOOTHING:
+        sum_wd = tl.sum(tl.where(mask, w[None, :] * d, 0.0), 1)
+        loss += smooth * (weight_sum * log_s - sum_wd)
+    loss = tl.where(valid, loss, tl.where(bad, float("nan"), 0.0))
+    tl.store(LOSS + rows, loss, mask=row_ok)
+
+    if COMPUTE_GRAD:
+        scale = tl.load(CONSTS)
+        a = scale * (keep * w_y + smooth * weight_sum) / s
+        g = a[:, None] * e
+        if SMOOTHING:
+            g -= (scale * smooth) * w[None, :]
+        g_y = scale * (smooth * (weight_sum * e_y / s - w_y) - keep * w_y * s_excl / s)
+        g = tl.where(is_y, g_y[:, None], g)
+        g = tl.where(valid[:, None], g, tl.where(bad[:, None], float("nan"), 0.0))
+        g_off = _row_offsets(rows, inner, sgn, sgk)
+        tl.store(G + g_off[:, None] + cols[None, :] * sgc, g.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_loop_kernel(
+    X, G, T, W, LOSS, CONSTS,
+    n_rows, C, inner,
+    sxn, sxc, sxk, sgn, sgc, sgk,
+    ignore_index, keep, smooth,
+    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One row per program, walked in BLOCK_C blocks (see the module docstring).
+
+    Online log-sum-exp: with a running max m, s and s' are rescaled by exp(m_old - m)
+    when m grows, and sum_j w_j d_j by - (sum of w seen) * (m - m_old).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(T + row)
+    x_base = X + _row_offsets(row, inner, sxn, sxk)
+    g_base = G + _row_offsets(row, inner, sgn, sgk)
+    cols = tl.arange(0, BLOCK_C)
+    if (y == ignore_index) | (y < 0) | (y >= C):
+        fill = tl.where(y == ignore_index, 0.0, float("nan"))
+        tl.store(LOSS + row, fill)
+        if COMPUTE_GRAD:
+            for start in range(0, C, BLOCK_C):
+                c = start + cols
+                tl.store(g_base + c * sgc, tl.zeros([BLOCK_C], tl.float32).to(G.dtype.element_ty) + fill.to(G.dtype.element_ty), mask=c < C)
+        return
+
+    acc: tl.constexpr = ACC
+    weight_sum = tl.load(CONSTS + 1)
+    x_y = tl.load(x_base + y * sxc).to(acc)
+    m = tl.full([], float("-inf"), acc)
+    s = tl.zeros([], acc)
+    s_excl = tl.zeros([], acc)
+    sum_wd = tl.zeros([], acc)
+    w_seen = tl.zeros([], acc)
+    for start in range(0, C, BLOCK_C):
+        c = start + cols
+        ok = c < C
+        x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf")).to(acc)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no shift
+        alpha = tl.exp(m - m_safe)
+        e = tl.where(ok, tl.exp(x - m_safe), 0.0)
+        s = s * alpha + tl.sum(e, 0)
+        s_excl = s_excl * alpha + tl.sum(tl.where(c == y, 0.0, e), 0)
+        if SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(W + c, mask=ok, other=0.0).to(acc)
+            else:
+                w = tl.where(ok, 1.0, 0.0).to(acc)
+            shift = tl.where(m == float("-inf"), 0.0, m_safe - m)
+            sum_wd = sum_wd - w_seen * shift + tl.sum(tl.where(ok, w * (x - m_safe), 0.0), 0)
+            w_seen += tl.sum(w, 0)
+        m = m_new
+    if HAS_WEIGHT:
+        w_y = tl.load(W + y).to(acc)
+    else:
+        w_y = tl.full([], 1.0, acc)
+    d_y = x_y - m  # NaN when every score is -inf, as in torch
+    log_s = tl.log(s)
+    e_y = tl.exp(d_y)
+    loss = keep * w_y * (log_s - d_y)
+    if SMOOTHING:
+        loss += smooth * (weight_sum * log_s - sum_wd)
+    tl.store(LOSS + row, loss)
+
+    if COMPUTE_GRAD:
+        scale = tl.load(CONSTS)
+        a = scale * (keep * w_y + smooth * weight_sum) / s
+        b = scale * smooth
+        g_y = scale * (smooth * (weight_sum * e_y / s - w_y) - keep * w_y * s_excl / s)
+        for start in range(0, C, BLOCK_C):
+            c = start + cols
+            ok = c < C
+            x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf")).to(acc)
+            g = a * tl.exp(x - m)
+            if SMOOTHING:
+                if HAS_WEIGHT:
+                    g -= b * tl.load(W + c, mask=ok, other=0.0).to(acc)
+                else:
+                    g -= b
+            g = tl.where(c == y, g_y, g)
+            tl.store(g_base + c * sgc, g.to(G.dtype.element_ty), mask=ok)
+
+
+def _geometry(t: torch.Tensor):
+    """(outer, C, inner, stride_n, stride_c, stride_k) of a (C,), (N, C) or (N, C, d...)
+    tensor, or None when the d-dims cannot be seen as one strided dim."""
+    if t.dim() == 1:
+        return 1, t.shape[0], 1, 0, t.stride(0), 0
+    outer, classes = t.shape[0], t.shape[1]
+    inner, stride_k = 1, 1
+    first = True
+    for d in range(t.dim() - 1, 1, -1):
+        if t.shape[d] == 1:
+            continue
+        if first:
+            stride_k, first = t.stride(d), False
+        elif t.stride(d) != inner * stride_k:
+            return None
+        inner *= t.shape[d]
+    if any(t.shape[d] == 0 for d in range(2, t.dim())):
+        inner = 0
+    return outer, classes, inner, t.stride(0), t.stride(1), stride_k
+
+
+def launch_geometry(input: torch.Tensor):
+    """The input (made contiguous only when its d-dims cannot be flattened) and its geometry."""
+    geom = _geometry(input)
+    if geom is None:
+        input = input.contiguous()
+        geom = _geometry(input)
+    return input, geom
+
+
+def cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction, compute_grad):
+    """Launcher behind linclass::cross_entropy_triton: returns (loss, grad) as the C++ op."""
+    input, (outer, C, inner, sxn, sxc, sxk) = launch_geometry(input)
+    target = target.contiguous()
+    rows = outer * inner
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    loss_rows = torch.empty(rows, device=input.device, dtype=acc)
+    grad = torch.empty_like(input, memory_format=torch.contiguous_format) if compute_grad \
+        else input.new_empty((0,))
+    _, _, _, sgn, sgc, sgk = _geometry(grad) if compute_grad else (0, 0, 0, 0, 0, 0)
+
+    flat_t = target.reshape(-1)
+    ignored = flat_t == ignore_index
+    if weight is not None:
+        w = weight.to(acc)
+        w_y = w.gather(0, flat_t.clamp(0, max(C - 1, 0))) if C > 0 else torch.zeros_like(ignored, dtype=acc)
+        denom = torch.where(ignored, 0.0, w_y).sum()
+        weight_sum = w.sum()
+    else:
+        denom = (~ignored).sum().to(acc)
+        weight_sum = torch.full((), float(C), device=input.device, dtype=acc)
+    scale = 1.0 / denom if reduction == 1 else torch.ones((), device=input.device, dtype=acc)
+    consts = torch.stack([scale, weight_sum])  # read by the kernels: no host sync
+
+    smooth = label_smoothing / C if C > 0 else 0.0
+    args = (input, grad, target, weight if weight is not None else input, loss_rows, consts,
+            rows, C, max(inner, 1), sxn, sxc, sxk, sgn, sgc, sgk,
+            ignore_index, 1.0 - label_smoothing, smooth)
+    meta = dict(HAS_WEIGHT=weight is not None, SMOOTHING=label_smoothing != 0.0,
+                COMPUTE_GRAD=compute_grad, ACC=tl.float64 if acc == torch.float64 else tl.float32)
+    if rows > 0:
+        if C <= TILE_MAX_C:
+            block_c = max(triton.next_power_of_2(C), 2)
+            block_m = max(1, min(64, 4096 // block_c))
+            _ce_tile_kernel[(triton.cdiv(rows, block_m),)](
+                *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+        else:
+            block_c = min(triton.next_power_of_2(C), 8192 if input.element_size() <= 2 else 4096)
+            _ce_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=8)
+
+    return reduce_rows(loss_rows, reduction, denom, input.dtype, target.shape), grad
+
+
+def reduce_rows(loss_rows, reduction, denom, dtype, shape):
+    """The op's loss from per-row losses: reshaped ('none'), summed, or summed / denom."""
+    if reduction == 0:
+        return loss_rows.to(dtype).reshape(shape)
+    total = loss_rows.sum()
+    return (total if reduction == 2 else total / denom).to(dtype)

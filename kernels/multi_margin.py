@@ -1,0 +1,146 @@
+"""Fused multi-class hinge loss (torch's multi_margin_loss) in Triton.
+
+Math, per row of scores x (C classes), target y, margin M, power p in {1, 2}, the
+target's class weight w_y (1 without a weight) and the reduction's gradient scale
+`scale` (1/N for 'mean', else 1):
+
+    z_j   = M - x_y + x_j                                   (j != y)
+    loss  = (w_y / C) sum_{j != y} max(0, z_j)^p
+    dx_j  = scale (w_y / C) [z_j > 0] (p == 1 ? 1 : 2 z_j)   (j != y)
+    dx_y  = -sum_{j != y} dx_j
+
+As in torch, a term counts only where z_j > 0 (a NaN term is dropped).  The classic
+multiclass SVM loss (sum over the wrong classes) is this loss times C.  Arithmetic is
+float32 (float64 for float64 inputs) with int64 row offsets; a target outside [0, C)
+gives its row a NaN loss and NaN gradient without any out-of-bounds access.
+
+`_mm_tile_kernel` takes BLOCK_M rows of C <= BLOCK_C classes as one tile;
+`_mm_loop_kernel` takes one row per program: a pass for the sums, a pass for the
+gradient.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .cross_entropy import TILE_MAX_C, reduce_rows
+
+
+@triton.jit
+def _hinge(z, keep, P: tl.constexpr):
+    """(h, dh/dz) of max(0, z)^P where `keep`, else (0, 0)."""
+    on = keep & (z > 0)
+    zp = tl.where(on, z, 0.0)
+    if P == 1:
+        return zp, tl.where(on, 1.0, 0.0)
+    else:
+        return zp * zp, zp + zp
+
+
+@triton.jit
+def _mm_tile_kernel(
+    X, G, T, W, LOSS, SCALE,
+    n_rows, C, sxn, sxc, sgn, sgc, margin,
+    P: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """BLOCK_M rows x BLOCK_C >= C classes in one tile (see the module docstring)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    y = tl.load(T + rows, mask=row_ok, other=0)
+    valid = row_ok & (y >= 0) & (y < C)
+    bad = row_ok & ~valid
+    x = tl.load(X + rows[:, None] * sxn + cols[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+    is_y = (cols[None, :] == y[:, None]) & mask
+    x_y = tl.sum(tl.where(is_y, x, 0.0), 1)
+    if HAS_WEIGHT:
+        w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
+    else:
+        w_y = tl.where(valid, 1.0, 0.0).to(ACC)
+    w_over_c = w_y / C
+    h, d = _hinge(margin - x_y[:, None] + x, mask & ~is_y, P)
+    loss = w_over_c * tl.sum(h, 1)
+    tl.store(LOSS + rows, tl.where(bad, float("nan"), loss), mask=row_ok)
+    if COMPUTE_GRAD:
+        coef = tl.load(SCALE) * w_over_c
+        g = coef[:, None] * d
+        g = tl.where(is_y, -(coef * tl.sum(d, 1))[:, None], g)
+        g = tl.where(bad[:, None], float("nan"), g)
+        tl.store(G + rows[:, None] * sgn + cols[None, :] * sgc, g.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mm_loop_kernel(
+    X, G, T, W, LOSS, SCALE,
+    n_rows, C, sxn, sxc, sgn, sgc, margin,
+    P: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One row per program, walked in BLOCK_C blocks (see the module docstring)."""
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(T + row)
+    x_base = X + row * sxn
+    g_base = G + row * sgn
+    cols = tl.arange(0, BLOCK_C)
+    if (y < 0) | (y >= C):
+        tl.store(LOSS + row, float("nan"))
+        if COMPUTE_GRAD:
+            for start in range(0, C, BLOCK_C):
+                c = start + cols
+                tl.store(g_base + c * sgc, tl.full([BLOCK_C], float("nan"), G.dtype.element_ty), mask=c < C)
+        return
+    c_y = margin - tl.load(x_base + y * sxc).to(ACC)
+    if HAS_WEIGHT:
+        w_over_c = tl.load(W + y).to(ACC) / C
+    else:
+        w_over_c = tl.full([], 1.0, ACC) / C
+    sum_h = tl.zeros([], ACC)
+    sum_d = tl.zeros([], ACC)
+    for start in range(0, C, BLOCK_C):
+        c = start + cols
+        ok = c < C
+        x = tl.load(x_base + c * sxc, mask=ok, other=0.0).to(ACC)
+        h, d = _hinge(c_y + x, ok & (c != y), P)
+        sum_h += tl.sum(h, 0)
+        sum_d += tl.sum(d, 0)
+    tl.store(LOSS + row, w_over_c * sum_h)
+    if COMPUTE_GRAD:
+        coef = tl.load(SCALE) * w_over_c
+        g_y = -coef * sum_d
+        for start in range(0, C, BLOCK_C):
+            c = start + cols
+            ok = c < C
+            x = tl.load(x_base + c * sxc, mask=ok, other=0.0).to(ACC)
+            _, d = _hinge(c_y + x, ok & (c != y), P)
+            g = tl.where(c == y, g_y, coef * d)
+            tl.store(g_base + c * sgc, g.to(G.dtype.element_ty), mask=ok)
+
+
+def multi_margin_loss(input, target, p, margin, weight, reduction, compute_grad):
+    """Launcher behind linclass::multi_margin_loss_triton: (N, C) input, (N,) target."""
+    rows, C = input.shape
+    target = target.contiguous()
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    loss_rows = torch.empty(rows, device=input.device, dtype=acc)
+    grad = torch.empty((rows, C), device=input.device, dtype=input.dtype) if compute_grad \
+        else input.new_empty((0,))
+    scale = torch.full((1,), 1.0 / rows if reduction == 1 and rows else 1.0, device=input.device,
+                       dtype=acc)
+    args = (input, grad, target, weight if weight is not None else input, loss_rows, scale,
+            rows, C, input.stride(0), input.stride(1), C if compute_grad else 0, 1, margin)
+    meta = dict(P=p, HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad,
+                ACC=tl.float64 if acc == torch.float64 else tl.float32)
+    if rows > 0:
+        if C <= TILE_MAX_C:
+            block_c = max(triton.next_power_of_2(C), 2)
+            block_m = max(1, min(64, 4096 // block_c))
+            _mm_tile_kernel[(triton.cdiv(rows, block_m),)](
+                *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+        else:
+            block_c = min(triton.next_power_of_2(C), 8192 if input.element_size() <= 2 else 4096)
+            _mm_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=8)
+    # torch divides the 'mean' of this loss by the number of rows (0/0 = NaN for none).
+    return reduce_rows(loss_rows, reduction, float(rows), input.dtype, (rows,)), grad
