@@ -15,6 +15,8 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS     ?= test,data,plots,progress
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check
+# The build stamp names the build flavour, so switching FORCE_CUDA rebuilds.
+BUILD      := $(VENV)/.build-cuda$(FORCE_CUDA)
 SOURCES    := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: install test demo bench clean
@@ -28,13 +30,15 @@ $(VENV)/.torch:
 # Dependencies (extras) change with pyproject.toml; the extension with its sources.
 $(VENV)/.deps: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
-	touch $@ $(VENV)/.build
+	rm -f $(VENV)/.build-cuda*
+	touch $@ $(BUILD)
 
-$(VENV)/.build: $(VENV)/.deps $(SOURCES)
+$(BUILD): $(VENV)/.deps $(SOURCES)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	rm -f $(VENV)/.build-cuda*
 	touch $@
 
-install: $(VENV)/.build
+install: $(BUILD)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -1,0 +1,185 @@
+"""GPU benchmarks: linclass's Triton and CUDA C++ losses against torch, side by side.
+
+    python bench/gpu_bench.py --out DIR            (a CUDA machine; bench/gpu_check.sh runs it)
+    python bench/gpu_bench.py --out DIR --device cpu --quick   (no GPU: tiny shapes on CPU,
+                                                   Triton in interpreter mode; tests use it)
+
+Times are medians of forward + backward steps, CUDA-synchronized (triton.testing.do_bench:
+CUDA events, L2 flushed before each step).  A plain copy_ of the same bytes is timed in
+the same run as the memory roofline; effective bandwidth counts the scores read and the
+gradient written.  Writes gpu-<device>.json and gpu-<device>.md into DIR and checks the
+GPU targets of the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(65536, 10), (8192, 32000), (4096, 128256)]
+QUICK_SHAPES = [(64, 10), (4, 3000)]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def timer(device: str):
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+    def cpu_median(fn, reps=5):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+
+    return cpu_median
+
+
+def loss_cases(device: str, shapes, dtypes, impls):
+    import linclass
+
+    ops = {"cross_entropy": (F.cross_entropy, linclass.cross_entropy),
+           "multi_margin_loss": (F.multi_margin_loss, linclass.multi_margin_loss)}
+    for (n, c), (dname, dtype) in ((s, d) for s in shapes for d in dtypes.items()):
+        x = torch.randn(n, c, device=device, dtype=dtype, requires_grad=True)
+        t = torch.randint(0, c, (n,), device=device)
+        nbytes = 2 * n * c * x.element_size()
+        src, dst = x.detach(), torch.empty_like(x)
+        for op, (theirs, ours) in ops.items():
+            group = f"{op} {n}x{c} {dname}"
+            yield group, "copy_", nbytes, (lambda s=src, d=dst: d.copy_(s)), None
+            yield group, "torch", nbytes, _step(theirs, x, t), None
+            for impl in impls:
+                yield group, f"linclass[{impl}]", nbytes, _step(ours, x, t), impl
+
+
+def _step(fn, x, t):
+    def run():
+        x.grad = None
+        fn(x, t).backward()
+
+    return run
+
+
+def run_cases(cases, measure, device):
+    import linclass
+
+    records = []
+    for group, impl, nbytes, fn, backend in cases:
+        try:
+            if backend is not None:
+                with linclass.backends.use(backend):
+                    fn()  # compile / warm up outside the timing
+                    ms = measure(fn)
+            else:
+                fn()
+                ms = measure(fn)
+            records.append(dict(group=group, impl=impl, ms=ms, bytes=nbytes))
+            print(f"{group:40s} {impl:18s} {ms:9.3f} ms", flush=True)
+        except Exception as e:  # noqa: BLE001  (record and go on: one failure must not hide the rest)
+            records.append(dict(group=group, impl=impl, error=f"{type(e).__name__}: {e}"))
+            print(f"{group:40s} {impl:18s} FAILED {type(e).__name__}: {e}", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def check_targets(records):
+    """The GPU targets of the project, checked on one run's numbers."""
+    by = {(r["group"], r["impl"]): r for r in records if "ms" in r}
+    checks = []
+    groups = sorted({r["group"] for r in records})
+    for g in groups:
+        torch_r, copy_r = by.get((g, "torch")), by.get((g, "copy_"))
+        tri, cu = by.get((g, "linclass[triton]")), by.get((g, "linclass[cuda]"))
+        if not torch_r:
+            continue
+        if g.startswith("cross_entropy 8192x32000 bfloat16") and tri:
+            checks.append((f"{g}: triton vs torch", ">= 2x", torch_r["ms"] / tri["ms"], 2.0))
+            if copy_r:
+                checks.append((f"{g}: triton share of copy_ bandwidth", ">= 70%",
+                               copy_r["ms"] / tri["ms"], 0.70))
+        if g.startswith("multi_margin_loss") and tri:
+            checks.append((f"{g}: triton vs torch", ">= 5x", torch_r["ms"] / tri["ms"], 5.0))
+        if cu and "x" in g:
+            checks.append((f"{g}: cuda vs torch", ">= 1x", torch_r["ms"] / cu["ms"], 1.0))
+    return [dict(target=name, wanted=want, measured=got, met=got >= need)
+            for name, want, got, need in checks]
+
+
+def write_report(records, checks, info, out_dir, name):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"gpu-{name}.json"), "w") as f:
+        json.dump(dict(info=info, records=records, targets=checks), f, indent=1)
+    lines = [f"# linclass GPU benchmarks: {info['device']}", "",
+             f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}; "
+             f"{info['when']}. Forward + backward, median of CUDA-event-timed steps "
+             "(triton.testing.do_bench). GB/s counts the scores read and the gradient written; "
+             "`copy_` of the same bytes is the roofline.", "", "## Targets", "",
+             "| target | wanted | measured | met |", "|---|---|---|---|"]
+    for c in checks:
+        shown = f"{c['measured']:.0%}" if c["wanted"].endswith("%") else f"{c['measured']:.2f}x"
+        lines.append(f"| {c['target']} | {c['wanted']} | {shown} | {'yes' if c['met'] else '**no**'} |")
+    for group in sorted({r["group"] for r in records}):
+        rows = [r for r in records if r["group"] == group]
+        base = next((r["ms"] for r in rows if r["impl"] == "torch" and "ms" in r), None)
+        copy = next((r["ms"] for r in rows if r["impl"] == "copy_" and "ms" in r), None)
+        lines += ["", f"### {group}", "", "| implementation | median ms | GB/s | vs torch | of copy_ |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in rows:
+            if "ms" not in r:
+                lines.append(f"| {r['impl']} | failed: {r['error'][:80]} | | | |")
+                continue
+            gbs = r["bytes"] / r["ms"] / 1e6 if r.get("bytes") else float("nan")
+            vs = f"{base / r['ms']:.2f}x" if base else ""
+            of = f"{copy / r['ms']:.0%}" if copy and r["impl"] != "copy_" else ""
+            lines.append(f"| {r['impl']} | {r['ms']:.3f} | {gbs:.0f} | {vs} | {of} |")
+    with open(os.path.join(out_dir, f"gpu-{name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for gpu-<device>.json and .md")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_bench: no CUDA device (use --device cpu --quick for a smoke run)")
+
+    import triton
+
+    import linclass
+
+    impls = [b for b in ("triton", "cuda") if linclass.backends.runs_on(b, args.device)]
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    dtypes = {"float32": torch.float32} if args.quick else DTYPES
+    measure = timer(args.device)
+    cases = list(loss_cases(args.device, shapes, dtypes, impls))
+    records = run_cases(cases, measure, args.device)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu-smoke"
+    name = re.sub(r"[^A-Za-z0-9.]+", "-", device).strip("-")
+    info = dict(device=device, torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, impls=impls, when=time.strftime("%Y-%m-%d %H:%M"))
+    checks = check_targets(records)
+    write_report(records, checks, info, args.out, name)
+    met = sum(c["met"] for c in checks)
+    print(f"gpu_bench: wrote {args.out}/gpu-{name}.md; targets met {met}/{len(checks)}")
+    failed = [r for r in records if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (torch, triton, nvcc, no internet): build linclass
+# for the GPU that is there, run the GPU tests, run the GPU benchmarks, and write
+# gpu-<device>.md / .json (plus the logs) into OUTDIR.  Meant to finish in under 8 minutes.
+#
+#   bench/gpu_check.sh OUTDIR
+#   bench/gpu_check.sh --cpu-smoke OUTDIR   no GPU: the benchmark and report code on CPU
+#                                           (tiny shapes, Triton interpreter); the tests run this
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ "${1:-}" = "--cpu-smoke" ]; then
+  OUT=${2:?usage: bench/gpu_check.sh --cpu-smoke OUTDIR}
+  mkdir -p "$OUT"
+  TRITON_INTERPRET=1 "$PY" bench/gpu_bench.py --device cpu --quick --out "$OUT"
+  exit $?
+fi
+
+OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+t0=$(date +%s)
+log() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
+
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'gpu_check: no CUDA device'"
+arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/device.txt" 2>&1 || true
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" >> "$OUT/device.txt"
+cat "$OUT/device.txt"
+
+# Build for this GPU only (TORCH_CUDA_ARCH_LIST), with the CUDA kernels, offline.
+export TORCH_CUDA_ARCH_LIST="$arch" FORCE_CUDA=1 TRITON_INTERPRET=0 MAX_JOBS=${MAX_JOBS:-16}
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+log "building linclass (sm_${arch/./})"
+"$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1 \
+  || { tail -30 "$OUT/build.log"; exit 1; }
+"$PY" -c "import linclass; print('backends:', linclass.backends.available())" | tee -a "$OUT/device.txt"
+
+log "GPU tests"
+set +e
+"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backends.py 2>&1 | tee "$OUT/tests.log" | tail -15
+tests_rc=${PIPESTATUS[0]}
+set -e
+
+log "GPU benchmarks"
+"$PY" bench/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+log "done (tests exit code $tests_rc)"
+exit "$tests_rc"

@@ -1,0 +1,164 @@
+"""The GPU backends (Triton, CUDA C++) on CUDA tensors, against torch.
+
+Skipped without a CUDA device.  bench/gpu_check.sh runs this file on a GPU machine
+(with TRITON_INTERPRET=0, so that Triton compiles for the device).
+"""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linclass
+from helpers import compare_with_torch, leaf, low_precision_check, run
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+GPU_BACKENDS = [b for b in ("triton", "cuda") if linclass.backends.runs_on(b, "cuda")]
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def gpu_backend(request):
+    with linclass.backends.use(request.param):
+        yield request.param
+
+
+def test_a_gpu_backend_is_available():
+    assert GPU_BACKENDS, linclass.backends.available()
+    assert linclass.backends.resolve(torch.device("cuda")) == GPU_BACKENDS[0]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (64, 10), (33, 17), (256, 1000), (8, 32000),
+                                   (3, 50257), (2, 262144)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_entropy_matches_torch(gpu_backend, shape, dtype):
+    x = torch.randn(shape, dtype=dtype, device="cuda") * 3
+    t = torch.randint(0, shape[1], (shape[0],), device="cuda")
+    w = torch.rand(shape[1], dtype=dtype, device="cuda") + 0.5
+    for reduction, (weight, smoothing, ignore) in itertools.product(
+            ["none", "mean", "sum"], [(None, 0.0, -100), (w, 0.1, 0)]):
+        g = torch.rand(shape[0], dtype=dtype, device="cuda") if reduction == "none" else None
+        compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, reduction=reduction,
+                           weight=weight, label_smoothing=smoothing, ignore_index=ignore,
+                           grad_output=g)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (3, 40, 2, 3)])
+def test_cross_entropy_kdim_and_strided(gpu_backend, shape):
+    x = torch.randn(shape, device="cuda")
+    t = torch.randint(0, shape[1], (shape[0],) + shape[2:], device="cuda")
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, reduction="none")
+    xt = torch.randn(2000, 6, device="cuda").t()
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, xt, torch.randint(0, 2000, (6,), device="cuda"))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (64, 10), (33, 17), (256, 1000), (8, 32000),
+                                   (2, 262144)])
+@pytest.mark.parametrize("p", [1, 2])
+def test_multi_margin_loss_matches_torch(gpu_backend, shape, p):
+    x = torch.randn(shape, device="cuda")
+    t = torch.randint(0, shape[1], (shape[0],), device="cuda")
+    w = torch.rand(shape[1], device="cuda") + 0.5
+    for reduction, weight in itertools.product(["none", "mean", "sum"], [None, w]):
+        compare_with_torch(linclass.multi_margin_loss, F.multi_margin_loss, x, t, p=p,
+                           margin=0.7, weight=weight, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4096, 10), (512, 32000), (8, 128256)])
+def test_low_precision_error_relative_to_fp32(gpu_backend, dtype, shape):
+    x = torch.randn(shape, device="cuda") * 3
+    t = torch.randint(0, shape[1], (shape[0],), device="cuda")
+    low_precision_check(linclass.cross_entropy, F.cross_entropy, x, dtype, t, label_smoothing=0.1)
+    low_precision_check(linclass.multi_margin_loss, F.multi_margin_loss, x, dtype, t)
+
+
+def test_confident_rows_keep_true_class_gradient_in_bf16(gpu_backend):
+    x = torch.zeros(4, 1000, device="cuda")
+    t = torch.tensor([0, 1, 2, 3], device="cuda")
+    x[torch.arange(4), t] = torch.tensor([12.0, 14.0, 16.0, 18.0], device="cuda")
+    _, grad = run(linclass.cross_entropy, x.bfloat16(), t, reduction="sum")
+    xd = leaf(x.double())
+    (exact,) = torch.autograd.grad(F.cross_entropy(xd, t, reduction="sum"), xd)
+    true_class = grad.double()[torch.arange(4), t]
+    rel = ((true_class - exact[torch.arange(4), t]) / exact[torch.arange(4), t]).abs().max()
+    assert rel < 1e-2  # one bf16 rounding, not cancellation to 0
+
+
+def test_bad_target_is_nan_and_in_bounds(gpu_backend):
+    x = torch.randn(4, 7, device="cuda", requires_grad=True)
+    t = torch.tensor([0, 9, 2, -5], device="cuda")
+    loss = linclass.cross_entropy(x, t, reduction="none")
+    assert loss[[1, 3]].isnan().all() and loss[[0, 2]].isfinite().all()
+    loss.sum().backward()
+    assert x.grad[[1, 3]].isnan().all() and x.grad[[0, 2]].isfinite().all()
+    torch.cuda.synchronize()  # the device is still usable
+
+
+def test_checked_targets_raise_on_request():
+    code = (
+        "import torch, linclass\n"
+        "x = torch.randn(4, 7, device='cuda'); t = torch.tensor([0, 9, 2, 1], device='cuda')\n"
+        "try:\n"
+        "    linclass.cross_entropy(x, t)\n"
+        "except IndexError as e:\n"
+        "    print('raised', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, LINCLASS_CHECK_TARGETS="1"), timeout=300)
+    assert "raised cross_entropy: target[1] = 9" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_offsets_beyond_int32(gpu_backend):
+    free = torch.cuda.mem_get_info()[0]
+    n, c = 2, (1 << 30) + 3  # N * C > 2^31
+    if free < 3 * n * c * 2 + (1 << 30):
+        pytest.skip("not enough GPU memory")
+    x = torch.zeros(n, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.tensor([5, c - 1], device="cuda")
+    loss = linclass.cross_entropy(x, t)
+    loss.backward()
+    expected = torch.log(torch.tensor(float(c)))
+    assert abs(loss.float().item() - expected.item()) < 1e-2 * expected.item()
+    assert x.grad[1, c - 1].float().item() < 0 and x.grad[1, 0].float().item() >= 0
+
+
+def test_deterministic(gpu_backend):
+    x = torch.randn(4096, 1000, device="cuda")
+    t = torch.randint(0, 1000, (4096,), device="cuda")
+    a = run(linclass.cross_entropy, x, t, label_smoothing=0.1)
+    b = run(linclass.cross_entropy, x, t, label_smoothing=0.1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_single_nc_buffer(gpu_backend):
+    x = torch.randn(2048, 4096, device="cuda", requires_grad=True)  # 32 MiB
+    t = torch.randint(0, 4096, (2048,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    linclass.cross_entropy(x, t).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 1.5 * x.numel() * 4, extra
+
+
+def test_opcheck_and_compile_on_cuda(gpu_backend):
+    op = {"triton": torch.ops.linclass.cross_entropy_triton.default,
+          "cuda": torch.ops.linclass.cross_entropy.default}[gpu_backend]
+    x = torch.randn(6, 5000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 5000, (6,), device="cuda")
+    torch.library.opcheck(op, (x, t, None, -100, 0.1, 1, True))
+    f = torch.compile(lambda x, t: linclass.cross_entropy(x, t) + linclass.multi_margin_loss(x, t),
+                      fullgraph=True)
+    xa, xb = leaf(x), leaf(x)
+    f(xa, t).backward()
+    (linclass.cross_entropy(xb, t) + linclass.multi_margin_loss(xb, t)).backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
