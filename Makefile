@@ -27,14 +27,9 @@ $(VENV)/.torch:
 	$(PIP) install -q $(TORCH_SPEC)
 	touch $@
 
-# Dependencies (extras) change with pyproject.toml; the extension with its sources.
-$(VENV)/.deps: $(VENV)/.torch pyproject.toml
+# linclass itself, its extras and its extension; reruns when a source changes.
+$(BUILD): $(VENV)/.torch pyproject.toml $(SOURCES)
 	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
-	rm -f $(VENV)/.build-cuda*
-	touch $@ $(BUILD)
-
-$(BUILD): $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
 	rm -f $(VENV)/.build-cuda*
 	touch $@
 
