@@ -65,6 +65,34 @@ def loss_cases(device: str, shapes, dtypes, impls):
                 yield group, f"linclass[{impl}]", nbytes, _step(ours, x, t), impl
 
 
+LINEAR_SHAPE, QUICK_LINEAR_SHAPE = (8192, 4096, 128256), (64, 32, 3000)
+
+
+def linear_cases(device: str, quick: bool, impls):
+    """Fused linear + cross-entropy against F.linear + F.cross_entropy, bf16 on the GPU,
+    with the peak extra memory of one step (recorded by run_cases)."""
+    import linclass
+
+    n, d, c = QUICK_LINEAR_SHAPE if quick else LINEAR_SHAPE
+    dtype = torch.float32 if quick else torch.bfloat16
+    x = (torch.randn(n, d, device=device, dtype=dtype)).requires_grad_()
+    w = (torch.randn(c, d, device=device, dtype=dtype) * 0.02).requires_grad_()
+    t = torch.randint(0, c, (n,), device=device)
+    nbytes = 2 * (n * d + c * d) * x.element_size()
+    group = f"linear_cross_entropy {n}x{d}x{c} {str(dtype).split('.')[-1]}"
+
+    def step(fn):
+        def run():
+            x.grad = w.grad = None
+            fn(x, w, t).backward()
+
+        return run
+
+    yield group, "torch", nbytes, step(lambda x, w, t: F.cross_entropy(F.linear(x, w), t)), None
+    for impl in impls:
+        yield group, f"linclass[{impl}]", nbytes, step(linclass.linear_cross_entropy), impl
+
+
 def _step(fn, x, t):
     def run():
         x.grad = None
@@ -73,20 +101,37 @@ def _step(fn, x, t):
     return run
 
 
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _peak_extra_mb(fn, device):
+    """Peak memory one call of fn allocates beyond what was allocated before it (CUDA)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def run_cases(cases, measure, device):
     import linclass
 
     records = []
     for group, impl, nbytes, fn, backend in cases:
         try:
-            if backend is not None:
-                with linclass.backends.use(backend):
-                    fn()  # compile / warm up outside the timing
-                    ms = measure(fn)
-            else:
-                fn()
+            with linclass.backends.use(backend) if backend else _nothing():
+                fn()  # compile / warm up outside the timing
+                peak = _peak_extra_mb(fn, device) if group.startswith("linear") else None
                 ms = measure(fn)
-            records.append(dict(group=group, impl=impl, ms=ms, bytes=nbytes))
+            records.append(dict(group=group, impl=impl, ms=ms, bytes=nbytes, peak_extra_mb=peak))
             print(f"{group:40s} {impl:18s} {ms:9.3f} ms", flush=True)
         except Exception as e:  # noqa: BLE001  (record and go on: one failure must not hide the rest)
             records.append(dict(group=group, impl=impl, error=f"{type(e).__name__}: {e}"))
@@ -113,9 +158,15 @@ def check_targets(records):
                                copy_r["ms"] / tri["ms"], 0.70))
         if g.startswith("multi_margin_loss") and tri:
             checks.append((f"{g}: triton vs torch", ">= 5x", torch_r["ms"] / tri["ms"], 5.0))
-        if cu and "x" in g:
+        if cu and "x" in g and not g.startswith("linear"):
             checks.append((f"{g}: cuda vs torch", ">= 1x", torch_r["ms"] / cu["ms"], 1.0))
-    return [dict(target=name, wanted=want, measured=got, met=got >= need)
+        if g.startswith("linear") and tri:
+            checks.append((f"{g}: triton time vs torch", ">= 1x", torch_r["ms"] / tri["ms"], 1.0))
+            if tri.get("peak_extra_mb") and torch_r.get("peak_extra_mb"):
+                checks.append((f"{g}: triton peak memory vs torch", "<= 25%",
+                               tri["peak_extra_mb"] / torch_r["peak_extra_mb"], None))
+    return [dict(target=name, wanted=want, measured=got,
+                 met=(got <= 0.25) if need is None else got >= need)
             for name, want, got, need in checks]
 
 
@@ -136,16 +187,17 @@ def write_report(records, checks, info, out_dir, name):
         rows = [r for r in records if r["group"] == group]
         base = next((r["ms"] for r in rows if r["impl"] == "torch" and "ms" in r), None)
         copy = next((r["ms"] for r in rows if r["impl"] == "copy_" and "ms" in r), None)
-        lines += ["", f"### {group}", "", "| implementation | median ms | GB/s | vs torch | of copy_ |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["", f"### {group}", "", "| implementation | median ms | GB/s | vs torch | of copy_ | peak extra MiB |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for r in rows:
             if "ms" not in r:
-                lines.append(f"| {r['impl']} | failed: {r['error'][:80]} | | | |")
+                lines.append(f"| {r['impl']} | failed: {r['error'][:80]} | | | | |")
                 continue
             gbs = r["bytes"] / r["ms"] / 1e6 if r.get("bytes") else float("nan")
             vs = f"{base / r['ms']:.2f}x" if base else ""
             of = f"{copy / r['ms']:.0%}" if copy and r["impl"] != "copy_" else ""
-            lines.append(f"| {r['impl']} | {r['ms']:.3f} | {gbs:.0f} | {vs} | {of} |")
+            peak = f"{r['peak_extra_mb']:.0f}" if r.get("peak_extra_mb") is not None else ""
+            lines.append(f"| {r['impl']} | {r['ms']:.3f} | {gbs:.0f} | {vs} | {of} | {peak} |")
     with open(os.path.join(out_dir, f"gpu-{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -168,6 +220,7 @@ def main(argv=None):
     dtypes = {"float32": torch.float32} if args.quick else DTYPES
     measure = timer(args.device)
     cases = list(loss_cases(args.device, shapes, dtypes, impls))
+    cases += list(linear_cases(args.device, args.quick, impls))
     records = run_cases(cases, measure, args.device)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu-smoke"
     name = re.sub(r"[^A-Za-z0-9.]+", "-", device).strip("-")

@@ -26,6 +26,15 @@ SPEEDUP_TARGETS = {
     ("multi_margin_loss 65536x10", "linclass[cpp]"): 10,
     ("multi_margin_loss 4096x1000", "linclass[cpp]"): 10,
     ("multi_margin_loss 1024x32000", "linclass[cpp]"): 10,
+    ("linear_cross_entropy 40000x3073x10", "linclass[cpp]"): 1.5,
+    ("linear_multi_margin_loss 40000x3073x10", "linclass[cpp]"): 1.5,
+    ("linear_cross_entropy 4096x1024x32000", "linclass[cpp]"): 1.0,
+    ("linear_multi_margin_loss 4096x1024x32000", "linclass[cpp]"): 1.0,
+}
+# (group, impl) -> largest peak extra memory as a fraction of torch's in the group.
+MEMORY_TARGETS = {
+    ("linear_cross_entropy 4096x1024x32000", "linclass[cpp]"): 0.25,
+    ("linear_multi_margin_loss 4096x1024x32000", "linclass[cpp]"): 0.25,
 }
 ROOFLINE_TARGET = 0.60  # fraction of copy_ bandwidth, for inputs of 8 MB or more
 ROOFLINE_MIN_BYTES = 8 << 20
@@ -97,6 +106,13 @@ def report(data, groups):
             if target and torch_t:
                 got = torch_t / r["median"]
                 checks.append((f"{group}: {impl} vs torch", f">= {target}x", f"{got:.1f}x", got >= target))
+            mem_target = MEMORY_TARGETS.get((group, impl))
+            torch_mem = rows.get("torch", {}).get("peak_mb")
+            if mem_target and torch_mem and r["peak_mb"] is not None:
+                frac = r["peak_mb"] / torch_mem
+                checks.append((f"{group}: {impl} peak extra memory vs torch",
+                               f"<= {mem_target:.0%}", f"{frac:.0%} ({r['peak_mb']:.0f} vs {torch_mem:.0f} MB)",
+                               frac <= mem_target))
             if (copy_t and impl.startswith("linclass") and r["bytes"]
                     and r["bytes"] / 2 >= ROOFLINE_MIN_BYTES and "x" in group.split()[-1]):
                 frac = copy_t / r["median"]

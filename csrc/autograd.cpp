@@ -1,4 +1,5 @@
-// Autograd for the fused loss ops, once for all of them and every device.
+// Autograd for the fused loss ops (and the fused linear + loss ops), once for all of
+// them and every device.
 //
 // A fused op returns (loss, grad) where grad = d loss / d input for grad_output = 1,
 // computed by the forward kernel.  Backward only rescales that buffer by grad_output
@@ -89,13 +90,73 @@ struct FusedLoss : public torch::autograd::Function<FusedLoss<Args...>> {
   }
 };
 
+// Fused linear + loss ops: (input, weight, bias?, target, ..., int reduction,
+// bool[3] output_mask) -> (loss, grad_input, grad_weight, grad_bias), gradients for
+// grad_output = 1.  Backward rescales each by the (scalar) grad_output.
 template <typename... Args>
-std::tuple<at::Tensor, at::Tensor> fused_loss_autograd(const char* name, Args... args) {
-  // One handle per instantiation (= per op signature); looked up on first use.
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow(name, "")
-                             .template typed<std::tuple<at::Tensor, at::Tensor>(Args...)>();
-  auto out = FusedLoss<Args...>::apply(&op, args...);
+struct FusedLinearLoss : public torch::autograd::Function<FusedLinearLoss<Args...>> {
+  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  using Op = c10::TypedOperatorHandle<Out(Args...)>;
+  static constexpr size_t kArgs = sizeof...(Args);
+
+  static variable_list forward(AutogradContext* ctx, const Op* op, Args... args) {
+    const auto all = std::forward_as_tuple(args...);
+    const std::array<bool, 3> mask = std::get<kArgs - 1>(all);
+    const std::optional<at::Tensor>& bias = std::get<2>(all);
+    // A tensor that takes a gradient the forward did not compute is an error at backward.
+    ctx->saved_data["missing"] = (std::get<0>(all).requires_grad() && !mask[0]) ||
+                                 (std::get<1>(all).requires_grad() && !mask[1]) ||
+                                 (bias && bias->requires_grad() && !mask[2]);
+    ctx->saved_data["mask"] = std::vector<bool>(mask.begin(), mask.end());
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, gx, gw, gb] = op->call(args...);
+    ctx->save_for_backward({gx, gw, gb});
+    ctx->mark_non_differentiable({gx, gw, gb});
+    ctx->set_materialize_grads(false);
+    return {loss, gx, gw, gb};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(1 + kArgs);  // the op handle, then one per op argument
+    const at::Tensor& grad_loss = grads[0];
+    if (!grad_loss.defined()) return out;
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "linclass: the fused losses are differentiable once; backward with "
+                "create_graph=True (double backward) is not supported.");
+    TORCH_CHECK(!ctx->saved_data["missing"].toBool(),
+                "linclass: this fused linear loss ran without the gradient of an argument that "
+                "requires one (output_mask); call it through linclass.linear_cross_entropy / "
+                "linear_multi_margin_loss, which set the mask from requires_grad");
+    const bool one = is_plain_one(grad_loss);
+    const auto saved = ctx->get_saved_variables();
+    const auto mask = ctx->saved_data["mask"].toBoolList();
+    for (size_t i = 0; i < 3; ++i)  // input, weight, bias are the op's first arguments
+      if (mask[i]) out[1 + i] = one ? saved[i] : at::mul(saved[i], grad_loss);
+    return out;
+  }
+};
+
+// The typed handle of op `name`.  Each caller keeps its own in a function-local static:
+// ops with the same signature share a template instantiation, so the handle cannot
+// live in the template.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
+}
+
+template <typename... Args, typename... Values>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_autograd(
+    const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(Args...)>& op,
+    Values&&... values) {
+  auto out = FusedLinearLoss<Args...>::apply(&op, std::forward<Values>(values)...);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+template <typename... Args, typename... Values>
+std::tuple<at::Tensor, at::Tensor> fused_loss_autograd(
+    const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(Args...)>& op,
+    Values&&... values) {
+  auto out = FusedLoss<Args...>::apply(&op, std::forward<Values>(values)...);
   return {out[0], out[1]};
 }
 
@@ -105,18 +166,42 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& inpu
                                                           const at::Tensor& target, OptTensor weight,
                                                           int64_t ignore_index, double label_smoothing,
                                                           int64_t reduction, bool compute_grad) {
-  return fused_loss_autograd<const at::Tensor&, const at::Tensor&, OptTensor, int64_t, double,
-                             int64_t, bool>("linclass::cross_entropy", input, target, weight,
-                                            ignore_index, label_smoothing, reduction, compute_grad);
+  using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, OptTensor,
+                                                 int64_t, double, int64_t, bool);
+  static const auto op = typed_op<Sig>("linclass::cross_entropy");
+  return fused_loss_autograd(op, input, target, weight, ignore_index, label_smoothing, reduction,
+                             compute_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_margin_loss_autograd(const at::Tensor& input,
                                                               const at::Tensor& target, int64_t p,
                                                               double margin, OptTensor weight,
                                                               int64_t reduction, bool compute_grad) {
-  return fused_loss_autograd<const at::Tensor&, const at::Tensor&, int64_t, double, OptTensor,
-                             int64_t, bool>("linclass::multi_margin_loss", input, target, p, margin,
-                                            weight, reduction, compute_grad);
+  using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
+                                                 double, OptTensor, int64_t, bool);
+  static const auto op = typed_op<Sig>("linclass::multi_margin_loss");
+  return fused_loss_autograd(op, input, target, p, margin, weight, reduction, compute_grad);
+}
+
+using Mask = std::array<bool, 3>;
+// Both linear ops: (input, weight, bias, target, int, float, int reduction, bool[3] mask).
+using LinearSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, OptTensor, const at::Tensor&, int64_t, double, int64_t,
+    Mask);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_autograd(
+    const at::Tensor& input, const at::Tensor& weight, OptTensor bias, const at::Tensor& target,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, Mask mask) {
+  static const auto op = typed_op<LinearSig>("linclass::linear_cross_entropy");
+  return fused_linear_loss_autograd(op, input, weight, bias, target, ignore_index, label_smoothing,
+                                    reduction, mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_multi_margin_loss_autograd(
+    const at::Tensor& input, const at::Tensor& weight, OptTensor bias, const at::Tensor& target,
+    int64_t p, double margin, int64_t reduction, Mask mask) {
+  static const auto op = typed_op<LinearSig>("linclass::linear_multi_margin_loss");
+  return fused_linear_loss_autograd(op, input, weight, bias, target, p, margin, reduction, mask);
 }
 
 }  // namespace
@@ -124,6 +209,8 @@ std::tuple<at::Tensor, at::Tensor> multi_margin_loss_autograd(const at::Tensor& 
 TORCH_LIBRARY_IMPL(linclass, Autograd, m) {
   m.impl("cross_entropy", &cross_entropy_autograd);
   m.impl("multi_margin_loss", &multi_margin_loss_autograd);
+  m.impl("linear_cross_entropy", &linear_cross_entropy_autograd);
+  m.impl("linear_multi_margin_loss", &linear_multi_margin_loss_autograd);
 }
 
 }  // namespace linclass

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "buffer_cache.h"
+#include "common.h"
 
 extern "C" {
 // `import linclass._C` only needs to load this library so that the TORCH_LIBRARY
@@ -46,10 +47,22 @@ TORCH_LIBRARY(linclass, m) {
       "multi_margin_loss(Tensor input, Tensor target, int p, float margin, Tensor? weight, "
       "int reduction, bool compute_grad) -> (Tensor, Tensor)");
 
-  // Build facts and the CPU gradient-buffer cache (see buffer_cache.h).
+  // Fused linear + loss (linear_loss.cpp): loss(input @ weight.T + bias, target) and
+  // (grad_input, grad_weight, grad_bias) for grad_output = 1, each only where
+  // output_mask asks for it (else an empty tensor).  'mean' and 'sum' only.
+  m.def(
+      "linear_cross_entropy(Tensor input, Tensor weight, Tensor? bias, Tensor target, "
+      "int ignore_index, float label_smoothing, int reduction, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_multi_margin_loss(Tensor input, Tensor weight, Tensor? bias, Tensor target, int p, "
+      "float margin, int reduction, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Build facts, the CPU gradient-buffer cache (see buffer_cache.h), testing knobs.
   m.def("_cpu_isa() -> str", &cpu_isa);
   m.def("_buffer_cache_clear() -> ()", &cache_clear);
   m.def("_buffer_cache_stats() -> int[]", &buffer_cache_stats);
+  m.def("_linear_block_rows(int rows) -> int", &set_linear_block_rows);
 }
 
 }  // namespace linclass

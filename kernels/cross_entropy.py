@@ -214,33 +214,36 @@ def launch_geometry(input: torch.Tensor):
     return input, geom
 
 
-def cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction, compute_grad):
-    """Launcher behind linclass::cross_entropy_triton: returns (loss, grad) as the C++ op."""
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def denominator(target, weight, ignore_index, classes, acc):
+    """(sum of target weights over the rows that are not ignored, W) as device scalars."""
+    flat = target.reshape(-1)
+    ignored = flat == ignore_index
+    if weight is None:
+        return (~ignored).sum().to(acc), torch.full((), float(classes), device=target.device, dtype=acc)
+    w = weight.to(acc)
+    w_y = w.gather(0, flat.clamp(0, max(classes - 1, 0))) if classes > 0 else torch.zeros_like(flat, dtype=acc)
+    return torch.where(ignored, 0.0, w_y).sum(), w.sum()
+
+
+def launch(input, grad, target, weight, ignore_index, label_smoothing, scale, weight_sum):
+    """Run the kernels: per-row losses (float32/64) returned, gradient (times `scale`, a
+    device scalar) written to `grad` when it is not None.  `grad` may be `input` itself
+    (each program reads its rows before writing them), else contiguous in input's shape."""
     input, (outer, C, inner, sxn, sxc, sxk) = launch_geometry(input)
     target = target.contiguous()
     rows = outer * inner
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(input.dtype)
     loss_rows = torch.empty(rows, device=input.device, dtype=acc)
-    grad = torch.empty_like(input, memory_format=torch.contiguous_format) if compute_grad \
-        else input.new_empty((0,))
+    compute_grad = grad is not None
     _, _, _, sgn, sgc, sgk = _geometry(grad) if compute_grad else (0, 0, 0, 0, 0, 0)
-
-    flat_t = target.reshape(-1)
-    ignored = flat_t == ignore_index
-    if weight is not None:
-        w = weight.to(acc)
-        w_y = w.gather(0, flat_t.clamp(0, max(C - 1, 0))) if C > 0 else torch.zeros_like(ignored, dtype=acc)
-        denom = torch.where(ignored, 0.0, w_y).sum()
-        weight_sum = w.sum()
-    else:
-        denom = (~ignored).sum().to(acc)
-        weight_sum = torch.full((), float(C), device=input.device, dtype=acc)
-    scale = 1.0 / denom if reduction == 1 else torch.ones((), device=input.device, dtype=acc)
-    consts = torch.stack([scale, weight_sum])  # read by the kernels: no host sync
-
+    consts = torch.stack([scale.to(acc), weight_sum.to(acc)])  # read on the device: no host sync
     smooth = label_smoothing / C if C > 0 else 0.0
-    args = (input, grad, target, weight if weight is not None else input, loss_rows, consts,
-            rows, C, max(inner, 1), sxn, sxc, sxk, sgn, sgc, sgk,
+    args = (input, grad if compute_grad else input, target, weight if weight is not None else input,
+            loss_rows, consts, rows, C, max(inner, 1), sxn, sxc, sxk, sgn, sgc, sgk,
             ignore_index, 1.0 - label_smoothing, smooth)
     meta = dict(HAS_WEIGHT=weight is not None, SMOOTHING=label_smoothing != 0.0,
                 COMPUTE_GRAD=compute_grad, ACC=tl.float64 if acc == torch.float64 else tl.float32)
@@ -253,8 +256,19 @@ def cross_entropy(input, target, weight, ignore_index, label_smoothing, reductio
         else:
             block_c = min(triton.next_power_of_2(C), 8192 if input.element_size() <= 2 else 4096)
             _ce_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=8)
+    return loss_rows
 
-    return reduce_rows(loss_rows, reduction, denom, input.dtype, target.shape), grad
+
+def cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction, compute_grad):
+    """Launcher behind linclass::cross_entropy_triton: returns (loss, grad) as the C++ op."""
+    acc = acc_dtype(input.dtype)
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    denom, weight_sum = denominator(target, weight, ignore_index, C, acc)
+    scale = 1.0 / denom if reduction == 1 else torch.ones((), device=input.device, dtype=acc)
+    grad = torch.empty_like(input, memory_format=torch.contiguous_format) if compute_grad else None
+    loss_rows = launch(input, grad, target, weight, ignore_index, label_smoothing, scale, weight_sum)
+    return (reduce_rows(loss_rows, reduction, denom, input.dtype, target.shape),
+            grad if compute_grad else input.new_empty((0,)))
 
 
 def reduce_rows(loss_rows, reduction, denom, dtype, shape):

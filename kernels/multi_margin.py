@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import TILE_MAX_C, reduce_rows
+from .cross_entropy import TILE_MAX_C, acc_dtype, reduce_rows
 
 
 @triton.jit
@@ -119,18 +119,18 @@ def _mm_loop_kernel(
             tl.store(g_base + c * sgc, g.to(G.dtype.element_ty), mask=ok)
 
 
-def multi_margin_loss(input, target, p, margin, weight, reduction, compute_grad):
-    """Launcher behind linclass::multi_margin_loss_triton: (N, C) input, (N,) target."""
+def launch(input, grad, target, p, margin, weight, scale):
+    """Run the kernels on an (N, C) input: per-row losses returned, gradient (times
+    `scale`, a device scalar) written to `grad` (may be `input` itself; else contiguous)
+    when it is not None."""
     rows, C = input.shape
     target = target.contiguous()
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(input.dtype)
     loss_rows = torch.empty(rows, device=input.device, dtype=acc)
-    grad = torch.empty((rows, C), device=input.device, dtype=input.dtype) if compute_grad \
-        else input.new_empty((0,))
-    scale = torch.full((1,), 1.0 / rows if reduction == 1 and rows else 1.0, device=input.device,
-                       dtype=acc)
-    args = (input, grad, target, weight if weight is not None else input, loss_rows, scale,
-            rows, C, input.stride(0), input.stride(1), C if compute_grad else 0, 1, margin)
+    compute_grad = grad is not None
+    args = (input, grad if compute_grad else input, target, weight if weight is not None else input,
+            loss_rows, scale.to(acc).reshape(1), rows, C, input.stride(0), input.stride(1),
+            grad.stride(0) if compute_grad else 0, grad.stride(1) if compute_grad else 0, margin)
     meta = dict(P=p, HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad,
                 ACC=tl.float64 if acc == torch.float64 else tl.float32)
     if rows > 0:
@@ -142,5 +142,16 @@ def multi_margin_loss(input, target, p, margin, weight, reduction, compute_grad)
         else:
             block_c = min(triton.next_power_of_2(C), 8192 if input.element_size() <= 2 else 4096)
             _mm_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=8)
+    return loss_rows
+
+
+def multi_margin_loss(input, target, p, margin, weight, reduction, compute_grad):
+    """Launcher behind linclass::multi_margin_loss_triton: (N, C) input, (N,) target."""
+    rows = input.shape[0]
+    acc = acc_dtype(input.dtype)
+    scale = torch.full((), 1.0 / rows if reduction == 1 and rows else 1.0, device=input.device, dtype=acc)
+    grad = torch.empty(input.shape, device=input.device, dtype=input.dtype) if compute_grad else None
+    loss_rows = launch(input, grad, target, p, margin, weight, scale)
     # torch divides the 'mean' of this loss by the number of rows (0/0 = NaN for none).
-    return reduce_rows(loss_rows, reduction, float(rows), input.dtype, (rows,)), grad
+    return (reduce_rows(loss_rows, reduction, float(rows), input.dtype, (rows,)),
+            grad if compute_grad else input.new_empty((0,)))

@@ -7,8 +7,21 @@
 
 from . import _extension  # noqa: F401  (loads linclass._C; warns once if it cannot)
 from . import backends, nn, reference
-from .functional import cross_entropy, multi_margin_loss
+from .functional import (
+    cross_entropy,
+    linear_cross_entropy,
+    linear_multi_margin_loss,
+    multi_margin_loss,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "cross_entropy", "multi_margin_loss", "nn", "reference"]
+__all__ = [
+    "backends",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "linear_multi_margin_loss",
+    "multi_margin_loss",
+    "nn",
+    "reference",
+]

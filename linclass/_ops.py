@@ -11,6 +11,9 @@ rescales that buffer.
   linclass::cross_entropy_triton, ::multi_margin_loss_triton   Triton kernels
       (kernels/), registered here with torch.library.custom_op, register_fake and
       register_autograd; they do not need linclass._C
+
+The fused linear + loss ops (linear_cross_entropy, linear_multi_margin_loss and their
+_triton twins) return (loss, grad_input, grad_weight, grad_bias) the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ def _fake_fused_loss(input, target, *args):
     loss = input.new_empty(tuple(target.shape) if reduction == REDUCTIONS["none"] else ())
     grad = input.new_empty(tuple(input.shape) if compute_grad else (0,))
     return loss, grad
+
+
+def _fake_linear_loss(input, weight, bias, target, *args):
+    mask = args[-1]
+    return (input.new_empty(()),
+            input.new_empty(tuple(input.shape)) if mask[0] else input.new_empty((0,)),
+            input.new_empty(tuple(weight.shape)) if mask[1] else input.new_empty((0,)),
+            input.new_empty((weight.shape[0],)) if mask[2] else input.new_empty((0,)))
 
 
 # ---- autograd of the Python (Triton) ops; mirrors csrc/autograd.cpp -------------------
@@ -77,18 +88,48 @@ def _backward_fused_loss(ctx, grad_loss, _grad_of_grad):
     return (grad_input,) + (None,) * (ctx.n_inputs - 1)
 
 
+def _setup_linear_loss(ctx, inputs, output):
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _backward_linear_loss(ctx, grad_loss, *_):
+    if grad_loss is None:
+        return (None,) * ctx.n_inputs
+    if torch.is_grad_enabled():
+        raise RuntimeError("linclass: the fused losses are differentiable once; backward with "
+                           "create_graph=True (double backward) is not supported.")
+    one = _is_one(grad_loss)
+    grads = []
+    for i, saved in enumerate(ctx.saved_tensors):  # input, weight, bias
+        if ctx.needs_input_grad[i] and saved.numel() == 0:
+            raise RuntimeError(
+                f"linclass: this fused linear loss ran without the gradient of its argument {i}; "
+                "call it through linclass.linear_cross_entropy / linear_multi_margin_loss")
+        grads.append(None if saved.numel() == 0 else saved if one else saved * grad_loss)
+    return tuple(grads) + (None,) * (ctx.n_inputs - 3)
+
+
 # ---- op tables ---------------------------------------------------------------------
 
 # op family -> {backend: op}; filled for the backends that are built.
 CROSS_ENTROPY: dict = {}
 MULTI_MARGIN_LOSS: dict = {}
+LINEAR_CROSS_ENTROPY: dict = {}
+LINEAR_MULTI_MARGIN_LOSS: dict = {}
 
 if _extension.HAS_CPP:
-    torch.library.register_fake("linclass::cross_entropy")(_fake_fused_loss)
-    torch.library.register_fake("linclass::multi_margin_loss")(_fake_fused_loss)
-    # The C++ op dispatches on device: CPU kernels for "cpp", CUDA kernels for "cuda".
-    CROSS_ENTROPY["cpp"] = CROSS_ENTROPY["cuda"] = torch.ops.linclass.cross_entropy.default
-    MULTI_MARGIN_LOSS["cpp"] = MULTI_MARGIN_LOSS["cuda"] = torch.ops.linclass.multi_margin_loss.default
+    for _name in ("cross_entropy", "multi_margin_loss"):
+        torch.library.register_fake(f"linclass::{_name}")(_fake_fused_loss)
+        torch.library.register_fake(f"linclass::linear_{_name}")(_fake_linear_loss)
+    # The C++ ops dispatch on device: CPU kernels for "cpp", CUDA kernels for "cuda".
+    lc = torch.ops.linclass
+    CROSS_ENTROPY["cpp"] = CROSS_ENTROPY["cuda"] = lc.cross_entropy.default
+    MULTI_MARGIN_LOSS["cpp"] = MULTI_MARGIN_LOSS["cuda"] = lc.multi_margin_loss.default
+    LINEAR_CROSS_ENTROPY["cpp"] = LINEAR_CROSS_ENTROPY["cuda"] = lc.linear_cross_entropy.default
+    LINEAR_MULTI_MARGIN_LOSS["cpp"] = LINEAR_MULTI_MARGIN_LOSS["cuda"] = lc.linear_multi_margin_loss.default
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -115,8 +156,34 @@ if HAS_TRITON:
 
         return kernel.multi_margin_loss(input, target, p, margin, weight, reduction, compute_grad)
 
+    @torch.library.custom_op("linclass::linear_cross_entropy_triton", mutates_args=())
+    def linear_cross_entropy_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                    target: Tensor, ignore_index: int, label_smoothing: float,
+                                    reduction: int, output_mask: list[bool]
+                                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from .kernels import linear_loss as kernel
+
+        return kernel.linear_cross_entropy(input, weight, bias, target, ignore_index,
+                                           label_smoothing, reduction, output_mask)
+
+    @torch.library.custom_op("linclass::linear_multi_margin_loss_triton", mutates_args=())
+    def linear_multi_margin_loss_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                        target: Tensor, p: int, margin: float, reduction: int,
+                                        output_mask: list[bool]
+                                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from .kernels import linear_loss as kernel
+
+        return kernel.linear_multi_margin_loss(input, weight, bias, target, p, margin, reduction,
+                                               output_mask)
+
     for _op in (cross_entropy_triton, multi_margin_loss_triton):
         _op.register_fake(_fake_fused_loss)
         _op.register_autograd(_backward_fused_loss, setup_context=_setup_fused_loss)
-    CROSS_ENTROPY["triton"] = torch.ops.linclass.cross_entropy_triton.default
-    MULTI_MARGIN_LOSS["triton"] = torch.ops.linclass.multi_margin_loss_triton.default
+    for _op in (linear_cross_entropy_triton, linear_multi_margin_loss_triton):
+        _op.register_fake(_fake_linear_loss)
+        _op.register_autograd(_backward_linear_loss, setup_context=_setup_linear_loss)
+    lc = torch.ops.linclass
+    CROSS_ENTROPY["triton"] = lc.cross_entropy_triton.default
+    MULTI_MARGIN_LOSS["triton"] = lc.multi_margin_loss_triton.default
+    LINEAR_CROSS_ENTROPY["triton"] = lc.linear_cross_entropy_triton.default
+    LINEAR_MULTI_MARGIN_LOSS["triton"] = lc.linear_multi_margin_loss_triton.default

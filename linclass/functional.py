@@ -7,6 +7,9 @@ linclass._ops, whose kernel computes the loss and its gradient in one pass:
           csrc/multi_margin.cpp       -> csrc/cpu/multi_margin_kernel.h
   triton  linclass/_ops.py            -> kernels/cross_entropy.py, kernels/multi_margin.py
   cuda    csrc/cuda/cross_entropy.cu, csrc/cuda/multi_margin.cu
+and the fused linear + loss ops:
+  cpp, cuda  csrc/linear_loss.cpp (blocks of rows: GEMM, the loss kernel in place, GEMMs)
+  triton     linclass/_ops.py -> kernels/linear_loss.py
 """
 
 from __future__ import annotations
@@ -204,3 +207,83 @@ def multi_margin_loss(
         weight, red, _needs_grad(input),
     )
     return loss.reshape(out_shape) if red == 0 else loss
+
+
+def _check_linear(op: str, input, weight, bias, target):
+    _check_input(op, input)
+    if input.dim() not in (1, 2):
+        raise RuntimeError(f"{op}: input must be (N, D) or (D,), got shape {list(input.shape)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
+        raise RuntimeError(f"{op}: weight must be (C, D) with D = {input.shape[-1]} (as in "
+                           f"nn.Linear), got shape {list(getattr(weight, 'shape', []))}")
+    if weight.dtype != input.dtype or weight.device != input.device:
+        raise RuntimeError(f"{op}: weight must have the input's dtype and device, got "
+                           f"{weight.dtype} on {weight.device}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]
+                             or bias.dtype != input.dtype or bias.device != input.device):
+        raise RuntimeError(f"{op}: bias must be ({weight.shape[0]},) with the input's dtype and "
+                           f"device, got shape {list(bias.shape)}, {bias.dtype}")
+    rows = input.shape[0] if input.dim() == 2 else 1
+    if target.is_floating_point():
+        return
+    if target.dim() > 1 or target.numel() != rows:
+        raise ValueError(f"{op}: target must hold one class index per input row ({rows}), got "
+                         f"shape {list(target.shape)}")
+
+
+def _mask(input, weight, bias):
+    return [_needs_grad(input), _needs_grad(weight), bias is not None and _needs_grad(bias)]
+
+
+def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    """``cross_entropy(F.linear(input, weight, bias), target, ...)`` without the N x C scores.
+
+    input (N, D) or (D,); weight (C, D) as in ``nn.Linear`` (any strides: a (D, C) matrix
+    ``W`` is passed as ``W.t()`` without a copy); bias (C,).  With 'mean' or 'sum' the
+    scores are made, turned into their gradient and consumed a block of rows at a time,
+    and the gradients for input, weight and bias are accumulated as the blocks go.
+    With 'none', or probability targets, it computes ``linclass.cross_entropy(F.linear(...))``.
+    """
+    reduction, red = _reduction_code(None, None, reduction)
+    _check_linear("linear_cross_entropy", input, weight, bias, target)
+    backend = backends.resolve(input.device)
+    if red == 0 or backend == "torch" or target.is_floating_point():
+        return cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index,
+                             reduction=reduction, label_smoothing=label_smoothing)
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"linear_cross_entropy: expected target dtype to be Long or Byte, but "
+                           f"got {target.dtype}")
+    if label_smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    x2 = input.unsqueeze(0) if input.dim() == 1 else input
+    t1 = target.reshape(-1).long()
+    _check_targets("linear_cross_entropy", backend, t1, weight.shape[0], ignore_index, IndexError)
+    op = _ops.LINEAR_CROSS_ENTROPY[backend]
+    loss, *_ = op(x2, weight, bias, t1, int(ignore_index), max(float(label_smoothing), 0.0), red,
+                  _mask(input, weight, bias))
+    return loss
+
+
+def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                             bias: torch.Tensor | None = None, p: int = 1, margin: float = 1.0,
+                             reduction: str = "mean") -> torch.Tensor:
+    """``multi_margin_loss(F.linear(input, weight, bias), target, ...)`` without the N x C
+    scores (see linear_cross_entropy).  The classic linear SVM loss is this times C."""
+    reduction, red = _reduction_code(None, None, reduction)
+    if p not in (1, 2):
+        raise ValueError("only p == 1 and p == 2 supported")
+    _check_linear("linear_multi_margin_loss", input, weight, bias, target)
+    backend = backends.resolve(input.device)
+    if red == 0 or backend == "torch":
+        return multi_margin_loss(F.linear(input, weight, bias), target, p=p, margin=margin,
+                                 reduction=reduction)
+    if target.dtype != torch.int64:
+        raise RuntimeError(f"linear_multi_margin_loss: expected target dtype int64, got {target.dtype}")
+    x2 = input.unsqueeze(0) if input.dim() == 1 else input
+    t1 = target.reshape(-1)
+    _check_targets("linear_multi_margin_loss", backend, t1, weight.shape[0], None, RuntimeError)
+    op = _ops.LINEAR_MULTI_MARGIN_LOSS[backend]
+    loss, *_ = op(x2, weight, bias, t1, int(p), float(margin), red, _mask(input, weight, bias))
+    return loss

@@ -6,6 +6,8 @@
 // value instead of an out-of-bounds access.
 #pragma once
 
+#include "cross_entropy_kernel.h"
+#include "multi_margin_kernel.h"
 #include "row_driver.h"
 
 #include <ATen/core/Tensor.h>
@@ -87,6 +89,31 @@ TargetSummary scan_targets(const int64_t* target, int64_t rows, int64_t classes,
   return out;
 }
 
+// Scans `target` with scan_targets and throws the op's error naming the first bad
+// target (torch raises IndexError for cross_entropy, RuntimeError for
+// multi_margin_loss).  Returns the weight sum of the rows that count.
+template <typename acc_t>
+double checked_targets(const char* op, bool index_error, const at::Tensor& target, int64_t C,
+                       bool has_ignore, int64_t ignore_index, const acc_t* weight,
+                       std::vector<acc_t>& lane_targets) {
+  const int64_t rows = target.numel();
+  lane_targets.resize(use_lanes(C) ? rows : 0);
+  const auto scan = scan_targets<acc_t>(target.const_data_ptr<int64_t>(), rows, C, has_ignore,
+                                        ignore_index, weight,
+                                        lane_targets.empty() ? nullptr : lane_targets.data());
+  if (scan.first_bad >= 0) {
+    std::ostringstream msg;
+    msg << op << ": target" << index_string(scan.first_bad, target.sizes()) << " = "
+        << target.const_data_ptr<int64_t>()[scan.first_bad] << " is out of bounds for " << C
+        << " classes (expected 0 <= target < " << C;
+    if (has_ignore) msg << " or target == ignore_index, which is " << ignore_index;
+    msg << ")";
+    if (index_error) TORCH_CHECK_INDEX(false, msg.str());
+    TORCH_CHECK(false, msg.str());
+  }
+  return scan.weight_sum;
+}
+
 // Class weights as a contiguous acc_t vector (all ones without `weight`).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 std::vector<acc_t> class_weights(const std::optional<at::Tensor>& weight, int64_t classes) {
@@ -106,7 +133,6 @@ template <typename scalar_t, typename Math, typename Params>
 void run_loss(const at::Tensor& input, const RowGeometry& geom, const at::Tensor& target,
               const at::opmath_type<scalar_t>* lane_targets, int64_t reduction, double denom,
               bool compute_grad, at::Tensor& loss, at::Tensor& grad, const Params& p) {
-  std::vector<double> partials(reduction == kNone ? 0 : num_blocks(geom.rows(), geom.classes));
   RowTask<scalar_t> task;
   task.input = input.const_data_ptr<scalar_t>();
   task.in = geom;
@@ -117,14 +143,63 @@ void run_loss(const at::Tensor& input, const RowGeometry& geom, const at::Tensor
   }
   task.target = target.const_data_ptr<int64_t>();
   task.lane_targets = lane_targets;
-  task.loss_rows = reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
-  task.partials = partials.empty() ? nullptr : partials.data();
-  run_rows<scalar_t, Math>(task, p);
-  if (reduction != kNone) {
-    double total = 0;
-    for (double v : partials) total += v;  // in block order: deterministic
-    *loss.mutable_data_ptr<scalar_t>() = scalar_t(reduction == kMean ? total / denom : total);
+  if (reduction == kNone) {
+    task.loss_rows = loss.mutable_data_ptr<scalar_t>();
+    run_rows<scalar_t, Math>(task, p);
+    return;
   }
+  const double total = run_rows_sum<scalar_t, Math>(task, p);
+  *loss.mutable_data_ptr<scalar_t>() = scalar_t(reduction == kMean ? total / denom : total);
 }
+
+// What a cross-entropy run needs besides the scores: the checked targets, the class
+// weights and the math's parameters, with the gradient scale of the reduction.
+// Not copyable: `params.weight` points into `weight`.
+template <typename scalar_t>
+struct CrossEntropySetup {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> weight, lane_targets;
+  double denom = 1;  // divides a 'mean'
+  CrossEntropyParams<acc_t> params;
+
+  CrossEntropySetup(const at::Tensor& target, const std::optional<at::Tensor>& w, int64_t C,
+                    int64_t ignore_index, double label_smoothing, int64_t reduction)
+      : weight(class_weights<scalar_t>(w, C)) {
+    double weight_sum = 0;
+    for (acc_t v : weight) weight_sum += double(v);
+    const double kept = checked_targets<acc_t>("cross_entropy", true, target, C, true, ignore_index,
+                                               w ? weight.data() : nullptr, lane_targets);
+    denom = reduction == kMean ? kept : 1.0;
+    params = {weight.data(),
+              w.has_value(),
+              acc_t(weight_sum),
+              acc_t(1.0 - label_smoothing),
+              acc_t(C > 0 ? label_smoothing / double(C) : 0.0),
+              acc_t(1.0 / denom),
+              ignore_index,
+              C};
+  }
+  CrossEntropySetup(const CrossEntropySetup&) = delete;
+  CrossEntropySetup& operator=(const CrossEntropySetup&) = delete;
+};
+
+// The same for multi_margin_loss, whose 'mean' divides by the number of rows.
+template <typename scalar_t>
+struct MultiMarginSetup {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> weight, lane_targets;
+  double denom = 1;
+  MultiMarginParams<acc_t> params;
+
+  MultiMarginSetup(const at::Tensor& target, const std::optional<at::Tensor>& w, int64_t C,
+                   int64_t p, double margin, int64_t reduction)
+      : weight(class_weights<scalar_t>(w, C)) {
+    checked_targets<acc_t>("multi_margin_loss", false, target, C, false, 0, nullptr, lane_targets);
+    denom = reduction == kMean ? double(target.numel()) : 1.0;
+    params = {weight.data(), w.has_value(), acc_t(margin), acc_t(1.0 / denom), p, C};
+  }
+  MultiMarginSetup(const MultiMarginSetup&) = delete;
+  MultiMarginSetup& operator=(const MultiMarginSetup&) = delete;
+};
 
 }  // namespace linclass::cpu

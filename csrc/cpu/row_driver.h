@@ -287,4 +287,16 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   });
 }
 
+// run_rows with the losses summed: returns the sum over all rows, added in block order
+// (deterministic).  `t.partials` is provided here.
+template <typename scalar_t, typename Math, typename Params>
+double run_rows_sum(RowTask<scalar_t> t, const Params& p) {
+  std::vector<double> partials(num_blocks(t.in.rows(), t.in.classes));
+  t.partials = partials.data();
+  run_rows<scalar_t, Math>(t, p);
+  double total = 0;
+  for (double v : partials) total += v;
+  return total;
+}
+
 }  // namespace linclass::cpu

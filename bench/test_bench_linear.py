@@ -1,0 +1,98 @@
+"""Fused linear + loss against torch eager F.linear + loss + backward, with memory.
+
+Groups (N x D x C):
+  40000 x 3073 x 10     the CIFAR-10 training set with the bias trick: W takes the
+                        gradient, X is data
+  4096 x 1024 x 32000   a language-model head: input and weight take gradients
+Peak extra memory: in a fresh subprocess holding the inputs, the resident-set
+high-water mark is reset (/proc/self/clear_refs), one forward + backward runs, and the
+new mark minus the resident set before is reported.  It sees the C++ allocations
+(linclass's blocks and buffers) as well as torch's, and counts the gradients too.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linclass
+
+CASES = {
+    (40000, 3073, 10): dict(input_grad=False, rounds=10),
+    (4096, 1024, 32000): dict(input_grad=True, rounds=3),
+}
+LOSSES = {
+    "cross_entropy": (lambda x, w, t: F.cross_entropy(F.linear(x, w), t), linclass.linear_cross_entropy),
+    "multi_margin_loss": (lambda x, w, t: F.multi_margin_loss(F.linear(x, w), t),
+                          linclass.linear_multi_margin_loss),
+}
+IMPLS = ["torch"] + [f"linclass[{b}]" for b in ("cpp",) if b in linclass.backends.available()]
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, torch.nn.functional as F, linclass
+
+    def status_kb(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+    torch.set_num_threads({threads})
+    n, d, c, input_grad, loss, impl = {args!r}
+    torch.manual_seed(0)
+    x = torch.randn(n, d).requires_grad_(input_grad)
+    w = (torch.randn(c, d) * 0.01).requires_grad_()
+    t = torch.randint(0, c, (n,))
+    fns = {{"cross_entropy": (lambda: F.cross_entropy(F.linear(x, w), t),
+                              lambda: linclass.linear_cross_entropy(x, w, t)),
+            "multi_margin_loss": (lambda: F.multi_margin_loss(F.linear(x, w), t),
+                                  lambda: linclass.linear_multi_margin_loss(x, w, t))}}
+    fn = fns[loss][0 if impl == "torch" else 1]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current resident set
+    before = status_kb("VmRSS")
+    fn().backward()
+    print(json.dumps((status_kb("VmHWM") - before) / 1024))
+""")
+
+
+def peak_extra_mb(n, d, c, input_grad, loss, impl):
+    """RSS high-water growth (MiB) of one forward + backward in a fresh process."""
+    code = _MEMORY_SCRIPT.format(threads=torch.get_num_threads(),
+                                 args=(n, d, c, input_grad, loss, impl))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, LINCLASS_BACKEND=impl[len("linclass["):-1]) if impl != "torch" else None)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("impl", IMPLS)  # varies fastest: a group's members run back to back
+@pytest.mark.parametrize("n,d,c", list(CASES))
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_linear_loss(benchmark, loss, n, d, c, impl):
+    case = CASES[(n, d, c)]
+    benchmark.group = f"linear_{loss} {n}x{d}x{c}"
+    torch.manual_seed(0)
+    x = torch.randn(n, d).requires_grad_(case["input_grad"])
+    w = (torch.randn(c, d) * 0.01).requires_grad_()
+    t = torch.randint(0, c, (n,))
+    theirs, ours = LOSSES[loss]
+    fn = theirs if impl == "torch" else ours
+
+    def step():
+        x.grad = w.grad = None
+        fn(x, w, t).backward()
+
+    # bytes: the input read once (+ its gradient written), the weight and its gradient
+    nbytes = 4 * (n * d * (2 if case["input_grad"] else 1) + 2 * c * d)
+    benchmark.extra_info.update(op=f"linear_{loss}", impl=impl, n=n, d=d, c=c, bytes=nbytes,
+                                peak_extra_mb=peak_extra_mb(n, d, c, case["input_grad"], loss, impl))
+    if impl == "torch":
+        benchmark.pedantic(step, rounds=case["rounds"], warmup_rounds=1)
+    else:
+        with linclass.backends.use(impl[len("linclass["):-1]):
+            benchmark.pedantic(step, rounds=case["rounds"], warmup_rounds=1)

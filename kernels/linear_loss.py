@@ -1,0 +1,88 @@
+"""Fused linear + loss on the Triton backend: loss(X W^T + b, y) and its gradients for X,
+W and b, a chunk of rows at a time, so the N x C score matrix never exists.
+
+For each chunk of rows:  S = X_c W^T + b (cuBLAS / the CPU BLAS, in the input dtype)
+                         the Triton loss kernel turns S into dS in place, scaled for the
+                         whole batch's reduction (loss and gradient in one read of S)
+                         dW += dS^T X_c,  db += column sums of dS,  dX_c = dS W
+Chunks run in order and every accumulation adds them in order: no atomics, the same
+result every run.  Extra memory is one chunk of scores (plus the float32 bias
+accumulator).  dW accumulates in the weight's dtype (one rounding per chunk for
+bfloat16), as the chunked formulation in Liger-Kernel does: a float32 accumulator would
+need float32 GEMMs.
+"""
+
+import torch
+
+from . import cross_entropy as ce
+from . import multi_margin as mm
+
+# Chunks are sized like the C++ blocks (csrc/linear_loss.cpp): the input chunk stays near
+# 4 MiB and the score chunk within 64 MiB, at least 32 rows; on a GPU, up to 256 MiB of
+# scores.  Tests set BLOCK_ROWS to exercise many chunks.
+BLOCK_ROWS = 0
+
+
+def _chunk_rows(n, d, c, elem, cuda):
+    if BLOCK_ROWS:
+        return BLOCK_ROWS
+    if cuda:
+        return max(1, min(n, (256 << 20) // max(1, c * elem)))
+    by_input = (4 << 20) // max(1, d * elem)
+    by_scores = (64 << 20) // max(1, c * elem)
+    return min(max(32, min(by_input, by_scores)), max(n, 1))
+
+
+def _chunks(input, weight, bias, target, mask, run_loss):
+    """Shared loop: run_loss(S, t, rows) turns S into dS in place (if any gradient is
+    wanted) and returns the chunk's per-row losses."""
+    n, d = input.shape
+    c = weight.shape[0]
+    any_grad = any(mask)
+    gx = torch.empty_like(input) if mask[0] else input.new_empty((0,))
+    gw = torch.zeros((c, d), device=input.device, dtype=input.dtype) if mask[1] else input.new_empty((0,))
+    acc = ce.acc_dtype(input.dtype)
+    gb = torch.zeros(c, device=input.device, dtype=acc) if mask[2] else None
+    total = torch.zeros((), device=input.device, dtype=acc)
+    step = _chunk_rows(n, d, c, input.element_size(), input.is_cuda)
+    wt = weight.t()
+    for r0 in range(0, n, step):
+        xc = input[r0:r0 + step]
+        s = torch.addmm(bias, xc, wt) if bias is not None else xc @ wt
+        total += run_loss(s, target[r0:r0 + step], any_grad).sum()
+        if mask[0]:
+            torch.mm(s, weight, out=gx[r0:r0 + step])
+        if mask[1]:
+            gw.addmm_(s.t(), xc)
+        if mask[2]:
+            gb += s.sum(0, dtype=acc)
+    return total, gx, gw, gb.to(input.dtype) if gb is not None else input.new_empty((0,))
+
+
+def linear_cross_entropy(input, weight, bias, target, ignore_index, label_smoothing, reduction, mask):
+    """Launcher behind linclass::linear_cross_entropy_triton ('mean' or 'sum')."""
+    acc = ce.acc_dtype(input.dtype)
+    c = weight.shape[0]
+    denom, weight_sum = ce.denominator(target, None, ignore_index, c, acc)
+    scale = 1.0 / denom if reduction == 1 else torch.ones((), device=input.device, dtype=acc)
+
+    def run_loss(s, t, grad):
+        return ce.launch(s, s if grad else None, t, None, ignore_index, label_smoothing, scale, weight_sum)
+
+    total, gx, gw, gb = _chunks(input, weight, bias, target, mask, run_loss)
+    loss = total / denom if reduction == 1 else total
+    return loss.to(input.dtype), gx, gw, gb
+
+
+def linear_multi_margin_loss(input, weight, bias, target, p, margin, reduction, mask):
+    """Launcher behind linclass::linear_multi_margin_loss_triton ('mean' or 'sum')."""
+    acc = ce.acc_dtype(input.dtype)
+    n = input.shape[0]
+    scale = torch.full((), 1.0 / n if reduction == 1 and n else 1.0, device=input.device, dtype=acc)
+
+    def run_loss(s, t, grad):
+        return mm.launch(s, s if grad else None, t, p, margin, None, scale)
+
+    total, gx, gw, gb = _chunks(input, weight, bias, target, mask, run_loss)
+    loss = total / n if reduction == 1 else total  # 0/0 = NaN for no rows, as elsewhere
+    return loss.to(input.dtype), gx, gw, gb

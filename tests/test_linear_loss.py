@@ -1,0 +1,237 @@
+"""Fused linear + loss against the unfused torch composition."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linclass
+from conftest import KERNEL_BACKENDS
+from helpers import rel_error
+
+
+@pytest.fixture(params=[(b, rows) for b in KERNEL_BACKENDS for rows in (0, 3)],
+                ids=lambda p: f"{p[0]}-{'auto' if not p[1] else f'{p[1]}rows'}")
+def linear_backend(request):
+    """Each fused backend, with automatic blocks and with 3-row blocks (many blocks)."""
+    from linclass.kernels import linear_loss as triton_linear
+
+    backend, rows = request.param
+    old = torch.ops.linclass._linear_block_rows(rows)
+    triton_linear.BLOCK_ROWS = rows
+    try:
+        with linclass.backends.use(backend):
+            yield backend
+    finally:
+        torch.ops.linclass._linear_block_rows(old)
+        triton_linear.BLOCK_ROWS = 0
+
+
+def make(n, d, c, dtype=torch.float64, bias=True, transposed_weight=False):
+    x = torch.randn(n, d, dtype=dtype)
+    if transposed_weight:  # the seed keeps W as (D, C): W.t() must work without a copy
+        w = torch.randn(d, c, dtype=dtype).t()
+    else:
+        w = torch.randn(c, d, dtype=dtype)
+    b = torch.randn(c, dtype=dtype) if bias else None
+    t = torch.randint(0, c, (n,))
+    return x, w, b, t
+
+
+def grads_of(fn, x, w, b, *args, **kwargs):
+    leaves = [v.detach().clone().requires_grad_(True) if v is not None else None for v in (x, w, b)]
+    loss = fn(leaves[0], leaves[1], *args, bias=leaves[2], **kwargs)
+    want = [v for v in leaves if v is not None]
+    grads = torch.autograd.grad(loss.sum() if loss.dim() else loss, want)
+    return loss.detach(), grads
+
+
+def unfused_ce(x, w, t, bias=None, **kw):
+    return F.cross_entropy(F.linear(x, w, bias), t, **kw)
+
+
+def unfused_mm(x, w, t, bias=None, **kw):
+    return F.multi_margin_loss(F.linear(x, w, bias), t, **kw)
+
+
+def check(fused, unfused, x, w, b, t, rtol=1e-9, atol=1e-11, **kw):
+    loss, grads = grads_of(fused, x, w, b, t, **kw)
+    ref_loss, ref_grads = grads_of(unfused, x, w, b, t, **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol, equal_nan=True)
+    for g, r, name in zip(grads, ref_grads, ("input", "weight", "bias")):
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+
+
+SHAPES = [(1, 1, 1), (5, 1, 7), (9, 13, 1), (33, 17, 10), (40, 8, 40), (7, 16, 3000)]
+
+
+@pytest.mark.parametrize("n,d,c", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("transposed_weight", [False, True])
+def test_cross_entropy_matches_unfused(linear_backend, n, d, c, bias, transposed_weight):
+    x, w, b, t = make(n, d, c, bias=bias, transposed_weight=transposed_weight)
+    for reduction, smoothing, ignore in itertools.product(["mean", "sum", "none"], [0.0, 0.2], [None, 0]):
+        kw = dict(reduction=reduction, label_smoothing=smoothing)
+        if ignore is not None:
+            t2 = t.clone()
+            t2[::2] = ignore
+            kw["ignore_index"] = ignore
+        else:
+            t2 = t
+        check(linclass.linear_cross_entropy, unfused_ce, x, w, b, t2, **kw)
+
+
+@pytest.mark.parametrize("n,d,c", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_multi_margin_matches_unfused(linear_backend, n, d, c, bias):
+    x, w, b, t = make(n, d, c, bias=bias, transposed_weight=True)
+    for reduction, p, margin in itertools.product(["mean", "sum", "none"], [1, 2], [1.0, 0.3]):
+        check(linclass.linear_multi_margin_loss, unfused_mm, x, w, b, t, p=p, margin=margin,
+              reduction=reduction)
+
+
+def test_float32_large_classes(linear_backend):
+    # float32 sums over 50257 classes round differently in different GEMM blockings:
+    # ours must be no further from the float64 result than torch's float32 result is.
+    x, w, b, t = make(6, 24, 50257, dtype=torch.float32)
+    for fused, unfused in [(linclass.linear_cross_entropy, unfused_ce),
+                           (linclass.linear_multi_margin_loss, unfused_mm)]:
+        ours = grads_of(fused, x, w, b, t)
+        theirs = grads_of(unfused, x, w, b, t)
+        oracle = grads_of(unfused, x.double(), w.double(), b.double(), t)
+        for o, th, ref in zip((ours[0],) + ours[1], (theirs[0],) + theirs[1], (oracle[0],) + oracle[1]):
+            err = (o.double() - ref).abs().max()
+            assert err <= (th.double() - ref).abs().max() * 2 + 1e-6 * ref.abs().max(), err
+
+
+def test_noncontiguous_input_and_partial_grads(linear_backend):
+    x, w, b, t = make(20, 30, 9)
+    x = x[:, ::2]
+    w = w[:, ::2]
+    check(linclass.linear_cross_entropy, unfused_ce, x, w, b, t)
+    # only the weight takes a gradient (the classic linear classifier: X is data)
+    wl = w.clone().requires_grad_()
+    (g,) = torch.autograd.grad(linclass.linear_cross_entropy(x, wl, t, b), wl)
+    (ref,) = torch.autograd.grad(unfused_ce(x, wl, t, b), wl)
+    torch.testing.assert_close(g, ref)
+
+
+def test_vector_input(linear_backend):
+    x, w, b, t = make(1, 6, 4)
+    check(linclass.linear_cross_entropy, unfused_ce, x[0], w, b, t[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_relative_to_fp32(linear_backend, dtype):
+    x, w, b, t = make(48, 32, 500, dtype=torch.float32)
+    oracle = grads_of(unfused_ce, x, w, b, t)
+    ours = grads_of(linclass.linear_cross_entropy, x.to(dtype), w.to(dtype), b.to(dtype), t)
+    theirs = grads_of(unfused_ce, x.to(dtype), w.to(dtype), b.to(dtype), t)
+    for o, th, ref in zip((ours[0],) + ours[1], (theirs[0],) + theirs[1], (oracle[0],) + oracle[1]):
+        assert o.dtype == dtype
+        assert rel_error(o, ref) <= rel_error(th, ref) + 1e-2
+
+
+def test_deterministic_across_threads(linear_backend):
+    x, w, b, t = make(300, 20, 12, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in [threads, threads, 1]:
+            torch.set_num_threads(n)
+            results.append(grads_of(linclass.linear_cross_entropy, x, w, b, t, label_smoothing=0.1))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grads in results[1:]:
+        assert torch.equal(loss, results[0][0])
+        assert all(torch.equal(g, r) for g, r in zip(grads, results[0][1]))
+
+
+def test_no_score_matrix_is_allocated(linear_backend):
+    # N x C would be 2048 * 300 * 4 bytes; with blocks, nothing that large exists.
+    from torch.profiler import ProfilerActivity, profile
+
+    x, w, b, t = make(2048, 8, 300, dtype=torch.float32)
+    w = w.requires_grad_()
+    old = torch.ops.linclass._linear_block_rows(64)
+    from linclass.kernels import linear_loss as triton_linear
+
+    triton_linear.BLOCK_ROWS = 64
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            linclass.linear_cross_entropy(x, w, t, b).backward()
+    finally:
+        torch.ops.linclass._linear_block_rows(old)
+        triton_linear.BLOCK_ROWS = 0
+    biggest = max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+    assert biggest < 2048 * 300 * 4 // 4, biggest
+
+
+def test_errors(linear_backend):
+    x, w, b, t = make(4, 5, 3, dtype=torch.float32)
+    with pytest.raises(IndexError, match=r"target\[2\] = 7"):
+        linclass.linear_cross_entropy(x, w, torch.tensor([0, 1, 7, 2]), b)
+    with pytest.raises(RuntimeError, match="target"):
+        linclass.linear_multi_margin_loss(x, w, torch.tensor([0, 1, -1, 2]), b)
+    with pytest.raises(RuntimeError, match=r"weight must be \(C, D\)"):
+        linclass.linear_cross_entropy(x, w.t(), t, b)
+    with pytest.raises(RuntimeError, match="bias"):
+        linclass.linear_cross_entropy(x, w, t, torch.randn(4))
+    with pytest.raises(RuntimeError, match="dtype"):
+        linclass.linear_cross_entropy(x, w.double(), t, b)
+    with pytest.raises(ValueError, match="one class index per input row"):
+        linclass.linear_cross_entropy(x, w, t[:3], b)
+    with pytest.raises(ValueError, match="reduction"):
+        linclass.linear_cross_entropy(x, w, t, b, reduction="avg")
+    with pytest.raises(ValueError, match="p == 1"):
+        linclass.linear_multi_margin_loss(x, w, t, b, p=3)
+
+
+def _linear_ops(name):
+    ops = [getattr(torch.ops.linclass, name).default]
+    if linclass.backends.runs_on("triton", "cpu"):
+        ops.append(getattr(torch.ops.linclass, f"{name}_triton").default)
+    return ops
+
+
+@pytest.mark.parametrize("op", _linear_ops("linear_cross_entropy") + _linear_ops("linear_multi_margin_loss"), ids=str)
+def test_opcheck(op):
+    x, w, b, t = make(6, 4, 5)
+    extra = (-100, 0.1) if "cross_entropy" in str(op) else (2, 0.5)
+    for mask in ([True, True, True], [False, True, False]):
+        args = (x.requires_grad_(mask[0]), w.requires_grad_(mask[1]), b.requires_grad_(mask[2]), t,
+                *extra, 1, mask)
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph(linear_backend):
+    x, w, b, t = make(16, 8, 6, dtype=torch.float32)
+
+    def f(x, w, b):
+        return linclass.linear_cross_entropy(x, w, t, b) + linclass.linear_multi_margin_loss(x, w, t, b)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+    ref_leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+    compiled(*leaves).backward()
+    f(*ref_leaves).backward()
+    for a, r in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, r.grad)
+
+
+def test_modules_match_linear_plus_loss(linear_backend):
+    torch.manual_seed(0)
+    ours = linclass.nn.LinearCrossEntropyLoss(12, 7, label_smoothing=0.1)
+    linear = torch.nn.Linear(12, 7)
+    linear.load_state_dict(ours.state_dict())
+    x, t = torch.randn(30, 12), torch.randint(0, 7, (30,))
+    a = ours(x, t)
+    r = F.cross_entropy(linear(x), t, label_smoothing=0.1)
+    a.backward()
+    r.backward()
+    torch.testing.assert_close(a, r)
+    torch.testing.assert_close(ours.weight.grad, linear.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, linear.bias.grad)
+    svm = linclass.nn.LinearMultiMarginLoss(12, 7, bias=False, p=2)
+    torch.testing.assert_close(svm(x, t), F.multi_margin_loss(svm.scores(x), t, p=2))
