@@ -4,6 +4,9 @@
 # gpu-<device>.md / .json (plus the logs) into OUTDIR.  Meant to finish in under 8 minutes.
 #
 #   bench/gpu_check.sh OUTDIR
+#   bench/gpu_check.sh --tune OUTDIR        also sweep the Triton launch configurations
+#                                           (bench/tune_gpu.py, ~2 min) and benchmark with
+#                                           the fastest ones (OUTDIR/tuned.json)
 #   bench/gpu_check.sh --cpu-smoke OUTDIR   no GPU: the benchmark and report code on CPU
 #                                           (tiny shapes, Triton interpreter); the tests run this
 set -euo pipefail
@@ -17,7 +20,9 @@ if [ "${1:-}" = "--cpu-smoke" ]; then
   exit $?
 fi
 
-OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
+TUNE=0
+if [ "${1:-}" = "--tune" ]; then TUNE=1; shift; fi
+OUT=${1:?usage: bench/gpu_check.sh [--tune] OUTDIR}
 mkdir -p "$OUT"
 t0=$(date +%s)
 log() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
@@ -38,9 +43,16 @@ log "building linclass (sm_${arch/./})"
 
 log "GPU tests"
 set +e
-"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backends.py 2>&1 | tee "$OUT/tests.log" | tail -15
+"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backends.py --durations=8 2>&1 | tee "$OUT/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 set -e
+
+if [ "$TUNE" = 1 ]; then
+  log "Triton launch-configuration sweep"
+  "$PY" bench/tune_gpu.py --out "$OUT" > "$OUT/tune.log" 2>&1 || log "the sweep failed (see tune.log)"
+  grep -E "^(ce|mm) |^overhead|^tune_gpu" "$OUT/tune.log" || true
+  if [ -f "$OUT/tuned.json" ]; then export LINCLASS_TRITON_TUNED="$OUT/tuned.json"; fi
+fi
 
 log "GPU benchmarks"
 "$PY" bench/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60

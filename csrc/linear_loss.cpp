@@ -91,13 +91,17 @@ Grads empty_grads(const at::Tensor& input, const at::Tensor& weight, const Mask&
           mask[2] ? at::empty({weight.size(0)}, opts) : at::empty({0}, opts)};
 }
 
-// Accumulates dW, db over blocks in block order; float32 for low-precision inputs.
-// With `small` (float32, C <= kSmallGemmC, unit-stride rows of X and W) the products
-// use cpu/small_gemm.h instead of the BLAS.
+// Accumulates dW, db over blocks in block order; db in acc_type, dW too unless
+// `gemm_in_input_dtype` (the GPU: a float32 copy would turn the tensor-core GEMMs into
+// float32 ones; cuBLAS accumulates each block's product in float32 and rounds once per
+// block).  With `small` (float32, C <= kSmallGemmC, unit-stride rows of X and W) the
+// products use cpu/small_gemm.h instead of the BLAS.
 class GradAccumulator {
  public:
-  GradAccumulator(Grads& g, const Mask& mask, at::ScalarType acc_type, bool small = false)
-      : g_(g), mask_(mask), acc_type_(acc_type), low_(g.input.scalar_type() != acc_type),
+  GradAccumulator(Grads& g, const Mask& mask, at::ScalarType acc_type, bool small = false,
+                  bool gemm_in_input_dtype = false)
+      : g_(g), mask_(mask), acc_type_(acc_type),
+        low_(g.input.scalar_type() != acc_type && !gemm_in_input_dtype),
         small_(small) {}
 
   void add(const at::Tensor& dS, const at::Tensor& Xb, const at::Tensor& W, int64_t r0) {
@@ -143,7 +147,7 @@ class GradAccumulator {
       cpu::small_input_grad(s, C, W.const_data_ptr<float>(), W.stride(0),
                             g_.input.mutable_data_ptr<float>() + r0 * D, D, n, D, C);
     if (mask_[1]) {
-      cpu::small_weight_grad(s, C, Xb.const_data_ptr<float>(), Xb.stride(0),
+      cpu::small_weight_grad(s, C, Xb.const_data_ptr<float>(), Xb.stride(0), nullptr,
                              g_.weight.mutable_data_ptr<float>(), D, n, D, C, started_);
       started_ = true;
     }
@@ -180,7 +184,7 @@ double linear_blocks_cpu(const at::Tensor& X, const at::Tensor& W, const std::op
     const at::Tensor Xb = X.narrow(0, r0, n);
     if (small) {
       if constexpr (std::is_same_v<scalar_t, float>)
-        cpu::small_scores(Xb.const_data_ptr<float>(), X.stride(0), Wr.const_data_ptr<float>(), D,
+        cpu::small_scores(Xb.const_data_ptr<float>(), X.stride(0), nullptr, Wr.const_data_ptr<float>(), D,
                           b ? br.const_data_ptr<float>() : nullptr, Sb.mutable_data_ptr<float>(), C,
                           n, D, C);
     } else if (b) {
@@ -246,29 +250,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_multi_margin_l
 
 // The chunk's loss op is called through the dispatcher with reduction 'none', so that
 // the chunk's gradient is unscaled (grad_output = 1 per row); the reduction's scale is
-// applied here.  Low-precision scores go through the loss in float32, so the gradient
-// is rounded to bfloat16/float16 once, after scaling, as in the unfused composition.
+// applied here.  Scores stay in the input dtype (as in the unfused composition) so that
+// the GEMMs run on the tensor cores; the loss op accumulates in float32 and the chunk's
+// per-row losses are summed in float32.  A chunk holds up to 256 MiB of scores (and as
+// much of their gradient): few large chunks, because each re-reads and re-writes dW.
+int64_t device_block_rows(int64_t N, int64_t C, int64_t elem) {
+  if (const int64_t o = g_block_rows_override.load()) return std::max<int64_t>(1, o);
+  return std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(256) << 20) / std::max<int64_t>(1, C * elem)));
+}
+
 template <typename LossCall>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_chunks_device(
     const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& b,
     const at::Tensor& target, int64_t reduction, const at::Tensor& denom, Mask mask,
     LossCall&& loss_call) {
-  const int64_t N = X.size(0), D = X.size(1), C = W.size(0);
+  const int64_t N = X.size(0), C = W.size(0);
   const bool any_grad = mask[0] || mask[1] || mask[2];
   const auto acc_type = at::toOpMathType(X.scalar_type());
   Grads grads = empty_grads(X, W, mask);
-  GradAccumulator acc(grads, mask, acc_type);
+  GradAccumulator acc(grads, mask, acc_type, /*small=*/false, /*gemm_in_input_dtype=*/true);
   const at::Tensor scale = reduction == kMean ? denom.reciprocal() : at::ones({}, denom.options());
-  const int64_t BR = block_rows(N, D, C, X.element_size());
+  const int64_t BR = device_block_rows(N, C, X.element_size());
   const at::Tensor Wt = W.t();
   at::Tensor total = at::zeros({}, X.options().dtype(acc_type));
   for (int64_t r0 = 0; r0 < N; r0 += BR) {
     const int64_t n = std::min(BR, N - r0);
     const at::Tensor Xb = X.narrow(0, r0, n);
-    const at::Tensor S = (b ? at::addmm(*b, Xb, Wt) : at::mm(Xb, Wt)).to(acc_type);
+    at::Tensor S = b ? at::addmm(*b, Xb, Wt) : at::mm(Xb, Wt);
     auto [rows, dS] = loss_call(S, target.narrow(0, r0, n), any_grad);
-    total.add_(rows.sum());
-    if (any_grad) acc.add(dS.mul_(scale).to(X.scalar_type()), Xb, W, r0);
+    S.reset();  // the scores are consumed: free them before the GEMMs
+    total.add_(rows.sum(at::IntArrayRef{0}, false, acc_type));
+    if (any_grad) acc.add(dS.mul_(scale), Xb, W, r0);
   }
   acc.finish();
   const at::Tensor loss = (reduction == kMean ? total.div(denom) : total).to(X.scalar_type());

@@ -24,9 +24,13 @@ Two kernels: `_ce_tile_kernel` takes BLOCK_M rows of C <= BLOCK_C classes as one
 blocks with an online max / log-sum-exp, then a second pass for the gradient (large C).
 """
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from ._math import exp as _exp, log as _log
+from .tuning import loop_config, tile_config
 
 # C up to this goes through the one-tile kernel.
 TILE_MAX_C = 1024
@@ -42,14 +46,13 @@ def _ce_tile_kernel(
     X, G, T, W, LOSS, CONSTS,
     n_rows, C, inner,
     sxn, sxc, sxk, sgn, sgc, sgk,
-    ignore_index, keep, smooth,
+    ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCALE_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """BLOCK_M rows x BLOCK_C >= C classes in one tile (see the module docstring).
-
-    CONSTS holds (scale, W) on the device, so launching needs no host synchronization.
-    """
+    """BLOCK_M rows x BLOCK_C >= C classes in one tile (see the module docstring)."""
+    keep = tl.zeros([], ACC) + keep_hi + keep_lo
+    smooth = tl.zeros([], ACC) + smooth_hi + smooth_lo
     weight_sum = tl.load(CONSTS + 1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
@@ -65,13 +68,13 @@ def _ce_tile_kernel(
     x = tl.load(X + x_off[:, None] + cols[None, :] * sxc, mask=mask, other=float("-inf")).to(ACC)
     m = tl.max(x, 1)
     d = x - m[:, None]
-    e = tl.where(mask, tl.exp(d), 0.0)
+    e = tl.where(mask, _exp(d), 0.0)
     is_y = (cols[None, :] == y[:, None]) & mask
     s_excl = tl.sum(tl.where(is_y, 0.0, e), 1)
     e_y = tl.sum(tl.where(is_y, e, 0.0), 1)
     d_y = tl.sum(tl.where(is_y, d, 0.0), 1)
     s = s_excl + e_y
-    log_s = tl.log(s)
+    log_s = _log(s)
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)
         w_y = tl.sum(tl.where(is_y, w[None, :], 0.0), 1)
@@ -83,6 +86,8 @@ def _ce_tile_kernel(
         sum_wd = tl.sum(tl.where(mask, w[None, :] * d, 0.0), 1)
         loss += smooth * (weight_sum * log_s - sum_wd)
     loss = tl.where(valid, loss, tl.where(bad, float("nan"), 0.0))
+    if SCALE_LOSS:
+        loss *= tl.load(CONSTS)  # ignored rows: 0 * (1 / 0) = NaN when every row is ignored
     tl.store(LOSS + rows, loss, mask=row_ok)
 
     if COMPUTE_GRAD:
@@ -103,9 +108,9 @@ def _ce_loop_kernel(
     X, G, T, W, LOSS, CONSTS,
     n_rows, C, inner,
     sxn, sxc, sxk, sgn, sgc, sgk,
-    ignore_index, keep, smooth,
+    ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCALE_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One row per program, walked in BLOCK_C blocks (see the module docstring).
 
@@ -119,7 +124,10 @@ def _ce_loop_kernel(
     cols = tl.arange(0, BLOCK_C)
     if (y == ignore_index) | (y < 0) | (y >= C):
         fill = tl.where(y == ignore_index, 0.0, float("nan"))
-        tl.store(LOSS + row, fill)
+        if SCALE_LOSS:
+            tl.store(LOSS + row, fill * tl.load(CONSTS))  # NaN when every row is ignored
+        else:
+            tl.store(LOSS + row, fill)
         if COMPUTE_GRAD:
             for start in range(0, C, BLOCK_C):
                 c = start + cols
@@ -127,6 +135,8 @@ def _ce_loop_kernel(
         return
 
     acc: tl.constexpr = ACC
+    keep = tl.zeros([], acc) + keep_hi + keep_lo
+    smooth = tl.zeros([], acc) + smooth_hi + smooth_lo
     weight_sum = tl.load(CONSTS + 1)
     x_y = tl.load(x_base + y * sxc).to(acc)
     m = tl.full([], float("-inf"), acc)
@@ -140,8 +150,8 @@ def _ce_loop_kernel(
         x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf")).to(acc)
         m_new = tl.maximum(m, tl.max(x, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no shift
-        alpha = tl.exp(m - m_safe)
-        e = tl.where(ok, tl.exp(x - m_safe), 0.0)
+        alpha = _exp(m - m_safe)
+        e = tl.where(ok, _exp(x - m_safe), 0.0)
         s = s * alpha + tl.sum(e, 0)
         s_excl = s_excl * alpha + tl.sum(tl.where(c == y, 0.0, e), 0)
         if SMOOTHING:
@@ -158,11 +168,13 @@ def _ce_loop_kernel(
     else:
         w_y = tl.full([], 1.0, acc)
     d_y = x_y - m  # NaN when every score is -inf, as in torch
-    log_s = tl.log(s)
-    e_y = tl.exp(d_y)
+    log_s = _log(s)
+    e_y = _exp(d_y)
     loss = keep * w_y * (log_s - d_y)
     if SMOOTHING:
         loss += smooth * (weight_sum * log_s - sum_wd)
+    if SCALE_LOSS:
+        loss *= tl.load(CONSTS)
     tl.store(LOSS + row, loss)
 
     if COMPUTE_GRAD:
@@ -174,7 +186,7 @@ def _ce_loop_kernel(
             c = start + cols
             ok = c < C
             x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf")).to(acc)
-            g = a * tl.exp(x - m)
+            g = a * _exp(x - m)
             if SMOOTHING:
                 if HAS_WEIGHT:
                     g -= b * tl.load(W + c, mask=ok, other=0.0).to(acc)
@@ -218,21 +230,71 @@ def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def denominator(target, weight, ignore_index, classes, acc):
-    """(sum of target weights over the rows that are not ignored, W) as device scalars."""
-    flat = target.reshape(-1)
-    ignored = flat == ignore_index
-    if weight is None:
-        return (~ignored).sum().to(acc), torch.full((), float(classes), device=target.device, dtype=acc)
-    w = weight.to(acc)
-    w_y = w.gather(0, flat.clamp(0, max(classes - 1, 0))) if classes > 0 else torch.zeros_like(flat, dtype=acc)
-    return torch.where(ignored, 0.0, w_y).sum(), w.sum()
+@triton.jit
+def _ce_consts_kernel(T, W, CONSTS, n, C, ignore_index,
+                      MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """One program: CONSTS = (scale, W, denominator) for the launch that follows.
+
+    denominator = sum of w_y over the rows whose target is not ignore_index (their count
+    without a weight), W = sum_j w_j (C without a weight), scale = 1 / denominator for
+    'mean', else 1.  Out-of-range targets count with weight 0 (their rows are NaN anyway).
+    Summed in a fixed order: deterministic.
+    """
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], ACC)
+    for start in range(0, n, BLOCK):
+        i = start + offs
+        y = tl.load(T + i, mask=i < n, other=ignore_index)
+        keep = (i < n) & (y != ignore_index)
+        if HAS_WEIGHT:
+            inside = keep & (y >= 0) & (y < C)
+            acc += tl.load(W + y, mask=inside, other=0.0).to(ACC)
+        else:
+            acc += tl.where(keep, 1.0, 0.0).to(ACC)
+    denom = tl.sum(acc, 0)
+    if HAS_WEIGHT:
+        wacc = tl.zeros([BLOCK], ACC)
+        for start in range(0, C, BLOCK):
+            j = start + offs
+            wacc += tl.load(W + j, mask=j < C, other=0.0).to(ACC)
+        weight_sum = tl.sum(wacc, 0)
+    else:
+        weight_sum = tl.zeros([], ACC) + C
+    if MEAN:
+        scale = 1.0 / denom
+    else:
+        scale = tl.full([], 1.0, ACC)
+    tl.store(CONSTS, scale)
+    tl.store(CONSTS + 1, weight_sum)
+    tl.store(CONSTS + 2, denom)
 
 
-def launch(input, grad, target, weight, ignore_index, label_smoothing, scale, weight_sum):
-    """Run the kernels: per-row losses (float32/64) returned, gradient (times `scale`, a
-    device scalar) written to `grad` when it is not None.  `grad` may be `input` itself
-    (each program reads its rows before writing them), else contiguous in input's shape."""
+def split(v: float):
+    """v as two float32 kernel arguments hi + lo: Triton passes Python floats as float32,
+    and float64 kernels need v to double precision (hi + lo recovers it to ~2^-48)."""
+    hi = float(np.float32(v))
+    return hi, float(np.float32(v - hi))
+
+
+def consts(target, weight, ignore_index, classes, acc, mean):
+    """(scale, W, denominator) on the device, from one launch (no host synchronization)."""
+    out = torch.empty(3, device=target.device, dtype=acc)
+    n = target.numel()
+    block = min(4096, max(16, triton.next_power_of_2(max(n, classes if weight is not None else 1))))
+    _ce_consts_kernel[(1,)](target, weight if weight is not None else out, out, n, classes,
+                            ignore_index, MEAN=mean, HAS_WEIGHT=weight is not None,
+                            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block)
+    return out
+
+
+def launch(input, grad, target, weight, ignore_index, label_smoothing, const, scale_loss=False,
+           config=None):
+    """Run the kernels: per-row losses (float32/64; times const[0] with `scale_loss`)
+    returned, gradient (times const[0]) written to `grad` when it is not None.  `const`
+    is consts(...).  `grad` may be `input` itself (each program reads its rows before
+    writing them), else contiguous in input's shape.  `config` overrides tile_config /
+    loop_config (bench/tune_gpu.py)."""
     input, (outer, C, inner, sxn, sxc, sxk) = launch_geometry(input)
     target = target.contiguous()
     rows = outer * inner
@@ -240,40 +302,47 @@ def launch(input, grad, target, weight, ignore_index, label_smoothing, scale, we
     loss_rows = torch.empty(rows, device=input.device, dtype=acc)
     compute_grad = grad is not None
     _, _, _, sgn, sgc, sgk = _geometry(grad) if compute_grad else (0, 0, 0, 0, 0, 0)
-    consts = torch.stack([scale.to(acc), weight_sum.to(acc)])  # read on the device: no host sync
     smooth = label_smoothing / C if C > 0 else 0.0
     args = (input, grad if compute_grad else input, target, weight if weight is not None else input,
-            loss_rows, consts, rows, C, max(inner, 1), sxn, sxc, sxk, sgn, sgc, sgk,
-            ignore_index, 1.0 - label_smoothing, smooth)
+            loss_rows, const, rows, C, max(inner, 1), sxn, sxc, sxk, sgn, sgc, sgk,
+            ignore_index, *split(1.0 - label_smoothing), *split(smooth))
     meta = dict(HAS_WEIGHT=weight is not None, SMOOTHING=label_smoothing != 0.0,
-                COMPUTE_GRAD=compute_grad, ACC=tl.float64 if acc == torch.float64 else tl.float32)
+                COMPUTE_GRAD=compute_grad, SCALE_LOSS=scale_loss,
+                ACC=tl.float64 if acc == torch.float64 else tl.float32)
     if rows > 0:
         if C <= TILE_MAX_C:
             block_c = max(triton.next_power_of_2(C), 2)
-            block_m = max(1, min(64, 4096 // block_c))
+            block_m, warps = config or tile_config(C, "ce", input.element_size())
             _ce_tile_kernel[(triton.cdiv(rows, block_m),)](
-                *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+                *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         else:
-            block_c = min(triton.next_power_of_2(C), 8192 if input.element_size() <= 2 else 4096)
-            _ce_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=8)
+            block_c, warps = config or loop_config(C, input.element_size(), "ce")
+            _ce_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=warps)
     return loss_rows
 
 
 def cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction, compute_grad):
-    """Launcher behind linclass::cross_entropy_triton: returns (loss, grad) as the C++ op."""
+    """Launcher behind linclass::cross_entropy_triton: returns (loss, grad) as the C++ op.
+
+    Host work is kept to a few launches (consts, the loss kernel, one sum): at small C the
+    op's time is its host overhead."""
     acc = acc_dtype(input.dtype)
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
-    denom, weight_sum = denominator(target, weight, ignore_index, C, acc)
-    scale = 1.0 / denom if reduction == 1 else torch.ones((), device=input.device, dtype=acc)
+    const = consts(target, weight, ignore_index, C, acc, reduction == 1)
     grad = torch.empty_like(input, memory_format=torch.contiguous_format) if compute_grad else None
-    loss_rows = launch(input, grad, target, weight, ignore_index, label_smoothing, scale, weight_sum)
-    return (reduce_rows(loss_rows, reduction, denom, input.dtype, target.shape),
-            grad if compute_grad else input.new_empty((0,)))
-
-
-def reduce_rows(loss_rows, reduction, denom, dtype, shape):
-    """The op's loss from per-row losses: reshaped ('none'), summed, or summed / denom."""
+    loss_rows = launch(input, grad, target, weight, ignore_index, label_smoothing, const,
+                       scale_loss=reduction == 1)
     if reduction == 0:
-        return loss_rows.to(dtype).reshape(shape)
+        loss = loss_rows.to(input.dtype).reshape(target.shape)
+    else:
+        loss = sum_rows(loss_rows, input.dtype, const[0] if reduction == 1 else None)
+    return loss, grad if compute_grad else input.new_empty((0,))
+
+
+def sum_rows(loss_rows, dtype, scale=None):
+    """Sum of per-row losses (already scaled for 'mean'), in the input dtype.  With no
+    rows, 'mean' (`scale` = 1 / 0) gives 0 * inf = NaN, as torch does."""
     total = loss_rows.sum()
-    return (total if reduction == 2 else total / denom).to(dtype)
+    if scale is not None and loss_rows.numel() == 0:
+        total = total * scale
+    return total if total.dtype == dtype else total.to(dtype)

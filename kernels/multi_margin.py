@@ -15,15 +15,16 @@ float32 (float64 for float64 inputs) with int64 row offsets; a target outside [0
 gives its row a NaN loss and NaN gradient without any out-of-bounds access.
 
 `_mm_tile_kernel` takes BLOCK_M rows of C <= BLOCK_C classes as one tile;
-`_mm_loop_kernel` takes one row per program: a pass for the sums, a pass for the
-gradient.
+`_mm_loop_kernel` takes one row per program and walks it once in BLOCK_C blocks,
+writing dx_j as it goes and dx_y at the end.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import TILE_MAX_C, acc_dtype, reduce_rows
+from .cross_entropy import TILE_MAX_C, acc_dtype, split, sum_rows
+from .tuning import loop_config, tile_config
 
 
 @triton.jit
@@ -39,12 +40,14 @@ def _hinge(z, keep, P: tl.constexpr):
 
 @triton.jit
 def _mm_tile_kernel(
-    X, G, T, W, LOSS, SCALE,
-    n_rows, C, sxn, sxc, sgn, sgc, margin,
+    X, G, T, W, LOSS,
+    n_rows, C, sxn, sxc, sgn, sgc, margin_hi, margin_lo, scale_hi, scale_lo,
     P: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCALE_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """BLOCK_M rows x BLOCK_C >= C classes in one tile (see the module docstring)."""
+    margin = tl.zeros([], ACC) + margin_hi + margin_lo
+    scale = tl.zeros([], ACC) + scale_hi + scale_lo
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < n_rows
@@ -63,9 +66,11 @@ def _mm_tile_kernel(
     w_over_c = w_y / C
     h, d = _hinge(margin - x_y[:, None] + x, mask & ~is_y, P)
     loss = w_over_c * tl.sum(h, 1)
+    if SCALE_LOSS:
+        loss *= scale
     tl.store(LOSS + rows, tl.where(bad, float("nan"), loss), mask=row_ok)
     if COMPUTE_GRAD:
-        coef = tl.load(SCALE) * w_over_c
+        coef = scale * w_over_c
         g = coef[:, None] * d
         g = tl.where(is_y, -(coef * tl.sum(d, 1))[:, None], g)
         g = tl.where(bad[:, None], float("nan"), g)
@@ -74,12 +79,14 @@ def _mm_tile_kernel(
 
 @triton.jit
 def _mm_loop_kernel(
-    X, G, T, W, LOSS, SCALE,
-    n_rows, C, sxn, sxc, sgn, sgc, margin,
+    X, G, T, W, LOSS,
+    n_rows, C, sxn, sxc, sgn, sgc, margin_hi, margin_lo, scale_hi, scale_lo,
     P: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCALE_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One row per program, walked in BLOCK_C blocks (see the module docstring)."""
+    margin = tl.zeros([], ACC) + margin_hi + margin_lo
+    scale = tl.zeros([], ACC) + scale_hi + scale_lo
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(T + row)
     x_base = X + row * sxn
@@ -97,6 +104,7 @@ def _mm_loop_kernel(
         w_over_c = tl.load(W + y).to(ACC) / C
     else:
         w_over_c = tl.full([], 1.0, ACC) / C
+    coef = scale * w_over_c
     sum_h = tl.zeros([], ACC)
     sum_d = tl.zeros([], ACC)
     for start in range(0, C, BLOCK_C):
@@ -104,54 +112,63 @@ def _mm_loop_kernel(
         ok = c < C
         x = tl.load(x_base + c * sxc, mask=ok, other=0.0).to(ACC)
         h, d = _hinge(c_y + x, ok & (c != y), P)
+        if COMPUTE_GRAD:
+            # dx_j needs only x_j and x_y: written as the block is read (one pass).  The
+            # target's slot gets 0 here (d is 0 there) and dx_y after the loop.  Masking it
+            # out instead costs the stores their vectorization (seen on an H200: bf16 2x
+            # slower).
+            tl.store(g_base + c * sgc, (coef * d).to(G.dtype.element_ty), mask=ok)
         sum_h += tl.sum(h, 0)
         sum_d += tl.sum(d, 0)
-    tl.store(LOSS + row, w_over_c * sum_h)
+    loss = w_over_c * sum_h
+    if SCALE_LOSS:
+        loss *= scale
+    tl.store(LOSS + row, loss)
     if COMPUTE_GRAD:
-        coef = tl.load(SCALE) * w_over_c
-        g_y = -coef * sum_d
-        for start in range(0, C, BLOCK_C):
-            c = start + cols
-            ok = c < C
-            x = tl.load(x_base + c * sxc, mask=ok, other=0.0).to(ACC)
-            _, d = _hinge(c_y + x, ok & (c != y), P)
-            g = tl.where(c == y, g_y, coef * d)
-            tl.store(g_base + c * sgc, g.to(G.dtype.element_ty), mask=ok)
+        tl.debug_barrier()  # every thread's store of the target's slot comes first
+        tl.store(g_base + y * sgc, (-coef * sum_d).to(G.dtype.element_ty))
 
 
-def launch(input, grad, target, p, margin, weight, scale):
-    """Run the kernels on an (N, C) input: per-row losses returned, gradient (times
-    `scale`, a device scalar) written to `grad` (may be `input` itself; else contiguous)
-    when it is not None."""
+def launch(input, grad, target, p, margin, weight, scale, scale_loss=False, config=None):
+    """Run the kernels on an (N, C) input: per-row losses returned (times `scale`, a float,
+    with `scale_loss`), gradient (times `scale`) written to `grad` (may be `input` itself;
+    else contiguous) when it is not None.  `config` = (BLOCK_M or BLOCK_C, num_warps)
+    overrides the launch configuration (bench/tune_gpu.py)."""
     rows, C = input.shape
     target = target.contiguous()
     acc = acc_dtype(input.dtype)
     loss_rows = torch.empty(rows, device=input.device, dtype=acc)
     compute_grad = grad is not None
     args = (input, grad if compute_grad else input, target, weight if weight is not None else input,
-            loss_rows, scale.to(acc).reshape(1), rows, C, input.stride(0), input.stride(1),
-            grad.stride(0) if compute_grad else 0, grad.stride(1) if compute_grad else 0, margin)
+            loss_rows, rows, C, input.stride(0), input.stride(1),
+            grad.stride(0) if compute_grad else 0, grad.stride(1) if compute_grad else 0,
+            *split(margin), *split(scale))
     meta = dict(P=p, HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad,
-                ACC=tl.float64 if acc == torch.float64 else tl.float32)
+                SCALE_LOSS=scale_loss, ACC=tl.float64 if acc == torch.float64 else tl.float32)
     if rows > 0:
         if C <= TILE_MAX_C:
             block_c = max(triton.next_power_of_2(C), 2)
-            block_m = max(1, min(64, 4096 // block_c))
+            block_m, warps = config or tile_config(C, "mm", input.element_size())
             _mm_tile_kernel[(triton.cdiv(rows, block_m),)](
-                *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+                *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         else:
-            block_c = min(triton.next_power_of_2(C), 8192 if input.element_size() <= 2 else 4096)
-            _mm_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=8)
+            block_c, warps = config or loop_config(C, input.element_size(), "mm")
+            _mm_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=warps)
     return loss_rows
 
 
 def multi_margin_loss(input, target, p, margin, weight, reduction, compute_grad):
     """Launcher behind linclass::multi_margin_loss_triton: (N, C) input, (N,) target."""
     rows = input.shape[0]
-    acc = acc_dtype(input.dtype)
-    scale = torch.full((), 1.0 / rows if reduction == 1 and rows else 1.0, device=input.device, dtype=acc)
-    grad = torch.empty(input.shape, device=input.device, dtype=input.dtype) if compute_grad else None
-    loss_rows = launch(input, grad, target, p, margin, weight, scale)
+    mean = reduction == 1
     # torch divides the 'mean' of this loss by the number of rows (0/0 = NaN for none).
-    return (reduce_rows(loss_rows, reduction, float(rows), input.dtype, (rows,)),
-            grad if compute_grad else input.new_empty((0,)))
+    scale = (1.0 / rows if rows else float("nan")) if mean else 1.0
+    grad = torch.empty(input.shape, device=input.device, dtype=input.dtype) if compute_grad else None
+    loss_rows = launch(input, grad, target, p, margin, weight, scale, scale_loss=mean)
+    if reduction == 0:
+        loss = loss_rows.to(input.dtype)
+    elif rows == 0 and mean:
+        loss = torch.full((), float("nan"), device=input.device, dtype=input.dtype)
+    else:
+        loss = sum_rows(loss_rows, input.dtype)
+    return loss, grad if compute_grad else input.new_empty((0,))

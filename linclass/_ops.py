@@ -112,6 +112,31 @@ def _backward_linear_loss(ctx, grad_loss, *_):
     return tuple(grads) + (None,) * (ctx.n_inputs - 3)
 
 
+def _eager_fast_path(op, launcher, setup_context, backward):
+    """The registered Triton op under torch.compile (and for opcheck, which calls it
+    directly); in eager mode the same launcher and the same setup/backward through a
+    torch.autograd.Function, which skips custom_op's Python dispatch (measured on the
+    development CPU with a trivial launcher: 246 -> 130 us per forward + backward)."""
+    class _Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = launcher(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return _Eager.apply(*args)
+
+    call.op = op
+    return call
+
+
 # ---- op tables ---------------------------------------------------------------------
 
 # op family -> {backend: op}; filled for the backends that are built.
@@ -139,8 +164,7 @@ if HAS_TRITON:
     # fake-tensor path does not).  The kernels are imported on first call, after the
     # caller had the chance to set TRITON_INTERPRET.
 
-    @torch.library.custom_op("linclass::cross_entropy_triton", mutates_args=())
-    def cross_entropy_triton(input: Tensor, target: Tensor, weight: Optional[Tensor],
+    def _cross_entropy_triton(input: Tensor, target: Tensor, weight: Optional[Tensor],
                              ignore_index: int, label_smoothing: float, reduction: int,
                              compute_grad: bool) -> tuple[Tensor, Tensor]:
         from .kernels import cross_entropy as kernel
@@ -148,16 +172,14 @@ if HAS_TRITON:
         return kernel.cross_entropy(input, target, weight, ignore_index, label_smoothing,
                                     reduction, compute_grad)
 
-    @torch.library.custom_op("linclass::multi_margin_loss_triton", mutates_args=())
-    def multi_margin_loss_triton(input: Tensor, target: Tensor, p: int, margin: float,
+    def _multi_margin_loss_triton(input: Tensor, target: Tensor, p: int, margin: float,
                                  weight: Optional[Tensor], reduction: int,
                                  compute_grad: bool) -> tuple[Tensor, Tensor]:
         from .kernels import multi_margin as kernel
 
         return kernel.multi_margin_loss(input, target, p, margin, weight, reduction, compute_grad)
 
-    @torch.library.custom_op("linclass::linear_cross_entropy_triton", mutates_args=())
-    def linear_cross_entropy_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor],
+    def _linear_cross_entropy_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor],
                                     target: Tensor, ignore_index: int, label_smoothing: float,
                                     reduction: int, output_mask: list[bool]
                                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -166,8 +188,7 @@ if HAS_TRITON:
         return kernel.linear_cross_entropy(input, weight, bias, target, ignore_index,
                                            label_smoothing, reduction, output_mask)
 
-    @torch.library.custom_op("linclass::linear_multi_margin_loss_triton", mutates_args=())
-    def linear_multi_margin_loss_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor],
+    def _linear_multi_margin_loss_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor],
                                         target: Tensor, p: int, margin: float, reduction: int,
                                         output_mask: list[bool]
                                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -176,6 +197,11 @@ if HAS_TRITON:
         return kernel.linear_multi_margin_loss(input, weight, bias, target, p, margin, reduction,
                                                output_mask)
 
+    cross_entropy_triton, multi_margin_loss_triton, linear_cross_entropy_triton, \
+        linear_multi_margin_loss_triton = (
+            torch.library.custom_op(f"linclass::{fn.__name__[1:]}", mutates_args=())(fn)
+            for fn in (_cross_entropy_triton, _multi_margin_loss_triton,
+                       _linear_cross_entropy_triton, _linear_multi_margin_loss_triton))
     for _op in (cross_entropy_triton, multi_margin_loss_triton):
         _op.register_fake(_fake_fused_loss)
         _op.register_autograd(_backward_fused_loss, setup_context=_setup_fused_loss)
@@ -183,7 +209,14 @@ if HAS_TRITON:
         _op.register_fake(_fake_linear_loss)
         _op.register_autograd(_backward_linear_loss, setup_context=_setup_linear_loss)
     lc = torch.ops.linclass
-    CROSS_ENTROPY["triton"] = lc.cross_entropy_triton.default
-    MULTI_MARGIN_LOSS["triton"] = lc.multi_margin_loss_triton.default
-    LINEAR_CROSS_ENTROPY["triton"] = lc.linear_cross_entropy_triton.default
-    LINEAR_MULTI_MARGIN_LOSS["triton"] = lc.linear_multi_margin_loss_triton.default
+    CROSS_ENTROPY["triton"] = _eager_fast_path(lc.cross_entropy_triton.default, _cross_entropy_triton,
+                                               _setup_fused_loss, _backward_fused_loss)
+    MULTI_MARGIN_LOSS["triton"] = _eager_fast_path(
+        lc.multi_margin_loss_triton.default, _multi_margin_loss_triton, _setup_fused_loss,
+        _backward_fused_loss)
+    LINEAR_CROSS_ENTROPY["triton"] = _eager_fast_path(
+        lc.linear_cross_entropy_triton.default, _linear_cross_entropy_triton, _setup_linear_loss,
+        _backward_linear_loss)
+    LINEAR_MULTI_MARGIN_LOSS["triton"] = _eager_fast_path(
+        lc.linear_multi_margin_loss_triton.default, _linear_multi_margin_loss_triton,
+        _setup_linear_loss, _backward_linear_loss)

@@ -162,3 +162,78 @@ def test_opcheck_and_compile_on_cuda(gpu_backend):
     f(xa, t).backward()
     (linclass.cross_entropy(xb, t) + linclass.multi_margin_loss(xb, t)).backward()
     torch.testing.assert_close(xa.grad, xb.grad)
+
+
+# ---- fused linear + loss on the GPU (Triton loss on chunked GEMMs; CUDA composes cuBLAS) ----
+
+def _linear_both(fused, unfused, x, w, b, t, **kw):
+    """Forward and all three gradients of the fused op against the torch composition."""
+    ins = [leaf(v) if v is not None else None for v in (x, w, b)]
+    ref = [leaf(v) if v is not None else None for v in (x, w, b)]
+    out = fused(ins[0], ins[1], t, bias=ins[2], **kw)
+    exp = unfused(F.linear(ref[0], ref[1], ref[2]), t, **kw)
+    out.backward()
+    exp.backward()
+    return out, exp, [(a.grad, e.grad) for a, e in zip(ins, ref) if a is not None]
+
+
+@pytest.mark.parametrize("n,d,c", [(1, 1, 1), (7, 5, 3), (33, 70, 17), (300, 64, 1000), (9, 32, 50257)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_losses_match_torch(gpu_backend, n, d, c, bias):
+    x = torch.randn(n, d, device="cuda", dtype=torch.float64)
+    w = torch.randn(d, c, device="cuda", dtype=torch.float64).t()  # (C, D) view of a (D, C) W
+    b = torch.randn(c, device="cuda", dtype=torch.float64) if bias else None
+    t = torch.randint(0, c, (n,), device="cuda")
+    t[0] = -100 if n > 1 else t[0]
+    cases = [(linclass.linear_cross_entropy, F.cross_entropy, dict(label_smoothing=0.1)),
+             (linclass.linear_cross_entropy, F.cross_entropy, dict(reduction="sum")),
+             (linclass.linear_multi_margin_loss, F.multi_margin_loss, dict(p=2, margin=0.5))]
+    for fused, unfused, kw in cases:
+        tt = t.clamp(min=0) if fused is linclass.linear_multi_margin_loss else t
+        out, exp, grads = _linear_both(fused, unfused, x, w, b, tt, **kw)
+        torch.testing.assert_close(out, exp)
+        for g, e in grads:
+            torch.testing.assert_close(g, e)
+
+
+def test_linear_cross_entropy_bf16_error_relative_to_fp32(gpu_backend):
+    n, d, c = 512, 256, 32000
+    x32 = torch.randn(n, d, device="cuda")
+    w32 = torch.randn(c, d, device="cuda") * 0.05
+    t = torch.randint(0, c, (n,), device="cuda")
+    oracle = _linear_both(linclass.linear_cross_entropy, F.cross_entropy, x32, w32, None, t)[1]
+    xb, wb = x32.bfloat16(), w32.bfloat16()
+    ours = linclass.linear_cross_entropy(xb, wb, t).float()
+    theirs = F.cross_entropy(F.linear(xb, wb), t).float()
+    assert (ours - oracle).abs() <= (theirs - oracle).abs() + 2e-3 * oracle.abs()
+
+
+def test_linear_cross_entropy_memory_is_bounded(gpu_backend):
+    # The unfused scores alone would be 4 GiB (and their gradient as much again); the fused
+    # op holds one chunk (<= 512 MiB of scores) besides the gradients it returns.
+    n, d, c = 16384, 256, 65536
+    x = torch.randn(n, d, device="cuda", requires_grad=True)
+    w = (torch.randn(c, d, device="cuda") * 0.02).requires_grad_()
+    t = torch.randint(0, c, (n,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    linclass.linear_cross_entropy(x, w, t).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - (x.numel() + w.numel()) * 4
+    assert extra < 0.2 * n * c * 4, extra / 2**20
+
+
+def test_linear_opcheck_and_compile_on_cuda(gpu_backend):
+    x = torch.randn(16, 24, device="cuda", requires_grad=True)
+    w = torch.randn(300, 24, device="cuda", requires_grad=True)
+    b = torch.randn(300, device="cuda", requires_grad=True)
+    t = torch.randint(0, 300, (16,), device="cuda")
+    f = torch.compile(lambda x, w, b, t: linclass.linear_cross_entropy(x, w, t, bias=b)
+                      + linclass.linear_multi_margin_loss(x, w, t, bias=b), fullgraph=True)
+    a, e = [leaf(v) for v in (x, w, b)], [leaf(v) for v in (x, w, b)]
+    f(*a, t).backward()
+    (linclass.linear_cross_entropy(e[0], e[1], t, bias=e[2])
+     + linclass.linear_multi_margin_loss(e[0], e[1], t, bias=e[2])).backward()
+    for u, v in zip(a, e):
+        torch.testing.assert_close(u.grad, v.grad)

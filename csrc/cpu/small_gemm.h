@@ -26,10 +26,15 @@ constexpr int64_t kSmallGemmC = 12;
 constexpr int64_t kSmallGemmChunk = 512;
 // Rows of X prefetched ahead within a chunk.
 constexpr int64_t kPrefetchRows = 4;
+// Rows of X read together by the weight gradient.
+constexpr int64_t kGroupRows = 8;
 
 namespace detail {
 
 using VF = Vec<float>;
+
+// Row r of X, or row index[r] when the rows are gathered by an index.
+inline int64_t row(const int64_t* index, int64_t r) { return index ? index[r] : r; }
 
 // Row pointers of the NC rows of a row-major matrix (kept in registers by the loops).
 template <int NC>
@@ -41,8 +46,9 @@ struct Rows {
 };
 
 template <int NC>
-void scores(const float* X, int64_t ldx, const float* W, int64_t ldw, const float* b, float* S,
-            int64_t lds, int64_t n, int64_t D) {
+void scores(const float* X, int64_t ldx, const int64_t* index, const int64_t* next_index,
+            const float* W, int64_t ldw, const float* b, float* S, int64_t lds, int64_t n,
+            int64_t D) {
   constexpr int64_t L = VF::size();
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [=](int64_t r0, int64_t r1) {
     // Per-row vector partial sums, carried from one column chunk to the next.
@@ -52,9 +58,15 @@ void scores(const float* X, int64_t ldx, const float* W, int64_t ldw, const floa
       const int64_t full = j0 + (j1 - j0) / L * L;
       const Rows<NC> w(W, ldw);
       for (int64_t r = r0; r < r1; ++r) {
-        const float* x = X + r * ldx;
-        if (r + kPrefetchRows < r1)  // strided segments: the hardware prefetchers miss them
-          for (int64_t j = j0; j < j1; j += 16) __builtin_prefetch(x + kPrefetchRows * ldx + j, 0, 1);
+        const float* x = X + row(index, r) * ldx;
+        if (r + kPrefetchRows < r1) {  // strided or gathered segments: prefetchers miss them
+          const float* ahead = X + row(index, r + kPrefetchRows) * ldx;
+          for (int64_t j = j0; j < j1; j += 16) __builtin_prefetch(ahead + j, 0, 1);
+        }
+        if (next_index) {  // the next SGD minibatch's row, while this one computes
+          const float* next = X + next_index[r] * ldx;
+          for (int64_t j = j0; j < j1; j += 16) __builtin_prefetch(next + j, 0, 1);
+        }
         VF* p = part.data() + (r - r0) * NC;
         VF acc[NC];
         for (int c = 0; c < NC; ++c) acc[c] = p[c];
@@ -77,29 +89,30 @@ void scores(const float* X, int64_t ldx, const float* W, int64_t ldw, const floa
 }
 
 template <int NC>
-void weight_grad(const float* dS, int64_t lds, const float* X, int64_t ldx, float* dW, int64_t ldw,
-                 int64_t n, int64_t D, bool accumulate) {
+void weight_grad(const float* dS, int64_t lds, const float* X, int64_t ldx, const int64_t* index,
+                 float* dW, int64_t ldw, int64_t n, int64_t D, bool accumulate) {
   constexpr int64_t L = VF::size();
   const int64_t chunks = (D + L - 1) / L;
+  // Rows in groups of kGroupRows: within a group each chunk of dW is loaded once and the
+  // group's rows are read as kGroupRows sequential streams (prefetcher-friendly, also
+  // when they are gathered); groups and rows are added in order: deterministic.
   at::parallel_for(0, chunks, std::max<int64_t>(1, 64 / std::max<int64_t>(n, 1)), [=](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t j = k * L, m = std::min<int64_t>(L, D - j);
-      VF acc[NC];
-      for (int c = 0; c < NC; ++c) acc[c] = accumulate ? VF::loadu(dW + c * ldw + j, m) : VF(0.f);
-      const float* x = X + j;
-      const float* s = dS;
-      if (m == L) {
-        for (int64_t r = 0; r < n; ++r, x += ldx, s += lds) {  // in row order: deterministic
-          const VF xv = VF::loadu(x);
+    for (int64_t g0 = 0; g0 < n; g0 += kGroupRows) {
+      const int64_t g1 = std::min(n, g0 + kGroupRows);
+      const float* x[kGroupRows];
+      for (int64_t r = g0; r < g1; ++r) x[r - g0] = X + row(index, r) * ldx;
+      const bool first = !accumulate && g0 == 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t j = k * L, m = std::min<int64_t>(L, D - j);
+        VF acc[NC];
+        for (int c = 0; c < NC; ++c) acc[c] = first ? VF(0.f) : VF::loadu(dW + c * ldw + j, m);
+        for (int64_t r = g0; r < g1; ++r) {
+          const VF xv = m == L ? VF::loadu(x[r - g0] + j) : VF::loadu(x[r - g0] + j, m);
+          const float* s = dS + r * lds;
           for (int c = 0; c < NC; ++c) acc[c] = at::vec::fmadd(VF(s[c]), xv, acc[c]);
         }
-      } else {
-        for (int64_t r = 0; r < n; ++r, x += ldx, s += lds) {
-          const VF xv = VF::loadu(x, m);
-          for (int c = 0; c < NC; ++c) acc[c] = at::vec::fmadd(VF(s[c]), xv, acc[c]);
-        }
+        for (int c = 0; c < NC; ++c) acc[c].store(dW + c * ldw + j, m);
       }
-      for (int c = 0; c < NC; ++c) acc[c].store(dW + c * ldw + j, m);
     }
   });
 }
@@ -165,13 +178,18 @@ struct InputGrad {
 }  // namespace detail
 
 // Row-major operands with unit stride along D (rows of X, W, dX; ld* are row strides).
-inline void small_scores(const float* X, int64_t ldx, const float* W, int64_t ldw, const float* b,
-                         float* S, int64_t lds, int64_t n, int64_t D, int64_t C) {
-  detail::with_classes<detail::Scores>(C, X, ldx, W, ldw, b, S, lds, n, D);
+// `index` (may be null) gathers the rows of X: row r is X[index[r]] (the SGD minibatch,
+// read in place instead of copied).
+// `next_index` (may be null, else n entries) names rows to prefetch meanwhile.
+inline void small_scores(const float* X, int64_t ldx, const int64_t* index, const float* W,
+                         int64_t ldw, const float* b, float* S, int64_t lds, int64_t n, int64_t D,
+                         int64_t C, const int64_t* next_index = nullptr) {
+  detail::with_classes<detail::Scores>(C, X, ldx, index, next_index, W, ldw, b, S, lds, n, D);
 }
-inline void small_weight_grad(const float* dS, int64_t lds, const float* X, int64_t ldx, float* dW,
-                              int64_t ldw, int64_t n, int64_t D, int64_t C, bool accumulate) {
-  detail::with_classes<detail::WeightGrad>(C, dS, lds, X, ldx, dW, ldw, n, D, accumulate);
+inline void small_weight_grad(const float* dS, int64_t lds, const float* X, int64_t ldx,
+                              const int64_t* index, float* dW, int64_t ldw, int64_t n, int64_t D,
+                              int64_t C, bool accumulate) {
+  detail::with_classes<detail::WeightGrad>(C, dS, lds, X, ldx, index, dW, ldw, n, D, accumulate);
 }
 inline void small_input_grad(const float* dS, int64_t lds, const float* W, int64_t ldw, float* dX,
                              int64_t ldx, int64_t n, int64_t D, int64_t C) {

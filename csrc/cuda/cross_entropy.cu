@@ -26,6 +26,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cub/block/block_reduce.cuh>
+
 #include "common.cuh"
 
 namespace linclass {
@@ -93,6 +95,35 @@ __global__ void cross_entropy_kernel(const scalar_t* __restrict__ x, scalar_t* _
   }
 }
 
+// (scale, W, denominator) for the loss kernel: denominator = sum of w_y over the rows
+// that are not ignored (their count without a weight; out-of-range targets count 0, their
+// rows are NaN anyway), W = sum_j w_j (C without a weight), scale = 1 / denominator for
+// 'mean', else 1.  One block, fixed reduction order: deterministic.
+constexpr int kConstsThreads = 512;
+
+template <typename scalar_t, typename acc_t>
+__global__ void consts_kernel(const int64_t* __restrict__ target, const scalar_t* __restrict__ weight,
+                              acc_t* __restrict__ out, int64_t n, int64_t C, int64_t ignore_index,
+                              bool mean) {
+  using Reduce = cub::BlockReduce<acc_t, kConstsThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  acc_t d = 0, w = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kConstsThreads) {
+    const int64_t y = target[i];
+    if (y != ignore_index) d += weight ? (y >= 0 && y < C ? acc_t(weight[y]) : acc_t(0)) : acc_t(1);
+  }
+  if (weight)
+    for (int64_t j = threadIdx.x; j < C; j += kConstsThreads) w += acc_t(weight[j]);
+  const acc_t denom = Reduce(tmp).Sum(d);
+  __syncthreads();
+  const acc_t wsum = Reduce(tmp).Sum(w);
+  if (threadIdx.x == 0) {
+    out[0] = mean ? acc_t(1) / denom : acc_t(1);
+    out[1] = weight ? wsum : acc_t(C);
+    out[2] = denom;
+  }
+}
+
 template <typename scalar_t, typename acc_t, int TPR>
 void launch(const at::Tensor& input, at::Tensor& grad, const at::Tensor& target,
             const std::optional<at::Tensor>& weight, at::Tensor& loss_rows, const at::Tensor& consts,
@@ -137,21 +168,16 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& input_, 
   const RowGeometry gg = compute_grad ? *row_geometry(grad) : RowGeometry{};
   at::Tensor loss_rows = at::empty({rows}, input.options().dtype(acc_type));
 
-  // 'mean' divides by the summed weight of the rows that are not ignored.
-  const at::Tensor flat = target.reshape({-1});
-  const at::Tensor kept = flat.ne(ignore_index);
-  at::Tensor denom, weight_sum;
-  if (weight.has_value()) {
-    const at::Tensor w = weight->to(acc_type);
-    const at::Tensor w_y = C > 0 ? w.gather(0, flat.clamp(0, C - 1)) : at::zeros_like(flat, w.options());
-    denom = at::where(kept, w_y, at::zeros({}, w.options())).sum();
-    weight_sum = w.sum();
-  } else {
-    denom = kept.sum().to(acc_type);
-    weight_sum = at::full({}, double(C), loss_rows.options());
-  }
-  const at::Tensor scale = reduction == kMean ? denom.reciprocal() : at::ones({}, loss_rows.options());
-  const at::Tensor consts = at::stack({scale, weight_sum});
+  // consts = (scale, W, denominator), computed on the device by one small launch.
+  const at::Tensor consts = at::empty({3}, loss_rows.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_consts", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* wp = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
+    cuda::consts_kernel<scalar_t, acc_t><<<1, cuda::kConstsThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        target.const_data_ptr<int64_t>(), wp, consts.mutable_data_ptr<acc_t>(), target.numel(), C,
+        ignore_index, reduction == kMean);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 
   if (rows > 0) {
     const auto cfg = cuda::launch_for(C);
@@ -171,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& input_, 
   else if (reduction == kSum)
     loss = loss_rows.sum().to(input.scalar_type());
   else
-    loss = loss_rows.sum().div(denom).to(input.scalar_type());
+    loss = loss_rows.sum().div(consts[2]).to(input.scalar_type());
   return {loss, grad};
 }
 

@@ -1,0 +1,60 @@
+"""Launch configurations of the Triton loss kernels.
+
+MEASURED holds the fastest correct configuration per "<family> <C> <element size>" found
+by bench/tune_gpu.py on an NVIDIA H200 (triton 3.6; bench/results/tune-NVIDIA-H200.md has
+every candidate's time).  Other shapes use the rules in tile_config / loop_config, read
+off the same sweep.  LINCLASS_TRITON_TUNED=<tuned.json> (written by bench/tune_gpu.py on
+another GPU) takes precedence.
+"""
+
+import json
+import os
+
+import triton
+
+MEASURED: dict = {
+    "ce 10 4": (64, 8),
+    "mm 10 4": (16, 4),
+    "ce 10 2": (128, 4),
+    "mm 10 2": (64, 2),
+    "ce 32000 4": (8192, 16),
+    "mm 32000 4": (2048, 8),
+    "ce 32000 2": (2048, 4),
+    "mm 32000 2": (2048, 8),
+    "ce 128256 4": (8192, 16),
+    "mm 128256 4": (2048, 16),
+    "ce 128256 2": (2048, 4),
+    "mm 128256 2": (2048, 8),
+}
+
+
+def _from_env():
+    path = os.environ.get("LINCLASS_TRITON_TUNED")
+    if not path:
+        return {}
+    with open(path) as f:
+        return {k: tuple(v) for k, v in json.load(f).items()}
+
+
+TUNED = {**{k: tuple(v) for k, v in MEASURED.items()}, **_from_env()}
+
+
+def tile_config(C, family="ce", elem=4):
+    """(BLOCK_M rows per program, num_warps) of the one-tile kernels (C <= TILE_MAX_C)."""
+    block_c = max(triton.next_power_of_2(C), 2)
+    return TUNED.get(f"{family} {C} {elem}") or (max(1, min(64, 4096 // block_c)), 4)
+
+
+def loop_config(C, elem, family="ce"):
+    """(BLOCK_C, num_warps) of the row-loop kernels (large C).  From the H200 sweep:
+    cross-entropy (two passes over a row) likes 2048-wide bf16 blocks and 8192-wide
+    float32 blocks with 16 warps; the one-pass hinge 2048-wide blocks with 8 warps."""
+    if f"{family} {C} {elem}" in TUNED:
+        return TUNED[f"{family} {C} {elem}"]
+    if family == "mm":
+        block, warps = 2048, 8
+    elif elem <= 2:
+        block, warps = 2048, 4
+    else:
+        block, warps = (8192, 16) if elem == 4 else (4096, 8)
+    return min(triton.next_power_of_2(C), block), warps
