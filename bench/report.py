@@ -30,6 +30,13 @@ SPEEDUP_TARGETS = {
     ("linear_multi_margin_loss 40000x3073x10", "linclass[cpp]"): 1.5,
     ("linear_cross_entropy 4096x1024x32000", "linclass[cpp]"): 1.0,
     ("linear_multi_margin_loss 4096x1024x32000", "linclass[cpp]"): 1.0,
+    # the classifier workflow (bench/test_bench_train.py): "torch" is the seed-style loop
+    ("train LinearSVM 1500it 40000x3073", "linclass[cpp]"): 4,
+    ("sweep 25 configs 40000x3073", "linclass[sweep]"): 10,
+}
+# (group, impl) -> (minimum speed-up, over this other impl of the group)
+RELATIVE_TARGETS = {
+    ("sweep 25 configs 40000x3073", "linclass[sweep]"): (2, "linclass[sequential]"),
 }
 # (group, impl) -> largest peak extra memory as a fraction of torch's in the group.
 MEMORY_TARGETS = {
@@ -106,6 +113,12 @@ def report(data, groups):
             if target and torch_t:
                 got = torch_t / r["median"]
                 checks.append((f"{group}: {impl} vs torch", f">= {target}x", f"{got:.1f}x", got >= target))
+            if (group, impl) in RELATIVE_TARGETS:
+                want, other = RELATIVE_TARGETS[(group, impl)]
+                if other in rows:
+                    got = rows[other]["median"] / r["median"]
+                    checks.append((f"{group}: {impl} vs {other}", f">= {want}x", f"{got:.1f}x",
+                                   got >= want))
             mem_target = MEMORY_TARGETS.get((group, impl))
             torch_mem = rows.get("torch", {}).get("peak_mb")
             if mem_target and torch_mem and r["peak_mb"] is not None:

@@ -1,0 +1,173 @@
+"""A two-layer ReLU network with a softmax loss, in the classic assignment's API.
+
+    scores = relu(X W1 + b1) W2 + b2,   loss = mean_i CE(scores_i, y_i) + reg (|W1|^2 + |W2|^2)
+
+The last layer and the loss are one call of linclass.linear_cross_entropy: the scores and
+d loss / d scores are made a block of rows at a time and never stored whole; dW2, db2 and
+d loss / d hidden come back from that call, and the first layer's gradients follow by hand.
+Everything follows the tensors' device and dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .functional import linear_cross_entropy
+from .linear_classifier import _accuracy, sample_batch
+from .utils import default_device, load_checkpoint
+
+PARAM_KEYS = ("W1", "b1", "W2", "b2")
+
+
+def nn_forward_pass(params: dict, X: torch.Tensor):
+    """(scores (N, C), hidden (N, H)) of the network for X (N, D)."""
+    hidden = torch.relu(torch.addmm(params["b1"], X, params["W1"]))
+    scores = torch.addmm(params["b2"], hidden, params["W2"])
+    return scores, hidden
+
+
+def nn_forward_backward(params: dict, X: torch.Tensor, y: torch.Tensor | None = None,
+                        reg: float = 0.0):
+    """Scores when y is None, else (loss, grads) with grads for W1, b1, W2, b2.
+
+    loss = mean softmax cross-entropy + reg * (sum W1^2 + sum W2^2); biases are not
+    regularized."""
+    W1, b1, W2, b2 = (params[k] for k in PARAM_KEYS)
+    hidden = torch.relu(torch.addmm(b1, X, W1))
+    if y is None:
+        return torch.addmm(b2, hidden, W2)
+    with torch.enable_grad():
+        h = hidden.detach().requires_grad_()
+        w2t = W2.detach().t().requires_grad_()  # (C, H) view of W2, no copy
+        b2_ = b2.detach().requires_grad_()
+        data_loss = linear_cross_entropy(h, w2t, y, bias=b2_)
+        dh, dw2t, db2 = torch.autograd.grad(data_loss, (h, w2t, b2_))
+    loss = data_loss.detach() + reg * (W1.pow(2).sum() + W2.pow(2).sum())
+    dh = dh.masked_fill_(hidden <= 0, 0.0)  # through the ReLU
+    grads = {
+        "W1": torch.addmm(W1, X.t(), dh, beta=2 * reg),
+        "b1": dh.sum(0),
+        "W2": dw2t.t() + 2 * reg * W2,
+        "b2": db2,
+    }
+    return loss, grads
+
+
+def nn_predict(params: dict, loss_func, X: torch.Tensor) -> torch.Tensor:
+    """Predicted class per row of X (argmax of the scores)."""
+    return loss_func(params, X).argmax(dim=1)
+
+
+def nn_train(params: dict, loss_func, pred_func, X, y, X_val, y_val, learning_rate=1e-3,
+             learning_rate_decay=0.95, reg=5e-6, num_iters=100, batch_size=200, verbose=False,
+             progress=None):
+    """Minibatch SGD.  Once per epoch (max(num_train // batch_size, 1) iterations, and at
+    iteration 0) it records the minibatch's and the validation accuracy, then decays the
+    learning rate.  Returns {"loss_history", "train_acc_history", "val_acc_history"}
+    (accuracies as fractions, as in the classic code).  `progress(it)` is called after
+    each iteration when given (the CLI's progress bar)."""
+    num_train = X.shape[0]
+    per_epoch = max(num_train // batch_size, 1)
+    loss_history, train_acc_history, val_acc_history = [], [], []
+    for it in range(num_iters):
+        X_batch, y_batch = sample_batch(X, y, num_train, batch_size)
+        loss, grads = loss_func(params, X_batch, y=y_batch, reg=reg)
+        loss_history.append(loss.item())
+        for key in PARAM_KEYS:
+            params[key].add_(grads[key], alpha=-learning_rate)
+        if verbose and it % 100 == 0:
+            print(f"iteration {it} / {num_iters}: loss {loss.item():f}")
+        if it % per_epoch == 0:
+            train_acc = (pred_func(params, loss_func, X_batch) == y_batch).float().mean().item()
+            val_acc = (pred_func(params, loss_func, X_val) == y_val).float().mean().item()
+            train_acc_history.append(train_acc)
+            val_acc_history.append(val_acc)
+            learning_rate *= learning_rate_decay
+        if progress is not None:
+            progress(it)
+    return {"loss_history": loss_history, "train_acc_history": train_acc_history,
+            "val_acc_history": val_acc_history}
+
+
+def nn_get_search_params():
+    """(hidden_sizes, regularization_strengths, learning_rates, learning_rate_decays) of
+    the default search, chosen on the CIFAR-10 validation split (see the README)."""
+    hidden_sizes = [1024]
+    regularization_strengths = [1e-4, 3e-4]
+    learning_rates = [0.3, 0.6]
+    learning_rate_decays = [0.97]
+    return hidden_sizes, regularization_strengths, learning_rates, learning_rate_decays
+
+
+SEARCH_ITERS = 4000
+
+
+def find_best_net(data_dict: dict, get_param_set_fn, num_iters: int = SEARCH_ITERS,
+                  batch_size: int = 200, seed: int = 0, progress=None):
+    """Train one net per configuration of get_param_set_fn() and keep the best on the
+    validation split.  Returns (best_net, best_stat, best_val_acc), best_val_acc in
+    percent.  `progress(done, total, config, val_acc)` is called after each run."""
+    X_train, y_train = data_dict["X_train"], data_dict["y_train"]
+    X_val, y_val = data_dict["X_val"], data_dict["y_val"]
+    hidden_sizes, regs, lrs, decays = get_param_set_fn()
+    configs = [(h, r, lr, d) for h in hidden_sizes for r in regs for lr in lrs for d in decays]
+    best_net, best_stat, best_val_acc = None, None, -1.0
+    C = int(max(y_train.max(), y_val.max()).item()) + 1
+    for i, (hidden, reg, lr, decay) in enumerate(configs):
+        torch.manual_seed(seed)
+        net = TwoLayerNet(X_train.shape[1], hidden, C, dtype=X_train.dtype, device=X_train.device)
+        stat = net.train(X_train, y_train, X_val, y_val, learning_rate=lr, learning_rate_decay=decay,
+                         reg=reg, num_iters=num_iters, batch_size=batch_size)
+        val_acc = _accuracy(net.predict(X_val), y_val)
+        stat["config"] = {"hidden_size": hidden, "reg": reg, "learning_rate": lr,
+                          "learning_rate_decay": decay}
+        if val_acc > best_val_acc:
+            best_net, best_stat, best_val_acc = net, stat, val_acc
+        if progress is not None:
+            progress(i + 1, len(configs), stat["config"], val_acc)
+    return best_net, best_stat, best_val_acc
+
+
+class TwoLayerNet:
+    """Weights W1 (D, H), b1 (H,), W2 (H, C), b2 (C,) in `params`; W ~ std * randn."""
+
+    def __init__(self, input_size, hidden_size, output_size, dtype=torch.float32, device=None,
+                 std=1e-4):
+        device = default_device() if device is None else torch.device(device)
+        self.params = {
+            "W1": std * torch.randn(input_size, hidden_size, dtype=dtype, device=device),
+            "b1": torch.zeros(hidden_size, dtype=dtype, device=device),
+            "W2": std * torch.randn(hidden_size, output_size, dtype=dtype, device=device),
+            "b2": torch.zeros(output_size, dtype=dtype, device=device),
+        }
+
+    def loss(self, X, y=None, reg=0.0):
+        return nn_forward_backward(self.params, X, y, reg)
+
+    def train(self, X, y, X_val, y_val, learning_rate=1e-3, learning_rate_decay=0.95, reg=5e-6,
+              num_iters=100, batch_size=200, verbose=False, progress=None):
+        return nn_train(self.params, nn_forward_backward, nn_predict, X, y, X_val, y_val,
+                        learning_rate, learning_rate_decay, reg, num_iters, batch_size, verbose,
+                        progress)
+
+    def predict(self, X):
+        return nn_predict(self.params, nn_forward_backward, X)
+
+    def save(self, path):
+        torch.save(self.params, path)
+        print(f"Saved in {path}")
+
+    def load(self, path):
+        """Load params saved by save(); checks the keys and the shapes against this net."""
+        params = load_checkpoint(path, "a TwoLayerNet checkpoint")
+        if not isinstance(params, dict) or set(params) != set(PARAM_KEYS):
+            got = sorted(params) if isinstance(params, dict) else type(params).__name__
+            raise ValueError(f"{path} is not a TwoLayerNet checkpoint: expected keys "
+                             f"{list(PARAM_KEYS)}, got {got}")
+        for key in PARAM_KEYS:
+            want = tuple(self.params[key].shape)
+            if tuple(params[key].shape) != want:
+                raise ValueError(f"{path}: {key} has shape {tuple(params[key].shape)}, this net "
+                                 f"needs {want}")
+            self.params[key] = params[key].to(self.params[key])
+        print(f"load checkpoint file: {path}")

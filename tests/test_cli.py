@@ -1,0 +1,156 @@
+"""The command line and the data loaders, end to end on small data."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from linclass import cli, data
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, "-m", "linclass", *args], capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def _image_folder(root, classes, per_class=6, size=8, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(classes):
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            img[..., k % 3] += 150  # a class-coloured tint: learnable
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("model", ["svm", "softmax", "twolayer"])
+def test_train_on_digits_writes_json_and_outputs(tmp_path, model):
+    out, js = tmp_path / "out", tmp_path / "r.json"
+    code = cli.main(["train", "--model", model, "--iters", "300", "--quiet", "--device", "cpu",
+                     "--out", str(out), "--json", str(js)])
+    assert code == 0
+    r = json.loads(js.read_text())
+    assert {"model", "dataset", "hyperparameters", "train_acc", "val_acc", "test_acc", "n_train",
+            "n_val", "n_test", "seconds", "backend"} <= set(r)
+    assert r["model"] == model and r["dataset"] == "digits" and r["hyperparameters"]["iters"] == 300
+    assert r["n_train"] + r["n_val"] + r["n_test"] == 1797 and r["n_test"] > 0
+    assert r["val_acc"] > 80 and 0 <= r["test_acc"] <= 100
+    for name in ("model.pt", "loss.png", "weights.png", "results.json"):
+        assert (out / name).stat().st_size > 0, name
+    # the checkpoint loads back and evaluates to the same validation accuracy
+    js2 = tmp_path / "r2.json"
+    assert cli.main(["train", "--model", model, "--iters", "0", "--quiet", "--device", "cpu",
+                     "--load", str(out / "model.pt"), "--json", str(js2)]) == 0
+    assert json.loads(js2.read_text())["val_acc"] == pytest.approx(r["val_acc"])
+
+
+def test_search_on_digits(tmp_path):
+    js = tmp_path / "r.json"
+    assert cli.main(["train", "--model", "svm", "--search", "--iters", "200", "--quiet",
+                     "--device", "cpu", "--out", str(tmp_path), "--json", str(js)]) == 0
+    r = json.loads(js.read_text())
+    assert r["search"] and len(r["search_results"]) >= 5
+    assert r["val_acc"] == pytest.approx(max(s["val_acc"] for s in r["search_results"]))
+    assert (tmp_path / "search.png").stat().st_size > 0
+
+
+def test_folder_dataset_end_to_end(tmp_path):
+    classes = ["cat", "dog", "frog"]
+    train = _image_folder(tmp_path / "train", classes, per_class=10)
+    test = _image_folder(tmp_path / "test", classes, per_class=4, seed=1)
+    js = tmp_path / "r.json"
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    p = _run(["train", "--model", "softmax", "--dataset", "folder", "--train-dir", str(train),
+              "--test-dir", str(test), "--iters", "200", "--lr", "0.5", "--quiet", "--device", "cpu",
+              "--json", str(js)], env=env)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(js.read_text())
+    assert (r["n_train"], r["n_val"], r["n_test"]) == (24, 6, 12)
+    assert r["test_acc"] is not None and r["train_acc"] > 60
+    assert "train %" in p.stdout  # the final table
+    assert os.listdir(tmp_path / "cache" / "linclass")  # decoded arrays cached
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    _image_folder(tmp_path / "a", ["x", "y"], per_class=2)
+    _image_folder(tmp_path / "b", ["x", "z"], per_class=2)
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    cases = [
+        (["train", "--model", "svm", "--dataset", "folder", "--train-dir", str(tmp_path / "missing")],
+         "not found"),
+        (["train", "--model", "svm", "--dataset", "folder", "--train-dir", str(tmp_path / "a"),
+          "--test-dir", str(tmp_path / "b")], "class names differ"),
+        (["train", "--model", "perceptron"], "invalid choice"),
+        (["train", "--model", "svm", "--load", str(tmp_path / "bad.pt"), "--quiet"], "cannot read"),
+        (["train", "--model", "twolayer", "--load", str(tmp_path / "bad.pt"), "--quiet"], "cannot read"),
+        (["train", "--model", "svm", "--dataset", "folder"], "--train-dir"),
+    ]
+    for args, message in cases:
+        p = _run(args, env=env)
+        assert p.returncode == 2, (args, p.stderr)
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+def test_cifar10_loader_reads_the_official_format(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 8) for i in range(1, 6)] + [("test_batch", 6)]:
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, n).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    d = data.preprocess_cifar10(root=str(tmp_path), device="cpu", validation_ratio=0.25,
+                                bias_trick=True)
+    assert d["X_train"].shape == (30, 3073) and d["X_val"].shape == (10, 3073)
+    assert d["X_test"].shape == (6, 3073) and (d["X_train"][:, -1] == 1).all()
+    assert d["classes"][0] == "airplane"
+    # the mean of the training split (per channel) is what was subtracted
+    xtr = d["X_train"][:, :-1].reshape(30, 3, 32, 32)
+    assert xtr.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    with open(folder / "test_batch", "wb") as f:
+        f.write(b"corrupt")
+    with pytest.raises(data.DataError, match="cannot read CIFAR-10 batch"):
+        data.preprocess_cifar10(root=str(tmp_path), device="cpu")
+
+
+def test_digits_preprocessing():
+    d = data.load_digits(device="cpu")
+    assert d["X_train"].shape[1] == 64 and d["X_train"].dtype == torch.float32
+    assert d["X_train"].mean(0).abs().max() < 0.5
+    assert d["X_train"].mean().abs() < 1e-6  # one channel: its mean is subtracted
+    assert d["image_shape"] == (1, 8, 8)
+
+
+def test_demo_command_runs_all_three_models():
+    p = _run(["demo", "--quiet"])
+    assert p.returncode == 0, p.stderr
+    for model in ("svm", "softmax", "twolayer"):
+        assert model in p.stdout
+
+
+def test_plots_write_pngs(tmp_path):
+    from linclass import plots
+
+    stat = {"train_acc_history": [0.1, 0.5], "val_acc_history": [0.1, 0.4], "loss_history": [2, 1]}
+    paths = [
+        plots.loss_history([3, 2, 1], tmp_path / "l.png"),
+        plots.accuracy_curves(stat, tmp_path / "a.png"),
+        plots.accuracy_curves_of_runs({"h=16": stat, "h=32": stat}, tmp_path / "r.png"),
+        plots.linear_weights(torch.randn(3073, 10), list("abcdefghij"), (3, 32, 32), tmp_path / "w.png"),
+        plots.net_weights(torch.randn(3072, 20), (3, 32, 32), tmp_path / "n.png"),
+        plots.sweep_scatter({(1e-3, 1e-4): (50, 40), (1e-2, 1e-3): (60, 45)}, tmp_path / "s.png"),
+        plots.image_grid(torch.rand(5, 3, 8, 8), [0, 1, 2, 0, 1], ["a", "b", "c"], tmp_path / "g.png"),
+    ]
+    for p in paths:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
