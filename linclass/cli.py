@@ -21,7 +21,7 @@ DEFAULTS = {
     ("twolayer", "digits"): dict(lr=3.0, reg=1e-4, iters=1000, hidden=64, decay=0.95),
     ("svm", "images"): dict(lr=1e-2, reg=1e-2, iters=2000),
     ("softmax", "images"): dict(lr=5e-2, reg=1e-3, iters=2000),
-    ("twolayer", "images"): dict(lr=0.5, reg=1e-4, iters=4000, hidden=1024, decay=0.95),
+    ("twolayer", "images"): dict(lr=1.0, reg=1e-3, iters=4000, hidden=1024, decay=0.85),
 }
 
 
