@@ -1,7 +1,7 @@
 // linclass::linear_sgd_step: one minibatch SGD step of the classic linear classifier, on
 // CPU float32, in one call:
 //
-//   Xb = X[index], yb = y[index]                       (gathered into a reused buffer)
+//   Xb = X[index], yb = y[index]                       (read in place for C <= kSmallGemmC)
 //   L  = mean data loss of Xb W against yb + reg * sum(W * W)
 //   W -= learning_rate * (dL/dW)                        (dL/dW includes 2 * reg * W)
 //

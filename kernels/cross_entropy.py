@@ -230,6 +230,11 @@ def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def tl_acc(acc: torch.dtype):
+    """The Triton accumulation dtype for a torch one (acc_dtype's result)."""
+    return tl.float64 if acc == torch.float64 else tl.float32
+
+
 @triton.jit
 def _ce_consts_kernel(T, W, CONSTS, n, C, ignore_index,
                       MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
@@ -284,7 +289,7 @@ def consts(target, weight, ignore_index, classes, acc, mean):
     block = min(4096, max(16, triton.next_power_of_2(max(n, classes if weight is not None else 1))))
     _ce_consts_kernel[(1,)](target, weight if weight is not None else out, out, n, classes,
                             ignore_index, MEAN=mean, HAS_WEIGHT=weight is not None,
-                            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block)
+                            ACC=tl_acc(acc), BLOCK=block)
     return out
 
 
@@ -308,11 +313,11 @@ def launch(input, grad, target, weight, ignore_index, label_smoothing, const, sc
             ignore_index, *split(1.0 - label_smoothing), *split(smooth))
     meta = dict(HAS_WEIGHT=weight is not None, SMOOTHING=label_smoothing != 0.0,
                 COMPUTE_GRAD=compute_grad, SCALE_LOSS=scale_loss,
-                ACC=tl.float64 if acc == torch.float64 else tl.float32)
+                ACC=tl_acc(acc))
     if rows > 0:
         if C <= TILE_MAX_C:
             block_c = max(triton.next_power_of_2(C), 2)
-            block_m, warps = config or tile_config(C, "ce", input.element_size())
+            block_m, warps = config or tile_config(C, input.element_size(), "ce")
             _ce_tile_kernel[(triton.cdiv(rows, block_m),)](
                 *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         else:

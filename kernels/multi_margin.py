@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import TILE_MAX_C, acc_dtype, split, sum_rows
+from .cross_entropy import TILE_MAX_C, acc_dtype, split, sum_rows, tl_acc
 from .tuning import loop_config, tile_config
 
 
@@ -144,11 +144,11 @@ def launch(input, grad, target, p, margin, weight, scale, scale_loss=False, conf
             grad.stride(0) if compute_grad else 0, grad.stride(1) if compute_grad else 0,
             *split(margin), *split(scale))
     meta = dict(P=p, HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad,
-                SCALE_LOSS=scale_loss, ACC=tl.float64 if acc == torch.float64 else tl.float32)
+                SCALE_LOSS=scale_loss, ACC=tl_acc(acc))
     if rows > 0:
         if C <= TILE_MAX_C:
             block_c = max(triton.next_power_of_2(C), 2)
-            block_m, warps = config or tile_config(C, "mm", input.element_size())
+            block_m, warps = config or tile_config(C, input.element_size(), "mm")
             _mm_tile_kernel[(triton.cdiv(rows, block_m),)](
                 *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         else:

@@ -39,7 +39,7 @@ def _from_env():
 TUNED = {**{k: tuple(v) for k, v in MEASURED.items()}, **_from_env()}
 
 
-def tile_config(C, family="ce", elem=4):
+def tile_config(C, elem, family="ce"):
     """(BLOCK_M rows per program, num_warps) of the one-tile kernels (C <= TILE_MAX_C)."""
     block_c = max(triton.next_power_of_2(C), 2)
     return TUNED.get(f"{family} {C} {elem}") or (max(1, min(64, 4096 // block_c)), 4)

@@ -42,7 +42,8 @@ def nn_forward_backward(params: dict, X: torch.Tensor, y: torch.Tensor | None = 
         b2_ = b2.detach().requires_grad_()
         data_loss = linear_cross_entropy(h, w2t, y, bias=b2_)
         dh, dw2t, db2 = torch.autograd.grad(data_loss, (h, w2t, b2_))
-    loss = data_loss.detach() + reg * (W1.pow(2).sum() + W2.pow(2).sum())
+    w1, w2 = W1.reshape(-1), W2.reshape(-1)
+    loss = data_loss.detach() + reg * (torch.dot(w1, w1) + torch.dot(w2, w2))  # no W-sized temporary
     dh = dh.masked_fill_(hidden <= 0, 0.0)  # through the ReLU
     grads = {
         "W1": torch.addmm(W1, X.t(), dh, beta=2 * reg),
