@@ -59,11 +59,10 @@ TORCH_LIBRARY(linclass, m) {
       "float margin, int reduction, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // One SGD step of the classic linear classifier (linear_sgd.cpp, CPU float32): the
-  // weight, stored (C, D), is updated in place; returns the minibatch loss.  The rows
-  // of next_index (the next step's minibatch) are prefetched.
+  // weight, stored (C, D), is updated in place; returns the minibatch loss.
   m.def(
       "linear_sgd_step(Tensor input, Tensor(a!) weight, Tensor target, Tensor index, "
-      "Tensor? next_index, int loss, float learning_rate, float reg) -> float");
+      "int loss, float learning_rate, float reg) -> float");
 
   // Build facts, the CPU gradient-buffer cache (see buffer_cache.h), testing knobs.
   m.def("_cpu_isa() -> str", &cpu_isa);

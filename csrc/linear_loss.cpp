@@ -2,7 +2,7 @@
 // its gradients for X, W and b, computed block of rows by block of rows so that the
 // N x C score matrix never exists.
 //
-// For each block of rows:  S = X_b W^T + b (GEMM, BR x C)
+// For each block of rows:  S = X_b W^T + b (GEMM, BR x C; cpu/small_gemm.h for C <= 12)
 //                          the fused loss kernel turns S into dS in place (and sums
 //                          the block's losses)
 //                          dW += dS^T X_b,  db += column sums of dS,  dX_b = dS W
@@ -94,18 +94,14 @@ Grads empty_grads(const at::Tensor& input, const at::Tensor& weight, const Mask&
 // Accumulates dW, db over blocks in block order; db in acc_type, dW too unless
 // `gemm_in_input_dtype` (the GPU: a float32 copy would turn the tensor-core GEMMs into
 // float32 ones; cuBLAS accumulates each block's product in float32 and rounds once per
-// block).  With `small` (float32, C <= kSmallGemmC, unit-stride rows of X and W) the
-// products use cpu/small_gemm.h instead of the BLAS.
+// block).
 class GradAccumulator {
  public:
-  GradAccumulator(Grads& g, const Mask& mask, at::ScalarType acc_type, bool small = false,
-                  bool gemm_in_input_dtype = false)
+  GradAccumulator(Grads& g, const Mask& mask, at::ScalarType acc_type, bool gemm_in_input_dtype = false)
       : g_(g), mask_(mask), acc_type_(acc_type),
-        low_(g.input.scalar_type() != acc_type && !gemm_in_input_dtype),
-        small_(small) {}
+        low_(g.input.scalar_type() != acc_type && !gemm_in_input_dtype) {}
 
   void add(const at::Tensor& dS, const at::Tensor& Xb, const at::Tensor& W, int64_t r0) {
-    if (small_) return add_small(dS, Xb, W, r0);
     if (mask_[0]) {
       at::Tensor rows = g_.input.narrow(0, r0, dS.size(0));
       at::mm_out(rows, dS, W);
@@ -140,58 +136,94 @@ class GradAccumulator {
   }
 
  private:
-  void add_small(const at::Tensor& dS, const at::Tensor& Xb, const at::Tensor& W, int64_t r0) {
-    const int64_t n = dS.size(0), C = dS.size(1), D = Xb.size(1);
-    const float* s = dS.const_data_ptr<float>();
-    if (mask_[0])
-      cpu::small_input_grad(s, C, W.const_data_ptr<float>(), W.stride(0),
-                            g_.input.mutable_data_ptr<float>() + r0 * D, D, n, D, C);
-    if (mask_[1]) {
-      cpu::small_weight_grad(s, C, Xb.const_data_ptr<float>(), Xb.stride(0), nullptr,
-                             g_.weight.mutable_data_ptr<float>(), D, n, D, C, started_);
-      started_ = true;
-    }
-    if (mask_[2]) db_ = db_.defined() ? db_.add_(dS.sum(0)) : dS.sum(0);
-  }
-
   Grads& g_;
   Mask mask_;
   at::ScalarType acc_type_;
-  bool low_, small_, started_ = false;
+  bool low_, started_ = false;
   at::Tensor dW_, db_;
 };
 
 // ---- CPU ---------------------------------------------------------------------------
+
+// Few classes in float32 with unit-stride rows: each block runs as one
+// cpu::small_linear_block (scores, loss, dX and dW sub-block by sub-block in cache).
+template <typename Math, typename Params>
+double linear_small_cpu(const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& b,
+                        const at::Tensor& target, const float* lane_targets, const Params& p,
+                        const Mask& mask, Grads& grads) {
+  const int64_t N = X.size(0), D = X.size(1), C = W.size(0);
+  const bool any_grad = mask[0] || mask[1] || mask[2];
+  const at::Tensor Wr = W.contiguous();  // C x D: a copy only for a transposed W
+  const at::Tensor br = b ? b->contiguous() : at::Tensor();
+  const int64_t o = g_block_rows_override.load();
+  const int64_t BR = o ? std::max<int64_t>(1, o) : cpu::kSubBlocks * cpu::small_sub_rows(D);
+  at::Tensor S = at::empty({std::min(BR, std::max<int64_t>(N, 1)), C}, X.options());
+  cpu::SmallLinear a;
+  a.ldx = X.stride(0);
+  a.W = Wr.const_data_ptr<float>();
+  a.ldw = D;
+  a.b = b ? br.const_data_ptr<float>() : nullptr;
+  a.D = D;
+  a.C = C;
+  a.S = S.mutable_data_ptr<float>();
+  a.weight_grad = mask[1];
+  a.lddx = D;
+  cpu::SmallWeightGrad wgrad;
+  std::vector<double> db(size_t(C), 0.0);
+  const int64_t* tp = target.const_data_ptr<int64_t>();
+  double total = 0;
+  for (int64_t r0 = 0; r0 < N; r0 += BR) {
+    a.n = std::min(BR, N - r0);
+    a.X = X.const_data_ptr<float>() + r0 * a.ldx;
+    a.dX = mask[0] ? grads.input.mutable_data_ptr<float>() + r0 * D : nullptr;
+    total += cpu::small_linear_block(a, [&](float* s, int64_t first, int64_t rows) {
+      cpu::RowTask<float> task;  // the loss kernel on the sub-block's scores, in place
+      task.input = s;
+      task.in.outer = rows;
+      task.in.classes = C;
+      task.in.stride_n = C;
+      if (any_grad) {
+        task.grad = s;
+        task.gout = task.in;
+      }
+      task.target = tp + r0 + first;
+      task.lane_targets = lane_targets ? lane_targets + r0 + first : nullptr;
+      return cpu::run_rows_sum<float, Math>(task, p);
+    }, wgrad);
+    if (mask[2])  // db: column sums of dS, rows in order
+      for (int64_t r = 0; r < a.n; ++r)
+        for (int64_t c = 0; c < C; ++c) db[c] += a.S[r * C + c];
+  }
+  if (mask[1]) wgrad.finish(grads.weight.mutable_data_ptr<float>(), C * D);
+  if (mask[2]) {
+    float* g = grads.bias.mutable_data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) g[c] = float(db[c]);
+  }
+  return total;
+}
 
 template <typename scalar_t, typename Math, typename Params>
 double linear_blocks_cpu(const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& b,
                          const at::Tensor& target, const at::opmath_type<scalar_t>* lane_targets,
                          const Params& p, const Mask& mask, Grads& grads) {
   const int64_t N = X.size(0), D = X.size(1), C = W.size(0);
+  if constexpr (std::is_same_v<scalar_t, float>)
+    if (C <= cpu::kSmallGemmC && X.stride(1) == 1)
+      return linear_small_cpu<Math>(X, W, b, target, lane_targets, p, mask, grads);
   const bool any_grad = mask[0] || mask[1] || mask[2];
   const int64_t BR = block_rows(N, D, C, X.element_size());
   at::Tensor S = at::empty({std::min(BR, std::max<int64_t>(N, 1)), C}, X.options());
   const at::Tensor Wt = W.t();
-  // Few classes: register-blocked products (small_gemm.h) on unit-stride rows of X, W.
-  const bool small = std::is_same_v<scalar_t, float> && C <= cpu::kSmallGemmC && X.stride(1) == 1;
-  const at::Tensor Wr = small ? W.contiguous() : W;  // C x D: a copy only for a transposed W
-  const at::Tensor br = small && b ? b->contiguous() : at::Tensor();
-  GradAccumulator acc(grads, mask, at::toOpMathType(X.scalar_type()), small);
+  GradAccumulator acc(grads, mask, at::toOpMathType(X.scalar_type()));
   double total = 0;
   for (int64_t r0 = 0; r0 < N; r0 += BR) {
     const int64_t n = std::min(BR, N - r0);
     at::Tensor Sb = S.narrow(0, 0, n);
     const at::Tensor Xb = X.narrow(0, r0, n);
-    if (small) {
-      if constexpr (std::is_same_v<scalar_t, float>)
-        cpu::small_scores(Xb.const_data_ptr<float>(), X.stride(0), nullptr, Wr.const_data_ptr<float>(), D,
-                          b ? br.const_data_ptr<float>() : nullptr, Sb.mutable_data_ptr<float>(), C,
-                          n, D, C);
-    } else if (b) {
+    if (b)
       at::addmm_out(Sb, *b, Xb, Wt);
-    } else {
+    else
       at::mm_out(Sb, Xb, Wt);
-    }
     cpu::RowTask<scalar_t> task;  // the loss kernel, in place: Sb becomes dS
     task.input = Sb.const_data_ptr<scalar_t>();
     task.in = *row_geometry(Sb);
@@ -202,7 +234,7 @@ double linear_blocks_cpu(const at::Tensor& X, const at::Tensor& W, const std::op
     task.target = target.const_data_ptr<int64_t>() + r0;
     task.lane_targets = lane_targets ? lane_targets + r0 : nullptr;
     total += cpu::run_rows_sum<scalar_t, Math>(task, p);
-    if (any_grad) acc.add(Sb, Xb, small ? Wr : W, r0);
+    if (any_grad) acc.add(Sb, Xb, W, r0);
   }
   acc.finish();
   return total;
@@ -268,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_chunks_device(
   const bool any_grad = mask[0] || mask[1] || mask[2];
   const auto acc_type = at::toOpMathType(X.scalar_type());
   Grads grads = empty_grads(X, W, mask);
-  GradAccumulator acc(grads, mask, acc_type, /*small=*/false, /*gemm_in_input_dtype=*/true);
+  GradAccumulator acc(grads, mask, acc_type, /*gemm_in_input_dtype=*/true);
   const at::Tensor scale = reduction == kMean ? denom.reciprocal() : at::ones({}, denom.options());
   const int64_t BR = device_block_rows(N, C, X.element_size());
   const at::Tensor Wt = W.t();

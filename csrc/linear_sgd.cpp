@@ -22,14 +22,14 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 namespace linclass {
 namespace {
 
 double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
-                       const at::Tensor& index, const std::optional<at::Tensor>& next_index,
-                       int64_t loss_kind, double lr, double reg) {
+                       const at::Tensor& index, int64_t loss_kind, double lr, double reg) {
   TORCH_CHECK(X.device().is_cpu() && X.scalar_type() == at::kFloat && X.dim() == 2 && X.is_contiguous(),
               "linear_sgd_step: input must be a contiguous float32 CPU matrix (N, D)");
   const int64_t N = X.size(0), D = X.size(1);
@@ -47,72 +47,88 @@ double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
   for (int64_t r = 0; r < B; ++r)
     TORCH_CHECK_INDEX(ip[r] >= 0 && ip[r] < N, "linear_sgd_step: index[", r, "] = ", ip[r],
                       " is out of range for ", N, " examples");
-  // The next step's rows are prefetched while this one computes (only their addresses
-  // are formed, so they are checked too).
-  at::Tensor nidx;
-  if (next_index) {
-    nidx = next_index->contiguous();
-    TORCH_CHECK(nidx.scalar_type() == at::kLong && nidx.dim() == 1 && nidx.size(0) == B,
-                "linear_sgd_step: next_index must be an int64 vector like index");
-    const int64_t* np = nidx.const_data_ptr<int64_t>();
-    for (int64_t r = 0; r < B; ++r)
-      TORCH_CHECK_INDEX(np[r] >= 0 && np[r] < N, "linear_sgd_step: next_index[", r, "] = ", np[r],
-                        " is out of range for ", N, " examples");
-  }
 
-  // The minibatch: for few classes the kernels read the rows of X in place through the
-  // index; the BLAS path gathers them.
+  // The minibatch labels; for few classes the kernels read the rows of X in place
+  // through the index, the BLAS path gathers them.
   const bool small = C <= cpu::kSmallGemmC;
-  const float* xp = X.const_data_ptr<float>();
   at::Tensor yb = at::empty({B}, y.options());
   int64_t* ybp = yb.mutable_data_ptr<int64_t>();
   const int64_t* yp = y.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < B; ++r) ybp[r] = yp[ip[r]];
-  const at::Tensor Xb = small ? at::Tensor() : X.index_select(0, idx);
 
-  // Scores, then the fused loss kernel turns them into d(mean loss)/d scores in place.
+  // Scores, the fused loss kernel turning them into d(mean loss)/d scores in place, and
+  // dW^T = dS^T Xb (as partial sums: `parts` of them, C x D each).  The SVM sums its
+  // hinges where torch's divides them by C.
   at::Tensor S = at::empty({B, C}, X.options());
-  if (small)
-    cpu::small_scores(xp, D, ip, Wt.const_data_ptr<float>(), D, nullptr, S.mutable_data_ptr<float>(),
-                      C, B, D, C, nidx.defined() ? nidx.const_data_ptr<int64_t>() : nullptr);
-  else
-    at::mm_out(S, Xb, Wt.t());
-  cpu::RowTask<float> task;
-  task.input = S.const_data_ptr<float>();
-  task.in = *row_geometry(S);
-  task.grad = S.mutable_data_ptr<float>();
-  task.gout = task.in;
-  task.target = ybp;
-  double data_loss;
+  std::optional<cpu::CrossEntropySetup<float>> ce;
+  std::optional<cpu::MultiMarginSetup<float>> svm;
   if (loss_kind == 0) {
-    const cpu::CrossEntropySetup<float> setup(yb, std::nullopt, C, -100, 0.0, kMean);
-    task.lane_targets = setup.lane_targets.data();
-    data_loss = cpu::run_rows_sum<float, cpu::CrossEntropyMath>(task, setup.params) / setup.denom;
+    ce.emplace(yb, std::nullopt, C, -100, 0.0, kMean);
   } else {
-    cpu::MultiMarginSetup<float> setup(yb, std::nullopt, C, 1, 1.0, kMean);
-    setup.params.scale *= float(C);  // torch's hinge divides by C; the classic loss sums
-    task.lane_targets = setup.lane_targets.data();
-    data_loss = cpu::run_rows_sum<float, cpu::MultiMarginMath>(task, setup.params) * C / setup.denom;
+    svm.emplace(yb, std::nullopt, C, 1, 1.0, kMean);
+    svm->params.scale *= float(C);
   }
+  const std::vector<float>& lanes = ce ? ce->lane_targets : svm->lane_targets;
+  auto loss_rows = [&](float* s, int64_t first, int64_t rows) {
+    cpu::RowTask<float> task;
+    task.input = s;
+    task.in.outer = rows;
+    task.in.classes = C;
+    task.in.stride_n = C;
+    task.grad = s;
+    task.gout = task.in;
+    task.target = ybp + first;
+    task.lane_targets = lanes.empty() ? nullptr : lanes.data() + first;
+    return ce ? cpu::run_rows_sum<float, cpu::CrossEntropyMath>(task, ce->params)
+              : cpu::run_rows_sum<float, cpu::MultiMarginMath>(task, svm->params);
+  };
+  double data_loss;
+  cpu::SmallWeightGrad wgrad;
+  at::Tensor dWt;
+  const float* gp;
+  int64_t parts = 1;
+  if (small) {
+    cpu::SmallLinear a;
+    a.X = X.const_data_ptr<float>();
+    a.ldx = D;
+    a.index = ip;
+    a.W = Wt.const_data_ptr<float>();
+    a.ldw = D;
+    a.n = B;
+    a.D = D;
+    a.C = C;
+    a.S = S.mutable_data_ptr<float>();
+    a.weight_grad = true;
+    data_loss = cpu::small_linear_block(a, loss_rows, wgrad);
+    gp = wgrad.partials.data();
+    parts = wgrad.used;
+  } else {
+    const at::Tensor Xb = X.index_select(0, idx);
+    at::mm_out(S, Xb, Wt.t());
+    data_loss = loss_rows(S.mutable_data_ptr<float>(), 0, B);
+    dWt = at::mm(S.t(), Xb);
+    gp = dWt.const_data_ptr<float>();
+  }
+  data_loss = ce ? data_loss / ce->denom : data_loss * C / svm->denom;
 
-  // dW^T = dS^T Xb, then W -= lr * (dW + 2 reg W), with the loss's reg term taken first.
-  at::Tensor dWt = at::empty({C, D}, X.options());
-  if (small)
-    cpu::small_weight_grad(S.const_data_ptr<float>(), C, xp, D, ip, dWt.mutable_data_ptr<float>(), D, B, D, C, false);
-  else
-    at::mm_out(dWt, S.t(), Xb);
-  // The update, in fixed blocks that also sum W^2 (before the update) in a fixed order.
+  // The update, in fixed blocks that also sum W^2 (before the update) in a fixed order;
+  // dW is the sum of its parts, in order.
   float* wp = Wt.mutable_data_ptr<float>();
-  const float* gp = dWt.const_data_ptr<float>();
   const int64_t n = C * D, per = 8192, blocks = (n + per - 1) / per;
   std::vector<double> sq(blocks);
   const float two_reg = float(2 * reg), step = float(lr);
+  using VF = cpu::Vec<float>;
+  constexpr int64_t L = VF::size();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       double s2 = 0;
-      for (int64_t i = b * per, e = std::min(n, i + per); i < e; ++i) {
-        s2 += double(wp[i]) * wp[i];
-        wp[i] -= step * (gp[i] + two_reg * wp[i]);
+      for (int64_t i = b * per, e = std::min(n, i + per); i < e; i += L) {
+        const int64_t m = std::min(L, e - i);
+        VF g = parts ? VF::loadu(gp + i, m) : VF(0.f);
+        for (int64_t k = 1; k < parts; ++k) g = g + VF::loadu(gp + k * n + i, m);
+        const VF w = VF::loadu(wp + i, m);
+        s2 += cpu::hsum(w * w);
+        (w - VF(step) * (g + VF(two_reg) * w)).store(wp + i, m);
       }
       sq[b] = s2;
     }

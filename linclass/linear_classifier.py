@@ -175,14 +175,9 @@ def _train_fast(kind, W, X, y, learning_rate, reg, num_iters, batch_size, verbos
     step = torch.ops.linclass.linear_sgd_step
     code = 1 if kind == "svm" else 0
     loss_history = []
-    # Indices are drawn one step ahead (the same draws, in the same order), so that each
-    # step can prefetch the next minibatch's rows.
-    indices = torch.randint(num_train, (batch_size,)) if num_iters > 0 else None
     for it in range(num_iters):
-        following = torch.randint(num_train, (batch_size,)) if it + 1 < num_iters else None
-        loss = step(X, Wt, y, indices, following, code, learning_rate, reg)
+        loss = step(X, Wt, y, torch.randint(num_train, (batch_size,)), code, learning_rate, reg)
         loss_history.append(loss)
-        indices = following
         if verbose and it % 100 == 0:
             print(f"iteration {it} / {num_iters}: loss {loss:f}")
         if progress is not None:

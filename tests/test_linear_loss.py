@@ -133,8 +133,11 @@ def test_low_precision_error_relative_to_fp32(linear_backend, dtype):
         assert rel_error(o, ref) <= rel_error(th, ref) + 1e-2
 
 
-def test_deterministic_across_threads(linear_backend):
-    x, w, b, t = make(300, 20, 12, dtype=torch.float32)
+@pytest.mark.parametrize("d,c", [(20, 12), (2000, 10), (40, 300)])  # small-C sub-blocks, BLAS
+def test_deterministic_across_threads(linear_backend, d, c):
+    if linear_backend == "triton" and d > 100:
+        pytest.skip("the Triton path's GEMMs are torch's; thread-count independence is the C++ path's")
+    x, w, b, t = make(300, d, c, dtype=torch.float32)
     threads = torch.get_num_threads()
     results = []
     try:

@@ -1,199 +1,228 @@
-// The three products of a linear layer with few outputs (C <= kSmallGemmC classes):
-//   S  = X W^T (+ b)   scores,          n x C
-//   dW = dS^T X        weight gradient, C x D (accumulated over blocks of rows)
-//   dX = dS W          input gradient,  n x D
+// A linear layer with few outputs (C <= kSmallGemmC classes) and its fused loss, for a
+// block of n rows of X (N x D, row-major, optionally gathered through an index):
+//   S  = X W^T (+ b)                    scores, n x C
+//   S -> dS                             the caller's fused loss kernel, in place
+//   dX = dS W                           input gradient,  n x D (optional)
+//   dW (+)= dS^T X                      weight gradient, C x D (optional)
 // For C = 10 (CIFAR-10 and digits) the BLAS takes its slow, general path for these
-// skinny shapes (measured here: ~30 GFLOP/s, 5 GB/s of X, for a 341 x 3073 x 10 block);
-// these loops keep all C accumulators in registers so that every product reads X or
-// writes dX once, at memory speed.  Each output element is a sum in a fixed order,
-// whatever the thread count.
+// skinny shapes (measured here: ~30 GFLOP/s for a 341 x 3073 x 10 block).  Here the
+// rows are cut into sub-blocks small enough for one core's L2; each sub-block runs all
+// four steps on one thread, so X is read from memory once and the dW product finds it
+// in that core's cache.  Sub-block s of every block adds its dW product to partial s
+// (blocks in order); the partials are added in order once, at the end.  Sub-blocks
+// depend only on D, never on the thread count, so every result is the same whatever
+// the number of threads.
 #pragma once
 
 #include "vec_util.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
+
+
+
+
 namespace linclass::cpu {
 
-// 12 accumulators + 2 temporaries fit AVX2's 16 vector registers.
+// Up to 12 classes: the score tile keeps 3 rows x 4 classes of accumulators, and the
+// dW product C accumulators, in AVX2's 16 vector registers.
 constexpr int64_t kSmallGemmC = 12;
-// W is walked in column chunks of this many floats, so that the chunk of all C rows
-// (12 x 2 KiB) stays in L1 while the rows of X stream past it; otherwise every row of X
-// would pull all of W through from L2, which is what limits the unchunked loop.
+// W is walked in column chunks of this many floats: the chunk of all C rows (12 x 2 KiB)
+// and of the 3 rows of X stays in L1 across the class passes of a tile.
 constexpr int64_t kSmallGemmChunk = 512;
-// Rows of X prefetched ahead within a chunk.
-constexpr int64_t kPrefetchRows = 4;
-// Rows of X read together by the weight gradient.
-constexpr int64_t kGroupRows = 8;
+// Sub-blocks per block of the caller (and dW partials, C x D each).
+constexpr int64_t kSubBlocks = 8;
+
+// Rows per sub-block: ~448 KiB of X (one core's L2 here), a multiple of the 3-row tile.
+inline int64_t small_sub_rows(int64_t D) {
+  const int64_t rows = (int64_t(448) << 10) / (std::max<int64_t>(D, 1) * int64_t(sizeof(float)));
+  return std::clamp<int64_t>(rows, 3, 96) / 3 * 3;
+}
+
+// Operands of one block.  Rows of X, W, dX and dW have unit stride along D.
+struct SmallLinear {
+  const float* X = nullptr;
+  int64_t ldx = 0;
+  const int64_t* index = nullptr;       // row r is X[index[r]] (the SGD minibatch), or null
+  const float* W = nullptr;             // C x D
+  int64_t ldw = 0;
+  const float* b = nullptr;             // C, or null
+  int64_t n = 0, D = 0, C = 0;
+  float* S = nullptr;                   // n x C, contiguous: scores, then dS
+  float* dX = nullptr;                  // n x D (row stride lddx), or null
+  int64_t lddx = 0;
+  bool weight_grad = false;             // add dS^T X to the partials
+};
+
+// The dW partials of a sequence of blocks: partial s sums sub-block s of each block.
+struct SmallWeightGrad {
+  std::vector<float> partials;
+  int64_t used = 0;  // partials written so far
+
+  // dW (C x D, contiguous) = the sum of the partials, in order.
+  void finish(float* dW, int64_t CD) const {
+    const float* part = partials.data();
+    const int64_t used_ = used;
+    at::parallel_for(0, CD, 4096, [&](int64_t e0, int64_t e1) {
+      std::fill(dW + e0, dW + e1, 0.f);
+      for (int64_t s = 0; s < used_; ++s)
+        for (int64_t e = e0; e < e1; ++e) dW[e] += part[s * CD + e];
+    });
+  }
+};
 
 namespace detail {
 
 using VF = Vec<float>;
 
-// Row r of X, or row index[r] when the rows are gathered by an index.
-inline int64_t row(const int64_t* index, int64_t r) { return index ? index[r] : r; }
+inline const float* row_ptr(const SmallLinear& a, int64_t r) {
+  return a.X + (a.index ? a.index[r] : r) * a.ldx;
+}
 
-// Row pointers of the NC rows of a row-major matrix (kept in registers by the loops).
-template <int NC>
-struct Rows {
-  const float* p[NC];
-  Rows(const float* base, int64_t ld) {
-    for (int c = 0; c < NC; ++c) p[c] = base + c * ld;
-  }
-};
-
-template <int NC>
-void scores(const float* X, int64_t ldx, const int64_t* index, const int64_t* next_index,
-            const float* W, int64_t ldw, const float* b, float* S, int64_t lds, int64_t n,
-            int64_t D) {
+// acc[q * 4 + c] += x_q . w_c over the full vectors of [j0, j1) and a zero-filled tail
+// of `tail` columns at j1: 3 rows x NCB (<= 4) classes, W rows read once for 3 rows.
+template <int NCB>
+inline void score_tile(const float* x0, const float* x1, const float* x2, const float* w,
+                       int64_t ldw, int64_t j0, int64_t j1, int64_t tail, VF* acc) {
   constexpr int64_t L = VF::size();
-  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [=](int64_t r0, int64_t r1) {
-    // Per-row vector partial sums, carried from one column chunk to the next.
-    std::vector<VF> part(size_t((r1 - r0) * NC), VF(0.f));
+  VF a[12];
+  for (int i = 0; i < 12; ++i) a[i] = acc[i];
+  for (int64_t j = j0; j < j1; j += L) {
+    const VF u = VF::loadu(x0 + j), v = VF::loadu(x1 + j), t = VF::loadu(x2 + j);
+    for (int c = 0; c < NCB; ++c) {
+      const VF wv = VF::loadu(w + c * ldw + j);
+      a[c] = at::vec::fmadd(u, wv, a[c]);
+      a[4 + c] = at::vec::fmadd(v, wv, a[4 + c]);
+      a[8 + c] = at::vec::fmadd(t, wv, a[8 + c]);
+    }
+  }
+  if (tail) {
+    const VF u = VF::loadu(x0 + j1, tail), v = VF::loadu(x1 + j1, tail), t = VF::loadu(x2 + j1, tail);
+    for (int c = 0; c < NCB; ++c) {
+      const VF wv = VF::loadu(w + c * ldw + j1, tail);
+      a[c] = at::vec::fmadd(u, wv, a[c]);
+      a[4 + c] = at::vec::fmadd(v, wv, a[4 + c]);
+      a[8 + c] = at::vec::fmadd(t, wv, a[8 + c]);
+    }
+  }
+  for (int i = 0; i < 12; ++i) acc[i] = a[i];
+}
+
+// S[r0:r1] = X[r0:r1] W^T + b, three rows at a time (a short last tile repeats its last row).
+template <int NC>
+void scores_rows(const SmallLinear& a, int64_t r0, int64_t r1) {
+  constexpr int64_t L = VF::size();
+  constexpr int P = (NC + 3) / 4;  // class passes of 4
+  const int64_t D = a.D;
+  for (int64_t r = r0; r < r1; r += 3) {
+    const int64_t m = std::min<int64_t>(3, r1 - r);
+    const float* x0 = row_ptr(a, r);
+    const float* x1 = row_ptr(a, r + std::min<int64_t>(1, m - 1));
+    const float* x2 = row_ptr(a, r + m - 1);
+    VF acc[P][12];
+    for (int p = 0; p < P; ++p)
+      for (int i = 0; i < 12; ++i) acc[p][i] = VF(0.f);
     for (int64_t j0 = 0; j0 < D; j0 += kSmallGemmChunk) {
       const int64_t j1 = std::min(D, j0 + kSmallGemmChunk);
       const int64_t full = j0 + (j1 - j0) / L * L;
-      const Rows<NC> w(W, ldw);
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* x = X + row(index, r) * ldx;
-        if (r + kPrefetchRows < r1) {  // strided or gathered segments: prefetchers miss them
-          const float* ahead = X + row(index, r + kPrefetchRows) * ldx;
-          for (int64_t j = j0; j < j1; j += 16) __builtin_prefetch(ahead + j, 0, 1);
-        }
-        if (next_index) {  // the next SGD minibatch's row, while this one computes
-          const float* next = X + next_index[r] * ldx;
-          for (int64_t j = j0; j < j1; j += 16) __builtin_prefetch(next + j, 0, 1);
-        }
-        VF* p = part.data() + (r - r0) * NC;
-        VF acc[NC];
-        for (int c = 0; c < NC; ++c) acc[c] = p[c];
-        for (int64_t j = j0; j < full; j += L) {
-          const VF xv = VF::loadu(x + j);
-          for (int c = 0; c < NC; ++c) acc[c] = at::vec::fmadd(xv, VF::loadu(w.p[c] + j), acc[c]);
-        }
-        if (full < j1) {  // zero-filled tails
-          const int64_t m = j1 - full;
-          const VF xv = VF::loadu(x + full, m);
-          for (int c = 0; c < NC; ++c) acc[c] = at::vec::fmadd(xv, VF::loadu(w.p[c] + full, m), acc[c]);
-        }
-        for (int c = 0; c < NC; ++c) p[c] = acc[c];
-      }
+      if (a.index && r + 3 < r1)  // gathered rows: the prefetchers cannot guess the next ones
+        for (int64_t q = r + 3; q < std::min(r + 6, r1); ++q)
+          for (int64_t j = j0; j < j1; j += 16) __builtin_prefetch(row_ptr(a, q) + j, 0, 1);
+      for (int p = 0; p < NC / 4; ++p)
+        score_tile<4>(x0, x1, x2, a.W + 4 * p * a.ldw, a.ldw, j0, full, j1 - full, acc[p]);
+      if constexpr (NC % 4 != 0)
+        score_tile<NC % 4>(x0, x1, x2, a.W + (NC / 4) * 4 * a.ldw, a.ldw, j0, full, j1 - full, acc[P - 1]);
     }
-    for (int64_t r = r0; r < r1; ++r)
+    for (int64_t q = 0; q < m; ++q)
       for (int c = 0; c < NC; ++c)
-        S[r * lds + c] = hsum(part[(r - r0) * NC + c]) + (b ? b[c] : 0.f);
-  });
+        a.S[(r + q) * NC + c] = hsum(acc[c / 4][q * 4 + c % 4]) + (a.b ? a.b[c] : 0.f);
+  }
 }
 
+// out (+)= dS[r0:r1]^T X[r0:r1] (C x D), rows added in order; X's rows are in cache.
 template <int NC>
-void weight_grad(const float* dS, int64_t lds, const float* X, int64_t ldx, const int64_t* index,
-                 float* dW, int64_t ldw, int64_t n, int64_t D, bool accumulate) {
+void weight_rows(const SmallLinear& a, int64_t r0, int64_t r1, float* out, bool accumulate) {
   constexpr int64_t L = VF::size();
-  const int64_t chunks = (D + L - 1) / L;
-  // Rows in groups of kGroupRows: within a group each chunk of dW is loaded once and the
-  // group's rows are read as kGroupRows sequential streams (prefetcher-friendly, also
-  // when they are gathered); groups and rows are added in order: deterministic.
-  at::parallel_for(0, chunks, std::max<int64_t>(1, 64 / std::max<int64_t>(n, 1)), [=](int64_t k0, int64_t k1) {
-    for (int64_t g0 = 0; g0 < n; g0 += kGroupRows) {
-      const int64_t g1 = std::min(n, g0 + kGroupRows);
-      const float* x[kGroupRows];
-      for (int64_t r = g0; r < g1; ++r) x[r - g0] = X + row(index, r) * ldx;
-      const bool first = !accumulate && g0 == 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t j = k * L, m = std::min<int64_t>(L, D - j);
-        VF acc[NC];
-        for (int c = 0; c < NC; ++c) acc[c] = first ? VF(0.f) : VF::loadu(dW + c * ldw + j, m);
-        for (int64_t r = g0; r < g1; ++r) {
-          const VF xv = m == L ? VF::loadu(x[r - g0] + j) : VF::loadu(x[r - g0] + j, m);
-          const float* s = dS + r * lds;
-          for (int c = 0; c < NC; ++c) acc[c] = at::vec::fmadd(VF(s[c]), xv, acc[c]);
-        }
-        for (int c = 0; c < NC; ++c) acc[c].store(dW + c * ldw + j, m);
+  for (int64_t j = 0; j < a.D; j += L) {
+    const int64_t m = std::min<int64_t>(L, a.D - j);
+    VF acc[NC];
+    for (int c = 0; c < NC; ++c) acc[c] = accumulate ? VF::loadu(out + c * a.D + j, m) : VF(0.f);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = row_ptr(a, r) + j;
+      if ((j & 15) == 0) __builtin_prefetch(x + 128, 0, 3, 0, 3);
+      const VF xv = m == L ? VF::loadu(x) : VF::loadu(x, m);
+      const float* s = a.S + r * NC;
+      for (int c = 0; c < NC; ++c) acc[c] = at::vec::fmadd(VF(s[c]), xv, acc[c]);
+    }
+    for (int c = 0; c < NC; ++c) acc[c].store(out + c * a.D + j, m);
+  }
+}
+
+// dX[r0:r1] = dS[r0:r1] W, W's column chunk in L1 while the rows pass.
+template <int NC>
+void input_rows(const SmallLinear& a, int64_t r0, int64_t r1) {
+  constexpr int64_t L = VF::size();
+  for (int64_t j0 = 0; j0 < a.D; j0 += kSmallGemmChunk) {
+    const int64_t j1 = std::min(a.D, j0 + kSmallGemmChunk);
+    for (int64_t r = r0; r < r1; ++r) {
+      VF s[NC];
+      for (int c = 0; c < NC; ++c) s[c] = VF(a.S[r * NC + c]);
+      float* out = a.dX + r * a.lddx;
+      for (int64_t j = j0; j < j1; j += L) {
+        const int64_t m = std::min<int64_t>(L, j1 - j);
+        VF acc(0.f);
+        for (int c = 0; c < NC; ++c)
+          acc = at::vec::fmadd(s[c], m == L ? VF::loadu(a.W + c * a.ldw + j) : VF::loadu(a.W + c * a.ldw + j, m), acc);
+        acc.store(out + j, m);
       }
     }
-  });
+  }
 }
 
-template <int NC>
-void input_grad(const float* dS, int64_t lds, const float* W, int64_t ldw, float* dX, int64_t ldx,
-                int64_t n, int64_t D) {
-  constexpr int64_t L = VF::size();
-  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [=](int64_t r0, int64_t r1) {
-    for (int64_t j0 = 0; j0 < D; j0 += kSmallGemmChunk) {  // W's chunk stays in L1
-      const int64_t j1 = std::min(D, j0 + kSmallGemmChunk);
-      const int64_t full = j0 + (j1 - j0) / L * L;
-      const Rows<NC> w(W, ldw);
-      for (int64_t r = r0; r < r1; ++r) {
-        VF s[NC];
-        for (int c = 0; c < NC; ++c) s[c] = VF(dS[r * lds + c]);
-        float* out = dX + r * ldx;
-        for (int64_t j = j0; j < full; j += L) {
-          VF acc(0.f);
-          for (int c = 0; c < NC; ++c) acc = at::vec::fmadd(s[c], VF::loadu(w.p[c] + j), acc);
-          acc.store(out + j);
-        }
-        if (full < j1) {
-          const int64_t m = j1 - full;
-          VF acc(0.f);
-          for (int c = 0; c < NC; ++c) acc = at::vec::fmadd(s[c], VF::loadu(w.p[c] + full, m), acc);
-          acc.store(out + full, m);
-        }
-      }
+template <int NC, typename Loss>
+double run_block(const SmallLinear& a, Loss& loss, SmallWeightGrad& g) {
+  const int64_t sub = small_sub_rows(a.D), subs = (a.n + sub - 1) / sub, CD = NC * a.D;
+  std::vector<double> sums(size_t(std::max<int64_t>(subs, 0)));
+  if (a.weight_grad && int64_t(g.partials.size()) < subs * CD) g.partials.resize(size_t(subs * CD));
+  at::parallel_for(0, subs, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t r0 = s * sub, r1 = std::min(a.n, r0 + sub);
+      scores_rows<NC>(a, r0, r1);
+      sums[s] = loss(a.S + r0 * NC, r0, r1 - r0);  // scores -> dS, in place
+      if (a.dX) input_rows<NC>(a, r0, r1);
+      if (a.weight_grad) weight_rows<NC>(a, r0, r1, g.partials.data() + s * CD, s < g.used);
     }
   });
+  if (a.weight_grad) g.used = std::max(g.used, subs);
+  double total = 0;
+  for (double v : sums) total += v;
+  return total;
 }
 
-// Calls F<NC> for the runtime C (1 <= C <= kSmallGemmC).
-template <template <int> class F, typename... A>
-void with_classes(int64_t C, A&&... a) {
-  switch (C) {
+}  // namespace detail
+
+// Runs the block: scores, `loss(S_rows, first_row, rows) -> summed loss` (turns the
+// scores of its rows into their gradient in place; called once per sub-block, possibly
+// from several threads at once), then dX and the dW partials where asked for.  Returns
+// the summed loss, added in sub-block order; `grad.finish` gives dW after the last block.
+// Blocks of kSubBlocks * small_sub_rows(D) rows keep the threads busy and the partials
+// few; any n works.
+template <typename Loss>
+double small_linear_block(const SmallLinear& a, Loss&& loss, SmallWeightGrad& grad) {
+  switch (a.C) {
 #define LINCLASS_SMALL_CASE(k) \
   case k:                      \
-    return F<k>::run(std::forward<A>(a)...);
+    return detail::run_block<k>(a, loss, grad);
     LINCLASS_SMALL_CASE(1) LINCLASS_SMALL_CASE(2) LINCLASS_SMALL_CASE(3) LINCLASS_SMALL_CASE(4)
     LINCLASS_SMALL_CASE(5) LINCLASS_SMALL_CASE(6) LINCLASS_SMALL_CASE(7) LINCLASS_SMALL_CASE(8)
     LINCLASS_SMALL_CASE(9) LINCLASS_SMALL_CASE(10) LINCLASS_SMALL_CASE(11) LINCLASS_SMALL_CASE(12)
 #undef LINCLASS_SMALL_CASE
   }
-}
-template <int NC>
-struct Scores {
-  template <typename... A>
-  static void run(A... a) { scores<NC>(a...); }
-};
-template <int NC>
-struct WeightGrad {
-  template <typename... A>
-  static void run(A... a) { weight_grad<NC>(a...); }
-};
-template <int NC>
-struct InputGrad {
-  template <typename... A>
-  static void run(A... a) { input_grad<NC>(a...); }
-};
-
-}  // namespace detail
-
-// Row-major operands with unit stride along D (rows of X, W, dX; ld* are row strides).
-// `index` (may be null) gathers the rows of X: row r is X[index[r]] (the SGD minibatch,
-// read in place instead of copied).
-// `next_index` (may be null, else n entries) names rows to prefetch meanwhile.
-inline void small_scores(const float* X, int64_t ldx, const int64_t* index, const float* W,
-                         int64_t ldw, const float* b, float* S, int64_t lds, int64_t n, int64_t D,
-                         int64_t C, const int64_t* next_index = nullptr) {
-  detail::with_classes<detail::Scores>(C, X, ldx, index, next_index, W, ldw, b, S, lds, n, D);
-}
-inline void small_weight_grad(const float* dS, int64_t lds, const float* X, int64_t ldx,
-                              const int64_t* index, float* dW, int64_t ldw, int64_t n, int64_t D,
-                              int64_t C, bool accumulate) {
-  detail::with_classes<detail::WeightGrad>(C, dS, lds, X, ldx, index, dW, ldw, n, D, accumulate);
-}
-inline void small_input_grad(const float* dS, int64_t lds, const float* W, int64_t ldw, float* dX,
-                             int64_t ldx, int64_t n, int64_t D, int64_t C) {
-  detail::with_classes<detail::InputGrad>(C, dS, lds, W, ldw, dX, ldx, n, D);
+  TORCH_CHECK(false, "small_linear_block: C = ", a.C, " is not in [1, ", kSmallGemmC, "]");
 }
 
 }  // namespace linclass::cpu
