@@ -330,6 +330,9 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
     W = W0.repeat(1, K)  # pair k owns columns [k * C, (k + 1) * C)
     lr = torch.tensor([c[0] for c in configs], dtype=X.dtype, device=X.device).repeat_interleave(C)
     reg = torch.tensor([c[1] for c in configs], dtype=X.dtype, device=X.device).repeat_interleave(C)
+    # W -= lr * (X_b^T dS + 2 reg W) as W = (1 - 2 lr reg) W + X_b^T (-lr dS): one scaling
+    # pass and one GEMM that accumulates into W (no temporaries of W's size).
+    decay = 1 - 2 * lr * reg
     for it in range(num_iters):
         X_batch, y_batch = sample_batch(X, y, num_train, batch_size)
         if kind is None:
@@ -337,8 +340,8 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
                      for k in range(K)]
             W -= lr * torch.cat(grads, dim=1)
         else:
-            dscores = _batched_dscores(kind, X_batch.mm(W), y_batch, K, C)
-            W -= lr * (X_batch.t().mm(dscores) + 2 * reg * W)
+            dscores = _batched_dscores(kind, X_batch.mm(W), y_batch, K, C, -lr)
+            W.mul_(decay).addmm_(X_batch.t(), dscores)
         if progress is not None:
             progress(it)
 
@@ -359,8 +362,9 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
             "best_model": best_model}
 
 
-def _batched_dscores(kind, scores, y_batch, K, C):
-    """d(mean data loss)/d scores for K pairs side by side: scores (B, K * C)."""
+def _batched_dscores(kind, scores, y_batch, K, C, scale):
+    """d(mean data loss)/d scores for K pairs side by side: scores (B, K * C), each column
+    times `scale` (K * C,)."""
     B = scores.shape[0]
     rows = scores.view(B * K, C)  # row (b, k): pair k's scores of example b
     targets = y_batch.to(torch.int64).repeat_interleave(K)
@@ -374,7 +378,7 @@ def _batched_dscores(kind, scores, y_batch, K, C):
             (grad,) = torch.autograd.grad(loss, leaf)
     elif kind == "svm":
         _, grad = _ops.MULTI_MARGIN_LOSS[backend](rows, targets, 1, 1.0, None, 2, True)
-        grad = grad * C
+        scale = scale * C
     else:
         _, grad = _ops.CROSS_ENTROPY[backend](rows, targets, None, -100, 0.0, 2, True)
-    return grad.view(B, K * C) / B
+    return grad.view(B, K * C).mul_(scale / B)

@@ -100,11 +100,20 @@ struct CrossEntropyMath {
     }
   }
 
+  // Ten classes (CIFAR-10 and digits, the workflow's case) get a compile-time class
+  // count: the class loops unroll and the exps of different classes overlap (~12% less
+  // time at 65536 x 10 here).  kC = 0: any count, read at run time.
   template <typename acc_t, bool kGrad>
   static Vec<acc_t> lanes(acc_t* tile, const Vec<acc_t>& vy, const CrossEntropyParams<acc_t>& p) {
+    if (p.classes == 10) return lanes_c<acc_t, kGrad, 10>(tile, vy, p);
+    return lanes_c<acc_t, kGrad, 0>(tile, vy, p);
+  }
+
+  template <typename acc_t, bool kGrad, int kC>
+  static Vec<acc_t> lanes_c(acc_t* tile, const Vec<acc_t>& vy, const CrossEntropyParams<acc_t>& p) {
     using V = Vec<acc_t>;
     constexpr int64_t W = V::size();
-    const int64_t C = p.classes;
+    const int64_t C = kC > 0 ? kC : p.classes;
     const bool smoothing = p.smooth != acc_t(0);
     const V zero(acc_t(0)), one(acc_t(1));
     const V valid = vy >= zero;
