@@ -21,7 +21,7 @@ DEFAULTS = {
     ("twolayer", "digits"): dict(lr=3.0, reg=1e-4, iters=1000, hidden=64, decay=0.95),
     ("svm", "images"): dict(lr=1e-2, reg=1e-2, iters=2000),
     ("softmax", "images"): dict(lr=5e-2, reg=1e-3, iters=2000),
-    ("twolayer", "images"): dict(lr=1.0, reg=1e-3, iters=4000, hidden=1024, decay=0.85),
+    ("twolayer", "images"): dict(lr=1.0, reg=5e-4, iters=4000, hidden=1024, decay=0.81),
 }
 
 
@@ -86,7 +86,7 @@ def run_train(args) -> dict:
     """Train (or search) one model; returns the results dict (the --json content)."""
     import torch
 
-    from . import backends, linear_classifier as lc, plots, two_layer_net as tln
+    from . import backends, data, linear_classifier as lc, plots, two_layer_net as tln
 
     kind = "digits" if args.dataset == "digits" else "images"
     hp = dict(DEFAULTS[(args.model, kind)])
@@ -103,6 +103,13 @@ def run_train(args) -> dict:
 
     torch.manual_seed(args.seed)
     d = _load_data(args)
+    # --augment auto: mirror images for the two-layer net on photos (not for digits, whose
+    # mirror images are other shapes, nor for the linear models, which gain nothing).
+    augment = args.augment
+    if augment == "auto":
+        augment = "flip" if args.model == "twolayer" and kind == "images" else "none"
+    hp["augment"] = augment
+    train_d = data.mirror_augment(d) if augment == "flip" else d  # training sees this
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     C = int(max(d["y_train"].max(), d["y_val"].max()).item()) + 1
@@ -116,7 +123,7 @@ def run_train(args) -> dict:
                          else lc.softmax_get_search_params)()
             step, close = _progress(hp["iters"], f"{args.model}: {len(lrs) * len(regs)} configs at once",
                                     args.quiet)
-            search = lc.sweep(cls, d, lrs, regs, num_iters=hp["iters"], batch_size=args.batch_size,
+            search = lc.sweep(cls, train_d, lrs, regs, num_iters=hp["iters"], batch_size=args.batch_size,
                               seed=args.seed, progress=step)
             close()
             model = search["best_model"]
@@ -129,7 +136,7 @@ def run_train(args) -> dict:
                 _check_shape(model.W.shape, (D, C), args.load)
                 model.W = model.W.to(d["X_train"])
             step, close = _progress(hp["iters"], args.model, args.quiet)
-            history = model.train(d["X_train"], d["y_train"], hp["lr"], hp["reg"], hp["iters"],
+            history = model.train(train_d["X_train"], train_d["y_train"], hp["lr"], hp["reg"], hp["iters"],
                                   args.batch_size, progress=step)
             close()
     else:
@@ -138,7 +145,7 @@ def run_train(args) -> dict:
             total = len(hs) * len(regs) * len(lrs) * len(decays)
             step, close = _progress(total, f"twolayer: {total} configs", args.quiet)
             model, stat, _ = tln.find_best_net(
-                d, tln.nn_get_search_params, num_iters=hp["iters"], batch_size=args.batch_size,
+                train_d, tln.nn_get_search_params, num_iters=hp["iters"], batch_size=args.batch_size,
                 seed=args.seed, progress=(lambda *a: step(0)) if step else None)
             close()
             cfg = stat["config"]
@@ -150,7 +157,7 @@ def run_train(args) -> dict:
             if args.load:
                 model.load(args.load)
             step, close = _progress(hp["iters"], "twolayer", args.quiet)
-            stat = model.train(d["X_train"], d["y_train"], d["X_val"], d["y_val"],
+            stat = model.train(train_d["X_train"], train_d["y_train"], d["X_val"], d["y_val"],
                                learning_rate=hp["lr"], learning_rate_decay=hp["decay"],
                                reg=hp["reg"], num_iters=hp["iters"], batch_size=args.batch_size,
                                progress=step)
@@ -226,6 +233,9 @@ def _add_train_args(p):
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--hidden", type=int, help="hidden units (twolayer)")
     p.add_argument("--decay", type=float, help="learning-rate decay per epoch (twolayer)")
+    p.add_argument("--augment", choices=["auto", "none", "flip"], default="auto",
+                   help="flip: train on the training images and their mirror images too; "
+                        "auto (default): flip for twolayer on photos (cifar10, folder), else none")
     p.add_argument("--val-ratio", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

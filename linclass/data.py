@@ -74,6 +74,30 @@ def preprocess(x_train, y_train, x_test=None, y_test=None, *, scale: float = 255
 # ---- scikit-learn digits (bundled: the offline default) --------------------------------
 
 
+def mirror_augment(data: dict) -> dict:
+    """The data dict with the mirror image (flipped left to right) of every training
+    image appended to the training split (labels repeated); validation and test splits
+    are unchanged.  Rows may be flattened, with or without the bias column.
+
+    Mirroring keeps a photo's class (a car facing left is still a car), so for the
+    two-layer net on CIFAR-10 it acts as twice the training data: the default search's
+    best validation accuracy rises from 55.1% to 56.6% (README, "Classifiers")."""
+    shape = tuple(data.get("image_shape") or ())
+    X = data["X_train"]
+    if len(shape) < 2:
+        raise ValueError(f"mirror_augment needs images (image_shape (C, H, W) or (H, W)), got {shape}")
+    n, pixels = X.shape[0], int(np.prod(shape))
+    flat = X.reshape(n, -1)
+    if flat.shape[1] not in (pixels, pixels + 1):
+        raise ValueError(f"X_train rows hold {flat.shape[1]} values, image_shape {shape} has {pixels}")
+    mirrored = flat.clone()
+    mirrored[:, :pixels] = torch.flip(flat[:, :pixels].reshape(n, *shape), dims=[-1]).reshape(n, pixels)
+    out = dict(data)
+    out["X_train"] = torch.cat([X, mirrored.reshape(X.shape)])
+    out["y_train"] = torch.cat([data["y_train"], data["y_train"]])
+    return out
+
+
 def load_digits(validation_ratio: float = 0.2, test_ratio: float = 0.2, seed: int = 0,
                 bias_trick: bool = False, flatten: bool = True, dtype=torch.float32,
                 device=None) -> dict:

@@ -154,3 +154,42 @@ def test_plots_write_pngs(tmp_path):
     ]
     for p in paths:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("bias_trick,flatten", [(False, True), (True, True), (False, False)])
+def test_mirror_augment_appends_flipped_training_images(bias_trick, flatten):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (20, 3, 4, 5), generator=g).to(torch.uint8).numpy()
+    y = torch.arange(20) % 3
+    d = data.preprocess(x, y.numpy(), validation_ratio=0.25, bias_trick=bias_trick, flatten=flatten)
+    a = data.mirror_augment(d)
+    n = len(d["y_train"])
+    assert torch.equal(a["X_train"][:n], d["X_train"]) and torch.equal(a["y_train"], d["y_train"].repeat(2))
+    assert a["X_val"] is d["X_val"] and a["X_test"] is d["X_test"]
+    rows = a["X_train"][n:].reshape(n, -1)
+    orig = d["X_train"].reshape(n, -1)
+    # pixel (c, h, w) of a mirrored image is pixel (c, h, W - 1 - w) of its original
+    img, mir = orig[:, :60].reshape(n, 3, 4, 5), rows[:, :60].reshape(n, 3, 4, 5)
+    for w in range(5):
+        assert torch.equal(mir[..., w], img[..., 4 - w])
+    if bias_trick:
+        assert torch.equal(rows[:, -1], torch.ones(n))
+    with pytest.raises(ValueError, match="image_shape"):
+        data.mirror_augment(dict(d, image_shape=(60,)))
+
+
+def test_twolayer_on_photos_trains_on_mirror_images_by_default(tmp_path):
+    train = _image_folder(tmp_path / "train", ["cat", "dog"], per_class=10)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    for extra, augment in [([], "flip"), (["--augment", "none"], "none")]:
+        js = tmp_path / f"{augment}.json"
+        p = _run(["train", "--model", "twolayer", "--dataset", "folder", "--train-dir", str(train),
+                  "--iters", "20", "--hidden", "8", "--quiet", "--device", "cpu", "--json", str(js), *extra],
+                 env=env)
+        assert p.returncode == 0, p.stderr
+        r = json.loads(js.read_text())
+        assert r["hyperparameters"]["augment"] == augment and r["n_train"] == 16  # originals only
+    js = tmp_path / "svm.json"
+    assert cli.main(["train", "--model", "svm", "--iters", "20", "--quiet", "--device", "cpu",
+                     "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["hyperparameters"]["augment"] == "none"  # digits, linear
