@@ -162,12 +162,6 @@ inline void pack_tile(const scalar_t* base, const RowGeometry& g, int64_t r0, in
       const float* p = base + g.offset(r0);
       int64_t j = 0;
       for (; j + W <= C; j += W) transpose_block(p + j, g.stride_n, tile + j * W, W);
-      if (j < C && C >= W) {
-        // The leftover classes as one more transpose, overlapping the previous one:
-        // scalar stores here would stall the vector loads that read them back.
-        transpose_block(p + C - W, g.stride_n, tile + (C - W) * W, W);
-        return;
-      }
       for (; j < C; ++j)
         for (int64_t l = 0; l < W; ++l) tile[j * W + l] = p[l * g.stride_n + j];
       return;
@@ -199,10 +193,6 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
       float* p = base + g.offset(r0);
       int64_t j = 0;
       for (; j + W <= C; j += W) transpose_block(tile + j * W, W, p + j, g.stride_n);
-      if (j < C && C >= W) {  // overlapping: the shared classes get the same values again
-        transpose_block(tile + (C - W) * W, W, p + C - W, g.stride_n);
-        return;
-      }
       for (; j < C; ++j)
         for (int64_t l = 0; l < W; ++l) p[l * g.stride_n + j] = tile[j * W + l];
       return;
