@@ -100,7 +100,7 @@ double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
     a.S = S.mutable_data_ptr<float>();
     a.weight_grad = true;
     data_loss = cpu::small_linear_block(a, loss_rows, wgrad);
-    gp = wgrad.partials.data();
+    gp = wgrad.partials.get();
     parts = wgrad.used;
   } else {
     const at::Tensor Xb = X.index_select(0, idx);

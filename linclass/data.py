@@ -90,8 +90,8 @@ def mirror_augment(data: dict) -> dict:
     flat = X.reshape(n, -1)
     if flat.shape[1] not in (pixels, pixels + 1):
         raise ValueError(f"X_train rows hold {flat.shape[1]} values, image_shape {shape} has {pixels}")
-    mirrored = flat.clone()
-    mirrored[:, :pixels] = torch.flip(flat[:, :pixels].reshape(n, *shape), dims=[-1]).reshape(n, pixels)
+    mirrored = torch.flip(flat[:, :pixels].reshape(n, *shape), dims=[-1]).reshape(n, pixels)
+    mirrored = torch.cat([mirrored, flat[:, pixels:]], dim=1)  # the bias column, if any
     out = dict(data)
     out["X_train"] = torch.cat([X, mirrored.reshape(X.shape)])
     out["y_train"] = torch.cat([data["y_train"], data["y_train"]])

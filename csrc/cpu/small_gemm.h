@@ -20,11 +20,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
-
-
-
-
 
 namespace linclass::cpu {
 
@@ -43,7 +40,7 @@ inline int64_t small_sub_rows(int64_t D) {
   return std::clamp<int64_t>(rows, 3, 96) / 3 * 3;
 }
 
-// Operands of one block.  Rows of X, W, dX and dW have unit stride along D.
+// Operands of one block.  Rows of X, W and dX have unit stride along D.
 struct SmallLinear {
   const float* X = nullptr;
   int64_t ldx = 0;
@@ -59,18 +56,28 @@ struct SmallLinear {
 };
 
 // The dW partials of a sequence of blocks: partial s sums sub-block s of each block.
+// The buffer is not zeroed: each partial's first sub-block stores rather than adds.
 struct SmallWeightGrad {
-  std::vector<float> partials;
+  std::unique_ptr<float[]> partials;
+  int64_t size = 0;  // floats in `partials`
   int64_t used = 0;  // partials written so far
+
+  float* reserve(int64_t n) {
+    if (n > size) {
+      std::unique_ptr<float[]> grown(new float[size_t(n)]);
+      std::copy_n(partials.get(), size, grown.get());
+      partials = std::move(grown);
+      size = n;
+    }
+    return partials.get();
+  }
 
   // dW (C x D, contiguous) = the sum of the partials, in order.
   void finish(float* dW, int64_t CD) const {
-    const float* part = partials.data();
-    const int64_t used_ = used;
     at::parallel_for(0, CD, 4096, [&](int64_t e0, int64_t e1) {
       std::fill(dW + e0, dW + e1, 0.f);
-      for (int64_t s = 0; s < used_; ++s)
-        for (int64_t e = e0; e < e1; ++e) dW[e] += part[s * CD + e];
+      for (int64_t s = 0; s < used; ++s)
+        for (int64_t e = e0; e < e1; ++e) dW[e] += partials[s * CD + e];
     });
   }
 };
@@ -153,7 +160,6 @@ void weight_rows(const SmallLinear& a, int64_t r0, int64_t r1, float* out, bool 
     for (int c = 0; c < NC; ++c) acc[c] = accumulate ? VF::loadu(out + c * a.D + j, m) : VF(0.f);
     for (int64_t r = r0; r < r1; ++r) {
       const float* x = row_ptr(a, r) + j;
-      if ((j & 15) == 0) __builtin_prefetch(x + 128, 0, 3, 0, 3);
       const VF xv = m == L ? VF::loadu(x) : VF::loadu(x, m);
       const float* s = a.S + r * NC;
       for (int c = 0; c < NC; ++c) acc[c] = at::vec::fmadd(VF(s[c]), xv, acc[c]);
@@ -187,14 +193,14 @@ template <int NC, typename Loss>
 double run_block(const SmallLinear& a, Loss& loss, SmallWeightGrad& g) {
   const int64_t sub = small_sub_rows(a.D), subs = (a.n + sub - 1) / sub, CD = NC * a.D;
   std::vector<double> sums(size_t(std::max<int64_t>(subs, 0)));
-  if (a.weight_grad && int64_t(g.partials.size()) < subs * CD) g.partials.resize(size_t(subs * CD));
+  float* partials = a.weight_grad ? g.reserve(subs * CD) : nullptr;
   at::parallel_for(0, subs, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t r0 = s * sub, r1 = std::min(a.n, r0 + sub);
       scores_rows<NC>(a, r0, r1);
       sums[s] = loss(a.S + r0 * NC, r0, r1 - r0);  // scores -> dS, in place
       if (a.dX) input_rows<NC>(a, r0, r1);
-      if (a.weight_grad) weight_rows<NC>(a, r0, r1, g.partials.data() + s * CD, s < g.used);
+      if (a.weight_grad) weight_rows<NC>(a, r0, r1, partials + s * CD, s < g.used);
     }
   });
   if (a.weight_grad) g.used = std::max(g.used, subs);
