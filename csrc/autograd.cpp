@@ -3,9 +3,8 @@
 //
 // A fused op returns (loss, grad) where grad = d loss / d input for grad_output = 1,
 // computed by the forward kernel.  Backward only rescales that buffer by grad_output
-// (per row for reduction='none'), and when grad_output is the 1 that loss.backward()
-// passes it hands the buffer over unchanged: a forward+backward then allocates one
-// N x C buffer in all.
+// (per row for reduction='none'), in place unless the graph is kept for another
+// backward (see rescale): a forward+backward then allocates one N x C buffer in all.
 //
 // This is registered in C++ (the Autograd dispatch key) rather than with
 // torch.library.register_autograd: the Python path costs ~120 us per call on the
@@ -17,8 +16,10 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <torch/csrc/autograd/graph_task.h>
+
 #ifdef LINCLASS_WITH_CUDA
-#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include "cuda/scale.h"
 #endif
 
 namespace linclass {
@@ -29,25 +30,31 @@ using torch::autograd::variable_list;
 
 constexpr int64_t kNone = 0;
 
-// True when `t` is an ordinary tensor holding exactly 1.  Fake, functional and other
-// subclass tensors (torch.compile's tracing) always take the multiply.  Reading a CUDA
-// value synchronizes the stream: it is worth it to avoid a second N x C buffer, except
-// while a CUDA graph is being captured, where it is not allowed.
-bool is_plain_one(const at::Tensor& t) {
+// saved * grad_loss, where `saved` is a gradient the forward computed for
+// grad_output = 1 (mirrors _rescale in linclass/_ops.py).  The buffer itself is handed
+// to autograd, which adopts it as .grad when it can, unless the graph is kept for
+// another backward (retain_graph=True), which must find it unchanged: then the result
+// is a new tensor.  CUDA scales in place on the device (csrc/cuda/scale.cu: nothing is
+// done when grad_output is 1, and the host never waits for the GPU); on the CPU reading
+// grad_output is free.  Fake, functional and other subclass tensors (torch.compile's
+// tracing) take an ordinary multiply.
+at::Tensor rescale(const at::Tensor& saved, const at::Tensor& grad_loss) {
   constexpr auto kTracing = c10::DispatchKeySet(
       {c10::DispatchKey::Python, c10::DispatchKey::Functionalize, c10::DispatchKey::PythonTLSSnapshot});
-  if (t.key_set().has_any(kTracing)) return false;  // before numel(): sizes may be symbolic
-  if (t.device().is_cuda()) {
+  if (grad_loss.key_set().has_any(kTracing) || torch::autograd::get_current_graph_task_keep_graph() ||
+      grad_loss.numel() != 1)
+    return at::mul(saved, grad_loss);
 #ifdef LINCLASS_WITH_CUDA
-    if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
-      return false;
-#else
-    return false;
-#endif
-  } else if (!t.device().is_cpu()) {
-    return false;
+  if (grad_loss.is_cuda() && saved.is_cuda()) {
+    cuda::scale_inplace(saved, grad_loss);
+    return saved;
   }
-  return t.numel() == 1 && t.item<double>() == 1.0;
+#endif
+  if (grad_loss.is_cpu() && saved.is_cpu()) {
+    if (grad_loss.item<double>() != 1.0) saved.mul_(grad_loss);
+    return saved;
+  }
+  return at::mul(saved, grad_loss);
 }
 
 // Fused loss ops share the signature (input, target, ..., int reduction, bool compute_grad)
@@ -85,7 +92,7 @@ struct FusedLoss : public torch::autograd::Function<FusedLoss<Args...>> {
     at::Tensor grad = ctx->get_saved_variables()[0];
     if (ctx->saved_data["reduction"].toInt() == kNone && ctx->saved_data["input_dim"].toInt() >= 2)
       grad_loss = grad_loss.unsqueeze(1);  // one scale per row, broadcast over classes
-    out[1] = is_plain_one(grad_loss) ? grad : at::mul(grad, grad_loss);
+    out[1] = rescale(grad, grad_loss);
     return out;
   }
 };
@@ -127,11 +134,10 @@ struct FusedLinearLoss : public torch::autograd::Function<FusedLinearLoss<Args..
                 "linclass: this fused linear loss ran without the gradient of an argument that "
                 "requires one (output_mask); call it through linclass.linear_cross_entropy / "
                 "linear_multi_margin_loss, which set the mask from requires_grad");
-    const bool one = is_plain_one(grad_loss);
     const auto saved = ctx->get_saved_variables();
     const auto mask = ctx->saved_data["mask"].toBoolList();
     for (size_t i = 0; i < 3; ++i)  // input, weight, bias are the op's first arguments
-      if (mask[i]) out[1 + i] = one ? saved[i] : at::mul(saved[i], grad_loss);
+      if (mask[i]) out[1 + i] = rescale(saved[i], grad_loss);
     return out;
   }
 };

@@ -58,14 +58,35 @@ def _setup_fused_loss(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _is_one(g: Tensor) -> bool:
-    """grad_output is an ordinary tensor holding 1 (reading a CUDA value synchronizes,
-    which is skipped while capturing a CUDA graph; traced tensors always multiply)."""
-    if type(g) is not Tensor or g.numel() != 1:
-        return False
-    if g.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    return g.item() == 1.0
+# Tests set this to run the device-side rescale (kernels/scale.py) on CPU tensors too,
+# under the Triton interpreter.
+DEVICE_RESCALE_ON_CPU = False
+
+# Whether the running backward keeps its graph (retain_graph=True); private torch API,
+# so without it every backward is assumed to keep it (an out-of-place multiply).
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
+
+
+def _rescale(saved: list, grad_loss: Tensor) -> list:
+    """The saved gradients (computed for grad_output = 1) times the one-element grad_loss.
+
+    The buffers are handed to autograd (which adopts them as .grad when it can) unless
+    the graph is kept for another backward, which must find them unchanged: then the
+    result is a new tensor.  Eager CUDA scales in place with kernels/scale.py, which
+    skips the work on the device when grad_loss is 1 and never synchronizes with the
+    host; on the CPU reading grad_loss is free.  Traced (torch.compile) or subclass
+    tensors: an ordinary multiply."""
+    if type(grad_loss) is not Tensor or torch.compiler.is_compiling() or _keep_graph():
+        return [s * grad_loss for s in saved]
+    if grad_loss.is_cuda or DEVICE_RESCALE_ON_CPU:
+        from .kernels import scale
+
+        scale.scale_(saved, grad_loss)
+        return saved
+    if grad_loss.item() != 1.0:
+        for s in saved:
+            s.mul_(grad_loss)
+    return saved
 
 
 def _backward_fused_loss(ctx, grad_loss, _grad_of_grad):
@@ -84,7 +105,10 @@ def _backward_fused_loss(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     if ctx.reduction == REDUCTIONS["none"] and ctx.input_dim >= 2:
         grad_loss = grad_loss.unsqueeze(1)  # one scale per row, broadcast over classes
-    grad_input = grad if _is_one(grad_loss) else grad * grad_loss
+    if ctx.reduction == REDUCTIONS["none"] and grad_loss.numel() != 1:
+        grad_input = grad * grad_loss
+    else:
+        (grad_input,) = _rescale([grad], grad_loss)
     return (grad_input,) + (None,) * (ctx.n_inputs - 1)
 
 
@@ -101,15 +125,15 @@ def _backward_linear_loss(ctx, grad_loss, *_):
     if torch.is_grad_enabled():
         raise RuntimeError("linclass: the fused losses are differentiable once; backward with "
                            "create_graph=True (double backward) is not supported.")
-    one = _is_one(grad_loss)
-    grads = []
-    for i, saved in enumerate(ctx.saved_tensors):  # input, weight, bias
-        if ctx.needs_input_grad[i] and saved.numel() == 0:
+    saved = ctx.saved_tensors  # input, weight, bias
+    for i, s in enumerate(saved):
+        if ctx.needs_input_grad[i] and s.numel() == 0:
             raise RuntimeError(
                 f"linclass: this fused linear loss ran without the gradient of its argument {i}; "
                 "call it through linclass.linear_cross_entropy / linear_multi_margin_loss")
-        grads.append(None if saved.numel() == 0 else saved if one else saved * grad_loss)
-    return tuple(grads) + (None,) * (ctx.n_inputs - 3)
+    present = [i for i, s in enumerate(saved) if s.numel() != 0]
+    scaled = dict(zip(present, _rescale([saved[i] for i in present], grad_loss)))
+    return tuple(scaled.get(i) for i in range(3)) + (None,) * (ctx.n_inputs - 3)
 
 
 def _eager_fast_path(op, launcher, setup_context, backward):
