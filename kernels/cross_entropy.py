@@ -20,8 +20,11 @@ class index nor ignore_index gives that row a NaN loss and NaN gradient: the ker
 never read or write outside the tensors.
 
 Two kernels: `_ce_tile_kernel` takes BLOCK_M rows of C <= BLOCK_C classes as one tile
-(small C); `_ce_loop_kernel` takes one row per program and walks it in BLOCK_C column
-blocks with an online max / log-sum-exp, then a second pass for the gradient (large C).
+(many rows per program at small C; one whole row per program, read once, when the launch
+configuration's block covers the row); `_ce_loop_kernel` takes one row per program and
+walks it in BLOCK_C column blocks with an online max / log-sum-exp, then a second pass
+for the gradient (large C).  On an H200 the two-pass loop beat whole rows held in
+registers at C = 32000 (bench/results/tune-NVIDIA-H200.md: 0.42 against 0.68 ms bf16).
 """
 
 import numpy as np
@@ -66,6 +69,28 @@ def _ce_tile_kernel(
 
     x_off = _row_offsets(rows, inner, sxn, sxk)
     x = tl.load(X + x_off[:, None] + cols[None, :] * sxc, mask=mask, other=float("-inf")).to(ACC)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)
+    else:
+        w = tl.where(col_ok, 1.0, 0.0).to(ACC)
+    scale = tl.load(CONSTS)
+    loss, g = ce_tile(x, cols, y, mask, valid, bad, w, keep, smooth, weight_sum, scale,
+                      HAS_WEIGHT, SMOOTHING)
+    if SCALE_LOSS:
+        loss *= scale  # ignored rows: 0 * (1 / 0) = NaN when every row is ignored
+    tl.store(LOSS + rows, loss, mask=row_ok)
+    if COMPUTE_GRAD:
+        g_off = _row_offsets(rows, inner, sgn, sgk)
+        tl.store(G + g_off[:, None] + cols[None, :] * sgc, g.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ce_tile(x, cols, y, mask, valid, bad, w, keep, smooth, weight_sum, scale,
+            HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr):
+    """(per-row loss, gradient times `scale`) of a [BLOCK_M, BLOCK_C] tile of scores x
+    (-inf outside `mask`) with targets y, class weights w (0 outside the classes), as in
+    the module docstring.  Rows that are not `valid` get 0 (ignored) or NaN (`bad`).
+    Shared by the loss kernels and the fused linear kernel (kernels/linear_tile.py)."""
     m = tl.max(x, 1)
     d = x - m[:, None]
     e = tl.where(mask, _exp(d), 0.0)
@@ -76,31 +101,22 @@ def _ce_tile_kernel(
     s = s_excl + e_y
     log_s = _log(s)
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)
         w_y = tl.sum(tl.where(is_y, w[None, :], 0.0), 1)
     else:
-        w = tl.where(col_ok, 1.0, 0.0).to(ACC)
-        w_y = tl.where(valid, 1.0, 0.0).to(ACC)
+        w_y = tl.where(valid, 1.0, 0.0).to(x.dtype)
     loss = keep * w_y * (log_s - d_y)
     if SMOOTHING:
         sum_wd = tl.sum(tl.where(mask, w[None, :] * d, 0.0), 1)
         loss += smooth * (weight_sum * log_s - sum_wd)
     loss = tl.where(valid, loss, tl.where(bad, float("nan"), 0.0))
-    if SCALE_LOSS:
-        loss *= tl.load(CONSTS)  # ignored rows: 0 * (1 / 0) = NaN when every row is ignored
-    tl.store(LOSS + rows, loss, mask=row_ok)
-
-    if COMPUTE_GRAD:
-        scale = tl.load(CONSTS)
-        a = scale * (keep * w_y + smooth * weight_sum) / s
-        g = a[:, None] * e
-        if SMOOTHING:
-            g -= (scale * smooth) * w[None, :]
-        g_y = scale * (smooth * (weight_sum * e_y / s - w_y) - keep * w_y * s_excl / s)
-        g = tl.where(is_y, g_y[:, None], g)
-        g = tl.where(valid[:, None], g, tl.where(bad[:, None], float("nan"), 0.0))
-        g_off = _row_offsets(rows, inner, sgn, sgk)
-        tl.store(G + g_off[:, None] + cols[None, :] * sgc, g.to(G.dtype.element_ty), mask=mask)
+    a = scale * (keep * w_y + smooth * weight_sum) / s
+    g = a[:, None] * e
+    if SMOOTHING:
+        g -= (scale * smooth) * w[None, :]
+    g_y = scale * (smooth * (weight_sum * e_y / s - w_y) - keep * w_y * s_excl / s)
+    g = tl.where(is_y, g_y[:, None], g)
+    g = tl.where(valid[:, None], g, tl.where(bad[:, None], float("nan"), 0.0))
+    return loss, g
 
 
 @triton.jit
@@ -322,7 +338,10 @@ def launch(input, grad, target, weight, ignore_index, label_smoothing, const, sc
                 *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         else:
             block_c, warps = config or loop_config(C, input.element_size(), "ce")
-            _ce_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=warps)
+            if block_c >= C:  # the whole row in one block: one read, no second pass
+                _ce_tile_kernel[(rows,)](*args, **meta, BLOCK_M=1, BLOCK_C=block_c, num_warps=warps)
+            else:
+                _ce_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=warps)
     return loss_rows
 
 

@@ -1,5 +1,7 @@
 """Fused linear + loss on the Triton backend: loss(X W^T + b, y) and its gradients for X,
-W and b, a chunk of rows at a time, so the N x C score matrix never exists.
+W and b, so the N x C score matrix never exists.  Few classes (C <= linear_tile.MAX_C,
+16-bit on CUDA): one Triton kernel with tl.dot (kernels/linear_tile.py).  Otherwise a
+chunk of rows at a time:
 
 For each chunk of rows:  S = X_c W^T + b (cuBLAS / the CPU BLAS, in the input dtype)
                          the Triton loss kernel turns S into dS in place, scaled for the
@@ -15,6 +17,7 @@ need float32 GEMMs.
 import torch
 
 from . import cross_entropy as ce
+from . import linear_tile
 from . import multi_margin as mm
 
 # Chunks are sized like the C++ blocks (csrc/linear_loss.cpp): the input chunk stays near
@@ -69,6 +72,11 @@ def _chunks(input, weight, bias, target, mask, run_loss):
 
 def linear_cross_entropy(input, weight, bias, target, ignore_index, label_smoothing, reduction, mask):
     """Launcher behind linclass::linear_cross_entropy_triton ('mean' or 'sum')."""
+    if linear_tile.applies(input, weight):
+        total, const, gx, gw, gb = linear_tile.run(input, weight, bias, target, mask, True,
+                                                   ignore_index, label_smoothing, mean=reduction == 1)
+        loss = total / const[2] if reduction == 1 else total
+        return loss.to(input.dtype), gx, gw, gb
     acc = ce.acc_dtype(input.dtype)
     const = ce.consts(target, None, ignore_index, weight.shape[0], acc, reduction == 1)
 
@@ -83,6 +91,11 @@ def linear_cross_entropy(input, weight, bias, target, ignore_index, label_smooth
 def linear_multi_margin_loss(input, weight, bias, target, p, margin, reduction, mask):
     """Launcher behind linclass::linear_multi_margin_loss_triton ('mean' or 'sum')."""
     n = input.shape[0]
+    if linear_tile.applies(input, weight):
+        total, _, gx, gw, gb = linear_tile.run(input, weight, bias, target, mask, False, p=p,
+                                               margin=margin, mean=reduction == 1)
+        loss = total / n if reduction == 1 else total
+        return loss.to(input.dtype), gx, gw, gb
     scale = 1.0 / n if reduction == 1 and n else 1.0
 
     def run_loss(s, t, grad):

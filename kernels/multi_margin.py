@@ -57,24 +57,32 @@ def _mm_tile_kernel(
     valid = row_ok & (y >= 0) & (y < C)
     bad = row_ok & ~valid
     x = tl.load(X + rows[:, None] * sxn + cols[None, :] * sxc, mask=mask, other=0.0).to(ACC)
-    is_y = (cols[None, :] == y[:, None]) & mask
-    x_y = tl.sum(tl.where(is_y, x, 0.0), 1)
     if HAS_WEIGHT:
         w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
     else:
         w_y = tl.where(valid, 1.0, 0.0).to(ACC)
-    w_over_c = w_y / C
-    h, d = _hinge(margin - x_y[:, None] + x, mask & ~is_y, P)
-    loss = w_over_c * tl.sum(h, 1)
+    loss, g = mm_tile(x, cols, y, mask, bad, w_y / C, margin, scale, P)
     if SCALE_LOSS:
         loss *= scale
-    tl.store(LOSS + rows, tl.where(bad, float("nan"), loss), mask=row_ok)
+    tl.store(LOSS + rows, loss, mask=row_ok)
     if COMPUTE_GRAD:
-        coef = scale * w_over_c
-        g = coef[:, None] * d
-        g = tl.where(is_y, -(coef * tl.sum(d, 1))[:, None], g)
-        g = tl.where(bad[:, None], float("nan"), g)
         tl.store(G + rows[:, None] * sgn + cols[None, :] * sgc, g.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def mm_tile(x, cols, y, mask, bad, w_over_c, margin, scale, P: tl.constexpr):
+    """(per-row loss, gradient times `scale`) of a [BLOCK_M, BLOCK_C] tile of scores x
+    with targets y and per-row w_y / C, as in the module docstring; `bad` rows get NaN.
+    Shared by the loss kernels and the fused linear kernel (kernels/linear_tile.py)."""
+    is_y = (cols[None, :] == y[:, None]) & mask
+    x_y = tl.sum(tl.where(is_y, x, 0.0), 1)
+    h, d = _hinge(margin - x_y[:, None] + x, mask & ~is_y, P)
+    loss = tl.where(bad, float("nan"), w_over_c * tl.sum(h, 1))
+    coef = scale * w_over_c
+    g = coef[:, None] * d
+    g = tl.where(is_y, -(coef * tl.sum(d, 1))[:, None], g)
+    g = tl.where(bad[:, None], float("nan"), g)
+    return loss, g
 
 
 @triton.jit

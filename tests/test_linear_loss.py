@@ -124,7 +124,11 @@ def test_vector_input(linear_backend):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_relative_to_fp32(linear_backend, dtype):
-    x, w, b, t = make(48, 32, 500, dtype=torch.float32)
+    check_low_precision(*make(48, 32, 500, dtype=torch.float32), dtype)
+
+
+def check_low_precision(x, w, b, t, dtype):
+    """Loss and gradients in `dtype` no further from the float32 result than torch's."""
     oracle = grads_of(unfused_ce, x, w, b, t)
     ours = grads_of(linclass.linear_cross_entropy, x.to(dtype), w.to(dtype), b.to(dtype), t)
     theirs = grads_of(unfused_ce, x.to(dtype), w.to(dtype), b.to(dtype), t)
@@ -238,3 +242,90 @@ def test_modules_match_linear_plus_loss(linear_backend):
     torch.testing.assert_close(ours.bias.grad, linear.bias.grad)
     svm = linclass.nn.LinearMultiMarginLoss(12, 7, bias=False, p=2)
     torch.testing.assert_close(svm(x, t), F.multi_margin_loss(svm.scores(x), t, p=2))
+
+
+# ---- the one-kernel Triton path for few classes (kernels/linear_tile.py) ----------------
+# float32 and 16-bit inputs with C <= 64 go through it; the tests above run it at float32
+# where they use float32 (the float64 ones take the chunked path).  Here every keyword,
+# odd shapes and several row blocks per program, against the unfused float64 result.
+
+needs_triton = pytest.mark.skipif(not linclass.backends.runs_on("triton", "cpu"),
+                                  reason="needs the Triton interpreter")
+
+
+@pytest.fixture
+def tile_path(monkeypatch):
+    from linclass.kernels import linear_tile
+
+    monkeypatch.setattr(linear_tile, "PROGRAMS", 2)  # programs walk several row blocks
+    with linclass.backends.use("triton"):
+        yield linear_tile
+
+
+def check_fp32_against_fp64(fused, unfused, x, w, b, t, **kw):
+    loss, grads = grads_of(fused, x, w, b, t, **kw)
+    ref_loss, ref_grads = grads_of(unfused, *(v.double() if v is not None else None for v in (x, w, b)), t, **kw)
+    assert loss.dtype == x.dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5, equal_nan=True)
+    for g, r, name in zip(grads, ref_grads, ("input", "weight", "bias")):
+        assert g.dtype == x.dtype
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+@needs_triton
+@pytest.mark.parametrize("n,d,c", [(1, 1, 1), (1, 5, 10), (130, 33, 10), (70, 1, 3), (9, 70, 17), (20, 40, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_tile_path_cross_entropy(tile_path, n, d, c, bias):
+    x, w, b, t = make(n, d, c, dtype=torch.float32, bias=bias, transposed_weight=True)
+    assert tile_path.applies(x, w)
+    for reduction, smoothing, ignore in itertools.product(["mean", "sum"], [0.0, 0.3], [None, 0]):
+        kw = dict(reduction=reduction, label_smoothing=smoothing)
+        t2 = t
+        if ignore is not None:
+            t2 = t.clone()
+            t2[::2] = ignore
+            kw["ignore_index"] = ignore
+        check_fp32_against_fp64(linclass.linear_cross_entropy, unfused_ce, x, w, b, t2, **kw)
+
+
+@needs_triton
+@pytest.mark.parametrize("n,d,c", [(1, 1, 1), (130, 33, 10), (9, 70, 17)])
+def test_tile_path_multi_margin(tile_path, n, d, c):
+    x, w, b, t = make(n, d, c, dtype=torch.float32)
+    for reduction, p, margin in itertools.product(["mean", "sum"], [1, 2], [1.0, 0.3]):
+        check_fp32_against_fp64(linclass.linear_multi_margin_loss, unfused_mm, x, w, b, t, p=p,
+                                margin=margin, reduction=reduction)
+
+
+@needs_triton
+def test_tile_path_all_ignored_and_partial_grads(tile_path):
+    x, w, b, t = make(40, 12, 10, dtype=torch.float32)
+    x, w = x[:, ::2], w[:, ::2]  # strided input and weight
+    ignored = torch.full_like(t, -100)
+    check_fp32_against_fp64(linclass.linear_cross_entropy, unfused_ce, x, w, b, ignored)  # NaN, as torch
+    wl = w.clone().requires_grad_()
+    (g,) = torch.autograd.grad(linclass.linear_cross_entropy(x, wl, t, b), wl)
+    (ref,) = torch.autograd.grad(unfused_ce(x.double(), wl.double(), t, b.double()), wl)
+    torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tile_path_low_precision_error_relative_to_fp32(tile_path, dtype):
+    x, w, b, t = make(96, 80, 10, dtype=torch.float32)
+    assert tile_path.applies(x.to(dtype), w.to(dtype))
+    check_low_precision(x, w, b, t, dtype)
+
+
+@needs_triton
+def test_tile_path_is_deterministic_and_has_no_score_matrix(tile_path):
+    from torch.profiler import ProfilerActivity, profile
+
+    x, w, b, t = make(600, 24, 10, dtype=torch.float32)
+    first = grads_of(linclass.linear_cross_entropy, x, w, b, t)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        again = grads_of(linclass.linear_cross_entropy, x, w, b, t)
+    assert torch.equal(first[0], again[0]) and all(torch.equal(a, r) for a, r in zip(first[1], again[1]))
+    # dX (N x D) is the biggest buffer; N x C scores (N x 16 padded) never exist
+    sizes = sorted((e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), reverse=True)
+    assert 600 * 10 * 4 not in sizes and 600 * 16 * 4 not in sizes, sizes[:8]
