@@ -41,6 +41,7 @@ def main(argv=None):
     import linclass
     from linclass.kernels import cross_entropy as ce
     from linclass.kernels import multi_margin as mm
+    from linclass.kernels.tuning import ROW_MAX_C
 
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")  # noqa: E731
     tuned, lines = {}, ["# Triton launch-configuration sweep: " + torch.cuda.get_device_name(), "",
@@ -54,8 +55,12 @@ def main(argv=None):
         const = ce.consts(t, None, -100, c, torch.float32, True)
         runs = {"ce": lambda cfg: ce.launch(x, g, t, None, -100, 0.0, const, config=cfg),
                 "mm": lambda cfg: mm.launch(x, g, t, 1, 1.0, None, 1.0 / n, config=cfg)}
-        cands = TILE if c <= ce.TILE_MAX_C else [(b, w) for b, w in LOOP if b <= triton.next_power_of_2(c)]
+        width = triton.next_power_of_2(c)
+        loop = [(b, w) for b, w in LOOP if b < width]
         for fam, run in runs.items():
+            # whole-row blocks (one read): cross-entropy up to tuning.ROW_MAX_C classes
+            whole = [(width, w) for w in (8, 16, 32)] if fam == "ce" and width <= ROW_MAX_C else []
+            cands = TILE if c <= ce.TILE_MAX_C else loop + whole
             ref_loss = run(None).clone()
             ref_grad = g.clone()
             default_ms = bench(lambda: run(None))

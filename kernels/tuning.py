@@ -13,10 +13,10 @@ import os
 import triton
 
 MEASURED: dict = {
-    "ce 10 4": (64, 8),
+    "ce 10 4": (64, 2),
     "mm 10 4": (16, 4),
-    "ce 10 2": (128, 4),
-    "mm 10 2": (64, 2),
+    "ce 10 2": (64, 2),
+    "mm 10 2": (16, 4),
     "ce 32000 4": (8192, 16),
     "mm 32000 4": (2048, 8),
     "ce 32000 2": (2048, 4),
@@ -45,10 +45,17 @@ def tile_config(C, elem, family="ce"):
     return TUNED.get(f"{family} {C} {elem}") or (max(1, min(64, 4096 // block_c)), 4)
 
 
+# bench/tune_gpu.py also tries whole-row blocks (one read) for cross-entropy up to this
+# many classes.  None won at C = 32000 on the H200; a default block covers a row only
+# when the row is short (C up to the block width below).
+ROW_MAX_C = 32768
+
+
 def loop_config(C, elem, family="ce"):
-    """(BLOCK_C, num_warps) of the row-loop kernels (large C).  From the H200 sweep:
-    cross-entropy (two passes over a row) likes 2048-wide bf16 blocks and 8192-wide
-    float32 blocks with 16 warps; the one-pass hinge 2048-wide blocks with 8 warps."""
+    """(BLOCK_C, num_warps) of the one-row-per-program kernels (large C); a block that
+    covers the row (BLOCK_C >= C) means one read of it.  From the H200 sweep: where the
+    row is walked, cross-entropy (two passes) likes 2048-wide bf16 blocks and 8192-wide
+    float32 blocks with 16 warps, the one-pass hinge 2048-wide blocks with 8 warps."""
     if f"{family} {C} {elem}" in TUNED:
         return TUNED[f"{family} {C} {elem}"]
     if family == "mm":

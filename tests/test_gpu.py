@@ -237,3 +237,66 @@ def test_linear_opcheck_and_compile_on_cuda(gpu_backend):
      + linclass.linear_multi_margin_loss(e[0], e[1], t, bias=e[2])).backward()
     for u, v in zip(a, e):
         torch.testing.assert_close(u.grad, v.grad)
+
+
+@pytest.mark.parametrize("n,d,c", [(1, 1, 1), (130, 33, 10), (4000, 3073, 10), (77, 200, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_few_classes(n, d, c, dtype):
+    # C <= 64 in 16 bits: one Triton kernel with tl.dot (kernels/linear_tile.py); float32:
+    # the chunked path.  Every keyword; our error against float64 within torch's own
+    # same-dtype error (plus a little), and the same bits every run.
+    if not linclass.backends.runs_on("triton", "cuda"):
+        pytest.skip("needs triton")
+    x = torch.randn(n, d, device="cuda")
+    w = torch.randn(d, c, device="cuda").t() * 0.05
+    b = torch.randn(c, device="cuda")
+    t = torch.randint(0, c, (n,), device="cuda")
+    cast = [v.to(dtype) for v in (x, w, b)]
+    with linclass.backends.use("triton"):
+        for fused, unfused, kw in [(linclass.linear_cross_entropy, F.cross_entropy, dict(label_smoothing=0.1)),
+                                   (linclass.linear_cross_entropy, F.cross_entropy, dict(reduction="sum")),
+                                   (linclass.linear_multi_margin_loss, F.multi_margin_loss, dict(p=2))]:
+            out, theirs, grads = _linear_both(fused, unfused, *cast, t, **kw)
+            _, oracle, g64 = _linear_both(fused, unfused, *(v.double() for v in (x, w, b)), t, **kw)
+            assert (out.double() - oracle).abs() <= (theirs.double() - oracle).abs() * 2 + 1e-3 * oracle.abs() + 1e-6
+            for (g, e), (_, o) in zip(grads, g64):
+                assert (g.double() - o).norm() <= (e.double() - o).norm() * 1.5 + 1e-6 * o.norm() + 1e-9
+            again = _linear_both(fused, unfused, *cast, t, **kw)[2]
+            assert all(torch.equal(g, h) for (g, _), (h, _) in zip(grads, again))  # deterministic
+
+
+def test_linear_tile_path_bf16_error_relative_to_fp32():
+    if not linclass.backends.runs_on("triton", "cuda"):
+        pytest.skip("needs triton")
+    x = torch.randn(4000, 3073, device="cuda")
+    w = torch.randn(10, 3073, device="cuda") * 0.01
+    t = torch.randint(0, 10, (4000,), device="cuda")
+    with linclass.backends.use("triton"):
+        _, oracle, og = _linear_both(linclass.linear_cross_entropy, F.cross_entropy, x, w, None, t)
+        out, theirs, grads = _linear_both(linclass.linear_cross_entropy, F.cross_entropy,
+                                          x.bfloat16(), w.bfloat16(), None, t)
+    assert (out.float() - oracle).abs() <= (theirs.float() - oracle).abs() + 2e-3 * oracle.abs()
+    for (g, e), (o, _) in zip(grads, og):
+        assert (g.float() - o).norm() <= (e.float() - o).norm() * 1.5 + 1e-3 * o.norm()
+
+
+def test_backward_does_not_synchronize(gpu_backend):
+    # The saved gradient is rescaled on the device (nothing to do when grad_output is 1):
+    # a step must not wait for the GPU.  torch.cuda.set_sync_debug_mode raises on a sync.
+    x = torch.randn(4096, 1000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 1000, (4096,), device="cuda")
+    for fn in (linclass.cross_entropy, linclass.multi_margin_loss):
+        fn(x, t).backward()  # warm up (compilation, allocator)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            x.grad = None
+            fn(x, t).backward()
+            (fn(x, t) * 3).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        x2 = x.detach().clone().requires_grad_()
+        ref = F.cross_entropy if fn is linclass.cross_entropy else F.multi_margin_loss
+        ref(x2, t).backward()
+        (ref(x2, t) * 3).backward()
+        torch.testing.assert_close(x.grad, x2.grad)
