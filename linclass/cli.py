@@ -13,15 +13,18 @@ import os
 import sys
 import time
 
-# Hyperparameters of a single run (no --search), per model and dataset kind: digits has
-# 64 features, the image datasets 3072 (CIFAR-10 values, chosen on its validation split).
+# Hyperparameters of a run, per model and dataset kind (--search replaces lr and reg):
+# digits has 64 features, the image datasets 3072 (CIFAR-10 values, chosen on its
+# validation split).  The linear models on photos train on batches of 1000 for 4000
+# iterations: on CIFAR-10 that gained 0.5 (SVM) and 0.4 (softmax) points of validation
+# accuracy over the classic 2000 x 200, and their searches stay near a minute here.
 DEFAULTS = {
-    ("svm", "digits"): dict(lr=0.1, reg=1e-3, iters=1000),
-    ("softmax", "digits"): dict(lr=0.5, reg=1e-3, iters=1000),
-    ("twolayer", "digits"): dict(lr=3.0, reg=1e-4, iters=1000, hidden=64, decay=0.95),
-    ("svm", "images"): dict(lr=1e-2, reg=1e-2, iters=2000),
-    ("softmax", "images"): dict(lr=5e-2, reg=1e-3, iters=2000),
-    ("twolayer", "images"): dict(lr=1.0, reg=5e-4, iters=4000, hidden=1024, decay=0.81),
+    ("svm", "digits"): dict(lr=0.1, reg=1e-3, iters=1000, batch_size=200),
+    ("softmax", "digits"): dict(lr=0.5, reg=1e-3, iters=1000, batch_size=200),
+    ("twolayer", "digits"): dict(lr=3.0, reg=1e-4, iters=1000, batch_size=200, hidden=64, decay=0.95),
+    ("svm", "images"): dict(lr=1e-2, reg=1e-2, iters=4000, batch_size=1000),
+    ("softmax", "images"): dict(lr=1e-1, reg=1e-4, iters=4000, batch_size=1000),
+    ("twolayer", "images"): dict(lr=1.0, reg=5e-4, iters=4000, batch_size=200, hidden=1024, decay=0.81),
 }
 
 
@@ -90,15 +93,14 @@ def run_train(args) -> dict:
 
     kind = "digits" if args.dataset == "digits" else "images"
     hp = dict(DEFAULTS[(args.model, kind)])
-    for key in ("lr", "reg", "iters", "hidden", "decay"):
+    for key in ("lr", "reg", "iters", "batch_size", "hidden", "decay"):
         if getattr(args, key) is not None:
             hp[key] = getattr(args, key)
-    hp["batch_size"] = args.batch_size
     if args.model != "twolayer":
         hp.pop("hidden", None), hp.pop("decay", None)
     elif args.hidden is not None and args.hidden < 1:
         raise UsageError(f"--hidden must be at least 1, got {args.hidden}")
-    if hp["iters"] < 0 or args.batch_size < 1:
+    if hp["iters"] < 0 or hp["batch_size"] < 1:
         raise UsageError("--iters must be >= 0 and --batch-size >= 1")
 
     torch.manual_seed(args.seed)
@@ -123,7 +125,7 @@ def run_train(args) -> dict:
                          else lc.softmax_get_search_params)()
             step, close = _progress(hp["iters"], f"{args.model}: {len(lrs) * len(regs)} configs at once",
                                     args.quiet)
-            search = lc.sweep(cls, train_d, lrs, regs, num_iters=hp["iters"], batch_size=args.batch_size,
+            search = lc.sweep(cls, train_d, lrs, regs, num_iters=hp["iters"], batch_size=hp["batch_size"],
                               seed=args.seed, progress=step)
             close()
             model = search["best_model"]
@@ -137,7 +139,7 @@ def run_train(args) -> dict:
                 model.W = model.W.to(d["X_train"])
             step, close = _progress(hp["iters"], args.model, args.quiet)
             history = model.train(train_d["X_train"], train_d["y_train"], hp["lr"], hp["reg"], hp["iters"],
-                                  args.batch_size, progress=step)
+                                  hp["batch_size"], progress=step)
             close()
     else:
         if args.search:
@@ -145,7 +147,7 @@ def run_train(args) -> dict:
             total = len(hs) * len(regs) * len(lrs) * len(decays)
             step, close = _progress(total, f"twolayer: {total} configs", args.quiet)
             model, stat, _ = tln.find_best_net(
-                train_d, tln.nn_get_search_params, num_iters=hp["iters"], batch_size=args.batch_size,
+                train_d, tln.nn_get_search_params, num_iters=hp["iters"], batch_size=hp["batch_size"],
                 seed=args.seed, progress=(lambda *a: step(0)) if step else None)
             close()
             cfg = stat["config"]
@@ -159,7 +161,7 @@ def run_train(args) -> dict:
             step, close = _progress(hp["iters"], "twolayer", args.quiet)
             stat = model.train(train_d["X_train"], train_d["y_train"], d["X_val"], d["y_val"],
                                learning_rate=hp["lr"], learning_rate_decay=hp["decay"],
-                               reg=hp["reg"], num_iters=hp["iters"], batch_size=args.batch_size,
+                               reg=hp["reg"], num_iters=hp["iters"], batch_size=hp["batch_size"],
                                progress=step)
             close()
         history = stat["loss_history"]
@@ -230,7 +232,8 @@ def _add_train_args(p):
     p.add_argument("--lr", type=float)
     p.add_argument("--reg", type=float)
     p.add_argument("--iters", type=int)
-    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--batch-size", type=int,
+                   help="minibatch size (default 200; 1000 for svm and softmax on photos)")
     p.add_argument("--hidden", type=int, help="hidden units (twolayer)")
     p.add_argument("--decay", type=float, help="learning-rate decay per epoch (twolayer)")
     p.add_argument("--augment", choices=["auto", "none", "flip"], default="auto",
