@@ -336,6 +336,7 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
     # W -= lr * (X_b^T dS + 2 reg W) as W = (1 - 2 lr reg) W + X_b^T (-lr dS): one scaling
     # pass and one GEMM that accumulates into W (no temporaries of W's size).
     decay = 1 - 2 * lr * reg
+    neg_lr = -lr
     for it in range(num_iters):
         X_batch, y_batch = sample_batch(X, y, num_train, batch_size)
         if kind is None:
@@ -343,14 +344,20 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
                      for k in range(K)]
             W -= lr * torch.cat(grads, dim=1)
         else:
-            dscores = _batched_dscores(kind, X_batch.mm(W), y_batch, K, C, -lr)
+            dscores = _batched_dscores(kind, X_batch.mm(W), y_batch, K, C, neg_lr)
             W.mul_(decay).addmm_(X_batch.t(), dscores)
         if progress is not None:
             progress(it)
 
     def accuracy(Xs, ys):
-        pred = Xs.mm(W).view(len(Xs), K, C).argmax(dim=2)
-        return 100.0 * (pred == ys[:, None]).double().mean(dim=0)
+        # Blocks of 1024 rows: the BLAS runs (1024 x D) @ (D x K*C) products ~30% faster
+        # here than one (N x D) @ (D x K*C) product (40000 x 3073 x 250: 0.52 against
+        # 0.76 s), and no N x K*C score matrix is kept.
+        correct = torch.zeros(K, dtype=torch.int64, device=Xs.device)
+        for r0 in range(0, len(Xs), 1024):
+            pred = Xs[r0:r0 + 1024].mm(W).view(-1, K, C).argmax(dim=2)
+            correct += (pred == ys[r0:r0 + 1024, None]).sum(dim=0)
+        return 100.0 * correct.double() / len(Xs)  # no rows: NaN, like a mean of none
 
     train_acc, val_acc = accuracy(X, y), accuracy(data_dict["X_val"], data_dict["y_val"])
     results = {configs[k]: (train_acc[k].item(), val_acc[k].item()) for k in range(K)}
