@@ -94,7 +94,6 @@ def linear_cases(device: str, quick: bool, impls):
         yield group, "torch", nbytes, step(lambda x, w, t: F.cross_entropy(F.linear(x, w), t)), None
         for impl in impls:
             yield group, f"linclass[{impl}]", nbytes, step(linclass.linear_cross_entropy), impl
-        del x, w, t
 
 
 def _step(fn, x, t):

@@ -159,8 +159,9 @@ def run(input, weight, bias, target, mask, ce, ignore_index=-100, label_smoothin
     loss_rows = torch.empty(n, device=dev, dtype=torch.float32)
     empty = input.new_empty((0,))
     gx = torch.empty((n, d), device=dev, dtype=input.dtype) if mask[0] else empty
+    # zeroed: programs add into their partials, and with no rows they stay the (zero) result
     gwp = torch.zeros((programs, c, d), device=dev, dtype=torch.float32) if mask[1] else empty
-    gbp = torch.empty((programs, c), device=dev, dtype=torch.float32) if mask[2] else empty
+    gbp = torch.zeros((programs, c), device=dev, dtype=torch.float32) if mask[2] else empty
     if n:
         _linear_tile_kernel[(programs,)](
             input, weight, bias if bias is not None else input, target.contiguous(), const,
@@ -176,10 +177,5 @@ def run(input, weight, bias, target, mask, ce, ignore_index=-100, label_smoothin
             BLOCK_M=block_m, BLOCK_C=max(16, triton.next_power_of_2(c)), BLOCK_D=block_d,
             num_warps=4)
     gw = gwp.sum(0).to(input.dtype) if mask[1] else empty
-    if mask[2]:
-        gb = gbp.sum(0).to(input.dtype) if n else torch.zeros(c, device=dev, dtype=input.dtype)
-    else:
-        gb = empty
-    if mask[1] and not n:
-        gw = torch.zeros((c, d), device=dev, dtype=input.dtype)
+    gb = gbp.sum(0).to(input.dtype) if mask[2] else empty
     return loss_rows.sum(), const, gx, gw, gb

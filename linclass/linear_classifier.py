@@ -336,7 +336,9 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
     # W -= lr * (X_b^T dS + 2 reg W) as W = (1 - 2 lr reg) W + X_b^T (-lr dS): one scaling
     # pass and one GEMM that accumulates into W (no temporaries of W's size).
     decay = 1 - 2 * lr * reg
-    neg_lr = -lr
+    # d(mean data loss)/d scores = (d summed loss / d scores) / B, times C for the SVM
+    # (the classic hinge sum is multi_margin_loss times C): one column scale for all steps.
+    step_scale = -lr * ((C if kind == "svm" else 1) / batch_size)
     for it in range(num_iters):
         X_batch, y_batch = sample_batch(X, y, num_train, batch_size)
         if kind is None:
@@ -344,7 +346,7 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
                      for k in range(K)]
             W -= lr * torch.cat(grads, dim=1)
         else:
-            dscores = _batched_dscores(kind, X_batch.mm(W), y_batch, K, C, neg_lr)
+            dscores = _batched_dscores(kind, X_batch.mm(W), y_batch, K, C, step_scale)
             W.mul_(decay).addmm_(X_batch.t(), dscores)
         if progress is not None:
             progress(it)
@@ -372,9 +374,9 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
             "best_model": best_model}
 
 
-def _batched_dscores(kind, scores, y_batch, K, C, scale):
-    """d(mean data loss)/d scores for K pairs side by side: scores (B, K * C), each column
-    times `scale` (K * C,)."""
+def _batched_dscores(kind, scores, y_batch, K, C, col_scale):
+    """d(summed data loss)/d scores for K pairs side by side, scores (B, K * C), times
+    `col_scale` (K * C,) in place of the gradient buffer."""
     B = scores.shape[0]
     rows = scores.view(B * K, C)  # row (b, k): pair k's scores of example b
     targets = y_batch.to(torch.int64).repeat_interleave(K)
@@ -382,13 +384,12 @@ def _batched_dscores(kind, scores, y_batch, K, C, scale):
     if backend == "torch":
         leaf = rows.detach().requires_grad_()
         with torch.enable_grad():
-            loss = (torch.nn.functional.multi_margin_loss(leaf, targets, reduction="sum") * C
+            loss = (torch.nn.functional.multi_margin_loss(leaf, targets, reduction="sum")
                     if kind == "svm" else
                     torch.nn.functional.cross_entropy(leaf, targets, reduction="sum"))
             (grad,) = torch.autograd.grad(loss, leaf)
     elif kind == "svm":
         _, grad = _ops.MULTI_MARGIN_LOSS[backend](rows, targets, 1, 1.0, None, 2, True)
-        scale = scale * C
     else:
         _, grad = _ops.CROSS_ENTROPY[backend](rows, targets, None, -100, 0.0, 2, True)
-    return grad.view(B, K * C).mul_(scale / B)
+    return grad.view(B, K * C).mul_(col_scale)
