@@ -26,8 +26,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& input_,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_cpu", [&] {
     const cpu::CrossEntropySetup<scalar_t> setup(target, weight, C, ignore_index, label_smoothing,
-                                                 reduction);
-    cpu::run_loss<scalar_t, cpu::CrossEntropyMath>(input, geom, target, setup.lane_targets.data(),
+                                                 reduction, /*in_kernel=*/true);
+    cpu::run_loss<scalar_t, cpu::CrossEntropyMath>(input, geom, target, setup.plan,
                                                    reduction, setup.denom, compute_grad, loss,
                                                    grad, setup.params);
   });

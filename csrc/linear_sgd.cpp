@@ -68,7 +68,7 @@ double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
     svm.emplace(yb, std::nullopt, C, 1, 1.0, kMean);
     svm->params.scale *= float(C);
   }
-  const std::vector<float>& lanes = ce ? ce->lane_targets : svm->lane_targets;
+  const auto& lanes = ce ? ce->lane_targets : svm->lane_targets;
   auto loss_rows = [&](float* s, int64_t first, int64_t rows) {
     cpu::RowTask<float> task;
     task.input = s;

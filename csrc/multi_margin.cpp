@@ -25,8 +25,9 @@ std::tuple<at::Tensor, at::Tensor> multi_margin_loss_cpu(const at::Tensor& input
                                  : at::empty({0}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "multi_margin_loss_cpu", [&] {
-    const cpu::MultiMarginSetup<scalar_t> setup(target, weight, C, p, margin, reduction);
-    cpu::run_loss<scalar_t, cpu::MultiMarginMath>(input, geom, target, setup.lane_targets.data(),
+    const cpu::MultiMarginSetup<scalar_t> setup(target, weight, C, p, margin, reduction,
+                                                  /*in_kernel=*/true);
+    cpu::run_loss<scalar_t, cpu::MultiMarginMath>(input, geom, target, setup.plan,
                                                   reduction, setup.denom, compute_grad, loss, grad,
                                                   setup.params);
   });

@@ -85,6 +85,25 @@ def test_out_of_range_target_names_index_and_value(kernel_backend):
     assert isinstance(e, RuntimeError) and "target[3] = -3" in str(e), e
 
 
+@pytest.mark.parametrize("bad", [-1, 10, 2**32 + 3, -(2**40)])
+@pytest.mark.parametrize("kw", [{}, {"ignore_index": 4}, {"weight": torch.rand(10)}])
+def test_first_bad_target_is_named_among_many_rows(kernel_backend, bad, kw):
+    # Several thousand rows: several blocks and full SIMD tiles, where the C++ lane path
+    # checks the targets inside the kernel; the earliest bad row must be the one named,
+    # whatever block finds it first.  2**32 + 3 is in range in its low 32 bits.
+    if kernel_backend != "cpp" and abs(bad) >= 2**31:
+        pytest.skip("huge targets are checked by the C++ kernels only here")
+    n = 5000
+    tgt = torch.randint(0, 10, (n,))
+    tgt[4321], tgt[2345], tgt[4999] = bad, bad, 11
+    inp = torch.randn(n, 10, requires_grad=True)
+    e = _raised(linclass.cross_entropy, inp, tgt, **kw)
+    assert isinstance(e, IndexError) and f"target[2345] = {bad}" in str(e), e
+    if "ignore_index" not in kw:
+        e = _raised(linclass.multi_margin_loss, inp, tgt, **kw)
+        assert isinstance(e, RuntimeError) and f"target[2345] = {bad}" in str(e), e
+
+
 def test_weight_requiring_grad_is_rejected_like_torch(kernel_backend):
     w = torch.ones(5, requires_grad=True)
     for ours, theirs in [(linclass.cross_entropy, F.cross_entropy),

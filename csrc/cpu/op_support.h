@@ -7,6 +7,7 @@
 #pragma once
 
 #include "cross_entropy_kernel.h"
+#include "lane_targets.h"
 #include "multi_margin_kernel.h"
 #include "row_driver.h"
 
@@ -14,6 +15,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -34,6 +37,25 @@ inline std::string index_string(int64_t flat, at::IntArrayRef shape) {
   os << "]";
   return os.str();
 }
+
+// std::vector whose resize leaves new entries uninitialized: for scratch arrays that are
+// written in full before they are read (the lane targets: zero-filling them cost ~1%
+// of a 65536 x 10 cross-entropy).
+template <typename T>
+struct UninitializedAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitializedAllocator<U>;
+  };
+  template <typename U>
+  void construct(U*) noexcept {}
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+template <typename T>
+using ScratchVector = std::vector<T, UninitializedAllocator<T>>;
 
 struct TargetSummary {
   double weight_sum = 0;  // sum of w_y over the rows that are not ignored
@@ -89,28 +111,33 @@ TargetSummary scan_targets(const int64_t* target, int64_t rows, int64_t classes,
   return out;
 }
 
+// The op's error for the bad target at flat index `first_bad` (torch raises IndexError
+// for cross_entropy, RuntimeError for multi_margin_loss).
+[[noreturn]] inline void throw_bad_target(const char* op, bool index_error, const at::Tensor& target,
+                                          int64_t first_bad, const TargetRule& rule) {
+  std::ostringstream msg;
+  msg << op << ": target" << index_string(first_bad, target.sizes()) << " = "
+      << target.const_data_ptr<int64_t>()[first_bad] << " is out of bounds for " << rule.classes
+      << " classes (expected 0 <= target < " << rule.classes;
+  if (rule.has_ignore) msg << " or target == ignore_index, which is " << rule.ignore_index;
+  msg << ")";
+  if (index_error) TORCH_CHECK_INDEX(false, msg.str());
+  TORCH_CHECK(false, msg.str());
+}
+
 // Scans `target` with scan_targets and throws the op's error naming the first bad
-// target (torch raises IndexError for cross_entropy, RuntimeError for
-// multi_margin_loss).  Returns the weight sum of the rows that count.
+// target.  Returns the weight sum of the rows that count.
 template <typename acc_t>
 double checked_targets(const char* op, bool index_error, const at::Tensor& target, int64_t C,
                        bool has_ignore, int64_t ignore_index, const acc_t* weight,
-                       std::vector<acc_t>& lane_targets) {
+                       ScratchVector<acc_t>& lane_targets) {
   const int64_t rows = target.numel();
   lane_targets.resize(use_lanes(C) ? rows : 0);
   const auto scan = scan_targets<acc_t>(target.const_data_ptr<int64_t>(), rows, C, has_ignore,
                                         ignore_index, weight,
                                         lane_targets.empty() ? nullptr : lane_targets.data());
-  if (scan.first_bad >= 0) {
-    std::ostringstream msg;
-    msg << op << ": target" << index_string(scan.first_bad, target.sizes()) << " = "
-        << target.const_data_ptr<int64_t>()[scan.first_bad] << " is out of bounds for " << C
-        << " classes (expected 0 <= target < " << C;
-    if (has_ignore) msg << " or target == ignore_index, which is " << ignore_index;
-    msg << ")";
-    if (index_error) TORCH_CHECK_INDEX(false, msg.str());
-    TORCH_CHECK(false, msg.str());
-  }
+  if (scan.first_bad >= 0)
+    throw_bad_target(op, index_error, target, scan.first_bad, {C, has_ignore, ignore_index});
   return scan.weight_sum;
 }
 
@@ -126,12 +153,26 @@ std::vector<acc_t> class_weights(const std::optional<at::Tensor>& weight, int64_
   return w;
 }
 
+// How a run gets its targets: checked and converted before it (`lane_targets`, from
+// checked_targets; null on the row path), or read and checked by the lane kernel itself
+// (`rule` set; see lane_targets.h).  In the second case the rows that count are only
+// known afterwards, so a 'mean' whose denominator is that count (`mean_of_kept`: cross
+// entropy without class weights) runs with denom = all rows, and a run in which some
+// rows were ignored gets its loss and gradient corrected after the pass.
+template <typename acc_t>
+struct TargetPlan {
+  const acc_t* lane_targets = nullptr;
+  std::optional<TargetRule> rule;
+  bool mean_of_kept = false;
+  const char* op = "";
+  bool index_error = false;
+};
+
 // Runs Math over every row of `input` and fills `loss` (and `grad` when compute_grad)
-// for the given reduction; `denom` divides the 'mean'.  `lane_targets` comes from
-// scan_targets and is needed when use_lanes(C).
+// for the given reduction; `denom` divides the 'mean'.
 template <typename scalar_t, typename Math, typename Params>
 void run_loss(const at::Tensor& input, const RowGeometry& geom, const at::Tensor& target,
-              const at::opmath_type<scalar_t>* lane_targets, int64_t reduction, double denom,
+              const TargetPlan<at::opmath_type<scalar_t>>& plan, int64_t reduction, double denom,
               bool compute_grad, at::Tensor& loss, at::Tensor& grad, const Params& p) {
   RowTask<scalar_t> task;
   task.input = input.const_data_ptr<scalar_t>();
@@ -142,33 +183,68 @@ void run_loss(const at::Tensor& input, const RowGeometry& geom, const at::Tensor
     task.stream_grad = int64_t(grad.nbytes()) >= kStreamBytes;
   }
   task.target = target.const_data_ptr<int64_t>();
-  task.lane_targets = lane_targets;
+  task.lane_targets = plan.lane_targets;
+  std::vector<TargetTally> tallies;
+  if (plan.rule) {
+    tallies.resize(num_blocks(geom.rows(), geom.classes));
+    task.rule = &*plan.rule;
+    task.tallies = tallies.data();
+  }
+  double total = 0;
   if (reduction == kNone) {
     task.loss_rows = loss.mutable_data_ptr<scalar_t>();
     run_rows<scalar_t, Math>(task, p);
-    return;
+  } else {
+    total = run_rows_sum<scalar_t, Math>(task, p);
   }
-  const double total = run_rows_sum<scalar_t, Math>(task, p);
-  *loss.mutable_data_ptr<scalar_t>() = scalar_t(reduction == kMean ? total / denom : total);
+  if (plan.rule) {
+    int64_t kept = 0;
+    for (const TargetTally& t : tallies) {
+      if (t.first_bad >= 0) throw_bad_target(plan.op, plan.index_error, target, t.first_bad, *plan.rule);
+      kept += t.kept;
+    }
+    if (plan.mean_of_kept && reduction == kMean && double(kept) != denom) {
+      // Some rows were ignored: the pass divided by all rows.  With none kept the
+      // gradient is all zeros and stays so; the loss becomes 0 / 0 = NaN like torch's.
+      if (compute_grad && kept > 0) grad.mul_(denom / double(kept));
+      denom = double(kept);
+    }
+  }
+  if (reduction != kNone)
+    *loss.mutable_data_ptr<scalar_t>() = scalar_t(reduction == kMean ? total / denom : total);
 }
 
-// What a cross-entropy run needs besides the scores: the checked targets, the class
+// What a cross-entropy run needs besides the scores: the targets' plan, the class
 // weights and the math's parameters, with the gradient scale of the reduction.
 // Not copyable: `params.weight` points into `weight`.
 template <typename scalar_t>
 struct CrossEntropySetup {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> weight, lane_targets;
+  std::vector<acc_t> weight;
+  ScratchVector<acc_t> lane_targets;
+  TargetPlan<acc_t> plan;
   double denom = 1;  // divides a 'mean'
   CrossEntropyParams<acc_t> params;
 
+  // in_kernel: let the lane path (no class weights) read the targets itself; the fused
+  // linear ops and the SGD step, which drive the tiles themselves, leave it false.
   CrossEntropySetup(const at::Tensor& target, const std::optional<at::Tensor>& w, int64_t C,
-                    int64_t ignore_index, double label_smoothing, int64_t reduction)
+                    int64_t ignore_index, double label_smoothing, int64_t reduction,
+                    bool in_kernel = false)
       : weight(class_weights<scalar_t>(w, C)) {
     double weight_sum = 0;
     for (acc_t v : weight) weight_sum += double(v);
-    const double kept = checked_targets<acc_t>("cross_entropy", true, target, C, true, ignore_index,
-                                               w ? weight.data() : nullptr, lane_targets);
+    plan.op = "cross_entropy";
+    plan.index_error = true;
+    double kept = double(target.numel());  // corrected after the pass if rows are ignored
+    if (in_kernel && use_lanes(C) && !w.has_value()) {
+      plan.rule = TargetRule{C, true, ignore_index};
+      plan.mean_of_kept = true;
+    } else {
+      kept = checked_targets<acc_t>("cross_entropy", true, target, C, true, ignore_index,
+                                    w ? weight.data() : nullptr, lane_targets);
+      plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
+    }
     denom = reduction == kMean ? kept : 1.0;
     params = {weight.data(),
               w.has_value(),
@@ -183,18 +259,28 @@ struct CrossEntropySetup {
   CrossEntropySetup& operator=(const CrossEntropySetup&) = delete;
 };
 
-// The same for multi_margin_loss, whose 'mean' divides by the number of rows.
+// The same for multi_margin_loss, whose 'mean' divides by the number of rows (class
+// weights scale terms but not the denominator, so its lane path always reads the
+// targets in the kernel).
 template <typename scalar_t>
 struct MultiMarginSetup {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> weight, lane_targets;
+  std::vector<acc_t> weight;
+  ScratchVector<acc_t> lane_targets;
+  TargetPlan<acc_t> plan;
   double denom = 1;
   MultiMarginParams<acc_t> params;
 
   MultiMarginSetup(const at::Tensor& target, const std::optional<at::Tensor>& w, int64_t C,
-                   int64_t p, double margin, int64_t reduction)
+                   int64_t p, double margin, int64_t reduction, bool in_kernel = false)
       : weight(class_weights<scalar_t>(w, C)) {
-    checked_targets<acc_t>("multi_margin_loss", false, target, C, false, 0, nullptr, lane_targets);
+    plan.op = "multi_margin_loss";
+    if (in_kernel && use_lanes(C)) {
+      plan.rule = TargetRule{C, false, 0};
+    } else {
+      checked_targets<acc_t>("multi_margin_loss", false, target, C, false, 0, nullptr, lane_targets);
+      plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
+    }
     denom = reduction == kMean ? double(target.numel()) : 1.0;
     params = {weight.data(), w.has_value(), acc_t(margin), acc_t(1.0 / denom), p, C};
   }

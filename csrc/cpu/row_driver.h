@@ -20,6 +20,7 @@
 #pragma once
 
 #include "../common.h"
+#include "lane_targets.h"
 #include "transpose.h"
 #include "vec_util.h"
 
@@ -27,6 +28,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -62,8 +64,12 @@ struct RowTask {
   scalar_t* grad = nullptr;  // nullptr: forward only
   RowGeometry gout;
   const int64_t* target = nullptr;  // one per row, contiguous
-  // Lane path only: the targets as acc_t, -1 where the row contributes nothing.
+  // Lane path only: the targets as acc_t, -1 where the row contributes nothing; or, when
+  // null, `rule`: the kernel reads `target` itself, checks it against the rule and
+  // counts into `tallies` (one per block; see lane_targets.h).
   const at::opmath_type<scalar_t>* lane_targets = nullptr;
+  const TargetRule* rule = nullptr;
+  TargetTally* tallies = nullptr;
   bool stream_grad = false;         // write the gradient around the caches
   scalar_t* loss_rows = nullptr;    // per-row losses ('none'), else nullptr
   double* partials = nullptr;       // one sum per block ('mean'/'sum'), else nullptr
@@ -157,11 +163,13 @@ inline void pack_tile(const scalar_t* base, const RowGeometry& g, int64_t r0, in
     return;
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // Row-major float rows: W x W register transposes, the leftover classes one by one.
+    // Row-major float rows: W x W register transposes, then pairs of classes, then a
+    // last odd class one by one.
     if (n == W && g.inner == 1 && g.stride_c == 1) {
       const float* p = base + g.offset(r0);
       int64_t j = 0;
       for (; j + W <= C; j += W) transpose_block(p + j, g.stride_n, tile + j * W, W);
+      for (; j + 2 <= C; j += 2) gather_pair(p + j, g.stride_n, tile + j * W, W);
       for (; j < C; ++j)
         for (int64_t l = 0; l < W; ++l) tile[j * W + l] = p[l * g.stride_n + j];
       return;
@@ -193,6 +201,7 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
       float* p = base + g.offset(r0);
       int64_t j = 0;
       for (; j + W <= C; j += W) transpose_block(tile + j * W, W, p + j, g.stride_n);
+      for (; j + 2 <= C; j += 2) scatter_pair(tile + j * W, W, p + j, g.stride_n);
       for (; j < C; ++j)
         for (int64_t l = 0; l < W; ++l) p[l * g.stride_n + j] = tile[j * W + l];
       return;
@@ -209,7 +218,7 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
 
 template <typename scalar_t, typename Math, bool kGrad, typename Params>
 void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
-                    int64_t ahead_end, double* partial) {
+                    int64_t ahead_end, double* partial, TargetTally* tally) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
@@ -224,7 +233,9 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   for (int64_t r = r0; r < r1; r += W) {
     const int64_t n = std::min<int64_t>(W, r1 - r);
     V vy;
-    if (n == W) {
+    if (tally) {
+      vy = lane_targets<acc_t>(t.target + r, n, r, *t.rule, *tally);
+    } else if (n == W) {
       vy = V::loadu(t.lane_targets + r);
     } else {  // padding lanes take target -1: they contribute nothing
       for (int64_t l = 0; l < W; ++l) tail[l] = l < n ? t.lane_targets[r + l] : acc_t(-1);
@@ -265,23 +276,29 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   const int64_t per_block = block_rows(C);
   const int64_t blocks = (rows + per_block - 1) / per_block;
   const bool lanes = use_lanes(C);
-  // Each block already holds ~kBlockElements of work, so one block per task is enough
-  // to keep tiny inputs on the calling thread.
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
-    for (int64_t b = b0; b < b1; ++b) {
+  // Blocks are handed out one at a time from a shared counter rather than split in
+  // equal halves up front: on a shared 2-vCPU machine one thread is often slowed down,
+  // and a static split then leaves the other spinning at the barrier.  Each block
+  // writes only its own rows and partial sum, so the result does not depend on which
+  // thread ran it.  One block (~kBlockElements) per task keeps tiny inputs on the
+  // calling thread.
+  std::atomic<int64_t> next_block{0};
+  const int64_t tasks = std::min<int64_t>(blocks, at::get_num_threads());
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next_block.fetch_add(1); b < blocks; b = next_block.fetch_add(1)) {
       const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
       double* partial = t.partials ? t.partials + b : nullptr;
       if (lanes) {
+        TargetTally* tally = t.rule ? t.tallies + b : nullptr;
         if (t.grad)
-          run_lane_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
+          run_lane_block<scalar_t, Math, true>(t, p, r0, r1, r1, partial, tally);
         else
-          run_lane_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);
+          run_lane_block<scalar_t, Math, false>(t, p, r0, r1, r1, partial, tally);
       } else {
         if (t.grad)
-          run_row_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
+          run_row_block<scalar_t, Math, true>(t, p, r0, r1, r1, partial);
         else
-          run_row_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);
+          run_row_block<scalar_t, Math, false>(t, p, r0, r1, r1, partial);
       }
     }
   });

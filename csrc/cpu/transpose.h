@@ -1,4 +1,4 @@
-// W x W block transposes between row-major scores and the class-major tiles of the lane
+// W x W block (and W x 2 pair) transposes between row-major scores and the class-major tiles of the lane
 // path (row_driver.h).  For small C the lane path spends most of its time moving data,
 // and on AVX2 a register transpose is several times faster than element copies or
 // vgatherdps (which is slow on AMD Zen).
@@ -41,6 +41,49 @@ __attribute__((always_inline)) inline void transpose_block(const float* src, int
   constexpr int64_t W = Vec<float>::size();
   for (int64_t i = 0; i < W; ++i)
     for (int64_t j = 0; j < W; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+#endif
+}
+
+// Two classes (columns j, j + 1 of W rows) <-> two class rows of a tile:
+// dst[k * ld_dst + i] = src[i * ld_src + k] for i < W, k < 2, and back.  The leftover
+// classes of C = 10 (CIFAR-10, digits) take one of these instead of 2 W scalar copies
+// each way: 8 paired 64-bit loads (or stores) and 4 shuffles.
+__attribute__((always_inline)) inline void gather_pair(const float* src, int64_t ld_src, float* dst,
+                                                       int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  auto pairs = [&](int64_t i, int64_t k) {  // [row i: j, j+1 | row k: j, j+1]
+    const __m128 lo = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(src + i * ld_src)));
+    return _mm_loadh_pi(lo, reinterpret_cast<const __m64*>(src + k * ld_src));
+  };
+  const __m256 a = _mm256_set_m128(pairs(4, 5), pairs(0, 1));  // rows 0 1 | 4 5
+  const __m256 b = _mm256_set_m128(pairs(6, 7), pairs(2, 3));  // rows 2 3 | 6 7
+  _mm256_storeu_ps(dst, _mm256_shuffle_ps(a, b, 0x88));           // column j, rows 0..7
+  _mm256_storeu_ps(dst + ld_dst, _mm256_shuffle_ps(a, b, 0xDD));  // column j + 1
+#else
+  constexpr int64_t W = Vec<float>::size();
+  for (int64_t i = 0; i < W; ++i)
+    for (int64_t k = 0; k < 2; ++k) dst[k * ld_dst + i] = src[i * ld_src + k];
+#endif
+}
+
+__attribute__((always_inline)) inline void scatter_pair(const float* src, int64_t ld_src, float* dst,
+                                                        int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  const __m256 c0 = _mm256_loadu_ps(src), c1 = _mm256_loadu_ps(src + ld_src);
+  const __m256 lo = _mm256_unpacklo_ps(c0, c1);  // rows 0 1 | 4 5, as (j, j+1) pairs
+  const __m256 hi = _mm256_unpackhi_ps(c0, c1);  // rows 2 3 | 6 7
+  auto put = [&](__m128 v, int64_t i, int64_t k) {
+    _mm_storel_pi(reinterpret_cast<__m64*>(dst + i * ld_dst), v);
+    _mm_storeh_pi(reinterpret_cast<__m64*>(dst + k * ld_dst), v);
+  };
+  put(_mm256_castps256_ps128(lo), 0, 1);
+  put(_mm256_castps256_ps128(hi), 2, 3);
+  put(_mm256_extractf128_ps(lo, 1), 4, 5);
+  put(_mm256_extractf128_ps(hi, 1), 6, 7);
+#else
+  constexpr int64_t W = Vec<float>::size();
+  for (int64_t i = 0; i < W; ++i)
+    for (int64_t k = 0; k < 2; ++k) dst[i * ld_dst + k] = src[k * ld_src + i];
 #endif
 }
 
