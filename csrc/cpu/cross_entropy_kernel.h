@@ -100,72 +100,100 @@ struct CrossEntropyMath {
     }
   }
 
-  // Ten classes (CIFAR-10 and digits, the workflow's case) get a compile-time class
-  // count: the class loops unroll and the exps of different classes overlap (~12% less
-  // time at 65536 x 10 here).  kC = 0: any count, read at run time.
-  template <typename acc_t, bool kGrad>
-  static Vec<acc_t> lanes(acc_t* tile, const Vec<acc_t>& vy, const CrossEntropyParams<acc_t>& p) {
-    if (p.classes == 10) return lanes_c<acc_t, kGrad, 10>(tile, vy, p);
-    return lanes_c<acc_t, kGrad, 0>(tile, vy, p);
+  // Tiles per lanes() call.  Two independent tiles in flight: one tile's tail (the log,
+  // the divisions and the gradient epilogue) is a long dependency chain that a single
+  // tile of ~400 instructions cannot hide behind other work; with the two tiles'
+  // chains interleaved the core overlaps them.
+  static constexpr int kLaneTiles = 2;
+
+  // U tiles of W rows (tile u at tile + u * C * W, targets vy[u]); the rows' losses go
+  // to loss[u].  Ten classes (CIFAR-10 and digits, the workflow's case) get a
+  // compile-time class count, so the class loops unroll (~12% less time at 65536 x 10
+  // here).  kC = 0: any count, read at run time.
+  template <typename acc_t, bool kGrad, int U>
+  static void lanes(acc_t* tile, const Vec<acc_t>* vy, Vec<acc_t>* loss,
+                    const CrossEntropyParams<acc_t>& p) {
+    if (p.classes == 10) return lanes_c<acc_t, kGrad, 10, U>(tile, vy, loss, p);
+    return lanes_c<acc_t, kGrad, 0, U>(tile, vy, loss, p);
   }
 
-  template <typename acc_t, bool kGrad, int kC>
-  static Vec<acc_t> lanes_c(acc_t* tile, const Vec<acc_t>& vy, const CrossEntropyParams<acc_t>& p) {
+  template <typename acc_t, bool kGrad, int kC, int U>
+  static void lanes_c(acc_t* tile, const Vec<acc_t>* vy, Vec<acc_t>* loss,
+                      const CrossEntropyParams<acc_t>& p) {
     using V = Vec<acc_t>;
     constexpr int64_t W = V::size();
     const int64_t C = kC > 0 ? kC : p.classes;
     const bool smoothing = p.smooth != acc_t(0);
     const V zero(acc_t(0)), one(acc_t(1));
-    const V valid = vy >= zero;
+    auto at = [&](int u, int64_t j) { return tile + (u * C + j) * W; };
+    V valid[U], m[U], x_y[U], w_y[U], s_excl[U], e_y[U], sum_wd[U];
+    for (int u = 0; u < U; ++u) {
+      valid[u] = vy[u] >= zero;
+      m[u] = V::loadu(at(u, 0));
+      x_y[u] = zero;
+      w_y[u] = select(valid[u], one, zero);
+      s_excl[u] = e_y[u] = sum_wd[u] = zero;
+    }
     // Row max, and each lane's target score and weight, picked out by class masks
     // (cheaper than per-lane scalar lookups, which stall store forwarding).
-    V m = V::loadu(tile), x_y = zero, w_y = select(valid, one, zero);
     V vj = zero;  // class index as a vector (no int->float per class)
     for (int64_t j = 0; j < C; ++j, vj = vj + one) {
-      const V x = V::loadu(tile + j * W);
-      const V is_y = vy == vj;
-      m = fast_max(m, x);
-      x_y = select(is_y, x, x_y);
-    }
-    if (p.has_weight) {
-      w_y = zero;
-      for (int64_t j = 0; j < C; ++j) w_y = select(vy == V(acc_t(j)), V(p.weight[j]), w_y);
-    }
-    V s_excl = zero, e_y = zero, sum_wd = zero;
-    vj = zero;
-    for (int64_t j = 0; j < C; ++j, vj = vj + one) {
-      const V d = V::loadu(tile + j * W) - m;
-      const V e = vexp(d);
-      const V is_y = vy == vj;
-      s_excl = s_excl + select(is_y, zero, e);
-      e_y = select(is_y, e, e_y);
-      if (smoothing) sum_wd = at::vec::fmadd(V(p.weight[j]), d, sum_wd);
-      if constexpr (kGrad) e.store(tile + j * W);
-    }
-    const V d_y = x_y - m;
-    const V s = s_excl + e_y;
-    const V log_s = vlog(s);  // s >= 1 (NaN rows are replaced below)
-    // Rows whose max is +inf or -inf come out NaN, like torch (NaN scores already made
-    // s NaN through vexp).
-    const V finite = m.abs() < V(std::numeric_limits<acc_t>::infinity());
-    const V nan(std::numeric_limits<acc_t>::quiet_NaN());
-    if constexpr (kGrad) {
-      const V scale = select(valid, V(p.scale), zero);
-      const V a = ce_exp_coef(w_y, scale, s, p);
-      const V b = scale * V(p.smooth);
-      const V gy = ce_target_grad(w_y, scale, s, s_excl, e_y, p);
-      // Only tiles with an ignored, padding or non-finite row need the masking pass.
-      const bool clean = (valid & finite).zero_mask() == 0;
-      vj = zero;
-      for (int64_t j = 0; j < C; ++j, vj = vj + one) {
-        V g = a * V::loadu(tile + j * W);
-        if (smoothing) g = g - b * V(p.weight[j]);
-        g = select(vy == vj, gy, g);
-        if (!clean) g = select(valid, select(finite, g, nan), zero);
-        g.store(tile + j * W);
+      for (int u = 0; u < U; ++u) {
+        const V x = V::loadu(at(u, j));
+        m[u] = fast_max(m[u], x);
+        x_y[u] = select(vy[u] == vj, x, x_y[u]);
       }
     }
-    return select(valid, select(finite, ce_loss(log_s, d_y, w_y, sum_wd, p), nan), zero);
+    if (p.has_weight) {
+      for (int u = 0; u < U; ++u) {
+        w_y[u] = zero;
+        for (int64_t j = 0; j < C; ++j) w_y[u] = select(vy[u] == V(acc_t(j)), V(p.weight[j]), w_y[u]);
+      }
+    }
+    vj = zero;
+    for (int64_t j = 0; j < C; ++j, vj = vj + one) {
+      for (int u = 0; u < U; ++u) {
+        const V d = V::loadu(at(u, j)) - m[u];
+        const V e = vexp(d);
+        const V is_y = vy[u] == vj;
+        s_excl[u] = s_excl[u] + select(is_y, zero, e);
+        e_y[u] = select(is_y, e, e_y[u]);
+        if (smoothing) sum_wd[u] = at::vec::fmadd(V(p.weight[j]), d, sum_wd[u]);
+        if constexpr (kGrad) e.store(at(u, j));
+      }
+    }
+    const V nan(std::numeric_limits<acc_t>::quiet_NaN());
+    V a[U], b[U], gy[U], finite[U];
+    bool clean = true;
+    for (int u = 0; u < U; ++u) {
+      const V d_y = x_y[u] - m[u];
+      const V s = s_excl[u] + e_y[u];
+      const V log_s = vlog(s);  // s >= 1 (NaN rows are replaced below)
+      // Rows whose max is +inf or -inf come out NaN, like torch (NaN scores already
+      // made s NaN through vexp).
+      finite[u] = m[u].abs() < V(std::numeric_limits<acc_t>::infinity());
+      loss[u] = select(valid[u], select(finite[u], ce_loss(log_s, d_y, w_y[u], sum_wd[u], p), nan), zero);
+      if constexpr (kGrad) {
+        const V scale = select(valid[u], V(p.scale), zero);
+        a[u] = ce_exp_coef(w_y[u], scale, s, p);
+        b[u] = scale * V(p.smooth);
+        gy[u] = ce_target_grad(w_y[u], scale, s, s_excl[u], e_y[u], p);
+        // Only tiles with an ignored, padding or non-finite row need the masking pass.
+        clean = clean && (valid[u] & finite[u]).zero_mask() == 0;
+      }
+    }
+    if constexpr (kGrad) {
+      vj = zero;
+      for (int64_t j = 0; j < C; ++j, vj = vj + one) {
+        for (int u = 0; u < U; ++u) {
+          V g = a[u] * V::loadu(at(u, j));
+          if (smoothing) g = g - b[u] * V(p.weight[j]);
+          g = select(vy[u] == vj, gy[u], g);
+          if (!clean) g = select(valid[u], select(finite[u], g, nan), zero);
+          g.store(at(u, j));
+        }
+      }
+    }
   }
 };
 

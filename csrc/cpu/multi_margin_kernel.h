@@ -93,9 +93,14 @@ struct MultiMarginMath {
     return p.p == 1 ? row_p<1, kGrad>(io, y, p) : row_p<2, kGrad>(io, y, p);
   }
 
-  template <typename acc_t, bool kGrad>
-  static Vec<acc_t> lanes(acc_t* tile, const Vec<acc_t>& vy, const MultiMarginParams<acc_t>& p) {
-    return p.p == 1 ? lanes_p<1, kGrad>(tile, vy, p) : lanes_p<2, kGrad>(tile, vy, p);
+  // One tile per call: the hinge's per-tile tail is short (no log, no division).
+  static constexpr int kLaneTiles = 1;
+
+  template <typename acc_t, bool kGrad, int U>
+  static void lanes(acc_t* tile, const Vec<acc_t>* vy, Vec<acc_t>* loss,
+                    const MultiMarginParams<acc_t>& p) {
+    static_assert(U == 1);
+    loss[0] = p.p == 1 ? lanes_p<1, kGrad>(tile, vy[0], p) : lanes_p<2, kGrad>(tile, vy[0], p);
   }
 
  private:

@@ -6,12 +6,13 @@
 //   acc_t row<kGrad>(const RowIO<acc_t>& io, int64_t y, const Params& p)
 //       one contiguous row io.x; writes the row's gradient to io.g and returns the row's
 //       loss (see RowIO);
-//   Vec<acc_t> lanes<kGrad>(acc_t* tile, const Vec<acc_t>& y, const Params& p)
-//       W = Vec::size() rows at once, stored class-major in `tile` (tile[j * W + lane]),
-//       one row per SIMD lane, with their targets (as acc_t) in y; a target < 0 marks a
-//       row that contributes nothing (ignored or padding: its loss and gradient are
-//       exact zeros); overwrites tile with the gradient when kGrad and returns the
-//       rows' losses;
+//   void lanes<acc_t, kGrad, U>(acc_t* tile, const Vec<acc_t>* y, Vec<acc_t>* loss, const Params& p)
+//       U tiles of W = Vec::size() rows (U = 1 or Math::kLaneTiles), tile u stored
+//       class-major at tile + u * C * W (element [j * W + lane]), one row per SIMD lane,
+//       with their targets (as acc_t) in y[u]; a target < 0 marks a row that
+//       contributes nothing (ignored or padding: its loss and gradient are exact
+//       zeros); overwrites the tiles with the gradient when kGrad and writes the rows'
+//       losses to loss[u];
 //   bool ignored(int64_t y, const Params& p).
 //
 // Determinism: block boundaries depend only on (rows, C), each block sums its rows'
@@ -152,7 +153,7 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
 
 // tile[j * W + l] = row (r0 + l), class j, as acc_t; lanes past `n` are zero.
 template <typename scalar_t, typename acc_t>
-inline void pack_tile(const scalar_t* base, const RowGeometry& g, int64_t r0, int64_t n,
+__attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const RowGeometry& g, int64_t r0, int64_t n,
                       acc_t* tile) {
   constexpr int64_t W = Vec<acc_t>::size();
   const int64_t C = g.classes;
@@ -222,19 +223,24 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
-  alignas(64) acc_t tile[kLaneMaxClasses * W];
+  constexpr int U = Math::kLaneTiles;  // full tiles handed to the math at once
+  const int64_t C = t.in.classes;
+  alignas(64) acc_t tile[U * kLaneMaxClasses * W];
   alignas(64) acc_t tail[W];
   V sum(acc_t(0));  // lane-wise running loss; each lane adds its rows in order
+  // Target counts in a local, stored once at the end: neighbouring blocks' tallies share
+  // a cache line, and updating them per tile made the two threads fight over it.
+  TargetTally counts;
   // Contiguous row-major tiles: prefetch a few tiles ahead (rows of a few classes are
   // shorter than the distance the hardware prefetchers need to lock on).
-  const bool prefetch = t.in.inner == 1 && t.in.stride_c == 1 && t.in.stride_n == t.in.classes &&
+  const bool prefetch = t.in.inner == 1 && t.in.stride_c == 1 && t.in.stride_n == C &&
                         (!kGrad || (t.gout.inner == 1 && t.gout.stride_n == t.gout.classes));
-  const int64_t tile_bytes = W * t.in.classes * int64_t(sizeof(scalar_t));
-  for (int64_t r = r0; r < r1; r += W) {
-    const int64_t n = std::min<int64_t>(W, r1 - r);
+  const int64_t tile_bytes = W * C * int64_t(sizeof(scalar_t));
+  // Rows [r, r + n) into tile `dst`: their targets (returned), prefetches, the packing.
+  auto load = [&](int64_t r, int64_t n, acc_t* dst) {
     V vy;
     if (tally) {
-      vy = lane_targets<acc_t>(t.target + r, n, r, *t.rule, *tally);
+      vy = lane_targets<acc_t>(t.target + r, n, r, *t.rule, counts);
     } else if (n == W) {
       vy = V::loadu(t.lane_targets + r);
     } else {  // padding lanes take target -1: they contribute nothing
@@ -245,20 +251,40 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
       // Rows further ahead, and the gradient lines they will be written to.
       const char* in = reinterpret_cast<const char*>(t.input + t.in.offset(r + kPrefetchTiles * W));
       for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(in + off, 0, 3);
+      if (tally) __builtin_prefetch(t.target + r + kPrefetchTiles * W, 0, 3);  // W int64: one line
       if constexpr (kGrad) {
         const char* g = reinterpret_cast<const char*>(t.grad + t.gout.offset(r + kPrefetchTiles * W));
         for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(g + off, 1, 3);
       }
     }
-    pack_tile(t.input, t.in, r, n, tile);
-    const V loss = Math::template lanes<acc_t, kGrad>(tile, vy, p);
-    if constexpr (kGrad) unpack_tile(tile, t.gout, r, n, t.grad);
+    pack_tile(t.input, t.in, r, n, dst);
+    return vy;
+  };
+  // The gradient and losses of rows [r, r + n) from tile `src`.
+  auto store = [&](int64_t r, int64_t n, const acc_t* src, const V& loss) {
+    if constexpr (kGrad) unpack_tile(src, t.gout, r, n, t.grad);
     if (t.loss_rows) {
       loss.store(tail);
       for (int64_t l = 0; l < n; ++l) t.loss_rows[r + l] = scalar_t(tail[l]);
     }
-    sum = sum + loss;
+    sum = sum + loss;  // tile by tile, in row order
+  };
+  int64_t r = r0;
+  if constexpr (U > 1) {
+    for (; r + U * W <= r1; r += U * W) {
+      V vy[U], loss[U];
+      for (int u = 0; u < U; ++u) vy[u] = load(r + u * W, W, tile + u * C * W);
+      Math::template lanes<acc_t, kGrad, U>(tile, vy, loss, p);
+      for (int u = 0; u < U; ++u) store(r + u * W, W, tile + u * C * W, loss[u]);
+    }
   }
+  for (; r < r1; r += W) {
+    const int64_t n = std::min<int64_t>(W, r1 - r);
+    V vy = load(r, n, tile), loss;
+    Math::template lanes<acc_t, kGrad, 1>(tile, &vy, &loss, p);
+    store(r, n, tile, loss);
+  }
+  if (tally) *tally = counts;
   if (partial) {
     sum.store(tail);
     double total = 0;
