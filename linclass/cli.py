@@ -22,7 +22,7 @@ DEFAULTS = {
     ("svm", "digits"): dict(lr=0.1, reg=1e-3, iters=1000, batch_size=200),
     ("softmax", "digits"): dict(lr=0.5, reg=1e-3, iters=1000, batch_size=200),
     ("twolayer", "digits"): dict(lr=3.0, reg=1e-4, iters=1000, batch_size=200, hidden=64, decay=0.95),
-    ("svm", "images"): dict(lr=1e-2, reg=1e-2, iters=4000, batch_size=1000),
+    ("svm", "images"): dict(lr=1.2e-3, reg=2e-2, iters=4000, batch_size=1000),  # standardized
     ("softmax", "images"): dict(lr=1e-1, reg=1e-4, iters=4000, batch_size=1000),
     ("twolayer", "images"): dict(lr=1.0, reg=5e-4, iters=4000, batch_size=200, hidden=1024, decay=0.81),
 }
@@ -105,11 +105,20 @@ def run_train(args) -> dict:
 
     torch.manual_seed(args.seed)
     d = _load_data(args)
-    # --augment auto: mirror images for the two-layer net on photos (not for digits, whose
-    # mirror images are other shapes, nor for the linear models, which gain nothing).
+    # --standardize auto: pixels divided by their spread for the SVM on photos (+0.2
+    # points on CIFAR-10 with mirror images; the softmax lost 0.2 and stays centred only).
+    standardize = args.standardize
+    if standardize == "auto":
+        standardize = "on" if args.model == "svm" and kind == "images" else "off"
+    hp["standardize"] = standardize
+    if standardize == "on":
+        d = data.standardize(d)  # every split, with the training split's statistics
+    # --augment auto: mirror images on photos (not for digits, whose mirror images are
+    # other shapes).  On CIFAR-10 they gained ~1.8 points for the two-layer net and, at
+    # 4000 x 1000, 0.2 (SVM) and 0.5 (softmax) for the linear models.
     augment = args.augment
     if augment == "auto":
-        augment = "flip" if args.model == "twolayer" and kind == "images" else "none"
+        augment = "flip" if kind == "images" else "none"
     hp["augment"] = augment
     train_d = data.mirror_augment(d) if augment == "flip" else d  # training sees this
     if args.out:
@@ -121,8 +130,8 @@ def run_train(args) -> dict:
     if args.model in ("svm", "softmax"):
         cls = lc.LinearSVM if args.model == "svm" else lc.Softmax
         if args.search:
-            lrs, regs = (lc.svm_get_search_params if args.model == "svm"
-                         else lc.softmax_get_search_params)()
+            lrs, regs = (lc.svm_get_search_params(standardized=standardize == "on") if args.model == "svm"
+                         else lc.softmax_get_search_params())
             step, close = _progress(hp["iters"], f"{args.model}: {len(lrs) * len(regs)} configs at once",
                                     args.quiet)
             search = lc.sweep(cls, train_d, lrs, regs, num_iters=hp["iters"], batch_size=hp["batch_size"],
@@ -238,7 +247,10 @@ def _add_train_args(p):
     p.add_argument("--decay", type=float, help="learning-rate decay per epoch (twolayer)")
     p.add_argument("--augment", choices=["auto", "none", "flip"], default="auto",
                    help="flip: train on the training images and their mirror images too; "
-                        "auto (default): flip for twolayer on photos (cifar10, folder), else none")
+                        "auto (default): flip on photos (cifar10, folder), none on digits")
+    p.add_argument("--standardize", choices=["auto", "on", "off"], default="auto",
+                   help="on: divide each pixel by its standard deviation over the training split "
+                        "(after the mean is subtracted); auto (default): on for svm on photos")
     p.add_argument("--val-ratio", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

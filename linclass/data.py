@@ -71,6 +71,33 @@ def preprocess(x_train, y_train, x_test=None, y_test=None, *, scale: float = 255
     return out
 
 
+def standardize(data: dict, eps: float = 1e-6) -> dict:
+    """The data dict with every split's pixel values divided by that pixel's standard
+    deviation over the training split (constant pixels by 1); a bias column, if any, is
+    left alone.  Call it before `mirror_augment` so the statistics are the original
+    images'.
+
+    Pixels differ in spread (the image centre varies more than the border), and the
+    hinge's fixed margin makes the SVM sensitive to that: on CIFAR-10 it gains ~0.2
+    points of validation accuracy there (README, "CIFAR-10 results")."""
+    shape = tuple(data.get("image_shape") or ())
+    pixels = int(np.prod(shape)) if shape else None
+    X = data["X_train"]
+    flat = X.reshape(X.shape[0], -1)
+    if pixels is None or flat.shape[1] not in (pixels, pixels + 1):
+        raise ValueError(f"standardize: X_train rows hold {flat.shape[1]} values, image_shape {shape}")
+    std = flat[:, :pixels].std(dim=0)
+    scale = torch.where(std > eps, std, torch.ones_like(std))
+    out = dict(data)
+    for name in ("X_train", "X_val", "X_test"):
+        Xs = data.get(name)
+        if Xs is None:
+            continue
+        rows = Xs.reshape(Xs.shape[0], -1)
+        out[name] = torch.cat([rows[:, :pixels] / scale, rows[:, pixels:]], dim=1).reshape(Xs.shape)
+    return out
+
+
 # ---- scikit-learn digits (bundled: the offline default) --------------------------------
 
 

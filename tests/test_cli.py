@@ -178,18 +178,48 @@ def test_mirror_augment_appends_flipped_training_images(bias_trick, flatten):
         data.mirror_augment(dict(d, image_shape=(60,)))
 
 
-def test_twolayer_on_photos_trains_on_mirror_images_by_default(tmp_path):
+@pytest.mark.parametrize("bias_trick,flatten", [(False, True), (True, True), (False, False)])
+def test_standardize_divides_pixels_by_training_std(bias_trick, flatten):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (40, 3, 4, 5), generator=g).to(torch.uint8).numpy()
+    x[:, 1, 2, 3] = 7  # a constant pixel: left as it is (no division by zero)
+    d = data.preprocess(x, (torch.arange(40) % 3).numpy(), x[:6], (torch.arange(6) % 3).numpy(),
+                        validation_ratio=0.25, bias_trick=bias_trick, flatten=flatten)
+    s = data.standardize(d)
+    pix = lambda X: X.reshape(len(X), -1)[:, :60].double()
+    std = pix(d["X_train"]).std(0)
+    const = 1 * 20 + 2 * 5 + 3
+    assert torch.allclose(pix(s["X_train"]).std(0)[std > 0], torch.ones(59, dtype=torch.float64), atol=1e-5)
+    assert torch.equal(pix(s["X_train"])[:, const], pix(d["X_train"])[:, const])
+    scale = torch.where(std > 0, std, torch.ones_like(std))
+    for name in ("X_val", "X_test"):  # the training split's statistics, not their own
+        assert s[name].shape == d[name].shape
+        assert torch.allclose(pix(s[name]), pix(d[name]) / scale, atol=1e-5)
+    if bias_trick:
+        assert torch.equal(s["X_train"][:, -1], torch.ones(len(s["X_train"])))
+    with pytest.raises(ValueError, match="image_shape"):
+        data.standardize(dict(d, image_shape=(7,)))
+
+
+def test_photos_train_on_mirror_images_by_default(tmp_path):
     train = _image_folder(tmp_path / "train", ["cat", "dog"], per_class=10)
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    for extra, augment in [([], "flip"), (["--augment", "none"], "none")]:
-        js = tmp_path / f"{augment}.json"
-        p = _run(["train", "--model", "twolayer", "--dataset", "folder", "--train-dir", str(train),
-                  "--iters", "20", "--hidden", "8", "--quiet", "--device", "cpu", "--json", str(js), *extra],
+    runs = [("twolayer", ["--hidden", "8"], [], "flip"), ("twolayer", ["--hidden", "8"], ["--augment", "none"], "none"),
+            ("softmax", [], [], "flip"), ("svm", ["--search"], [], "flip")]
+    for model, opts, extra, augment in runs:
+        js = tmp_path / f"{model}-{augment}.json"
+        p = _run(["train", "--model", model, "--dataset", "folder", "--train-dir", str(train),
+                  "--iters", "20", "--quiet", "--device", "cpu", "--json", str(js), *opts, *extra],
                  env=env)
         assert p.returncode == 0, p.stderr
         r = json.loads(js.read_text())
         assert r["hyperparameters"]["augment"] == augment and r["n_train"] == 16  # originals only
+        assert r["hyperparameters"]["standardize"] == ("on" if model == "svm" else "off")
     js = tmp_path / "svm.json"
     assert cli.main(["train", "--model", "svm", "--iters", "20", "--quiet", "--device", "cpu",
                      "--json", str(js)]) == 0
-    assert json.loads(js.read_text())["hyperparameters"]["augment"] == "none"  # digits, linear
+    hp = json.loads(js.read_text())["hyperparameters"]
+    assert hp["augment"] == "none" and hp["standardize"] == "off"  # digits
+    assert cli.main(["train", "--model", "softmax", "--iters", "20", "--quiet", "--device", "cpu",
+                     "--standardize", "on", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["hyperparameters"]["standardize"] == "on"
