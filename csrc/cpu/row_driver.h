@@ -302,30 +302,40 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   const int64_t per_block = block_rows(C);
   const int64_t blocks = (rows + per_block - 1) / per_block;
   const bool lanes = use_lanes(C);
-  // Blocks are handed out one at a time from a shared counter rather than split in
-  // equal halves up front: on a shared 2-vCPU machine one thread is often slowed down,
-  // and a static split then leaves the other spinning at the barrier.  Each block
-  // writes only its own rows and partial sum, so the result does not depend on which
-  // thread ran it.  One block (~kBlockElements) per task keeps tiny inputs on the
-  // calling thread.
+  if (!lanes) {
+    // Row path: each thread takes one contiguous range of blocks, so that the row loop
+    // can prefetch the next row across block boundaries (a block is a single row when
+    // C >= 16384).  Each block already holds ~kBlockElements of work, so one block per
+    // task keeps tiny inputs on the calling thread.
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
+        double* partial = t.partials ? t.partials + b : nullptr;
+        if (t.grad)
+          run_row_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
+        else
+          run_row_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);
+      }
+    });
+    return;
+  }
+  // Lane path: blocks (~1600 rows at C = 10) are handed out one at a time from a shared
+  // counter rather than split in equal halves up front: on a shared 2-vCPU machine one
+  // thread is often slowed down, and a static split then leaves the other spinning at
+  // the barrier.  Each block writes only its own rows, partial sum and tally, so the
+  // result does not depend on which thread ran it.
   std::atomic<int64_t> next_block{0};
   const int64_t tasks = std::min<int64_t>(blocks, at::get_num_threads());
   at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
     for (int64_t b = next_block.fetch_add(1); b < blocks; b = next_block.fetch_add(1)) {
       const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
       double* partial = t.partials ? t.partials + b : nullptr;
-      if (lanes) {
-        TargetTally* tally = t.rule ? t.tallies + b : nullptr;
-        if (t.grad)
-          run_lane_block<scalar_t, Math, true>(t, p, r0, r1, r1, partial, tally);
-        else
-          run_lane_block<scalar_t, Math, false>(t, p, r0, r1, r1, partial, tally);
-      } else {
-        if (t.grad)
-          run_row_block<scalar_t, Math, true>(t, p, r0, r1, r1, partial);
-        else
-          run_row_block<scalar_t, Math, false>(t, p, r0, r1, r1, partial);
-      }
+      TargetTally* tally = t.rule ? t.tallies + b : nullptr;
+      if (t.grad)
+        run_lane_block<scalar_t, Math, true>(t, p, r0, r1, r1, partial, tally);
+      else
+        run_lane_block<scalar_t, Math, false>(t, p, r0, r1, r1, partial, tally);
     }
   });
 }
