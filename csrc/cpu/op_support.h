@@ -241,7 +241,7 @@ struct CrossEntropySetup {
       plan.rule = TargetRule{C, true, ignore_index};
       plan.mean_of_kept = true;
     } else {
-      kept = checked_targets<acc_t>("cross_entropy", true, target, C, true, ignore_index,
+      kept = checked_targets<acc_t>(plan.op, plan.index_error, target, C, true, ignore_index,
                                     w ? weight.data() : nullptr, lane_targets);
       plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
     }
@@ -278,7 +278,7 @@ struct MultiMarginSetup {
     if (in_kernel && use_lanes(C)) {
       plan.rule = TargetRule{C, false, 0};
     } else {
-      checked_targets<acc_t>("multi_margin_loss", false, target, C, false, 0, nullptr, lane_targets);
+      checked_targets<acc_t>(plan.op, plan.index_error, target, C, false, 0, nullptr, lane_targets);
       plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
     }
     denom = reduction == kMean ? double(target.numel()) : 1.0;

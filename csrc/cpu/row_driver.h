@@ -153,8 +153,8 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
 
 // tile[j * W + l] = row (r0 + l), class j, as acc_t; lanes past `n` are zero.
 template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const RowGeometry& g, int64_t r0, int64_t n,
-                      acc_t* tile) {
+__attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const RowGeometry& g,
+                                                     int64_t r0, int64_t n, acc_t* tile) {
   constexpr int64_t W = Vec<acc_t>::size();
   const int64_t C = g.classes;
   // K-dim inputs with unit inner stride: W consecutive rows of one class are adjacent.
@@ -219,7 +219,7 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
 
 template <typename scalar_t, typename Math, bool kGrad, typename Params>
 void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
-                    int64_t ahead_end, double* partial, TargetTally* tally) {
+                    double* partial, TargetTally* tally) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
@@ -247,7 +247,7 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
       for (int64_t l = 0; l < W; ++l) tail[l] = l < n ? t.lane_targets[r + l] : acc_t(-1);
       vy = V::loadu(tail);
     }
-    if (prefetch && r + (kPrefetchTiles + 1) * W <= ahead_end) {
+    if (prefetch && r + (kPrefetchTiles + 1) * W <= r1) {  // within this block
       // Rows further ahead, and the gradient lines they will be written to.
       const char* in = reinterpret_cast<const char*>(t.input + t.in.offset(r + kPrefetchTiles * W));
       for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(in + off, 0, 3);
@@ -333,9 +333,9 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
       double* partial = t.partials ? t.partials + b : nullptr;
       TargetTally* tally = t.rule ? t.tallies + b : nullptr;
       if (t.grad)
-        run_lane_block<scalar_t, Math, true>(t, p, r0, r1, r1, partial, tally);
+        run_lane_block<scalar_t, Math, true>(t, p, r0, r1, partial, tally);
       else
-        run_lane_block<scalar_t, Math, false>(t, p, r0, r1, r1, partial, tally);
+        run_lane_block<scalar_t, Math, false>(t, p, r0, r1, partial, tally);
     }
   });
 }
