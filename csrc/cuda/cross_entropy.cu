@@ -11,7 +11,7 @@
 // reduced across the group with shuffles / shared memory, no serial loops), a pass for
 // the gradient.  A target outside [0, C) that is not ignore_index gives its row a NaN
 // loss and NaN gradient; nothing is read or written out of bounds.  Per-row losses are
-// reduced with at::sum afterwards (deterministic); the 'mean' scale and the weight sum
+// summed by one more launch (reduce.cu, deterministic); the 'mean' scale and the weight sum
 // stay on the device, so there is no host synchronization.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,6 +23,7 @@
 #include <cub/block/block_reduce.cuh>
 
 #include "common.cuh"
+#include "reduce.h"
 
 namespace linclass {
 namespace cuda {
@@ -189,9 +190,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& input_, 
   if (reduction == kNone)
     loss = loss_rows.to(input.scalar_type()).view(target.sizes());
   else if (reduction == kSum)
-    loss = loss_rows.sum().to(input.scalar_type());
-  else
-    loss = loss_rows.sum().div(consts[2]).to(input.scalar_type());
+    loss = cuda::reduce_rows(loss_rows, nullptr, 1.0, input.scalar_type());
+  else {
+    const at::Tensor denom = consts.narrow(0, 2, 1);  // consts[2], the 'mean' denominator
+    loss = cuda::reduce_rows(loss_rows, &denom, 1.0, input.scalar_type());
+  }
   return {loss, grad};
 }
 

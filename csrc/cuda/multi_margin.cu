@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "common.cuh"
+#include "reduce.h"
 
 namespace linclass {
 namespace cuda {
@@ -130,10 +131,8 @@ std::tuple<at::Tensor, at::Tensor> multi_margin_loss_cuda(const at::Tensor& inpu
   at::Tensor loss;
   if (reduction == kNone)
     loss = loss_rows.to(input.scalar_type());
-  else if (reduction == kSum)
-    loss = loss_rows.sum().to(input.scalar_type());
-  else
-    loss = loss_rows.sum().div(double(rows)).to(input.scalar_type());  // 0/0 = NaN for no rows
+  else  // 'mean': 0/0 = NaN for no rows
+    loss = cuda::reduce_rows(loss_rows, nullptr, reduction == kSum ? 1.0 : double(rows), input.scalar_type());
   return {loss, grad};
 }
 
