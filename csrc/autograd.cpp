@@ -57,6 +57,18 @@ at::Tensor rescale(const at::Tensor& saved, const at::Tensor& grad_loss) {
   return at::mul(saved, grad_loss);
 }
 
+// d loss / d input from the saved gradient: for 'none' one grad_output per row,
+// broadcast over the classes (dim 1); else one scalar.
+at::Tensor saved_grad_backward(const at::Tensor& grad, at::Tensor grad_loss, int64_t reduction,
+                               int64_t input_dim) {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "linclass: the fused losses are differentiable once; backward with "
+              "create_graph=True (double backward) is not supported. Use "
+              "linclass.backends.use('torch') for higher-order gradients.");
+  if (reduction == kNone && input_dim >= 2) grad_loss = grad_loss.unsqueeze(1);
+  return rescale(grad, grad_loss);
+}
+
 // Fused loss ops share the signature (input, target, ..., int reduction, bool compute_grad)
 // -> (loss, grad); Args are the op's argument types.
 template <typename... Args>
@@ -85,17 +97,46 @@ struct FusedLoss : public torch::autograd::Function<FusedLoss<Args...>> {
                 "linclass: this fused loss ran with compute_grad=False, so it saved no gradient; "
                 "call it through linclass.cross_entropy / linclass.multi_margin_loss, which set "
                 "compute_grad when the input requires grad");
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "linclass: the fused losses are differentiable once; backward with "
-                "create_graph=True (double backward) is not supported. Use "
-                "linclass.backends.use('torch') for higher-order gradients.");
-    at::Tensor grad = ctx->get_saved_variables()[0];
-    if (ctx->saved_data["reduction"].toInt() == kNone && ctx->saved_data["input_dim"].toInt() >= 2)
-      grad_loss = grad_loss.unsqueeze(1);  // one scale per row, broadcast over classes
-    out[1] = rescale(grad, grad_loss);
+    out[1] = saved_grad_backward(ctx->get_saved_variables()[0], grad_loss,
+                                 ctx->saved_data["reduction"].toInt(), ctx->saved_data["input_dim"].toInt());
     return out;
   }
 };
+
+// The autograd of a fused loss whose kernels ran elsewhere (the Triton launchers, in
+// Python): _with_saved_grad(input, loss, grad, reduction) returns `loss` as a tensor
+// whose backward is FusedLoss's, with `grad` saved.  A C++ graph node instead of a
+// Python autograd.Function: on an H200's host the Python node (and its backward, which
+// the engine runs on the device thread under the GIL) cost more than the kernels at
+// small N.
+struct SavedGrad : public torch::autograd::Function<SavedGrad> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& loss,
+                            const at::Tensor& grad, int64_t reduction) {
+    ctx->saved_data["input_dim"] = input.dim();
+    ctx->saved_data["reduction"] = reduction;
+    ctx->save_for_backward({grad});
+    ctx->set_materialize_grads(false);
+    return loss.alias();
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(4);  // input, loss, grad, reduction
+    if (!grads[0].defined()) return out;
+    out[0] = saved_grad_backward(ctx->get_saved_variables()[0], grads[0],
+                                 ctx->saved_data["reduction"].toInt(), ctx->saved_data["input_dim"].toInt());
+    return out;
+  }
+};
+
+at::Tensor with_saved_grad_autograd(const at::Tensor& input, const at::Tensor& loss, const at::Tensor& grad,
+                                    int64_t reduction) {
+  return SavedGrad::apply(input, loss, grad, reduction);
+}
+
+// Below autograd (no input needs a gradient): the loss itself.
+at::Tensor with_saved_grad(const at::Tensor&, const at::Tensor& loss, const at::Tensor&, int64_t) {
+  return loss.alias();
+}
 
 // Fused linear + loss ops: (input, weight, bias?, target, ..., int reduction,
 // bool[3] output_mask) -> (loss, grad_input, grad_weight, grad_bias), gradients for
@@ -217,6 +258,11 @@ TORCH_LIBRARY_IMPL(linclass, Autograd, m) {
   m.impl("multi_margin_loss", &multi_margin_loss_autograd);
   m.impl("linear_cross_entropy", &linear_cross_entropy_autograd);
   m.impl("linear_multi_margin_loss", &linear_multi_margin_loss_autograd);
+  m.impl("_with_saved_grad", &with_saved_grad_autograd);
+}
+
+TORCH_LIBRARY_IMPL(linclass, CompositeExplicitAutograd, m) {
+  m.impl("_with_saved_grad", &with_saved_grad);
 }
 
 }  // namespace linclass

@@ -64,6 +64,10 @@ TORCH_LIBRARY(linclass, m) {
       "linear_sgd_step(Tensor input, Tensor(a!) weight, Tensor target, Tensor index, "
       "int loss, float learning_rate, float reg) -> float");
 
+  // The autograd of a fused loss computed outside this library (the Triton kernels):
+  // `loss` with a backward that rescales the saved `grad` (autograd.cpp).
+  m.def("_with_saved_grad(Tensor input, Tensor(a) loss, Tensor grad, int reduction) -> Tensor(a)");
+
   // Build facts, the CPU gradient-buffer cache (see buffer_cache.h), testing knobs.
   m.def("_cpu_isa() -> str", &cpu_isa);
   m.def("_buffer_cache_clear() -> ()", &cache_clear);

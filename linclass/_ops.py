@@ -136,11 +136,24 @@ def _backward_linear_loss(ctx, grad_loss, *_):
     return tuple(scaled.get(i) for i in range(3)) + (None,) * (ctx.n_inputs - 3)
 
 
-def _eager_fast_path(op, launcher, setup_context, backward):
+# Eager Triton losses get their autograd from linclass._C (linclass::_with_saved_grad, a
+# C++ graph node, and the CUDA rescale kernel) when it is built for the input's device;
+# tests turn this off to cover the Python node below.
+CPP_AUTOGRAD = _extension.has_kernel("_with_saved_grad", "Autograd")
+
+
+def _cpp_autograd_for(device: torch.device) -> bool:
+    return CPP_AUTOGRAD and (device.type == "cpu" or (device.type == "cuda" and _extension.HAS_CUDA_KERNELS))
+
+
+def _eager_fast_path(op, launcher, setup_context, backward, saved_grad=False):
     """The registered Triton op under torch.compile (and for opcheck, which calls it
     directly); in eager mode the same launcher and the same setup/backward through a
     torch.autograd.Function, which skips custom_op's Python dispatch (measured on the
-    development CPU with a trivial launcher: 246 -> 130 us per forward + backward)."""
+    development CPU with a trivial launcher: 246 -> 130 us per forward + backward).
+    With `saved_grad` (the loss ops) and linclass._C built, the graph node is C++
+    (linclass::_with_saved_grad): on an H200 host the Python node was the larger part
+    of a small loss's time."""
     class _Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
@@ -155,6 +168,9 @@ def _eager_fast_path(op, launcher, setup_context, backward):
     def call(*args):
         if torch.compiler.is_compiling():
             return op(*args)
+        if saved_grad and args[-1] and _cpp_autograd_for(args[0].device):
+            loss, grad = launcher(*args)  # (..., reduction, compute_grad)
+            return torch.ops.linclass._with_saved_grad.default(args[0], loss, grad, args[-2]), grad
         return _Eager.apply(*args)
 
     call.op = op
@@ -234,10 +250,10 @@ if HAS_TRITON:
         _op.register_autograd(_backward_linear_loss, setup_context=_setup_linear_loss)
     lc = torch.ops.linclass
     CROSS_ENTROPY["triton"] = _eager_fast_path(lc.cross_entropy_triton.default, _cross_entropy_triton,
-                                               _setup_fused_loss, _backward_fused_loss)
+                                               _setup_fused_loss, _backward_fused_loss, saved_grad=True)
     MULTI_MARGIN_LOSS["triton"] = _eager_fast_path(
         lc.multi_margin_loss_triton.default, _multi_margin_loss_triton, _setup_fused_loss,
-        _backward_fused_loss)
+        _backward_fused_loss, saved_grad=True)
     LINEAR_CROSS_ENTROPY["triton"] = _eager_fast_path(
         lc.linear_cross_entropy_triton.default, _linear_cross_entropy_triton, _setup_linear_loss,
         _backward_linear_loss)
