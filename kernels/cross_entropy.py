@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._math import exp as _exp, log as _log
-from .tuning import loop_config, tile_config
+from .tuning import cdiv, loop_config, next_pow2, tile_config
 
 # C up to this goes through the one-tile kernel.
 TILE_MAX_C = 1024
@@ -302,7 +302,7 @@ def consts(target, weight, ignore_index, classes, acc, mean):
     """(scale, W, denominator) on the device, from one launch (no host synchronization)."""
     out = torch.empty(3, device=target.device, dtype=acc)
     n = target.numel()
-    block = min(4096, max(16, triton.next_power_of_2(max(n, classes if weight is not None else 1))))
+    block = min(4096, max(16, next_pow2(max(n, classes if weight is not None else 1))))
     _ce_consts_kernel[(1,)](target, weight if weight is not None else out, out, n, classes,
                             ignore_index, MEAN=mean, HAS_WEIGHT=weight is not None,
                             ACC=tl_acc(acc), BLOCK=block)
@@ -332,9 +332,9 @@ def launch(input, grad, target, weight, ignore_index, label_smoothing, const, sc
                 ACC=tl_acc(acc))
     if rows > 0:
         if C <= TILE_MAX_C:
-            block_c = max(triton.next_power_of_2(C), 2)
+            block_c = max(next_pow2(C), 2)
             block_m, warps = config or tile_config(C, input.element_size(), "ce")
-            _ce_tile_kernel[(triton.cdiv(rows, block_m),)](
+            _ce_tile_kernel[(cdiv(rows, block_m),)](
                 *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         else:
             block_c, warps = config or loop_config(C, input.element_size(), "ce")

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .cross_entropy import ce_tile, consts, split
 from .multi_margin import mm_tile
+from .tuning import cdiv, next_pow2
 
 MAX_C = 64
 # On CUDA only 16-bit inputs take this kernel: float32 products here are IEEE float32
@@ -154,7 +155,7 @@ def run(input, weight, bias, target, mask, ce, ignore_index=-100, label_smoothin
         const = torch.full((1,), (1.0 / n if n else float("nan")) if mean else 1.0, device=dev,
                            dtype=torch.float32)
     block_m, block_d = 64, 64 if input.element_size() == 2 else 32
-    n_blocks = triton.cdiv(n, block_m)
+    n_blocks = cdiv(n, block_m)
     programs = _programs(n_blocks, dev)
     loss_rows = torch.empty(n, device=dev, dtype=torch.float32)
     empty = input.new_empty((0,))
@@ -174,7 +175,7 @@ def run(input, weight, bias, target, mask, ce, ignore_index=-100, label_smoothin
             GRAD_X=mask[0], GRAD_W=mask[1], GRAD_B=mask[2],
             PRECISION="ieee" if input.dtype == torch.float32 or INTERPRETED else "tf32",
             WIDEN=INTERPRETED and input.element_size() == 2,
-            BLOCK_M=block_m, BLOCK_C=max(16, triton.next_power_of_2(c)), BLOCK_D=block_d,
+            BLOCK_M=block_m, BLOCK_C=max(16, next_pow2(c)), BLOCK_D=block_d,
             num_warps=4)
     gw = gwp.sum(0).to(input.dtype) if mask[1] else empty
     gb = gbp.sum(0).to(input.dtype) if mask[2] else empty

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import TILE_MAX_C, acc_dtype, split, sum_rows, tl_acc
-from .tuning import loop_config, tile_config
+from .tuning import cdiv, loop_config, next_pow2, tile_config
 
 
 @triton.jit
@@ -155,9 +155,9 @@ def launch(input, grad, target, p, margin, weight, scale, scale_loss=False, conf
                 SCALE_LOSS=scale_loss, ACC=tl_acc(acc))
     if rows > 0:
         if C <= TILE_MAX_C:
-            block_c = max(triton.next_power_of_2(C), 2)
+            block_c = max(next_pow2(C), 2)
             block_m, warps = config or tile_config(C, input.element_size(), "mm")
-            _mm_tile_kernel[(triton.cdiv(rows, block_m),)](
+            _mm_tile_kernel[(cdiv(rows, block_m),)](
                 *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         else:
             block_c, warps = config or loop_config(C, input.element_size(), "mm")

@@ -11,6 +11,8 @@ launch and no memory traffic, any other go one read and one write of G.
 import triton
 import triton.language as tl
 
+from .tuning import cdiv
+
 BLOCK = 4096
 MAX_PROGRAMS = 1024  # grid-stride beyond this: an early exit costs each program ~1 load
 
@@ -40,5 +42,5 @@ def scale_(grads, go):
             continue
         n = g.numel()
         if n:
-            programs = max(1, min(triton.cdiv(n, BLOCK), MAX_PROGRAMS))
+            programs = max(1, min(cdiv(n, BLOCK), MAX_PROGRAMS))
             _scale_kernel[(programs,)](g, go, n, BLOCK=BLOCK)

@@ -10,8 +10,6 @@ another GPU) takes precedence.
 import json
 import os
 
-import triton
-
 MEASURED: dict = {
     "ce 10 4": (64, 2),
     "mm 10 4": (16, 4),
@@ -28,6 +26,16 @@ MEASURED: dict = {
 }
 
 
+def next_pow2(n: int) -> int:
+    """triton.next_power_of_2 in plain Python: the triton one is a constexpr function,
+    whose wrapper costs microseconds per host call (a few per launch)."""
+    return n if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _from_env():
     path = os.environ.get("LINCLASS_TRITON_TUNED")
     if not path:
@@ -41,7 +49,7 @@ TUNED = {**{k: tuple(v) for k, v in MEASURED.items()}, **_from_env()}
 
 def tile_config(C, elem, family="ce"):
     """(BLOCK_M rows per program, num_warps) of the one-tile kernels (C <= TILE_MAX_C)."""
-    block_c = max(triton.next_power_of_2(C), 2)
+    block_c = max(next_pow2(C), 2)
     return TUNED.get(f"{family} {C} {elem}") or (max(1, min(64, 4096 // block_c)), 4)
 
 
@@ -64,4 +72,4 @@ def loop_config(C, elem, family="ce"):
         block, warps = 2048, 4
     else:
         block, warps = (8192, 16) if elem == 4 else (4096, 8)
-    return min(triton.next_power_of_2(C), block), warps
+    return min(next_pow2(C), block), warps
