@@ -106,9 +106,9 @@ struct FusedLoss : public torch::autograd::Function<FusedLoss<Args...>> {
 // The autograd of a fused loss whose kernels ran elsewhere (the Triton launchers, in
 // Python): _with_saved_grad(input, loss, grad, reduction) returns `loss` as a tensor
 // whose backward is FusedLoss's, with `grad` saved.  A C++ graph node instead of a
-// Python autograd.Function: on an H200's host the Python node (and its backward, which
-// the engine runs on the device thread under the GIL) cost more than the kernels at
-// small N.
+// Python autograd.Function: on an H200's host the Python node's backward (run by the
+// engine on the device thread, under the GIL) was a large part of a small loss's time
+// (torch.profiler).
 struct SavedGrad : public torch::autograd::Function<SavedGrad> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& loss,
                             const at::Tensor& grad, int64_t reduction) {
