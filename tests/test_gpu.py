@@ -71,6 +71,25 @@ def test_multi_margin_loss_matches_torch(gpu_backend, shape, p):
                            margin=0.7, weight=weight, reduction=reduction)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reductions_at_the_edges(gpu_backend, dtype):
+    """The per-row losses' reduction: no rows, every row ignored ('mean' is NaN, as in
+    torch), and more rows than one block sums (the CUDA op hands those to at::sum)."""
+    for n, c in [(0, 5), (3, 4), ((1 << 20) + 3, 2)]:
+        x = torch.randn(n, c, device="cuda", dtype=dtype)
+        t = torch.randint(0, c, (n,), device="cuda")
+        for reduction in ("mean", "sum"):
+            compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, reduction=reduction)
+            compare_with_torch(linclass.cross_entropy, F.cross_entropy, x,
+                               torch.full_like(t, -100), reduction=reduction)
+            if n:
+                compare_with_torch(linclass.multi_margin_loss, F.multi_margin_loss, x, t,
+                                   reduction=reduction)
+            else:  # torch's hinge returns uninitialized memory for no rows (2.14, CPU)
+                loss = linclass.multi_margin_loss(x, t, reduction=reduction)
+                assert loss.isnan().item() if reduction == "mean" else loss.item() == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4096, 10), (512, 32000), (8, 128256)])
 def test_low_precision_error_relative_to_fp32(gpu_backend, dtype, shape):
