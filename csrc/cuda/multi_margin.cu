@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> multi_margin_loss_cuda(const at::Tensor& inpu
   at::Tensor loss;
   if (reduction == kNone)
     loss = loss_rows.to(input.scalar_type());
-  else  // 'mean': 0/0 = NaN for no rows
+  else  // 'sum' or 'mean' (0 / 0 = NaN for no rows)
     loss = cuda::reduce_rows(loss_rows, nullptr, reduction == kSum ? 1.0 : double(rows), input.scalar_type());
   return {loss, grad};
 }
