@@ -131,6 +131,29 @@ def test_sweep_equals_sequential_runs(digits64):
         assert abs(acc - out["best_val"]) < 1e-9
 
 
+# The sweep's weights themselves (not only its accuracies) are the sequential trainer's,
+# for a mild, a strong (1 - 2 lr reg = 0.2) and a negative weight decay.
+@pytest.mark.parametrize("lr,reg", [(0.05, 1e-3), (0.2, 2.0), (0.2, 5.0)])
+@pytest.mark.parametrize("cls", [lc.LinearSVM, lc.Softmax])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sweep_weights_equal_sequential_training(cls, lr, reg, dtype):
+    d = load_digits(dtype=dtype, device="cpu")
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    trained = {}
+    for rate in (lr, lr / 2):
+        model = cls()
+        model.train(d["X_train"], d["y_train"], learning_rate=rate, reg=reg, num_iters=60,
+                    batch_size=50)
+        trained[rate] = model.W
+        alone = lc.sweep(cls, d, [rate], [reg], num_iters=60, batch_size=50)["best_model"].W
+        assert alone.dtype == dtype
+        assert (alone - model.W).abs().max() <= tol * model.W.abs().max()
+    # two pairs side by side (each column block with its own factor): the best one's W
+    both = lc.sweep(cls, d, [lr, lr / 2], [reg], num_iters=60, batch_size=50)
+    W = trained[both["best"][0]]
+    assert (both["best_model"].W - W).abs().max() <= tol * W.abs().max()
+
+
 def test_sweep_with_a_plain_loss_function(digits64):
     d = digits64
     a = lc.sweep(lc.svm_loss_vectorized, d, [0.1], [1e-3], num_iters=50, batch_size=50)
