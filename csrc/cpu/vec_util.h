@@ -53,7 +53,14 @@ inline Vec<float> vexp_nonpos(const Vec<float>& d) {
   p = at::vec::fmadd(p, r, VF(4.999999403953552e-1f));
   const VF y = at::vec::fmadd(p, r * r, r + VF(1.0f));
   // 2^n from the integer sitting in t's mantissa; n >= -127, and n = -127 gives 0.0.
-  const VI pow2n = (at::vec::cast<int32_t>(t) + VI(127 - 0x4B400000)) << VI(23);
+  const VI biased = at::vec::cast<int32_t>(t) + VI(127 - 0x4B400000);
+#if defined(CPU_CAPABILITY_AVX512)
+  const VI pow2n = _mm512_slli_epi32(biased, 23);  // an immediate shift: no count vector
+#elif defined(CPU_CAPABILITY_AVX2)
+  const VI pow2n = _mm256_slli_epi32(biased, 23);
+#else
+  const VI pow2n = biased << VI(23);
+#endif
   return y * at::vec::cast<float>(pow2n);
 }
 
