@@ -148,7 +148,7 @@ def test_sweep_weights_equal_sequential_training(cls, lr, reg, dtype):
         alone = lc.sweep(cls, d, [rate], [reg], num_iters=60, batch_size=50)["best_model"].W
         assert alone.dtype == dtype
         assert (alone - model.W).abs().max() <= tol * model.W.abs().max()
-    # two pairs side by side (each column block with its own factor): the best one's W
+    # two pairs side by side (each in its own column block, with its own decay): the best one's W
     both = lc.sweep(cls, d, [lr, lr / 2], [reg], num_iters=60, batch_size=50)
     W = trained[both["best"][0]]
     assert (both["best_model"].W - W).abs().max() <= tol * W.abs().max()
