@@ -74,8 +74,8 @@ def test_multi_margin_loss_matches_torch(gpu_backend, shape, p):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reductions_at_the_edges(gpu_backend, dtype):
     """The per-row losses' reduction: no rows, every row ignored ('mean' is NaN, as in
-    torch), and more rows than one block sums (the CUDA op hands those to at::sum)."""
-    for n, c in [(0, 5), (3, 4), ((1 << 20) + 3, 2)]:
+    torch), the most rows one block sums, and more (the CUDA op hands those to at::sum)."""
+    for n, c in [(0, 5), (3, 4), (1 << 16, 3), ((1 << 20) + 3, 2)]:
         x = torch.randn(n, c, device="cuda", dtype=dtype)
         t = torch.randint(0, c, (n,), device="cuda")
         for reduction in ("mean", "sum"):

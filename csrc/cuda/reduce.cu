@@ -14,9 +14,11 @@ namespace linclass::cuda {
 namespace {
 
 constexpr int kThreads = 512;
-// One block streams the rows alone; past this many (4 MiB of float32) at::sum's
-// grid-wide reduction is the safer choice.  A round number, not a measured crossover.
-constexpr int64_t kMaxRows = int64_t(1) << 20;
+// One block streams the rows alone, on one SM (~0.1 TB/s at best): past this many
+// (256 KiB of float32, a few microseconds there) at::sum's grid-wide reduction, which
+// costs two more launches, is the faster choice.  An estimate, not a measured
+// crossover; 65536 rows (the benchmarks' small-C shape) still take the one launch.
+constexpr int64_t kMaxRows = int64_t(1) << 16;
 
 template <typename acc_t, typename out_t>
 __global__ void reduce_rows_kernel(const acc_t* __restrict__ rows, int64_t n,
