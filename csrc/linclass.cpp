@@ -63,6 +63,11 @@ TORCH_LIBRARY(linclass, m) {
   m.def(
       "linear_sgd_step(Tensor input, Tensor(a!) weight, Tensor target, Tensor index, "
       "int loss, float learning_rate, float reg) -> float");
+  // One step of K such runs side by side (linclass.sweep): weight (D, K * C), updated in
+  // place; decay and grad_scale hold one factor per column.
+  m.def(
+      "linear_sgd_sweep_step(Tensor input, Tensor(a!) weight, Tensor target, Tensor index, "
+      "int loss, int runs, Tensor decay, Tensor grad_scale) -> ()");
 
   // The autograd of a fused loss computed outside this library (the Triton kernels):
   // `loss` with a backward that rescales the saved `grad` (autograd.cpp).

@@ -12,6 +12,7 @@
 // only draws the indices (torch.randint, so the minibatches are those of the classic
 // loop), and the scores, the fused loss kernel, dW and the update cost no Python; for
 // few classes the kernels read the minibatch rows of X in place (no gathered copy).
+#include "buffer_cache.h"
 #include "common.h"
 #include "cpu/op_support.h"
 #include "cpu/small_gemm.h"
@@ -28,19 +29,24 @@
 namespace linclass {
 namespace {
 
+// The arguments both steps share: the data X (N, D), labels y (N), minibatch index, loss.
+void check_step_args(const char* op, const at::Tensor& X, const at::Tensor& y, const at::Tensor& index,
+                     int64_t loss_kind) {
+  TORCH_CHECK(X.device().is_cpu() && X.scalar_type() == at::kFloat && X.dim() == 2 && X.is_contiguous(),
+              op, ": input must be a contiguous float32 CPU matrix (N, D)");
+  TORCH_CHECK(y.scalar_type() == at::kLong && y.dim() == 1 && y.size(0) == X.size(0) && y.is_contiguous(),
+              op, ": target must be a contiguous int64 vector of ", X.size(0), " labels");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1, op, ": index must be an int64 vector");
+  TORCH_CHECK(loss_kind == 0 || loss_kind == 1, op, ": loss must be 0 (softmax) or 1 (svm)");
+}
+
 double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
                        const at::Tensor& index, int64_t loss_kind, double lr, double reg) {
-  TORCH_CHECK(X.device().is_cpu() && X.scalar_type() == at::kFloat && X.dim() == 2 && X.is_contiguous(),
-              "linear_sgd_step: input must be a contiguous float32 CPU matrix (N, D)");
+  check_step_args("linear_sgd_step", X, y, index, loss_kind);
   const int64_t N = X.size(0), D = X.size(1);
   TORCH_CHECK(Wt.device().is_cpu() && Wt.scalar_type() == at::kFloat && Wt.dim() == 2 &&
                   Wt.is_contiguous() && Wt.size(1) == D,
               "linear_sgd_step: weight must be a contiguous float32 (C, D) matrix with D = ", D);
-  TORCH_CHECK(y.scalar_type() == at::kLong && y.dim() == 1 && y.size(0) == N && y.is_contiguous(),
-              "linear_sgd_step: target must be a contiguous int64 vector of ", N, " labels");
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1,
-              "linear_sgd_step: index must be an int64 vector");
-  TORCH_CHECK(loss_kind == 0 || loss_kind == 1, "linear_sgd_step: loss must be 0 (softmax) or 1 (svm)");
   const int64_t B = index.size(0), C = Wt.size(0);
   const at::Tensor idx = index.contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
@@ -138,8 +144,81 @@ double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
   return data_loss + reg * sum_sq;
 }
 
+// linclass::linear_sgd_sweep_step: one step of K SGD runs side by side, what
+// linclass.sweep runs per iteration on CPU float32 (the Python loop is its reference and
+// its path for other devices and dtypes):
+//
+//   Xb = X[index], yb = y[index]
+//   S  = Xb W                  W (D, K * C): run k owns columns [k C, (k + 1) C)
+//   S <- d(summed loss)/dS, run k's rows times grad_scale[k C]   (fused kernel, in place)
+//   W  = decay * W + Xb^T S    (decay per column)
+//
+// One call per step instead of ~10 small torch ops: the kernels need no repeated targets
+// and no separate column scaling (each run's rows are a strided view of S with its own
+// kernel scale), and the gathered rows reuse one cached buffer.
+void linear_sgd_sweep_step(const at::Tensor& X, at::Tensor& W, const at::Tensor& y,
+                           const at::Tensor& index, int64_t loss_kind, int64_t K,
+                           const at::Tensor& decay, const at::Tensor& grad_scale) {
+  check_step_args("linear_sgd_sweep_step", X, y, index, loss_kind);
+  const int64_t D = X.size(1), KC = W.dim() == 2 ? W.size(1) : 0;
+  TORCH_CHECK(W.device().is_cpu() && W.scalar_type() == at::kFloat && W.dim() == 2 && W.size(0) == D &&
+                  W.is_contiguous(),
+              "linear_sgd_sweep_step: weight must be a contiguous float32 (D, K * C) matrix with D = ", D);
+  for (const at::Tensor* t : {&decay, &grad_scale})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == KC,
+                "linear_sgd_sweep_step: decay and grad_scale must be float32 vectors of ", KC,
+                " entries (one per column of weight)");
+  TORCH_CHECK(K > 0 && KC % K == 0 && KC > 0, "linear_sgd_sweep_step: the weight's ", KC,
+              " columns cannot hold ", K, " runs of the same number of classes");
+  const int64_t C = KC / K, B = index.size(0);  // the kernels check the labels against C
+
+  // index_select checks the indices (an IndexError naming the bad one).
+  at::Tensor xb = empty_cached({B, D}, at::kFloat);
+  at::index_select_out(xb, X, 0, index);
+  const at::Tensor yb = y.index_select(0, index);
+  at::Tensor S = at::mm(xb, W);
+
+  // The kernels: run k's scores are the rows of S's column block k (row stride K C).
+  std::optional<cpu::CrossEntropySetup<float>> ce;
+  std::optional<cpu::MultiMarginSetup<float>> svm;
+  if (loss_kind == 0)
+    ce.emplace(yb, std::nullopt, C, -100, 0.0, kSum);
+  else
+    svm.emplace(yb, std::nullopt, C, 1, 1.0, kSum);
+  const auto& lanes = ce ? ce->lane_targets : svm->lane_targets;
+  const float* scale = grad_scale.const_data_ptr<float>();
+  float* sp = S.mutable_data_ptr<float>();
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      cpu::RowTask<float> task;
+      task.input = sp + k * C;
+      task.in.outer = B;
+      task.in.classes = C;
+      task.in.stride_n = KC;
+      task.grad = sp + k * C;
+      task.gout = task.in;
+      task.target = yb.const_data_ptr<int64_t>();
+      task.lane_targets = lanes.empty() ? nullptr : lanes.data();
+      if (ce) {
+        auto params = ce->params;
+        params.scale *= scale[k * C];
+        cpu::run_rows_sum<float, cpu::CrossEntropyMath>(task, params);
+      } else {
+        auto params = svm->params;
+        params.scale *= scale[k * C];
+        cpu::run_rows_sum<float, cpu::MultiMarginMath>(task, params);
+      }
+    }
+  });
+  W.mul_(decay);
+  W.addmm_(xb.t(), S);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(linclass, CPU, m) { m.impl("linear_sgd_step", &linear_sgd_step); }
+TORCH_LIBRARY_IMPL(linclass, CPU, m) {
+  m.impl("linear_sgd_step", &linear_sgd_step);
+  m.impl("linear_sgd_sweep_step", &linear_sgd_sweep_step);
+}
 
 }  // namespace linclass

@@ -346,7 +346,19 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
     # d(mean data loss)/d scores = (d summed loss / d scores) / B, times C for the SVM
     # (the classic hinge sum is multi_margin_loss times C): one column scale for all steps.
     step_scale = -lr * ((C if kind == "svm" else 1) / batch_size)
+    # CPU float32: the whole step in one C++ call (linclass::linear_sgd_sweep_step, the
+    # same math as the loop below and the same minibatches: one torch.randint per step).
+    fast = kind is not None and _fast_path_ok(X, W, y)
+    if fast:
+        y_long = y.to(torch.int64).contiguous()
+        sweep_step = torch.ops.linclass.linear_sgd_sweep_step
     for it in range(num_iters):
+        if fast:
+            sweep_step(X, W, y_long, torch.randint(num_train, (batch_size,)),
+                       1 if kind == "svm" else 0, K, decay, step_scale)
+            if progress is not None:
+                progress(it)
+            continue
         X_batch, y_batch = sample_batch(X, y, num_train, batch_size)
         if kind is None:
             grads = [model_cls_or_loss(W[:, k * C:(k + 1) * C], X_batch, y_batch, configs[k][1])[1]

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import linclass
 from linclass import linear_classifier as lc
 from linclass import two_layer_net as tln
 from linclass.data import load_digits
@@ -152,6 +153,49 @@ def test_sweep_weights_equal_sequential_training(cls, lr, reg, dtype):
     both = lc.sweep(cls, d, [lr, lr / 2], [reg], num_iters=60, batch_size=50)
     W = trained[both["best"][0]]
     assert (both["best_model"].W - W).abs().max() <= tol * W.abs().max()
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs linclass._C")
+def test_sweep_step_in_cpp_equals_the_python_loop(monkeypatch):
+    # On CPU float32 each sweep step is one linclass::linear_sgd_sweep_step call; the
+    # Python loop (every other device and dtype) is its reference.
+    d = load_digits(dtype=torch.float32, device="cpu")
+    calls = []
+    step = torch.ops.linclass.linear_sgd_sweep_step
+    monkeypatch.setattr(torch.ops.linclass, "linear_sgd_sweep_step",
+                        lambda *args: calls.append(1) or step(*args), raising=False)
+    for cls in (lc.LinearSVM, lc.Softmax):
+        args = (cls, d, [0.05, 0.2], [1e-3, 2.0])
+        calls.clear()
+        fast = lc.sweep(*args, num_iters=40, batch_size=50)
+        assert len(calls) == 40
+        with monkeypatch.context() as m:
+            m.setattr(lc, "_fast_path_ok", lambda *a: False)
+            slow = lc.sweep(*args, num_iters=40, batch_size=50)
+        assert len(calls) == 40 and fast["best"] == slow["best"]
+        W = slow["best_model"].W
+        assert (fast["best_model"].W - W).abs().max() <= 1e-5 * W.abs().max()
+        for pair, (train_acc, val_acc) in slow["results"].items():
+            assert abs(fast["results"][pair][0] - train_acc) < 0.1
+            assert abs(fast["results"][pair][1] - val_acc) < 0.1
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs linclass._C")
+def test_sweep_step_rejects_bad_arguments():
+    step = torch.ops.linclass.linear_sgd_sweep_step
+    X, y, W = torch.randn(20, 5), torch.randint(0, 3, (20,)), torch.zeros(5, 6)
+    idx, ones = torch.tensor([0, 19]), torch.ones(6)
+    step(X, W, y, idx, 1, 2, ones, ones)  # two runs of three classes
+    with pytest.raises(IndexError, match="out of range"):
+        step(X, W, y, torch.tensor([0, 20]), 1, 2, ones, ones)
+    with pytest.raises(RuntimeError, match="one per column"):
+        step(X, W, y, idx, 1, 2, torch.ones(5), ones)
+    with pytest.raises(RuntimeError, match="cannot hold 4 runs"):
+        step(X, W, y, idx, 1, 4, ones, ones)
+    with pytest.raises(IndexError, match="out of bounds"):
+        step(X, W, torch.full((20,), 3), idx, 0, 2, ones, ones)  # a label past C = 3
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        step(X.double(), W, y, idx, 1, 2, ones, ones)
 
 
 def test_sweep_with_a_plain_loss_function(digits64):
