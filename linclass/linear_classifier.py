@@ -356,17 +356,15 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
         if fast:
             sweep_step(X, W, y_long, torch.randint(num_train, (batch_size,)),
                        1 if kind == "svm" else 0, K, decay, step_scale)
-            if progress is not None:
-                progress(it)
-            continue
-        X_batch, y_batch = sample_batch(X, y, num_train, batch_size)
-        if kind is None:
-            grads = [model_cls_or_loss(W[:, k * C:(k + 1) * C], X_batch, y_batch, configs[k][1])[1]
-                     for k in range(K)]
-            W -= lr * torch.cat(grads, dim=1)
         else:
-            dscores = _batched_dscores(kind, X_batch.mm(W), y_batch, K, C, step_scale)
-            W.mul_(decay).addmm_(X_batch.t(), dscores)
+            X_batch, y_batch = sample_batch(X, y, num_train, batch_size)
+            if kind is None:
+                grads = [model_cls_or_loss(W[:, k * C:(k + 1) * C], X_batch, y_batch,
+                                           configs[k][1])[1] for k in range(K)]
+                W -= lr * torch.cat(grads, dim=1)
+            else:
+                dscores = _batched_dscores(kind, X_batch.mm(W), y_batch, K, C, step_scale)
+                W.mul_(decay).addmm_(X_batch.t(), dscores)
         if progress is not None:
             progress(it)
 
