@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import linclass
 from linclass import reference
+import helpers
 from helpers import assert_deterministic, assert_close, compare_with_torch, leaf, low_precision_check, run
 
 OPTIONS = list(itertools.product([None, "w"], [False, True], [0.0, 0.3]))  # weight, ignore, smoothing
@@ -287,6 +288,22 @@ def test_forward_only_when_no_grad(kernel_backend):
     assert grad.numel() == 0
     with torch.no_grad():
         assert not linclass.cross_entropy(leaf(x), t).requires_grad
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (33, 10), (100, 17), (65, 32), (9, 100)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_forward_only_loss_matches_torch(kernel_backend, shape, reduction):
+    # The forward-only kernels are their own code (the CPU lane path sums the
+    # exponentials without the target masks): their losses against torch's float64
+    # result, within float32 tolerance, for every keyword.
+    for weight, ignore, smoothing in OPTIONS:
+        x, t, kw = make_case(*shape, weight, ignore, smoothing, dtype=torch.float32)
+        with torch.no_grad():
+            ours = linclass.cross_entropy(x, t, reduction=reduction, **kw)
+        best = F.cross_entropy(x.double(), t, reduction=reduction,
+                               **{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()})
+        torch.testing.assert_close(ours.double(), best, **helpers.TOL[torch.float32], equal_nan=True,
+                                   msg=lambda m: f"{weight=} {ignore=} {smoothing=}: {m}")
 
 
 def test_single_nc_buffer_per_step(kernel_backend):
