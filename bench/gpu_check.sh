@@ -43,7 +43,7 @@ log "building linclass (sm_${arch/./})"
 
 log "GPU tests"
 set +e
-"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backends.py --durations=8 2>&1 | tee "$OUT/tests.log" | tail -15
+"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backends.py tests/test_triton_configs.py --durations=8 2>&1 | tee "$OUT/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 set -e
 

@@ -6,8 +6,9 @@ For each loss family (ce, mm), benchmark shape and dtype it times the kernel alo
 (kernels.*.launch with an explicit config; CUDA events via triton.testing.do_bench),
 checks that every candidate gives the same losses and gradient as the default
 configuration, and writes DIR/tuned.json ({"<family> <C> <element size>": [block,
-num_warps]}, the fastest correct candidate; LINCLASS_TRITON_TUNED=DIR/tuned.json makes
-the kernels use it) and DIR/tune.md (all timings).  It also splits the small-C op time
+num_warps] or, for cross-entropy's row walk, [block, num_warps, programs per SM,
+reverse]}, the fastest correct candidate; LINCLASS_TRITON_TUNED=DIR/tuned.json makes the
+kernels use it) and DIR/tune.md (all timings).  It also splits the small-C op time
 into kernel time and host overhead (per-step host time and a profile of the Triton op).
 """
 
@@ -26,6 +27,12 @@ SHAPES = [(65536, 10), (8192, 32000), (4096, 128256)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TILE = [(bm, w) for bm in (16, 64, 128, 256) for w in (2, 4, 8)]
 LOOP = [(bc, w) for bc in (2048, 4096, 8192, 16384) for w in (4, 8, 16)]
+# Cross-entropy's two-pass walk with (programs per SM, reverse) added: a persistent grid
+# of a few programs per SM keeps fewer rows in flight, so that the gradient pass re-reads
+# its row from L2 instead of HBM, and a reversed gradient pass starts with the blocks the
+# first pass read last (kernels/cross_entropy.py).  Around the H200's best plain walks.
+WALKS = [(bc, w, per_sm, rev) for bc, w in ((2048, 4), (4096, 8))
+         for per_sm, rev in ((0, True), (1, True), (2, True), (4, True), (1, False), (2, False))]
 
 
 def main(argv=None):
@@ -60,7 +67,8 @@ def main(argv=None):
         for fam, run in runs.items():
             # whole-row blocks (one read): cross-entropy up to tuning.ROW_MAX_C classes
             whole = [(width, w) for w in (8, 16, 32)] if fam == "ce" and width <= ROW_MAX_C else []
-            cands = TILE if c <= ce.TILE_MAX_C else loop + whole
+            walks = [cfg for cfg in WALKS if cfg[0] < width] if fam == "ce" else []
+            cands = TILE if c <= ce.TILE_MAX_C else loop + walks + whole
             ref_loss = run(None).clone()
             ref_grad = g.clone()
             default_ms = bench(lambda: run(None))

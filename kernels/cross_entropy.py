@@ -24,7 +24,12 @@ Two kernels: `_ce_tile_kernel` takes BLOCK_M rows of C <= BLOCK_C classes as one
 configuration's block covers the row); `_ce_loop_kernel` takes one row per program and
 walks it in BLOCK_C column blocks with an online max / log-sum-exp, then a second pass
 for the gradient (large C).  On an H200 the two-pass loop beat whole rows held in
-registers at C = 32000 (bench/results/tune-NVIDIA-H200.md: 0.42 against 0.68 ms bf16).
+registers at C = 32000 (bench/results/tune-NVIDIA-H200.md: 0.42 against 0.68 ms bf16),
+but its second pass re-reads rows that thousands of programs in flight have pushed out
+of L2 (57% of the copy bandwidth).  Two launch options aim at that, for the tuner to
+time (kernels/tuning.py; not defaults until a GPU run shows them faster): a persistent
+grid of a few programs per SM, each walking rows pid, pid + grid, ..., and a gradient
+pass in reverse block order, which starts with the blocks the first pass read last.
 """
 
 import numpy as np
@@ -33,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._math import exp as _exp, log as _log
-from .tuning import cdiv, loop_config, next_pow2, tile_config
+from .tuning import cdiv, loop_config, next_pow2, sm_count, tile_config
 
 # C up to this goes through the one-tile kernel.
 TILE_MAX_C = 1024
@@ -127,13 +132,39 @@ def _ce_loop_kernel(
     ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     SCALE_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    PERSISTENT: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    """One row per program, walked in BLOCK_C blocks (see the module docstring).
+    """One row per program (PERSISTENT: rows pid, pid + grid, ... for a grid smaller than
+    the rows), walked in BLOCK_C blocks (see the module docstring and _ce_loop_row)."""
+    if PERSISTENT:
+        first = tl.program_id(0).to(tl.int64)
+        step = tl.num_programs(0)
+        for i in range(0, tl.cdiv(n_rows - tl.program_id(0), step)):
+            _ce_loop_row(first + i * step, X, G, T, W, LOSS, CONSTS, C, inner,
+                         sxn, sxc, sxk, sgn, sgc, sgk,
+                         ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
+                         HAS_WEIGHT, SMOOTHING, COMPUTE_GRAD, SCALE_LOSS, ACC, BLOCK_C, REVERSE)
+    else:
+        _ce_loop_row(tl.program_id(0).to(tl.int64), X, G, T, W, LOSS, CONSTS, C, inner,
+                     sxn, sxc, sxk, sgn, sgc, sgk,
+                     ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
+                     HAS_WEIGHT, SMOOTHING, COMPUTE_GRAD, SCALE_LOSS, ACC, BLOCK_C, REVERSE)
+
+
+@triton.jit
+def _ce_loop_row(
+    row, X, G, T, W, LOSS, CONSTS, C, inner,
+    sxn, sxc, sxk, sgn, sgc, sgk,
+    ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
+    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    SCALE_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """Row `row`: a first pass over its BLOCK_C blocks for the loss, a second one for
+    the gradient (in reverse block order with REVERSE).
 
     Online log-sum-exp: with a running max m, s and s' are rescaled by exp(m_old - m)
     when m grows, and sum_j w_j d_j by - (sum of w seen) * (m - m_old).
     """
-    row = tl.program_id(0).to(tl.int64)
     y = tl.load(T + row)
     x_base = X + _row_offsets(row, inner, sxn, sxk)
     g_base = G + _row_offsets(row, inner, sgn, sgk)
@@ -147,69 +178,73 @@ def _ce_loop_kernel(
         if COMPUTE_GRAD:
             for start in range(0, C, BLOCK_C):
                 c = start + cols
-                tl.store(g_base + c * sgc, tl.zeros([BLOCK_C], tl.float32).to(G.dtype.element_ty) + fill.to(G.dtype.element_ty), mask=c < C)
-        return
-
-    acc: tl.constexpr = ACC
-    keep = tl.zeros([], acc) + keep_hi + keep_lo
-    smooth = tl.zeros([], acc) + smooth_hi + smooth_lo
-    weight_sum = tl.load(CONSTS + 1)
-    x_y = tl.load(x_base + y * sxc).to(acc)
-    m = tl.full([], float("-inf"), acc)
-    s = tl.zeros([], acc)
-    s_excl = tl.zeros([], acc)
-    sum_wd = tl.zeros([], acc)
-    w_seen = tl.zeros([], acc)
-    for start in range(0, C, BLOCK_C):
-        c = start + cols
-        ok = c < C
-        x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf")).to(acc)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no shift
-        alpha = _exp(m - m_safe)
-        e = tl.where(ok, _exp(x - m_safe), 0.0)
-        s = s * alpha + tl.sum(e, 0)
-        s_excl = s_excl * alpha + tl.sum(tl.where(c == y, 0.0, e), 0)
-        if SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(W + c, mask=ok, other=0.0).to(acc)
-            else:
-                w = tl.where(ok, 1.0, 0.0).to(acc)
-            shift = tl.where(m == float("-inf"), 0.0, m_safe - m)
-            sum_wd = sum_wd - w_seen * shift + tl.sum(tl.where(ok, w * (x - m_safe), 0.0), 0)
-            w_seen += tl.sum(w, 0)
-        m = m_new
-    if HAS_WEIGHT:
-        w_y = tl.load(W + y).to(acc)
+                fill_block = tl.zeros([BLOCK_C], tl.float32) + fill
+                tl.store(g_base + c * sgc, fill_block.to(G.dtype.element_ty), mask=c < C)
     else:
-        w_y = tl.full([], 1.0, acc)
-    d_y = x_y - m  # NaN when every score is -inf, as in torch
-    log_s = _log(s)
-    e_y = _exp(d_y)
-    loss = keep * w_y * (log_s - d_y)
-    if SMOOTHING:
-        loss += smooth * (weight_sum * log_s - sum_wd)
-    if SCALE_LOSS:
-        loss *= tl.load(CONSTS)
-    tl.store(LOSS + row, loss)
-
-    if COMPUTE_GRAD:
-        scale = tl.load(CONSTS)
-        a = scale * (keep * w_y + smooth * weight_sum) / s
-        b = scale * smooth
-        g_y = scale * (smooth * (weight_sum * e_y / s - w_y) - keep * w_y * s_excl / s)
+        keep = tl.zeros([], ACC) + keep_hi + keep_lo
+        smooth = tl.zeros([], ACC) + smooth_hi + smooth_lo
+        weight_sum = tl.load(CONSTS + 1)
+        x_y = tl.load(x_base + y * sxc).to(ACC)
+        m = tl.full([], float("-inf"), ACC)
+        s = tl.zeros([], ACC)
+        s_excl = tl.zeros([], ACC)
+        sum_wd = tl.zeros([], ACC)
+        w_seen = tl.zeros([], ACC)
         for start in range(0, C, BLOCK_C):
             c = start + cols
             ok = c < C
-            x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf")).to(acc)
-            g = a * _exp(x - m)
+            x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf")).to(ACC)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no shift
+            alpha = _exp(m - m_safe)
+            e = tl.where(ok, _exp(x - m_safe), 0.0)
+            s = s * alpha + tl.sum(e, 0)
+            s_excl = s_excl * alpha + tl.sum(tl.where(c == y, 0.0, e), 0)
             if SMOOTHING:
                 if HAS_WEIGHT:
-                    g -= b * tl.load(W + c, mask=ok, other=0.0).to(acc)
+                    w = tl.load(W + c, mask=ok, other=0.0).to(ACC)
                 else:
-                    g -= b
-            g = tl.where(c == y, g_y, g)
-            tl.store(g_base + c * sgc, g.to(G.dtype.element_ty), mask=ok)
+                    w = tl.where(ok, 1.0, 0.0).to(ACC)
+                shift = tl.where(m == float("-inf"), 0.0, m_safe - m)
+                sum_wd = sum_wd - w_seen * shift + tl.sum(tl.where(ok, w * (x - m_safe), 0.0), 0)
+                w_seen += tl.sum(w, 0)
+            m = m_new
+        if HAS_WEIGHT:
+            w_y = tl.load(W + y).to(ACC)
+        else:
+            w_y = tl.full([], 1.0, ACC)
+        d_y = x_y - m  # NaN when every score is -inf, as in torch
+        log_s = _log(s)
+        e_y = _exp(d_y)
+        loss = keep * w_y * (log_s - d_y)
+        if SMOOTHING:
+            loss += smooth * (weight_sum * log_s - sum_wd)
+        if SCALE_LOSS:
+            loss *= tl.load(CONSTS)
+        tl.store(LOSS + row, loss)
+
+        if COMPUTE_GRAD:
+            scale = tl.load(CONSTS)
+            a = scale * (keep * w_y + smooth * weight_sum) / s
+            b = scale * smooth
+            g_y = scale * (smooth * (weight_sum * e_y / s - w_y) - keep * w_y * s_excl / s)
+            n_blocks = tl.cdiv(C, BLOCK_C)
+            for i in range(0, n_blocks):
+                if REVERSE:  # last block first: the blocks pass 1 read last are still in L2
+                    start = (n_blocks - 1 - i) * BLOCK_C
+                else:
+                    start = i * BLOCK_C
+                c = start + cols
+                ok = c < C
+                x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf")).to(ACC)
+                g = a * _exp(x - m)
+                if SMOOTHING:
+                    if HAS_WEIGHT:
+                        g -= b * tl.load(W + c, mask=ok, other=0.0).to(ACC)
+                    else:
+                        g -= b
+                g = tl.where(c == y, g_y, g)
+                tl.store(g_base + c * sgc, g.to(G.dtype.element_ty), mask=ok)
 
 
 def _geometry(t: torch.Tensor):
@@ -337,11 +372,16 @@ def launch(input, grad, target, weight, ignore_index, label_smoothing, const, sc
             _ce_tile_kernel[(cdiv(rows, block_m),)](
                 *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         else:
-            block_c, warps = config or loop_config(C, input.element_size(), "ce")
+            block_c, warps, *walk = config or loop_config(C, input.element_size(), "ce")
             if block_c >= C:  # the whole row in one block: one read, no second pass
                 _ce_tile_kernel[(rows,)](*args, **meta, BLOCK_M=1, BLOCK_C=block_c, num_warps=warps)
             else:
-                _ce_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=warps)
+                # walk = (programs per SM, reverse): a persistent grid of that many programs
+                # per SM (0: one program per row) and the gradient pass's block order.
+                per_sm, reverse = walk or (0, False)
+                grid = min(rows, per_sm * sm_count(input.device)) if per_sm else rows
+                _ce_loop_kernel[(grid,)](*args, **meta, BLOCK_C=block_c, num_warps=warps,
+                                         PERSISTENT=grid < rows, REVERSE=bool(reverse))
     return loss_rows
 
 

@@ -7,8 +7,11 @@ off the same sweep.  LINCLASS_TRITON_TUNED=<tuned.json> (written by bench/tune_g
 another GPU) takes precedence.
 """
 
+import functools
 import json
 import os
+
+import torch
 
 MEASURED: dict = {
     "ce 10 4": (64, 2),
@@ -24,6 +27,15 @@ MEASURED: dict = {
     "ce 128256 2": (2048, 4),
     "mm 128256 2": (2048, 8),
 }
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (persistent grids); 2 elsewhere (the
+    Triton interpreter on CPU tensors, where it only sizes the tests' grids)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def next_pow2(n: int) -> int:
@@ -63,7 +75,9 @@ def loop_config(C, elem, family="ce"):
     """(BLOCK_C, num_warps) of the one-row-per-program kernels (large C); a block that
     covers the row (BLOCK_C >= C) means one read of it.  From the H200 sweep: where the
     row is walked, cross-entropy (two passes) likes 2048-wide bf16 blocks and 8192-wide
-    float32 blocks with 16 warps, the one-pass hinge 2048-wide blocks with 8 warps."""
+    float32 blocks with 16 warps, the one-pass hinge 2048-wide blocks with 8 warps.
+    A tuned cross-entropy entry may add (programs per SM, reverse): see
+    kernels/cross_entropy.py's launch."""
     if f"{family} {C} {elem}" in TUNED:
         return TUNED[f"{family} {C} {elem}"]
     if family == "mm":
