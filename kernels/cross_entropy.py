@@ -228,23 +228,32 @@ def _ce_loop_row(
             a = scale * (keep * w_y + smooth * weight_sum) / s
             b = scale * smooth
             g_y = scale * (smooth * (weight_sum * e_y / s - w_y) - keep * w_y * s_excl / s)
-            n_blocks = tl.cdiv(C, BLOCK_C)
-            for i in range(0, n_blocks):
-                if REVERSE:  # last block first: the blocks pass 1 read last are still in L2
-                    start = (n_blocks - 1 - i) * BLOCK_C
-                else:
-                    start = i * BLOCK_C
-                c = start + cols
-                ok = c < C
-                x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf")).to(ACC)
-                g = a * _exp(x - m)
-                if SMOOTHING:
-                    if HAS_WEIGHT:
-                        g -= b * tl.load(W + c, mask=ok, other=0.0).to(ACC)
-                    else:
-                        g -= b
-                g = tl.where(c == y, g_y, g)
-                tl.store(g_base + c * sgc, g.to(G.dtype.element_ty), mask=ok)
+            if REVERSE:  # last block first: the blocks pass 1 read last are still in L2
+                last = (tl.cdiv(C, BLOCK_C) - 1) * BLOCK_C
+                for i in range(0, C, BLOCK_C):
+                    _ce_grad_block(last - i, cols, x_base, g_base, W, C, sxc, sgc, y, m, a, b,
+                                   g_y, G.dtype.element_ty, HAS_WEIGHT, SMOOTHING, ACC)
+            else:
+                for start in range(0, C, BLOCK_C):
+                    _ce_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, y, m, a, b,
+                                   g_y, G.dtype.element_ty, HAS_WEIGHT, SMOOTHING, ACC)
+
+
+@triton.jit
+def _ce_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, y, m, a, b, g_y, OUT,
+                   HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, ACC: tl.constexpr):
+    """The gradient of columns start + cols of a row (second pass of _ce_loop_row)."""
+    c = start + cols
+    ok = c < C
+    x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf")).to(ACC)
+    g = a * _exp(x - m)
+    if SMOOTHING:
+        if HAS_WEIGHT:
+            g -= b * tl.load(W + c, mask=ok, other=0.0).to(ACC)
+        else:
+            g -= b
+    g = tl.where(c == y, g_y, g)
+    tl.store(g_base + c * sgc, g.to(OUT), mask=ok)
 
 
 def _geometry(t: torch.Tensor):
