@@ -1,6 +1,7 @@
 """Backend selection, the extension build, and the no-extension fallback."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,32 @@ def test_cuda_kernels_are_registered():
     # With FORCE_CUDA=1 the .cu files must have compiled into linclass._C.
     for op in ("cross_entropy", "multi_margin_loss"):
         assert linclass._extension.has_kernel(op, "CUDA"), op
+
+
+def _cuobjdump():
+    """A cuobjdump: the CUDA toolkit's, else the one that ships with Triton."""
+    cands = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    try:
+        import triton
+        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in cands if os.path.exists(c)), None)
+
+
+@pytest.mark.skipif(os.environ.get("FORCE_CUDA") != "1", reason="built without FORCE_CUDA=1")
+def test_cuda_kernels_do_not_spill():
+    # Every CUDA kernel instance in linclass._C (all dtypes, threads per row, archs), read
+    # from the compiled cubins: no stack, i.e. no register spills.
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump")
+    out = subprocess.run([tool, "-res-usage", linclass._C.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    usage = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+)", out)
+    ours = [(name, int(stack)) for name, _, stack in usage if "linclass" in name]
+    assert len(ours) >= 8, out[-2000:]
+    assert [name for name, stack in ours if stack] == []
 
 
 def test_available_and_automatic_choice():
