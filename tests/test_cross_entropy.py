@@ -271,6 +271,40 @@ def test_non_finite_scores_propagate_like_torch(kernel_backend):
         assert torch.equal(ours[3], theirs[3]) or torch.allclose(ours[3], theirs[3])
 
 
+@pytest.mark.parametrize("kind", ["nan", "+inf", "-inf row"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_one_non_finite_row_makes_the_summed_loss_nan(kernel_backend, kind, reduction):
+    # Summed losses take another route on the CPU than per-row ones (the lane path's
+    # deferred logs): one bad row among many must still make them NaN, as in torch.
+    x = torch.randn(1000, 10)
+    t = torch.randint(0, 10, (1000,))
+    if kind == "nan":
+        x[517, 3] = float("nan")
+    elif kind == "+inf":
+        x[517, 3] = float("inf")
+    else:
+        x[517] = float("-inf")
+    ours = run(linclass.cross_entropy, x, t, reduction=reduction)
+    theirs = run(F.cross_entropy, x, t, reduction=reduction)
+    assert ours[0].isnan() and theirs[0].isnan()
+    assert torch.equal(ours[1].isnan(), theirs[1].isnan())
+
+
+@pytest.mark.parametrize("C", [3, 10, 32])
+@pytest.mark.parametrize("smoothing,ignore", [(0.0, False), (0.2, True)])
+def test_summed_loss_over_many_rows(kernel_backend, C, smoothing, ignore):
+    # Many blocks and many tiles per lane: the CPU lane path sums the rows' log-sum-exps
+    # as the log of their running product (row_driver.h); the sum must be as close to
+    # float64 as torch's float32 sum is, and agree with the sum of the per-row losses.
+    n = 20011 if kernel_backend == "cpp" else 611  # the interpreter: ~1 ms per 64 rows
+    x, t, kw = make_case(n, C, None, ignore, smoothing, dtype=torch.float32)
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, reduction="sum", **kw)
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, reduction="mean", **kw)
+    total = linclass.cross_entropy(x, t, reduction="sum", **kw).double()
+    rows = linclass.cross_entropy(x, t, reduction="none", **kw).double().sum()
+    assert abs(total - rows) <= 1e-6 * rows
+
+
 @pytest.mark.parametrize("shape", [(1000, 10), (64, 3000)])
 def test_deterministic_across_calls_and_threads(kernel_backend, shape):
     x = torch.randn(shape)

@@ -113,20 +113,45 @@ struct CrossEntropyMath {
   // argument too: as a run-time flag its test sat in every class step, and the rows'
   // weighted sums it needs held registers that the loops then spilled (~8% less time
   // at 65536 x 10 without smoothing, min of alternating runs on 1 and 2 threads).
+  //
+  // With `log_arg` (the driver's deferred logs, row_driver.h; float, no class weights,
+  // summed losses), loss[u] leaves out log_weight * log s and log_arg[u] gets s: the
+  // log's long dependency chain at the end of every tile was ~14% of a forward +
+  // gradient at 65536 x 10 (single-thread microbenchmark, 1.17 -> 1.01 ns per score
+  // without it).
   template <typename acc_t, bool kGrad, int U>
   static void lanes(acc_t* tile, const Vec<acc_t>* vy, Vec<acc_t>* loss,
-                    const CrossEntropyParams<acc_t>& p) {
-    const bool smooth = p.smooth != acc_t(0);
-    if (p.classes == 10)
-      return smooth ? lanes_c<acc_t, kGrad, 10, U, true>(tile, vy, loss, p)
-                    : lanes_c<acc_t, kGrad, 10, U, false>(tile, vy, loss, p);
-    return smooth ? lanes_c<acc_t, kGrad, 0, U, true>(tile, vy, loss, p)
-                  : lanes_c<acc_t, kGrad, 0, U, false>(tile, vy, loss, p);
+                    const CrossEntropyParams<acc_t>& p, Vec<acc_t>* log_arg) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (log_arg) return lanes_s<acc_t, kGrad, U, true>(tile, vy, loss, p, log_arg);
+    }
+    lanes_s<acc_t, kGrad, U, false>(tile, vy, loss, p, log_arg);
   }
 
-  template <typename acc_t, bool kGrad, int kC, int U, bool kSmooth>
+  static constexpr bool kDeferredLog = true;
+  template <typename acc_t>
+  static bool defers_log(const CrossEntropyParams<acc_t>& p) {
+    return !p.has_weight;  // then every kept row's log s has the same weight
+  }
+  template <typename acc_t>
+  static acc_t log_weight(const CrossEntropyParams<acc_t>& p) {
+    return p.keep + p.smooth * p.weight_sum;  // (1 - eps) w_y + (eps / C) W, w_y = 1
+  }
+
+  template <typename acc_t, bool kGrad, int U, bool kDefer>
+  static void lanes_s(acc_t* tile, const Vec<acc_t>* vy, Vec<acc_t>* loss,
+                      const CrossEntropyParams<acc_t>& p, Vec<acc_t>* log_arg) {
+    const bool smooth = p.smooth != acc_t(0);
+    if (p.classes == 10)
+      return smooth ? lanes_c<acc_t, kGrad, 10, U, true, kDefer>(tile, vy, loss, p, log_arg)
+                    : lanes_c<acc_t, kGrad, 10, U, false, kDefer>(tile, vy, loss, p, log_arg);
+    return smooth ? lanes_c<acc_t, kGrad, 0, U, true, kDefer>(tile, vy, loss, p, log_arg)
+                  : lanes_c<acc_t, kGrad, 0, U, false, kDefer>(tile, vy, loss, p, log_arg);
+  }
+
+  template <typename acc_t, bool kGrad, int kC, int U, bool kSmooth, bool kDefer>
   static void lanes_c(acc_t* tile, const Vec<acc_t>* vy, Vec<acc_t>* loss,
-                      const CrossEntropyParams<acc_t>& p) {
+                      const CrossEntropyParams<acc_t>& p, Vec<acc_t>* log_arg) {
     using V = Vec<acc_t>;
     constexpr int64_t W = V::size();
     const int64_t C = kC > 0 ? kC : p.classes;
@@ -180,11 +205,18 @@ struct CrossEntropyMath {
     for (int u = 0; u < U; ++u) {
       const V d_y = x_y[u] - m[u];
       const V s = s_excl[u] + e_y[u];
-      const V log_s = vlog(s);  // s >= 1 (NaN rows are replaced below)
       // Rows whose max is +inf or -inf come out NaN, like torch (NaN scores already
       // made s NaN through vexp).
       finite[u] = m[u].abs() < V(std::numeric_limits<acc_t>::infinity());
-      loss[u] = select(valid[u], select(finite[u], ce_loss(log_s, d_y, w_y[u], sum_wd[u], p), nan), zero);
+      if constexpr (kDefer) {
+        // The loss without its log term; s - s keeps a NaN s (NaN scores) in the loss.
+        loss[u] = select(valid[u], select(finite[u], ce_loss(zero, d_y, w_y[u], sum_wd[u], p) + (s - s), nan),
+                         zero);
+        log_arg[u] = select(valid[u] & finite[u], s, one);
+      } else {
+        const V log_s = vlog(s);  // s >= 1 (NaN rows are replaced below)
+        loss[u] = select(valid[u], select(finite[u], ce_loss(log_s, d_y, w_y[u], sum_wd[u], p), nan), zero);
+      }
       if constexpr (kGrad) {
         const V scale = select(valid[u], V(p.scale), zero);
         a[u] = ce_exp_coef(w_y[u], scale, s, p);

@@ -95,10 +95,11 @@ struct MultiMarginMath {
 
   // One tile per call: the hinge's per-tile tail is short (no log, no division).
   static constexpr int kLaneTiles = 1;
+  static constexpr bool kDeferredLog = false;
 
   template <typename acc_t, bool kGrad, int U>
   static void lanes(acc_t* tile, const Vec<acc_t>* vy, Vec<acc_t>* loss,
-                    const MultiMarginParams<acc_t>& p) {
+                    const MultiMarginParams<acc_t>& p, Vec<acc_t>* /*log_arg: always null*/) {
     static_assert(U == 1);
     loss[0] = p.p == 1 ? lanes_p<1, kGrad>(tile, vy[0], p) : lanes_p<2, kGrad>(tile, vy[0], p);
   }

@@ -13,7 +13,14 @@
 //       contributes nothing (ignored or padding: its loss and gradient are exact
 //       zeros); overwrites the tiles with the gradient when kGrad and writes the rows'
 //       losses to loss[u];
-//   bool ignored(int64_t y, const Params& p).
+//   bool ignored(int64_t y, const Params& p);
+//   static constexpr bool kDeferredLog, and when it is true
+//   bool defers_log(const Params& p), acc_t log_weight(const Params& p)
+//       the loss of a row is log_weight * log(a) + (what lanes() returns) for a per-row
+//       argument a >= 1; with `log_arg` non-null, lanes() leaves the log out and writes a
+//       to log_arg[u] (1 for rows that contribute nothing).  Then the driver sums the
+//       logs of a block as the log of their product (see run_lane_block): one log per
+//       lane and block instead of one per tile.  Only for summed losses ('mean'/'sum').
 //
 // Determinism: block boundaries depend only on (rows, C), each block sums its rows'
 // losses in a fixed order into its own slot of `partials`, and the caller adds the
@@ -30,6 +37,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -228,6 +236,26 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   alignas(64) acc_t tile[U * kLaneMaxClasses * W];
   alignas(64) acc_t tail[W];
   V sum(acc_t(0));  // lane-wise running loss; each lane adds its rows in order
+  // Deferred logs (float only): per lane, the running product of the rows' log
+  // arguments, kept in [1, 2) by moving its exponent into `log_exp` after every tile, so
+  // that sum_r log(a_r) = log(prod) + log_exp * ln 2 costs one log per lane and block.
+  // The product is exact to ~sqrt(tiles) ulp, as accurate as summing per-row logs.
+  constexpr bool kCanDefer = Math::kDeferredLog && std::is_same_v<acc_t, float>;
+  bool defer = false;
+  if constexpr (kCanDefer) defer = partial && !t.loss_rows && Math::defers_log(p);
+  V log_prod(acc_t(1)), log_arg[U];
+  Vec<int32_t> log_exp(0);
+  int64_t renorms = 0;
+  auto take_logs = [&](int n_tiles) {
+    if constexpr (kCanDefer) {
+      for (int u = 0; u < n_tiles; ++u) {
+        const Vec<int32_t> bits = at::vec::cast<int32_t>(log_prod * log_arg[u]);
+        log_exp = log_exp + (bits >> Vec<int32_t>(23));  // biased exponent (127 each)
+        log_prod = at::vec::cast<float>((bits & Vec<int32_t>(0x007FFFFF)) | Vec<int32_t>(0x3F800000));
+      }
+      renorms += n_tiles;
+    }
+  };
   // Target counts in a local, stored once at the end: neighbouring blocks' tallies share
   // a cache line, and updating them per tile made the two threads fight over it.
   TargetTally counts;
@@ -274,14 +302,16 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
     for (; r + U * W <= r1; r += U * W) {
       V vy[U], loss[U];
       for (int u = 0; u < U; ++u) vy[u] = load(r + u * W, W, tile + u * C * W);
-      Math::template lanes<acc_t, kGrad, U>(tile, vy, loss, p);
+      Math::template lanes<acc_t, kGrad, U>(tile, vy, loss, p, defer ? log_arg : nullptr);
+      if (defer) take_logs(U);
       for (int u = 0; u < U; ++u) store(r + u * W, W, tile + u * C * W, loss[u]);
     }
   }
   for (; r < r1; r += W) {
     const int64_t n = std::min<int64_t>(W, r1 - r);
     V vy = load(r, n, tile), loss;
-    Math::template lanes<acc_t, kGrad, 1>(tile, &vy, &loss, p);
+    Math::template lanes<acc_t, kGrad, 1>(tile, &vy, &loss, p, defer ? log_arg : nullptr);
+    if (defer) take_logs(1);
     store(r, n, tile, loss);
   }
   if (tally) *tally = counts;
@@ -289,6 +319,17 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
     sum.store(tail);
     double total = 0;
     for (int64_t l = 0; l < W; ++l) total += double(tail[l]);
+    if constexpr (kCanDefer) {
+      if (defer) {
+        alignas(64) int32_t exps[W];
+        log_prod.store(tail);
+        log_exp.store(exps);
+        double logs = 0;
+        for (int64_t l = 0; l < W; ++l)
+          logs += std::log(double(tail[l])) + double(exps[l] - 127 * renorms) * 0.69314718055994530942;
+        total += double(Math::log_weight(p)) * logs;
+      }
+    }
     *partial = total;
   }
 }
