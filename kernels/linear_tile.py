@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .cross_entropy import ce_tile, consts, split
 from .multi_margin import mm_tile
-from .tuning import cdiv, next_pow2
+from .tuning import cdiv, next_pow2, sm_count
 
 MAX_C = 64
 # On CUDA only 16-bit inputs take this kernel: float32 products here are IEEE float32
@@ -137,9 +137,7 @@ def applies(input, weight) -> bool:
 def _programs(n_blocks, device):
     if PROGRAMS:
         return max(1, min(n_blocks, PROGRAMS))
-    if device.type == "cuda":
-        return max(1, min(n_blocks, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(n_blocks, 4))  # the interpreter
+    return max(1, min(n_blocks, 2 * sm_count(device)))  # the interpreter: 2 "SMs"
 
 
 def run(input, weight, bias, target, mask, ce, ignore_index=-100, label_smoothing=0.0, p=1,
