@@ -198,6 +198,46 @@ def _bound(by, group):
     return torch_r["ms"] / max(copy_r["ms"], floor_r["ms"])
 
 
+def triton_resources():
+    """Registers and spills of every Triton kernel this process compiled (linclass.kernels),
+    from the CompiledKernel objects in the JIT caches: the GPU's own compile of what ran,
+    next to tests/triton_aot.py's ahead-of-time view.  Best effort across Triton versions."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    import linclass.kernels as pkg
+
+    out, seen = [], set()
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for name, fn in vars(mod).items():
+            if not isinstance(fn, JITFunction) or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            for entry in getattr(fn, "device_caches", {}).values():
+                for cache in (e for e in entry if isinstance(e, dict)):
+                    for k in cache.values():
+                        if not hasattr(k, "_init_handles"):
+                            continue
+                        try:
+                            k._init_handles()
+                            src = getattr(k, "src", None)
+                            names = getattr(getattr(src, "fn", None), "arg_names", [])
+                            consts = {}
+                            for key, v in (getattr(src, "constants", None) or {}).items():
+                                i = key[0] if isinstance(key, tuple) and key else key
+                                consts[names[i] if isinstance(i, int) and i < len(names) else str(key)] = v
+                            out.append(dict(kernel=f"{info.name}.{name}", num_warps=k.metadata.num_warps,
+                                            regs=k.n_regs, spills=k.n_spills,
+                                            constexprs={c: str(v) for c, v in consts.items()
+                                                        if c.isupper()}))
+                        except Exception as e:  # noqa: BLE001  (a report, never a failure)
+                            out.append(dict(kernel=f"{info.name}.{name}", error=repr(e)[:200]))
+    return out
+
+
 def write_report(records, checks, info, out_dir, name):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"gpu-{name}.json"), "w") as f:
@@ -212,6 +252,9 @@ def write_report(records, checks, info, out_dir, name):
              "`bound`: torch's time over the slower of `copy_` and `floor`, the best ratio any "
              "op could reach there.", "",
              "| target | wanted | measured | met | bound |", "|---|---|---|---|---|"]
+    if info.get("tuned"):
+        lines[-3:-3] = [f"Triton launch configurations from this run's sweep (LINCLASS_TRITON_TUNED): "
+                        f"`{json.dumps(info['tuned'])}`.", ""]
     for c in checks:
         shown = f"{c['measured']:.0%}" if c["wanted"].endswith("%") else f"{c['measured']:.2f}x"
         bound = f"{c['bound']:.2f}x" if c.get("bound") else ""
@@ -231,6 +274,14 @@ def write_report(records, checks, info, out_dir, name):
             of = f"{copy / r['ms']:.0%}" if copy and r["impl"] not in ("copy_", "floor") else ""
             peak = f"{r['peak_extra_mb']:.0f}" if r.get("peak_extra_mb") is not None else ""
             lines.append(f"| {r['impl']} | {r['ms']:.3f} | {gbs:.0f} | {vs} | {of} | {peak} |")
+    kernels = info.get("triton_kernels") or []
+    if kernels:
+        spilled = [k for k in kernels if k.get("spills")]
+        lines += ["", "## Compiled Triton kernels", "",
+                  f"{len(kernels)} kernels compiled in this run; {len(spilled)} spill "
+                  f"(most registers: {max((k.get('regs') or 0) for k in kernels)} per thread).", ""]
+        lines += [f"- spills {k['spills']} B: {k['kernel']} num_warps={k['num_warps']} "
+                  f"regs={k['regs']} {k['constexprs']}" for k in spilled]
     with open(os.path.join(out_dir, f"gpu-{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -259,6 +310,17 @@ def main(argv=None):
     name = re.sub(r"[^A-Za-z0-9.]+", "-", device).strip("-")
     info = dict(device=device, torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, impls=impls, when=time.strftime("%Y-%m-%d %H:%M"))
+    if os.environ.get("LINCLASS_TRITON_TUNED"):
+        with open(os.environ["LINCLASS_TRITON_TUNED"]) as f:
+            info["tuned"] = json.load(f)
+    if args.device == "cuda":
+        try:
+            info["triton_kernels"] = triton_resources()
+        except Exception as e:  # noqa: BLE001  (a report, never a failure)
+            info["triton_kernels"] = [dict(kernel="?", error=repr(e)[:200])]
+        for k in info["triton_kernels"]:
+            if k.get("spills") or k.get("error"):
+                print("gpu_bench: triton kernel", k, flush=True)
     checks = check_targets(records)
     write_report(records, checks, info, args.out, name)
     met = sum(c["met"] for c in checks)

@@ -2,11 +2,14 @@
 # One command for a lent GPU machine (torch, triton, nvcc, no internet): build linclass
 # for the GPU that is there, run the GPU tests, run the GPU benchmarks, and write
 # gpu-<device>.md / .json (plus the logs) into OUTDIR.  Meant to finish in under 8 minutes.
+# The benchmarks run before the tests, so that a lease cut short still brings timings back.
 #
 #   bench/gpu_check.sh OUTDIR
 #   bench/gpu_check.sh --tune OUTDIR        also sweep the Triton launch configurations
 #                                           (bench/tune_gpu.py, ~2 min) and benchmark with
-#                                           the fastest ones (OUTDIR/tuned.json)
+#                                           the fastest ones (OUTDIR/tuned.json);
+#                                           TUNE_ARGS=--walks sweeps only the cross-entropy
+#                                           row walks (large C)
 #   bench/gpu_check.sh --cpu-smoke OUTDIR   no GPU: the benchmark and report code on CPU
 #                                           (tiny shapes, Triton interpreter); the tests run this
 set -euo pipefail
@@ -41,20 +44,22 @@ log "building linclass (sm_${arch/./})"
   || { tail -30 "$OUT/build.log"; exit 1; }
 "$PY" -c "import linclass; print('backends:', linclass.backends.available())" | tee -a "$OUT/device.txt"
 
-log "GPU tests"
-set +e
-"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backends.py tests/test_triton_configs.py --durations=8 2>&1 | tee "$OUT/tests.log" | tail -15
-tests_rc=${PIPESTATUS[0]}
-set -e
-
 if [ "$TUNE" = 1 ]; then
   log "Triton launch-configuration sweep"
-  "$PY" bench/tune_gpu.py --out "$OUT" > "$OUT/tune.log" 2>&1 || log "the sweep failed (see tune.log)"
+  # shellcheck disable=SC2086  (TUNE_ARGS: words)
+  "$PY" bench/tune_gpu.py --out "$OUT" ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1 || log "the sweep failed (see tune.log)"
   grep -E "^(ce|mm) |^overhead|^tune_gpu" "$OUT/tune.log" || true
   if [ -f "$OUT/tuned.json" ]; then export LINCLASS_TRITON_TUNED="$OUT/tuned.json"; fi
 fi
 
 log "GPU benchmarks"
+set +e
 "$PY" bench/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
-log "done (tests exit code $tests_rc)"
-exit "$tests_rc"
+bench_rc=${PIPESTATUS[0]}
+
+log "GPU tests"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backends.py tests/test_triton_configs.py --durations=8 2>&1 | tee "$OUT/tests.log" | tail -15
+tests_rc=${PIPESTATUS[0]}
+set -e
+log "done (benchmarks exit code $bench_rc, tests exit code $tests_rc)"
+exit $(( bench_rc != 0 || tests_rc != 0 ))

@@ -1,13 +1,15 @@
 """Launch-configuration sweep for the Triton loss kernels on the present GPU.
 
     python bench/tune_gpu.py --out DIR        (bench/gpu_check.sh --tune runs it)
+    python bench/tune_gpu.py --out DIR --walks   only cross-entropy's large-C row walks
+                                              (plain blocks against the walk options)
 
 For each loss family (ce, mm), benchmark shape and dtype it times the kernel alone
 (kernels.*.launch with an explicit config; CUDA events via triton.testing.do_bench),
 checks that every candidate gives the same losses and gradient as the default
 configuration, and writes DIR/tuned.json ({"<family> <C> <element size>": [block,
 num_warps] or, for cross-entropy's row walk, [block, num_warps, programs per SM,
-reverse]}, the fastest correct candidate; LINCLASS_TRITON_TUNED=DIR/tuned.json makes the
+reverse, evict]}, the fastest correct candidate; LINCLASS_TRITON_TUNED=DIR/tuned.json makes the
 kernels use it) and DIR/tune.md (all timings).  It also splits the small-C op time
 into kernel time and host overhead (per-step host time and a profile of the Triton op).
 """
@@ -27,17 +29,24 @@ SHAPES = [(65536, 10), (8192, 32000), (4096, 128256)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TILE = [(bm, w) for bm in (16, 64, 128, 256) for w in (2, 4, 8)]
 LOOP = [(bc, w) for bc in (2048, 4096, 8192, 16384) for w in (4, 8, 16)]
-# Cross-entropy's two-pass walk with (programs per SM, reverse) added: a persistent grid
-# of a few programs per SM keeps fewer rows in flight, so that the gradient pass re-reads
-# its row from L2 instead of HBM, and a reversed gradient pass starts with the blocks the
-# first pass read last (kernels/cross_entropy.py).  Around the H200's best plain walks.
-WALKS = [(bc, w, per_sm, rev) for bc, w in ((2048, 4), (4096, 8))
-         for per_sm, rev in ((0, True), (1, True), (2, True), (4, True), (1, False), (2, False))]
+# Cross-entropy's two-pass walk with (programs per SM, reverse, evict) added: a
+# persistent grid of a few programs per SM keeps fewer rows in flight, so that the
+# gradient pass re-reads its row from L2 instead of HBM; a reversed gradient pass starts
+# with the blocks the first pass read last; L2 eviction hints keep the first pass's reads
+# and let the gradient stores go (kernels/cross_entropy.py).  Around the H200's best
+# plain walks.
+WALK_BLOCKS = ((2048, 4), (4096, 8), (8192, 16))
+WALKS = [(bc, w, per_sm, rev, ev) for bc, w in WALK_BLOCKS
+         for per_sm, rev, ev in ((0, True, False), (0, False, True), (0, True, True), (1, True, True),
+                                 (2, True, False), (2, True, True), (4, True, False), (4, True, True))]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--walks", action="store_true",
+                    help="only cross-entropy at the large-C shapes: the plain walks of WALK_BLOCKS "
+                         "against the walk options (no whole-row blocks, no host-overhead part)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("tune_gpu: needs a CUDA device")
@@ -54,7 +63,8 @@ def main(argv=None):
     tuned, lines = {}, ["# Triton launch-configuration sweep: " + torch.cuda.get_device_name(), "",
                         f"torch {torch.__version__}, triton {triton.__version__}; kernel-only median ms "
                         "(loss + gradient, one launch), copy_ of the same bytes for reference.", ""]
-    for (n, c), (dname, dtype) in ((s, d) for s in SHAPES for d in DTYPES.items()):
+    shapes = [s for s in SHAPES if not args.walks or s[1] > 1024]
+    for (n, c), (dname, dtype) in ((s, d) for s in shapes for d in DTYPES.items()):
         x = torch.randn(n, c, device="cuda", dtype=dtype)
         t = torch.randint(0, c, (n,), device="cuda")
         g = torch.empty_like(x)
@@ -65,9 +75,13 @@ def main(argv=None):
         width = triton.next_power_of_2(c)
         loop = [(b, w) for b, w in LOOP if b < width]
         for fam, run in runs.items():
+            if args.walks and fam != "ce":
+                continue
             # whole-row blocks (one read): cross-entropy up to tuning.ROW_MAX_C classes
             whole = [(width, w) for w in (8, 16, 32)] if fam == "ce" and width <= ROW_MAX_C else []
             walks = [cfg for cfg in WALKS if cfg[0] < width] if fam == "ce" else []
+            if args.walks:
+                loop, whole = [cfg for cfg in WALK_BLOCKS if cfg[0] < width], []
             cands = TILE if c <= ce.TILE_MAX_C else loop + walks + whole
             ref_loss = run(None).clone()
             ref_grad = g.clone()
@@ -98,6 +112,9 @@ def main(argv=None):
                   flush=True)
         del x, g
         torch.cuda.empty_cache()
+
+    if args.walks:
+        return _write(args.out, tuned, lines)
 
     # Host overhead at small C: per-step host time (no sync inside) against the device view.
     lines += ["## Host overhead, 65536x10 float32, forward + backward", "",
@@ -136,12 +153,16 @@ def main(argv=None):
     lines += ["", "## Profile of 10 Triton cross_entropy steps (65536x10)", "", "```", table, "```"]
     print(table)
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "tuned.json"), "w") as f:
+    _write(args.out, tuned, lines)
+
+
+def _write(out, tuned, lines):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "tuned.json"), "w") as f:
         json.dump(tuned, f, indent=1)
-    with open(os.path.join(args.out, "tune.md"), "w") as f:
+    with open(os.path.join(out, "tune.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"tune_gpu: wrote {args.out}/tuned.json ({len(tuned)} entries) and tune.md")
+    print(f"tune_gpu: wrote {out}/tuned.json ({len(tuned)} entries) and tune.md")
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def _ce_loop_kernel(
     ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     SCALE_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-    PERSISTENT: tl.constexpr, REVERSE: tl.constexpr,
+    PERSISTENT: tl.constexpr, REVERSE: tl.constexpr, EVICT: tl.constexpr,
 ):
     """One row per program (PERSISTENT: rows pid, pid + grid, ... for a grid smaller than
     the rows), walked in BLOCK_C blocks (see the module docstring and _ce_loop_row)."""
@@ -143,12 +143,12 @@ def _ce_loop_kernel(
             _ce_loop_row(first + i * step, X, G, T, W, LOSS, CONSTS, C, inner,
                          sxn, sxc, sxk, sgn, sgc, sgk,
                          ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
-                         HAS_WEIGHT, SMOOTHING, COMPUTE_GRAD, SCALE_LOSS, ACC, BLOCK_C, REVERSE)
+                         HAS_WEIGHT, SMOOTHING, COMPUTE_GRAD, SCALE_LOSS, ACC, BLOCK_C, REVERSE, EVICT)
     else:
         _ce_loop_row(tl.program_id(0).to(tl.int64), X, G, T, W, LOSS, CONSTS, C, inner,
                      sxn, sxc, sxk, sgn, sgc, sgk,
                      ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
-                     HAS_WEIGHT, SMOOTHING, COMPUTE_GRAD, SCALE_LOSS, ACC, BLOCK_C, REVERSE)
+                     HAS_WEIGHT, SMOOTHING, COMPUTE_GRAD, SCALE_LOSS, ACC, BLOCK_C, REVERSE, EVICT)
 
 
 @triton.jit
@@ -158,9 +158,13 @@ def _ce_loop_row(
     ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     SCALE_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     """Row `row`: a first pass over its BLOCK_C blocks for the loss, a second one for
-    the gradient (in reverse block order with REVERSE).
+    the gradient (in reverse block order with REVERSE).  With EVICT, L2 eviction hints:
+    the first pass's reads stay (evict_last) for the second pass, whose reads and
+    gradient stores go first (evict_first), so that the gradient written does not push
+    out the rows still to be re-read.
 
     Online log-sum-exp: with a running max m, s and s' are rescaled by exp(m_old - m)
     when m grows, and sum_j w_j d_j by - (sum of w seen) * (m - m_old).
@@ -193,7 +197,11 @@ def _ce_loop_row(
         for start in range(0, C, BLOCK_C):
             c = start + cols
             ok = c < C
-            x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf")).to(ACC)
+            if EVICT:
+                x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf"), eviction_policy="evict_last")
+            else:
+                x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf"))
+            x = x.to(ACC)
             m_new = tl.maximum(m, tl.max(x, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no shift
             alpha = _exp(m - m_safe)
@@ -232,20 +240,25 @@ def _ce_loop_row(
                 last = (tl.cdiv(C, BLOCK_C) - 1) * BLOCK_C
                 for i in range(0, C, BLOCK_C):
                     _ce_grad_block(last - i, cols, x_base, g_base, W, C, sxc, sgc, y, m, a, b,
-                                   g_y, G.dtype.element_ty, HAS_WEIGHT, SMOOTHING, ACC)
+                                   g_y, G.dtype.element_ty, HAS_WEIGHT, SMOOTHING, ACC, EVICT)
             else:
                 for start in range(0, C, BLOCK_C):
                     _ce_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, y, m, a, b,
-                                   g_y, G.dtype.element_ty, HAS_WEIGHT, SMOOTHING, ACC)
+                                   g_y, G.dtype.element_ty, HAS_WEIGHT, SMOOTHING, ACC, EVICT)
 
 
 @triton.jit
 def _ce_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, y, m, a, b, g_y, OUT,
-                   HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, ACC: tl.constexpr):
+                   HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, ACC: tl.constexpr,
+                   EVICT: tl.constexpr):
     """The gradient of columns start + cols of a row (second pass of _ce_loop_row)."""
     c = start + cols
     ok = c < C
-    x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf")).to(ACC)
+    if EVICT:
+        x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf"), eviction_policy="evict_first")
+    else:
+        x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf"))
+    x = x.to(ACC)
     g = a * _exp(x - m)
     if SMOOTHING:
         if HAS_WEIGHT:
@@ -253,7 +266,10 @@ def _ce_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, y, m, a, b, g_y,
         else:
             g -= b
     g = tl.where(c == y, g_y, g)
-    tl.store(g_base + c * sgc, g.to(OUT), mask=ok)
+    if EVICT:
+        tl.store(g_base + c * sgc, g.to(OUT), mask=ok, eviction_policy="evict_first")
+    else:
+        tl.store(g_base + c * sgc, g.to(OUT), mask=ok)
 
 
 def _geometry(t: torch.Tensor):
@@ -385,12 +401,14 @@ def launch(input, grad, target, weight, ignore_index, label_smoothing, const, sc
             if block_c >= C:  # the whole row in one block: one read, no second pass
                 _ce_tile_kernel[(rows,)](*args, **meta, BLOCK_M=1, BLOCK_C=block_c, num_warps=warps)
             else:
-                # walk = (programs per SM, reverse): a persistent grid of that many programs
-                # per SM (0: one program per row) and the gradient pass's block order.
-                per_sm, reverse = walk or (0, False)
+                # walk = (programs per SM, reverse, evict): a persistent grid of that many
+                # programs per SM (0: one program per row), the gradient pass's block
+                # order and L2 eviction hints; missing entries are off.
+                per_sm, reverse, evict = tuple(walk) + (0, False, False)[len(walk):]
                 grid = min(rows, per_sm * sm_count(input.device)) if per_sm else rows
                 _ce_loop_kernel[(grid,)](*args, **meta, BLOCK_C=block_c, num_warps=warps,
-                                         PERSISTENT=grid < rows, REVERSE=bool(reverse))
+                                         PERSISTENT=grid < rows, REVERSE=bool(reverse),
+                                         EVICT=bool(evict))
     return loss_rows
 
 

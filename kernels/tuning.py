@@ -76,7 +76,7 @@ def loop_config(C, elem, family="ce"):
     covers the row (BLOCK_C >= C) means one read of it.  From the H200 sweep: where the
     row is walked, cross-entropy (two passes) likes 2048-wide bf16 blocks and 8192-wide
     float32 blocks with 16 warps, the one-pass hinge 2048-wide blocks with 8 warps.
-    A tuned cross-entropy entry may add (programs per SM, reverse): see
+    A tuned cross-entropy entry may add (programs per SM, reverse, evict): see
     kernels/cross_entropy.py's launch."""
     if f"{family} {C} {elem}" in TUNED:
         return TUNED[f"{family} {C} {elem}"]
