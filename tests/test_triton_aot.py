@@ -43,11 +43,11 @@ def test_every_kernel_is_launched_and_compiles(compiled):
 
 
 def test_no_register_spills(compiled):
-    # A kernel's stack holds only spills (Triton keeps no local arrays).  Allowed: the few
-    # bytes ptxas spills on its own to keep a small register count (<= 64) and so more
-    # programs per SM, which is its occupancy trade (the float32 forward-only row walk
-    # with 16 warps: 40 registers and 8 bytes).
+    # A kernel's stack holds only spills (Triton keeps no local arrays).  The launches are
+    # specialized as the JIT does (unit strides as constexprs, 16-byte alignment): without
+    # that, the per-element 64-bit addresses of a runtime stride made ptxas spill a few
+    # bytes in kernels that do not spill on the GPU (an H200 run's compile: none of 19).
     spills = [f"sm_{r['arch']} {r['kernel']} warps={r['num_warps']} {r['constexprs']}: "
               f"{r['regs']} registers, {r['stack']} bytes of stack"
-              for r in compiled if not r["error"] and r["stack"] and not (r["stack"] <= 8 and r["regs"] <= 64)]
+              for r in compiled if not r["error"] and r["stack"]]
     assert not spills, "\n".join(spills)

@@ -7,7 +7,8 @@ CI has no GPU, and the Triton interpreter that runs the kernels there never comp
 them, so a kernel that only fails in Triton's compiler (or that spills registers) would
 first show on a lent GPU.  Here the launchers (kernels/*.py) run on small CPU tensors
 with every kernel's launch replaced by a recorder; each distinct launch (kernel,
-argument types, constexprs, num_warps) is then compiled for each target with
+argument types and specialization as the JIT makes them, constexprs, num_warps) is then
+compiled for each target with
 triton.compile, and the cubin's resource usage (registers, stack = spill space) is
 read with the cuobjdump that ships with Triton.  tests/test_triton_aot.py runs this in
 a subprocess (Triton decides interpreter or compiler when a kernel is defined, and the
@@ -35,20 +36,16 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
-          torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+def _specialize(param, v):
+    """(type, attribute) of a kernel argument as the JIT specializes it on a GPU: an int
+    equal to 1 becomes a constexpr (a unit stride: contiguous, vectorized access), and
+    pointers and ints divisible by 16 carry that ("D", tt.divisibility).  Triton's own
+    function; the CPU tensors here are 64-byte aligned, as CUDA allocations are."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import native_specialize_impl
 
-
-def _arg_type(v):
-    if isinstance(v, torch.Tensor):
-        return "*" + _TYPES[v.dtype]
-    if isinstance(v, bool):
-        return "i1"
-    if isinstance(v, int):
-        return "i32" if -2**31 <= v < 2**31 else "i64"
-    if isinstance(v, float):
-        return "fp32"
-    raise TypeError(f"unexpected kernel argument {v!r}")
+    return native_specialize_impl(CUDABackend, v, param.is_const, not param.do_not_specialize,
+                                  not param.do_not_specialize_on_alignment)
 
 
 _TL = {d.name: d for d in (tl.float32, tl.float64, tl.bfloat16, tl.float16)}
@@ -70,17 +67,20 @@ def record():
     def recorder(self, grid):
         def launch(*args, **kwargs):
             options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-            sig, consts = {}, {}
+            sig, consts, attrs = {}, {}, {}
             for i, name in enumerate(self.arg_names):
                 v = args[i] if i < len(args) else kwargs[name]
                 if self.params[i].is_constexpr:
-                    sig[name] = "constexpr"
-                    consts[name] = v
-                else:
-                    sig[name] = _arg_type(v)
+                    sig[name], consts[name] = "constexpr", v
+                    continue
+                sig[name], attr = _specialize(self.params[i], v)
+                if sig[name] == "constexpr":
+                    consts[name] = attr
+                elif attr:
+                    attrs[str(i)] = attr
             key = (self.fn.__module__, self.fn.__name__, json.dumps(sig),
                    json.dumps({k: _constexpr(v) for k, v in consts.items()}, sort_keys=True),
-                   json.dumps(options, sort_keys=True))
+                   json.dumps(options, sort_keys=True), json.dumps(attrs, sort_keys=True))
             if key not in seen:
                 seen.add(key)
                 launches.append(key)
@@ -101,6 +101,11 @@ def record():
                 mm.multi_margin_loss(x, t, 2, 0.5, w, 1, True)
         ce.cross_entropy(torch.randn(4, 1000, dtype=torch.float64), torch.zeros(4, dtype=torch.long),
                          None, -100, 0.0, 1, True)
+        for c in (10, 32000):  # a column-strided input (no unit stride to specialize on)
+            xs = torch.randn(c, 8, dtype=torch.bfloat16).t()
+            ts = torch.randint(0, c, (8,))
+            ce.cross_entropy(xs, ts, None, -100, 0.0, 1, True)
+            mm.multi_margin_loss(xs, ts, 1, 1.0, None, 1, True)
         xb = torch.randn(4, 32000, dtype=torch.bfloat16)
         tb = torch.randint(0, 32000, (4,))
         const = ce.consts(tb, None, -100, 32000, torch.float32, True)
@@ -130,14 +135,17 @@ def compile_one(key, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module, name, sig, consts, options = key
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    module, name, sig, consts, options, attrs = key
     fn = getattr(importlib.import_module(module), name)
+    attrs = {(int(i),): CUDABackend.parse_attr(a) for i, a in json.loads(attrs).items()}
     consts = {k: _TL[v[3:]] if isinstance(v, str) and v.startswith("tl.") else v
               for k, v in json.loads(consts).items()}
     out = {"kernel": f"{module}.{name}", "constexprs": json.loads(key[3]),
            "num_warps": json.loads(options).get("num_warps", 4), "arch": arch}
     try:
-        k = triton.compile(ASTSource(fn=fn, signature=json.loads(sig), constexprs=consts),
+        k = triton.compile(ASTSource(fn=fn, signature=json.loads(sig), constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32), options=json.loads(options))
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
