@@ -23,13 +23,17 @@ Two kernels: `_ce_tile_kernel` takes BLOCK_M rows of C <= BLOCK_C classes as one
 (many rows per program at small C; one whole row per program, read once, when the launch
 configuration's block covers the row); `_ce_loop_kernel` takes one row per program and
 walks it in BLOCK_C column blocks with an online max / log-sum-exp, then a second pass
-for the gradient (large C).  On an H200 the two-pass loop beat whole rows held in
-registers at C = 32000 (bench/results/tune-NVIDIA-H200.md: 0.42 against 0.68 ms bf16),
-but its second pass re-reads rows that thousands of programs in flight have pushed out
-of L2 (57% of the copy bandwidth).  Two launch options aim at that, for the tuner to
-time (kernels/tuning.py; not defaults until a GPU run shows them faster): a persistent
-grid of a few programs per SM, each walking rows pid, pid + grid, ..., and a gradient
-pass in reverse block order, which starts with the blocks the first pass read last.
+for the gradient (large C).  Per element the walk does little besides its exp: s' is
+kept per lane and summed across threads once per row (the block max is the one
+reduction per block), only the target's block masks the target out of s', and the
+second pass writes the j != y formula everywhere and then, after a barrier, dx_y.
+On an H200 the two-pass loop beat whole rows held in registers at C = 32000
+(bench/results/tune-NVIDIA-H200.md), but its second pass re-reads rows that the
+programs in flight have pushed out of L2.  Launch options for the tuner to time
+(kernels/tuning.py, defaults from an H200 sweep): L2 eviction hints (the first pass's
+reads stay, the second pass's reads and stores go first), a gradient pass in reverse
+block order (the blocks pass 1 read last first), and a persistent grid of a few
+programs per SM, each walking rows pid, pid + grid, ....
 """
 
 import numpy as np
@@ -166,8 +170,8 @@ def _ce_loop_row(
     gradient stores go first (evict_first), so that the gradient written does not push
     out the rows still to be re-read.
 
-    Online log-sum-exp: with a running max m, s and s' are rescaled by exp(m_old - m)
-    when m grows, and sum_j w_j d_j by - (sum of w seen) * (m - m_old).
+    Online log-sum-exp: with a running max m, s' (per lane) is rescaled by exp(m_old - m)
+    when m grows, and sum_j w_j d_j by - (sum of w seen) * (m - m_old); s = s' + e_y.
     """
     y = tl.load(T + row)
     x_base = X + _row_offsets(row, inner, sxn, sxk)
@@ -190,10 +194,12 @@ def _ce_loop_row(
         weight_sum = tl.load(CONSTS + 1)
         x_y = tl.load(x_base + y * sxc).to(ACC)
         m = tl.full([], float("-inf"), ACC)
-        s = tl.zeros([], ACC)
-        s_excl = tl.zeros([], ACC)
+        # s' summed per lane (one cross-thread sum at the end, not one per block), and
+        # s = s' + e_y afterwards: a sum of positive terms, no cancellation.
+        s_excl = tl.zeros([BLOCK_C], ACC)
         sum_wd = tl.zeros([], ACC)
         w_seen = tl.zeros([], ACC)
+        y_start = (y // BLOCK_C) * BLOCK_C  # the block that holds the target
         for start in range(0, C, BLOCK_C):
             c = start + cols
             ok = c < C
@@ -205,9 +211,10 @@ def _ce_loop_row(
             m_new = tl.maximum(m, tl.max(x, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no shift
             alpha = _exp(m - m_safe)
-            e = tl.where(ok, _exp(x - m_safe), 0.0)
-            s = s * alpha + tl.sum(e, 0)
-            s_excl = s_excl * alpha + tl.sum(tl.where(c == y, 0.0, e), 0)
+            e = _exp(x - m_safe)  # 0 past the row's end (x = -inf there, m_safe finite)
+            if start == y_start:  # one block per row pays for the target's mask
+                e = tl.where(c == y, 0.0, e)
+            s_excl = s_excl * alpha + e
             if SMOOTHING:
                 if HAS_WEIGHT:
                     w = tl.load(W + c, mask=ok, other=0.0).to(ACC)
@@ -222,8 +229,10 @@ def _ce_loop_row(
         else:
             w_y = tl.full([], 1.0, ACC)
         d_y = x_y - m  # NaN when every score is -inf, as in torch
-        log_s = _log(s)
         e_y = _exp(d_y)
+        s_excl = tl.sum(s_excl, 0)
+        s = s_excl + e_y
+        log_s = _log(s)
         loss = keep * w_y * (log_s - d_y)
         if SMOOTHING:
             loss += smooth * (weight_sum * log_s - sum_wd)
@@ -239,33 +248,35 @@ def _ce_loop_row(
             if REVERSE:  # last block first: the blocks pass 1 read last are still in L2
                 last = (tl.cdiv(C, BLOCK_C) - 1) * BLOCK_C
                 for i in range(0, C, BLOCK_C):
-                    _ce_grad_block(last - i, cols, x_base, g_base, W, C, sxc, sgc, y, m, a, b,
-                                   g_y, G.dtype.element_ty, HAS_WEIGHT, SMOOTHING, ACC, EVICT)
+                    _ce_grad_block(last - i, cols, x_base, g_base, W, C, sxc, sgc, m, a, b,
+                                   G.dtype.element_ty, HAS_WEIGHT, SMOOTHING, ACC, EVICT)
             else:
                 for start in range(0, C, BLOCK_C):
-                    _ce_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, y, m, a, b,
-                                   g_y, G.dtype.element_ty, HAS_WEIGHT, SMOOTHING, ACC, EVICT)
+                    _ce_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, m, a, b,
+                                   G.dtype.element_ty, HAS_WEIGHT, SMOOTHING, ACC, EVICT)
+            # The blocks wrote the j != y formula into the target's slot too (no per-element
+            # select); every thread's store of it comes before this one.
+            tl.debug_barrier()
+            tl.store(g_base + y * sgc, g_y.to(G.dtype.element_ty))
 
 
 @triton.jit
-def _ce_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, y, m, a, b, g_y, OUT,
+def _ce_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, m, a, b, OUT,
                    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, ACC: tl.constexpr,
                    EVICT: tl.constexpr):
-    """The gradient of columns start + cols of a row (second pass of _ce_loop_row)."""
+    """dx_j (j != y) of columns start + cols of a row (second pass of _ce_loop_row)."""
     c = start + cols
     ok = c < C
     if EVICT:
         x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf"), eviction_policy="evict_first")
     else:
         x = tl.load(x_base + c * sxc, mask=ok, other=float("-inf"))
-    x = x.to(ACC)
-    g = a * _exp(x - m)
+    g = a * _exp(x.to(ACC) - m)
     if SMOOTHING:
         if HAS_WEIGHT:
             g -= b * tl.load(W + c, mask=ok, other=0.0).to(ACC)
         else:
             g -= b
-    g = tl.where(c == y, g_y, g)
     if EVICT:
         tl.store(g_base + c * sgc, g.to(OUT), mask=ok, eviction_policy="evict_first")
     else:

@@ -40,7 +40,9 @@ at::Tensor reduce_rows(const at::Tensor& loss_rows, const at::Tensor* divisor_de
   const int64_t n = loss_rows.numel();
   if (n > kMaxRows) {
     at::Tensor total = loss_rows.sum();
-    total = divisor_dev ? total.div(*divisor_dev) : total.div(divisor_host);
+    // divisor_dev is a one-element slice (shape [1]): divide by it as a 0-dim tensor, or
+    // the loss would come back with shape [1] instead of torch's [].
+    total = divisor_dev ? total.div(divisor_dev->reshape(at::IntArrayRef{})) : total.div(divisor_host);
     return total.to(out_type);
   }
   const c10::cuda::CUDAGuard guard(loss_rows.device());
