@@ -2,9 +2,10 @@
 
 MEASURED holds the fastest correct configuration per "<family> <C> <element size>" found
 by bench/tune_gpu.py on an NVIDIA H200 (triton 3.6; bench/results/tune-NVIDIA-H200.md has
-every candidate's time).  Other shapes use the rules in tile_config / loop_config, read
-off the same sweep.  LINCLASS_TRITON_TUNED=<tuned.json> (written by bench/tune_gpu.py on
-another GPU) takes precedence.
+every candidate's time at every shape, bench/results/tune-walks-NVIDIA-H200.md the
+cross-entropy row walks with their options, 2026-11-27).  Other shapes use the rules in
+tile_config / loop_config, read off the same sweeps.  LINCLASS_TRITON_TUNED=<tuned.json>
+(written by bench/tune_gpu.py on another GPU) takes precedence.
 """
 
 import functools
@@ -13,18 +14,20 @@ import os
 
 import torch
 
+# Cross-entropy's row walks: (BLOCK_C, num_warps, programs per SM, reverse, evict), see
+# kernels/cross_entropy.py's launch.
 MEASURED: dict = {
     "ce 10 4": (64, 2),
     "mm 10 4": (16, 4),
     "ce 10 2": (64, 2),
     "mm 10 2": (16, 4),
-    "ce 32000 4": (8192, 16),
+    "ce 32000 4": (8192, 16, 0, False, True),
     "mm 32000 4": (2048, 8),
-    "ce 32000 2": (2048, 4),
+    "ce 32000 2": (4096, 8, 0, True, True),
     "mm 32000 2": (2048, 8),
-    "ce 128256 4": (8192, 16),
+    "ce 128256 4": (8192, 16, 0, True, True),
     "mm 128256 4": (2048, 16),
-    "ce 128256 2": (2048, 4),
+    "ce 128256 2": (4096, 8, 0, True, True),
     "mm 128256 2": (2048, 8),
 }
 
@@ -72,18 +75,22 @@ ROW_MAX_C = 32768
 
 
 def loop_config(C, elem, family="ce"):
-    """(BLOCK_C, num_warps) of the one-row-per-program kernels (large C); a block that
-    covers the row (BLOCK_C >= C) means one read of it.  From the H200 sweep: where the
-    row is walked, cross-entropy (two passes) likes 2048-wide bf16 blocks and 8192-wide
-    float32 blocks with 16 warps, the one-pass hinge 2048-wide blocks with 8 warps.
-    A tuned cross-entropy entry may add (programs per SM, reverse, evict): see
-    kernels/cross_entropy.py's launch."""
+    """(BLOCK_C, num_warps[, programs per SM, reverse, evict]) of the one-row-per-program
+    kernels (large C); a block that covers the row (BLOCK_C >= C) means one read of it.
+    From the H200 sweeps: where the row is walked, cross-entropy (two passes) likes
+    4096-wide 16-bit blocks with 8 warps and 8192-wide float32 blocks with 16 warps, with
+    L2 eviction hints and the gradient pass reversed (float64: untimed, the plain walk);
+    the one-pass hinge 2048-wide blocks with 8 warps.  See kernels/cross_entropy.py's
+    launch for the walk options."""
     if f"{family} {C} {elem}" in TUNED:
         return TUNED[f"{family} {C} {elem}"]
+    walk = ()
     if family == "mm":
         block, warps = 2048, 8
     elif elem <= 2:
-        block, warps = 2048, 4
+        block, warps, walk = 4096, 8, (0, True, True)
+    elif elem == 4:
+        block, warps, walk = 8192, 16, (0, True, True)
     else:
-        block, warps = (8192, 16) if elem == 4 else (4096, 8)
-    return min(next_pow2(C), block), warps
+        block, warps = 4096, 8
+    return (min(next_pow2(C), block), warps, *walk)
