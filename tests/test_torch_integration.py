@@ -104,3 +104,14 @@ def test_drop_in_inside_a_model(kernel_backend):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert_close(b, a, torch.float32)
+
+
+def test_the_loss_node_feeds_the_input_directly(kernel_backend):
+    """The fused loss is one graph node whose gradient goes straight to the (N, C) input:
+    no reshape or view node in between (each one is host time in every backward)."""
+    x, t = torch.randn(9, 7, requires_grad=True), torch.randint(0, 7, (9,))
+    for fn in (linclass.cross_entropy, linclass.multi_margin_loss):
+        for reduction in ("mean", "none"):
+            loss = fn(x, t, reduction=reduction)
+            nodes = [type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None]
+            assert nodes == ["AccumulateGrad"], (fn.__name__, reduction, nodes)
