@@ -156,7 +156,7 @@ def run(input, weight, bias, target, mask, ce, ignore_index=-100, label_smoothin
     # where 32-wide slices with 4-8 warps took 0.90 ms.  No spills on sm_80/sm_90 (up to
     # 255 registers at C = 64; tests/test_triton_aot.py, compiled as the JIT specializes).
     block_c = max(16, next_pow2(c))
-    block_m, block_d, warps = 64, 64 if input.element_size() == 2 else 32, 4
+    block_m, block_d = 64, 64 if input.element_size() == 2 else 32
     n_blocks = cdiv(n, block_m)
     programs = _programs(n_blocks, dev)
     loss_rows = torch.empty(n, device=dev, dtype=torch.float32)
@@ -178,7 +178,7 @@ def run(input, weight, bias, target, mask, ce, ignore_index=-100, label_smoothin
             PRECISION="ieee" if input.dtype == torch.float32 or INTERPRETED else "tf32",
             WIDEN=INTERPRETED and input.element_size() == 2,
             BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-            num_warps=warps)
+            num_warps=4)
     gw = gwp.sum(0).to(input.dtype) if mask[1] else empty
     gb = gbp.sum(0).to(input.dtype) if mask[2] else empty
     return loss_rows.sum(), const, gx, gw, gb
