@@ -29,11 +29,12 @@ reduction per block), only the target's block masks the target out of s', and th
 second pass writes the j != y formula everywhere and then, after a barrier, dx_y.
 On an H200 the two-pass loop beat whole rows held in registers at C = 32000
 (bench/results/tune-NVIDIA-H200.md), but its second pass re-reads rows that the
-programs in flight have pushed out of L2.  Launch options for the tuner to time
+programs in flight have pushed out of L2.  Two launch options for the tuner to time
 (kernels/tuning.py, defaults from an H200 sweep): L2 eviction hints (the first pass's
-reads stay, the second pass's reads and stores go first), a gradient pass in reverse
-block order (the blocks pass 1 read last first), and a persistent grid of a few
-programs per SM, each walking rows pid, pid + grid, ....
+reads stay, the second pass's reads and stores go first) and a gradient pass in reverse
+block order (the blocks pass 1 read last first).  A persistent grid of a few programs
+per SM, also tried, kept too few rows in flight: 10-330% slower than the best walk
+(bench/results/tune-walks-NVIDIA-H200.md).
 """
 
 import numpy as np
@@ -42,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ._math import exp as _exp, log as _log
-from .tuning import cdiv, loop_config, next_pow2, sm_count, tile_config
+from .tuning import cdiv, loop_config, next_pow2, tile_config
 
 # C up to this goes through the one-tile kernel.
 TILE_MAX_C = 1024
@@ -136,36 +137,10 @@ def _ce_loop_kernel(
     ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     SCALE_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-    PERSISTENT: tl.constexpr, REVERSE: tl.constexpr, EVICT: tl.constexpr,
+    REVERSE: tl.constexpr, EVICT: tl.constexpr,
 ):
-    """One row per program (PERSISTENT: rows pid, pid + grid, ... for a grid smaller than
-    the rows), walked in BLOCK_C blocks (see the module docstring and _ce_loop_row)."""
-    if PERSISTENT:
-        first = tl.program_id(0).to(tl.int64)
-        step = tl.num_programs(0)
-        for i in range(0, tl.cdiv(n_rows - tl.program_id(0), step)):
-            _ce_loop_row(first + i * step, X, G, T, W, LOSS, CONSTS, C, inner,
-                         sxn, sxc, sxk, sgn, sgc, sgk,
-                         ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
-                         HAS_WEIGHT, SMOOTHING, COMPUTE_GRAD, SCALE_LOSS, ACC, BLOCK_C, REVERSE, EVICT)
-    else:
-        _ce_loop_row(tl.program_id(0).to(tl.int64), X, G, T, W, LOSS, CONSTS, C, inner,
-                     sxn, sxc, sxk, sgn, sgc, sgk,
-                     ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
-                     HAS_WEIGHT, SMOOTHING, COMPUTE_GRAD, SCALE_LOSS, ACC, BLOCK_C, REVERSE, EVICT)
-
-
-@triton.jit
-def _ce_loop_row(
-    row, X, G, T, W, LOSS, CONSTS, C, inner,
-    sxn, sxc, sxk, sgn, sgc, sgk,
-    ignore_index, keep_hi, keep_lo, smooth_hi, smooth_lo,
-    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    SCALE_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr,
-    EVICT: tl.constexpr,
-):
-    """Row `row`: a first pass over its BLOCK_C blocks for the loss, a second one for
-    the gradient (in reverse block order with REVERSE).  With EVICT, L2 eviction hints:
+    """One row per program, walked in BLOCK_C blocks: a first pass for the loss, a second
+    one for the gradient (in reverse block order with REVERSE).  With EVICT, L2 eviction hints:
     the first pass's reads stay (evict_last) for the second pass, whose reads and
     gradient stores go first (evict_first), so that the gradient written does not push
     out the rows still to be re-read.
@@ -173,6 +148,7 @@ def _ce_loop_row(
     Online log-sum-exp: with a running max m, s' (per lane) is rescaled by exp(m_old - m)
     when m grows, and sum_j w_j d_j by - (sum of w seen) * (m - m_old); s = s' + e_y.
     """
+    row = tl.program_id(0).to(tl.int64)
     y = tl.load(T + row)
     x_base = X + _row_offsets(row, inner, sxn, sxk)
     g_base = G + _row_offsets(row, inner, sgn, sgk)
@@ -264,7 +240,7 @@ def _ce_loop_row(
 def _ce_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, m, a, b, OUT,
                    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, ACC: tl.constexpr,
                    EVICT: tl.constexpr):
-    """dx_j (j != y) of columns start + cols of a row (second pass of _ce_loop_row)."""
+    """dx_j (j != y) of columns start + cols of a row (second pass of _ce_loop_kernel)."""
     c = start + cols
     ok = c < C
     if EVICT:
@@ -412,14 +388,11 @@ def launch(input, grad, target, weight, ignore_index, label_smoothing, const, sc
             if block_c >= C:  # the whole row in one block: one read, no second pass
                 _ce_tile_kernel[(rows,)](*args, **meta, BLOCK_M=1, BLOCK_C=block_c, num_warps=warps)
             else:
-                # walk = (programs per SM, reverse, evict): a persistent grid of that many
-                # programs per SM (0: one program per row), the gradient pass's block
-                # order and L2 eviction hints; missing entries are off.
-                per_sm, reverse, evict = tuple(walk) + (0, False, False)[len(walk):]
-                grid = min(rows, per_sm * sm_count(input.device)) if per_sm else rows
-                _ce_loop_kernel[(grid,)](*args, **meta, BLOCK_C=block_c, num_warps=warps,
-                                         PERSISTENT=grid < rows, REVERSE=bool(reverse),
-                                         EVICT=bool(evict))
+                # walk = (reverse, evict): the gradient pass's block order and L2
+                # eviction hints; missing entries are off.
+                reverse, evict = tuple(walk) + (False, False)[len(walk):]
+                _ce_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=warps,
+                                         REVERSE=bool(reverse), EVICT=bool(evict))
     return loss_rows
 
 

@@ -14,28 +14,28 @@ import os
 
 import torch
 
-# Cross-entropy's row walks: (BLOCK_C, num_warps, programs per SM, reverse, evict), see
+# Cross-entropy's row walks: (BLOCK_C, num_warps, reverse, evict), see
 # kernels/cross_entropy.py's launch.
 MEASURED: dict = {
     "ce 10 4": (64, 2),
     "mm 10 4": (16, 4),
     "ce 10 2": (64, 2),
     "mm 10 2": (16, 4),
-    "ce 32000 4": (8192, 16, 0, False, True),
+    "ce 32000 4": (8192, 16, False, True),
     "mm 32000 4": (2048, 8),
-    "ce 32000 2": (4096, 8, 0, True, True),
+    "ce 32000 2": (4096, 8, True, True),
     "mm 32000 2": (2048, 8),
-    "ce 128256 4": (8192, 16, 0, True, True),
+    "ce 128256 4": (8192, 16, True, True),
     "mm 128256 4": (2048, 16),
-    "ce 128256 2": (4096, 8, 0, True, True),
+    "ce 128256 2": (4096, 8, True, True),
     "mm 128256 2": (2048, 8),
 }
 
 
 @functools.lru_cache(maxsize=None)
 def sm_count(device) -> int:
-    """Streaming multiprocessors of a CUDA device (persistent grids); 2 elsewhere (the
-    Triton interpreter on CPU tensors, where it only sizes the tests' grids)."""
+    """Streaming multiprocessors of a CUDA device (the fused linear kernel's grid); 2
+    elsewhere (the Triton interpreter on CPU tensors, where it only sizes the tests' grids)."""
     if device.type != "cuda":
         return 2
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -75,7 +75,7 @@ ROW_MAX_C = 32768
 
 
 def loop_config(C, elem, family="ce"):
-    """(BLOCK_C, num_warps[, programs per SM, reverse, evict]) of the one-row-per-program
+    """(BLOCK_C, num_warps[, reverse, evict]) of the one-row-per-program
     kernels (large C); a block that covers the row (BLOCK_C >= C) means one read of it.
     From the H200 sweeps: where the row is walked, cross-entropy (two passes) likes
     4096-wide 16-bit blocks with 8 warps and 8192-wide float32 blocks with 16 warps, with
@@ -88,9 +88,9 @@ def loop_config(C, elem, family="ce"):
     if family == "mm":
         block, warps = 2048, 8
     elif elem <= 2:
-        block, warps, walk = 4096, 8, (0, True, True)
+        block, warps, walk = 4096, 8, (True, True)
     elif elem == 4:
-        block, warps, walk = 8192, 16, (0, True, True)
+        block, warps, walk = 8192, 16, (True, True)
     else:
         block, warps = 4096, 8
     return (min(next_pow2(C), block), warps, *walk)

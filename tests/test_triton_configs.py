@@ -1,6 +1,6 @@
 """The Triton cross-entropy's launch configurations (kernels/tuning.py) give the same
-results: the row-walking kernel with a persistent grid, a reversed gradient pass and L2
-eviction hints (candidates of bench/tune_gpu.py) equals the plain one bitwise and torch closely.
+results: the row-walking kernel with a reversed gradient pass and L2 eviction hints
+(candidates of bench/tune_gpu.py) equals the plain one bitwise and torch closely.
 
 Runs on the GPU when there is one (bench/gpu_check.sh), else on CPU tensors in Triton's
 interpreter mode (tests/conftest.py), with few rows; bench/tune_gpu.py times the same
@@ -16,9 +16,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not linclass.backends.runs_on("triton", DEVICE),
                                 reason=f"the Triton backend does not run on {DEVICE} here")
 
-# (BLOCK_C, num_warps[, programs per SM, reverse, evict]); 2 "SMs" in interpreter mode.
-WALKS = [(256, 4, 0, True), (256, 4, 1, False), (256, 4, 1, True), (128, 4, 2, True),
-         (256, 4, 64, True), (256, 4, 0, False, True), (128, 4, 2, True, True)]
+# (BLOCK_C, num_warps[, reverse, evict])
+WALKS = [(256, 4, True), (256, 4, False, True), (256, 4, True, True), (128, 4, True, True)]
 
 
 def _run(x, t, config, weight=None, ignore_index=-100, smoothing=0.0):
@@ -33,10 +32,7 @@ def _run(x, t, config, weight=None, ignore_index=-100, smoothing=0.0):
 @pytest.mark.parametrize("config", WALKS, ids=str)
 @pytest.mark.parametrize("keywords", ["plain", "weight+smoothing+ignore"])
 def test_walk_options_equal_the_plain_walk(config, keywords):
-    from linclass.kernels.tuning import sm_count
-
-    # C > TILE_MAX_C: 5 to 9 column blocks per row; more rows than the persistent grids
-    n, c = 3 * sm_count(torch.device(DEVICE)) + 1, 1100
+    n, c = 7, 1100  # C > TILE_MAX_C: 5 to 9 column blocks per row
     x = torch.randn(n, c, device=DEVICE) * 3
     t = torch.randint(0, c, (n,), device=DEVICE)
     kw = {}
