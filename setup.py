@@ -99,7 +99,7 @@ def extensions():
 
 
 setup(
-    packages=["linclass", "linclass.kernels"],
+    packages=["linclass", "linclass.workflow", "linclass.kernels"],
     package_dir={"linclass": "linclass", "linclass.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},

@@ -8,7 +8,7 @@ Groups:
   sweep 25 configs 40000x3073   5 x 5 (lr, reg) pairs, SWEEP_ITERS steps each, then train
       and validation accuracy: the classic notebook loop (25 sequential runs of the seed
       trainer) as "torch", 25 sequential test_one_param_set(LinearSVM()) on linclass's
-      fused trainer as linclass[sequential], and linclass.linear_classifier.sweep
+      fused trainer as linclass[sequential], and linclass.workflow.sweep.sweep
       (all pairs at once) as linclass[sweep].  SWEEP_ITERS defaults to 2000, the
       notebook's (test_one_param_set's default); LINCLASS_BENCH_SWEEP_ITERS=300 gives a
       quicker run in which the accuracy passes (the same work for any number of steps)
@@ -22,7 +22,8 @@ import os
 import pytest
 import torch
 
-from linclass import linear_classifier as lc
+from linclass.workflow import linear_classifier as lc
+from linclass.workflow import sweep as sw
 
 SWEEP_ITERS = int(os.environ.get("LINCLASS_BENCH_SWEEP_ITERS", "2000"))
 LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
@@ -92,5 +93,5 @@ def test_sweep_25_configs(benchmark, cifar_like, impl):
 
     run = {"torch": lambda: sequential(SeedSVM),
            "linclass[sequential]": lambda: sequential(lc.LinearSVM),
-           "linclass[sweep]": lambda: lc.sweep(lc.LinearSVM, d, LRS, REGS, num_iters=SWEEP_ITERS)}[impl]
+           "linclass[sweep]": lambda: sw.sweep(lc.LinearSVM, d, LRS, REGS, num_iters=SWEEP_ITERS)}[impl]
     benchmark.pedantic(run, rounds=1, warmup_rounds=0)

@@ -3,10 +3,12 @@
     import linclass
     loss = linclass.cross_entropy(scores, y)        # drop-in for F.cross_entropy
     loss = linclass.multi_margin_loss(scores, y)    # drop-in for F.multi_margin_loss
+
+The classic classifier workflow built on these is the subpackage linclass.workflow.
 """
 
 from . import _extension  # noqa: F401  (loads linclass._C; warns once if it cannot)
-from . import backends, nn, reference
+from . import backends, nn, reference, sgd
 from .functional import (
     cross_entropy,
     linear_cross_entropy,
@@ -24,4 +26,5 @@ __all__ = [
     "multi_margin_loss",
     "nn",
     "reference",
+    "sgd",
 ]

@@ -126,6 +126,12 @@ def resolve(device: torch.device) -> str:
     return "torch"
 
 
+def cpu_isa() -> str | None:
+    """The vector ISA of the loaded CPU kernels ('avx512', 'avx2', 'default'), or None
+    without linclass._C."""
+    return _extension.cpu_isa()
+
+
 def empty_cache() -> None:
     """Release the CPU gradient buffers that linclass keeps for reuse (see README)."""
     if _extension.HAS_CPP:

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import linclass
-from linclass import linear_classifier as lc
-from linclass import two_layer_net as tln
-from linclass.data import load_digits
-from linclass.grad import compute_numeric_gradient, grad_check_sparse, rel_error
-from linclass.utils import get_toy_data, reset_seed
+from linclass.workflow import linear_classifier as lc
+from linclass.workflow import sweep as sw
+from linclass.workflow import two_layer_net as tln
+from linclass.workflow.data import load_digits
+from linclass.workflow.grad import compute_numeric_gradient, grad_check_sparse, rel_error
+from linclass.workflow.utils import get_toy_data, reset_seed
 
 LOSSES = {
     "svm": (lc.svm_loss_naive, lc.svm_loss_vectorized, lc.svm_loss_fused),
@@ -120,7 +121,7 @@ def test_sweep_equals_sequential_runs(digits64):
     d = digits64
     lrs, regs = [0.05, 0.2], [1e-4, 1e-2]
     for cls in (lc.LinearSVM, lc.Softmax):
-        out = lc.sweep(cls, d, lrs, regs, num_iters=150)
+        out = sw.sweep(cls, d, lrs, regs, num_iters=150)
         for lr in lrs:
             for reg in regs:
                 _, train_acc, val_acc = lc.test_one_param_set(cls(), d, lr, reg, num_iters=150)
@@ -146,32 +147,32 @@ def test_sweep_weights_equal_sequential_training(cls, lr, reg, dtype):
         model.train(d["X_train"], d["y_train"], learning_rate=rate, reg=reg, num_iters=60,
                     batch_size=50)
         trained[rate] = model.W
-        alone = lc.sweep(cls, d, [rate], [reg], num_iters=60, batch_size=50)["best_model"].W
+        alone = sw.sweep(cls, d, [rate], [reg], num_iters=60, batch_size=50)["best_model"].W
         assert alone.dtype == dtype
         assert (alone - model.W).abs().max() <= tol * model.W.abs().max()
     # two pairs side by side (each in its own column block, with its own decay): the best one's W
-    both = lc.sweep(cls, d, [lr, lr / 2], [reg], num_iters=60, batch_size=50)
+    both = sw.sweep(cls, d, [lr, lr / 2], [reg], num_iters=60, batch_size=50)
     W = trained[both["best"][0]]
     assert (both["best_model"].W - W).abs().max() <= tol * W.abs().max()
 
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs linclass._C")
 def test_sweep_step_in_cpp_equals_the_python_loop(monkeypatch):
-    # On CPU float32 each sweep step is one linclass::linear_sgd_sweep_step call; the
+    # On CPU float32 each sweep step is one linclass.sgd.linear_sgd_sweep_step call; the
     # Python loop (every other device and dtype) is its reference.
     d = load_digits(dtype=torch.float32, device="cpu")
     calls = []
-    step = torch.ops.linclass.linear_sgd_sweep_step
-    monkeypatch.setattr(torch.ops.linclass, "linear_sgd_sweep_step",
-                        lambda *args: calls.append(1) or step(*args), raising=False)
+    step = linclass.sgd.linear_sgd_sweep_step
+    monkeypatch.setattr(linclass.sgd, "linear_sgd_sweep_step",
+                        lambda *args: calls.append(1) or step(*args))
     for cls in (lc.LinearSVM, lc.Softmax):
         args = (cls, d, [0.05, 0.2], [1e-3, 2.0])
         calls.clear()
-        fast = lc.sweep(*args, num_iters=40, batch_size=50)
+        fast = sw.sweep(*args, num_iters=40, batch_size=50)
         assert len(calls) == 40
         with monkeypatch.context() as m:
-            m.setattr(lc, "_fast_path_ok", lambda *a: False)
-            slow = lc.sweep(*args, num_iters=40, batch_size=50)
+            m.setattr(sw, "_fast_path_ok", lambda *a: False)
+            slow = sw.sweep(*args, num_iters=40, batch_size=50)
         assert len(calls) == 40 and fast["best"] == slow["best"]
         W = slow["best_model"].W
         assert (fast["best_model"].W - W).abs().max() <= 1e-5 * W.abs().max()
@@ -200,8 +201,8 @@ def test_sweep_step_rejects_bad_arguments():
 
 def test_sweep_with_a_plain_loss_function(digits64):
     d = digits64
-    a = lc.sweep(lc.svm_loss_vectorized, d, [0.1], [1e-3], num_iters=50, batch_size=50)
-    b = lc.sweep(lc.LinearSVM, d, [0.1], [1e-3], num_iters=50, batch_size=50)
+    a = sw.sweep(lc.svm_loss_vectorized, d, [0.1], [1e-3], num_iters=50, batch_size=50)
+    b = sw.sweep(lc.LinearSVM, d, [0.1], [1e-3], num_iters=50, batch_size=50)
     assert (a["best_model"] - b["best_model"].W).abs().max() < 1e-10
 
 

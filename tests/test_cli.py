@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from linclass import cli, data
+from linclass.workflow import cli, data
 
 
 def _run(args, **kw):
@@ -140,7 +140,7 @@ def test_demo_command_runs_all_three_models():
 
 
 def test_plots_write_pngs(tmp_path):
-    from linclass import plots
+    from linclass.workflow import plots
 
     stat = {"train_acc_history": [0.1, 0.5], "val_acc_history": [0.1, 0.4], "loss_history": [2, 1]}
     paths = [

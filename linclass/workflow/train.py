@@ -1,13 +1,8 @@
-"""Command line: ``python -m linclass {train,demo,ops}`` (also installed as ``linclass``).
-
-    linclass train --model svm|softmax|twolayer [--dataset digits|cifar10|folder] ...
-    linclass demo        all three models on scikit-learn's digits (bundled), one table
-    linclass ops         the fused ops against torch.nn.functional (forward + backward)
-"""
+"""`linclass train`: one model trained (or searched) on a dataset, evaluated, saved and
+plotted.  run_train(args) takes the parsed command line (workflow/cli.py)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,11 +25,6 @@ DEFAULTS = {
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise UsageError(message)
 
 
 def _progress(total, desc, quiet):
@@ -89,7 +79,9 @@ def run_train(args) -> dict:
     """Train (or search) one model; returns the results dict (the --json content)."""
     import torch
 
-    from . import backends, data, linear_classifier as lc, plots, two_layer_net as tln
+    from linclass import backends
+
+    from . import data, linear_classifier as lc, plots, sweep, two_layer_net as tln
 
     kind = "digits" if args.dataset == "digits" else "images"
     hp = dict(DEFAULTS[(args.model, kind)])
@@ -134,7 +126,7 @@ def run_train(args) -> dict:
                          else lc.softmax_get_search_params())
             step, close = _progress(hp["iters"], f"{args.model}: {len(lrs) * len(regs)} configs at once",
                                     args.quiet)
-            search = lc.sweep(cls, train_d, lrs, regs, num_iters=hp["iters"], batch_size=hp["batch_size"],
+            search = sweep.sweep(cls, train_d, lrs, regs, num_iters=hp["iters"], batch_size=hp["batch_size"],
                               seed=args.seed, progress=step)
             close()
             model = search["best_model"]
@@ -217,127 +209,3 @@ def _write_outputs(args, model, d, history, search, stat, result, plots):
         plots.sweep_scatter(search["results"], os.path.join(out, "search.png"))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
-
-
-def _table(rows):
-    def fmt(v):
-        return "-" if v is None else f"{v:.2f}"
-
-    lines = [f"{'model':<10}{'train %':>9}{'val %':>9}{'test %':>9}{'seconds':>9}"]
-    for r in rows:
-        lines.append(f"{r['model']:<10}{fmt(r['train_acc']):>9}{fmt(r['val_acc']):>9}"
-                     f"{fmt(r['test_acc']):>9}{r['seconds']:>9.1f}")
-    return "\n".join(lines)
-
-
-def _add_train_args(p):
-    p.add_argument("--model", choices=["svm", "softmax", "twolayer"], required=True)
-    p.add_argument("--dataset", choices=["digits", "cifar10", "folder"], default="digits")
-    p.add_argument("--data-dir", help="CIFAR-10 root (official python pickles, or downloaded there)")
-    p.add_argument("--train-dir", help="image folder: train_dir/<class>/<image>")
-    p.add_argument("--test-dir", help="image folder with the same class names (optional)")
-    p.add_argument("--search", action="store_true",
-                   help="run the model's default hyperparameter search on the validation split")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--reg", type=float)
-    p.add_argument("--iters", type=int)
-    p.add_argument("--batch-size", type=int,
-                   help="minibatch size (default 200; 1000 for svm and softmax on photos)")
-    p.add_argument("--hidden", type=int, help="hidden units (twolayer)")
-    p.add_argument("--decay", type=float, help="learning-rate decay per epoch (twolayer)")
-    p.add_argument("--augment", choices=["auto", "none", "flip"], default="auto",
-                   help="flip: train on the training images and their mirror images too; "
-                        "auto (default): flip on photos (cifar10, folder), none on digits")
-    p.add_argument("--standardize", choices=["auto", "on", "off"], default="auto",
-                   help="on: divide each pixel by its standard deviation over the training split "
-                        "(after the mean is subtracted); auto (default): on for svm on photos")
-    p.add_argument("--val-ratio", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--load", help="start from this checkpoint (saved by --out); --iters 0 evaluates it")
-    p.add_argument("--out", help="folder for the checkpoint, PNG plots and results.json")
-    p.add_argument("--json", help="write the results as JSON to this file")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _demo(quiet) -> None:
-    import linclass
-
-    print(f"linclass {linclass.__version__}: backends {linclass.backends.available()}; "
-          "all three models on scikit-learn's digits (1797 8x8 images, 10 classes)")
-    rows = []
-    for model in ("svm", "softmax", "twolayer"):
-        args = _parser().parse_args(["train", "--model", model, "--device", "cpu"]
-                                    + (["--quiet"] if quiet else []))
-        rows.append(run_train(args))
-    print(_table(rows))
-
-
-def _ops() -> None:
-    import torch
-    import torch.nn.functional as F
-
-    import linclass
-
-    print(f"linclass {linclass.__version__}: backends {linclass.backends.available()}, "
-          f"CPU kernels built for {linclass._extension.cpu_isa()}")
-    print(f"{'op':<20}{'shape':>12}{'|loss-torch|':>14}{'|grad-torch|':>14}"
-          f"{'torch ms':>10}{'linclass ms':>13}")
-    for name, ours, theirs in [("cross_entropy", linclass.cross_entropy, F.cross_entropy),
-                               ("multi_margin_loss", linclass.multi_margin_loss, F.multi_margin_loss)]:
-        for n, c in [(65536, 10), (4096, 1000)]:
-            x = torch.randn(n, c)
-            t = torch.randint(0, c, (n,))
-            out = {}
-            for key, fn in (("torch", theirs), ("ours", ours)):
-                xr = x.clone().requires_grad_()
-                best = float("inf")
-                for _ in range(5):
-                    xr.grad = None
-                    start = time.perf_counter()
-                    loss = fn(xr, t)
-                    loss.backward()
-                    best = min(best, time.perf_counter() - start)
-                out[key] = (loss.detach(), xr.grad, best * 1e3)
-            dl = (out["ours"][0] - out["torch"][0]).abs().item()
-            dg = (out["ours"][1] - out["torch"][1]).abs().max().item()
-            print(f"{name:<20}{f'{n}x{c}':>12}{dl:>14.2e}{dg:>14.2e}"
-                  f"{out['torch'][2]:>10.2f}{out['ours'][2]:>13.2f}")
-
-
-def _parser():
-    parser = _Parser(prog="linclass", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_train_args(sub.add_parser("train", help="train a classifier (or search its hyperparameters)"))
-    demo = sub.add_parser("demo", help="all three models on the bundled digits data")
-    demo.add_argument("--quiet", action="store_true")
-    sub.add_parser("ops", help="the fused ops against torch (forward + backward)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-
-    try:
-        args = _parser().parse_args(argv)
-        if args.command == "demo":
-            _demo(args.quiet)
-        elif args.command == "ops":
-            _ops()
-        else:
-            result = run_train(args)
-            print(_table([result]))
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(result, f, indent=1)
-    except (UsageError, DataError, ValueError, FileNotFoundError, NotADirectoryError,
-            PermissionError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"linclass: error: {message}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import linear_cross_entropy
+from linclass import linear_cross_entropy
 from .linear_classifier import _accuracy, sample_batch
 from .utils import default_device, load_checkpoint
 
