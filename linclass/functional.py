@@ -1,15 +1,13 @@
-"""Drop-in replacements for torch.nn.functional.cross_entropy and multi_margin_loss.
+"""Drop-in replacements for torch.nn.functional.cross_entropy and multi_margin_loss, and
+the fused linear + loss ops.
 
 Each function checks its arguments the way torch does (same exception types, clearer
-messages), picks a backend (linclass.backends) and calls the fused op registered in
-linclass._ops, whose kernel computes the loss and its gradient in one pass:
-  cpp     csrc/cross_entropy.cpp      -> csrc/cpu/cross_entropy_kernel.h
-          csrc/multi_margin.cpp       -> csrc/cpu/multi_margin_kernel.h
-  triton  linclass/_ops.py            -> kernels/cross_entropy.py, kernels/multi_margin.py
-  cuda    csrc/cuda/cross_entropy.cu, csrc/cuda/multi_margin.cu
-and the fused linear + loss ops:
-  cpp, cuda  csrc/linear_loss.cpp (blocks of rows: GEMM, the loss kernel in place, GEMMs)
-  triton     linclass/_ops.py -> kernels/linear_loss.py
+messages), picks a backend (linclass.backends) and calls that backend's fused op from
+the tables below; its kernel computes the loss and its gradient in one pass:
+  cpp, cuda  torch.ops.linclass.<op>: schema, autograd and per-device kernels registered
+             in csrc/ops.cpp; kernels in csrc/cpu/ and csrc/cuda/, one file per op family
+  triton     linclass/_ops.py (custom op and its autograd) -> kernels/<op family>.py
+  torch      torch.nn.functional itself
 """
 
 from __future__ import annotations
@@ -20,7 +18,23 @@ import torch
 import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
 
-from . import _ops, backends
+from . import _extension, _ops, backends
+
+
+def _op_table(name: str) -> dict:
+    """{backend: op} for op family `name`, for the backends that are built."""
+    table = {}
+    if _extension.HAS_CPP:  # the C++ ops dispatch on the device: CPU or CUDA kernels
+        table["cpp"] = table["cuda"] = getattr(torch.ops.linclass, name).default
+    if name in _ops.TRITON:
+        table["triton"] = _ops.TRITON[name]
+    return table
+
+
+CROSS_ENTROPY = _op_table("cross_entropy")
+MULTI_MARGIN_LOSS = _op_table("multi_margin_loss")
+LINEAR_CROSS_ENTROPY = _op_table("linear_cross_entropy")
+LINEAR_MULTI_MARGIN_LOSS = _op_table("linear_multi_margin_loss")
 
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -154,7 +168,7 @@ def cross_entropy(
     _check_targets("cross_entropy", backend, target, classes, ignore_index, IndexError)
     # torch applies label smoothing only when it is positive.
     label_smoothing = max(float(label_smoothing), 0.0)
-    op = _ops.CROSS_ENTROPY[backend]
+    op = CROSS_ENTROPY[backend]
     loss, _ = op(input, target, weight, int(ignore_index), label_smoothing, red, _needs_grad(input))
     return loss
 
@@ -200,7 +214,7 @@ def multi_margin_loss(
     if target.device != input.device:
         raise RuntimeError(f"multi_margin_loss: target is on {target.device} but input is on {input.device}")
     _check_targets("multi_margin_loss", backend, target, input.shape[-1], None, RuntimeError)
-    op = _ops.MULTI_MARGIN_LOSS[backend]
+    op = MULTI_MARGIN_LOSS[backend]
     # (N, C) inputs go in as they are: a reshape to the same shape would add a view and
     # its backward node to every call (~10 us of host time per step at small N).
     loss, _ = op(
@@ -262,7 +276,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     x2 = input.unsqueeze(0) if input.dim() == 1 else input
     t1 = target.reshape(-1).long()
     _check_targets("linear_cross_entropy", backend, t1, weight.shape[0], ignore_index, IndexError)
-    op = _ops.LINEAR_CROSS_ENTROPY[backend]
+    op = LINEAR_CROSS_ENTROPY[backend]
     loss, *_ = op(x2, weight, bias, t1, int(ignore_index), max(float(label_smoothing), 0.0), red,
                   _mask(input, weight, bias))
     return loss
@@ -286,6 +300,6 @@ def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: 
     x2 = input.unsqueeze(0) if input.dim() == 1 else input
     t1 = target.reshape(-1)
     _check_targets("linear_multi_margin_loss", backend, t1, weight.shape[0], None, RuntimeError)
-    op = _ops.LINEAR_MULTI_MARGIN_LOSS[backend]
+    op = LINEAR_MULTI_MARGIN_LOSS[backend]
     loss, *_ = op(x2, weight, bias, t1, int(p), float(margin), red, _mask(input, weight, bias))
     return loss

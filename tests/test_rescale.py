@@ -17,16 +17,13 @@ LOSSES = [
 ]
 
 
-@pytest.fixture(params=["cpp-node", "host-check", "device-rescale"])
+@pytest.fixture(params=["host-check", "device-rescale"])
 def rescale_mode(request, monkeypatch, kernel_backend):
-    """Triton's losses take linclass._C's graph node (cpp-node) or, without it, the
-    Python one, which checks grad_output on the host (CPU) or on the device
-    (kernels/scale.py, what CUDA runs)."""
-    if request.param != "cpp-node" and kernel_backend != "triton":
-        pytest.skip("the Python graph node belongs to the Triton backend")
-    if request.param == "cpp-node" and not _ops.CPP_AUTOGRAD:
-        pytest.skip("linclass._C is not built")
-    monkeypatch.setattr(_ops, "CPP_AUTOGRAD", request.param == "cpp-node")
+    """The C++ ops' autograd (csrc/autograd.h) reads grad_output on the host (CPU); the
+    Triton ops' (linclass/_ops.py) on the host too, or on the device (kernels/scale.py,
+    what CUDA runs)."""
+    if request.param == "device-rescale" and kernel_backend != "triton":
+        pytest.skip("the device-side rescale belongs to the Triton backend")
     monkeypatch.setattr(_ops, "DEVICE_RESCALE_ON_CPU", request.param == "device-rescale")
     return request.param
 
