@@ -17,7 +17,8 @@ PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check
 # The build stamp names the build flavour, so switching FORCE_CUDA rebuilds.
 BUILD      := $(VENV)/.build-cuda$(FORCE_CUDA)
-SOURCES    := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES    := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h \
+                                   csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh)
 
 .PHONY: install test demo bench clean
 

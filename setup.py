@@ -1,7 +1,7 @@
 """Build linclass and its kernel library linclass._C.
 
-linclass._C holds the C++ CPU kernels (csrc/*.cpp) and, when CUDA is available or
-FORCE_CUDA=1, the CUDA C++ kernels (csrc/cuda/*.cu).  The Triton kernels in kernels/
+linclass._C holds the op registrations (csrc/*.cpp), the C++ CPU kernels (csrc/cpu/)
+and, when CUDA is available or FORCE_CUDA=1, the CUDA kernels (csrc/cuda/).  The Triton kernels in kernels/
 are plain Python, shipped as the package linclass.kernels.
 
 Environment:
@@ -78,8 +78,8 @@ def extensions():
     # The C++ standard is left to torch.utils.cpp_extension: it matches the torch build.
     cxx = opt + ["-fopenmp", "-Wno-unknown-pragmas"] + ISA_FLAGS[isa]
     nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
-    sources = sorted(glob.glob("csrc/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     use_cuda = bool(cuda_sources) and want_cuda()
     ext = CUDAExtension if use_cuda else CppExtension
     if use_cuda:

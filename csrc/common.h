@@ -56,7 +56,4 @@ std::pair<at::Tensor, RowGeometry> rows_of(const at::Tensor& input);
 // Loss output for the given reduction: target-shaped for 'none', a 0-dim tensor otherwise.
 at::Tensor empty_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction);
 
-// Testing knob of linear_loss.cpp: rows per block (0 = automatic); returns the old value.
-int64_t set_linear_block_rows(int64_t rows);
-
 }  // namespace linclass

@@ -16,11 +16,11 @@ need float32 GEMMs.
 
 import torch
 
-from . import cross_entropy as ce
+from . import cross_entropy
 from . import linear_tile
-from . import multi_margin as mm
+from . import multi_margin
 
-# Chunks are sized like the C++ blocks (csrc/linear_loss.cpp): the input chunk stays near
+# Chunks are sized like the C++ blocks (csrc/cpu/linear_loss.cpp): the input chunk stays near
 # 4 MiB and the score chunk within 64 MiB, at least 32 rows.  On a GPU a chunk holds up to
 # 512 MiB of scores: every chunk re-reads and re-writes dW (C x D) in its GEMM, so few
 # large chunks are faster (measured on an H200 at 8192 x 4096 x 128256 bf16: with 256 MiB
@@ -48,7 +48,7 @@ def _chunks(input, weight, bias, target, mask, run_loss):
     gx = torch.empty_like(input) if mask[0] else input.new_empty((0,))
     new_gw = torch.empty if n else torch.zeros  # every chunk adds to dW; no chunk, no rows
     gw = new_gw((c, d), device=input.device, dtype=input.dtype) if mask[1] else input.new_empty((0,))
-    acc = ce.acc_dtype(input.dtype)
+    acc = cross_entropy.acc_dtype(input.dtype)
     gb = torch.zeros(c, device=input.device, dtype=acc) if mask[2] else None
     total = torch.zeros((), device=input.device, dtype=acc)
     step = _chunk_rows(n, d, c, input.element_size(), input.is_cuda)
@@ -77,11 +77,11 @@ def linear_cross_entropy(input, weight, bias, target, ignore_index, label_smooth
                                                    ignore_index, label_smoothing, mean=reduction == 1)
         loss = total / const[2] if reduction == 1 else total
         return loss.to(input.dtype), gx, gw, gb
-    acc = ce.acc_dtype(input.dtype)
-    const = ce.consts(target, None, ignore_index, weight.shape[0], acc, reduction == 1)
+    acc = cross_entropy.acc_dtype(input.dtype)
+    const = cross_entropy.consts(target, None, ignore_index, weight.shape[0], acc, reduction == 1)
 
     def run_loss(s, t, grad):
-        return ce.launch(s, s if grad else None, t, None, ignore_index, label_smoothing, const)
+        return cross_entropy.launch(s, s if grad else None, t, None, ignore_index, label_smoothing, const)
 
     total, gx, gw, gb = _chunks(input, weight, bias, target, mask, run_loss)
     loss = total / const[2] if reduction == 1 else total  # 0/0 = NaN when all are ignored
@@ -99,7 +99,7 @@ def linear_multi_margin_loss(input, weight, bias, target, p, margin, reduction, 
     scale = 1.0 / n if reduction == 1 and n else 1.0
 
     def run_loss(s, t, grad):
-        return mm.launch(s, s if grad else None, t, p, margin, None, scale)
+        return multi_margin.launch(s, s if grad else None, t, p, margin, None, scale)
 
     total, gx, gw, gb = _chunks(input, weight, bias, target, mask, run_loss)
     loss = total / n if reduction == 1 else total  # 0/0 = NaN for no rows, as elsewhere

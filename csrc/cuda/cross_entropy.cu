@@ -1,6 +1,6 @@
 // linclass::cross_entropy on CUDA: the fused softmax cross-entropy (loss and d loss /
 // d scores in one launch), mirroring cross_entropy.cpp.  The math is the one in
-// cpu/cross_entropy_kernel.h:
+// cpu/cross_entropy.h:
 //
 //   m = max_j x_j,  d_j = x_j - m,  e_j = exp(d_j),  s = sum_j e_j,  s' = sum_{j != y} e_j
 //   loss = (1 - eps) w_y (log s - d_y) + (eps / C) (W log s - sum_j w_j d_j)
@@ -18,9 +18,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <cub/block/block_reduce.cuh>
+
+#include "cuda/ops.h"
 
 #include "common.cuh"
 #include "reduce.h"
@@ -197,7 +198,5 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& input_, 
   }
   return {loss, grad};
 }
-
-TORCH_LIBRARY_IMPL(linclass, CUDA, m) { m.impl("cross_entropy", &cross_entropy_cuda); }
 
 }  // namespace linclass

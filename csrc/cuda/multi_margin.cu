@@ -1,6 +1,6 @@
 // linclass::multi_margin_loss on CUDA: the fused multi-class hinge (loss and d loss /
 // d scores in one launch), mirroring multi_margin.cpp.  The math is the one in
-// cpu/multi_margin_kernel.h:
+// cpu/multi_margin.h:
 //
 //   z_j  = M - x_y + x_j                                    (j != y)
 //   loss = (w_y / C) sum_{j != y} max(0, z_j)^p
@@ -14,7 +14,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+
+#include "cuda/ops.h"
 
 #include "common.cuh"
 #include "reduce.h"
@@ -135,7 +136,5 @@ std::tuple<at::Tensor, at::Tensor> multi_margin_loss_cuda(const at::Tensor& inpu
     loss = cuda::reduce_rows(loss_rows, nullptr, reduction == kSum ? 1.0 : double(rows), input.scalar_type());
   return {loss, grad};
 }
-
-TORCH_LIBRARY_IMPL(linclass, CUDA, m) { m.impl("multi_margin_loss", &multi_margin_loss_cuda); }
 
 }  // namespace linclass

@@ -1,5 +1,5 @@
 // In-place rescale of a saved gradient by grad_output without a host synchronization
-// (the CUDA twin of kernels/scale.py; called by csrc/autograd.cpp).
+// (the CUDA twin of kernels/scale.py; called by rescale in csrc/autograd.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,12 +1,13 @@
 // linclass::cross_entropy on CPU: checks, target scan, then the fused row kernel
-// (cpu/cross_entropy_kernel.h) over all rows in parallel.
+// (cross_entropy.h: the math) over all rows in parallel (row_driver.h).
+#include "cpu/ops.h"
+
 #include "buffer_cache.h"
 #include "common.h"
-#include "cpu/op_support.h"
+#include "cross_entropy.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 namespace linclass {
 
@@ -33,7 +34,5 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& input_,
   });
   return {loss, grad};
 }
-
-TORCH_LIBRARY_IMPL(linclass, CPU, m) { m.impl("cross_entropy", &cross_entropy_cpu); }
 
 }  // namespace linclass

@@ -1,14 +1,13 @@
-// Host-side support shared by the CPU op entry points: class weights in the
-// accumulation type, the target scan, and the RowTask / reduction plumbing.
+// What every CPU loss entry point does around the row driver (row_driver.h): the
+// target scan, class weights in the accumulation type, and run_loss, which runs a
+// loss's math over every row and reduces.
 //
 // The target scan runs over the (small) target tensor before a single score is read,
 // so a bad class index becomes a Python exception that names the position and the
 // value instead of an out-of-bounds access.
 #pragma once
 
-#include "cross_entropy_kernel.h"
 #include "lane_targets.h"
-#include "multi_margin_kernel.h"
 #include "row_driver.h"
 
 #include <ATen/core/Tensor.h>
@@ -213,79 +212,5 @@ void run_loss(const at::Tensor& input, const RowGeometry& geom, const at::Tensor
   if (reduction != kNone)
     *loss.mutable_data_ptr<scalar_t>() = scalar_t(reduction == kMean ? total / denom : total);
 }
-
-// What a cross-entropy run needs besides the scores: the targets' plan, the class
-// weights and the math's parameters, with the gradient scale of the reduction.
-// Not copyable: `params.weight` points into `weight`.
-template <typename scalar_t>
-struct CrossEntropySetup {
-  using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> weight;
-  ScratchVector<acc_t> lane_targets;
-  TargetPlan<acc_t> plan;
-  double denom = 1;  // divides a 'mean'
-  CrossEntropyParams<acc_t> params;
-
-  // in_kernel: let the lane path (no class weights) read the targets itself; the fused
-  // linear ops and the SGD step, which drive the tiles themselves, leave it false.
-  CrossEntropySetup(const at::Tensor& target, const std::optional<at::Tensor>& w, int64_t C,
-                    int64_t ignore_index, double label_smoothing, int64_t reduction,
-                    bool in_kernel = false)
-      : weight(class_weights<scalar_t>(w, C)) {
-    double weight_sum = 0;
-    for (acc_t v : weight) weight_sum += double(v);
-    plan.op = "cross_entropy";
-    plan.index_error = true;
-    double kept = double(target.numel());  // corrected after the pass if rows are ignored
-    if (in_kernel && use_lanes(C) && !w.has_value()) {
-      plan.rule = TargetRule{C, true, ignore_index};
-      plan.mean_of_kept = true;
-    } else {
-      kept = checked_targets<acc_t>(plan.op, plan.index_error, target, C, true, ignore_index,
-                                    w ? weight.data() : nullptr, lane_targets);
-      plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
-    }
-    denom = reduction == kMean ? kept : 1.0;
-    params = {weight.data(),
-              w.has_value(),
-              acc_t(weight_sum),
-              acc_t(1.0 - label_smoothing),
-              acc_t(C > 0 ? label_smoothing / double(C) : 0.0),
-              acc_t(1.0 / denom),
-              ignore_index,
-              C};
-  }
-  CrossEntropySetup(const CrossEntropySetup&) = delete;
-  CrossEntropySetup& operator=(const CrossEntropySetup&) = delete;
-};
-
-// The same for multi_margin_loss, whose 'mean' divides by the number of rows (class
-// weights scale terms but not the denominator, so its lane path always reads the
-// targets in the kernel).
-template <typename scalar_t>
-struct MultiMarginSetup {
-  using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> weight;
-  ScratchVector<acc_t> lane_targets;
-  TargetPlan<acc_t> plan;
-  double denom = 1;
-  MultiMarginParams<acc_t> params;
-
-  MultiMarginSetup(const at::Tensor& target, const std::optional<at::Tensor>& w, int64_t C,
-                   int64_t p, double margin, int64_t reduction, bool in_kernel = false)
-      : weight(class_weights<scalar_t>(w, C)) {
-    plan.op = "multi_margin_loss";
-    if (in_kernel && use_lanes(C)) {
-      plan.rule = TargetRule{C, false, 0};
-    } else {
-      checked_targets<acc_t>(plan.op, plan.index_error, target, C, false, 0, nullptr, lane_targets);
-      plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
-    }
-    denom = reduction == kMean ? double(target.numel()) : 1.0;
-    params = {weight.data(), w.has_value(), acc_t(margin), acc_t(1.0 / denom), p, C};
-  }
-  MultiMarginSetup(const MultiMarginSetup&) = delete;
-  MultiMarginSetup& operator=(const MultiMarginSetup&) = delete;
-};
 
 }  // namespace linclass::cpu

@@ -8,20 +8,23 @@
 // with the multiclass SVM (loss = 1: margin 1, summed over the wrong classes) or the
 // softmax loss (loss = 0).  The weight is stored transposed, (C, D) contiguous, the
 // layout the kernels stream; it is updated in place and the loss (before the update) is
-// returned.  This is what LinearSVM / Softmax .train run per iteration: the Python loop
-// only draws the indices (torch.randint, so the minibatches are those of the classic
-// loop), and the scores, the fused loss kernel, dW and the update cost no Python; for
-// few classes the kernels read the minibatch rows of X in place (no gathered copy).
+// returned.  linclass.sgd.linear_sgd_step calls it once per iteration of the workflow's
+// LinearSVM / Softmax .train: the Python loop only draws the indices (torch.randint, so
+// the minibatches are those of the classic loop), and the scores, the fused loss
+// kernel, dW and the update cost no Python; for few classes the kernels read the
+// minibatch rows of X in place (no gathered copy).
+#include "cpu/ops.h"
+
 #include "buffer_cache.h"
 #include "common.h"
-#include "cpu/op_support.h"
-#include "cpu/small_gemm.h"
+#include "cross_entropy.h"
+#include "multi_margin.h"
+#include "small_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/mm.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <vector>
@@ -39,6 +42,8 @@ void check_step_args(const char* op, const at::Tensor& X, const at::Tensor& y, c
   TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1, op, ": index must be an int64 vector");
   TORCH_CHECK(loss_kind == 0 || loss_kind == 1, op, ": loss must be 0 (softmax) or 1 (svm)");
 }
+
+}  // namespace
 
 double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
                        const at::Tensor& index, int64_t loss_kind, double lr, double reg) {
@@ -145,8 +150,8 @@ double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
 }
 
 // linclass::linear_sgd_sweep_step: one step of K SGD runs side by side, what
-// linclass.sweep runs per iteration on CPU float32 (the Python loop is its reference and
-// its path for other devices and dtypes):
+// linclass.workflow.sweep runs per iteration on CPU float32 (its Python loop is the
+// reference and the path for other devices and dtypes):
 //
 //   Xb = X[index], yb = y[index]
 //   S  = Xb W                  W (D, K * C): run k owns columns [k C, (k + 1) C)
@@ -214,11 +219,5 @@ void linear_sgd_sweep_step(const at::Tensor& X, at::Tensor& W, const at::Tensor&
   W.addmm_(xb.t(), S);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(linclass, CPU, m) {
-  m.impl("linear_sgd_step", &linear_sgd_step);
-  m.impl("linear_sgd_sweep_step", &linear_sgd_sweep_step);
-}
 
 }  // namespace linclass

@@ -13,6 +13,7 @@
 // The classic SVM loss (sum over wrong classes, margin 1) is this loss times C.
 #pragma once
 
+#include "loss_driver.h"
 #include "row_driver.h"
 
 namespace linclass::cpu {
@@ -166,6 +167,35 @@ struct MultiMarginMath {
     }
     return w_over_c * sum_h;
   }
+};
+
+// What a multi_margin_loss run needs besides the scores (as CrossEntropySetup).  Its
+// 'mean' divides by the number of rows (class weights scale terms but not the
+// denominator), so its lane path always reads the targets in the kernel.
+template <typename scalar_t>
+struct MultiMarginSetup {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> weight;
+  ScratchVector<acc_t> lane_targets;
+  TargetPlan<acc_t> plan;
+  double denom = 1;
+  MultiMarginParams<acc_t> params;
+
+  MultiMarginSetup(const at::Tensor& target, const std::optional<at::Tensor>& w, int64_t C,
+                   int64_t p, double margin, int64_t reduction, bool in_kernel = false)
+      : weight(class_weights<scalar_t>(w, C)) {
+    plan.op = "multi_margin_loss";
+    if (in_kernel && use_lanes(C)) {
+      plan.rule = TargetRule{C, false, 0};
+    } else {
+      checked_targets<acc_t>(plan.op, plan.index_error, target, C, false, 0, nullptr, lane_targets);
+      plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
+    }
+    denom = reduction == kMean ? double(target.numel()) : 1.0;
+    params = {weight.data(), w.has_value(), acc_t(margin), acc_t(1.0 / denom), p, C};
+  }
+  MultiMarginSetup(const MultiMarginSetup&) = delete;
+  MultiMarginSetup& operator=(const MultiMarginSetup&) = delete;
 };
 
 }  // namespace linclass::cpu

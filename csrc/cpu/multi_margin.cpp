@@ -1,12 +1,13 @@
 // linclass::multi_margin_loss on CPU: checks, target scan, then the fused row kernel
-// (cpu/multi_margin_kernel.h) over all rows in parallel.
+// (multi_margin.h: the math) over all rows in parallel (row_driver.h).
+#include "cpu/ops.h"
+
 #include "buffer_cache.h"
 #include "common.h"
-#include "cpu/op_support.h"
+#include "multi_margin.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 namespace linclass {
 
@@ -33,7 +34,5 @@ std::tuple<at::Tensor, at::Tensor> multi_margin_loss_cpu(const at::Tensor& input
   });
   return {loss, grad};
 }
-
-TORCH_LIBRARY_IMPL(linclass, CPU, m) { m.impl("multi_margin_loss", &multi_margin_loss_cpu); }
 
 }  // namespace linclass

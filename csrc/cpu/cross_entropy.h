@@ -17,6 +17,7 @@
 // nll_loss + label smoothing), term for term.
 #pragma once
 
+#include "loss_driver.h"
 #include "row_driver.h"
 
 namespace linclass::cpu {
@@ -239,6 +240,51 @@ struct CrossEntropyMath {
       }
     }
   }
+};
+
+// What a cross-entropy run needs besides the scores: the targets' plan, the class
+// weights and the math's parameters, with the gradient scale of the reduction.
+// Not copyable: `params.weight` points into `weight`.
+template <typename scalar_t>
+struct CrossEntropySetup {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> weight;
+  ScratchVector<acc_t> lane_targets;
+  TargetPlan<acc_t> plan;
+  double denom = 1;  // divides a 'mean'
+  CrossEntropyParams<acc_t> params;
+
+  // in_kernel: let the lane path (no class weights) read the targets itself; the fused
+  // linear ops and the SGD step, which drive the tiles themselves, leave it false.
+  CrossEntropySetup(const at::Tensor& target, const std::optional<at::Tensor>& w, int64_t C,
+                    int64_t ignore_index, double label_smoothing, int64_t reduction,
+                    bool in_kernel = false)
+      : weight(class_weights<scalar_t>(w, C)) {
+    double weight_sum = 0;
+    for (acc_t v : weight) weight_sum += double(v);
+    plan.op = "cross_entropy";
+    plan.index_error = true;
+    double kept = double(target.numel());  // corrected after the pass if rows are ignored
+    if (in_kernel && use_lanes(C) && !w.has_value()) {
+      plan.rule = TargetRule{C, true, ignore_index};
+      plan.mean_of_kept = true;
+    } else {
+      kept = checked_targets<acc_t>(plan.op, plan.index_error, target, C, true, ignore_index,
+                                    w ? weight.data() : nullptr, lane_targets);
+      plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
+    }
+    denom = reduction == kMean ? kept : 1.0;
+    params = {weight.data(),
+              w.has_value(),
+              acc_t(weight_sum),
+              acc_t(1.0 - label_smoothing),
+              acc_t(C > 0 ? label_smoothing / double(C) : 0.0),
+              acc_t(1.0 / denom),
+              ignore_index,
+              C};
+  }
+  CrossEntropySetup(const CrossEntropySetup&) = delete;
+  CrossEntropySetup& operator=(const CrossEntropySetup&) = delete;
 };
 
 }  // namespace linclass::cpu

@@ -1,0 +1,170 @@
+// linclass::linear_cross_entropy and ::linear_multi_margin_loss on CPU: loss(X W^T + b, y)
+// and its gradients for X, W and b, a block of rows at a time (linear_blocks.h), so the
+// N x C scores never exist.  Per block: S = X_b W^T + b (GEMM; small_gemm.h for
+// C <= kSmallGemmC), the fused loss kernel turns S into dS in place (and sums the
+// block's losses), then dX_b = dS W, dW += dS^T X_b, db += column sums of dS.  X_b is
+// read from memory once: the block is sized so that it is still in cache for the dW
+// product.  Extra memory is one block of scores (plus a float32 dW accumulator for
+// bfloat16/float16), never N x C.
+#include "cpu/ops.h"
+
+#include "common.h"
+#include "cross_entropy.h"
+#include "linear_blocks.h"
+#include "multi_margin.h"
+#include "small_gemm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+namespace linclass {
+namespace {
+
+// Rows per block: the input block stays within ~4 MiB (cache, for the dW product) and
+// the score block within 64 MiB, but at least 32 rows so that the GEMMs stay efficient.
+int64_t block_rows(int64_t N, int64_t D, int64_t C, int64_t elem) {
+  if (const int64_t o = linear_block_rows_override()) return std::max<int64_t>(1, o);
+  const int64_t by_input = (int64_t(4) << 20) / std::max<int64_t>(1, D * elem);
+  const int64_t by_scores = (int64_t(64) << 20) / std::max<int64_t>(1, C * elem);
+  return std::min(std::max<int64_t>(32, std::min(by_input, by_scores)), std::max<int64_t>(N, 1));
+}
+
+// Few classes in float32 with unit-stride rows: each block runs as one
+// cpu::small_linear_block (scores, loss, dX and dW sub-block by sub-block in cache).
+template <typename Math, typename Params>
+double linear_small_cpu(const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& b,
+                        const at::Tensor& target, const float* lane_targets, const Params& p,
+                        const Mask& mask, Grads& grads) {
+  const int64_t N = X.size(0), D = X.size(1), C = W.size(0);
+  const bool any_grad = mask[0] || mask[1] || mask[2];
+  const at::Tensor Wr = W.contiguous();  // C x D: a copy only for a transposed W
+  const at::Tensor br = b ? b->contiguous() : at::Tensor();
+  const int64_t o = linear_block_rows_override();
+  const int64_t BR = o ? std::max<int64_t>(1, o) : cpu::kSubBlocks * cpu::small_sub_rows(D);
+  at::Tensor S = at::empty({std::min(BR, std::max<int64_t>(N, 1)), C}, X.options());
+  cpu::SmallLinear a;
+  a.ldx = X.stride(0);
+  a.W = Wr.const_data_ptr<float>();
+  a.ldw = D;
+  a.b = b ? br.const_data_ptr<float>() : nullptr;
+  a.D = D;
+  a.C = C;
+  a.S = S.mutable_data_ptr<float>();
+  a.weight_grad = mask[1];
+  a.lddx = D;
+  cpu::SmallWeightGrad wgrad;
+  std::vector<double> db(size_t(C), 0.0);
+  const int64_t* tp = target.const_data_ptr<int64_t>();
+  double total = 0;
+  for (int64_t r0 = 0; r0 < N; r0 += BR) {
+    a.n = std::min(BR, N - r0);
+    a.X = X.const_data_ptr<float>() + r0 * a.ldx;
+    a.dX = mask[0] ? grads.input.mutable_data_ptr<float>() + r0 * D : nullptr;
+    total += cpu::small_linear_block(a, [&](float* s, int64_t first, int64_t rows) {
+      cpu::RowTask<float> task;  // the loss kernel on the sub-block's scores, in place
+      task.input = s;
+      task.in.outer = rows;
+      task.in.classes = C;
+      task.in.stride_n = C;
+      if (any_grad) {
+        task.grad = s;
+        task.gout = task.in;
+      }
+      task.target = tp + r0 + first;
+      task.lane_targets = lane_targets ? lane_targets + r0 + first : nullptr;
+      return cpu::run_rows_sum<float, Math>(task, p);
+    }, wgrad);
+    if (mask[2])  // db: column sums of dS, rows in order
+      for (int64_t r = 0; r < a.n; ++r)
+        for (int64_t c = 0; c < C; ++c) db[c] += a.S[r * C + c];
+  }
+  if (mask[1]) wgrad.finish(grads.weight.mutable_data_ptr<float>(), C * D);
+  if (mask[2]) {
+    float* g = grads.bias.mutable_data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) g[c] = float(db[c]);
+  }
+  return total;
+}
+
+template <typename scalar_t, typename Math, typename Params>
+double linear_blocks_cpu(const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& b,
+                         const at::Tensor& target, const at::opmath_type<scalar_t>* lane_targets,
+                         const Params& p, const Mask& mask, Grads& grads) {
+  const int64_t N = X.size(0), D = X.size(1), C = W.size(0);
+  if constexpr (std::is_same_v<scalar_t, float>)
+    if (C <= cpu::kSmallGemmC && X.stride(1) == 1)
+      return linear_small_cpu<Math>(X, W, b, target, lane_targets, p, mask, grads);
+  const bool any_grad = mask[0] || mask[1] || mask[2];
+  const int64_t BR = block_rows(N, D, C, X.element_size());
+  at::Tensor S = at::empty({std::min(BR, std::max<int64_t>(N, 1)), C}, X.options());
+  const at::Tensor Wt = W.t();
+  GradAccumulator acc(grads, mask, at::toOpMathType(X.scalar_type()));
+  double total = 0;
+  for (int64_t r0 = 0; r0 < N; r0 += BR) {
+    const int64_t n = std::min(BR, N - r0);
+    at::Tensor Sb = S.narrow(0, 0, n);
+    const at::Tensor Xb = X.narrow(0, r0, n);
+    if (b)
+      at::addmm_out(Sb, *b, Xb, Wt);
+    else
+      at::mm_out(Sb, Xb, Wt);
+    cpu::RowTask<scalar_t> task;  // the loss kernel, in place: Sb becomes dS
+    task.input = Sb.const_data_ptr<scalar_t>();
+    task.in = *row_geometry(Sb);
+    if (any_grad) {
+      task.grad = Sb.mutable_data_ptr<scalar_t>();
+      task.gout = task.in;
+    }
+    task.target = target.const_data_ptr<int64_t>() + r0;
+    task.lane_targets = lane_targets ? lane_targets + r0 : nullptr;
+    total += cpu::run_rows_sum<scalar_t, Math>(task, p);
+    if (any_grad) acc.add(Sb, Xb, W, r0);
+  }
+  acc.finish();
+  return total;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target_, int64_t ignore_index, double label_smoothing, int64_t reduction,
+    Mask mask) {
+  check_linear_args("linear_cross_entropy", input, weight, bias, target_, reduction, mask);
+  TORCH_CHECK(label_smoothing <= 1.0, "linear_cross_entropy: label_smoothing must be <= 1, got ",
+              label_smoothing);
+  const at::Tensor target = target_.contiguous();
+  Grads grads = empty_grads(input, weight, mask);
+  at::Tensor loss = at::empty({}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_cpu", [&] {
+    // A linear layer has no class weights: the loss's `weight` stays None.
+    const cpu::CrossEntropySetup<scalar_t> setup(target, std::nullopt, weight.size(0), ignore_index,
+                                                 label_smoothing, reduction);
+    const double total = linear_blocks_cpu<scalar_t, cpu::CrossEntropyMath>(
+        input, weight, bias, target, setup.lane_targets.data(), setup.params, mask, grads);
+    *loss.mutable_data_ptr<scalar_t>() = scalar_t(reduction == kMean ? total / setup.denom : total);
+  });
+  return {loss, grads.input, grads.weight, grads.bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_multi_margin_loss_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target_, int64_t p, double margin, int64_t reduction, Mask mask) {
+  check_linear_args("linear_multi_margin_loss", input, weight, bias, target_, reduction, mask);
+  TORCH_CHECK(p == 1 || p == 2, "linear_multi_margin_loss: only p == 1 and p == 2 supported, got ", p);
+  const at::Tensor target = target_.contiguous();
+  Grads grads = empty_grads(input, weight, mask);
+  at::Tensor loss = at::empty({}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_multi_margin_loss_cpu", [&] {
+    const cpu::MultiMarginSetup<scalar_t> setup(target, std::nullopt, weight.size(0), p, margin, reduction);
+    const double total = linear_blocks_cpu<scalar_t, cpu::MultiMarginMath>(
+        input, weight, bias, target, setup.lane_targets.data(), setup.params, mask, grads);
+    *loss.mutable_data_ptr<scalar_t>() = scalar_t(reduction == kMean ? total / setup.denom : total);
+  });
+  return {loss, grads.input, grads.weight, grads.bias};
+}
+
+}  // namespace linclass
