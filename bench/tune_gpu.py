@@ -4,7 +4,7 @@
     python bench/tune_gpu.py --out DIR --walks   only cross-entropy's large-C row walks
                                               (plain blocks against the walk options)
 
-For each loss family (ce, mm), benchmark shape and dtype it times the kernel alone
+For each loss family (cross_entropy, multi_margin), benchmark shape and dtype it times the kernel alone
 (kernels.*.launch with an explicit config; CUDA events via triton.testing.do_bench),
 checks that every candidate gives the same losses and gradient as the default
 configuration, and writes DIR/tuned.json ({"<family> <C> <element size>": [block,
@@ -52,7 +52,7 @@ def main(argv=None):
 
     import linclass
     from linclass.kernels import cross_entropy as ce
-    from linclass.kernels import multi_margin as mm
+    from linclass.kernels import multi_margin
     from linclass.kernels.tuning import ROW_MAX_C
 
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")  # noqa: E731
@@ -66,16 +66,17 @@ def main(argv=None):
         g = torch.empty_like(x)
         copy_ms = bench(lambda: g.copy_(x))
         const = ce.consts(t, None, -100, c, torch.float32, True)
-        runs = {"ce": lambda cfg: ce.launch(x, g, t, None, -100, 0.0, const, config=cfg),
-                "mm": lambda cfg: mm.launch(x, g, t, 1, 1.0, None, 1.0 / n, config=cfg)}
+        runs = {"cross_entropy": lambda cfg: ce.launch(x, g, t, None, -100, 0.0, const, config=cfg),
+                "multi_margin": lambda cfg: multi_margin.launch(x, g, t, 1, 1.0, None, 1.0 / n,
+                                                                config=cfg)}
         width = triton.next_power_of_2(c)
         loop = [(b, w) for b, w in LOOP if b < width]
         for fam, run in runs.items():
-            if args.walks and fam != "ce":
+            if args.walks and fam != "cross_entropy":
                 continue
             # whole-row blocks (one read): cross-entropy up to tuning.ROW_MAX_C classes
-            whole = [(width, w) for w in (8, 16, 32)] if fam == "ce" and width <= ROW_MAX_C else []
-            walks = [cfg for cfg in WALKS if cfg[0] < width] if fam == "ce" else []
+            whole = [(width, w) for w in (8, 16, 32)] if fam == "cross_entropy" and width <= ROW_MAX_C else []
+            walks = [cfg for cfg in WALKS if cfg[0] < width] if fam == "cross_entropy" else []
             if args.walks:
                 loop, whole = [cfg for cfg in WALK_BLOCKS if cfg[0] < width], []
             cands = TILE if c <= ce.TILE_MAX_C else loop + walks + whole

@@ -19,22 +19,17 @@ n * stride_n + k * stride_k + j * stride_c, so (N, C) inputs of any strides and
 class index nor ignore_index gives that row a NaN loss and NaN gradient: the kernels
 never read or write outside the tensors.
 
-Two kernels: `_ce_tile_kernel` takes BLOCK_M rows of C <= BLOCK_C classes as one tile
-(many rows per program at small C; one whole row per program, read once, when the launch
-configuration's block covers the row); `_ce_loop_kernel` takes one row per program and
-walks it in BLOCK_C column blocks with an online max / log-sum-exp, then a second pass
-for the gradient (large C).  Per element the walk does little besides its exp: s' is
-kept per lane and summed across threads once per row (the block max is the one
-reduction per block), only the target's block masks the target out of s', and the
-second pass writes the j != y formula everywhere and then, after a barrier, dx_y.
-On an H200 the two-pass loop beat whole rows held in registers at C = 32000
-(bench/results/tune-NVIDIA-H200.md), but its second pass re-reads rows that the
-programs in flight have pushed out of L2.  Two launch options for the tuner to time
-(kernels/tuning.py, defaults from an H200 sweep): L2 eviction hints (the first pass's
+Two kernels.  `_cross_entropy_tile_kernel` takes BLOCK_M rows of C <= BLOCK_C classes
+as one tile (many rows per program at small C).  `_cross_entropy_loop_kernel` takes one
+row per program: a whole row read once when the block covers it, else a walk in BLOCK_C
+column blocks with an online max / log-sum-exp, then a second pass for the gradient.
+Per element the walk does little besides its exp: s' is kept per lane and summed across
+threads once per row, only the target's block masks the target out of s', and the
+second pass writes the j != y formula everywhere and then, after a barrier, dx_y.  The
+second pass re-reads rows that other programs may have pushed out of L2, so the walk has
+two launch options (kernels/tuning.py picks them): L2 eviction hints (the first pass's
 reads stay, the second pass's reads and stores go first) and a gradient pass in reverse
-block order (the blocks pass 1 read last first).  A persistent grid of a few programs
-per SM, also tried, kept too few rows in flight: 10-330% slower than the best walk
-(bench/results/tune-walks-NVIDIA-H200.md).
+block order (the blocks read last first).  How these were chosen: docs/gpu.md.
 """
 
 import numpy as np
@@ -55,7 +50,7 @@ def _row_offsets(rows, inner, stride_n, stride_k):
 
 
 @triton.jit
-def _ce_tile_kernel(
+def _cross_entropy_tile_kernel(
     X, G, T, W, LOSS, CONSTS,
     n_rows, C, inner,
     sxn, sxc, sxk, sgn, sgc, sgk,
@@ -84,7 +79,7 @@ def _ce_tile_kernel(
     else:
         w = tl.where(col_ok, 1.0, 0.0).to(ACC)
     scale = tl.load(CONSTS)
-    loss, g = ce_tile(x, cols, y, mask, valid, bad, w, keep, smooth, weight_sum, scale,
+    loss, g = cross_entropy_tile(x, cols, y, mask, valid, bad, w, keep, smooth, weight_sum, scale,
                       HAS_WEIGHT, SMOOTHING)
     if SCALE_LOSS:
         loss *= scale  # ignored rows: 0 * (1 / 0) = NaN when every row is ignored
@@ -95,7 +90,7 @@ def _ce_tile_kernel(
 
 
 @triton.jit
-def ce_tile(x, cols, y, mask, valid, bad, w, keep, smooth, weight_sum, scale,
+def cross_entropy_tile(x, cols, y, mask, valid, bad, w, keep, smooth, weight_sum, scale,
             HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr):
     """(per-row loss, gradient times `scale`) of a [BLOCK_M, BLOCK_C] tile of scores x
     (-inf outside `mask`) with targets y, class weights w (0 outside the classes), as in
@@ -130,7 +125,7 @@ def ce_tile(x, cols, y, mask, valid, bad, w, keep, smooth, weight_sum, scale,
 
 
 @triton.jit
-def _ce_loop_kernel(
+def _cross_entropy_loop_kernel(
     X, G, T, W, LOSS, CONSTS,
     n_rows, C, inner,
     sxn, sxc, sxk, sgn, sgc, sgk,
@@ -224,11 +219,11 @@ def _ce_loop_kernel(
             if REVERSE:  # last block first: the blocks pass 1 read last are still in L2
                 last = (tl.cdiv(C, BLOCK_C) - 1) * BLOCK_C
                 for i in range(0, C, BLOCK_C):
-                    _ce_grad_block(last - i, cols, x_base, g_base, W, C, sxc, sgc, m, a, b,
+                    _cross_entropy_grad_block(last - i, cols, x_base, g_base, W, C, sxc, sgc, m, a, b,
                                    G.dtype.element_ty, HAS_WEIGHT, SMOOTHING, ACC, EVICT)
             else:
                 for start in range(0, C, BLOCK_C):
-                    _ce_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, m, a, b,
+                    _cross_entropy_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, m, a, b,
                                    G.dtype.element_ty, HAS_WEIGHT, SMOOTHING, ACC, EVICT)
             # The blocks wrote the j != y formula into the target's slot too (no per-element
             # select); every thread's store of it comes before this one.
@@ -237,10 +232,10 @@ def _ce_loop_kernel(
 
 
 @triton.jit
-def _ce_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, m, a, b, OUT,
+def _cross_entropy_grad_block(start, cols, x_base, g_base, W, C, sxc, sgc, m, a, b, OUT,
                    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, ACC: tl.constexpr,
                    EVICT: tl.constexpr):
-    """dx_j (j != y) of columns start + cols of a row (second pass of _ce_loop_kernel)."""
+    """dx_j (j != y) of columns start + cols of a row (second pass of _cross_entropy_loop_kernel)."""
     c = start + cols
     ok = c < C
     if EVICT:
@@ -299,7 +294,7 @@ def tl_acc(acc: torch.dtype):
 
 
 @triton.jit
-def _ce_consts_kernel(T, W, CONSTS, n, C, ignore_index,
+def _cross_entropy_consts_kernel(T, W, CONSTS, n, C, ignore_index,
                       MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
                       BLOCK: tl.constexpr):
     """One program: CONSTS = (scale, W, denominator) for the launch that follows.
@@ -350,7 +345,7 @@ def consts(target, weight, ignore_index, classes, acc, mean):
     out = torch.empty(3, device=target.device, dtype=acc)
     n = target.numel()
     block = min(4096, max(16, next_pow2(max(n, classes if weight is not None else 1))))
-    _ce_consts_kernel[(1,)](target, weight if weight is not None else out, out, n, classes,
+    _cross_entropy_consts_kernel[(1,)](target, weight if weight is not None else out, out, n, classes,
                             ignore_index, MEAN=mean, HAS_WEIGHT=weight is not None,
                             ACC=tl_acc(acc), BLOCK=block)
     return out
@@ -380,18 +375,18 @@ def launch(input, grad, target, weight, ignore_index, label_smoothing, const, sc
     if rows > 0:
         if C <= TILE_MAX_C:
             block_c = max(next_pow2(C), 2)
-            block_m, warps = config or tile_config(C, input.element_size(), "ce")
-            _ce_tile_kernel[(cdiv(rows, block_m),)](
+            block_m, warps = config or tile_config(C, input.element_size(), "cross_entropy")
+            _cross_entropy_tile_kernel[(cdiv(rows, block_m),)](
                 *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         else:
-            block_c, warps, *walk = config or loop_config(C, input.element_size(), "ce")
+            block_c, warps, *walk = config or loop_config(C, input.element_size(), "cross_entropy")
             if block_c >= C:  # the whole row in one block: one read, no second pass
-                _ce_tile_kernel[(rows,)](*args, **meta, BLOCK_M=1, BLOCK_C=block_c, num_warps=warps)
+                _cross_entropy_tile_kernel[(rows,)](*args, **meta, BLOCK_M=1, BLOCK_C=block_c, num_warps=warps)
             else:
                 # walk = (reverse, evict): the gradient pass's block order and L2
                 # eviction hints; missing entries are off.
                 reverse, evict = tuple(walk) + (False, False)[len(walk):]
-                _ce_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=warps,
+                _cross_entropy_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=warps,
                                          REVERSE=bool(reverse), EVICT=bool(evict))
     return loss_rows
 

@@ -5,8 +5,8 @@ For C <= MAX_C (the classic linear classifiers, the two-layer net's last layer) 
 program takes BLOCK_M rows of X at a time, all classes at once (BLOCK_C >= C):
 
     S    = X_b W^T + b        tl.dot over BLOCK_D slices of D: [BLOCK_M, BLOCK_C], float32
-    loss_b, dS                the loss tile of the plain kernels (cross_entropy.ce_tile,
-                              multi_margin.mm_tile), dS scaled for the batch's reduction
+    loss_b, dS                the loss tile of the plain kernels (cross_entropy.cross_entropy_tile,
+                              multi_margin.multi_margin_tile), dS scaled for the batch's reduction
     dX_b = dS W               tl.dot per BLOCK_D slice, stored
     dW_p += dS^T X_b          a per-program float32 partial [C, D] (read-modify-write)
     db_p += column sums of dS
@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import ce_tile, consts, split
-from .multi_margin import mm_tile
+from .cross_entropy import cross_entropy_tile, consts, split
+from .multi_margin import multi_margin_tile
 from .tuning import cdiv, next_pow2, sm_count
 
 MAX_C = 64
@@ -94,13 +94,13 @@ def _linear_tile_kernel(
             bad = row_ok & ~ignored & ((y < 0) | (y >= C))
             valid = row_ok & ~ignored & ~bad
             w = tl.where(col_ok, 1.0, 0.0)
-            loss, g = ce_tile(tl.where(mask, s, float("-inf")), cols, y, mask, valid, bad, w,
+            loss, g = cross_entropy_tile(tl.where(mask, s, float("-inf")), cols, y, mask, valid, bad, w,
                               keep, smooth, tl.load(CONSTS + 1), scale, False, SMOOTHING)
         else:
             y = tl.load(T + rows, mask=row_ok, other=0)
             valid = row_ok & (y >= 0) & (y < C)
             w_over_c = tl.where(valid, 1.0, 0.0) / C
-            loss, g = mm_tile(tl.where(mask, s, 0.0), cols, y, mask, row_ok & ~valid, w_over_c,
+            loss, g = multi_margin_tile(tl.where(mask, s, 0.0), cols, y, mask, row_ok & ~valid, w_over_c,
                               margin, scale, POWER)
         tl.store(LOSS + rows, loss, mask=row_ok)
         g = tl.where(mask, g, 0.0)
@@ -140,21 +140,20 @@ def _programs(n_blocks, device):
     return max(1, min(n_blocks, 2 * sm_count(device)))  # the interpreter: 2 "SMs"
 
 
-def run(input, weight, bias, target, mask, ce, ignore_index=-100, label_smoothing=0.0, p=1,
-        margin=1.0, mean=True):
+def run(input, weight, bias, target, mask, is_cross_entropy, ignore_index=-100,
+        label_smoothing=0.0, p=1, margin=1.0, mean=True):
     """(sum of the unscaled per-row losses, dX, dW, db) with the gradients scaled for
     'mean' (`mean`) or 'sum'; empty tensors for the gradients `mask` leaves out."""
     n, d = input.shape
     c = weight.shape[0]
     dev = input.device
-    if ce:
+    if is_cross_entropy:
         const = consts(target, None, ignore_index, c, torch.float32, mean)
     else:
         const = torch.full((1,), (1.0 / n if n else float("nan")) if mean else 1.0, device=dev,
                            dtype=torch.float32)
-    # 64 x 64 tiles, 4 warps, for 16-bit inputs: 0.71 ms at 40000x3073x10 bf16 on an H200,
-    # where 32-wide slices with 4-8 warps took 0.90 ms.  No spills on sm_80/sm_90 (up to
-    # 255 registers at C = 64; tests/test_triton_aot.py, compiled as the JIT specializes).
+    # 64 x 64 tiles with 4 warps: the fastest 16-bit tiling on an H200 (bench/results/
+    # gpu-NVIDIA-H200.md), and free of spills on sm_80/sm_90 (tests/test_triton_aot.py).
     block_c = max(16, next_pow2(c))
     block_m, block_d = 64, 64 if input.element_size() == 2 else 32
     n_blocks = cdiv(n, block_m)
@@ -173,7 +172,7 @@ def run(input, weight, bias, target, mask, ce, ignore_index=-100, label_smoothin
             n, d, c, input.stride(0), input.stride(1), weight.stride(0), weight.stride(1),
             d if mask[0] else 0, 1, ignore_index, *split(1.0 - label_smoothing),
             *split(label_smoothing / c), *split(margin),
-            CE=ce, POWER=p, SMOOTHING=label_smoothing != 0.0, HAS_BIAS=bias is not None,
+            CE=is_cross_entropy, POWER=p, SMOOTHING=label_smoothing != 0.0, HAS_BIAS=bias is not None,
             GRAD_X=mask[0], GRAD_W=mask[1], GRAD_B=mask[2],
             PRECISION="ieee" if input.dtype == torch.float32 or INTERPRETED else "tf32",
             WIDEN=INTERPRETED and input.element_size() == 2,

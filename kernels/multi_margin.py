@@ -14,8 +14,8 @@ multiclass SVM loss (sum over the wrong classes) is this loss times C.  Arithmet
 float32 (float64 for float64 inputs) with int64 row offsets; a target outside [0, C)
 gives its row a NaN loss and NaN gradient without any out-of-bounds access.
 
-`_mm_tile_kernel` takes BLOCK_M rows of C <= BLOCK_C classes as one tile;
-`_mm_loop_kernel` takes one row per program and walks it once in BLOCK_C blocks,
+`_multi_margin_tile_kernel` takes BLOCK_M rows of C <= BLOCK_C classes as one tile;
+`_multi_margin_loop_kernel` takes one row per program and walks it once in BLOCK_C blocks,
 writing dx_j as it goes and dx_y at the end.
 """
 
@@ -39,7 +39,7 @@ def _hinge(z, keep, P: tl.constexpr):
 
 
 @triton.jit
-def _mm_tile_kernel(
+def _multi_margin_tile_kernel(
     X, G, T, W, LOSS,
     n_rows, C, sxn, sxc, sgn, sgc, margin_hi, margin_lo, scale_hi, scale_lo,
     P: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
@@ -61,7 +61,7 @@ def _mm_tile_kernel(
         w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
     else:
         w_y = tl.where(valid, 1.0, 0.0).to(ACC)
-    loss, g = mm_tile(x, cols, y, mask, bad, w_y / C, margin, scale, P)
+    loss, g = multi_margin_tile(x, cols, y, mask, bad, w_y / C, margin, scale, P)
     if SCALE_LOSS:
         loss *= scale
     tl.store(LOSS + rows, loss, mask=row_ok)
@@ -70,7 +70,7 @@ def _mm_tile_kernel(
 
 
 @triton.jit
-def mm_tile(x, cols, y, mask, bad, w_over_c, margin, scale, P: tl.constexpr):
+def multi_margin_tile(x, cols, y, mask, bad, w_over_c, margin, scale, P: tl.constexpr):
     """(per-row loss, gradient times `scale`) of a [BLOCK_M, BLOCK_C] tile of scores x
     with targets y and per-row w_y / C, as in the module docstring; `bad` rows get NaN.
     Shared by the loss kernels and the fused linear kernel (kernels/linear_tile.py)."""
@@ -86,7 +86,7 @@ def mm_tile(x, cols, y, mask, bad, w_over_c, margin, scale, P: tl.constexpr):
 
 
 @triton.jit
-def _mm_loop_kernel(
+def _multi_margin_loop_kernel(
     X, G, T, W, LOSS,
     n_rows, C, sxn, sxc, sgn, sgc, margin_hi, margin_lo, scale_hi, scale_lo,
     P: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
@@ -156,12 +156,12 @@ def launch(input, grad, target, p, margin, weight, scale, scale_loss=False, conf
     if rows > 0:
         if C <= TILE_MAX_C:
             block_c = max(next_pow2(C), 2)
-            block_m, warps = config or tile_config(C, input.element_size(), "mm")
-            _mm_tile_kernel[(cdiv(rows, block_m),)](
+            block_m, warps = config or tile_config(C, input.element_size(), "multi_margin")
+            _multi_margin_tile_kernel[(cdiv(rows, block_m),)](
                 *args, **meta, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         else:
-            block_c, warps = config or loop_config(C, input.element_size(), "mm")
-            _mm_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=warps)
+            block_c, warps = config or loop_config(C, input.element_size(), "multi_margin")
+            _multi_margin_loop_kernel[(rows,)](*args, **meta, BLOCK_C=block_c, num_warps=warps)
     return loss_rows
 
 

@@ -17,18 +17,18 @@ import torch
 # Cross-entropy's row walks: (BLOCK_C, num_warps, reverse, evict), see
 # kernels/cross_entropy.py's launch.
 MEASURED: dict = {
-    "ce 10 4": (64, 2),
-    "mm 10 4": (16, 4),
-    "ce 10 2": (64, 2),
-    "mm 10 2": (16, 4),
-    "ce 32000 4": (8192, 16, False, True),
-    "mm 32000 4": (2048, 8),
-    "ce 32000 2": (4096, 8, True, True),
-    "mm 32000 2": (2048, 8),
-    "ce 128256 4": (8192, 16, True, True),
-    "mm 128256 4": (2048, 16),
-    "ce 128256 2": (4096, 8, True, True),
-    "mm 128256 2": (2048, 8),
+    "cross_entropy 10 4": (64, 2),
+    "multi_margin 10 4": (16, 4),
+    "cross_entropy 10 2": (64, 2),
+    "multi_margin 10 2": (16, 4),
+    "cross_entropy 32000 4": (8192, 16, False, True),
+    "multi_margin 32000 4": (2048, 8),
+    "cross_entropy 32000 2": (4096, 8, True, True),
+    "multi_margin 32000 2": (2048, 8),
+    "cross_entropy 128256 4": (8192, 16, True, True),
+    "multi_margin 128256 4": (2048, 16),
+    "cross_entropy 128256 2": (4096, 8, True, True),
+    "multi_margin 128256 2": (2048, 8),
 }
 
 
@@ -62,7 +62,7 @@ def _from_env():
 TUNED = {**{k: tuple(v) for k, v in MEASURED.items()}, **_from_env()}
 
 
-def tile_config(C, elem, family="ce"):
+def tile_config(C, elem, family="cross_entropy"):
     """(BLOCK_M rows per program, num_warps) of the one-tile kernels (C <= TILE_MAX_C)."""
     block_c = max(next_pow2(C), 2)
     return TUNED.get(f"{family} {C} {elem}") or (max(1, min(64, 4096 // block_c)), 4)
@@ -74,7 +74,7 @@ def tile_config(C, elem, family="ce"):
 ROW_MAX_C = 32768
 
 
-def loop_config(C, elem, family="ce"):
+def loop_config(C, elem, family="cross_entropy"):
     """(BLOCK_C, num_warps[, reverse, evict]) of the one-row-per-program
     kernels (large C); a block that covers the row (BLOCK_C >= C) means one read of it.
     From the H200 sweeps: where the row is walked, cross-entropy (two passes) likes
@@ -85,7 +85,7 @@ def loop_config(C, elem, family="ce"):
     if f"{family} {C} {elem}" in TUNED:
         return TUNED[f"{family} {C} {elem}"]
     walk = ()
-    if family == "mm":
+    if family == "multi_margin":
         block, warps = 2048, 8
     elif elem <= 2:
         block, warps, walk = 4096, 8, (True, True)

@@ -113,20 +113,20 @@ def test_weight_requiring_grad_is_rejected_like_torch(kernel_backend):
 
 
 def test_raw_ops_check_arguments(kernel_backend):
-    ce = torch.ops.linclass.cross_entropy
+    ce_op = torch.ops.linclass.cross_entropy
     with pytest.raises(RuntimeError, match="int64"):
-        ce(x, t.int(), None, -100, 0.0, 1, False)
+        ce_op(x, t.int(), None, -100, 0.0, 1, False)
     with pytest.raises(RuntimeError, match="reduction"):
-        ce(x, t, None, -100, 0.0, 7, False)
+        ce_op(x, t, None, -100, 0.0, 7, False)
     with pytest.raises(RuntimeError, match="batch size"):
-        ce(x, t[:2], None, -100, 0.0, 1, False)
+        ce_op(x, t[:2], None, -100, 0.0, 1, False)
     with pytest.raises(IndexError):
-        ce(x, t + 10, None, -100, 0.0, 1, True)
-    mm = torch.ops.linclass.multi_margin_loss
+        ce_op(x, t + 10, None, -100, 0.0, 1, True)
+    margin_op = torch.ops.linclass.multi_margin_loss
     with pytest.raises(RuntimeError, match="p == 1"):
-        mm(x, t, 3, 1.0, None, 1, False)
+        margin_op(x, t, 3, 1.0, None, 1, False)
     with pytest.raises(RuntimeError, match="weight"):
-        mm(x, t, 1, 1.0, torch.ones(3), 1, False)
+        margin_op(x, t, 1, 1.0, torch.ones(3), 1, False)
 
 
 def test_backward_without_saved_gradient_is_an_error(kernel_backend):

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNELS = {"_ce_tile_kernel", "_ce_loop_kernel", "_ce_consts_kernel", "_mm_tile_kernel",
-           "_mm_loop_kernel", "_linear_tile_kernel", "_scale_kernel"}
+KERNELS = {"_cross_entropy_tile_kernel", "_cross_entropy_loop_kernel", "_cross_entropy_consts_kernel", "_multi_margin_tile_kernel",
+           "_multi_margin_loop_kernel", "_linear_tile_kernel", "_scale_kernel"}
 
 
 def _nvidia_tools():

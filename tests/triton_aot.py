@@ -59,7 +59,7 @@ def _constexpr(v):
 def record():
     """The distinct launches of the Triton launchers over a set of GPU-shaped problems."""
     from linclass.kernels import cross_entropy as ce
-    from linclass.kernels import linear_tile, multi_margin as mm, scale
+    from linclass.kernels import linear_tile, multi_margin, scale
     from bench.tune_gpu import WALKS
 
     seen, launches = set(), []
@@ -97,15 +97,15 @@ def record():
                 for weight, smoothing in ((None, 0.0), (w, 0.1)):
                     ce.cross_entropy(x, t, weight, -100, smoothing, 1, True)
                 ce.cross_entropy(x, t, None, -100, 0.0, 1, False)  # forward only
-                mm.multi_margin_loss(x, t, 1, 1.0, None, 1, True)
-                mm.multi_margin_loss(x, t, 2, 0.5, w, 1, True)
+                multi_margin.multi_margin_loss(x, t, 1, 1.0, None, 1, True)
+                multi_margin.multi_margin_loss(x, t, 2, 0.5, w, 1, True)
         ce.cross_entropy(torch.randn(4, 1000, dtype=torch.float64), torch.zeros(4, dtype=torch.long),
                          None, -100, 0.0, 1, True)
         for c in (10, 32000):  # a column-strided input (no unit stride to specialize on)
             xs = torch.randn(c, 8, dtype=torch.bfloat16).t()
             ts = torch.randint(0, c, (8,))
             ce.cross_entropy(xs, ts, None, -100, 0.0, 1, True)
-            mm.multi_margin_loss(xs, ts, 1, 1.0, None, 1, True)
+            multi_margin.multi_margin_loss(xs, ts, 1, 1.0, None, 1, True)
         xb = torch.randn(4, 32000, dtype=torch.bfloat16)
         tb = torch.randint(0, 32000, (4,))
         const = ce.consts(tb, None, -100, 32000, torch.float32, True)
