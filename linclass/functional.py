@@ -124,7 +124,7 @@ def cross_entropy(
     class probabilities with the input's shape (computed by the torch backend).
     For class indices the kernel computes the loss and d loss / d input together.
     """
-    reduction, red = _reduction_code(size_average, reduce, reduction)
+    reduction, reduction_code = _reduction_code(size_average, reduce, reduction)
     _check_input("cross_entropy", input)
     backend = backends.resolve(input.device)
     if backend == "torch" or target.is_floating_point():
@@ -169,7 +169,8 @@ def cross_entropy(
     # torch applies label smoothing only when it is positive.
     label_smoothing = max(float(label_smoothing), 0.0)
     op = CROSS_ENTROPY[backend]
-    loss, _ = op(input, target, weight, int(ignore_index), label_smoothing, red, _needs_grad(input))
+    loss, _ = op(input, target, weight, int(ignore_index), label_smoothing, reduction_code,
+                 _needs_grad(input))
     return loss
 
 
@@ -190,7 +191,7 @@ def multi_margin_loss(
     The classic multiclass SVM loss (sum over wrong classes, mean over N) is
     ``multi_margin_loss(scores, y) * C``.
     """
-    reduction, red = _reduction_code(size_average, reduce, reduction)
+    reduction, reduction_code = _reduction_code(size_average, reduce, reduction)
     if p not in (1, 2):
         raise ValueError("only p == 1 and p == 2 supported")
     _check_input("multi_margin_loss", input)
@@ -220,9 +221,9 @@ def multi_margin_loss(
     loss, _ = op(
         input if input.dim() == 2 else input.reshape(rows, input.shape[-1]),
         target if target.dim() == 1 else target.reshape(rows), int(p), float(margin),
-        weight, red, _needs_grad(input),
+        weight, reduction_code, _needs_grad(input),
     )
-    return loss.reshape(target.shape) if red == 0 and loss.shape != target.shape else loss
+    return loss.reshape(target.shape) if reduction == "none" and loss.shape != target.shape else loss
 
 
 def _check_linear(op: str, input, weight, bias, target):
@@ -262,10 +263,10 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     and the gradients for input, weight and bias are accumulated as the blocks go.
     With 'none', or probability targets, it computes ``linclass.cross_entropy(F.linear(...))``.
     """
-    reduction, red = _reduction_code(None, None, reduction)
+    reduction, reduction_code = _reduction_code(None, None, reduction)
     _check_linear("linear_cross_entropy", input, weight, bias, target)
     backend = backends.resolve(input.device)
-    if red == 0 or backend == "torch" or target.is_floating_point():
+    if reduction == "none" or backend == "torch" or target.is_floating_point():
         return cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing)
     if target.dtype not in (torch.int64, torch.uint8):
@@ -277,8 +278,8 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     t1 = target.reshape(-1).long()
     _check_targets("linear_cross_entropy", backend, t1, weight.shape[0], ignore_index, IndexError)
     op = LINEAR_CROSS_ENTROPY[backend]
-    loss, *_ = op(x2, weight, bias, t1, int(ignore_index), max(float(label_smoothing), 0.0), red,
-                  _mask(input, weight, bias))
+    loss, *_ = op(x2, weight, bias, t1, int(ignore_index), max(float(label_smoothing), 0.0),
+                  reduction_code, _mask(input, weight, bias))
     return loss
 
 
@@ -287,12 +288,12 @@ def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: 
                              reduction: str = "mean") -> torch.Tensor:
     """``multi_margin_loss(F.linear(input, weight, bias), target, ...)`` without the N x C
     scores (see linear_cross_entropy).  The classic linear SVM loss is this times C."""
-    reduction, red = _reduction_code(None, None, reduction)
+    reduction, reduction_code = _reduction_code(None, None, reduction)
     if p not in (1, 2):
         raise ValueError("only p == 1 and p == 2 supported")
     _check_linear("linear_multi_margin_loss", input, weight, bias, target)
     backend = backends.resolve(input.device)
-    if red == 0 or backend == "torch":
+    if reduction == "none" or backend == "torch":
         return multi_margin_loss(F.linear(input, weight, bias), target, p=p, margin=margin,
                                  reduction=reduction)
     if target.dtype != torch.int64:
@@ -301,5 +302,6 @@ def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: 
     t1 = target.reshape(-1)
     _check_targets("linear_multi_margin_loss", backend, t1, weight.shape[0], None, RuntimeError)
     op = LINEAR_MULTI_MARGIN_LOSS[backend]
-    loss, *_ = op(x2, weight, bias, t1, int(p), float(margin), red, _mask(input, weight, bias))
+    loss, *_ = op(x2, weight, bias, t1, int(p), float(margin), reduction_code,
+                  _mask(input, weight, bias))
     return loss
