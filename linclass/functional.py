@@ -200,26 +200,27 @@ def multi_margin_loss(
         return F.multi_margin_loss(input, target, p, margin, weight, reduction=reduction)
     if target.dtype != torch.int64:
         raise RuntimeError(f"multi_margin_loss: expected target dtype int64, got {target.dtype}")
-    if input.dim() not in (1, 2) or input.shape[-1] == 0:
+    if input.dim() > 2 or (input.dim() and input.shape[-1] == 0):
         raise RuntimeError(
             "multi_margin_loss: expected a non-empty vector (C,) or matrix (N, C), "
             f"got shape {list(input.shape)}"
         )
+    classes = input.shape[-1] if input.dim() else 1  # torch reads a 0-dim input as one class
     rows = input.size(0) if input.dim() == 2 else 1
     if target.dim() > 1 or target.numel() != rows:
         raise RuntimeError(
             "multi_margin_loss: target must be 1-D with one class index per input row "
             f"({rows}), got shape {list(target.shape)} for input of shape {list(input.shape)}"
         )
-    _check_weight("multi_margin_loss", weight, input, input.shape[-1], "multi_margin_loss")
+    _check_weight("multi_margin_loss", weight, input, classes, "multi_margin_loss")
     if target.device != input.device:
         raise RuntimeError(f"multi_margin_loss: target is on {target.device} but input is on {input.device}")
-    _check_targets("multi_margin_loss", backend, target, input.shape[-1], None, RuntimeError)
+    _check_targets("multi_margin_loss", backend, target, classes, None, RuntimeError)
     op = MULTI_MARGIN_LOSS[backend]
     # (N, C) inputs go in as they are: a reshape to the same shape would add a view and
-    # its backward node to every call (~10 us of host time per step at small N).
+    # its backward node to every call.
     loss, _ = op(
-        input if input.dim() == 2 else input.reshape(rows, input.shape[-1]),
+        input if input.dim() == 2 else input.reshape(rows, classes),
         target if target.dim() == 1 else target.reshape(rows), int(p), float(margin),
         weight, reduction_code, _needs_grad(input),
     )

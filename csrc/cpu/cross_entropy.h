@@ -265,7 +265,10 @@ struct CrossEntropySetup {
     plan.op = "cross_entropy";
     plan.index_error = true;
     double kept = double(target.numel());  // corrected after the pass if rows are ignored
-    if (in_kernel && use_lanes(C) && !w.has_value()) {
+    // A 'mean' in 16 bits counts the kept rows first: correcting its gradient after the
+    // pass would round it twice.
+    const bool count_first = reduction == kMean && !std::is_same_v<scalar_t, acc_t>;
+    if (in_kernel && use_lanes(C) && !w.has_value() && !count_first) {
       plan.rule = TargetRule{C, true, ignore_index};
       plan.mean_of_kept = true;
     } else {
