@@ -9,6 +9,11 @@ the median of the runs' medians and the spread column shows the runs' lowest and
 highest median: this machine's speed drifts between runs.  Targets (below) compare two
 implementations within each run (a ratio of two times from the same run of the suite)
 and are checked on the median of those per-run ratios, listed beside it.
+
+The class-count sweep (bench/test_bench_class_counts.py) gets its own section: one
+table per op and mode (training, evaluation) with GB/s at every C, and a chart of GB/s
+against C with torch and copy_ as lines (`--sweep-png`, default cpu-sweep.png beside
+the markdown).
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ def fmt_ratios(got, ratios, fmt):
 
 
 def report(data, groups):
-    nruns = max(r["runs"] for g in groups.values() for r in g.values())
+    nruns = max((r["runs"] for g in groups.values() for r in g.values()), default=0)
     lines = [f"Machine: {machine_line(data)}.", "",
              f"Median of the timed rounds, then the median over {nruns} run(s) of the suite "
              "(spread: the runs' lowest and highest median); effective bandwidth = bytes "
@@ -199,22 +204,107 @@ def chart(groups, path):
     fig.savefig(path, dpi=120)
 
 
+def split_class_sweep(groups):
+    """(the other groups, the class-count sweep's groups)."""
+    sweep = {g: rows for g, rows in groups.items()
+             if any(r["info"].get("class_sweep") for r in rows.values())}
+    return {g: rows for g, rows in groups.items() if g not in sweep}, sweep
+
+
+def class_sweep_series(sweep):
+    """{(op, mode): {C: {impl: row}}}, and {C: copy_ row} (copy_ runs in the training groups)."""
+    series, copies = defaultdict(dict), {}
+    for rows in sweep.values():
+        for impl, r in rows.items():
+            info = r["info"]
+            if impl == "copy_":
+                copies.setdefault(info["c"], r)
+            else:
+                series[(info["op"], info["mode"])].setdefault(info["c"], {})[impl] = r
+    return series, copies
+
+
+def _gbs(r):
+    return r["bytes"] / r["median"] / 1e9
+
+
+def class_sweep_report(sweep):
+    series, copies = class_sweep_series(sweep)
+    lines = ["## Class-count sweep", "",
+             "N = 3,000,000 // C rows of float32 scores (12 MB) at every C; training = "
+             "forward + backward (scores in, gradient out), evaluation = forward only "
+             "(scores in).  GB/s = those bytes / median time; copy_ moves 12 MB in and 12 MB "
+             "out.  Speed-up: torch's time / linclass's within each run (median of the runs).", ""]
+    for (op, mode) in sorted(series):
+        lines += [f"### {op}, {'training' if mode == 'train' else 'evaluation'}", "",
+                  "| C | N | torch GB/s | linclass GB/s | copy_ GB/s | speed-up | of copy_ |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in sorted(series[(op, mode)]):
+            rows = series[(op, mode)][c]
+            ours, theirs, copy = rows.get("linclass[cpp]"), rows.get("torch"), copies.get(c)
+            speed = f"{per_run(theirs, ours)[0]:.1f}x" if ours and theirs else ""
+            share = f"{_gbs(ours) / _gbs(copy):.0%}" if ours and copy else ""
+            cells = [f"{_gbs(r):.1f}" if r else "" for r in (theirs, ours, copy)]
+            n = (ours or theirs)["info"]["n"]
+            lines.append(f"| {c} | {n} | " + " | ".join(cells) + f" | {speed} | {share} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def class_sweep_chart(sweep, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series, copies = class_sweep_series(sweep)
+    keys = sorted(series)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), sharey=True,
+                             squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        cs = sorted(series[key])
+        for impl, style in (("linclass[cpp]", "-o"), ("torch", "-s")):
+            pts = [(c, _gbs(series[key][c][impl])) for c in cs if impl in series[key][c]]
+            if pts:
+                ax.plot(*zip(*pts), style, ms=3, label=impl)
+        pts = [(c, _gbs(copies[c])) for c in cs if c in copies]
+        if pts:
+            ax.plot(*zip(*pts), "--", color="gray", label="copy_")
+        ax.set_xscale("log")
+        ax.set_xlabel("classes C (log)")
+        ax.set_title(f"{key[0]}, {'training' if key[1] == 'train' else 'evaluation'}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("GB/s (12 MB of scores)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="+", help="pytest-benchmark JSON files, one per run")
     ap.add_argument("--md", required=True, help="markdown report to write")
     ap.add_argument("--png", help="chart path (default: the markdown path with .png)")
+    ap.add_argument("--sweep-png", help="class-count chart (default: cpu-sweep.png beside --md)")
     ap.add_argument("--title", default="linclass CPU benchmarks")
     args = ap.parse_args()
     data, groups = load(args.json)
-    body, checks = report(data, groups)
+    groups, sweep = split_class_sweep(groups)
+    body, checks = report(data, groups) if groups else (f"Machine: {machine_line(data)}.\n", [])
+    if sweep:
+        body += "\n" + class_sweep_report(sweep)
     with open(args.md, "w") as f:
         f.write(f"# {args.title}\n\nProduced by `make bench` (pytest-benchmark, then "
                 f"`bench/report.py`).\n\n{body}")
-    png = args.png or os.path.splitext(args.md)[0] + ".png"
-    chart(groups, png)
+    written = [args.md]
+    if groups:
+        written.append(args.png or os.path.splitext(args.md)[0] + ".png")
+        chart(groups, written[-1])
+    if sweep:
+        written.append(args.sweep_png or os.path.join(os.path.dirname(args.md) or ".", "cpu-sweep.png"))
+        class_sweep_chart(sweep, written[-1])
     missed = [c for c in checks if not c[3]]
-    print(f"wrote {args.md} and {png}: {len(checks) - len(missed)}/{len(checks)} targets met")
+    print(f"wrote {', '.join(written)}: {len(checks) - len(missed)}/{len(checks)} targets met")
     for name, want, got, _ in missed:
         print(f"  missed: {name}: wanted {want}, measured {got}")
 

@@ -38,3 +38,32 @@ def test_a_single_run_lists_no_brackets(tmp_path):
     _, groups = report.load([_run(tmp_path, 1, 3.0e-3, 0.5e-3, 0.25e-3)])
     _, checks = report.report({}, groups)
     assert [(c[2], c[3]) for c in checks if c[0].endswith("vs torch")] == [("6.0x", True)]
+
+
+def test_class_count_sweep_has_its_own_table_and_chart(tmp_path):
+    bench = []
+    for c, (torch_s, ours_s) in {10: (4e-3, 1e-3), 100: (6e-3, 3e-3)}.items():
+        n = 3_000_000 // c
+        for mode in ("train", "eval"):
+            for impl, t in (("torch", torch_s), ("linclass[cpp]", ours_s), ("copy_", 1e-3)):
+                if impl == "copy_" and mode == "eval":
+                    continue
+                scale = 0.5 if mode == "eval" else 1.0
+                bench.append({"group": f"classes cross_entropy {mode} C={c}", "name": impl,
+                              "stats": {"median": t * scale},
+                              "extra_info": {"impl": impl, "op": "cross_entropy", "mode": mode,
+                                             "c": c, "n": n, "class_sweep": True,
+                                             "bytes": (1 if mode == "eval" and impl != "copy_"
+                                                       else 2) * n * c * 4}})
+    path = tmp_path / "cpu-1.json"
+    path.write_text(json.dumps({"machine_info": {}, "datetime": "2026-12-03T00:00:00",
+                                "benchmarks": bench}))
+    _, groups = report.load([str(path)])
+    others, sweep = report.split_class_sweep(groups)
+    assert not others and len(sweep) == 4
+    text = report.class_sweep_report(sweep)
+    # C = 10, training: 24 MB in 1 ms, torch 4x slower, the same bandwidth as copy_.
+    assert "| 10 | 300000 | 6.0 | 24.0 | 24.0 | 4.0x | 100% |" in text
+    assert "### cross_entropy, evaluation" in text
+    report.class_sweep_chart(sweep, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
