@@ -355,3 +355,21 @@ def test_single_nc_buffer_per_step(kernel_backend):
     big = [e.name for e in prof.events() if e.self_cpu_memory_usage >= x.numel() * 4]
     assert cached + len(big) == 1, (cached, big)
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs linclass._C")
+@pytest.mark.parametrize("c", [33, 40, 1100, 1105])
+def test_gradients_of_8_mib_and_more_with_and_without_streaming(c):
+    # Past 8 MiB the C++ row path writes the gradient with non-temporal stores when the
+    # rows start on vector boundaries (c = 40) or are long (1100, 1105), else with
+    # ordinary stores (33): every variant must give torch's values.
+    n = (9 << 20) // (4 * c)
+    x = torch.randn(n, c)
+    t = torch.randint(0, c, (n,))
+    with linclass.backends.use("cpp"):
+        for ours, theirs in ((linclass.cross_entropy, F.cross_entropy),
+                             (linclass.multi_margin_loss, F.multi_margin_loss)):
+            loss, grad = run(ours, x, t)
+            ref_loss, ref_grad = run(theirs, x, t)
+            assert_close(loss, ref_loss, torch.float32, "loss")
+            assert_close(grad, ref_grad, torch.float32, "grad")

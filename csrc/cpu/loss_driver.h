@@ -179,7 +179,8 @@ void run_loss(const at::Tensor& input, const RowGeometry& geom, const at::Tensor
   if (compute_grad) {
     task.grad = grad.mutable_data_ptr<scalar_t>();
     task.gout = *row_geometry(grad);
-    task.stream_grad = int64_t(grad.nbytes()) >= kStreamBytes;
+    task.stream_grad = stream_gradient(int64_t(grad.nbytes()),
+                                       geom.classes * int64_t(sizeof(scalar_t)));
   }
   task.target = target.const_data_ptr<int64_t>();
   task.lane_targets = plan.lane_targets;

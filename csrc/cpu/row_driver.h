@@ -48,9 +48,20 @@ constexpr int64_t kLaneMaxClasses = 32;
 // Elements per block (and per parallel task at least): below this, threads cost more
 // than they save.
 constexpr int64_t kBlockElements = 16384;
-// Gradients at least this large are written with non-temporal stores: they cannot stay
-// in the caches anyway, and streaming saves reading every line before writing it.
+// Gradients at least kStreamBytes large are written with non-temporal stores: they
+// cannot stay in the caches anyway, and streaming saves reading every line before
+// writing it.  But only when each row starts on a vector boundary, so that every store
+// is a whole aligned vector: otherwise each row's first and last vectors are ordinary
+// stores into lines that its neighbours stream into, and at short rows the mix cost
+// 2-5x (C = 33 to 500, float32; bench/results/cpu-sweep.md).  Rows of
+// kStreamMinRowBytes or more have few such lines and keep streaming.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
+constexpr int64_t kStreamMinRowBytes = 4096;
+inline bool stream_gradient(int64_t grad_bytes, int64_t row_bytes) {
+  constexpr int64_t vec_bytes = int64_t(Vec<float>::size() * sizeof(float));
+  return grad_bytes >= kStreamBytes &&
+         (row_bytes % vec_bytes == 0 || row_bytes >= kStreamMinRowBytes);
+}
 // The lane path prefetches this many tiles ahead.
 constexpr int64_t kPrefetchTiles = 8;
 
