@@ -9,7 +9,7 @@ draws GB/s against C (bench/results/cpu-sweep.png) and tabulates it; a kernel wi
 cliffs keeps its GB/s from one C to the next.
 
 Effective bytes: training 2 * N * C * 4 (scores in, gradient out), evaluation N * C * 4,
-copy_ 2 * N * C * 4.  Inputs rotate through at least 64 MiB, as in test_bench_losses.py.
+copy_ 2 * N * C * 4.  Inputs rotate through at least 64 MiB (rotation.py).
 """
 
 import pytest
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import linclass
+from rotation import copies_for, cycle, forward_backward
 
 CLASS_COUNTS = [2, 3, 5, 8, 10, 16, 20, 31, 32, 33, 48, 64, 65, 100, 127, 128, 200, 255, 256,
                 500, 1000, 1024, 4096, 10000, 32000, 50257, 128256]
@@ -25,34 +26,18 @@ OPS = {"cross_entropy": (F.cross_entropy, linclass.cross_entropy),
        "multi_margin_loss": (F.multi_margin_loss, linclass.multi_margin_loss)}
 MODES = ["train", "eval"]
 IMPLS = ["torch"] + ["linclass[cpp]"] * ("cpp" in linclass.backends.available()) + ["copy_"]
-ROTATE_BYTES = 64 << 20
 ROUNDS = 11
 
 
-def _cycle(inputs, step):
-    state = {"i": 0}
-
-    def run():
-        args = inputs[state["i"] % len(inputs)]
-        state["i"] += 1
-        step(*args)
-
-    return run
-
-
 def _step(fn, mode):
-    if mode == "eval":
-        def evaluate(x, t):
-            with torch.no_grad():
-                fn(x, t)
+    if mode == "train":
+        return forward_backward(fn)
 
-        return evaluate
+    def evaluate(x, t):
+        with torch.no_grad():
+            fn(x, t)
 
-    def train(x, t):
-        x.grad = None
-        fn(x, t).backward()
-
-    return train
+    return evaluate
 
 
 @pytest.mark.parametrize("impl", IMPLS)  # varies fastest: a group's members run back to back
@@ -67,16 +52,16 @@ def test_class_count(benchmark, op, c, mode, impl):
     benchmark.group = f"classes {op} {mode} C={c}"
     benchmark.extra_info.update(op=op, impl=impl, n=n, c=c, mode=mode, class_sweep=True,
                                 bytes=scores if mode == "eval" and impl != "copy_" else 2 * scores)
-    copies = max(2, -(-ROTATE_BYTES // scores))
+    copies = copies_for(scores, least=2)
     inputs = [(torch.randn(n, c, requires_grad=mode == "train"), torch.randint(0, c, (n,)))
               for _ in range(copies)]
     torch_fn, ours = OPS[op]
     if impl == "copy_":
         pairs = [(x.detach(), torch.empty_like(x)) for x, _ in inputs]
-        benchmark.pedantic(_cycle(pairs, lambda src, dst: dst.copy_(src)), rounds=2 * ROUNDS,
+        benchmark.pedantic(cycle(pairs, lambda src, dst: dst.copy_(src)), rounds=2 * ROUNDS,
                            warmup_rounds=2)
     elif impl == "torch":
-        benchmark.pedantic(_cycle(inputs, _step(torch_fn, mode)), rounds=ROUNDS, warmup_rounds=1)
+        benchmark.pedantic(cycle(inputs, _step(torch_fn, mode)), rounds=ROUNDS, warmup_rounds=1)
     else:
         with linclass.backends.use("cpp"):
-            benchmark.pedantic(_cycle(inputs, _step(ours, mode)), rounds=ROUNDS, warmup_rounds=1)
+            benchmark.pedantic(cycle(inputs, _step(ours, mode)), rounds=ROUNDS, warmup_rounds=1)

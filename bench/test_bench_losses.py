@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import linclass
 from linclass import reference
+from rotation import copies_for, cycle, forward_backward
 
 SHAPES = [(256, 10), (65536, 10), (4096, 1000), (1024, 32000)]
 NAIVE_MAX_ELEMENTS = 4096
@@ -25,30 +26,10 @@ OPS = {
     "multi_margin_loss": (F.multi_margin_loss, linclass.multi_margin_loss, reference.multi_margin_loss),
 }
 IMPLS = ["naive", "torch"] + [f"linclass[{b}]" for b in ("cpp",) if b in linclass.backends.available()] + ["copy_"]
-ROTATE_BYTES = 64 << 20
 
 
 def _rounds(n, c):
     return max(5, min(200, int(2e8 // (n * c))))
-
-
-def _cycle(inputs, step):
-    state = {"i": 0}
-
-    def run():
-        args = inputs[state["i"] % len(inputs)]
-        state["i"] += 1
-        step(*args)
-
-    return run
-
-
-def _fwd_bwd(fn):
-    def step(x, t):
-        x.grad = None
-        fn(x, t).backward()
-
-    return step
 
 
 @pytest.mark.parametrize("impl", IMPLS)  # varies fastest: a group's members run back to back
@@ -59,19 +40,19 @@ def test_loss(benchmark, op, n, c, impl):
         pytest.skip("the naive loops only run on small shapes")
     benchmark.group = f"{op} {n}x{c}"
     benchmark.extra_info.update(op=op, impl=impl, n=n, c=c, bytes=2 * n * c * 4)
-    copies = max(1, min(64, -(-ROTATE_BYTES // (n * c * 4))))
+    copies = copies_for(n * c * 4)
     inputs = [(torch.randn(n, c, requires_grad=True), torch.randint(0, c, (n,)))
               for _ in range(copies)]
     torch_fn, ours, naive = OPS[op]
     rounds = _rounds(n, c)
     if impl == "copy_":
         pairs = [(x.detach(), torch.empty_like(x)) for x, _ in inputs]
-        benchmark.pedantic(_cycle(pairs, lambda src, dst: dst.copy_(src)), rounds=2 * rounds,
+        benchmark.pedantic(cycle(pairs, lambda src, dst: dst.copy_(src)), rounds=2 * rounds,
                            warmup_rounds=2)
     elif impl == "naive":
-        benchmark.pedantic(_cycle(inputs, naive), rounds=3, warmup_rounds=1)
+        benchmark.pedantic(cycle(inputs, naive), rounds=3, warmup_rounds=1)
     elif impl == "torch":
-        benchmark.pedantic(_cycle(inputs, _fwd_bwd(torch_fn)), rounds=rounds, warmup_rounds=2)
+        benchmark.pedantic(cycle(inputs, forward_backward(torch_fn)), rounds=rounds, warmup_rounds=2)
     else:
         with linclass.backends.use(impl[len("linclass["):-1]):
-            benchmark.pedantic(_cycle(inputs, _fwd_bwd(ours)), rounds=rounds, warmup_rounds=2)
+            benchmark.pedantic(cycle(inputs, forward_backward(ours)), rounds=rounds, warmup_rounds=2)
