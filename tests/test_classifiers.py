@@ -7,6 +7,7 @@ import torch
 
 import linclass
 from linclass.workflow import linear_classifier as lc
+from linclass.workflow import data
 from linclass.workflow import sweep as sw
 from linclass.workflow import two_layer_net as tln
 from linclass.workflow.data import load_digits
@@ -318,3 +319,53 @@ def test_search_params_sizes():
         assert 5 <= len(lrs) * len(regs) <= 25
     hs, regs, lrs, decays = tln.nn_get_search_params()
     assert len(hs) * len(regs) * len(lrs) * len(decays) >= 1
+
+
+def test_nesterov_momentum_equals_the_update_written_out():
+    X, y, params = get_toy_data(dtype=torch.float64, device="cpu")
+    ref = {k: v.clone() for k, v in params.items()}
+    lr, mu, iters = 0.05, 0.9, 7
+    torch.manual_seed(3)
+    tln.nn_train(params, tln.nn_forward_backward, tln.nn_predict, X, y, X, y, learning_rate=lr,
+                 learning_rate_decay=1.0, reg=1e-3, num_iters=iters, batch_size=3, momentum=mu,
+                 nesterov=True)
+    torch.manual_seed(3)
+    v = {k: torch.zeros_like(t) for k, t in ref.items()}
+    for _ in range(iters):
+        Xb, yb = lc.sample_batch(X, y, X.shape[0], 3)
+        _, grads = tln.nn_forward_backward(ref, Xb, yb, reg=1e-3)
+        for k in tln.PARAM_KEYS:  # v' = mu v - lr g;  p += -mu v + (1 + mu) v'
+            v_new = mu * v[k] - lr * grads[k]
+            ref[k] = ref[k] - mu * v[k] + (1 + mu) * v_new
+            v[k] = v_new
+    for k in tln.PARAM_KEYS:
+        assert torch.allclose(params[k], ref[k], rtol=1e-12, atol=1e-12), k
+    with pytest.raises(ValueError, match="momentum"):
+        tln.nn_train(params, tln.nn_forward_backward, tln.nn_predict, X, y, X, y, momentum=1.0)
+
+
+@pytest.mark.parametrize("cls", [lc.LinearSVM, lc.Softmax])
+def test_sweep_refit_trains_the_winner_on_train_plus_val(cls, digits64):
+    d = digits64
+    out = sw.sweep(cls, d, [1e-2, 1e-1], [1e-3], num_iters=50, batch_size=40, refit=True)
+    both = data.train_plus_val(d)
+    n_all, n_train = len(both["y_train"]), len(d["y_train"])
+    assert out["refit"] == {"num_iters": round(50 * n_all / n_train), "n_train": n_all}
+    alone = sw.sweep(cls, both | {"X_val": d["X_val"], "y_val": d["y_val"]}, [out["best"][0]],
+                     [out["best"][1]], num_iters=out["refit"]["num_iters"], batch_size=40)
+    assert torch.allclose(out["best_model"].W, alone["best_model"].W, rtol=1e-5, atol=1e-7)
+    plain = sw.sweep(cls, d, [1e-2, 1e-1], [1e-3], num_iters=50, batch_size=40)
+    assert plain["best"] == out["best"] and plain["best_val"] == out["best_val"] and "refit" not in plain
+
+
+def test_find_best_net_refit_and_train_options(digits64):
+    d = digits64
+    grid = lambda: ([16], [1e-4], [0.05, 0.3], [0.95])  # noqa: E731
+    net, stat, val = tln.find_best_net(d, grid, num_iters=60, refit=True, momentum=0.9,
+                                       nesterov=True, init_std=0.05)
+    n_all = len(d["y_train"]) + len(d["y_val"])
+    assert stat["refit"] == {"num_iters": round(60 * n_all / len(d["y_train"])), "n_train": n_all}
+    assert stat["val_acc_history"] == [] and len(stat["loss_history"]) == stat["refit"]["num_iters"]
+    _, kept_stat, kept_val = tln.find_best_net(d, grid, num_iters=60, momentum=0.9, nesterov=True,
+                                               init_std=0.05)
+    assert kept_val == val and kept_stat["config"] == stat["config"]

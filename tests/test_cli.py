@@ -213,7 +213,8 @@ def test_photos_train_on_mirror_images_by_default(tmp_path):
                  env=env)
         assert p.returncode == 0, p.stderr
         r = json.loads(js.read_text())
-        assert r["hyperparameters"]["augment"] == augment and r["n_train"] == 16  # originals only
+        # originals only; a search refits on training + validation (16 + 4 images)
+        assert r["hyperparameters"]["augment"] == augment and r["n_train"] == (20 if "--search" in opts else 16)
         assert r["hyperparameters"]["standardize"] == ("on" if model == "svm" else "off")
     js = tmp_path / "svm.json"
     assert cli.main(["train", "--model", "svm", "--iters", "20", "--quiet", "--device", "cpu",
@@ -223,3 +224,108 @@ def test_photos_train_on_mirror_images_by_default(tmp_path):
     assert cli.main(["train", "--model", "softmax", "--iters", "20", "--quiet", "--device", "cpu",
                      "--standardize", "on", "--json", str(js)]) == 0
     assert json.loads(js.read_text())["hyperparameters"]["standardize"] == "on"
+
+
+def test_search_refits_on_train_plus_val_unless_told_not_to(tmp_path):
+    runs = {}
+    for flag in ([], ["--no-refit"]):
+        js = tmp_path / f"r{len(flag)}.json"
+        assert cli.main(["train", "--model", "softmax", "--search", "--iters", "100", "--quiet",
+                         "--device", "cpu", "--json", str(js), *flag]) == 0
+        runs[bool(flag)] = json.loads(js.read_text())
+    refit, kept = runs[False], runs[True]
+    assert refit["refit"] and not kept["refit"]
+    assert refit["n_train"] == kept["n_train"] + kept["n_val"]
+    # the same search: the same choice and the same validation accuracy reported
+    assert refit["hyperparameters"] == kept["hyperparameters"]
+    assert refit["val_acc"] == refit["search_val_acc"] == kept["search_val_acc"]
+    assert kept["val_acc"] == pytest.approx(kept["search_val_acc"])  # the kept model, measured again
+    assert refit["test_acc"] != kept["test_acc"] or refit["train_acc"] != kept["train_acc"]
+
+
+def test_two_layer_options_and_augment_rules(tmp_path):
+    js = tmp_path / "r.json"
+    assert cli.main(["train", "--model", "twolayer", "--iters", "30", "--quiet", "--device", "cpu",
+                     "--momentum", "0.5", "--init-std", "0.01", "--augment", "crop-flip",
+                     "--json", str(js)]) == 0
+    hp = json.loads(js.read_text())["hyperparameters"]
+    assert (hp["momentum"], hp["init_std"], hp["augment"]) == (0.5, 0.01, "crop-flip")
+    assert cli.main(["train", "--model", "twolayer", "--iters", "30", "--quiet", "--device", "cpu",
+                     "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["hyperparameters"]["augment"] == "shift"  # digits default
+    for args, message in [(["--model", "svm", "--augment", "shift"], "two-layer net"),
+                          (["--model", "twolayer", "--momentum", "1.0"], "--momentum")]:
+        p = _run(["train", *args, "--iters", "5", "--quiet", "--device", "cpu"])
+        assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
+def test_split_image_folder_is_stratified_seeded_and_links(tmp_path):
+    src = _image_folder(tmp_path / "src", ["a", "b", "c"], per_class=7)
+    (tmp_path / "src" / "a" / "extra.png").write_bytes((src / "a" / "0.png").read_bytes())  # 8, 7, 7
+    train_dir, test_dir = data.split_image_folder(str(src), str(tmp_path / "s"), test_count=5, seed=3)
+    counts = {c: len(os.listdir(os.path.join(test_dir, c))) for c in "abc"}
+    assert sum(counts.values()) == 5 and counts["a"] == 2  # 5 * 8 / 22 = 1.8 -> 2
+    for c in "abc":
+        test_names = set(os.listdir(os.path.join(test_dir, c)))
+        train_names = set(os.listdir(os.path.join(train_dir, c)))
+        assert not test_names & train_names and test_names | train_names == set(os.listdir(src / c))
+        for name in test_names:
+            link = os.path.join(test_dir, c, name)
+            assert os.path.islink(link) and os.path.samefile(link, src / c / name)
+    # the same seed again: accepted (the same split); another seed into the same folder: refused
+    assert data.split_image_folder(str(src), str(tmp_path / "s"), test_count=5, seed=3) == (train_dir, test_dir)
+    other = data.split_image_folder(str(src), str(tmp_path / "t"), test_count=5, seed=4)
+    if any(set(os.listdir(os.path.join(other[1], c))) != set(os.listdir(os.path.join(test_dir, c))) for c in "abc"):
+        with pytest.raises(data.DataError, match="another split"):
+            data.split_image_folder(str(src), str(tmp_path / "s"), test_count=5, seed=4)
+    with pytest.raises(ValueError, match="test_count"):
+        data.split_image_folder(str(src), str(tmp_path / "u"), test_count=22)
+    with pytest.raises(data.DataError, match="not found"):
+        data.split_image_folder(str(tmp_path / "none"), str(tmp_path / "u"))
+    # the CLI command
+    p = _run(["split", str(src), str(tmp_path / "v"), "--test", "4"])
+    assert p.returncode == 0, p.stderr
+    assert sum(len(os.listdir(tmp_path / "v" / "test" / c)) for c in "abc") == 4
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_random_crop_flip_equals_a_pixel_loop(bias):
+    shape, pad = (2, 5, 6), 2
+    n, pixels = 7, 60
+    X = torch.randn(n, pixels + (1 if bias else 0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    out = data.random_crop_flip(shape, pad=pad, generator=g)(X)
+    assert out.shape == X.shape and out.dtype == X.dtype
+    if bias:
+        assert torch.equal(out[:, -1], X[:, -1])
+    images, got = X[:, :pixels].reshape(n, *shape), out[:, :pixels].reshape(n, *shape)
+    seen = set()
+    for i in range(n):  # some shift and mirror must give each output image exactly
+        matches = []
+        for dy in range(-pad, pad + 1):
+            for dx in range(-pad, pad + 1):
+                for mirror in (False, True):
+                    src = images[i].flip(-1) if mirror else images[i]
+                    ref = torch.zeros(shape, dtype=torch.float64)
+                    for r in range(shape[1]):
+                        for c in range(shape[2]):
+                            if 0 <= r + dy < shape[1] and 0 <= c + dx < shape[2]:
+                                ref[:, r, c] = src[:, r + dy, c + dx]
+                    if torch.equal(ref, got[i]):
+                        matches.append((dy, dx, mirror))
+        assert matches, i
+        seen.update(matches)
+    assert len(seen) > 3  # the draws differ between rows
+    same = data.random_crop_flip(shape, pad=0, flip=False)(X)
+    assert torch.equal(same, X)
+    with pytest.raises(ValueError, match="image_shape"):
+        data.random_crop_flip((5, 6))
+    with pytest.raises(ValueError, match="needs 60"):
+        data.random_crop_flip(shape)(X[:, :10])
+
+
+def test_preprocess_without_validation_split():
+    d = data.load_digits(device="cpu", validation_ratio=0.0)
+    assert d["X_val"].shape == (0, 64) and len(d["y_train"]) == 1797 - 359
+    both = data.train_plus_val(data.load_digits(device="cpu"))
+    assert both["X_val"] is None and len(both["y_train"]) == 1797 - 359

@@ -3,6 +3,7 @@
     linclass train --model svm|softmax|twolayer [--dataset digits|cifar10|folder] ...
     linclass demo        all three models on scikit-learn's digits (bundled), one table
     linclass ops         the fused ops against torch.nn.functional (forward + backward)
+    linclass split SRC OUT [--test N]   set N images of a folder aside as a test split
 """
 
 from __future__ import annotations
@@ -24,10 +25,16 @@ def _table(rows):
     def fmt(v):
         return "-" if v is None else f"{v:.2f}"
 
-    lines = [f"{'model':<10}{'train %':>9}{'val %':>9}{'test %':>9}{'seconds':>9}"]
+    sk = any("sklearn" in r for r in rows)
+    lines = [f"{'model':<10}{'train %':>9}{'val %':>9}{'test %':>9}{'seconds':>9}"
+             + (f"   {'scikit-learn':<20}{'test %':>7}{'seconds':>9}" if sk else "")]
     for r in rows:
-        lines.append(f"{r['model']:<10}{fmt(r['train_acc']):>9}{fmt(r['val_acc']):>9}"
-                     f"{fmt(r['test_acc']):>9}{r['seconds']:>9.1f}")
+        line = (f"{r['model']:<10}{fmt(r['train_acc']):>9}{fmt(r['val_acc']):>9}"
+                f"{fmt(r['test_acc']):>9}{r['seconds']:>9.1f}")
+        if "sklearn" in r:
+            name, acc, seconds = r["sklearn"]
+            line += f"   {name:<20}{fmt(acc):>7}{seconds:>9.1f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -38,7 +45,11 @@ def _add_train_args(p):
     p.add_argument("--train-dir", help="image folder: train_dir/<class>/<image>")
     p.add_argument("--test-dir", help="image folder with the same class names (optional)")
     p.add_argument("--search", action="store_true",
-                   help="run the model's default hyperparameter search on the validation split")
+                   help="run the model's default hyperparameter search on the validation split, "
+                        "then train the chosen configuration on training + validation (refit)")
+    p.add_argument("--no-refit", dest="refit", action="store_false",
+                   help="with --search: keep the model the search trained (without the "
+                        "validation split) instead of refitting")
     p.add_argument("--lr", type=float)
     p.add_argument("--reg", type=float)
     p.add_argument("--iters", type=int)
@@ -46,9 +57,15 @@ def _add_train_args(p):
                    help="minibatch size (default 200; 1000 for svm and softmax on photos)")
     p.add_argument("--hidden", type=int, help="hidden units (twolayer)")
     p.add_argument("--decay", type=float, help="learning-rate decay per epoch (twolayer)")
-    p.add_argument("--augment", choices=["auto", "none", "flip"], default="auto",
+    p.add_argument("--momentum", type=float,
+                   help="Nesterov momentum, 0 for plain SGD (twolayer; default 0.9 on digits, 0 on photos)")
+    p.add_argument("--init-std", type=float, help="std of the initial weights (twolayer)")
+    p.add_argument("--augment", choices=["auto", "none", "flip", "shift", "crop-flip"], default="auto",
                    help="flip: train on the training images and their mirror images too; "
-                        "auto (default): flip on photos (cifar10, folder), none on digits")
+                        "shift: every minibatch shifted at random by up to 1/16 of the image "
+                        "size; crop-flip: shifted and mirrored at random (shift and crop-flip: "
+                        "twolayer only); auto (default): flip on photos, none on digits for "
+                        "the linear models and shift for the two-layer net")
     p.add_argument("--standardize", choices=["auto", "on", "off"], default="auto",
                    help="on: divide each pixel by its standard deviation over the training split "
                         "(after the mean is subtracted); auto (default): on for svm on photos")
@@ -61,16 +78,43 @@ def _add_train_args(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+# The demo's scikit-learn counterparts: library defaults, max_iter raised until they converge.
+SKLEARN_COUNTERPARTS = {
+    "svm": ("LinearSVC", "sklearn.svm", "LinearSVC", dict(max_iter=100_000)),
+    "softmax": ("LogisticRegression", "sklearn.linear_model", "LogisticRegression", dict(max_iter=100_000)),
+    "twolayer": ("MLPClassifier", "sklearn.neural_network", "MLPClassifier",
+                 dict(max_iter=100_000, random_state=0)),
+}
+
+
+def _sklearn_row(model, d):
+    """(name, test accuracy %, seconds) of `model`'s scikit-learn counterpart fitted on
+    the demo's training split (the same rows, no bias column: it fits an intercept)."""
+    import importlib
+
+    name, module, cls, kwargs = SKLEARN_COUNTERPARTS[model]
+    estimator = getattr(importlib.import_module(module), cls)(**kwargs)
+    start = time.perf_counter()
+    estimator.fit(d["X_train"].cpu().numpy(), d["y_train"].cpu().numpy())
+    seconds = time.perf_counter() - start
+    return name, 100.0 * estimator.score(d["X_test"].cpu().numpy(), d["y_test"].cpu().numpy()), seconds
+
+
 def _demo(quiet) -> None:
     import linclass
 
+    from . import data
+
     print(f"linclass {linclass.__version__}: backends {linclass.backends.available()}; "
-          "all three models on scikit-learn's digits (1797 8x8 images, 10 classes)")
+          "all three models on scikit-learn's digits (1797 8x8 images, 10 classes), each beside "
+          "its scikit-learn counterpart trained on the same split")
+    digits = data.load_digits(device="cpu")  # run_train's split: the same seeds
     rows = []
     for model in ("svm", "softmax", "twolayer"):
         args = _parser().parse_args(["train", "--model", model, "--device", "cpu"]
                                     + (["--quiet"] if quiet else []))
         rows.append(run_train(args))
+        rows[-1]["sklearn"] = _sklearn_row(model, digits)
     print(_table(rows))
 
 
@@ -114,6 +158,12 @@ def _parser():
     demo = sub.add_parser("demo", help="all three models on the bundled digits data")
     demo.add_argument("--quiet", action="store_true")
     sub.add_parser("ops", help="the fused ops against torch (forward + backward)")
+    split = sub.add_parser("split", help="set part of an image folder aside as a test split "
+                                         "(symbolic links; for datasets shipped without one)")
+    split.add_argument("src", help="image folder: src/<class>/<image>")
+    split.add_argument("out", help="gets out/train/<class>/ and out/test/<class>/")
+    split.add_argument("--test", type=int, default=10000, help="images set aside (default 10000)")
+    split.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -126,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             _demo(args.quiet)
         elif args.command == "ops":
             _ops()
+        elif args.command == "split":
+            from .data import split_image_folder
+
+            train_dir, test_dir = split_image_folder(args.src, args.out, args.test, args.seed)
+            print(f"train: {train_dir}\ntest:  {test_dir}")
         else:
             result = run_train(args)
             print(_table([result]))

@@ -64,11 +64,30 @@ def preprocess(x_train, y_train, x_test=None, y_test=None, *, scale: float = 255
         x, y = splits[name]
         x = x - mean
         if flatten or bias_trick:
-            x = x.reshape(len(x), -1)
+            x = x.flatten(1)
         if bias_trick:
             x = torch.cat([x, torch.ones(len(x), 1, dtype=dtype)], dim=1)
         out[f"X_{name}"], out[f"y_{name}"] = x.to(device), y.to(device)
     return out
+
+
+def train_plus_val(data: dict) -> dict:
+    """The data dict for a refit: the validation split appended to the training split
+    (X_val and y_val then None; the test split unchanged).  After a search has chosen a
+    configuration on the validation split, the model trained on all of it generalizes
+    better (scikit-learn's GridSearchCV(refit=True) does the same)."""
+    out = dict(data)
+    if data.get("X_val") is not None and len(data["X_val"]):
+        out["X_train"] = torch.cat([data["X_train"], data["X_val"]])
+        out["y_train"] = torch.cat([data["y_train"], data["y_val"]])
+    out["X_val"], out["y_val"] = None, None
+    return out
+
+
+def refit_iterations(num_iters: int, data: dict, refit_data: dict) -> int:
+    """Iterations for a refit on `refit_data` that keep the search run's number of epochs
+    (an epoch grows with the training split, so a schedule per epoch is unchanged)."""
+    return int(round(num_iters * len(refit_data["y_train"]) / max(len(data["y_train"]), 1)))
 
 
 def standardize(data: dict, eps: float = 1e-6) -> dict:
@@ -123,6 +142,47 @@ def mirror_augment(data: dict) -> dict:
     out["X_train"] = torch.cat([X, mirrored.reshape(X.shape)])
     out["y_train"] = torch.cat([data["y_train"], data["y_train"]])
     return out
+
+
+def random_crop_flip(image_shape, pad: int = 4, flip: bool = True, generator=None):
+    """A minibatch augmenter for nn_train(augment=...): each row, an image of
+    `image_shape` (C, H, W) flattened (a bias column after it is kept), is shifted by a
+    random offset in [-pad, pad] on both axes (the pixels shifted in are 0, the training
+    mean after `preprocess`) and, with `flip`, mirrored left to right with probability
+    1/2.  A fresh draw per call: the net sees a new version of an image each time.
+
+    Shifts and mirror images keep a photo's class, so they act as more training data
+    for the two-layer net on CIFAR-10 (README, "CIFAR-10 results")."""
+    shape = tuple(image_shape)
+    if len(shape) != 3:
+        raise ValueError(f"random_crop_flip needs image_shape (C, H, W), got {shape}")
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    channels, height, width = shape
+    pixels = channels * height * width
+
+    def augment(X):
+        n = X.shape[0]
+        if X.shape[1] < pixels:
+            raise ValueError(f"rows hold {X.shape[1]} values, image_shape {shape} needs {pixels}")
+        images = X[:, :pixels].reshape(n, channels, height, width)
+        kw = dict(device=X.device, generator=generator)
+        # One gather does both: pixel (r, c) of the output is pixel (r + dy, c' + dx) of the
+        # zero-padded image, c' = c or, mirrored, width - 1 - c.
+        padded_width = width + 2 * pad
+        padded = torch.nn.functional.pad(images, (pad,) * 4) if pad else images
+        cols = torch.arange(width, device=X.device).expand(n, width)
+        if flip:
+            mirror = torch.rand(n, 1, **kw) < 0.5
+            cols = torch.where(mirror, width - 1 - cols, cols)
+        offset = (torch.randint(0, 2 * pad + 1, (n, 1, 1), **kw) * padded_width
+                  + torch.randint(0, 2 * pad + 1, (n, 1, 1), **kw))
+        index = (torch.arange(height, device=X.device)[None, :, None] * padded_width
+                 + cols[:, None, :] + offset).view(n, 1, height * width)
+        out = padded.flatten(2).gather(2, index.expand(n, channels, height * width)).view(n, pixels)
+        return out if X.shape[1] == pixels else torch.cat([out, X[:, pixels:]], dim=1)
+
+    return augment
 
 
 def load_digits(validation_ratio: float = 0.2, test_ratio: float = 0.2, seed: int = 0,
@@ -257,6 +317,57 @@ def _decode_folder(folder: str, cache_dir: str | None, size: int | None):
     np.savez(tmp, images=images, labels=labels, classes=np.asarray(ds.classes))
     os.replace(tmp, cache)
     return images, labels, list(ds.classes)
+
+
+def split_image_folder(src: str, out: str, test_count: int = 10000, seed: int = 0) -> tuple[str, str]:
+    """Set `test_count` images of the image folder `src` aside as a test split:
+    out/train/<class>/ and out/test/<class>/ get symbolic links to the images (nothing is
+    copied).  The split is stratified (each class gives its share, in proportion to its
+    size, rounded so the total is exact) and seeded: the same seed gives the same split.
+    Returns (train_dir, test_dir); an existing `out` must hold the same split.
+
+    For a dataset that ships without a test split (such as the 50,000 CIFAR-10 training
+    images here): search and refit on out/train, and report the figures on out/test,
+    which no choice was made on."""
+    if not os.path.isdir(src):
+        raise DataError(f"image folder not found: {src}")
+    classes = sorted(e.name for e in os.scandir(src) if e.is_dir())
+    files = {c: sorted(e.name for e in os.scandir(os.path.join(src, c)) if e.is_file()) for c in classes}
+    total = sum(len(v) for v in files.values())
+    if not classes or total == 0:
+        raise DataError(f"{src} is not an image folder (one sub-folder of images per class)")
+    if not 0 < test_count < total:
+        raise ValueError(f"test_count must be in [1, {total - 1}] for {src} ({total} images), "
+                         f"got {test_count}")
+    # Largest remainders: each class's exact share, the rounding given to the largest
+    # fractions, so the counts add up to test_count.
+    shares = {c: test_count * len(files[c]) / total for c in classes}
+    counts = {c: int(shares[c]) for c in classes}
+    for c in sorted(classes, key=lambda c: shares[c] - counts[c], reverse=True)[:test_count - sum(counts.values())]:
+        counts[c] += 1
+    g = torch.Generator().manual_seed(seed)
+    train_dir, test_dir = os.path.join(out, "train"), os.path.join(out, "test")
+    for c in classes:
+        order = torch.randperm(len(files[c]), generator=g).tolist()
+        chosen = set(order[:counts[c]])
+        for split_dir, names in ((test_dir, [n for i, n in enumerate(files[c]) if i in chosen]),
+                                 (train_dir, [n for i, n in enumerate(files[c]) if i not in chosen])):
+            folder = os.path.join(split_dir, c)
+            os.makedirs(folder, exist_ok=True)
+            for name in names:
+                link, target = os.path.join(folder, name), os.path.abspath(os.path.join(src, c, name))
+                if os.path.lexists(link):
+                    if os.path.realpath(link) != os.path.realpath(target):
+                        raise DataError(f"{link} exists and is not a link to {target}: "
+                                        f"{out} holds another split")
+                    continue
+                os.symlink(target, link)
+    for split_dir, want in ((test_dir, test_count), (train_dir, total - test_count)):
+        have = sum(len(os.listdir(os.path.join(split_dir, c))) for c in classes)
+        if have != want:
+            raise DataError(f"{split_dir} holds {have} images, the split has {want}: "
+                            f"{out} holds another split (remove it or choose another folder)")
+    return train_dir, test_dir
 
 
 def load_image_folder(train_dir: str, test_dir: str | None = None, validation_ratio: float = 0.2,

@@ -8,7 +8,9 @@ import torch
 import linclass
 from linclass import sgd
 
-from .linear_classifier import LinearClassifier, _fast_path_ok, _init_weight, sample_batch
+from .data import refit_iterations, train_plus_val
+from .linear_classifier import (LinearClassifier, _fast_path_ok, _init_weight, sample_batch,
+                                train_linear_classifier)
 from .losses import LOSS_KINDS
 from .utils import reset_seed
 
@@ -20,7 +22,7 @@ def _kind_of(model_cls_or_loss):
 
 
 def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, batch_size=200,
-          seed=0, progress=None):
+          seed=0, progress=None, *, augment_data=None, refit=False):
     """Train every (learning rate, reg) pair at once.
 
     As in the classic search loop (a fresh LinearSVM()/Softmax() per pair reseeds, so every
@@ -33,11 +35,20 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
     loss function (W, X, y, reg) -> (loss, dW); the SVM and softmax losses are batched,
     any other function is called once per pair and step on the shared minibatch.
 
+    augment_data: a function data dict -> data dict applied to the training data before
+    training (e.g. data.mirror_augment), None for none.  refit: after the search, train
+    the chosen pair again, alone, on the training and validation splits together
+    (data.train_plus_val, augmented the same way) for the same number of epochs; that
+    model is "best_model".
+
     Returns {"results": {(lr, reg): (train_acc, val_acc)}, "best": (lr, reg),
-             "best_val": val_acc, "best_model": a trained classifier (or W)}.
+             "best_val": val_acc, "best_model": a trained classifier (or W), and with
+             refit "refit": {"num_iters", "n_train"}}.  Accuracies are measured on the
+             splits as given (train_acc on the training split before augmentation).
     """
     kind, model_cls = _kind_of(model_cls_or_loss)
-    X, y = data_dict["X_train"], data_dict["y_train"]
+    train_data = augment_data(data_dict) if augment_data is not None else data_dict
+    X, y = train_data["X_train"], train_data["y_train"]
     configs = [(lr, reg) for lr in learning_rates for reg in regs]  # the notebook's order
     reset_seed(seed)
     W0 = _init_weight(None, X, y)
@@ -82,17 +93,42 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
             correct += (pred == ys[r0:r0 + 1024, None]).sum(dim=0)
         return 100.0 * correct.double() / len(Xs)  # no rows: NaN, like a mean of none
 
-    train_acc, val_acc = accuracy(X, y), accuracy(data_dict["X_val"], data_dict["y_val"])
+    train_acc = accuracy(data_dict["X_train"], data_dict["y_train"])
+    val_acc = accuracy(data_dict["X_val"], data_dict["y_val"])
     results = {configs[k]: (train_acc[k].item(), val_acc[k].item()) for k in range(K)}
     best = max(range(K), key=lambda k: val_acc[k].item())
+    out = {"results": results, "best": configs[best], "best_val": val_acc[best].item()}
+    if refit:
+        refit_data = train_plus_val(data_dict)
+        if augment_data is not None:
+            refit_data = augment_data(refit_data)
+        iters = refit_iterations(num_iters, train_data, refit_data)
+        out["refit"] = {"num_iters": iters, "n_train": len(refit_data["y_train"])}
+        out["best_model"] = _train_one(model_cls_or_loss, model_cls, refit_data, *configs[best],
+                                       iters, batch_size, seed, progress)
+        return out
     best_W = W[:, best * C:(best + 1) * C].clone()
     if model_cls is not None:
-        best_model = model_cls()
-        best_model.W = best_W
+        out["best_model"] = model_cls()
+        out["best_model"].W = best_W
     else:
-        best_model = best_W
-    return {"results": results, "best": configs[best], "best_val": val_acc[best].item(),
-            "best_model": best_model}
+        out["best_model"] = best_W
+    return out
+
+
+def _train_one(model_cls_or_loss, model_cls, data, lr, reg, num_iters, batch_size, seed, progress):
+    """One (lr, reg) pair trained alone from the search's W0 and seed (the refit)."""
+    X, y = data["X_train"], data["y_train"]
+    if model_cls is not None:
+        model = model_cls()
+        reset_seed(seed)
+        model.W = _init_weight(None, X, y)
+        model.train(X, y, lr, reg, num_iters, batch_size, progress=progress)
+        return model
+    reset_seed(seed)
+    W, _ = train_linear_classifier(model_cls_or_loss, None, X, y, lr, reg, num_iters, batch_size,
+                                   progress=progress)
+    return W
 
 
 def _batched_dscores(kind, scores, y_batch, K, C, col_scale):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from linclass import linear_cross_entropy
+from .data import refit_iterations, train_plus_val
 from .linear_classifier import _accuracy, sample_batch
 from .utils import default_device, load_checkpoint
 
@@ -61,28 +62,46 @@ def nn_predict(params: dict, loss_func, X: torch.Tensor) -> torch.Tensor:
 
 def nn_train(params: dict, loss_func, pred_func, X, y, X_val, y_val, learning_rate=1e-3,
              learning_rate_decay=0.95, reg=5e-6, num_iters=100, batch_size=200, verbose=False,
-             progress=None):
+             progress=None, momentum=0.0, nesterov=False, augment=None):
     """Minibatch SGD.  Once per epoch (max(num_train // batch_size, 1) iterations, and at
     iteration 0) it records the minibatch's and the validation accuracy, then decays the
     learning rate.  Returns {"loss_history", "train_acc_history", "val_acc_history"}
     (accuracies as fractions, as in the classic code).  `progress(it)` is called after
-    each iteration when given (the CLI's progress bar)."""
+    each iteration when given (the CLI's progress bar).
+
+    momentum > 0: SGD with momentum, v = momentum * v - lr * grad, then p += v (or, with
+    nesterov, p += momentum * v - lr * grad: the step looks ahead along v).  The defaults
+    are the classic plain SGD.  augment: a function applied to each minibatch's rows
+    before the step (e.g. data.random_crop_flip), None for the rows as they are."""
+    if momentum < 0 or momentum >= 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     num_train = X.shape[0]
     per_epoch = max(num_train // batch_size, 1)
     loss_history, train_acc_history, val_acc_history = [], [], []
+    velocity = {key: torch.zeros_like(params[key]) for key in PARAM_KEYS} if momentum else None
     for it in range(num_iters):
         X_batch, y_batch = sample_batch(X, y, num_train, batch_size)
+        if augment is not None:
+            X_batch = augment(X_batch)
         loss, grads = loss_func(params, X_batch, y=y_batch, reg=reg)
         loss_history.append(loss.item())
         for key in PARAM_KEYS:
-            params[key].add_(grads[key], alpha=-learning_rate)
+            if velocity is None:
+                params[key].add_(grads[key], alpha=-learning_rate)
+                continue
+            v = velocity[key].mul_(momentum).add_(grads[key], alpha=-learning_rate)
+            if nesterov:
+                params[key].add_(v, alpha=momentum).add_(grads[key], alpha=-learning_rate)
+            else:
+                params[key].add_(v)
         if verbose and it % 100 == 0:
             print(f"iteration {it} / {num_iters}: loss {loss.item():f}")
         if it % per_epoch == 0:
             train_acc = (pred_func(params, loss_func, X_batch) == y_batch).float().mean().item()
-            val_acc = (pred_func(params, loss_func, X_val) == y_val).float().mean().item()
             train_acc_history.append(train_acc)
-            val_acc_history.append(val_acc)
+            if X_val is not None:  # None: no validation split (a refit trains on it)
+                val_acc = (pred_func(params, loss_func, X_val) == y_val).float().mean().item()
+                val_acc_history.append(val_acc)
             learning_rate *= learning_rate_decay
         if progress is not None:
             progress(it)
@@ -106,32 +125,61 @@ def nn_get_search_params():
     return hidden_sizes, regularization_strengths, learning_rates, learning_rate_decays
 
 
+def nn_get_digits_search_params():
+    """The default search's grid for the digits (the CLI's --search there): around the
+    digits defaults (hidden 256, Nesterov momentum 0.9, shifted minibatches), which
+    5-fold cross-validation on the non-test images chose."""
+    return [256], [1e-4, 1e-3], [0.1, 0.3], [0.99]
+
+
 SEARCH_ITERS = 4000
 
 
 def find_best_net(data_dict: dict, get_param_set_fn, num_iters: int = SEARCH_ITERS,
-                  batch_size: int = 200, seed: int = 0, progress=None):
+                  batch_size: int = 200, seed: int = 0, progress=None, *, augment_data=None,
+                  refit: bool = False, init_std: float = 1e-4, **train_options):
     """Train one net per configuration of get_param_set_fn() and keep the best on the
     validation split.  Returns (best_net, best_stat, best_val_acc), best_val_acc in
-    percent.  `progress(done, total, config, val_acc)` is called after each run."""
-    X_train, y_train = data_dict["X_train"], data_dict["y_train"]
+    percent.  `progress(done, total, config, val_acc)` is called after each run.
+
+    augment_data: a function data dict -> data dict applied to the training data (e.g.
+    data.mirror_augment).  refit: train the chosen configuration again on the training
+    and validation splits together (augmented the same way) for the same number of
+    epochs; best_net and best_stat are then the refit's (its stat has no validation
+    history), best_val_acc stays the search's.  init_std and train_options (momentum,
+    nesterov, augment: see nn_train) apply to every run."""
+    train_data = augment_data(data_dict) if augment_data is not None else data_dict
+    X_train, y_train = train_data["X_train"], train_data["y_train"]
     X_val, y_val = data_dict["X_val"], data_dict["y_val"]
     hidden_sizes, regs, lrs, decays = get_param_set_fn()
     configs = [(h, r, lr, d) for h in hidden_sizes for r in regs for lr in lrs for d in decays]
     best_net, best_stat, best_val_acc = None, None, -1.0
     C = int(max(y_train.max(), y_val.max()).item()) + 1
-    for i, (hidden, reg, lr, decay) in enumerate(configs):
+
+    def train_one(X, y, Xv, yv, hidden, reg, lr, decay, iters):
         torch.manual_seed(seed)
-        net = TwoLayerNet(X_train.shape[1], hidden, C, dtype=X_train.dtype, device=X_train.device)
-        stat = net.train(X_train, y_train, X_val, y_val, learning_rate=lr, learning_rate_decay=decay,
-                         reg=reg, num_iters=num_iters, batch_size=batch_size)
-        val_acc = _accuracy(net.predict(X_val), y_val)
+        net = TwoLayerNet(X.shape[1], hidden, C, dtype=X.dtype, device=X.device, std=init_std)
+        stat = net.train(X, y, Xv, yv, learning_rate=lr, learning_rate_decay=decay, reg=reg,
+                         num_iters=iters, batch_size=batch_size, **train_options)
         stat["config"] = {"hidden_size": hidden, "reg": reg, "learning_rate": lr,
                           "learning_rate_decay": decay}
+        return net, stat
+
+    for i, config in enumerate(configs):
+        net, stat = train_one(X_train, y_train, X_val, y_val, *config, num_iters)
+        val_acc = _accuracy(net.predict(X_val), y_val)
         if val_acc > best_val_acc:
-            best_net, best_stat, best_val_acc = net, stat, val_acc
+            best_net, best_stat, best_val_acc, best_config = net, stat, val_acc, config
         if progress is not None:
             progress(i + 1, len(configs), stat["config"], val_acc)
+    if refit:
+        refit_data = train_plus_val(data_dict)
+        if augment_data is not None:
+            refit_data = augment_data(refit_data)
+        iters = refit_iterations(num_iters, train_data, refit_data)
+        best_net, best_stat = train_one(refit_data["X_train"], refit_data["y_train"], None, None,
+                                        *best_config, iters)
+        best_stat["refit"] = {"num_iters": iters, "n_train": len(refit_data["y_train"])}
     return best_net, best_stat, best_val_acc
 
 
@@ -152,10 +200,11 @@ class TwoLayerNet:
         return nn_forward_backward(self.params, X, y, reg)
 
     def train(self, X, y, X_val, y_val, learning_rate=1e-3, learning_rate_decay=0.95, reg=5e-6,
-              num_iters=100, batch_size=200, verbose=False, progress=None):
+              num_iters=100, batch_size=200, verbose=False, progress=None, momentum=0.0,
+              nesterov=False, augment=None):
         return nn_train(self.params, nn_forward_backward, nn_predict, X, y, X_val, y_val,
                         learning_rate, learning_rate_decay, reg, num_iters, batch_size, verbose,
-                        progress)
+                        progress, momentum, nesterov, augment)
 
     def predict(self, X):
         return nn_predict(self.params, nn_forward_backward, X)
