@@ -201,10 +201,10 @@ def test_standardize_divides_pixels_by_training_std(bias_trick, flatten):
         data.standardize(dict(d, image_shape=(7,)))
 
 
-def test_photos_train_on_mirror_images_by_default(tmp_path):
+def test_photos_train_on_mirror_images_by_default(tmp_path):  # crop-flip for the two-layer net
     train = _image_folder(tmp_path / "train", ["cat", "dog"], per_class=10)
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    runs = [("twolayer", ["--hidden", "8"], [], "flip"), ("twolayer", ["--hidden", "8"], ["--augment", "none"], "none"),
+    runs = [("twolayer", ["--hidden", "8"], [], "crop-flip"), ("twolayer", ["--hidden", "8"], ["--augment", "none"], "none"),
             ("softmax", [], [], "flip"), ("svm", ["--search"], [], "flip")]
     for model, opts, extra, augment in runs:
         js = tmp_path / f"{model}-{augment}.json"
