@@ -84,10 +84,16 @@ def train_plus_val(data: dict) -> dict:
     return out
 
 
-def refit_iterations(num_iters: int, data: dict, refit_data: dict) -> int:
-    """Iterations for a refit on `refit_data` that keep the search run's number of epochs
-    (an epoch grows with the training split, so a schedule per epoch is unchanged)."""
-    return int(round(num_iters * len(refit_data["y_train"]) / max(len(data["y_train"]), 1)))
+def refit_split(data: dict, train_data: dict, num_iters: int, augment_data=None) -> tuple[dict, int]:
+    """(refit data, iterations) for a search's refit: train_plus_val(data) augmented like
+    the search's training data `train_data` was, and the iterations that keep the search
+    runs' number of epochs (an epoch grows with the training split, so a schedule per
+    epoch is unchanged)."""
+    refit_data = train_plus_val(data)
+    if augment_data is not None:
+        refit_data = augment_data(refit_data)
+    iters = int(round(num_iters * len(refit_data["y_train"]) / max(len(train_data["y_train"]), 1)))
+    return refit_data, iters
 
 
 def standardize(data: dict, eps: float = 1e-6) -> dict:
@@ -152,7 +158,7 @@ def random_crop_flip(image_shape, pad: int = 4, flip: bool = True, generator=Non
     1/2.  A fresh draw per call: the net sees a new version of an image each time.
 
     Shifts and mirror images keep a photo's class, so they act as more training data
-    for the two-layer net on CIFAR-10 (README, "CIFAR-10 results")."""
+    for the two-layer net on CIFAR-10 (docs/cifar10.md)."""
     shape = tuple(image_shape)
     if len(shape) != 3:
         raise ValueError(f"random_crop_flip needs image_shape (C, H, W), got {shape}")

@@ -8,7 +8,7 @@ import torch
 import linclass
 from linclass import sgd
 
-from .data import refit_iterations, train_plus_val
+from .data import refit_split
 from .linear_classifier import (LinearClassifier, _fast_path_ok, _init_weight, sample_batch,
                                 train_linear_classifier)
 from .losses import LOSS_KINDS
@@ -99,10 +99,7 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
     best = max(range(K), key=lambda k: val_acc[k].item())
     out = {"results": results, "best": configs[best], "best_val": val_acc[best].item()}
     if refit:
-        refit_data = train_plus_val(data_dict)
-        if augment_data is not None:
-            refit_data = augment_data(refit_data)
-        iters = refit_iterations(num_iters, train_data, refit_data)
+        refit_data, iters = refit_split(data_dict, train_data, num_iters, augment_data)
         out["refit"] = {"num_iters": iters, "n_train": len(refit_data["y_train"])}
         out["best_model"] = _train_one(model_cls_or_loss, model_cls, refit_data, *configs[best],
                                        iters, batch_size, seed, progress)

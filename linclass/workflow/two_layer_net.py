@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from linclass import linear_cross_entropy
-from .data import refit_iterations, train_plus_val
+from .data import refit_split
 from .linear_classifier import _accuracy, sample_batch
 from .utils import default_device, load_checkpoint
 
@@ -111,13 +111,11 @@ def nn_train(params: dict, loss_func, pred_func, X, y, X_val, y_val, learning_ra
 
 def nn_get_search_params():
     """(hidden_sizes, regularization_strengths, learning_rates, learning_rate_decays) of
-    the default search for photos (3 configurations of SEARCH_ITERS iterations), chosen
-    on a CIFAR-10 validation split with every minibatch shifted by up to 2 pixels and
-    mirrored at random (data.random_crop_flip, the CLI's default for this net on photos):
-    those runs gain from length (val 56.3% with mirror images appended, 4000 iterations;
-    59.3% with shifted + mirrored minibatches, 8000; 60.4%, 12000 at decay 0.95 per
-    epoch), so the search spends its time on long runs and varies the regularization,
-    which the augmentation interacts with (docs/cifar10.md)."""
+    the default search for photos (3 configurations of SEARCH_ITERS iterations), for
+    minibatches shifted and mirrored at random (data.random_crop_flip, the CLI's default
+    for this net on photos).  That augmentation keeps gaining from longer runs, so the
+    search spends its time on a few long runs and varies the regularization, which the
+    augmentation interacts with; the runs behind it: docs/cifar10.md."""
     return [1024], [2.5e-4, 5e-4, 1e-3], [1.0], [0.95]
 
 
@@ -169,10 +167,7 @@ def find_best_net(data_dict: dict, get_param_set_fn, num_iters: int = SEARCH_ITE
         if progress is not None:
             progress(i + 1, len(configs), stat["config"], val_acc)
     if refit:
-        refit_data = train_plus_val(data_dict)
-        if augment_data is not None:
-            refit_data = augment_data(refit_data)
-        iters = refit_iterations(num_iters, train_data, refit_data)
+        refit_data, iters = refit_split(data_dict, train_data, num_iters, augment_data)
         best_net, best_stat = train_one(refit_data["X_train"], refit_data["y_train"], None, None,
                                         *best_config, iters)
         best_stat["refit"] = {"num_iters": iters, "n_train": len(refit_data["y_train"])}
