@@ -1,0 +1,205 @@
+"""The two phases of the class-sharded losses (linclass.distributed), on one rank's shard.
+
+Each rank holds the scores x[:, a:b] of a global (N, C).  Phase 1 reduces its shard to a
+few numbers per row; the ranks exchange them (one all-gather in linclass.distributed);
+phase 2 turns the gathered numbers into the global loss and writes this shard's slice of
+d loss / d scores into the buffer phase 1 left behind, so the gradient is made in the
+forward, as by the one-process fused kernels, and the backward only rescales it.
+
+Cross-entropy (the notation of csrc/cpu/cross_entropy.h; w = class weights, all ones
+without `weight`, W = sum_j w_j, eps = label smoothing, k = 1 - eps, q = eps / C with the
+global C):
+  phase 1, rank r:  m_r = max_{j in r} x_j,  e_j = exp(x_j - m_r) (kept as the buffer),
+                    s_r = sum e_j,  s'_r = the same without the target class,
+                    d_r = x_y - m_r (the owner of y only),  u_r = sum_j w_j (x_j - m_r)
+  merge:            M = max_r m_r,  S = sum_r s_r exp(m_r - M),  S' likewise,
+                    d_y = x_y - M,  U = sum_r u_r + W_r (m_r - M)
+  loss:             k w_y (log S - d_y) + q (W log S - U)
+  phase 2:          dx_j = scale [(k w_y + q W) e_j exp(m_r - M) / S - q w_j]
+                    dx_y = scale [q (W e_y exp(m_r - M) / S - w_y) - k w_y S' / S]
+S' is summed apart from the target's term (not S - e_y) so 1 - p_y keeps its precision
+when the row is confident: the same formula as the one-process kernels.
+
+Multi-margin (hinge): h_j = margin - x_y + x_j for j != y, v = w_y / C:
+  phase 1: the owner of y gives x_y (exchanged first: every rank needs it)
+  phase 2: l_r = sum_{j in r, j != y} max(0, h_j)^p,  dx_j = scale v p max(0, h_j)^(p-1) [h_j > 0],
+           t_r = sum of those dx_j; exchanged, loss = v sum_r l_r, dx_y = -sum_r t_r.
+
+All arithmetic is in float32 for float32/half inputs (float64 for float64), as in the
+one-process kernels.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ownership(target: Tensor, start: int, width: int, ignore_index: int | None):
+    """(rows whose target class lies in this shard, the target's column in the shard)."""
+    local = target - start
+    own = (local >= 0) & (local < width)
+    if ignore_index is not None:
+        own &= target != ignore_index
+    return own, local.clamp(0, max(width - 1, 0)).unsqueeze(1)
+
+
+# ---- cross-entropy -----------------------------------------------------------------
+
+CE_STATS = 6  # m_r, s_r, s'_r, d_r, owner flag, u_r
+
+
+def ce_phase1(x: Tensor, target: Tensor, start: int, weight_local: Tensor | None,
+              smoothing: bool, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(stats (CE_STATS, N), e) for this shard; e = exp(x - m_r), (N, C_local), acc dtype."""
+    acc = accumulation_dtype(x.dtype)
+    n, width = x.shape
+    xa = x.to(acc)
+    m = xa.amax(1) if width else xa.new_full((n,), float("-inf"))
+    # A shard whose row is all -inf (or holds +inf / NaN) has no finite max to shift by;
+    # 0 keeps its e_j exact (0 for -inf) and the merge turns +inf / NaN into a NaN row.
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = xa - shift.unsqueeze(1)  # a new buffer even when xa is x: the scores stay intact
+    own, col = _ownership(target, start, width, ignore_index)
+    zero = torch.zeros_like(m)
+    d = torch.where(own, e.gather(1, col).squeeze(1), zero) if width else zero
+    u = zero
+    if smoothing and width:
+        u = e.sum(1) if weight_local is None else e @ weight_local.to(acc)
+    e.exp_()
+    if width:
+        col_e = e.gather(1, col).squeeze(1)
+        e.scatter_(1, col, torch.where(own, zero, col_e).unsqueeze(1))  # y out of the sum
+        s_excl = e.sum(1)
+        e.scatter_(1, col, col_e.unsqueeze(1))
+        s = s_excl + torch.where(own, col_e, zero)
+    else:
+        s = s_excl = zero
+    return torch.stack([m, s, s_excl, d, own.to(acc), u]), e
+
+
+class Merged(NamedTuple):
+    loss: Tensor         # (N,) loss rows (0 where ignored, NaN where the row is)
+    target_weight: Tensor  # (N,) w_y, 0 where ignored: the 'mean' divides by its sum
+    scale: Tensor        # () or (N,): the reduction's gradient scale
+    e_coef: Tensor       # (N,) multiplier of this rank's e_j
+    target_grad: Tensor  # (N,) dx_y, applied by the rank that holds y
+    ignored: Tensor      # (N,) bool
+    nan_rows: Tensor     # (N,) bool
+    smooth: float        # q
+
+
+def ce_merge(stats: Tensor, target: Tensor, weight: Tensor | None, class_starts: list[int],
+             widths: list[int], classes: int, ignore_index: int, label_smoothing: float,
+             reduction: str, rank: int) -> Merged:
+    """The global loss rows and what phase 2 needs, from the gathered (K, CE_STATS, N)."""
+    m, s, s_excl, d, own, u = stats.unbind(1)  # each (K, N)
+    acc = stats.dtype
+    ignored = target == ignore_index
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    big_m = m.amax(0)  # NaN and +inf propagate: the row is NaN, as in torch
+    nan_rows = ~torch.isfinite(big_m) & ~ignored
+    big_m = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
+    factor = torch.where(s > 0, torch.exp(shift - big_m), torch.zeros_like(s))
+    big_s = (s * factor).sum(0)
+    big_s_excl = (s_excl * factor).sum(0)
+    d_y = (own * (d + shift - big_m)).sum(0)  # x_y - M
+    if weight is None:
+        w_y = (~ignored).to(acc)
+        part_w = torch.tensor(widths, dtype=acc, device=stats.device)
+        total_w = float(classes)
+    else:
+        wa = weight.to(acc)
+        w_y = torch.where(ignored, torch.zeros((), dtype=acc, device=wa.device),
+                          wa[target.clamp(0, classes - 1)])
+        part_w = torch.stack([wa[a:a + b].sum() for a, b in zip(class_starts, widths)])
+        total_w = float(wa.sum())
+    keep, smooth = 1.0 - label_smoothing, label_smoothing / classes
+    log_s = torch.log(big_s)
+    loss = keep * w_y * (log_s - d_y)
+    if label_smoothing:
+        big_u = (u + part_w.unsqueeze(1) * (shift - big_m)).sum(0)
+        loss = loss + smooth * (total_w * log_s - big_u)
+    loss = torch.where(ignored, torch.zeros_like(loss), loss)
+    loss = torch.where(nan_rows, torch.full_like(loss, float("nan")), loss)
+    scale = 1.0 / w_y.sum() if reduction == "mean" else torch.ones((), dtype=acc, device=stats.device)
+    e_coef = scale * (keep * w_y + smooth * total_w) * factor[rank] / big_s
+    target_grad = scale * (smooth * (total_w * torch.exp(d_y) / big_s - w_y)
+                           - keep * w_y * big_s_excl / big_s)
+    return Merged(loss, w_y, scale, e_coef, target_grad, ignored, nan_rows, smooth)
+
+
+def ce_phase2(e: Tensor, target: Tensor, start: int, weight_local: Tensor | None,
+              merged: Merged, ignore_index: int) -> Tensor:
+    """This shard's d loss / d scores, written into e (phase 1's buffer)."""
+    width = e.shape[1]
+    e.mul_(merged.e_coef.unsqueeze(1))
+    if merged.smooth and width:
+        w = torch.ones(width, dtype=e.dtype, device=e.device) if weight_local is None \
+            else weight_local.to(e.dtype)
+        e.sub_((merged.scale * merged.smooth) * w.unsqueeze(0))
+    own, col = _ownership(target, start, width, ignore_index)
+    if width:
+        current = e.gather(1, col).squeeze(1)
+        e.scatter_(1, col, torch.where(own, merged.target_grad, current).unsqueeze(1))
+    e.masked_fill_(merged.ignored.unsqueeze(1), 0.0)
+    e.masked_fill_(merged.nan_rows.unsqueeze(1), float("nan"))
+    return e
+
+
+# ---- multi-margin ------------------------------------------------------------------
+
+
+def target_scores(x: Tensor, target: Tensor, start: int) -> Tensor:
+    """x[i, y_i] where this shard holds class y_i, else 0 (acc dtype, (N,))."""
+    acc = accumulation_dtype(x.dtype)
+    own, col = _ownership(target, start, x.shape[1], None)
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape[0], dtype=acc, device=x.device)
+    return torch.where(own, x.gather(1, col).squeeze(1).to(acc),
+                       torch.zeros((), dtype=acc, device=x.device))
+
+
+MM_STATS = 2  # l_r, t_r
+
+
+def mm_phase2(x: Tensor, target: Tensor, start: int, x_y: Tensor, p: int, margin: float,
+              weight: Tensor | None, classes: int, reduction: str) -> tuple[Tensor, Tensor]:
+    """(stats (MM_STATS, N), this shard's gradient without the target column's term)."""
+    acc = x_y.dtype
+    n, width = x.shape
+    h = margin - x_y.unsqueeze(1) + x.to(acc)
+    own, col = _ownership(target, start, width, None)
+    if width:
+        h.scatter_(1, col, torch.where(own, torch.full_like(x_y, -1.0),
+                                       h.gather(1, col).squeeze(1)).unsqueeze(1))
+    pos = h.clamp_min(0)
+    v = (torch.ones_like(x_y) if weight is None else weight.to(acc)[target]) / classes
+    if reduction == "mean":
+        v = v / n
+    part_loss = (pos if p == 1 else pos * pos).sum(1)
+    grad = (h > 0).to(acc) if p == 1 else 2.0 * pos
+    grad.mul_(v.unsqueeze(1))
+    part_target = grad.sum(1)
+    return torch.stack([part_loss, part_target]), grad
+
+
+def mm_finish(stats: Tensor, grad: Tensor, target: Tensor, start: int, weight: Tensor | None,
+              classes: int, reduction: str) -> Tensor:
+    """The loss rows (N,) from the gathered (K, MM_STATS, N); the target column of grad."""
+    acc = stats.dtype
+    n = target.shape[0]
+    w_y = torch.ones(n, dtype=acc, device=stats.device) if weight is None \
+        else weight.to(acc)[target]
+    loss = stats[:, 0].sum(0) * w_y / classes
+    own, col = _ownership(target, start, grad.shape[1], None)
+    if grad.shape[1]:
+        current = grad.gather(1, col).squeeze(1)
+        grad.scatter_(1, col, torch.where(own, -stats[:, 1].sum(0), current).unsqueeze(1))
+    return loss

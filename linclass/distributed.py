@@ -1,0 +1,376 @@
+"""Class-sharded fused losses on torch.distributed.
+
+A classifier head too wide for one device is split by classes: rank r holds the scores
+of classes [class_start, class_start + C_local) of a global (N, C).  Each function here is
+called by every rank of the group with its own shard and the same (replicated) target,
+and returns the loss of the gathered scores, identical on every rank; backward gives each
+rank its slice of d loss / d scores.  Nothing N x C is ever gathered.
+
+    import linclass.distributed as ld
+    loss = ld.cross_entropy(scores_local, target, group)       # = F.cross_entropy(scores, target)
+    loss = ld.multi_margin_loss(scores_local, target, group)   # = F.multi_margin_loss(...)
+
+As in the one-process ops the gradient is made in the forward (linclass._sharded: the
+shard is reduced to a few numbers per row, the ranks exchange them, and the gradient is
+written from the global numbers), and backward only rescales it: no collective runs in
+backward.  Collectives per call (each one stacked buffer):
+  - the layout check: an all-gather of 6 integers per rank (rows, shard width and start,
+    fingerprints of the targets and options, an error flag).  It runs first so that
+    input that would make the ranks' buffers differ raises a clear error on every rank
+    instead of crashing or hanging in the collective that follows;
+  - cross-entropy: one all-gather of 6 numbers per row (max, sums of exponentials, the
+    target's score, the label-smoothing sum: the max-merge of online softmax);
+  - multi-margin: one all-gather of the target scores, then one of 2 numbers per row.
+
+Also accepted: a DTensor of scores sharded on the class dimension (``Shard(1)`` on a 1-D
+mesh), for which the loss comes back as a replicated DTensor.  For data parallelism,
+global_mean_denominator gives the exact global-batch 'mean'.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from . import _ops, _sharded
+from .functional import _FLOAT_TYPES, _reduction_code
+
+__all__ = ["cross_entropy", "multi_margin_loss", "global_mean_denominator"]
+
+
+class Layout(NamedTuple):
+    rank: int
+    world: int
+    starts: list  # class_start of every rank
+    widths: list  # C_local of every rank
+    classes: int  # global C
+
+    @property
+    def start(self) -> int:
+        return self.starts[self.rank]
+
+
+def _fingerprint_target(target) -> int:
+    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.dim() != 1:
+        return 0
+    t = target.detach().long()
+    mix = torch.arange(1, t.numel() + 1, device=t.device) % 65521 + 1
+    return int((t * mix).sum()) + 7 * t.numel()
+
+
+def _fingerprint_options(options: tuple, weight) -> int:
+    text = repr(options)
+    if isinstance(weight, torch.Tensor):
+        raw = weight.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        text += f"|weight {tuple(weight.shape)} {weight.dtype} {zlib.crc32(raw)}"
+    return zlib.crc32(text.encode())
+
+
+def exchange_layout(op: str, group, scores, target, class_start, options: tuple, weight,
+                    local_error: Exception | None) -> Layout:
+    """Every rank's rows, shard width and start, checked to agree, in one all-gather.
+
+    Each rank's own argument errors travel in the header, so every rank raises (the rank
+    at fault its own error, the others one naming it) and none is left waiting in a
+    collective its peers never enter."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{op}: torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group first")
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise RuntimeError(f"{op}: this process is not a member of the given group")
+    ok = local_error is None
+    device = scores.device if ok and dist.get_backend(group) == "nccl" else torch.device("cpu")
+    header = torch.tensor(
+        [0 if ok else 1,
+         scores.shape[0] if ok else -1,
+         scores.shape[1] if ok else -1,
+         -1 if class_start is None else int(class_start),
+         _fingerprint_target(target) if ok else 0,
+         _fingerprint_options(options, weight) if ok else 0],
+        dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(header) for _ in range(world)]
+    dist.all_gather(gathered, header, group=group)
+    table = torch.stack(gathered).tolist()
+    failed = [r for r, row in enumerate(table) if row[0]]
+    if failed:
+        if not ok:
+            raise local_error
+        raise ValueError(f"{op}: rank(s) {failed} of the group rejected their arguments (see the "
+                         "error raised there); every rank stops")
+    rows = [row[1] for row in table]
+    if len(set(rows)) != 1:
+        raise ValueError(f"{op}: the ranks hold different numbers of rows N: {rows}; every rank "
+                         "must pass all N rows of its class shard")
+    if len({row[5] for row in table}) != 1:
+        raise ValueError(f"{op}: the ranks were called with different options or class weights "
+                         f"({options[1:]} here); every rank must pass the same ones")
+    if len({row[4] for row in table}) != 1:
+        raise ValueError(f"{op}: the target differs across ranks; every rank must pass the same "
+                         "(replicated) target")
+    widths = [row[2] for row in table]
+    given = [row[3] for row in table]
+    if all(g == -1 for g in given):
+        starts = [sum(widths[:r]) for r in range(world)]
+    elif any(g == -1 for g in given):
+        raise ValueError(f"{op}: class_start was given on some ranks only ({given}, -1 = not "
+                         "given); give it on every rank or on none")
+    else:
+        starts = given
+        order = sorted(range(world), key=lambda r: (starts[r], widths[r]))
+        edge = 0
+        for r in order:
+            if starts[r] != edge:
+                raise ValueError(
+                    f"{op}: the class shards do not tile [0, C): rank {r} starts at class "
+                    f"{starts[r]}, expected {edge} (shard starts {starts}, widths {widths})")
+            edge += widths[r]
+    classes = sum(widths)
+    if classes == 0:
+        raise ValueError(f"{op}: the shards hold no classes (C = 0)")
+    return Layout(rank, world, starts, widths, classes)
+
+
+def _gather_rows(stats: torch.Tensor, group, world: int) -> torch.Tensor:
+    """(K, S, N): every rank's stacked per-row statistics, in rank order (so every rank
+    sums them in the same order and gets the same bits)."""
+    stats = stats.contiguous()
+    out = [torch.empty_like(stats) for _ in range(world)]
+    dist.all_gather(out, stats, group=group)
+    return torch.stack(out)
+
+
+class _ShardedLoss(torch.autograd.Function):
+    """Runs `compute` (-> loss, gradient for grad_output = 1) and keeps the gradient."""
+
+    @staticmethod
+    def forward(ctx, scores, compute, per_row):
+        loss, grad = compute()
+        ctx.per_row = per_row
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        _ops._check_first_order()
+        (grad,) = ctx.saved_tensors
+        if ctx.per_row:
+            return grad * grad_loss.unsqueeze(1), None, None
+        (grad,) = _ops._rescale([grad], grad_loss)
+        return grad, None, None
+
+
+def _check_common(op: str, scores, target, weight, reduction: str) -> None:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"{op}: scores_local must be a Tensor, got {type(scores).__name__}")
+    if scores.dtype not in _FLOAT_TYPES:
+        raise TypeError(f"{op}: scores_local must be float32, float64, float16 or bfloat16, got "
+                        f"{scores.dtype}")
+    if scores.dim() != 2:
+        raise ValueError(f"{op}: scores_local must be (N, C_local), got shape {list(scores.shape)}")
+    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise TypeError(f"{op}: target must be a tensor of class indices (int64), got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
+    if tuple(target.shape) != (scores.shape[0],):
+        raise ValueError(f"{op}: target must be ({scores.shape[0]},), one global class index per "
+                         f"row, got shape {list(target.shape)}")
+    if target.device != scores.device:
+        raise RuntimeError(f"{op}: target is on {target.device} but scores_local on {scores.device}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            raise ValueError(f"{op}: weight must be the 1-D weight of all C classes")
+        if weight.dtype != scores.dtype or weight.device != scores.device:
+            raise RuntimeError(f"{op}: weight must have the scores' dtype and device, got "
+                               f"{weight.dtype} on {weight.device}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"{op}: the loss is not differentiable with respect to weight")
+    _reduction_code(None, None, reduction)
+
+
+def _checked(check) -> Exception | None:
+    try:
+        check()
+    except (TypeError, ValueError, RuntimeError) as error:
+        return error
+    return None
+
+
+def _check_range(op: str, target: torch.Tensor, classes: int, ignore_index, error: type) -> None:
+    bad = (target < 0) | (target >= classes)
+    if ignore_index is not None:
+        bad &= target != ignore_index
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        allowed = f" or target == ignore_index ({ignore_index})" if ignore_index is not None else ""
+        raise error(f"{op}: target[{i}] = {int(target[i])} is out of bounds for the {classes} "
+                    f"classes of all shards (expected 0 <= target < {classes}{allowed})")
+
+
+def _check_weight_size(op: str, weight, classes: int) -> None:
+    if weight is not None and weight.numel() != classes:
+        raise RuntimeError(f"{op}: weight must have one entry per class of all shards ({classes}), "
+                           f"got {weight.numel()}")
+
+
+def _reduce(loss_rows: torch.Tensor, reduction: str, denominator) -> torch.Tensor:
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / denominator if reduction == "mean" else total
+
+
+def _dtensor_call(fn, scores, target, weight, kwargs):
+    """The DTensor entry: local shard in, replicated DTensor loss out."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    op = fn.__name__
+    mesh = scores.device_mesh
+    placements = scores.placements
+    if (mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard)
+            or placements[0].dim not in (1, -1) or scores.dim() != 2):
+        raise ValueError(f"{op}: a DTensor of scores must be (N, C) sharded on the class "
+                         f"dimension (Shard(1)) over a 1-D mesh, got {placements} on {mesh}")
+    if kwargs.get("class_start") is not None:
+        raise ValueError(f"{op}: class_start is implied by a DTensor's sharding; do not pass it")
+
+    def local(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    classes = scores.shape[1]
+    chunk = math.ceil(classes / mesh.size())  # torch.chunk's split, as Shard(1) uses it
+    kwargs["class_start"] = min(mesh.get_coordinate()[0] * chunk, classes)
+    loss = fn(scores.to_local(), local(target), mesh.get_group(), weight=local(weight), **kwargs)
+    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+
+
+def _is_dtensor(t) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, *,
+                  class_start: int | None = None, weight: torch.Tensor | None = None,
+                  ignore_index: int = -100, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy`` of the global scores, from this rank's class shard.
+
+    scores_local: (N, C_local), classes [class_start, class_start + C_local) of the global
+    (N, C) (class_start defaults to the sum of the lower ranks' C_local).  target: (N,)
+    global class indices, the same on every rank.  weight: the (C,) weights of all
+    classes.  Label smoothing spreads over the global C.  Returns the loss, the same on
+    every rank (per row for 'none')."""
+    if _is_dtensor(scores_local):
+        return _dtensor_call(cross_entropy, scores_local, target, weight, dict(
+            class_start=class_start, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, reduction=reduction))
+    op = "linclass.distributed.cross_entropy"
+
+    def check():
+        _check_common(op, scores_local, target, weight, reduction)
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+
+    error = _checked(check)
+    options = (op, str(getattr(scores_local, "dtype", "")), int(ignore_index),
+               float(label_smoothing), reduction)
+    layout = exchange_layout(op, group, scores_local, target, class_start, options, weight, error)
+    target = target.long()
+    _check_range(op, target, layout.classes, ignore_index, IndexError)
+    _check_weight_size(op, weight, layout.classes)
+    start, width = layout.start, scores_local.shape[1]
+    weight_local = None if weight is None else weight[start:start + width]
+    compute_grad = scores_local.requires_grad and torch.is_grad_enabled()
+
+    def compute():
+        stats, e = _sharded.ce_phase1(scores_local.detach(), target, start, weight_local,
+                                      label_smoothing > 0, ignore_index)
+        gathered = _gather_rows(stats, group, layout.world)
+        merged = _sharded.ce_merge(gathered, target, weight, layout.starts, layout.widths,
+                                   layout.classes, ignore_index, float(label_smoothing),
+                                   reduction, layout.rank)
+        loss = _reduce(merged.loss, reduction, merged.target_weight.sum())
+        grad = None
+        if compute_grad:
+            grad = _sharded.ce_phase2(e, target, start, weight_local, merged, ignore_index)
+            grad = grad.to(scores_local.dtype)
+        return loss.to(scores_local.dtype), grad
+
+    if not compute_grad:
+        return compute()[0]
+    return _ShardedLoss.apply(scores_local, compute, reduction == "none")
+
+
+def multi_margin_loss(scores_local: torch.Tensor, target: torch.Tensor, group=None, *,
+                      class_start: int | None = None, p: int = 1, margin: float = 1.0,
+                      weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """``F.multi_margin_loss`` of the global scores, from this rank's class shard (the
+    arguments as in cross_entropy): loss_i = sum_{j != y_i} w_{y_i} max(0, margin -
+    x[y_i] + x[j])^p / C with the global C."""
+    if _is_dtensor(scores_local):
+        return _dtensor_call(multi_margin_loss, scores_local, target, weight, dict(
+            class_start=class_start, p=p, margin=margin, reduction=reduction))
+    op = "linclass.distributed.multi_margin_loss"
+
+    def check():
+        _check_common(op, scores_local, target, weight, reduction)
+        if p not in (1, 2):
+            raise ValueError(f"{op}: only p == 1 and p == 2 are supported, got {p}")
+
+    error = _checked(check)
+    options = (op, str(getattr(scores_local, "dtype", "")), p, float(margin), reduction)
+    layout = exchange_layout(op, group, scores_local, target, class_start, options, weight, error)
+    target = target.long()
+    _check_range(op, target, layout.classes, None, RuntimeError)
+    _check_weight_size(op, weight, layout.classes)
+    start = layout.start
+    compute_grad = scores_local.requires_grad and torch.is_grad_enabled()
+
+    def compute():
+        x = scores_local.detach()
+        x_y = _gather_rows(_sharded.target_scores(x, target, start), group, layout.world).sum(0)
+        stats, grad = _sharded.mm_phase2(x, target, start, x_y, p, float(margin), weight,
+                                         layout.classes, reduction)
+        gathered = _gather_rows(stats, group, layout.world)
+        loss_rows = _sharded.mm_finish(gathered, grad, target, start, weight, layout.classes,
+                                       reduction)
+        loss = _reduce(loss_rows, reduction, loss_rows.numel())
+        return loss.to(scores_local.dtype), grad.to(scores_local.dtype) if compute_grad else None
+
+    if not compute_grad:
+        return compute()[0]
+    return _ShardedLoss.apply(scores_local, compute, reduction == "none")
+
+
+def global_mean_denominator(target: torch.Tensor, weight: torch.Tensor | None = None,
+                            ignore_index: int = -100, group=None) -> torch.Tensor:
+    """The denominator of the global batch's 'mean' under data parallelism: the sum, over
+    every rank's rows, of the target weights of the rows not ignored (one all-reduce).
+
+    Averaging each rank's 'mean' is biased when the ranks hold different numbers of
+    ignored rows or of target weights; instead, on every rank:
+
+        denom = global_mean_denominator(y, weight, ignore_index)
+        loss = linclass.cross_entropy(scores, y, weight, ignore_index=ignore_index,
+                                      reduction="sum") * world_size / denom
+
+    DDP averages the gradients over the world_size ranks, so they become those of the
+    global batch's mean; the global mean loss is the all-reduced sum of `loss` / world_size.
+    """
+    valid = target != ignore_index
+    if weight is None:
+        local = valid.sum().to(torch.float64)
+    else:
+        local = torch.where(valid, weight.to(torch.float64)[target.long().clamp(0, weight.numel() - 1)],
+                            torch.zeros((), dtype=torch.float64, device=target.device)).sum()
+    device = target.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    total = local.to(device).reshape(1)
+    dist.all_reduce(total, group=group)
+    return total[0].to(target.device)

@@ -1,0 +1,335 @@
+"""linclass.distributed on real process groups: gloo on 127.0.0.1, 2 and 3 processes.
+
+Every rank builds the same global scores, takes its class shard, and compares the sharded
+loss and its gradient with torch.nn.functional on the gathered scores.  Each test spawns
+one group and runs many cases in it (a process start costs seconds); a test whose ranks
+do not finish within RANK_TIMEOUT fails instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+RANK_TIMEOUT = 90.0  # seconds for a whole group, start-up included
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, case, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        case(rank, world, *args)
+    except BaseException:
+        # spawn reports the first rank to exit; this names the rank that failed first.
+        traceback.print_exc()
+        sys.stderr.write(f"(rank {rank} of {world} failed)\n")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(case, world: int, *args, timeout: float = RANK_TIMEOUT) -> None:
+    """Runs case(rank, world, *args) on `world` spawned processes in one gloo group; an
+    exception on any rank fails the test with that rank's traceback."""
+    context = mp.start_processes(_entry, args=(world, _free_port(), case, args), nprocs=world,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world} ranks did not finish within {timeout:.0f} s (a hang)")
+
+
+# ---- the rank-side cases (module level: spawn imports them by name) --------------------
+
+
+def _layouts(classes: int, world: int):
+    """(name, per-rank (class_start or None, width)) shard layouts of `classes` classes."""
+    even = [classes * r // world for r in range(world + 1)]
+    yield "default", [(None, even[r + 1] - even[r]) for r in range(world)]
+    # Given starts, ranks in reverse class order, the first rank twice as wide.
+    widths = [classes - (world - 1) * (classes // (world + 1))] + [classes // (world + 1)] * (world - 1)
+    starts = [sum(widths[r + 1:]) for r in range(world)]
+    yield "reversed", [(starts[r], widths[r]) for r in range(world)]
+    # One rank holds no class at all.
+    yield "empty", [(None, classes if r == 0 else 0) for r in range(world)]
+
+
+def _shard(x, layout, rank):
+    start, width = layout[rank]
+    a = start if start is not None else sum(w for _, w in layout[:rank])
+    return a, width
+
+
+def _all_equal_across_ranks(t: torch.Tensor, world: int) -> bool:
+    t = t.detach().reshape(-1).to(torch.float64).contiguous()
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t)
+    return all(bool(((o == out[0]) | (o.isnan() & out[0].isnan())).all()) for o in out)
+
+
+def _compare(rank, world, sharded_fn, torch_fn, x, target, layout, kwargs, tol, go_seed=1):
+    a, width = _shard(x, layout, rank)
+    local = x[:, a:a + width].clone().requires_grad_(True)
+    before = local.detach().clone()
+    class_start = layout[rank][0]
+    loss = sharded_fn(local, target, class_start=class_start, **kwargs)
+    grad_out = torch.rand(loss.shape, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(go_seed)).to(x.dtype)
+    (grad,) = torch.autograd.grad(loss, local, grad_out)
+    full = x.clone().requires_grad_(True)
+    expected = torch_fn(full, target, **kwargs)
+    (expected_grad,) = torch.autograd.grad(expected, full, grad_out)
+    what = f"{sharded_fn.__name__} {kwargs} rank {rank}/{world}"
+    torch.testing.assert_close(loss, expected, equal_nan=True, msg=lambda m: f"{what}: {m}", **tol)
+    torch.testing.assert_close(grad, expected_grad[:, a:a + width], equal_nan=True,
+                               msg=lambda m: f"{what} grad: {m}", **tol)
+    torch.testing.assert_close(local.detach(), before, rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: f"{what}: the scores were modified: {m}")
+    assert _all_equal_across_ranks(loss, world), f"{what}: the ranks returned different losses"
+
+
+F64 = dict(rtol=1e-10, atol=1e-12)
+F32 = dict(rtol=2e-5, atol=2e-6)
+
+
+def _case_matches_unsharded(rank, world):
+    import linclass.distributed as ld
+
+    g = torch.Generator().manual_seed(0)
+    n, classes = 9, 13
+    x64 = torch.randn(n, classes, generator=g, dtype=torch.float64) * 4
+    x64[1, 5] = 40.0  # a confident row: 1 - p_y needs the separately summed S'
+    y = torch.randint(0, classes, (n,), generator=g)
+    w = torch.rand(classes, generator=g, dtype=torch.float64) + 0.1
+    ce_options = [dict(), dict(weight=w), dict(label_smoothing=0.15),
+                  dict(weight=w, label_smoothing=0.3, ignore_index=3)]
+    for name, layout in _layouts(classes, world):
+        for dtype, tol in ((torch.float64, F64), (torch.float32, F32)):
+            x = x64.to(dtype)
+            for kwargs in ce_options:
+                kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                y_ignored = y.clone()
+                y_ignored[[0, 4]] = kwargs.get("ignore_index", -100)
+                for reduction in ("mean", "sum", "none"):
+                    for target in (y, y_ignored):
+                        _compare(rank, world, ld.cross_entropy, F.cross_entropy, x, target, layout,
+                                 dict(kwargs, reduction=reduction), tol)
+            for p in (1, 2):
+                for kwargs in (dict(), dict(weight=w.to(dtype), margin=0.7)):
+                    for reduction in ("mean", "sum", "none"):
+                        _compare(rank, world, ld.multi_margin_loss, F.multi_margin_loss, x, y,
+                                 layout, dict(kwargs, p=p, reduction=reduction), tol)
+        # All targets in the last rank's shard / in the first one.
+        for target in (torch.full((n,), classes - 1), torch.zeros(n, dtype=torch.int64)):
+            _compare(rank, world, ld.cross_entropy, F.cross_entropy, x64, target, layout,
+                     dict(label_smoothing=0.1), F64)
+            _compare(rank, world, ld.multi_margin_loss, F.multi_margin_loss, x64, target, layout,
+                     dict(p=2), F64)
+    layout = next(_layouts(classes, world))[1]
+    # Every row ignored: 'mean' is NaN, as in torch.
+    _compare(rank, world, ld.cross_entropy, F.cross_entropy, x64, torch.full((n,), -100), layout,
+             dict(), F64)
+    # -inf, +inf and NaN scores give torch's NaN / finite rows.
+    odd = x64.clone()
+    odd[2, :] = float("-inf")
+    odd[2, 3] = 1.0
+    odd[3, 4] = float("inf")
+    odd[5, 6] = float("nan")
+    _compare(rank, world, ld.cross_entropy, F.cross_entropy, odd, y, layout,
+             dict(reduction="none"), F64)
+    # Half precision: torch is not the oracle; within a few ulps of the float64 result.
+    for dtype, rtol in ((torch.bfloat16, 2**-7), (torch.float16, 2**-9)):
+        a, width = _shard(x64, layout, rank)
+        local = x64[:, a:a + width].to(dtype).requires_grad_(True)
+        loss = ld.cross_entropy(local, y, label_smoothing=0.1)
+        loss.backward()
+        full = x64.to(dtype).double().requires_grad_(True)
+        ref = F.cross_entropy(full, y, label_smoothing=0.1)
+        ref.backward()
+        assert loss.dtype == dtype and local.grad.dtype == dtype
+        torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=1e-3)
+        torch.testing.assert_close(local.grad.double(), full.grad[:, a:a + width], rtol=rtol, atol=1e-3)
+
+
+def _case_collectives(rank, world):
+    """At most two collectives forward (cross-entropy), three (hinge), none backward."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    import linclass.distributed as ld
+
+    x = torch.randn(6, 5, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 5 * world - 1, 4])
+    for fn, expected in ((ld.cross_entropy, 2), (ld.multi_margin_loss, 3)):
+        with CommDebugMode() as forward:
+            loss = fn(x, y, label_smoothing=0.1) if fn is ld.cross_entropy else fn(x, y)
+        with CommDebugMode() as backward:
+            loss.backward()
+        assert forward.get_total_counts() == expected, (fn.__name__, forward.get_comm_counts())
+        assert backward.get_total_counts() == 0, (fn.__name__, backward.get_comm_counts())
+
+
+def _expect_error(fn, error, match):
+    with pytest.raises(error, match=match):
+        fn()
+
+
+def _case_bad_input(rank, world):
+    """Each mistake raises a clear error on every rank; the group stays usable."""
+    import linclass.distributed as ld
+
+    n, width = 4, 3
+    classes = width * world
+    x = torch.randn(n, width)
+    y = torch.tensor([0, 1, classes - 1, 2])
+    for fn in (ld.cross_entropy, ld.multi_margin_loss):
+        error = IndexError if fn is ld.cross_entropy else RuntimeError
+        _expect_error(lambda: fn(x, torch.tensor([0, 1, classes, 2])), error, "out of bounds")
+        _expect_error(lambda: fn(x, torch.tensor([0, -5, 1, 2])), error, "out of bounds")
+        # Shard starts that overlap (every rank claims class 0).
+        _expect_error(lambda: fn(x, y, class_start=0), ValueError, "do not tile")
+        _expect_error(lambda: fn(x, y, class_start=0 if rank == 0 else None), ValueError,
+                      "some ranks only")
+        _expect_error(lambda: fn(torch.randn(n + rank, width), torch.zeros(n + rank, dtype=torch.long)),
+                      ValueError, "different numbers of rows")
+        # A mistake on one rank only: that rank gets its own error, the others one naming it.
+        bad = torch.randn(n, width, 2) if rank == world - 1 else x
+        _expect_error(lambda: fn(bad, y), ValueError,
+                      "must be \\(N, C_local\\)" if rank == world - 1 else "rank\\(s\\) \\[")
+        _expect_error(lambda: fn(x, y if rank else y.flip(0)), ValueError, "target differs")
+        _expect_error(lambda: fn(x, y, reduction="mean" if rank else "sum"), ValueError,
+                      "different options")
+        _expect_error(lambda: fn(x, y, weight=torch.ones(classes + 1)), RuntimeError,
+                      "one entry per class")
+    _expect_error(lambda: ld.cross_entropy(x, y, label_smoothing=1.5), ValueError, "label_smoothing")
+    _expect_error(lambda: ld.multi_margin_loss(x, y, p=3), ValueError, "p == 1")
+    # After all that, the group still agrees on a good call.
+    loss = ld.cross_entropy(x, y)
+    assert _all_equal_across_ranks(loss, world)
+
+
+def _case_dtensor(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    import linclass.distributed as ld
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3 * world + 1, generator=g, dtype=torch.float64)  # uneven chunks
+    y = torch.randint(0, x.shape[1], (5,), generator=g)
+    for fn, torch_fn, kwargs in ((ld.cross_entropy, F.cross_entropy, dict(label_smoothing=0.2)),
+                                 (ld.multi_margin_loss, F.multi_margin_loss, dict(p=2))):
+        scores = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_(True)
+        loss = fn(scores, y, **kwargs)
+        assert isinstance(loss, DTensor) and loss.placements == (Replicate(),)
+        loss.backward()
+        full = x.clone().requires_grad_(True)
+        expected = torch_fn(full, y, **kwargs)
+        expected.backward()
+        torch.testing.assert_close(loss.to_local(), expected.detach(), **F64)
+        torch.testing.assert_close(scores.grad.full_tensor(), full.grad, **F64)
+    with pytest.raises(ValueError, match="Shard\\(1\\)"):
+        ld.cross_entropy(distribute_tensor(x, mesh, [Shard(0)]), y)
+
+
+def _case_data_parallel_mean(rank, world):
+    """Ranks with different batch sizes and ignored rows: the documented recipe gives the
+    global batch's mean loss and gradient (the per-rank mean, averaged, would not)."""
+    import linclass
+    import linclass.distributed as ld
+
+    g = torch.Generator().manual_seed(7)
+    d, classes = 4, 6
+    sizes = [5 + 3 * r for r in range(world)]
+    x = torch.randn(sum(sizes), d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (sum(sizes),), generator=g)
+    y[torch.rand(sum(sizes), generator=g) < 0.3] = -100
+    class_weight = torch.rand(classes, generator=g, dtype=torch.float64) + 0.5
+    w0 = torch.randn(classes, d, generator=g, dtype=torch.float64)
+    a = sum(sizes[:rank])
+    xs, ys = x[a:a + sizes[rank]], y[a:a + sizes[rank]]
+
+    w = w0.clone().requires_grad_(True)
+    denom = ld.global_mean_denominator(ys, class_weight)
+    loss = linclass.cross_entropy(xs @ w.t(), ys, class_weight, reduction="sum") * world / denom
+    loss.backward()
+    grad = w.grad.clone()
+    dist.all_reduce(grad)
+    grad /= world  # what DDP does
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+
+    full_w = w0.clone().requires_grad_(True)
+    expected = F.cross_entropy(x @ full_w.t(), y, class_weight)
+    expected.backward()
+    torch.testing.assert_close(total / world, expected.detach(), **F64)
+    torch.testing.assert_close(grad, full_w.grad, **F64)
+
+
+# ---- the tests ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_losses_match_the_unsharded_ops(world):
+    run_ranks(_case_matches_unsharded, world)
+
+
+def test_collective_counts():
+    run_ranks(_case_collectives, 2)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_bad_input_raises_on_every_rank(world):
+    run_ranks(_case_bad_input, world)
+
+
+def test_dtensor_sharded_on_classes():
+    run_ranks(_case_dtensor, 2)
+
+
+def test_data_parallel_global_mean():
+    run_ranks(_case_data_parallel_mean, 3)
+
+
+def test_not_initialized_is_a_clear_error():
+    import linclass.distributed as ld
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized here")
+    with pytest.raises(RuntimeError, match="not initialized"):
+        ld.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def test_a_hang_fails_instead_of_blocking():
+    """The launcher's timeout: a group where one rank never enters the collective."""
+    with pytest.raises(pytest.fail.Exception, match="did not finish"):
+        run_ranks(_case_one_rank_waits_forever, 2, timeout=12)
+
+
+def _case_one_rank_waits_forever(rank, world):
+    if rank == 0:
+        dist.all_reduce(torch.zeros(1))
+    else:
+        time.sleep(300)
+
