@@ -2,14 +2,18 @@
 
 Each rank holds the scores x[:, a:b] of a global (N, C).  Phase 1 reduces its shard to a
 few numbers per row; the ranks exchange them (one all-gather in linclass.distributed);
-phase 2 turns the gathered numbers into the global loss and writes this shard's slice of
-d loss / d scores into the buffer phase 1 left behind, so the gradient is made in the
-forward, as by the one-process fused kernels, and the backward only rescales it.
+the merge turns the gathered numbers into the global loss and a few coefficients per
+row, from which phase 2 writes this shard's slice of d loss / d scores, reading the
+scores once more.  The gradient is made in the forward, as by the one-process fused
+kernels, and the backward only rescales it.
+
+The phases run as C++ kernels for CPU tensors with the 'cpp' backend
+(csrc/cpu/sharded.cpp) and as the torch ops below otherwise (CUDA tensors included).
 
 Cross-entropy (the notation of csrc/cpu/cross_entropy.h; w = class weights, all ones
 without `weight`, W = sum_j w_j, eps = label smoothing, k = 1 - eps, q = eps / C with the
 global C):
-  phase 1, rank r:  m_r = max_{j in r} x_j,  e_j = exp(x_j - m_r) (kept as the buffer),
+  phase 1, rank r:  m_r = max_{j in r} x_j,  e_j = exp(x_j - m_r),
                     s_r = sum e_j,  s'_r = the same without the target class,
                     d_r = x_y - m_r (the owner of y only),  u_r = sum_j w_j (x_j - m_r)
   merge:            M = max_r m_r,  S = sum_r s_r exp(m_r - M),  S' likewise,
@@ -36,9 +40,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import backends
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def uses_kernels(x: Tensor) -> bool:
+    """Whether the phases of a shard on x's device run as C++ kernels (csrc/cpu/sharded.cpp,
+    the 'cpp' backend) or as the torch ops below (any other backend or device)."""
+    return x.device.type == "cpu" and backends.resolve(x.device) == "cpp"
 
 
 def _ownership(target: Tensor, start: int, width: int, ignore_index: int | None):
@@ -56,11 +68,14 @@ CE_STATS = 6  # m_r, s_r, s'_r, d_r, owner flag, u_r
 
 
 def ce_phase1(x: Tensor, target: Tensor, start: int, weight_local: Tensor | None,
-              smoothing: bool, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """(stats (CE_STATS, N), e) for this shard; e = exp(x - m_r), (N, C_local), acc dtype."""
+              smoothing: bool, ignore_index: int) -> Tensor:
+    """The (CE_STATS, N) row statistics of this shard, in the accumulation dtype."""
     acc = accumulation_dtype(x.dtype)
-    n, width = x.shape
     xa = x.to(acc)
+    if uses_kernels(x):
+        return torch.ops.linclass._ce_shard_stats(xa, target, start, weight_local, smoothing,
+                                                 ignore_index)
+    n, width = x.shape
     m = xa.amax(1) if width else xa.new_full((n,), float("-inf"))
     # A shard whose row is all -inf (or holds +inf / NaN) has no finite max to shift by;
     # 0 keeps its e_j exact (0 for -inf) and the merge turns +inf / NaN into a NaN row.
@@ -74,31 +89,34 @@ def ce_phase1(x: Tensor, target: Tensor, start: int, weight_local: Tensor | None
         u = e.sum(1) if weight_local is None else e @ weight_local.to(acc)
     e.exp_()
     if width:
-        col_e = e.gather(1, col).squeeze(1)
-        e.scatter_(1, col, torch.where(own, zero, col_e).unsqueeze(1))  # y out of the sum
-        s_excl = e.sum(1)
-        e.scatter_(1, col, col_e.unsqueeze(1))
-        s = s_excl + torch.where(own, col_e, zero)
+        e.scatter_(1, col, torch.where(own, zero, e.gather(1, col).squeeze(1)).unsqueeze(1))
+        s_excl = e.sum(1)  # without the target's term
+        s = s_excl + torch.where(own, torch.exp(d), zero)
     else:
         s = s_excl = zero
-    return torch.stack([m, s, s_excl, d, own.to(acc), u]), e
+    return torch.stack([m, s, s_excl, d, own.to(acc), u])
 
 
 class Merged(NamedTuple):
-    loss: Tensor         # (N,) loss rows (0 where ignored, NaN where the row is)
+    """ce_merge's result; the (N,) fields are per row, `rows` takes a block of them."""
+
+    loss: Tensor           # (N,) loss rows (0 where ignored, NaN where the row is)
     target_weight: Tensor  # (N,) w_y, 0 where ignored: the 'mean' divides by its sum
-    scale: Tensor        # () or (N,): the reduction's gradient scale
-    e_coef: Tensor       # (N,) multiplier of this rank's e_j
-    target_grad: Tensor  # (N,) dx_y, applied by the rank that holds y
-    ignored: Tensor      # (N,) bool
-    nan_rows: Tensor     # (N,) bool
-    smooth: float        # q
+    shift: Tensor          # (N,) this rank's shift m_r (0 where it is not finite)
+    exp_coef: Tensor       # (N,) dx_j = exp_coef exp(x_j - shift) - weight_coef w_j
+    weight_coef: Tensor    # (N,)   (both 0 on ignored rows, NaN on NaN rows)
+    target_grad: Tensor    # (N,) dx_y, written by the rank that holds y
+
+    def rows(self, block: slice) -> "Merged":
+        return Merged(*(f[block] for f in self))
 
 
 def ce_merge(stats: Tensor, target: Tensor, weight: Tensor | None, class_starts: list[int],
              widths: list[int], classes: int, ignore_index: int, label_smoothing: float,
-             reduction: str, rank: int) -> Merged:
-    """The global loss rows and what phase 2 needs, from the gathered (K, CE_STATS, N)."""
+             reduction: str, rank: int, mean_denominator: Tensor | None = None) -> Merged:
+    """The global loss rows and phase 2's row coefficients, from the gathered
+    (K, CE_STATS, N) statistics of all ranks (the same on every rank).  For a block of
+    the rows, mean_denominator is the whole batch's sum of target weights."""
     m, s, s_excl, d, own, u = stats.unbind(1)  # each (K, N)
     acc = stats.dtype
     ignored = target == ignore_index
@@ -126,31 +144,51 @@ def ce_merge(stats: Tensor, target: Tensor, weight: Tensor | None, class_starts:
     if label_smoothing:
         big_u = (u + part_w.unsqueeze(1) * (shift - big_m)).sum(0)
         loss = loss + smooth * (total_w * log_s - big_u)
-    loss = torch.where(ignored, torch.zeros_like(loss), loss)
-    loss = torch.where(nan_rows, torch.full_like(loss, float("nan")), loss)
-    scale = 1.0 / w_y.sum() if reduction == "mean" else torch.ones((), dtype=acc, device=stats.device)
-    e_coef = scale * (keep * w_y + smooth * total_w) * factor[rank] / big_s
+    nan = torch.full_like(loss, float("nan"))
+    zero = torch.zeros_like(loss)
+    loss = torch.where(nan_rows, nan, torch.where(ignored, zero, loss))
+    if reduction == "mean":
+        scale = 1.0 / (w_y.sum() if mean_denominator is None else mean_denominator)
+    else:
+        scale = torch.ones((), dtype=acc, device=stats.device)
+    exp_coef = scale * (keep * w_y + smooth * total_w) * factor[rank] / big_s
+    weight_coef = (scale * smooth).expand_as(loss)
     target_grad = scale * (smooth * (total_w * torch.exp(d_y) / big_s - w_y)
                            - keep * w_y * big_s_excl / big_s)
-    return Merged(loss, w_y, scale, e_coef, target_grad, ignored, nan_rows, smooth)
+
+    def rows(v):  # 0 on ignored rows, NaN on NaN rows
+        return torch.where(nan_rows, nan, torch.where(ignored, zero, v)).contiguous()
+
+    return Merged(loss, w_y, shift[rank].contiguous(), rows(exp_coef), rows(weight_coef),
+                  rows(target_grad))
 
 
-def ce_phase2(e: Tensor, target: Tensor, start: int, weight_local: Tensor | None,
-              merged: Merged, ignore_index: int) -> Tensor:
-    """This shard's d loss / d scores, written into e (phase 1's buffer)."""
-    width = e.shape[1]
-    e.mul_(merged.e_coef.unsqueeze(1))
-    if merged.smooth and width:
-        w = torch.ones(width, dtype=e.dtype, device=e.device) if weight_local is None \
-            else weight_local.to(e.dtype)
-        e.sub_((merged.scale * merged.smooth) * w.unsqueeze(0))
+def ce_phase2(x: Tensor, target: Tensor, start: int, weight_local: Tensor | None,
+              merged: Merged, ignore_index: int, overwrite: bool = False) -> Tensor:
+    """This shard's d loss / d scores (accumulation dtype), from the scores and the row
+    coefficients of ce_merge; overwrite: into x itself when it is a contiguous
+    accumulation-dtype tensor the caller no longer needs."""
+    acc = accumulation_dtype(x.dtype)
+    xa = x.to(acc)
+    in_place = overwrite and x.dtype == acc and x.is_contiguous()
+    if uses_kernels(x):
+        return torch.ops.linclass._ce_shard_grad(xa, target, start, weight_local, merged.shift,
+                                                merged.exp_coef, merged.weight_coef,
+                                                merged.target_grad, ignore_index,
+                                                x if in_place else None)
+    width = x.shape[1]
+    g = xa.sub_(merged.shift.unsqueeze(1)) if in_place else xa - merged.shift.unsqueeze(1)
+    g = g.exp_().mul_(merged.exp_coef.unsqueeze(1))
+    w = torch.ones(width, dtype=acc, device=x.device) if weight_local is None \
+        else weight_local.to(acc)
+    g.sub_(merged.weight_coef.unsqueeze(1) * w.unsqueeze(0))
     own, col = _ownership(target, start, width, ignore_index)
     if width:
-        current = e.gather(1, col).squeeze(1)
-        e.scatter_(1, col, torch.where(own, merged.target_grad, current).unsqueeze(1))
-    e.masked_fill_(merged.ignored.unsqueeze(1), 0.0)
-    e.masked_fill_(merged.nan_rows.unsqueeze(1), float("nan"))
-    return e
+        g.scatter_(1, col, torch.where(own, merged.target_grad,
+                                       g.gather(1, col).squeeze(1)).unsqueeze(1))
+    # Ignored rows are exactly 0 (even where a +inf score made inf * 0).
+    g.masked_fill_(((merged.exp_coef == 0) & (merged.weight_coef == 0)).unsqueeze(1), 0.0)
+    return g
 
 
 # ---- multi-margin ------------------------------------------------------------------
@@ -170,34 +208,44 @@ MM_STATS = 2  # l_r, t_r
 
 
 def mm_phase2(x: Tensor, target: Tensor, start: int, x_y: Tensor, p: int, margin: float,
-              weight: Tensor | None, classes: int, reduction: str) -> tuple[Tensor, Tensor]:
-    """(stats (MM_STATS, N), this shard's gradient without the target column's term)."""
+              weight: Tensor | None, classes: int, reduction: str, rows: int | None = None,
+              compute_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(stats (MM_STATS, N), this shard's gradient without the target column's term).
+
+    x may be a block of the rows; `rows` is then the global N that 'mean' divides by."""
     acc = x_y.dtype
     n, width = x.shape
-    h = margin - x_y.unsqueeze(1) + x.to(acc)
-    own, col = _ownership(target, start, width, None)
-    if width:
-        h.scatter_(1, col, torch.where(own, torch.full_like(x_y, -1.0),
-                                       h.gather(1, col).squeeze(1)).unsqueeze(1))
-    pos = h.clamp_min(0)
+    rows = n if rows is None else rows
     v = (torch.ones_like(x_y) if weight is None else weight.to(acc)[target]) / classes
     if reduction == "mean":
-        v = v / n
+        v = v / rows
+    xa = x.to(acc)
+    if uses_kernels(x):
+        stats, grad = torch.ops.linclass._mm_shard_grad(xa, target, start, x_y.contiguous(),
+                                                       v.contiguous(), p, margin, compute_grad)
+        return stats, grad if compute_grad else None
+    h = margin - x_y.unsqueeze(1) + xa
+    own, col = _ownership(target, start, width, None)
+    if width:
+        h.scatter_(1, col, torch.where(own, torch.full_like(x_y, float("-inf")),
+                                       h.gather(1, col).squeeze(1)).unsqueeze(1))
+    pos = h.clamp_min(0)
     part_loss = (pos if p == 1 else pos * pos).sum(1)
     grad = (h > 0).to(acc) if p == 1 else 2.0 * pos
     grad.mul_(v.unsqueeze(1))
-    part_target = grad.sum(1)
-    return torch.stack([part_loss, part_target]), grad
+    return torch.stack([part_loss, grad.sum(1)]), grad if compute_grad else None
 
 
-def mm_finish(stats: Tensor, grad: Tensor, target: Tensor, start: int, weight: Tensor | None,
-              classes: int, reduction: str) -> Tensor:
+def mm_finish(stats: Tensor, grad: Tensor | None, target: Tensor, start: int,
+              weight: Tensor | None, classes: int) -> Tensor:
     """The loss rows (N,) from the gathered (K, MM_STATS, N); the target column of grad."""
     acc = stats.dtype
     n = target.shape[0]
     w_y = torch.ones(n, dtype=acc, device=stats.device) if weight is None \
         else weight.to(acc)[target]
     loss = stats[:, 0].sum(0) * w_y / classes
+    if grad is None:
+        return loss
     own, col = _ownership(target, start, grad.shape[1], None)
     if grad.shape[1]:
         current = grad.gather(1, col).squeeze(1)

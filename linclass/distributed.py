@@ -21,6 +21,8 @@ backward.  Collectives per call (each one stacked buffer):
   - cross-entropy: one all-gather of 6 numbers per row (max, sums of exponentials, the
     target's score, the label-smoothing sum: the max-merge of online softmax);
   - multi-margin: one all-gather of the target scores, then one of 2 numbers per row.
+The linear + loss ops (the head's weight sharded by classes) add one all-gather per
+block of rows for cross-entropy and an all-reduce of the input's gradient.
 
 Also accepted: a DTensor of scores sharded on the class dimension (``Shard(1)`` on a 1-D
 mesh), for which the loss comes back as a replicated DTensor.  For data parallelism,
@@ -30,6 +32,7 @@ global_mean_denominator gives the exact global-batch 'mean'.
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 from typing import NamedTuple
 
@@ -39,7 +42,8 @@ import torch.distributed as dist
 from . import _ops, _sharded
 from .functional import _FLOAT_TYPES, _reduction_code
 
-__all__ = ["cross_entropy", "multi_margin_loss", "global_mean_denominator"]
+__all__ = ["cross_entropy", "global_mean_denominator", "linear_cross_entropy",
+           "linear_multi_margin_loss", "multi_margin_loss"]
 
 
 class Layout(NamedTuple):
@@ -70,10 +74,11 @@ def _fingerprint_options(options: tuple, weight) -> int:
     return zlib.crc32(text.encode())
 
 
-def exchange_layout(op: str, group, scores, target, class_start, options: tuple, weight,
+def exchange_layout(op: str, group, shape, device, target, class_start, options: tuple, weight,
                     local_error: Exception | None) -> Layout:
     """Every rank's rows, shard width and start, checked to agree, in one all-gather.
 
+    shape: this rank's (N, C_local), read only when local_error is None.
     Each rank's own argument errors travel in the header, so every rank raises (the rank
     at fault its own error, the others one naming it) and none is left waiting in a
     collective its peers never enter."""
@@ -85,11 +90,11 @@ def exchange_layout(op: str, group, scores, target, class_start, options: tuple,
     if rank < 0:
         raise RuntimeError(f"{op}: this process is not a member of the given group")
     ok = local_error is None
-    device = scores.device if ok and dist.get_backend(group) == "nccl" else torch.device("cpu")
+    device = device if ok and dist.get_backend(group) == "nccl" else torch.device("cpu")
     header = torch.tensor(
         [0 if ok else 1,
-         scores.shape[0] if ok else -1,
-         scores.shape[1] if ok else -1,
+         shape[0] if ok else -1,  # N
+         shape[1] if ok else -1,  # C_local
          -1 if class_start is None else int(class_start),
          _fingerprint_target(target) if ok else 0,
          _fingerprint_options(options, weight) if ok else 0],
@@ -249,11 +254,10 @@ def _dtensor_call(fn, scores, target, weight, kwargs):
 
 
 def _is_dtensor(t) -> bool:
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    # Without torch.distributed.tensor imported there is no DTensor to get (and importing
+    # it costs tens of MB of resident memory in every rank).
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, *,
@@ -281,7 +285,9 @@ def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, 
     error = _checked(check)
     options = (op, str(getattr(scores_local, "dtype", "")), int(ignore_index),
                float(label_smoothing), reduction)
-    layout = exchange_layout(op, group, scores_local, target, class_start, options, weight, error)
+    layout = exchange_layout(op, group, getattr(scores_local, "shape", None),
+                             getattr(scores_local, "device", None), target, class_start,
+                             options, weight, error)
     target = target.long()
     _check_range(op, target, layout.classes, ignore_index, IndexError)
     _check_weight_size(op, weight, layout.classes)
@@ -290,16 +296,16 @@ def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, 
     compute_grad = scores_local.requires_grad and torch.is_grad_enabled()
 
     def compute():
-        stats, e = _sharded.ce_phase1(scores_local.detach(), target, start, weight_local,
-                                      label_smoothing > 0, ignore_index)
-        gathered = _gather_rows(stats, group, layout.world)
-        merged = _sharded.ce_merge(gathered, target, weight, layout.starts, layout.widths,
-                                   layout.classes, ignore_index, float(label_smoothing),
-                                   reduction, layout.rank)
+        x = scores_local.detach()
+        stats = _sharded.ce_phase1(x, target, start, weight_local, label_smoothing > 0,
+                                   ignore_index)
+        merged = _sharded.ce_merge(_gather_rows(stats, group, layout.world), target, weight,
+                                   layout.starts, layout.widths, layout.classes, ignore_index,
+                                   float(label_smoothing), reduction, layout.rank)
         loss = _reduce(merged.loss, reduction, merged.target_weight.sum())
         grad = None
         if compute_grad:
-            grad = _sharded.ce_phase2(e, target, start, weight_local, merged, ignore_index)
+            grad = _sharded.ce_phase2(x, target, start, weight_local, merged, ignore_index)
             grad = grad.to(scores_local.dtype)
         return loss.to(scores_local.dtype), grad
 
@@ -326,7 +332,9 @@ def multi_margin_loss(scores_local: torch.Tensor, target: torch.Tensor, group=No
 
     error = _checked(check)
     options = (op, str(getattr(scores_local, "dtype", "")), p, float(margin), reduction)
-    layout = exchange_layout(op, group, scores_local, target, class_start, options, weight, error)
+    layout = exchange_layout(op, group, getattr(scores_local, "shape", None),
+                             getattr(scores_local, "device", None), target, class_start,
+                             options, weight, error)
     target = target.long()
     _check_range(op, target, layout.classes, None, RuntimeError)
     _check_weight_size(op, weight, layout.classes)
@@ -337,16 +345,263 @@ def multi_margin_loss(scores_local: torch.Tensor, target: torch.Tensor, group=No
         x = scores_local.detach()
         x_y = _gather_rows(_sharded.target_scores(x, target, start), group, layout.world).sum(0)
         stats, grad = _sharded.mm_phase2(x, target, start, x_y, p, float(margin), weight,
-                                         layout.classes, reduction)
+                                         layout.classes, reduction, compute_grad=compute_grad)
         gathered = _gather_rows(stats, group, layout.world)
-        loss_rows = _sharded.mm_finish(gathered, grad, target, start, weight, layout.classes,
-                                       reduction)
+        loss_rows = _sharded.mm_finish(gathered, grad, target, start, weight, layout.classes)
         loss = _reduce(loss_rows, reduction, loss_rows.numel())
-        return loss.to(scores_local.dtype), grad.to(scores_local.dtype) if compute_grad else None
+        return loss.to(scores_local.dtype), None if grad is None else grad.to(scores_local.dtype)
 
     if not compute_grad:
         return compute()[0]
     return _ShardedLoss.apply(scores_local, compute, reduction == "none")
+
+
+# ---- the head's weight sharded by classes ------------------------------------------
+
+# Scores are made a block of rows at a time, about this many bytes of them at once.
+BLOCK_BYTES = 16 << 20
+
+
+def _row_blocks(rows: int, width: int, dtype: torch.dtype):
+    """Slices of the rows; `width` must be the same on every rank (the widest shard) when
+    each block runs a collective."""
+    per_row = max(width, 1) * torch.empty((), dtype=_sharded.accumulation_dtype(dtype)).element_size()
+    step = max(1, min(rows, BLOCK_BYTES // per_row))
+    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _check_linear(op: str, input, weight_local, bias_local, target, reduction: str) -> None:
+    if not isinstance(input, torch.Tensor) or input.dim() != 2 or input.dtype not in _FLOAT_TYPES:
+        raise ValueError(f"{op}: input must be a floating (N, D) tensor, the same on every rank, "
+                         f"got {getattr(input, 'shape', type(input).__name__)}")
+    if (not isinstance(weight_local, torch.Tensor) or weight_local.dim() != 2
+            or weight_local.shape[1] != input.shape[1]):
+        raise ValueError(f"{op}: weight_local must be (C_local, D) with D = {input.shape[1]}, got "
+                         f"{list(getattr(weight_local, 'shape', []))}")
+    if weight_local.dtype != input.dtype or weight_local.device != input.device:
+        raise RuntimeError(f"{op}: weight_local must have the input's dtype and device, got "
+                           f"{weight_local.dtype} on {weight_local.device}")
+    if bias_local is not None and (not isinstance(bias_local, torch.Tensor)
+                                   or tuple(bias_local.shape) != (weight_local.shape[0],)
+                                   or bias_local.dtype != input.dtype
+                                   or bias_local.device != input.device):
+        raise ValueError(f"{op}: bias_local must be ({weight_local.shape[0]},) with the input's "
+                         f"dtype and device, got {list(getattr(bias_local, 'shape', []))}")
+    _check_common(op, input.new_empty((input.shape[0], 0)), target, None, reduction)
+
+
+class _ShardedLinearLoss(torch.autograd.Function):
+    """run() -> (loss, gradients for grad_output = 1 or None, later); for reduction
+    'none' the gradients depend on grad_output per row and later(grad_output) makes them."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, run):
+        loss, grads, later = run()
+        ctx.later = later
+        if grads is not None:
+            ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        _ops._check_first_order()
+        if ctx.later is not None:
+            grads = ctx.later(grad_loss)
+        else:
+            saved = list(ctx.saved_tensors)
+            present = [i for i, g in enumerate(saved) if g is not None]
+            scaled = _ops._rescale([saved[i] for i in present], grad_loss)
+            grads = [None] * 3
+            for i, g in zip(present, scaled):
+                grads[i] = g
+        return (*grads, None)
+
+
+def _linear_loss(op: str, kind: str, input, weight_local, bias_local, target, group,
+                 class_start, options: dict, reduction: str):
+    error = _checked(lambda: _check_linear(op, input, weight_local, bias_local, target, reduction))
+    wants = [isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+             for t in (input, weight_local, bias_local)]
+    # The input gradient is all-reduced: every rank must agree on whether to make it.
+    fingerprint = (op, str(getattr(input, "dtype", "")), tuple(getattr(input, "shape", ()))[1:],
+                   tuple(sorted(options.items())), reduction, wants[0], bias_local is None)
+    shape = None if error else (input.shape[0], weight_local.shape[0])
+    layout = exchange_layout(op, group, shape, getattr(input, "device", None), target,
+                             class_start, fingerprint, None, error)
+    ignore_index = options.get("ignore_index")
+    target = target.long()
+    _check_range(op, target, layout.classes, ignore_index,
+                 IndexError if kind == "ce" else RuntimeError)
+    start, n = layout.start, input.shape[0]
+    acc = _sharded.accumulation_dtype(input.dtype)
+    x, w = input.detach(), weight_local.detach()
+    b = None if bias_local is None else bias_local.detach()
+    blocks = _row_blocks(n, max(layout.widths), input.dtype)
+
+    def scores(block):
+        return torch.nn.functional.linear(x[block], w, b)
+
+    def gradients(block_grads, fixup=None):
+        """Accumulates the blocks' score gradients G into (input, weight, bias) gradients;
+        the input's is summed over the group (every rank holds a part of its classes)."""
+        gi = torch.zeros(n, x.shape[1], dtype=acc, device=x.device) if wants[0] else None
+        gw = torch.zeros(w.shape, dtype=acc, device=x.device) if wants[1] else None
+        gb = torch.zeros(w.shape[0], dtype=acc, device=x.device) if wants[2] else None
+        for block, g in block_grads:
+            if gi is not None:
+                gi[block] = g @ w.to(acc)
+            if gw is not None:
+                gw.addmm_(g.t(), x[block].to(acc))
+            if gb is not None:
+                gb += g.sum(0)
+        if fixup is not None:
+            fixup(gi, gw, gb)
+        if gi is not None:
+            dist.all_reduce(gi, group=group)
+        return [None if g is None else g.to(input.dtype) for g in (gi, gw, gb)]
+
+    if kind == "ce":
+        smoothing = options["label_smoothing"]
+        denominator = (target != ignore_index).sum().to(acc)  # of 'mean' (no class weights)
+
+        def run():
+            merged, loss_rows = [], []
+
+            def forward_blocks(with_grads):
+                """Per block of rows: scores, statistics, their exchange (one all-gather
+                of the block's), merge, and with_grads the block's score gradient from
+                the same scores (so they are made once)."""
+                for k in blocks:
+                    s = scores(k)
+                    stats = _sharded.ce_phase1(s, target[k], start, None, smoothing > 0,
+                                               ignore_index)
+                    m = _sharded.ce_merge(_gather_rows(stats, group, layout.world), target[k],
+                                          None, layout.starts, layout.widths, layout.classes,
+                                          ignore_index, smoothing, reduction, layout.rank,
+                                          mean_denominator=denominator)
+                    merged.append(m)
+                    loss_rows.append(m.loss)
+                    if with_grads:
+                        yield k, _sharded.ce_phase2(s, target[k], start, None, m, ignore_index,
+                                                    overwrite=True)
+
+            def later(grad_out):  # 'none': the saved coefficients, scaled per row
+                return gradients(
+                    (k, _sharded.ce_phase2(scores(k), target[k], start, None, m, ignore_index,
+                                           overwrite=True).mul_(grad_out[k].to(acc).unsqueeze(1)))
+                    for k, m in zip(blocks, merged))
+
+            grads = None
+            if any(wants) and reduction != "none":
+                grads = gradients(forward_blocks(True))
+            else:
+                for _ in forward_blocks(False):
+                    pass
+            loss = _reduce(torch.cat(loss_rows), reduction, denominator).to(input.dtype)
+            if not any(wants):
+                return loss, None, None
+            return loss, grads, later if reduction == "none" else None
+    else:
+        p, margin = options["p"], options["margin"]
+
+        def run():
+            own = (target >= start) & (target < start + w.shape[0])
+            rows = own.nonzero().squeeze(1)
+            cols = target[rows] - start
+            x_y = torch.zeros(n, dtype=acc, device=x.device)
+            mine = (x[rows].to(acc) * w[cols].to(acc)).sum(1)
+            x_y[rows] = mine if b is None else mine + b[cols].to(acc)
+            x_y = _gather_rows(x_y, group, layout.world).sum(0)
+            parts = []
+
+            def block_grads(row_scale=None, with_grads=True):
+                for k in blocks:
+                    st, g = _sharded.mm_phase2(scores(k), target[k], start, x_y[k], p, margin,
+                                               None, layout.classes, reduction, rows=n,
+                                               compute_grad=with_grads)
+                    if row_scale is None:
+                        parts.append(st)
+                    yield k, g if row_scale is None else g.mul_(row_scale[k].to(acc).unsqueeze(1))
+
+            def target_column(stats, row_scale=None):
+                """dx_y = -(the row's other gradients, summed over every rank): added to the
+                input / weight / bias gradients of the rows whose target this rank holds."""
+                g_y = -stats[:, 1].sum(0)[rows]
+                if row_scale is not None:
+                    g_y = g_y * row_scale[rows].to(acc)
+
+                def fixup(gi, gw, gb):
+                    if gi is not None:
+                        gi.index_add_(0, rows, g_y.unsqueeze(1) * w[cols].to(acc))
+                    if gw is not None:
+                        gw.index_add_(0, cols, g_y.unsqueeze(1) * x[rows].to(acc))
+                    if gb is not None:
+                        gb.index_add_(0, cols, g_y)
+                return fixup
+
+            gathered = {}
+
+            def gather_then_target_column(gi, gw, gb):
+                gathered["stats"] = _gather_rows(torch.cat(parts, dim=1), group, layout.world)
+                target_column(gathered["stats"])(gi, gw, gb)
+
+            grads = None
+            if any(wants) and reduction != "none":
+                # One pass over the blocks makes the statistics and all the gradients but
+                # the target column's, which waits for the other ranks' statistics.
+                grads = gradients(block_grads(), gather_then_target_column)
+            else:
+                for _ in block_grads(with_grads=False):
+                    pass
+                gather_then_target_column(None, None, None)
+            stats = gathered["stats"]
+            loss = _reduce(stats[:, 0].sum(0) / layout.classes, reduction, n).to(input.dtype)
+            if not any(wants):
+                return loss, None, None
+            if reduction == "none":
+                return loss, None, lambda grad_out: gradients(block_grads(grad_out),
+                                                               target_column(stats, grad_out))
+            return loss, grads, None
+
+    if not any(wants):
+        return run()[0]
+    return _ShardedLinearLoss.apply(input, weight_local, bias_local, run)
+
+
+def linear_cross_entropy(input: torch.Tensor, weight_local: torch.Tensor, target: torch.Tensor,
+                         bias_local: torch.Tensor | None = None, group=None, *,
+                         class_start: int | None = None, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy(F.linear(input, weight, bias), target)`` for a head whose weight
+    (C, D) and bias are sharded by classes: this rank holds rows [class_start, class_start
+    + C_local) as weight_local (C_local, D) and bias_local (C_local,); input (N, D) and
+    target are the same on every rank.
+
+    No (N, C) or (N, C_local) tensor is made: the scores are made a block of rows at a
+    time (about BLOCK_BYTES of them), the block's row statistics are exchanged (one
+    all-gather per block, of 6 numbers per row), and the block's gradient is made from
+    the same scores and accumulated into the input, weight and bias gradients.  The
+    input's gradient is summed over the group (in the forward; in backward for 'none',
+    which makes the scores again there); the weight's and bias's are this rank's slices."""
+    op = "linclass.distributed.linear_cross_entropy"
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    return _linear_loss(op, "ce", input, weight_local, bias_local, target, group, class_start,
+                        dict(ignore_index=int(ignore_index), label_smoothing=float(label_smoothing)),
+                        reduction)
+
+
+def linear_multi_margin_loss(input: torch.Tensor, weight_local: torch.Tensor, target: torch.Tensor,
+                             bias_local: torch.Tensor | None = None, group=None, *,
+                             class_start: int | None = None, p: int = 1, margin: float = 1.0,
+                             reduction: str = "mean") -> torch.Tensor:
+    """``F.multi_margin_loss(F.linear(input, weight, bias), target)`` for a head sharded by
+    classes (see linear_cross_entropy); the scores are made once, a block of rows at a time."""
+    op = "linclass.distributed.linear_multi_margin_loss"
+    if p not in (1, 2):
+        raise ValueError(f"{op}: only p == 1 and p == 2 are supported, got {p}")
+    return _linear_loss(op, "mm", input, weight_local, bias_local, target, group, class_start,
+                        dict(p=int(p), margin=float(margin)), reduction)
 
 
 def global_mean_denominator(target: torch.Tensor, weight: torch.Tensor | None = None,

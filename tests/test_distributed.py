@@ -113,7 +113,23 @@ F64 = dict(rtol=1e-10, atol=1e-12)
 F32 = dict(rtol=2e-5, atol=2e-6)
 
 
+def _phase_backends():
+    """The backends whose phase implementations run on CPU tensors: the C++ kernels
+    (cpp) and the torch ops (torch)."""
+    import linclass
+
+    return [b for b in ("cpp", "torch") if linclass.backends.runs_on(b, "cpu")]
+
+
 def _case_matches_unsharded(rank, world):
+    for backend in _phase_backends():
+        import linclass
+
+        with linclass.backends.use(backend):
+            _matches_unsharded(rank, world)
+
+
+def _matches_unsharded(rank, world):
     import linclass.distributed as ld
 
     g = torch.Generator().manual_seed(0)
@@ -287,12 +303,90 @@ def _case_data_parallel_mean(rank, world):
     torch.testing.assert_close(grad, full_w.grad, **F64)
 
 
+def _case_linear_matches_unsharded(rank, world):
+    for backend in _phase_backends():
+        import linclass
+
+        with linclass.backends.use(backend):
+            _linear_matches_unsharded(rank, world)
+
+
+def _linear_matches_unsharded(rank, world):
+    """The class-sharded head: loss equal on every rank, the input gradient equal on every
+    rank (summed over the group), weight and bias gradients equal to their slices."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    import linclass.distributed as ld
+
+    default_block_bytes = ld.BLOCK_BYTES
+    ld.BLOCK_BYTES = 3 * 8 * 13  # blocks of about three rows: the block loop is exercised
+    g = torch.Generator().manual_seed(0)
+    n, d, classes = 10, 5, 13
+    x0 = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w0 = torch.randn(classes, d, generator=g, dtype=torch.float64)
+    b0 = torch.randn(classes, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    y_ignored = y.clone()
+    y_ignored[3] = -100
+    for name, layout in _layouts(classes, world):
+        a, width = _shard(x0, layout, rank)
+        cases = [(ld.linear_cross_entropy, F.cross_entropy, y_ignored, o)
+                 for o in (dict(), dict(label_smoothing=0.2))]
+        cases += [(ld.linear_multi_margin_loss, F.multi_margin_loss, y, o)
+                  for o in (dict(), dict(p=2, margin=0.5))]
+        for fn, torch_fn, target, kwargs in cases:
+            for reduction in ("mean", "sum", "none"):
+                for with_bias in (True, False):
+                    x = x0.clone().requires_grad_(True)
+                    w = w0[a:a + width].clone().requires_grad_(True)
+                    b = b0[a:a + width].clone().requires_grad_(True) if with_bias else None
+                    params = [x, w] + ([b] if with_bias else [])
+                    loss = fn(x, w, target, b, class_start=layout[rank][0], reduction=reduction,
+                              **kwargs)
+                    grad_out = torch.rand(loss.shape, dtype=torch.float64,
+                                          generator=torch.Generator().manual_seed(1))
+                    grads = torch.autograd.grad(loss, params, grad_out)
+                    xf, wf = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+                    bf = b0.clone().requires_grad_(True) if with_bias else None
+                    expected = torch_fn(F.linear(xf, wf, bf), target, reduction=reduction, **kwargs)
+                    full = torch.autograd.grad(expected, [xf, wf] + ([bf] if with_bias else []),
+                                               grad_out)
+                    what = f"{fn.__name__} {name} {kwargs} {reduction} bias={with_bias}"
+                    torch.testing.assert_close(loss, expected, **F64, msg=lambda m: f"{what}: {m}")
+                    torch.testing.assert_close(grads[0], full[0], **F64, msg=lambda m: f"{what}: {m}")
+                    torch.testing.assert_close(grads[1], full[1][a:a + width], **F64)
+                    if with_bias:
+                        torch.testing.assert_close(grads[2], full[2][a:a + width], **F64)
+                    assert _all_equal_across_ranks(loss, world), what
+                    assert _all_equal_across_ranks(grads[0], world), what
+    # Collectives (one block of rows): layout, statistics and the input gradient's sum
+    # in the forward; none in backward.
+    ld.BLOCK_BYTES = default_block_bytes
+    w = w0[:classes // world * world].reshape(world, -1, d)[rank].clone().requires_grad_(True)
+    for fn, expected in ((ld.linear_cross_entropy, 3), (ld.linear_multi_margin_loss, 4)):
+        x = x0.clone().requires_grad_(True)
+        with CommDebugMode() as forward:
+            loss = fn(x, w, y.clamp(0, classes // world * world - 1))
+        with CommDebugMode() as backward:
+            loss.backward()
+        assert forward.get_total_counts() == expected, (fn.__name__, forward.get_comm_counts())
+        assert backward.get_total_counts() == 0, (fn.__name__, backward.get_comm_counts())
+    # A different D on one rank is caught by the layout check.
+    with pytest.raises(ValueError, match="different options"):
+        ld.linear_cross_entropy(x0[:, :d - rank], w0[:2, :d - rank], y.clamp(0, 1))
+
+
 # ---- the tests ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_losses_match_the_unsharded_ops(world):
     run_ranks(_case_matches_unsharded, world)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_linear_losses_match_the_unsharded_ops(world):
+    run_ranks(_case_linear_matches_unsharded, world)
 
 
 def test_collective_counts():

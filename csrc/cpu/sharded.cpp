@@ -1,0 +1,221 @@
+// The per-shard phases of the class-sharded losses (linclass.distributed; the math and
+// its derivation are in linclass/_sharded.py, which calls these for CPU tensors).
+//
+// Each rank holds the scores x (N, C_local) of classes [start, start + C_local).
+//   _ce_shard_stats   cross-entropy phase 1: per row m, s, s', d, owner flag, u (6 x N)
+//   _ce_shard_grad    cross-entropy phase 2: dx_j = a_i exp(x_j - shift_i) - b_i w_j, and the
+//                     target's entry, from the merged row coefficients
+//   _mm_shard_grad    multi-margin phase 2: given x_y, the row sums (loss part, gradient
+//                     part) and dx_j for j != y
+// Phase 2 reads the scores again instead of keeping phase 1's exponentials: one pass over
+// x and one over dx (streamed), where keeping them would add a write and a read of N x C.
+// float32 and float64 (the caller converts half types); rows in parallel; every row's
+// arithmetic is independent of the thread count.
+#include "cpu/ops.h"
+
+#include "buffer_cache.h"
+#include "vec_util.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+
+namespace linclass {
+namespace {
+
+using cpu::Vec;
+
+// Rows per parallel task: about 32k scores, so small shards are not split into tasks
+// that cost more to start than to run.
+int64_t grain(int64_t classes) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(classes, 1)); }
+
+// Gradients larger than the caches go out with non-temporal stores.
+bool stream_rows(int64_t rows, int64_t classes, int64_t elem) { return rows * classes * elem > (8 << 20); }
+
+void check_shard(const at::Tensor& x, const at::Tensor& target, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": scores must be (N, C_local)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": scores must be float32 or float64");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0) && target.scalar_type() == at::kLong,
+              op, ": target must be int64 (N,)");
+}
+
+// The local column of row i's target, or -1 when this shard does not hold it.
+inline int64_t owned_column(int64_t y, int64_t start, int64_t width, int64_t ignore_index) {
+  const int64_t local = y - start;
+  return (y != ignore_index && local >= 0 && local < width) ? local : -1;
+}
+
+template <typename T>
+void ce_stats_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64_t start,
+                   int64_t ignore_index, const T* w, T* out) {
+  at::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* row = x + i * C;
+      const T* next = i + 1 < r1 ? row + C : nullptr;
+      const int64_t col = owned_column(target[i], start, C, ignore_index);
+      const T m = C ? cpu::max_of(row, C) : -std::numeric_limits<T>::infinity();
+      const T shift = std::isfinite(m) ? m : T(0);
+      T u = 0, s_excl = 0, d = 0, e_y = 0;
+      // s' skips the target's column (two ranges), so it keeps its relative precision.
+      auto sum = [&](int64_t b, int64_t e) {
+        return w ? cpu::exp_sum<true>(row, nullptr, b, e, shift, w, &u, next)
+                 : cpu::exp_sum(row, nullptr, b, e, shift, nullptr, nullptr, next);
+      };
+      if (col >= 0) {
+        s_excl = sum(0, col) + sum(col + 1, C);
+        d = row[col] - shift;
+        e_y = std::exp(d);
+        if (w) u += w[col] * d;
+      } else if (C) {
+        s_excl = sum(0, C);
+      }
+      out[i] = m;
+      out[N + i] = s_excl + e_y;
+      out[2 * N + i] = s_excl;
+      out[3 * N + i] = d;
+      out[4 * N + i] = col >= 0 ? T(1) : T(0);
+      out[5 * N + i] = u;
+    }
+  });
+}
+
+template <typename T>
+void ce_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64_t start,
+                  int64_t ignore_index, const T* w, const T* shift, const T* a, const T* b,
+                  const T* target_grad, T* g) {
+  const bool stream = stream_rows(N, C, sizeof(T));
+  at::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* row = x + i * C;
+      T* out = g + i * C;
+      if (a[i] == T(0) && b[i] == T(0)) {  // an ignored row (NaN coefficients are not 0)
+        cpu::store_map(out, 0, C, stream, [](int64_t, int64_t) { return Vec<T>(T(0)); });
+        continue;
+      }
+      const Vec<T> vs(shift[i]), va(a[i]), vb(b[i]);
+      cpu::store_map(out, 0, C, stream, [&](int64_t j, int64_t n) {
+        const Vec<T> e = cpu::vexp(Vec<T>::loadu(row + j, n) - vs) * va;
+        return w ? e - vb * Vec<T>::loadu(w + j, n) : e - vb;
+      });
+      const int64_t col = owned_column(target[i], start, C, ignore_index);
+      if (col >= 0) out[col] = target_grad[i];
+    }
+    if (stream) cpu::stream_fence();
+  });
+}
+
+template <typename T>
+void mm_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64_t start,
+                  const T* x_y, const T* v, int64_t p, T margin, T* stats, T* g) {
+  const bool stream = g && stream_rows(N, C, sizeof(T));
+  constexpr int64_t W = Vec<T>::size();
+  at::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* row = x + i * C;
+      const int64_t col = owned_column(target[i], start, C, std::numeric_limits<int64_t>::min());
+      const Vec<T> base(margin - x_y[i]), vv(v[i]), zero(T(0)), two(T(2));
+      Vec<T> loss0 = zero, grad0 = zero;
+      // h_j = margin - x_y + x_j; the target's own column gets h = -inf: no term.
+      auto term = [&](int64_t j, int64_t n) {
+        Vec<T> h = base + Vec<T>::loadu(row + j, n);
+        if (col >= j && col < j + n) h = cpu::with_lane(h, col - j, -std::numeric_limits<T>::infinity());
+        const Vec<T> pos = Vec<T>::set(zero, at::vec::clamp_min(h, zero), n);
+        const Vec<T> gj = p == 1 ? cpu::select(h > zero, vv, zero) : two * vv * pos;
+        loss0 = loss0 + (p == 1 ? pos : pos * pos);
+        const Vec<T> gm = Vec<T>::set(zero, gj, n);
+        grad0 = grad0 + gm;
+        return gm;
+      };
+      if (g) {
+        cpu::store_map(g + i * C, 0, C, stream, term);
+      } else {
+        for (int64_t j = 0; j < C; j += W) term(j, std::min<int64_t>(W, C - j));
+      }
+      const T loss = cpu::hsum(loss0), grad = cpu::hsum(grad0);
+      stats[i] = loss;
+      stats[N + i] = grad;
+    }
+    if (stream) cpu::stream_fence();
+  });
+}
+
+}  // namespace
+
+at::Tensor ce_shard_stats(const at::Tensor& x_, const at::Tensor& target_, int64_t start,
+                          const std::optional<at::Tensor>& weight, bool smoothing,
+                          int64_t ignore_index) {
+  check_shard(x_, target_, "_ce_shard_stats");
+  const at::Tensor x = x_.contiguous(), target = target_.contiguous();
+  const int64_t N = x.size(0), C = x.size(1);
+  at::Tensor out = at::empty({6, N}, x.options());
+  at::Tensor w;
+  if (smoothing) w = weight ? weight->to(x.scalar_type()).contiguous() : at::ones({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_ce_shard_stats", [&] {
+    ce_stats_rows<scalar_t>(x.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C,
+                            start, ignore_index, smoothing ? w.const_data_ptr<scalar_t>() : nullptr,
+                            out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor ce_shard_grad(const at::Tensor& x_, const at::Tensor& target_, int64_t start,
+                         const std::optional<at::Tensor>& weight, const at::Tensor& shift,
+                         const at::Tensor& exp_coef, const at::Tensor& weight_coef,
+                         const at::Tensor& target_grad, int64_t ignore_index,
+                         const std::optional<at::Tensor>& out) {
+  check_shard(x_, target_, "_ce_shard_grad");
+  const at::Tensor x = x_.contiguous(), target = target_.contiguous();
+  const int64_t N = x.size(0), C = x.size(1);
+  for (const at::Tensor* t : {&shift, &exp_coef, &weight_coef, &target_grad})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == x.scalar_type() &&
+                    t->is_contiguous(),
+                "_ce_shard_grad: row coefficients must be contiguous (N,) in the scores' dtype");
+  at::Tensor w = weight ? weight->to(x.scalar_type()).contiguous() : at::Tensor();
+  // Into `out` (which may be x itself: each entry is read before it is written), or a
+  // cached buffer (no page faults per step).
+  if (out) {
+    TORCH_CHECK(out->sizes() == x.sizes() && out->scalar_type() == x.scalar_type() &&
+                    out->is_contiguous() && x_.is_contiguous(),
+                "_ce_shard_grad: out must be a contiguous tensor like the scores");
+  }
+  at::Tensor g = out ? *out : empty_cached({N, C}, x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_ce_shard_grad", [&] {
+    ce_grad_rows<scalar_t>(x.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C,
+                           start, ignore_index, weight ? w.const_data_ptr<scalar_t>() : nullptr,
+                           shift.const_data_ptr<scalar_t>(), exp_coef.const_data_ptr<scalar_t>(),
+                           weight_coef.const_data_ptr<scalar_t>(),
+                           target_grad.const_data_ptr<scalar_t>(), g.mutable_data_ptr<scalar_t>());
+  });
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor> mm_shard_grad(const at::Tensor& x_, const at::Tensor& target_,
+                                                 int64_t start, const at::Tensor& x_y,
+                                                 const at::Tensor& row_coef, int64_t p,
+                                                 double margin, bool compute_grad) {
+  check_shard(x_, target_, "_mm_shard_grad");
+  TORCH_CHECK(p == 1 || p == 2, "_mm_shard_grad: p must be 1 or 2");
+  const at::Tensor x = x_.contiguous(), target = target_.contiguous();
+  const int64_t N = x.size(0), C = x.size(1);
+  for (const at::Tensor* t : {&x_y, &row_coef})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == x.scalar_type() &&
+                    t->is_contiguous(),
+                "_mm_shard_grad: row values must be contiguous (N,) in the scores' dtype");
+  at::Tensor stats = at::empty({2, N}, x.options());
+  at::Tensor g = compute_grad ? empty_cached({N, C}, x.scalar_type()) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_mm_shard_grad", [&] {
+    mm_grad_rows<scalar_t>(x.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C,
+                           start, x_y.const_data_ptr<scalar_t>(), row_coef.const_data_ptr<scalar_t>(),
+                           p, scalar_t(margin), stats.mutable_data_ptr<scalar_t>(),
+                           compute_grad ? g.mutable_data_ptr<scalar_t>() : nullptr);
+  });
+  return {stats, g};
+}
+
+}  // namespace linclass
