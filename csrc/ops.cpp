@@ -114,19 +114,6 @@ TORCH_LIBRARY(linclass, m) {
       "linear_sgd_sweep_step(Tensor input, Tensor(a!) weight, Tensor target, Tensor index, "
       "int loss, int runs, Tensor decay, Tensor grad_scale) -> ()");
 
-  // The per-shard phases of the class-sharded losses (cpu/sharded.cpp; called by
-  // linclass/_sharded.py on detached CPU tensors: no autograd).
-  m.def(
-      "_ce_shard_stats(Tensor x, Tensor target, int start, Tensor? weight, bool smoothing, "
-      "int ignore_index) -> Tensor");
-  m.def(
-      "_ce_shard_grad(Tensor x, Tensor target, int start, Tensor? weight, Tensor shift, "
-      "Tensor exp_coef, Tensor weight_coef, Tensor target_grad, int ignore_index, "
-      "Tensor(a!)? out) -> Tensor");
-  m.def(
-      "_mm_shard_grad(Tensor x, Tensor target, int start, Tensor x_y, Tensor row_coef, int p, "
-      "float margin, bool compute_grad) -> (Tensor, Tensor)");
-
   // Build facts, the CPU gradient-buffer cache (cpu/buffer_cache.h), testing knobs.
   m.def("_cpu_isa() -> str", &cpu_isa);
   m.def("_buffer_cache_clear() -> ()", &cache_clear);
@@ -148,9 +135,6 @@ TORCH_LIBRARY_IMPL(linclass, CPU, m) {
   m.impl("linear_multi_margin_loss", &linear_multi_margin_loss_cpu);
   m.impl("linear_sgd_step", &linear_sgd_step);
   m.impl("linear_sgd_sweep_step", &linear_sgd_sweep_step);
-  m.impl("_ce_shard_stats", &ce_shard_stats);
-  m.impl("_ce_shard_grad", &ce_shard_grad);
-  m.impl("_mm_shard_grad", &mm_shard_grad);
 }
 
 #ifdef LINCLASS_WITH_CUDA

@@ -438,8 +438,15 @@ def _linear_loss(op: str, kind: str, input, weight_local, bias_local, target, gr
     b = None if bias_local is None else bias_local.detach()
     blocks = _row_blocks(n, max(layout.widths), input.dtype)
 
+    # One buffer for every block's scores (and, for cross-entropy, the gradient written
+    # over them): no allocation per block, so the peak memory is the same at every call.
+    block_buffer = x.new_empty((blocks[0].stop - blocks[0].start if blocks else 0, w.shape[0]))
+
     def scores(block):
-        return torch.nn.functional.linear(x[block], w, b)
+        out = block_buffer[:block.stop - block.start]
+        if b is None:
+            return torch.mm(x[block], w.t(), out=out)
+        return torch.addmm(b, x[block], w.t(), out=out)
 
     def gradients(block_grads, fixup=None):
         """Accumulates the blocks' score gradients G into (input, weight, bias) gradients;
@@ -619,6 +626,9 @@ def global_mean_denominator(target: torch.Tensor, weight: torch.Tensor | None = 
     DDP averages the gradients over the world_size ranks, so they become those of the
     global batch's mean; the global mean loss is the all-reduced sum of `loss` / world_size.
     """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("global_mean_denominator: torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group first")
     valid = target != ignore_index
     if weight is None:
         local = valid.sum().to(torch.float64)

@@ -39,18 +39,4 @@ void linear_sgd_sweep_step(const at::Tensor& input, at::Tensor& weight, const at
                            const at::Tensor& index, int64_t loss, int64_t runs,
                            const at::Tensor& decay, const at::Tensor& grad_scale);
 
-// cpu/sharded.cpp: the per-shard phases of linclass.distributed's losses
-at::Tensor ce_shard_stats(const at::Tensor& x, const at::Tensor& target, int64_t start,
-                          const std::optional<at::Tensor>& weight, bool smoothing,
-                          int64_t ignore_index);
-at::Tensor ce_shard_grad(const at::Tensor& x, const at::Tensor& target, int64_t start,
-                         const std::optional<at::Tensor>& weight, const at::Tensor& shift,
-                         const at::Tensor& exp_coef, const at::Tensor& weight_coef,
-                         const at::Tensor& target_grad, int64_t ignore_index,
-                         const std::optional<at::Tensor>& out);
-std::tuple<at::Tensor, at::Tensor> mm_shard_grad(const at::Tensor& x, const at::Tensor& target,
-                                                 int64_t start, const at::Tensor& x_y,
-                                                 const at::Tensor& row_coef, int64_t p,
-                                                 double margin, bool compute_grad);
-
 }  // namespace linclass
