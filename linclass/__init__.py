@@ -4,7 +4,9 @@
     loss = linclass.cross_entropy(scores, y)        # drop-in for F.cross_entropy
     loss = linclass.multi_margin_loss(scores, y)    # drop-in for F.multi_margin_loss
 
-The classic classifier workflow built on these is the subpackage linclass.workflow.
+Class-sharded versions for torch.distributed (a head split by classes over processes
+or devices) are in linclass.distributed (import it explicitly).  The classic classifier
+workflow built on these is the subpackage linclass.workflow.
 """
 
 from . import _extension  # noqa: F401  (loads linclass._C; warns once if it cannot)

@@ -182,11 +182,15 @@ def main(argv: list[str] | None = None) -> int:
             train_dir, test_dir = split_image_folder(args.src, args.out, args.test, args.seed)
             print(f"train: {train_dir}\ntest:  {test_dir}")
         else:
+            from . import parallel
+
             result = run_train(args)
-            print(_table([result]))
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(result, f, indent=1)
+            if parallel.is_main():  # under torchrun: rank 0 reports
+                print(_table([result]))
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(result, f, indent=1)
+            parallel.finish()
     except (UsageError, DataError, ValueError, FileNotFoundError, NotADirectoryError,
             PermissionError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -8,6 +8,7 @@ import torch
 import linclass
 from linclass import sgd
 
+from . import parallel
 from .data import refit_split
 from .linear_classifier import (LinearClassifier, _fast_path_ok, _init_weight, sample_batch,
                                 train_linear_classifier)
@@ -22,7 +23,7 @@ def _kind_of(model_cls_or_loss):
 
 
 def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, batch_size=200,
-          seed=0, progress=None, *, augment_data=None, refit=False):
+          seed=0, progress=None, *, augment_data=None, refit=False, distribute=False):
     """Train every (learning rate, reg) pair at once.
 
     As in the classic search loop (a fresh LinearSVM()/Softmax() per pair reseeds, so every
@@ -41,6 +42,11 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
     (data.train_plus_val, augmented the same way) for the same number of epochs; that
     model is "best_model".
 
+    distribute: inside a torch.distributed group (workflow/parallel.py), pair i runs on
+    rank i mod K (each rank its share side by side, from the same W0 and minibatches, so
+    each pair's run is the one it has in one process); every rank returns all results
+    and the same best_model.
+
     Returns {"results": {(lr, reg): (train_acc, val_acc)}, "best": (lr, reg),
              "best_val": val_acc, "best_model": a trained classifier (or W), and with
              refit "refit": {"num_iters", "n_train"}}.  Accuracies are measured on the
@@ -49,7 +55,9 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
     kind, model_cls = _kind_of(model_cls_or_loss)
     train_data = augment_data(data_dict) if augment_data is not None else data_dict
     X, y = train_data["X_train"], train_data["y_train"]
-    configs = [(lr, reg) for lr in learning_rates for reg in regs]  # the notebook's order
+    all_configs = [(lr, reg) for lr in learning_rates for reg in regs]  # the notebook's order
+    mine = parallel.my_share(all_configs) if distribute else list(enumerate(all_configs))
+    configs = [c for _, c in mine]
     reset_seed(seed)
     W0 = _init_weight(None, X, y)
     num_train, K, C = X.shape[0], len(configs), W0.shape[1]
@@ -67,7 +75,7 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
     fast = kind is not None and _fast_path_ok(X, W, y)
     if fast:
         y_long = y.to(torch.int64).contiguous()
-    for it in range(num_iters):
+    for it in range(num_iters if K else 0):
         if fast:
             sgd.linear_sgd_sweep_step(X, W, y_long, torch.randint(num_train, (batch_size,)),
                                       kind, K, decay, step_scale)
@@ -93,18 +101,28 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
             correct += (pred == ys[r0:r0 + 1024, None]).sum(dim=0)
         return 100.0 * correct.double() / len(Xs)  # no rows: NaN, like a mean of none
 
-    train_acc = accuracy(data_dict["X_train"], data_dict["y_train"])
-    val_acc = accuracy(data_dict["X_val"], data_dict["y_val"])
-    results = {configs[k]: (train_acc[k].item(), val_acc[k].item()) for k in range(K)}
-    best = max(range(K), key=lambda k: val_acc[k].item())
-    out = {"results": results, "best": configs[best], "best_val": val_acc[best].item()}
+    # (A rank with no pair to run, when there are more ranks than pairs, has none.)
+    train_acc = accuracy(data_dict["X_train"], data_dict["y_train"]).tolist() if K else []
+    val_acc = accuracy(data_dict["X_val"], data_dict["y_val"]).tolist() if K else []
+    ran = [(i, train_acc[k], val_acc[k]) for k, (i, _) in enumerate(mine)]
+    if distribute:
+        ran = sorted(r for part in parallel.gather(ran) for r in part)
+    results = {all_configs[i]: (t, v) for i, t, v in ran}
+    best_i, _, best_val = max(ran, key=lambda r: (r[2], -r[0]))  # ties: the first pair
+    out = {"results": results, "best": all_configs[best_i], "best_val": best_val}
     if refit:
         refit_data, iters = refit_split(data_dict, train_data, num_iters, augment_data)
         out["refit"] = {"num_iters": iters, "n_train": len(refit_data["y_train"])}
-        out["best_model"] = _train_one(model_cls_or_loss, model_cls, refit_data, *configs[best],
-                                       iters, batch_size, seed, progress)
+        out["best_model"] = _train_one(model_cls_or_loss, model_cls, refit_data,
+                                       *all_configs[best_i], iters, batch_size, seed, progress)
         return out
-    best_W = W[:, best * C:(best + 1) * C].clone()
+    if distribute:
+        owner = best_i % parallel.size()
+        best_W = W0.clone() if parallel.rank() != owner else \
+            W[:, C * [i for i, _ in mine].index(best_i):][:, :C].clone()
+        parallel.broadcast_([best_W], owner)
+    else:
+        best_W = W[:, best_i * C:(best_i + 1) * C].clone()
     if model_cls is not None:
         out["best_model"] = model_cls()
         out["best_model"].W = best_W

@@ -95,7 +95,7 @@ def run_train(args) -> dict:
 
     from linclass import backends
 
-    from . import data, linear_classifier as lc, plots, sweep, two_layer_net as tln
+    from . import data, linear_classifier as lc, parallel, plots, sweep, two_layer_net as tln
 
     kind = "digits" if args.dataset == "digits" else "images"
     hp = dict(DEFAULTS[(args.model, kind)])
@@ -116,6 +116,10 @@ def run_train(args) -> dict:
         raise UsageError(f"--augment {augment} is for the two-layer net (it changes each minibatch); "
                          "the linear models take none or flip")
     refit = args.search and args.refit
+    # Under torchrun: the two-layer net trains data parallel, a search spreads its
+    # configurations over the processes, and rank 0 alone reports and writes.
+    multi = parallel.init_from_env(_device(args.device))
+    quiet = args.quiet or not parallel.is_main()
 
     torch.manual_seed(args.seed)
     d = _load_data(args)
@@ -152,9 +156,10 @@ def run_train(args) -> dict:
                          else lc.softmax_get_search_params())
             step, close = _progress(hp["iters"] * (2 if refit else 1),
                                     f"{args.model}: {len(lrs) * len(regs)} configs at once"
-                                    + (" + refit" if refit else ""), args.quiet)
+                                    + (" + refit" if refit else ""), quiet)
             search = sweep.sweep(cls, d, lrs, regs, num_iters=hp["iters"], batch_size=hp["batch_size"],
-                                 seed=args.seed, progress=step, augment_data=augment_data, refit=refit)
+                                 seed=args.seed, progress=step, augment_data=augment_data, refit=refit,
+                                 distribute=multi)
             close()
             model = search["best_model"]
             hp["lr"], hp["reg"] = search["best"]
@@ -167,7 +172,7 @@ def run_train(args) -> dict:
                 model.load(args.load)
                 _check_shape(model.W.shape, (D, C), args.load)
                 model.W = model.W.to(d["X_train"])
-            step, close = _progress(hp["iters"], args.model, args.quiet)
+            step, close = _progress(hp["iters"], args.model, quiet)
             history = model.train(train_d["X_train"], train_d["y_train"], hp["lr"], hp["reg"], hp["iters"],
                                   hp["batch_size"], progress=step)
             close()
@@ -177,11 +182,11 @@ def run_train(args) -> dict:
             hs, regs, lrs, decays = grid()
             total = len(hs) * len(regs) * len(lrs) * len(decays) + (1 if refit else 0)
             step, close = _progress(total, f"twolayer: {total - refit} configs"
-                                    + (" + refit" if refit else ""), args.quiet)
+                                    + (" + refit" if refit else ""), quiet)
             model, stat, search_val = tln.find_best_net(
                 d, grid, num_iters=hp["iters"], batch_size=hp["batch_size"], seed=args.seed,
                 progress=(lambda *a: step(0)) if step else None, augment_data=augment_data,
-                refit=refit, init_std=hp["init_std"], **train_options)
+                refit=refit, init_std=hp["init_std"], distribute=multi, **train_options)
             if step and refit:
                 step(0)
             close()
@@ -194,11 +199,11 @@ def run_train(args) -> dict:
                                     device=d["X_train"].device, std=hp["init_std"])
             if args.load:
                 model.load(args.load)
-            step, close = _progress(hp["iters"], "twolayer", args.quiet)
+            step, close = _progress(hp["iters"], "twolayer", quiet)
             stat = model.train(train_d["X_train"], train_d["y_train"], d["X_val"], d["y_val"],
                                learning_rate=hp["lr"], learning_rate_decay=hp["decay"],
                                reg=hp["reg"], num_iters=hp["iters"], batch_size=hp["batch_size"],
-                               progress=step, **train_options)
+                               progress=step, data_parallel=multi, **train_options)
             close()
         history = stat["loss_history"]
     seconds = time.perf_counter() - t0
@@ -218,11 +223,12 @@ def run_train(args) -> dict:
         "n_train": len(fit["y_train"]), "n_val": len(d["y_val"]),
         "n_test": len(d["y_test"]) if d["y_test"] is not None else 0,
         "seconds": round(seconds, 3), "backend": backends.resolve(d["X_train"].device),
+        "processes": parallel.size(),
     }
     if search is not None:
         result["search_results"] = [{"lr": k[0], "reg": k[1], "train_acc": v[0], "val_acc": v[1]}
                                     for k, v in search["results"].items()]
-    if args.out:
+    if args.out and parallel.is_main():
         _write_outputs(args, model, d, history, search, stat, result, plots)
     return result
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from linclass import linear_cross_entropy
+from . import parallel
 from .data import refit_split
 from .linear_classifier import _accuracy, sample_batch
 from .utils import default_device, load_checkpoint
@@ -62,7 +63,7 @@ def nn_predict(params: dict, loss_func, X: torch.Tensor) -> torch.Tensor:
 
 def nn_train(params: dict, loss_func, pred_func, X, y, X_val, y_val, learning_rate=1e-3,
              learning_rate_decay=0.95, reg=5e-6, num_iters=100, batch_size=200, verbose=False,
-             progress=None, momentum=0.0, nesterov=False, augment=None):
+             progress=None, momentum=0.0, nesterov=False, augment=None, data_parallel=False):
     """Minibatch SGD.  Once per epoch (max(num_train // batch_size, 1) iterations, and at
     iteration 0) it records the minibatch's and the validation accuracy, then decays the
     learning rate.  Returns {"loss_history", "train_acc_history", "val_acc_history"}
@@ -72,9 +73,15 @@ def nn_train(params: dict, loss_func, pred_func, X, y, X_val, y_val, learning_ra
     momentum > 0: SGD with momentum, v = momentum * v - lr * grad, then p += v (or, with
     nesterov, p += momentum * v - lr * grad: the step looks ahead along v).  The defaults
     are the classic plain SGD.  augment: a function applied to each minibatch's rows
-    before the step (e.g. data.random_crop_flip), None for the rows as they are."""
+    before the step (e.g. data.random_crop_flip), None for the rows as they are.
+
+    data_parallel: inside a torch.distributed group (workflow/parallel.py), every rank
+    draws the same minibatch, computes the gradient of its share of the rows, and the
+    shares are summed in one all-reduce: each step is the one-process step (every rank
+    must call with the same arguments and seed)."""
     if momentum < 0 or momentum >= 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    rows = parallel.rank_rows(batch_size) if data_parallel and parallel.size() > 1 else None
     num_train = X.shape[0]
     per_epoch = max(num_train // batch_size, 1)
     loss_history, train_acc_history, val_acc_history = [], [], []
@@ -83,7 +90,10 @@ def nn_train(params: dict, loss_func, pred_func, X, y, X_val, y_val, learning_ra
         X_batch, y_batch = sample_batch(X, y, num_train, batch_size)
         if augment is not None:
             X_batch = augment(X_batch)
-        loss, grads = loss_func(params, X_batch, y=y_batch, reg=reg)
+        if rows is None:
+            loss, grads = loss_func(params, X_batch, y=y_batch, reg=reg)
+        else:
+            loss, grads = _data_parallel_step(loss_func, params, X_batch, y_batch, reg, rows)
         loss_history.append(loss.item())
         for key in PARAM_KEYS:
             if velocity is None:
@@ -109,6 +119,16 @@ def nn_train(params: dict, loss_func, pred_func, X, y, X_val, y_val, learning_ra
             "val_acc_history": val_acc_history}
 
 
+def _data_parallel_step(loss_func, params, X_batch, y_batch, reg, rows):
+    """The loss and gradients of the whole minibatch from this rank's rows: each rank's
+    mean (and its reg term) weighted by its share of the rows, summed over the ranks."""
+    share = (rows.stop - rows.start) / X_batch.shape[0]
+    loss, grads = loss_func(params, X_batch[rows], y=y_batch[rows], reg=reg)
+    bucket = [loss.reshape(1) * share] + [grads[key].mul_(share) for key in PARAM_KEYS]
+    parallel.allreduce_sum_(bucket)
+    return bucket[0][0], grads
+
+
 def nn_get_search_params():
     """(hidden_sizes, regularization_strengths, learning_rates, learning_rate_decays) of
     the default search for photos (3 configurations of SEARCH_ITERS iterations), for
@@ -131,7 +151,8 @@ SEARCH_ITERS = 12000
 
 def find_best_net(data_dict: dict, get_param_set_fn, num_iters: int = SEARCH_ITERS,
                   batch_size: int = 200, seed: int = 0, progress=None, *, augment_data=None,
-                  refit: bool = False, init_std: float = 1e-4, **train_options):
+                  refit: bool = False, init_std: float = 1e-4, distribute: bool = False,
+                  **train_options):
     """Train one net per configuration of get_param_set_fn() and keep the best on the
     validation split.  Returns (best_net, best_stat, best_val_acc), best_val_acc in
     percent.  `progress(done, total, config, val_acc)` is called after each run.
@@ -141,13 +162,18 @@ def find_best_net(data_dict: dict, get_param_set_fn, num_iters: int = SEARCH_ITE
     and validation splits together (augmented the same way) for the same number of
     epochs; best_net and best_stat are then the refit's (its stat has no validation
     history), best_val_acc stays the search's.  init_std and train_options (momentum,
-    nesterov, augment: see nn_train) apply to every run."""
+    nesterov, augment: see nn_train) apply to every run.
+
+    distribute: inside a torch.distributed group, configuration i runs on rank i mod K;
+    every rank gets the same winner (ties go to the earlier configuration, as in one
+    process).  The refit then runs whole on every rank, so the model is the one-process
+    search's (a data-parallel refit sums its gradients in another order, which moves
+    the test accuracy by an image or so)."""
     train_data = augment_data(data_dict) if augment_data is not None else data_dict
     X_train, y_train = train_data["X_train"], train_data["y_train"]
     X_val, y_val = data_dict["X_val"], data_dict["y_val"]
     hidden_sizes, regs, lrs, decays = get_param_set_fn()
     configs = [(h, r, lr, d) for h in hidden_sizes for r in regs for lr in lrs for d in decays]
-    best_net, best_stat, best_val_acc = None, None, -1.0
     C = int(max(y_train.max(), y_val.max()).item()) + 1
 
     def train_one(X, y, Xv, yv, hidden, reg, lr, decay, iters):
@@ -159,17 +185,29 @@ def find_best_net(data_dict: dict, get_param_set_fn, num_iters: int = SEARCH_ITE
                           "learning_rate_decay": decay}
         return net, stat
 
-    for i, config in enumerate(configs):
+    mine = parallel.my_share(configs) if distribute else list(enumerate(configs))
+    results, best_net = [], None  # results: (index, val_acc, stat); best_net: this rank's best
+    for done, (i, config) in enumerate(mine):
         net, stat = train_one(X_train, y_train, X_val, y_val, *config, num_iters)
         val_acc = _accuracy(net.predict(X_val), y_val)
-        if val_acc > best_val_acc:
-            best_net, best_stat, best_val_acc, best_config = net, stat, val_acc, config
+        if best_net is None or val_acc > max(r[1] for r in results):
+            best_net = net
+        results.append((i, val_acc, stat))
         if progress is not None:
-            progress(i + 1, len(configs), stat["config"], val_acc)
+            progress(done + 1, len(mine), stat["config"], val_acc)
+    if distribute:
+        results = sorted(r for part in parallel.gather(results) for r in part)
+    best_i, best_val_acc, best_stat = max(results, key=lambda r: (r[1], -r[0]))
+    if distribute:
+        owner = best_i % parallel.size()
+        if parallel.rank() != owner:
+            best_net = TwoLayerNet(X_train.shape[1], configs[best_i][0], C, dtype=X_train.dtype,
+                                   device=X_train.device)
+        parallel.broadcast_([best_net.params[key] for key in PARAM_KEYS], owner)
     if refit:
         refit_data, iters = refit_split(data_dict, train_data, num_iters, augment_data)
         best_net, best_stat = train_one(refit_data["X_train"], refit_data["y_train"], None, None,
-                                        *best_config, iters)
+                                        *configs[best_i], iters)
         best_stat["refit"] = {"num_iters": iters, "n_train": len(refit_data["y_train"])}
     return best_net, best_stat, best_val_acc
 
@@ -192,10 +230,10 @@ class TwoLayerNet:
 
     def train(self, X, y, X_val, y_val, learning_rate=1e-3, learning_rate_decay=0.95, reg=5e-6,
               num_iters=100, batch_size=200, verbose=False, progress=None, momentum=0.0,
-              nesterov=False, augment=None):
+              nesterov=False, augment=None, data_parallel=False):
         return nn_train(self.params, nn_forward_backward, nn_predict, X, y, X_val, y_val,
                         learning_rate, learning_rate_decay, reg, num_iters, batch_size, verbose,
-                        progress, momentum, nesterov, augment)
+                        progress, momentum, nesterov, augment, data_parallel)
 
     def predict(self, X):
         return nn_predict(self.params, nn_forward_backward, X)
