@@ -8,7 +8,9 @@ scores once more.  The gradient is made in the forward, as by the one-process fu
 kernels, and the backward only rescales it.
 
 The phases run as C++ kernels for CPU tensors with the 'cpp' backend
-(csrc/cpu/sharded.cpp) and as the torch ops below otherwise (CUDA tensors included).
+(csrc/cpu/sharded.cpp), as Triton kernels with the 'triton' backend (kernels/sharded.py,
+the GPU default), and as the torch ops below otherwise ('torch', and 'cuda', which has no
+phase kernels of its own).
 
 Cross-entropy (the notation of csrc/cpu/cross_entropy.h; w = class weights, all ones
 without `weight`, W = sum_j w_j, eps = label smoothing, k = 1 - eps, q = eps / C with the
@@ -47,10 +49,21 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def uses_kernels(x: Tensor) -> bool:
-    """Whether the phases of a shard on x's device run as C++ kernels (csrc/cpu/sharded.cpp,
-    the 'cpp' backend) or as the torch ops below (any other backend or device)."""
-    return x.device.type == "cpu" and backends.resolve(x.device) == "cpp"
+def phase_kernels(x: Tensor) -> str | None:
+    """Which kernels run the phases of a shard on x's device: "cpp" (csrc/cpu/sharded.cpp,
+    CPU tensors), "triton" (kernels/sharded.py, the Triton backend), or None for the
+    torch ops below (the torch backend, and the CUDA C++ backend, which has no phase
+    kernels of its own)."""
+    name = backends.resolve(x.device)
+    if name == "cpp" and x.device.type == "cpu":
+        return "cpp"
+    return "triton" if name == "triton" else None
+
+
+def _triton():
+    from .kernels import sharded
+
+    return sharded
 
 
 def _ownership(target: Tensor, start: int, width: int, ignore_index: int | None):
@@ -72,9 +85,13 @@ def ce_phase1(x: Tensor, target: Tensor, start: int, weight_local: Tensor | None
     """The (CE_STATS, N) row statistics of this shard, in the accumulation dtype."""
     acc = accumulation_dtype(x.dtype)
     xa = x.to(acc)
-    if uses_kernels(x):
+    kernels = phase_kernels(x)
+    if kernels == "cpp":
         return torch.ops.linclass._ce_shard_stats(xa, target, start, weight_local, smoothing,
                                                  ignore_index)
+    if kernels == "triton":
+        return _triton().ce_stats(xa.contiguous(), target.contiguous(), start, weight_local,
+                                  smoothing, ignore_index)
     n, width = x.shape
     m = xa.amax(1) if width else xa.new_full((n,), float("-inf"))
     # A shard whose row is all -inf (or holds +inf / NaN) has no finite max to shift by;
@@ -171,11 +188,16 @@ def ce_phase2(x: Tensor, target: Tensor, start: int, weight_local: Tensor | None
     acc = accumulation_dtype(x.dtype)
     xa = x.to(acc)
     in_place = overwrite and x.dtype == acc and x.is_contiguous()
-    if uses_kernels(x):
+    kernels = phase_kernels(x)
+    if kernels == "cpp":
         return torch.ops.linclass._ce_shard_grad(xa, target, start, weight_local, merged.shift,
                                                 merged.exp_coef, merged.weight_coef,
                                                 merged.target_grad, ignore_index,
                                                 x if in_place else None)
+    if kernels == "triton":
+        return _triton().ce_grad(xa.contiguous(), target.contiguous(), start, weight_local,
+                                 merged.shift, merged.exp_coef, merged.weight_coef,
+                                 merged.target_grad, ignore_index, x if in_place else None)
     width = x.shape[1]
     g = xa.sub_(merged.shift.unsqueeze(1)) if in_place else xa - merged.shift.unsqueeze(1)
     g = g.exp_().mul_(merged.exp_coef.unsqueeze(1))
@@ -220,10 +242,14 @@ def mm_phase2(x: Tensor, target: Tensor, start: int, x_y: Tensor, p: int, margin
     if reduction == "mean":
         v = v / rows
     xa = x.to(acc)
-    if uses_kernels(x):
+    kernels = phase_kernels(x)
+    if kernels == "cpp":
         stats, grad = torch.ops.linclass._mm_shard_grad(xa, target, start, x_y.contiguous(),
                                                        v.contiguous(), p, margin, compute_grad)
         return stats, grad if compute_grad else None
+    if kernels == "triton":
+        return _triton().mm_grad(xa.contiguous(), target.contiguous(), start, x_y.contiguous(),
+                                 v.contiguous(), p, margin, compute_grad)
     h = margin - x_y.unsqueeze(1) + xa
     own, col = _ownership(target, start, width, None)
     if width:

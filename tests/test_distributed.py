@@ -114,22 +114,24 @@ F32 = dict(rtol=2e-5, atol=2e-6)
 
 
 def _phase_backends():
-    """The backends whose phase implementations run on CPU tensors: the C++ kernels
-    (cpp) and the torch ops (torch)."""
+    """(backend, full) for the phase implementations that run on CPU tensors: the C++
+    kernels (cpp), the Triton kernels under the interpreter (a subset of the cases: it
+    runs ~1 ms per program) and the torch ops (torch)."""
     import linclass
 
-    return [b for b in ("cpp", "torch") if linclass.backends.runs_on(b, "cpu")]
+    return [(b, b != "triton") for b in ("cpp", "triton", "torch")
+            if linclass.backends.runs_on(b, "cpu")]
 
 
 def _case_matches_unsharded(rank, world):
-    for backend in _phase_backends():
-        import linclass
+    import linclass
 
+    for backend, full in _phase_backends():
         with linclass.backends.use(backend):
-            _matches_unsharded(rank, world)
+            _matches_unsharded(rank, world, full)
 
 
-def _matches_unsharded(rank, world):
+def _matches_unsharded(rank, world, full=True):
     import linclass.distributed as ld
 
     g = torch.Generator().manual_seed(0)
@@ -140,20 +142,28 @@ def _matches_unsharded(rank, world):
     w = torch.rand(classes, generator=g, dtype=torch.float64) + 0.1
     ce_options = [dict(), dict(weight=w), dict(label_smoothing=0.15),
                   dict(weight=w, label_smoothing=0.3, ignore_index=3)]
-    for name, layout in _layouts(classes, world):
-        for dtype, tol in ((torch.float64, F64), (torch.float32, F32)):
+    layouts = list(_layouts(classes, world))
+    dtypes = ((torch.float64, F64), (torch.float32, F32))
+    reductions = ("mean", "sum", "none")
+    mm_options = [dict(), dict(weight=w, margin=0.7)]
+    if not full:
+        layouts, dtypes, reductions = layouts[::2], dtypes[:1], ("mean", "none")
+        ce_options, mm_options = ce_options[::3], mm_options[1:]
+    for name, layout in layouts:
+        for dtype, tol in dtypes:
             x = x64.to(dtype)
             for kwargs in ce_options:
                 kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
                 y_ignored = y.clone()
                 y_ignored[[0, 4]] = kwargs.get("ignore_index", -100)
-                for reduction in ("mean", "sum", "none"):
-                    for target in (y, y_ignored):
+                for reduction in reductions:
+                    for target in (y, y_ignored) if full else (y_ignored,):
                         _compare(rank, world, ld.cross_entropy, F.cross_entropy, x, target, layout,
                                  dict(kwargs, reduction=reduction), tol)
             for p in (1, 2):
-                for kwargs in (dict(), dict(weight=w.to(dtype), margin=0.7)):
-                    for reduction in ("mean", "sum", "none"):
+                for kwargs in mm_options:
+                    kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                    for reduction in reductions:
                         _compare(rank, world, ld.multi_margin_loss, F.multi_margin_loss, x, y,
                                  layout, dict(kwargs, p=p, reduction=reduction), tol)
         # All targets in the last rank's shard / in the first one.
@@ -304,14 +314,14 @@ def _case_data_parallel_mean(rank, world):
 
 
 def _case_linear_matches_unsharded(rank, world):
-    for backend in _phase_backends():
-        import linclass
+    import linclass
 
+    for backend, full in _phase_backends():
         with linclass.backends.use(backend):
-            _linear_matches_unsharded(rank, world)
+            _linear_matches_unsharded(rank, world, full)
 
 
-def _linear_matches_unsharded(rank, world):
+def _linear_matches_unsharded(rank, world, full=True):
     """The class-sharded head: loss equal on every rank, the input gradient equal on every
     rank (summed over the group), weight and bias gradients equal to their slices."""
     from torch.distributed.tensor.debug import CommDebugMode
@@ -328,7 +338,7 @@ def _linear_matches_unsharded(rank, world):
     y = torch.randint(0, classes, (n,), generator=g)
     y_ignored = y.clone()
     y_ignored[3] = -100
-    for name, layout in _layouts(classes, world):
+    for name, layout in list(_layouts(classes, world))[:None if full else 1]:
         a, width = _shard(x0, layout, rank)
         cases = [(ld.linear_cross_entropy, F.cross_entropy, y_ignored, o)
                  for o in (dict(), dict(label_smoothing=0.2))]

@@ -1,5 +1,5 @@
 """The per-shard phases of linclass.distributed's losses (linclass/_sharded.py and their
-C++ kernels, csrc/cpu/sharded.cpp) in one process: the K shards' statistics are stacked
+C++ and Triton kernels, csrc/cpu/sharded.cpp and kernels/sharded.py) in one process: the K shards' statistics are stacked
 as the all-gather would, so large shapes (vector tails, streamed stores, many threads)
 are checked without starting process groups.  Against torch on the whole scores in
 float64 (the naive reference) for both phase backends."""
@@ -13,7 +13,13 @@ import torch.nn.functional as F
 import linclass
 from linclass import _sharded
 
-BACKENDS = [b for b in ("cpp", "torch") if linclass.backends.runs_on(b, "cpu")]
+BACKENDS = [b for b in ("cpp", "triton", "torch") if linclass.backends.runs_on(b, "cpu")]
+
+
+def _skip_slow(backend, rows):
+    # The Triton interpreter runs ~1 ms per program (one per row and phase).
+    if backend == "triton" and rows > 100:
+        pytest.skip("too many rows for the Triton interpreter")
 
 
 def _edges(classes, shards):
@@ -66,6 +72,7 @@ def _reference(fn, x, y, **kwargs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cross_entropy_phases(backend, shape, shards, dtype):
     n, classes = shape
+    _skip_slow(backend, n)
     g = torch.Generator().manual_seed(n + classes)
     x = (torch.randn(n, classes, generator=g, dtype=torch.float64) * 5).to(dtype)
     x[0, 0] = 60.0  # confident: 1 - p_y must survive (S' summed apart)
@@ -99,6 +106,7 @@ def test_cross_entropy_phases(backend, shape, shards, dtype):
 @pytest.mark.parametrize("p", [1, 2])
 def test_multi_margin_phases(backend, shape, shards, p):
     n, classes = shape
+    _skip_slow(backend, n)
     g = torch.Generator().manual_seed(n * classes + p)
     x = torch.randn(n, classes, generator=g, dtype=torch.float64) * 0.3
     y = torch.randint(0, classes, (n,), generator=g)

@@ -59,7 +59,7 @@ def _constexpr(v):
 def record():
     """The distinct launches of the Triton launchers over a set of GPU-shaped problems."""
     from linclass.kernels import cross_entropy as ce
-    from linclass.kernels import linear_tile, multi_margin, scale
+    from linclass.kernels import linear_tile, multi_margin, scale, sharded
     from bench.tune_gpu import WALKS
 
     seen, launches = set(), []
@@ -119,6 +119,18 @@ def record():
                                 torch.randint(0, c, (8,)), (True, True, True), ce_loss)
         for dtype in (torch.float32, torch.bfloat16):
             scale.scale_([torch.ones(100, dtype=dtype)], torch.full((1,), 2.0))
+        for c in (10, 64128):  # the class-sharded phases (float32 / float64 shards)
+            for dtype in (torch.float32, torch.float64):
+                xs = torch.randn(4, c, dtype=dtype)
+                ts = torch.randint(0, c, (4,))
+                ws = torch.rand(c, dtype=dtype)
+                row = torch.rand(4, dtype=dtype)
+                for weight, smoothing in ((None, False), (ws, True), (None, True)):
+                    sharded.ce_stats(xs, ts, 0, weight, smoothing, -100)
+                    sharded.ce_grad(xs, ts, 0, weight, row, row, row, row, -100)
+                for p in (1, 2):
+                    sharded.mm_grad(xs, ts, 0, row, row, p, 1.0, True)
+                sharded.mm_grad(xs, ts, 0, row, row, 1, 1.0, False)
     finally:
         JITFunction.__getitem__ = saved
     return launches
