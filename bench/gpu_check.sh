@@ -58,7 +58,7 @@ set +e
 bench_rc=${PIPESTATUS[0]}
 
 log "GPU tests"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backends.py tests/test_triton_configs.py --durations=8 2>&1 | tee "$OUT/tests.log" | tail -15
+"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backends.py tests/test_triton_configs.py tests/test_sharded_phases.py::test_phases_on_cuda --durations=8 2>&1 | tee "$OUT/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 set -e
 log "done (benchmarks exit code $bench_rc, tests exit code $tests_rc)"

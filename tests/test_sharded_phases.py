@@ -135,3 +135,28 @@ def test_phases_ignore_rows_and_keep_nan_rows(backend):
     expected_grad[3] = 0.0
     torch.testing.assert_close(loss, expected, equal_nan=True, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(grad, expected_grad, equal_nan=True, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_phases_on_cuda(backend, dtype):
+    """The GPU road (bench/gpu_check.sh runs this file): the Triton phases and the torch
+    ops on CUDA tensors, against the float64 result."""
+    if not linclass.backends.runs_on(backend, "cuda"):
+        pytest.skip(f"{backend} does not run on CUDA here")
+    g = torch.Generator().manual_seed(5)
+    for n, classes, shards in ((64, 1000, 3), (512, 32000, 2), (8, 128256, 4)):
+        x = (torch.randn(n, classes, generator=g) * 4).to(dtype).cuda()
+        y = torch.randint(0, classes, (n,), generator=g).cuda()
+        tol = dict(rtol=2e-5, atol=1e-6)  # float32 arithmetic for both dtypes
+        with linclass.backends.use(backend):
+            for kwargs in (dict(), dict(label_smoothing=0.1, reduction="sum")):
+                loss, grad = sharded_cross_entropy(x, y, shards, **kwargs)
+                expected, expected_grad = _reference(F.cross_entropy, x.cpu(), y.cpu(), **kwargs)
+                torch.testing.assert_close(loss.double().cpu(), expected, **tol)
+                torch.testing.assert_close(grad.double().cpu(), expected_grad, **tol)
+            loss, grad = sharded_multi_margin(x, y, shards, p=2)
+            expected, expected_grad = _reference(F.multi_margin_loss, x.cpu(), y.cpu(), p=2)
+            torch.testing.assert_close(loss.double().cpu(), expected, **tol)
+            torch.testing.assert_close(grad.double().cpu(), expected_grad, **tol)
