@@ -222,6 +222,22 @@ def _check_weight_size(op: str, weight, classes: int) -> None:
                            f"got {weight.numel()}")
 
 
+def _enter(op: str, scores, target, group, class_start, weight, check, options: tuple,
+           ignore_index, range_error: type) -> tuple[Layout, torch.Tensor]:
+    """What both score ops start with: this rank's argument checks (run by `check`), the
+    layout exchange that carries their outcome, then the checks that need the global C.
+    Returns (layout, target as int64)."""
+    error = _checked(check)
+    options = (op, str(getattr(scores, "dtype", ""))) + options
+    layout = exchange_layout(op, group, getattr(scores, "shape", None),
+                             getattr(scores, "device", None), target, class_start, options,
+                             weight, error)
+    target = target.long()
+    _check_range(op, target, layout.classes, ignore_index, range_error)
+    _check_weight_size(op, weight, layout.classes)
+    return layout, target
+
+
 def _reduce(loss_rows: torch.Tensor, reduction: str, denominator) -> torch.Tensor:
     if reduction == "none":
         return loss_rows
@@ -282,15 +298,9 @@ def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, 
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
 
-    error = _checked(check)
-    options = (op, str(getattr(scores_local, "dtype", "")), int(ignore_index),
-               float(label_smoothing), reduction)
-    layout = exchange_layout(op, group, getattr(scores_local, "shape", None),
-                             getattr(scores_local, "device", None), target, class_start,
-                             options, weight, error)
-    target = target.long()
-    _check_range(op, target, layout.classes, ignore_index, IndexError)
-    _check_weight_size(op, weight, layout.classes)
+    layout, target = _enter(op, scores_local, target, group, class_start, weight, check,
+                            (int(ignore_index), float(label_smoothing), reduction),
+                            ignore_index, IndexError)
     start, width = layout.start, scores_local.shape[1]
     weight_local = None if weight is None else weight[start:start + width]
     compute_grad = scores_local.requires_grad and torch.is_grad_enabled()
@@ -330,14 +340,8 @@ def multi_margin_loss(scores_local: torch.Tensor, target: torch.Tensor, group=No
         if p not in (1, 2):
             raise ValueError(f"{op}: only p == 1 and p == 2 are supported, got {p}")
 
-    error = _checked(check)
-    options = (op, str(getattr(scores_local, "dtype", "")), p, float(margin), reduction)
-    layout = exchange_layout(op, group, getattr(scores_local, "shape", None),
-                             getattr(scores_local, "device", None), target, class_start,
-                             options, weight, error)
-    target = target.long()
-    _check_range(op, target, layout.classes, None, RuntimeError)
-    _check_weight_size(op, weight, layout.classes)
+    layout, target = _enter(op, scores_local, target, group, class_start, weight, check,
+                            (p, float(margin), reduction), None, RuntimeError)
     start = layout.start
     compute_grad = scores_local.requires_grad and torch.is_grad_enabled()
 
@@ -436,6 +440,7 @@ def _linear_loss(op: str, kind: str, input, weight_local, bias_local, target, gr
     acc = _sharded.accumulation_dtype(input.dtype)
     x, w = input.detach(), weight_local.detach()
     b = None if bias_local is None else bias_local.detach()
+    x_acc, w_acc = x.to(acc), w.to(acc)  # copies for half inputs only, made once
     blocks = _row_blocks(n, max(layout.widths), input.dtype)
 
     # One buffer for every block's scores (and, for cross-entropy, the gradient written
@@ -456,9 +461,9 @@ def _linear_loss(op: str, kind: str, input, weight_local, bias_local, target, gr
         gb = torch.zeros(w.shape[0], dtype=acc, device=x.device) if wants[2] else None
         for block, g in block_grads:
             if gi is not None:
-                gi[block] = g @ w.to(acc)
+                gi[block] = g @ w_acc
             if gw is not None:
-                gw.addmm_(g.t(), x[block].to(acc))
+                gw.addmm_(g.t(), x_acc[block])
             if gb is not None:
                 gb += g.sum(0)
         if fixup is not None:
@@ -516,7 +521,7 @@ def _linear_loss(op: str, kind: str, input, weight_local, bias_local, target, gr
             rows = own.nonzero().squeeze(1)
             cols = target[rows] - start
             x_y = torch.zeros(n, dtype=acc, device=x.device)
-            mine = (x[rows].to(acc) * w[cols].to(acc)).sum(1)
+            mine = (x_acc[rows] * w_acc[cols]).sum(1)
             x_y[rows] = mine if b is None else mine + b[cols].to(acc)
             x_y = _gather_rows(x_y, group, layout.world).sum(0)
             parts = []
@@ -539,9 +544,9 @@ def _linear_loss(op: str, kind: str, input, weight_local, bias_local, target, gr
 
                 def fixup(gi, gw, gb):
                     if gi is not None:
-                        gi.index_add_(0, rows, g_y.unsqueeze(1) * w[cols].to(acc))
+                        gi.index_add_(0, rows, g_y.unsqueeze(1) * w_acc[cols])
                     if gw is not None:
-                        gw.index_add_(0, cols, g_y.unsqueeze(1) * x[rows].to(acc))
+                        gw.index_add_(0, cols, g_y.unsqueeze(1) * x_acc[rows])
                     if gb is not None:
                         gb.index_add_(0, cols, g_y)
                 return fixup

@@ -381,6 +381,21 @@ def _linear_matches_unsharded(rank, world, full=True):
             loss.backward()
         assert forward.get_total_counts() == expected, (fn.__name__, forward.get_comm_counts())
         assert backward.get_total_counts() == 0, (fn.__name__, backward.get_comm_counts())
+    # A bfloat16 head: float32 arithmetic inside, against the float64 result of the same
+    # bfloat16 values.
+    a, width = _shard(x0, next(_layouts(classes, world))[1], rank)
+    xb = x0.bfloat16().requires_grad_(True)
+    wb = w0[a:a + width].bfloat16().requires_grad_(True)
+    loss = ld.linear_cross_entropy(xb, wb, y, label_smoothing=0.1)
+    loss.backward()
+    xf = xb.detach().double().requires_grad_(True)
+    wf = w0.bfloat16().double().requires_grad_(True)
+    expected = F.cross_entropy(F.linear(xf, wf), y, label_smoothing=0.1)
+    expected.backward()
+    assert loss.dtype == xb.grad.dtype == wb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(xb.grad.double(), xf.grad, rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(wb.grad.double(), wf.grad[a:a + width], rtol=2**-7, atol=1e-3)
     # A different D on one rank is caught by the layout check.
     with pytest.raises(ValueError, match="different options"):
         ld.linear_cross_entropy(x0[:, :d - rank], w0[:2, :d - rank], y.clamp(0, 1))
