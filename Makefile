@@ -5,6 +5,7 @@
 #   make test    the test suite (what CI runs)
 #   make demo    the demo on the bundled default data (scikit-learn digits)
 #   make bench   CPU benchmarks -> bench/results/cpu-*.json, cpu.md, cpu.png
+#   make wheel   one wheel for every x86-64 CPU -> dist/linclass-*-cp310-abi3-*.whl
 #
 # TORCH_SPEC picks the torch build (the default is the one this project is developed
 # against); FORCE_CUDA=1 compiles the CUDA kernels without a GPU (needs nvcc).
@@ -20,7 +21,7 @@ BUILD      := $(VENV)/.build-cuda$(FORCE_CUDA)
 SOURCES    := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h \
                                    csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh)
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench wheel clean
 
 $(VENV)/.torch: 
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,5 +54,8 @@ bench: install
 	$(PY) bench/report.py $$(seq -f 'bench/results/cpu-%g.json' $(BENCH_RUNS)) \
 		--md bench/results/cpu.md --png bench/results/cpu.png
 
+wheel: $(VENV)/.torch
+	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
+
 clean:
-	rm -rf build *.egg-info linclass/_C*.so
+	rm -rf build dist *.egg-info linclass/_C*.so linclass/_cpu_*.so

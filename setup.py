@@ -1,20 +1,26 @@
 """Build linclass and its kernel library linclass._C.
 
-linclass._C holds the op registrations (csrc/*.cpp), the C++ CPU kernels (csrc/cpu/)
-and, when CUDA is available or FORCE_CUDA=1, the CUDA kernels (csrc/cuda/).  The Triton kernels in kernels/
-are plain Python, shipped as the package linclass.kernels.
+linclass._C holds the op registrations and host logic (csrc/*.cpp) and, when CUDA is
+available or FORCE_CUDA=1, the CUDA kernels (csrc/cuda/).  The C++ CPU kernels
+(csrc/cpu/) are compiled once per x86 vector ISA, each into a module linclass._cpu_<isa>
+linked against _C; linclass picks the best one the running CPU supports when it is
+imported (csrc/cpu/ops.h says why they are separate modules).  The Triton kernels in
+kernels/ are plain Python, shipped as the package linclass.kernels.
 
 Environment:
   FORCE_CUDA=1            compile csrc/cuda/*.cu even without a visible GPU (needs nvcc)
   CUDA_HOME               CUDA toolkit; default /usr/local/cuda when it exists
   TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;9.0"
-  LINCLASS_CPU_ISA        avx512 | avx2 | default; default: the best the build machine has
+  LINCLASS_CPU_ISAS       the CPU kernel modules to build, e.g. "avx2,default"; default:
+                          avx512,avx2,default on x86-64, default elsewhere (which ISA runs
+                          is chosen at import: LINCLASS_CPU_ISA, see linclass.backends)
   LINCLASS_NO_EXTENSION=1 skip the extension (ops then use the torch backend)
   DEBUG=1                 -O0 -g
 """
 
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import setup
@@ -36,27 +42,26 @@ from torch.utils.cpp_extension import (  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# at::vec picks its implementation from these macros; the whole library is compiled
-# for one ISA (x86 only; other architectures use at::vec's default path).
+# at::vec picks its implementation from these macros.  LINCLASS_ISA names the module.
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    # -Wno-psabi: GCC notes that 32-byte vector arguments pass differently without AVX;
+    # every such function is internal to one module.
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT", "-Wno-psabi"],
 }
 
 
-def build_machine_isa():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "default"
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):
-        return "avx512"
-    if {"avx2", "fma", "f16c"} <= set(flags):
-        return "avx2"
-    return "default"
+def cpu_isas():
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    names = os.environ.get("LINCLASS_CPU_ISAS", "avx512,avx2,default" if x86 else "default")
+    isas = [n.strip() for n in names.split(",") if n.strip()]
+    bad = [n for n in isas if n not in ISA_FLAGS or (n != "default" and not x86)]
+    if bad or not isas:
+        raise SystemExit(f"LINCLASS_CPU_ISAS: {names!r}; choose from {sorted(ISA_FLAGS)} "
+                         "(avx2 and avx512 on x86-64 only)")
+    return isas
 
 
 def want_cuda():
@@ -71,37 +76,56 @@ def extensions():
     if os.environ.get("LINCLASS_NO_EXTENSION") == "1":
         return []
     debug = os.environ.get("DEBUG") == "1"
-    isa = os.environ.get("LINCLASS_CPU_ISA", build_machine_isa())
-    if isa not in ISA_FLAGS:
-        raise SystemExit(f"LINCLASS_CPU_ISA must be one of {sorted(ISA_FLAGS)}, got {isa!r}")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # The C++ standard is left to torch.utils.cpp_extension: it matches the torch build.
-    cxx = opt + ["-fopenmp", "-Wno-unknown-pragmas"] + ISA_FLAGS[isa]
+    cxx = opt + ["-fopenmp", "-Wno-unknown-pragmas"]
     nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     use_cuda = bool(cuda_sources) and want_cuda()
-    ext = CUDAExtension if use_cuda else CppExtension
+    host_cxx = cxx + (["-DLINCLASS_WITH_CUDA"] if use_cuda else [])
     if use_cuda:
-        cxx.append("-DLINCLASS_WITH_CUDA")
         nvcc.append("-DLINCLASS_WITH_CUDA")
-    print(f"linclass: building _C for CPU ISA {isa}, CUDA {'on' if use_cuda else 'off'}")
-    return [
-        ext(
-            "linclass._C",
-            sources + (cuda_sources if use_cuda else []),
-            include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
-            py_limited_api=True,
+    isas = cpu_isas()
+    print(f"linclass: building _C (CUDA {'on' if use_cuda else 'off'}) and CPU kernels for {', '.join(isas)}")
+    common = dict(include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=["-fopenmp"],
+                  py_limited_api=True)
+    host = (CUDAExtension if use_cuda else CppExtension)(
+        "linclass._C",
+        sorted(glob.glob("csrc/*.cpp")) + (cuda_sources if use_cuda else []),
+        extra_compile_args={"cxx": host_cxx, "nvcc": nvcc},
+        **common,
+    )
+    # Hidden visibility: a module exports only its PyInit, so no other library can bind
+    # to a copy of an inline function compiled for an ISA the CPU may lack.
+    kernels = [
+        CppExtension(
+            f"linclass._cpu_{isa}",
+            sorted(glob.glob("csrc/cpu/*.cpp")),
+            extra_compile_args={"cxx": cxx + ISA_FLAGS[isa] + [f"-DLINCLASS_ISA={isa}",
+                                                               "-fvisibility=hidden"]},
+            **common,
         )
+        for isa in isas
     ]
+    return [host] + kernels
+
+
+class BuildExtensions(BuildExtension):
+    """Links each CPU kernel module against linclass._C (built first, same folder)."""
+
+    def build_extension(self, ext):
+        if ext.name != "linclass._C":
+            host = self.get_ext_fullpath("linclass._C")
+            ext.library_dirs = [*ext.library_dirs, os.path.dirname(host)]
+            ext.extra_link_args = [*ext.extra_link_args, f"-l:{os.path.basename(host)}",
+                                   "-Wl,-rpath,$ORIGIN"]
+        super().build_extension(ext)
 
 
 setup(
     packages=["linclass", "linclass.workflow", "linclass.kernels"],
     package_dir={"linclass": "linclass", "linclass.kernels": "kernels"},
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    cmdclass={"build_ext": BuildExtensions},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

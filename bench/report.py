@@ -87,7 +87,7 @@ def machine_line(data):
     m = data.get("machine_info", {})
     cpu = m.get("cpu_model") or m.get("cpu", {}).get("brand_raw", "?")
     return (f"{cpu}, {m.get('threads', '?')} threads, Python {m.get('python_version', '?')}, "
-            f"torch {m.get('torch', '?')}, CPU kernels built for {m.get('linclass_cpu_isa', '?')}; "
+            f"torch {m.get('torch', '?')}, CPU kernels for {m.get('linclass_cpu_isa', '?')}; "
             f"run {data.get('datetime', '?')[:19]}")
 
 

@@ -1,13 +1,13 @@
 // The linclass operator library, registered in one place: the schema of every op, its
 // autograd (autograd.h) and its kernel for each device (cpu/ops.h, cuda/ops.h, one file
-// per op family in those folders).  Also the Python module stub that loads this
-// shared object.
+// per op family in those folders; CPU kernels are reached through the table of the
+// active ISA, see cpu/ops.h).  Also the Python module stub that loads this shared object.
 #include <Python.h>
 
 #include <torch/library.h>
 
 #include "autograd.h"
-#include "cpu/buffer_cache.h"
+#include "buffer_cache.h"
 #include "cpu/ops.h"
 #include "linear_blocks.h"
 #ifdef LINCLASS_WITH_CUDA
@@ -64,18 +64,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_multi_margin_l
   return fused_linear_loss_autograd(op, input, weight, bias, target, p, margin, reduction, mask);
 }
 
+// ---- CPU: every op calls the active ISA's build of its kernel ------------------------
+
+// The CpuKernels member M as a plain function with the kernel's signature.
+template <typename Fn>
+struct ViaActiveTable;
+template <typename R, typename... Args>
+struct ViaActiveTable<R (*)(Args...)> {
+  template <R (*CpuKernels::*M)(Args...)>
+  static R call(Args... args) {
+    return (active_cpu_kernels().*M)(std::forward<Args>(args)...);
+  }
+};
+template <typename T>
+struct MemberType;
+template <typename T>
+struct MemberType<T CpuKernels::*> {
+  using type = T;
+};
+template <auto M>
+constexpr auto cpu_kernel = &ViaActiveTable<typename MemberType<decltype(M)>::type>::template call<M>;
+
 // ---- build facts and testing knobs -------------------------------------------------
 
-std::string cpu_isa() {
-#if defined(CPU_CAPABILITY_AVX512)
-  return "avx512";
-#elif defined(CPU_CAPABILITY_AVX2)
-  return "avx2";
-#else
-  return "default";
-#endif
-}
-
+std::string cpu_isa() { return active_cpu_isa(); }
+std::string set_cpu_isa(std::string isa) { return use_cpu_kernels(isa); }
+std::vector<std::string> cpu_isas() { return offered_cpu_isas(); }
 void cache_clear() { buffer_cache_clear(); }
 
 }  // namespace
@@ -114,8 +128,24 @@ TORCH_LIBRARY(linclass, m) {
       "linear_sgd_sweep_step(Tensor input, Tensor(a!) weight, Tensor target, Tensor index, "
       "int loss, int runs, Tensor decay, Tensor grad_scale) -> ()");
 
-  // Build facts, the CPU gradient-buffer cache (cpu/buffer_cache.h), testing knobs.
+  // The phases of the class-sharded losses (cpu/sharded.cpp; kernels/sharded.py on GPUs),
+  // internal to linclass/_sharded.py: detached tensors, no autograd.
+  m.def(
+      "_ce_shard_stats(Tensor x, Tensor target, int start, Tensor? weight, bool smoothing, "
+      "int ignore_index) -> Tensor");
+  m.def(
+      "_ce_shard_grad(Tensor x, Tensor target, int start, Tensor? weight, Tensor shift, "
+      "Tensor exp_coef, Tensor weight_coef, Tensor target_grad, int ignore_index, "
+      "Tensor(a!)? out) -> Tensor");
+  m.def(
+      "_mm_shard_grad(Tensor x, Tensor target, int start, Tensor x_y, Tensor row_coef, int p, "
+      "float margin, bool compute_grad) -> (Tensor, Tensor)");
+
+  // The CPU kernels' ISA: the active one, switching it, the loaded ones (cpu/ops.h).
   m.def("_cpu_isa() -> str", &cpu_isa);
+  m.def("_set_cpu_isa(str isa) -> str", &set_cpu_isa);
+  m.def("_cpu_isas() -> str[]", &cpu_isas);
+  // The CPU gradient-buffer cache (buffer_cache.h) and a testing knob.
   m.def("_buffer_cache_clear() -> ()", &cache_clear);
   m.def("_buffer_cache_stats() -> int[]", &buffer_cache_stats);
   m.def("_linear_block_rows(int rows) -> int", &set_linear_block_rows);
@@ -129,12 +159,15 @@ TORCH_LIBRARY_IMPL(linclass, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(linclass, CPU, m) {
-  m.impl("cross_entropy", &cross_entropy_cpu);
-  m.impl("multi_margin_loss", &multi_margin_loss_cpu);
-  m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);
-  m.impl("linear_multi_margin_loss", &linear_multi_margin_loss_cpu);
-  m.impl("linear_sgd_step", &linear_sgd_step);
-  m.impl("linear_sgd_sweep_step", &linear_sgd_sweep_step);
+  m.impl("cross_entropy", cpu_kernel<&CpuKernels::cross_entropy>);
+  m.impl("multi_margin_loss", cpu_kernel<&CpuKernels::multi_margin_loss>);
+  m.impl("linear_cross_entropy", cpu_kernel<&CpuKernels::linear_cross_entropy>);
+  m.impl("linear_multi_margin_loss", cpu_kernel<&CpuKernels::linear_multi_margin_loss>);
+  m.impl("linear_sgd_step", cpu_kernel<&CpuKernels::sgd_step>);
+  m.impl("linear_sgd_sweep_step", cpu_kernel<&CpuKernels::sgd_sweep_step>);
+  m.impl("_ce_shard_stats", cpu_kernel<&CpuKernels::ce_shard_stats>);
+  m.impl("_ce_shard_grad", cpu_kernel<&CpuKernels::ce_shard_grad>);
+  m.impl("_mm_shard_grad", cpu_kernel<&CpuKernels::mm_shard_grad>);
 }
 
 #ifdef LINCLASS_WITH_CUDA

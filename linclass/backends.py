@@ -39,7 +39,7 @@ def _triton_interpreter() -> bool:
 _HAS_TRITON = _ops.HAS_TRITON
 _CUDA = torch.cuda.is_available()
 _REASONS = {
-    "cpp": None if _extension.HAS_CPP else f"linclass._C is not loaded ({_extension.LOAD_ERROR})",
+    "cpp": None if _extension.HAS_CPU_KERNELS else _extension.CPU_LOAD_ERROR,
     "cuda": None
     if _extension.HAS_CUDA_KERNELS and _CUDA
     else (
@@ -127,9 +127,26 @@ def resolve(device: torch.device) -> str:
 
 
 def cpu_isa() -> str | None:
-    """The vector ISA of the loaded CPU kernels ('avx512', 'avx2', 'default'), or None
-    without linclass._C."""
+    """The vector ISA of the CPU kernels in use ('avx512', 'avx2' or 'default'), or None
+    when no CPU kernel module is loaded.
+
+    At import linclass picks the widest ISA this CPU supports (as torch detects it, so
+    ATEN_CPU_CAPABILITY lowers it too), or the one the environment variable
+    LINCLASS_CPU_ISA names."""
     return _extension.cpu_isa()
+
+
+def cpu_isas() -> list[str]:
+    """The ISAs of the CPU kernels this CPU can run, widest first (installed or not)."""
+    return _extension.supported_isas()
+
+
+def set_cpu_isa(isa: str) -> str:
+    """Switches every CPU op to the kernels compiled for `isa`; returns the previous ISA.
+
+    For comparing ISAs on one machine (tests, benchmarks); ValueError when this CPU
+    cannot run them."""
+    return _extension.use_isa(isa)
 
 
 def empty_cache() -> None:

@@ -25,3 +25,8 @@ def kernel_backend(request):
     """Each fused backend in turn, forced (so a test never silently runs another)."""
     with linclass.backends.use(request.param):
         yield request.param
+
+
+def pytest_report_header(config):
+    # tests/test_cpu_isa.py reads this line to know which kernels a run used.
+    return f"linclass CPU kernels: {linclass.backends.cpu_isa()}"

@@ -1,12 +1,21 @@
-// The CPU entry points of linclass's ops, one file per op family beside this header;
-// csrc/ops.cpp registers them for the CPU dispatch key.
+// The CPU entry points of linclass's ops, one file per op family beside this header.
+//
+// Everything in csrc/cpu/ is compiled once per vector ISA (AVX-512, AVX2, x86-64
+// baseline), each into its own module linclass._cpu_<isa> (module.cpp), because one
+// binary cannot hold code for several ISAs without the risk that an inline function
+// compiled for the widest one is the copy every caller gets.  A module hands its
+// entry points to linclass._C as a CpuKernels table when it is imported; csrc/ops.cpp
+// registers every CPU op once, calling through the active table (DispatchStub's idea,
+// chosen at load by linclass/_extension.py and switchable for tests).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace linclass {
 
@@ -38,5 +47,45 @@ double linear_sgd_step(const at::Tensor& input, at::Tensor& weight, const at::Te
 void linear_sgd_sweep_step(const at::Tensor& input, at::Tensor& weight, const at::Tensor& target,
                            const at::Tensor& index, int64_t loss, int64_t runs,
                            const at::Tensor& decay, const at::Tensor& grad_scale);
+
+// cpu/sharded.cpp: the phases of the class-sharded losses (linclass/_sharded.py).
+at::Tensor ce_shard_stats_cpu(const at::Tensor& x, const at::Tensor& target, int64_t start,
+                              const std::optional<at::Tensor>& weight, bool smoothing,
+                              int64_t ignore_index);
+at::Tensor ce_shard_grad_cpu(const at::Tensor& x, const at::Tensor& target, int64_t start,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& shift,
+                             const at::Tensor& exp_coef, const at::Tensor& weight_coef,
+                             const at::Tensor& target_grad, int64_t ignore_index,
+                             const std::optional<at::Tensor>& out);
+std::tuple<at::Tensor, at::Tensor> mm_shard_grad_cpu(const at::Tensor& x, const at::Tensor& target,
+                                                     int64_t start, const at::Tensor& x_y,
+                                                     const at::Tensor& row_coef, int64_t p,
+                                                     double margin, bool compute_grad);
+
+// One ISA's build of the entry points above.
+struct CpuKernels {
+  const char* isa;  // "avx512", "avx2" or "default"
+  decltype(&cross_entropy_cpu) cross_entropy;
+  decltype(&multi_margin_loss_cpu) multi_margin_loss;
+  decltype(&linear_cross_entropy_cpu) linear_cross_entropy;
+  decltype(&linear_multi_margin_loss_cpu) linear_multi_margin_loss;
+  decltype(&linear_sgd_step) sgd_step;
+  decltype(&linear_sgd_sweep_step) sgd_sweep_step;
+  decltype(&ce_shard_stats_cpu) ce_shard_stats;
+  decltype(&ce_shard_grad_cpu) ce_shard_grad;
+  decltype(&mm_shard_grad_cpu) mm_shard_grad;
+};
+
+// csrc/cpu_dispatch.cpp (in linclass._C).  A module offers its table; the first one
+// offered becomes active until use_cpu_kernels names another.
+void offer_cpu_kernels(const CpuKernels& kernels);
+// The active table; raises a clear error when no CPU kernel module is loaded.
+const CpuKernels& active_cpu_kernels();
+// Makes the table of that ISA active (it must have been offered); returns the previous
+// active ISA's name ("" when none was).
+std::string use_cpu_kernels(const std::string& isa);
+// Name of the active ISA ("" when no module is loaded) and of every offered one.
+std::string active_cpu_isa();
+std::vector<std::string> offered_cpu_isas();
 
 }  // namespace linclass

@@ -10,11 +10,10 @@
 // Phase 2 reads the scores again instead of keeping phase 1's exponentials: one pass over
 // x and one over dx (streamed), where keeping them would add a write and a read of N x C.
 // float32 and float64 (the caller converts half types); rows in parallel; every row's
-// arithmetic is independent of the thread count.  These ops register here, not in
-// csrc/ops.cpp: they are internal to linclass/_sharded.py (detached CPU tensors, no
-// autograd, no other device), so the road from linclass.distributed to this kernel is
-// distributed.py -> _sharded.py -> this file.
-#include <torch/library.h>
+// arithmetic is independent of the thread count.  The ops are internal to
+// linclass/_sharded.py (detached CPU tensors, no autograd, no other device); csrc/ops.cpp
+// registers them with the others.
+#include "cpu/ops.h"
 
 #include "buffer_cache.h"
 #include "vec_util.h"
@@ -150,9 +149,7 @@ void mm_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
 
 }  // namespace
 
-namespace {
-
-at::Tensor ce_shard_stats(const at::Tensor& x_, const at::Tensor& target_, int64_t start,
+at::Tensor ce_shard_stats_cpu(const at::Tensor& x_, const at::Tensor& target_, int64_t start,
                           const std::optional<at::Tensor>& weight, bool smoothing,
                           int64_t ignore_index) {
   check_shard(x_, target_, "_ce_shard_stats");
@@ -169,7 +166,7 @@ at::Tensor ce_shard_stats(const at::Tensor& x_, const at::Tensor& target_, int64
   return out;
 }
 
-at::Tensor ce_shard_grad(const at::Tensor& x_, const at::Tensor& target_, int64_t start,
+at::Tensor ce_shard_grad_cpu(const at::Tensor& x_, const at::Tensor& target_, int64_t start,
                          const std::optional<at::Tensor>& weight, const at::Tensor& shift,
                          const at::Tensor& exp_coef, const at::Tensor& weight_coef,
                          const at::Tensor& target_grad, int64_t ignore_index,
@@ -200,7 +197,7 @@ at::Tensor ce_shard_grad(const at::Tensor& x_, const at::Tensor& target_, int64_
   return g;
 }
 
-std::tuple<at::Tensor, at::Tensor> mm_shard_grad(const at::Tensor& x_, const at::Tensor& target_,
+std::tuple<at::Tensor, at::Tensor> mm_shard_grad_cpu(const at::Tensor& x_, const at::Tensor& target_,
                                                  int64_t start, const at::Tensor& x_y,
                                                  const at::Tensor& row_coef, int64_t p,
                                                  double margin, bool compute_grad) {
@@ -221,27 +218,6 @@ std::tuple<at::Tensor, at::Tensor> mm_shard_grad(const at::Tensor& x_, const at:
                            compute_grad ? g.mutable_data_ptr<scalar_t>() : nullptr);
   });
   return {stats, g};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(linclass, m) {
-  m.def(
-      "_ce_shard_stats(Tensor x, Tensor target, int start, Tensor? weight, bool smoothing, "
-      "int ignore_index) -> Tensor");
-  m.def(
-      "_ce_shard_grad(Tensor x, Tensor target, int start, Tensor? weight, Tensor shift, "
-      "Tensor exp_coef, Tensor weight_coef, Tensor target_grad, int ignore_index, "
-      "Tensor(a!)? out) -> Tensor");
-  m.def(
-      "_mm_shard_grad(Tensor x, Tensor target, int start, Tensor x_y, Tensor row_coef, int p, "
-      "float margin, bool compute_grad) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(linclass, CPU, m) {
-  m.impl("_ce_shard_stats", &ce_shard_stats);
-  m.impl("_ce_shard_grad", &ce_shard_grad);
-  m.impl("_mm_shard_grad", &mm_shard_grad);
 }
 
 }  // namespace linclass

@@ -125,7 +125,8 @@ def _ops() -> None:
     import linclass
 
     print(f"linclass {linclass.__version__}: backends {linclass.backends.available()}, "
-          f"CPU kernels built for {linclass.backends.cpu_isa()}")
+          f"CPU kernels {linclass.backends.cpu_isa()} (this CPU runs "
+          f"{', '.join(linclass.backends.cpu_isas())}; LINCLASS_CPU_ISA picks one)")
     print(f"{'op':<20}{'shape':>12}{'|loss-torch|':>14}{'|grad-torch|':>14}"
           f"{'torch ms':>10}{'linclass ms':>13}")
     for name, ours, theirs in [("cross_entropy", linclass.cross_entropy, F.cross_entropy),

@@ -1,0 +1,82 @@
+"""linclass as a user gets it: one wheel, installed into a fresh virtual environment
+beside this environment's torch, run from outside the source tree, natively and on
+emulated older CPUs (QEMU user mode: Haswell has AVX2 and no AVX-512, Nehalem is the
+x86-64 baseline with no AVX)."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "tests", "cpu_smoke.py")
+QEMU = shutil.which("qemu-x86_64")
+
+pytestmark = pytest.mark.skipif(os.environ.get("LINCLASS_NO_EXTENSION") == "1",
+                                reason="built without the extension")
+
+
+def _check(args, timeout, **kw):
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
+    assert out.returncode == 0, f"{args}: rc {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The wheel `pip wheel` builds from this tree (with the build's compiled objects
+    reused where they are current)."""
+    dist = tmp_path_factory.mktemp("dist")
+    _check([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+            "--disable-pip-version-check", "-q", "-w", str(dist), ROOT], timeout=1800, cwd=ROOT)
+    wheels = glob.glob(str(dist / "linclass-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory):
+    """A fresh venv holding only the wheel; torch (and numpy) come from this
+    environment's site-packages through a .pth line, so no download is needed."""
+    env_dir = tmp_path_factory.mktemp("venv")
+    _check([sys.executable, "-m", "venv", str(env_dir)], timeout=300)
+    python = str(env_dir / "bin" / "python")
+    site = _check([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                  timeout=60).strip()
+    torch_site = os.path.dirname(os.path.dirname(torch.__file__))
+    with open(os.path.join(site, "this-torch.pth"), "w") as f:
+        f.write(torch_site + "\n")
+    _check([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+            "--disable-pip-version-check", wheel], timeout=600)
+    return env_dir
+
+
+def test_one_limited_api_wheel_holds_every_cpu_isa(wheel):
+    name = os.path.basename(wheel)
+    assert "-abi3-" in name and name.startswith("linclass-"), name
+    files = zipfile.ZipFile(wheel).namelist()
+    libs = sorted(f for f in files if f.endswith(".so"))
+    isas = ["avx512", "avx2", "default"] if sysconfig.get_platform().endswith("x86_64") else ["default"]
+    assert libs == sorted(["linclass/_C.abi3.so"] + [f"linclass/_cpu_{i}.abi3.so" for i in isas]), libs
+    assert "linclass/kernels/cross_entropy.py" in files  # the Triton kernels ship too
+
+
+def test_installed_wheel_runs_outside_the_tree(venv, tmp_path):
+    out = _check([str(venv / "bin" / "python"), SMOKE, "--with-numpy"], timeout=300, cwd=tmp_path)
+    assert "smoke ok" in out
+    assert f"from {venv}" in out  # the installed copy, not the source tree
+    cli = _check([str(venv / "bin" / "linclass"), "ops"], timeout=300, cwd=tmp_path)
+    assert "cross_entropy" in cli
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 is not installed (apt-get install qemu-user)")
+@pytest.mark.parametrize("cpu, isa", [("Haswell", "avx2"), ("Nehalem", "default")])
+def test_installed_wheel_runs_on_an_older_cpu(venv, tmp_path, cpu, isa):
+    out = _check([QEMU, "-cpu", cpu, str(venv / "bin" / "python"), SMOKE], timeout=600, cwd=tmp_path)
+    assert f"linclass CPU kernels: {isa}" in out and "smoke ok" in out
