@@ -5,6 +5,7 @@
 #   make test    the test suite (what CI runs)
 #   make demo    the demo on the bundled default data (scikit-learn digits)
 #   make bench   CPU benchmarks -> bench/results/cpu-*.json, cpu.md, cpu.png
+#   make bench-isa  the loss benchmarks under each CPU kernel ISA -> bench/results/cpu-isa.md
 #   make wheel   one wheel for every x86-64 CPU -> dist/linclass-*-cp310-abi3-*.whl
 #
 # TORCH_SPEC picks the torch build (the default is the one this project is developed
@@ -21,7 +22,7 @@ BUILD      := $(VENV)/.build-cuda$(FORCE_CUDA)
 SOURCES    := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h \
                                    csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh)
 
-.PHONY: install test demo bench wheel clean
+.PHONY: install test demo bench bench-isa wheel clean
 
 $(VENV)/.torch: 
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +54,16 @@ bench: install
 	done
 	$(PY) bench/report.py $$(seq -f 'bench/results/cpu-%g.json' $(BENCH_RUNS)) \
 		--md bench/results/cpu.md --png bench/results/cpu.png
+
+# The loss benchmarks with each ISA's CPU kernels forced (LINCLASS_CPU_ISA), BENCH_RUNS
+# times, interleaved; the JSON files stay out of git, the table goes in.
+bench-isa: install
+	for i in $$(seq $(BENCH_RUNS)); do for isa in default avx2 avx512; do \
+		LINCLASS_CPU_ISA=$$isa OMP_NUM_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider \
+			bench/test_bench_losses.py --benchmark-only \
+			--benchmark-json=bench/results/cpu-isa-$$isa-$$i.json || exit 1; \
+	done; done
+	$(PY) bench/isa_table.py bench/results $(BENCH_RUNS) --md bench/results/cpu-isa.md
 
 wheel: $(VENV)/.torch
 	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
