@@ -39,6 +39,10 @@ SPEEDUP_TARGETS = {
     # the classifier workflow (bench/test_bench_train.py): "torch" is the seed-style loop
     ("train LinearSVM 1500it 40000x3073", "linclass[cpp]"): 4,
     ("sweep 25 configs 40000x3073", "linclass[sweep]"): 10,
+    # per-call cost of small problems (bench/test_bench_small.py, issue 18)
+    **{(f"small {op} {shape}", "linclass[cpp]"): 1.0
+       for op in ("cross_entropy", "multi_margin_loss")
+       for shape in ("4x10", "64x10", "200x10", "128x100")},
 }
 # (group, impl) -> (minimum speed-up, over this other impl of the group)
 RELATIVE_TARGETS = {

@@ -40,38 +40,47 @@ at::Tensor saved_grad_backward(const at::Tensor& grad, at::Tensor grad_loss, int
 void check_first_order();
 
 // Fused loss ops share the signature (input, target, ..., int reduction, bool compute_grad)
-// -> (loss, grad); Args are the op's argument types.
-template <typename... Args>
-struct FusedLoss : public torch::autograd::Function<FusedLoss<Args...>> {
-  using Op = c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(Args...)>;
-  static constexpr size_t kArgs = sizeof...(Args);
+// -> (loss, grad).  Their backward node is written by hand, as torch's generated
+// ones are, rather than through torch::autograd::Function: the generic Function path
+// (its context map, output wrapping, locked apply) costs about as much host time as the
+// whole 4 x 10 loss.  Only `input` is differentiable.
+struct FusedLossBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable grad;  // d loss / d input for grad_output = 1
+  int64_t reduction = 0, input_dim = 0;
+  bool compute_grad = false;
 
-  static variable_list forward(AutogradContext* ctx, const Op* op, Args... args) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, grad] = op->call(args...);
-    const auto all = std::forward_as_tuple(args...);
-    ctx->saved_data["input_dim"] = std::get<0>(all).dim();
-    ctx->saved_data["reduction"] = std::get<kArgs - 2>(all);
-    ctx->saved_data["compute_grad"] = std::get<kArgs - 1>(all);
-    ctx->save_for_backward({grad});
-    ctx->mark_non_differentiable({grad});
-    ctx->set_materialize_grads(false);
-    return {loss, grad};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(1 + kArgs);  // the op handle, then one per op argument
-    at::Tensor grad_loss = grads[0];
-    if (!grad_loss.defined()) return out;
-    TORCH_CHECK(ctx->saved_data["compute_grad"].toBool(),
-                "linclass: this fused loss ran with compute_grad=False, so it saved no gradient; "
-                "call it through linclass.cross_entropy / linclass.multi_margin_loss, which set "
-                "compute_grad when the input requires grad");
-    out[1] = saved_grad_backward(ctx->get_saved_variables()[0], grad_loss,
-                                 ctx->saved_data["reduction"].toInt(), ctx->saved_data["input_dim"].toInt());
-    return out;
-  }
+  variable_list apply(variable_list&& grads) override;
+  void release_variables() override { grad.reset_data(); }
+  std::string name() const override { return "linclass::FusedLossBackward"; }
 };
+
+// How this torch holds autograd nodes: std::shared_ptr before 2.13, c10::intrusive_ptr
+// since (the pointer type of Edge::function).
+template <typename Handle>
+struct NodeHolder;
+template <>
+struct NodeHolder<std::shared_ptr<torch::autograd::Node>> {
+  template <typename T>
+  using Ptr = std::shared_ptr<T>;
+  template <typename T>
+  static Ptr<T> make() { return std::make_shared<T>(); }
+};
+template <>
+struct NodeHolder<c10::intrusive_ptr<torch::autograd::Node>> {
+  template <typename T>
+  using Ptr = c10::intrusive_ptr<T>;
+  template <typename T>
+  static Ptr<T> make() { return c10::make_intrusive<T>(); }
+};
+using Nodes = NodeHolder<decltype(torch::autograd::Edge::function)>;
+using FusedLossNode = Nodes::Ptr<FusedLossBackward>;
+
+// The node for a call whose `input` requires grad (else null), with its edge to input.
+FusedLossNode fused_loss_node(const at::Tensor& input);
+// Attaches the op's results to the node: loss gets it as grad_fn, grad is saved.
+void record_fused_loss(const FusedLossNode& node, const at::Tensor& input,
+                       at::Tensor& loss, const at::Tensor& grad, int64_t reduction,
+                       bool compute_grad);
 
 // Fused linear + loss ops: (input, weight, bias?, target, ..., int reduction,
 // bool[3] output_mask) -> (loss, grad_input, grad_weight, grad_bias), gradients for
@@ -132,12 +141,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_aut
   return {out[0], out[1], out[2], out[3]};
 }
 
+// The Autograd kernel of a fused loss op: args are the op's arguments, input first,
+// reduction and compute_grad last.
 template <typename... Args, typename... Values>
 std::tuple<at::Tensor, at::Tensor> fused_loss_autograd(
     const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(Args...)>& op,
     Values&&... values) {
-  auto out = FusedLoss<Args...>::apply(&op, std::forward<Values>(values)...);
-  return {out[0], out[1]};
+  const auto all = std::forward_as_tuple(values...);
+  const at::Tensor& input = std::get<0>(all);
+  auto node = fused_loss_node(input);
+  auto result = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(values...);
+  }();
+  if (node)
+    record_fused_loss(node, input, std::get<0>(result), std::get<1>(result),
+                      std::get<sizeof...(Args) - 2>(all), std::get<sizeof...(Args) - 1>(all));
+  return result;
 }
 
 }  // namespace linclass

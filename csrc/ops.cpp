@@ -27,7 +27,7 @@ PyObject* PyInit__C(void) {
 namespace linclass {
 namespace {
 
-// ---- autograd: each op's arguments handed to FusedLoss / FusedLinearLoss ----------
+// ---- autograd: each op's arguments handed to its backward node (autograd.h) ----------
 
 using OptTensor = const std::optional<at::Tensor>&;
 

@@ -59,6 +59,7 @@ _REASONS = {
 _DEVICES = {"cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu") if _triton_interpreter() else ("cuda",), "torch": None}
 
 _forced: list[str] = []
+_CPU_AUTO = "cpp" if _REASONS["cpp"] is None else "torch"
 
 
 def _check_name(name: str) -> str:
@@ -102,6 +103,14 @@ def use(name: str):
         yield
     finally:
         _forced.pop()
+
+
+def resolve_for(tensor: torch.Tensor) -> str:
+    """resolve(tensor.device), without building the device object in the common case (a
+    CPU tensor, nothing forced): the losses call this on every step."""
+    if tensor.is_cpu and not _forced and _ENV is None:
+        return _CPU_AUTO
+    return resolve(tensor.device)
 
 
 def resolve(device: torch.device) -> str:

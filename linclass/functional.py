@@ -126,7 +126,7 @@ def cross_entropy(
     """
     reduction, reduction_code = _reduction_code(size_average, reduce, reduction)
     _check_input("cross_entropy", input)
-    backend = backends.resolve(input.device)
+    backend = backends.resolve_for(input)
     if backend == "torch" or target.is_floating_point():
         return F.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction,
@@ -136,41 +136,46 @@ def cross_entropy(
         raise RuntimeError(
             f"cross_entropy: expected target dtype to be Long or Byte, but got {target.dtype}"
         )
-    if input.dim() == 0:
+    dim = input.dim()
+    if dim == 0:
         raise RuntimeError("cross_entropy: input must have at least 1 dimension (classes)")
-    if input.dim() == 1:
+    if dim == 1:
         if target.dim() > 1 or target.numel() != 1:
             raise ValueError(
                 "cross_entropy: for 1D input, target must be 0-D or hold one element, "
                 f"got shape {tuple(target.shape)}"
             )
         target = target.reshape(())
+        classes = input.shape[0]
     else:
-        if target.dim() == 0 or target.size(0) != input.size(0):
-            got = target.size(0) if target.dim() else 0
+        shape = input.shape
+        if target.dim() == 0 or target.shape[0] != shape[0]:
+            got = target.shape[0] if target.dim() else 0
             raise ValueError(
-                f"Expected input batch_size ({input.size(0)}) to match target batch_size ({got})."
+                f"Expected input batch_size ({shape[0]}) to match target batch_size ({got})."
             )
-        expected = (input.size(0),) + tuple(input.shape[2:])
-        if tuple(target.shape) != expected:
+        if target.shape[1:] != shape[2:]:
+            expected = [shape[0], *shape[2:]]
             raise RuntimeError(
-                f"cross_entropy: expected target of shape {list(expected)} for input of shape "
-                f"{list(input.shape)}, got {list(target.shape)}"
+                f"cross_entropy: expected target of shape {expected} for input of shape "
+                f"{list(shape)}, got {list(target.shape)}"
             )
-    classes = input.size(0) if input.dim() == 1 else input.size(1)
-    _check_weight("cross_entropy", weight, input, classes, "nll_loss_forward")
+        classes = shape[1]
+    if weight is not None:
+        _check_weight("cross_entropy", weight, input, classes, "nll_loss_forward")
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if target.device != input.device:
+    if not (input.is_cpu and target.is_cpu) and target.device != input.device:
         raise RuntimeError(f"cross_entropy: target is on {target.device} but input is on {input.device}")
     if target.dtype != torch.int64:
         target = target.long()
-    _check_targets("cross_entropy", backend, target, classes, ignore_index, IndexError)
+    if backend != "cpp":  # the C++ kernels check their targets themselves
+        _check_targets("cross_entropy", backend, target, classes, ignore_index, IndexError)
     # torch applies label smoothing only when it is positive.
     label_smoothing = max(float(label_smoothing), 0.0)
     op = CROSS_ENTROPY[backend]
     loss, _ = op(input, target, weight, int(ignore_index), label_smoothing, reduction_code,
-                 _needs_grad(input))
+                 input.requires_grad and torch.is_grad_enabled())
     return loss
 
 
@@ -195,34 +200,38 @@ def multi_margin_loss(
     if p not in (1, 2):
         raise ValueError("only p == 1 and p == 2 supported")
     _check_input("multi_margin_loss", input)
-    backend = backends.resolve(input.device)
+    backend = backends.resolve_for(input)
     if backend == "torch":
         return F.multi_margin_loss(input, target, p, margin, weight, reduction=reduction)
     if target.dtype != torch.int64:
         raise RuntimeError(f"multi_margin_loss: expected target dtype int64, got {target.dtype}")
-    if input.dim() > 2 or (input.dim() and input.shape[-1] == 0):
+    dim = input.dim()
+    if dim > 2 or (dim and input.shape[-1] == 0):
         raise RuntimeError(
             "multi_margin_loss: expected a non-empty vector (C,) or matrix (N, C), "
             f"got shape {list(input.shape)}"
         )
-    classes = input.shape[-1] if input.dim() else 1  # torch reads a 0-dim input as one class
-    rows = input.size(0) if input.dim() == 2 else 1
-    if target.dim() > 1 or target.numel() != rows:
+    classes = input.shape[-1] if dim else 1  # torch reads a 0-dim input as one class
+    rows = input.shape[0] if dim == 2 else 1
+    target_dim = target.dim()
+    if target_dim > 1 or target.numel() != rows:
         raise RuntimeError(
             "multi_margin_loss: target must be 1-D with one class index per input row "
             f"({rows}), got shape {list(target.shape)} for input of shape {list(input.shape)}"
         )
-    _check_weight("multi_margin_loss", weight, input, classes, "multi_margin_loss")
-    if target.device != input.device:
+    if weight is not None:
+        _check_weight("multi_margin_loss", weight, input, classes, "multi_margin_loss")
+    if not (input.is_cpu and target.is_cpu) and target.device != input.device:
         raise RuntimeError(f"multi_margin_loss: target is on {target.device} but input is on {input.device}")
-    _check_targets("multi_margin_loss", backend, target, classes, None, RuntimeError)
+    if backend != "cpp":  # the C++ kernels check their targets themselves
+        _check_targets("multi_margin_loss", backend, target, classes, None, RuntimeError)
     op = MULTI_MARGIN_LOSS[backend]
     # (N, C) inputs go in as they are: a reshape to the same shape would add a view and
     # its backward node to every call.
     loss, _ = op(
-        input if input.dim() == 2 else input.reshape(rows, classes),
-        target if target.dim() == 1 else target.reshape(rows), int(p), float(margin),
-        weight, reduction_code, _needs_grad(input),
+        input if dim == 2 else input.reshape(rows, classes),
+        target if target_dim == 1 else target.reshape(rows), int(p), float(margin),
+        weight, reduction_code, input.requires_grad and torch.is_grad_enabled(),
     )
     return loss.reshape(target.shape) if reduction == "none" and loss.shape != target.shape else loss
 
@@ -266,7 +275,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     """
     reduction, reduction_code = _reduction_code(None, None, reduction)
     _check_linear("linear_cross_entropy", input, weight, bias, target)
-    backend = backends.resolve(input.device)
+    backend = backends.resolve_for(input)
     if reduction == "none" or backend == "torch" or target.is_floating_point():
         return cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing)
@@ -293,7 +302,7 @@ def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: 
     if p not in (1, 2):
         raise ValueError("only p == 1 and p == 2 supported")
     _check_linear("linear_multi_margin_loss", input, weight, bias, target)
-    backend = backends.resolve(input.device)
+    backend = backends.resolve_for(input)
     if reduction == "none" or backend == "torch":
         return multi_margin_loss(F.linear(input, weight, bias), target, p=p, margin=margin,
                                  reduction=reduction)
