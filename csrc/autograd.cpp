@@ -64,6 +64,10 @@ variable_list FusedLossBackward::apply(variable_list&& grads) {
 }
 
 FusedLossNode fused_loss_node(const at::Tensor& input) {
+  // The node carries no forward derivative: a dual input must fail, not lose its tangent.
+  TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(input),
+                              "linclass: the fused losses do not support forward-mode AD; use "
+                              "linclass.backends.use('torch') for jvp");
   if (!torch::autograd::compute_requires_grad(input)) return FusedLossNode();
   auto node = Nodes::make<FusedLossBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input));

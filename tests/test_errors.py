@@ -140,3 +140,14 @@ def test_double_backward_is_an_error(kernel_backend):
     xr = x.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(linclass.cross_entropy(xr, t), xr, create_graph=True)
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs the C++ kernels")
+@pytest.mark.parametrize("op", [linclass.cross_entropy, linclass.multi_margin_loss])
+def test_forward_mode_ad_is_an_error_not_a_lost_tangent(op):
+    import torch.autograd.forward_ad as fwAD
+
+    with linclass.backends.use("cpp"), fwAD.dual_level():
+        dual = fwAD.make_dual(x.clone(), torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            op(dual, t)
