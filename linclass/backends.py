@@ -7,8 +7,9 @@ Backends:
             TRITON_INTERPRET=1 was set before triton was imported)
   "torch"   plain torch.nn.functional (any device)
 
-Automatic choice: CPU tensors -> "cpp" (else "torch"); CUDA tensors -> "triton", then
-"cuda", then "torch".  Force one with ``with linclass.backends.use("cpp"): ...`` or the
+Automatic choice: CPU tensors -> "cpp" (else "torch").  CUDA tensors -> by problem size
+when both GPU backends are built (gpu_auto: "cuda" below TRITON_MIN_BYTES, "triton" from
+there on), else whichever of them is built, else "torch".  Force one with ``with linclass.backends.use("cpp"): ...`` or the
 environment variable LINCLASS_BACKEND.  A forced backend that cannot run on the tensor
 raises BackendUnavailable; it is never silently replaced by another.
 
@@ -105,16 +106,40 @@ def use(name: str):
         _forced.pop()
 
 
-def resolve_for(tensor: torch.Tensor) -> str:
-    """resolve(tensor.device), without building the device object in the common case (a
-    CPU tensor, nothing forced): the losses call this on every step."""
+# Where both GPU backends are built, the automatic choice on a CUDA device goes by the
+# bytes an op reads.  Triton's kernels move more bytes per second at large C (1.5-2x the
+# CUDA C++ kernels' on an H200), but every Triton forward + backward also costs more host
+# time (Python launcher, Triton's launch binding; 0.2-0.5 ms on the H200 machines against
+# torch's ~0.1 ms): below this size a loss step is host-bound and the CUDA C++ ops, whose
+# host path is torch's own, finish first.  The value is the crossover measured by
+# bench/gpu_bench.py's size sweep (bench/results/gpu-<device>.md).
+TRITON_MIN_BYTES = 256 * 2**20
+
+
+def gpu_auto(nbytes: int | None = None) -> str:
+    """The automatic backend on a CUDA device for an op that reads `nbytes` (None: a large
+    problem): "cuda" below TRITON_MIN_BYTES when both GPU backends are built, "triton"
+    from there on; otherwise whichever of the two is built, else "torch"."""
+    has_triton, has_cuda = _REASONS["triton"] is None, _REASONS["cuda"] is None
+    if has_triton and has_cuda:
+        return "cuda" if nbytes is not None and nbytes < TRITON_MIN_BYTES else "triton"
+    return "triton" if has_triton else "cuda" if has_cuda else "torch"
+
+
+def resolve_for(tensor: torch.Tensor, nbytes: int | None = None) -> str:
+    """The backend that runs an op on `tensor`, which reads `nbytes` (default: the
+    tensor's own bytes; the automatic GPU choice goes by it).  Builds no device object in
+    the common case (a CPU tensor, nothing forced): the losses call this on every step."""
     if tensor.is_cpu and not _forced and _ENV is None:
         return _CPU_AUTO
+    if tensor.is_cuda and current() is None:
+        return gpu_auto(tensor.numel() * tensor.element_size() if nbytes is None else nbytes)
     return resolve(tensor.device)
 
 
 def resolve(device: torch.device) -> str:
-    """The backend that runs an op on tensors of ``device``."""
+    """The backend that runs an op on tensors of ``device`` (on a CUDA device: the one for
+    a large problem; resolve_for knows the size)."""
     name = current()
     kind = device.type
     if name is not None:
@@ -129,9 +154,7 @@ def resolve(device: torch.device) -> str:
     if kind == "cpu":
         return "cpp" if _REASONS["cpp"] is None else "torch"
     if kind == "cuda":
-        for n in ("triton", "cuda"):
-            if _REASONS[n] is None:
-                return n
+        return gpu_auto()
     return "torch"
 
 

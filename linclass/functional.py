@@ -236,6 +236,14 @@ def multi_margin_loss(
     return loss.reshape(target.shape) if reduction == "none" and loss.shape != target.shape else loss
 
 
+def _linear_bytes(input, weight) -> int:
+    """The bytes a fused linear + loss step touches (input, weight and the scores it never
+    stores): its size for the automatic GPU backend (backends.gpu_auto)."""
+    rows = input.shape[0] if input.dim() == 2 else 1
+    classes, features = weight.shape
+    return (rows * features + classes * features + rows * classes) * input.element_size()
+
+
 def _check_linear(op: str, input, weight, bias, target):
     _check_input(op, input)
     if input.dim() not in (1, 2):
@@ -275,7 +283,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     """
     reduction, reduction_code = _reduction_code(None, None, reduction)
     _check_linear("linear_cross_entropy", input, weight, bias, target)
-    backend = backends.resolve_for(input)
+    backend = backends.resolve_for(input, _linear_bytes(input, weight) if input.is_cuda else None)
     if reduction == "none" or backend == "torch" or target.is_floating_point():
         return cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing)
@@ -302,7 +310,7 @@ def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: 
     if p not in (1, 2):
         raise ValueError("only p == 1 and p == 2 supported")
     _check_linear("linear_multi_margin_loss", input, weight, bias, target)
-    backend = backends.resolve_for(input)
+    backend = backends.resolve_for(input, _linear_bytes(input, weight) if input.is_cuda else None)
     if reduction == "none" or backend == "torch":
         return multi_margin_loss(F.linear(input, weight, bias), target, p=p, margin=margin,
                                  reduction=reduction)

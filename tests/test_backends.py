@@ -62,6 +62,75 @@ def test_available_and_automatic_choice():
     assert backends.resolve(torch.device("meta")) == "torch"
 
 
+class _CudaLike:
+    """Stands in for a CUDA tensor of `nbytes` bytes (the routing rule reads only these)."""
+
+    is_cpu, is_cuda, device = False, True, torch.device("cuda")
+
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+    def numel(self):
+        return self.nbytes // 2
+
+    def element_size(self):
+        return 2
+
+
+@pytest.fixture
+def both_gpu_backends(monkeypatch):
+    """Both GPU backends reported built, as on a CUDA machine (the rule runs on CPU)."""
+    monkeypatch.setitem(backends._REASONS, "cuda", None)
+    monkeypatch.setitem(backends._REASONS, "triton", None)
+    monkeypatch.setattr(backends, "_ENV", None)
+
+
+def test_gpu_routing_goes_by_problem_size(both_gpu_backends):
+    limit = backends.TRITON_MIN_BYTES
+    assert backends.gpu_auto(0) == "cuda"
+    assert backends.gpu_auto(limit - 1) == "cuda"
+    assert backends.gpu_auto(limit) == "triton"
+    assert backends.gpu_auto(None) == "triton"  # size unknown: the large-problem choice
+    assert backends.resolve(torch.device("cuda")) == "triton"
+    assert backends.resolve_for(_CudaLike(1 << 20)) == "cuda"
+    assert backends.resolve_for(_CudaLike(limit)) == "triton"
+    # an explicit size wins over the tensor's own (the fused linear ops pass theirs)
+    assert backends.resolve_for(_CudaLike(1 << 20), nbytes=limit) == "triton"
+    assert backends.resolve_for(_CudaLike(limit), nbytes=64) == "cuda"
+
+
+def test_gpu_routing_threshold_is_read_per_call(both_gpu_backends, monkeypatch):
+    monkeypatch.setattr(backends, "TRITON_MIN_BYTES", 1000)
+    assert backends.resolve_for(_CudaLike(998)) == "cuda"
+    assert backends.resolve_for(_CudaLike(1000)) == "triton"
+
+
+def test_gpu_routing_with_one_gpu_backend(monkeypatch):
+    monkeypatch.setattr(backends, "_ENV", None)
+    for built, want in ((("triton",), "triton"), (("cuda",), "cuda"), ((), "torch")):
+        for name in ("cuda", "triton"):
+            monkeypatch.setitem(backends._REASONS, name, None if name in built else "not built")
+        assert backends.gpu_auto(1) == backends.gpu_auto(None) == want
+        assert backends.resolve_for(_CudaLike(1)) == want
+
+
+def test_forced_backend_overrides_gpu_routing(both_gpu_backends):
+    with backends.use("triton"):
+        assert backends.resolve_for(_CudaLike(1)) == "triton"
+    with backends.use("cuda"):
+        assert backends.resolve_for(_CudaLike(1 << 40)) == "cuda"
+    with backends.use("torch"):
+        assert backends.resolve_for(_CudaLike(1)) == "torch"
+
+
+def test_linear_ops_route_by_the_bytes_they_touch():
+    from linclass.functional import _linear_bytes
+
+    x, w = torch.empty(200, 3073, dtype=torch.bfloat16), torch.empty(10, 3073, dtype=torch.bfloat16)
+    assert _linear_bytes(x, w) == (200 * 3073 + 10 * 3073 + 200 * 10) * 2
+    assert _linear_bytes(x[0], w) == (3073 + 10 * 3073 + 10) * 2
+
+
 def test_use_forces_and_restores():
     x, t = torch.randn(5, 4), torch.randint(0, 4, (5,))
     with backends.use("torch"):
