@@ -32,6 +32,8 @@ reads stay, the second pass's reads and stores go first) and a gradient pass in 
 block order (the blocks read last first).  How these were chosen: docs/gpu.md.
 """
 
+import functools
+
 import numpy as np
 import torch
 import triton
@@ -296,17 +298,25 @@ def tl_acc(acc: torch.dtype):
 @triton.jit
 def _cross_entropy_consts_kernel(T, W, CONSTS, n, C, ignore_index,
                       MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """One program: CONSTS = (scale, W, denominator) for the launch that follows.
+                      BLOCK: tl.constexpr, PARTS: tl.constexpr):
+    """CONSTS[0:3] = (scale, W, denominator) for the launch that follows.
 
     denominator = sum of w_y over the rows whose target is not ignore_index (their count
     without a weight), W = sum_j w_j (C without a weight), scale = 1 / denominator for
     'mean', else 1.  Out-of-range targets count with weight 0 (their rows are NaN anyway).
-    Summed in a fixed order: deterministic.
+
+    P programs (P <= PARTS) share the targets and the weights, grid-stride: one program
+    alone would read all N targets at one SM's bandwidth (milliseconds at N ~ 10^7, more
+    than the loss kernel itself at small C).  Each writes its partial sums to
+    CONSTS[4 + p] and CONSTS[4 + PARTS + p], then takes a ticket (CONSTS[3], zero on
+    entry); the program that draws the last one sums the P partials (a fixed tree) and
+    writes the result.  Deterministic for a given N, C: no float atomics on the sums.
     """
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], ACC)
-    for start in range(0, n, BLOCK):
+    for start in range(pid * BLOCK, n, programs * BLOCK):
         i = start + offs
         y = tl.load(T + i, mask=i < n, other=ignore_index)
         keep = (i < n) & (y != ignore_index)
@@ -315,24 +325,34 @@ def _cross_entropy_consts_kernel(T, W, CONSTS, n, C, ignore_index,
             acc += tl.load(W + y, mask=inside, other=0.0).to(ACC)
         else:
             acc += tl.where(keep, 1.0, 0.0).to(ACC)
-    denom = tl.sum(acc, 0)
+    tl.store(CONSTS + 4 + pid, tl.sum(acc, 0))
     if HAS_WEIGHT:
         wacc = tl.zeros([BLOCK], ACC)
-        for start in range(0, C, BLOCK):
+        for start in range(pid * BLOCK, C, programs * BLOCK):
             j = start + offs
             wacc += tl.load(W + j, mask=j < C, other=0.0).to(ACC)
-        weight_sum = tl.sum(wacc, 0)
-    else:
-        weight_sum = tl.zeros([], ACC) + C
-    if MEAN:
-        scale = 1.0 / denom
-    else:
-        scale = tl.full([], 1.0, ACC)
-    tl.store(CONSTS, scale)
-    tl.store(CONSTS + 1, weight_sum)
-    tl.store(CONSTS + 2, denom)
+        tl.store(CONSTS + 4 + PARTS + pid, tl.sum(wacc, 0))
+    # acq_rel: this program's partials are visible to whoever draws the last ticket
+    ticket = tl.atomic_add(CONSTS + 3, 1.0, sem="acq_rel")
+    if ticket == programs - 1:
+        parts = tl.arange(0, PARTS)
+        denom = tl.sum(tl.load(CONSTS + 4 + parts, mask=parts < programs, other=0.0,
+                               volatile=True), 0)
+        if HAS_WEIGHT:
+            weight_sum = tl.sum(tl.load(CONSTS + 4 + PARTS + parts, mask=parts < programs,
+                                        other=0.0, volatile=True), 0)
+        else:
+            weight_sum = tl.zeros([], ACC) + C
+        if MEAN:
+            scale = 1.0 / denom
+        else:
+            scale = tl.full([], 1.0, ACC)
+        tl.store(CONSTS, scale)
+        tl.store(CONSTS + 1, weight_sum)
+        tl.store(CONSTS + 2, denom)
 
 
+@functools.lru_cache(maxsize=256)  # on every launch, with few distinct values
 def split(v: float):
     """v as two float32 kernel arguments hi + lo: Triton passes Python floats as float32,
     and float64 kernels need v to double precision (hi + lo recovers it to ~2^-48)."""
@@ -340,14 +360,20 @@ def split(v: float):
     return hi, float(np.float32(v - hi))
 
 
+CONSTS_BLOCK = 1024  # targets per program and step
+CONSTS_PARTS = 256  # programs at most (one partial sum each)
+
+
 def consts(target, weight, ignore_index, classes, acc, mean):
-    """(scale, W, denominator) on the device, from one launch (no host synchronization)."""
-    out = torch.empty(3, device=target.device, dtype=acc)
+    """(scale, W, denominator) on the device as the first three elements of a buffer, from
+    one launch (no host synchronization)."""
     n = target.numel()
-    block = min(4096, max(16, next_pow2(max(n, classes if weight is not None else 1))))
-    _cross_entropy_consts_kernel[(1,)](target, weight if weight is not None else out, out, n, classes,
-                            ignore_index, MEAN=mean, HAS_WEIGHT=weight is not None,
-                            ACC=tl_acc(acc), BLOCK=block)
+    longest = max(n, classes if weight is not None else 1)
+    programs = max(1, min(cdiv(longest, 4 * CONSTS_BLOCK), CONSTS_PARTS))
+    out = torch.zeros(4 + 2 * CONSTS_PARTS, device=target.device, dtype=acc)
+    _cross_entropy_consts_kernel[(programs,)](
+        target, weight if weight is not None else out, out, n, classes, ignore_index, MEAN=mean,
+        HAS_WEIGHT=weight is not None, ACC=tl_acc(acc), BLOCK=CONSTS_BLOCK, PARTS=CONSTS_PARTS)
     return out
 
 

@@ -15,11 +15,13 @@ import os
 import torch
 
 # Cross-entropy's row walks: (BLOCK_C, num_warps, reverse, evict), see
-# kernels/cross_entropy.py's launch.
+# kernels/cross_entropy.py's launch.  Cross-entropy at C = 10: from the sweep at 3355443
+# rows (bench/tune_gpu.py --shapes, bench/results/tune-tall-NVIDIA-H200.md, 2026-12-04;
+# 30% faster there than the (64, 2) that won at 65536 rows, where the op is host-bound).
 MEASURED: dict = {
-    "cross_entropy 10 4": (64, 2),
+    "cross_entropy 10 4": (64, 8),
     "multi_margin 10 4": (16, 4),
-    "cross_entropy 10 2": (64, 2),
+    "cross_entropy 10 2": (64, 8),
     "multi_margin 10 2": (16, 4),
     "cross_entropy 32000 4": (8192, 16, False, True),
     "multi_margin 32000 4": (2048, 8),
@@ -62,6 +64,8 @@ def _from_env():
 TUNED = {**{k: tuple(v) for k, v in MEASURED.items()}, **_from_env()}
 
 
+# Both are called on every launch: cached (TUNED is fixed at import).
+@functools.lru_cache(maxsize=1024)
 def tile_config(C, elem, family="cross_entropy"):
     """(BLOCK_M rows per program, num_warps) of the one-tile kernels (C <= TILE_MAX_C)."""
     block_c = max(next_pow2(C), 2)
@@ -74,6 +78,7 @@ def tile_config(C, elem, family="cross_entropy"):
 ROW_MAX_C = 32768
 
 
+@functools.lru_cache(maxsize=1024)
 def loop_config(C, elem, family="cross_entropy"):
     """(BLOCK_C, num_warps[, reverse, evict]) of the one-row-per-program
     kernels (large C); a block that covers the row (BLOCK_C >= C) means one read of it.

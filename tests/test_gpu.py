@@ -35,6 +35,22 @@ def test_a_gpu_backend_is_available():
     assert linclass.backends.resolve(torch.device("cuda")) == GPU_BACKENDS[0]
 
 
+@pytest.mark.skipif(len(GPU_BACKENDS) < 2, reason="needs both GPU backends")
+def test_automatic_choice_goes_by_size():
+    # Small losses run the CUDA C++ op (its autograd node is C++), large ones Triton's.
+    limit = linclass.backends.TRITON_MIN_BYTES
+    for rows, want in ((64, "FusedLossBackward"), (limit // 40 + 1, "EagerBackward")):
+        x = torch.randn(rows, 10, device="cuda", requires_grad=True)
+        t = torch.randint(0, 10, (rows,), device="cuda")
+        for fn in (linclass.cross_entropy, linclass.multi_margin_loss):
+            loss = fn(x, t)
+            assert want in loss.grad_fn.name(), (rows, fn, loss.grad_fn.name())
+            loss.backward()
+            torch.testing.assert_close(x.grad, torch.autograd.grad(
+                getattr(F, fn.__name__)(x, t), x)[0], rtol=1e-4, atol=1e-6)
+            x.grad = None
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (64, 10), (33, 17), (256, 1000), (8, 32000),
                                    (3, 50257), (2, 262144)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -154,6 +170,24 @@ def test_deterministic(gpu_backend):
     t = torch.randint(0, 1000, (4096,), device="cuda")
     a = run(linclass.cross_entropy, x, t, label_smoothing=0.1)
     b = run(linclass.cross_entropy, x, t, label_smoothing=0.1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_many_rows_with_weights_and_ignored_targets(gpu_backend, dtype):
+    # Past a few thousand rows the 'mean' denominator is summed by several programs
+    # (blocks); float64 reference, and the same bits twice.
+    n, c = 300007, 7
+    x = torch.randn(n, c, device="cuda", dtype=dtype)
+    t = torch.randint(0, c, (n,), device="cuda")
+    t[::3] = -100
+    w = torch.rand(c, device="cuda", dtype=dtype) + 0.5
+    a = run(linclass.cross_entropy, x, t, weight=w)
+    ref = run(F.cross_entropy, x.double(), t, weight=w.double())
+    tol = dict(rtol=1e-2, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(a[0].double(), ref[0], **tol)
+    torch.testing.assert_close(a[1].double(), ref[1], **tol)
+    b = run(linclass.cross_entropy, x, t, weight=w)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 

@@ -62,3 +62,24 @@ def test_walk_options_equal_the_plain_walk(config, keywords):
     denom = (kw["weight"][t[ok].clamp(0, c - 1)] * (t[ok] != -1)).sum() if kw else ok.sum()
     torch.testing.assert_close(loss[ok].sum(), ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad[ok], xr.grad / denom, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_consts_over_many_programs(dtype, weighted):
+    # consts() splits the targets (and the weights) over many programs; the last one to
+    # finish sums their partials: against a float64 sum, and bitwise the same twice.
+    from linclass.kernels import cross_entropy as ce
+
+    n, c = 50003, (70001 if weighted else 7)
+    t = torch.randint(0, c, (n,), device=DEVICE)
+    t[::5] = 3  # ignored
+    w = torch.rand(c, device=DEVICE, dtype=dtype) + 0.5 if weighted else None
+    out = ce.consts(t, w, 3, c, dtype, True)
+    keep = t != 3
+    denom = w.double()[t[keep]].sum() if weighted else keep.sum().double()
+    total = w.double().sum() if weighted else torch.tensor(float(c), dtype=torch.float64)
+    got = out[:3].double().cpu()
+    want = torch.stack([(1 / denom).cpu(), total.cpu(), denom.cpu()])
+    torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    assert torch.equal(ce.consts(t, w, 3, c, dtype, True)[:3], out[:3])

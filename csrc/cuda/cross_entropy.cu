@@ -17,9 +17,12 @@
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cub/block/block_reduce.cuh>
+
+#include <algorithm>
 
 #include "cuda/ops.h"
 
@@ -94,8 +97,16 @@ __global__ void cross_entropy_kernel(const scalar_t* __restrict__ x, scalar_t* _
 // (scale, W, denominator) for the loss kernel: denominator = sum of w_y over the rows
 // that are not ignored (their count without a weight; out-of-range targets count 0, their
 // rows are NaN anyway), W = sum_j w_j (C without a weight), scale = 1 / denominator for
-// 'mean', else 1.  One block, fixed reduction order: deterministic.
-constexpr int kConstsThreads = 512;
+// 'mean', else 1.
+//
+// Several blocks share the targets and weights (grid-stride): one block alone would read
+// all N targets at one SM's bandwidth, milliseconds at N ~ 10^7, more than the loss
+// kernel itself at small C.  Each block writes its partial sums to parts[2 b], parts[2 b
+// + 1] and takes a ticket (out[3], zero on entry); the block that draws the last one
+// sums the partials in a fixed order and writes out[0..2].  Deterministic for a given N,
+// C: no atomics touch the sums.
+constexpr int kConstsThreads = 256;
+constexpr int kConstsMaxBlocks = kConstsThreads;  // the last block reduces one partial per thread
 
 template <typename scalar_t, typename acc_t>
 __global__ void consts_kernel(const int64_t* __restrict__ target, const scalar_t* __restrict__ weight,
@@ -103,16 +114,33 @@ __global__ void consts_kernel(const int64_t* __restrict__ target, const scalar_t
                               bool mean) {
   using Reduce = cub::BlockReduce<acc_t, kConstsThreads>;
   __shared__ typename Reduce::TempStorage tmp;
+  __shared__ bool last;
+  acc_t* parts = out + 4;
+  const int64_t stride = int64_t(gridDim.x) * kConstsThreads;
   acc_t d = 0, w = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kConstsThreads) {
+  for (int64_t i = int64_t(blockIdx.x) * kConstsThreads + threadIdx.x; i < n; i += stride) {
     const int64_t y = target[i];
     if (y != ignore_index) d += weight ? (y >= 0 && y < C ? acc_t(weight[y]) : acc_t(0)) : acc_t(1);
   }
   if (weight)
-    for (int64_t j = threadIdx.x; j < C; j += kConstsThreads) w += acc_t(weight[j]);
-  const acc_t denom = Reduce(tmp).Sum(d);
+    for (int64_t j = int64_t(blockIdx.x) * kConstsThreads + threadIdx.x; j < C; j += stride) w += acc_t(weight[j]);
+  const acc_t block_d = Reduce(tmp).Sum(d);
   __syncthreads();
-  const acc_t wsum = Reduce(tmp).Sum(w);
+  const acc_t block_w = Reduce(tmp).Sum(w);
+  if (threadIdx.x == 0) {
+    parts[2 * blockIdx.x] = block_d;
+    parts[2 * blockIdx.x + 1] = block_w;
+    __threadfence();  // the partials before the ticket
+    last = atomicAdd(out + 3, acc_t(1)) == acc_t(gridDim.x - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const bool mine = threadIdx.x < gridDim.x;
+  // __ldcg: from L2, where the other blocks' partials are (not a stale L1 line)
+  const acc_t denom = Reduce(tmp).Sum(mine ? __ldcg(parts + 2 * threadIdx.x) : acc_t(0));
+  __syncthreads();
+  const acc_t wsum = Reduce(tmp).Sum(mine ? __ldcg(parts + 2 * threadIdx.x + 1) : acc_t(0));
   if (threadIdx.x == 0) {
     out[0] = mean ? acc_t(1) / denom : acc_t(1);
     out[1] = weight ? wsum : acc_t(C);
@@ -164,12 +192,16 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& input_, 
   const RowGeometry gg = compute_grad ? *row_geometry(grad) : RowGeometry{};
   at::Tensor loss_rows = at::empty({rows}, input.options().dtype(acc_type));
 
-  // consts = (scale, W, denominator), computed on the device by one small launch.
-  const at::Tensor consts = at::empty({3}, loss_rows.options());
+  // consts = (scale, W, denominator, ticket, partials), computed on the device by one
+  // launch of a few blocks (4 targets per thread and block at least).
+  const int64_t longest = std::max<int64_t>(target.numel(), weight.has_value() ? C : 1);
+  const int blocks = int(std::clamp<int64_t>((longest + 4 * cuda::kConstsThreads - 1) / (4 * cuda::kConstsThreads),
+                                             1, cuda::kConstsMaxBlocks));
+  const at::Tensor consts = at::zeros({4 + 2 * blocks}, loss_rows.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_consts", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* wp = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
-    cuda::consts_kernel<scalar_t, acc_t><<<1, cuda::kConstsThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    cuda::consts_kernel<scalar_t, acc_t><<<blocks, cuda::kConstsThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         target.const_data_ptr<int64_t>(), wp, consts.mutable_data_ptr<acc_t>(), target.numel(), C,
         ignore_index, reduction == kMean);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
