@@ -2,6 +2,8 @@
 # One command for a lent GPU machine (torch, triton, nvcc, no internet): build linclass
 # for the GPU that is there, run the GPU tests, run the GPU benchmarks, and write
 # gpu-<device>.md / .json (plus the logs) into OUTDIR.  Meant to finish in under 8 minutes.
+# The anchor wheels (Liger-Kernel, cut-cross-entropy) come from ../shared/wheels or
+# LINCLASS_ANCHOR_WHEELS; BENCH_ARGS go to bench/gpu_bench.py (e.g. --no-sweep).
 # The benchmarks run before the tests, so that a lease cut short still brings timings back.
 #
 #   bench/gpu_check.sh OUTDIR
@@ -36,8 +38,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" >> "$OUT/device.txt"
 cat "$OUT/device.txt"
 
-# Build for this GPU only (TORCH_CUDA_ARCH_LIST), with the CUDA kernels, offline.
-export TORCH_CUDA_ARCH_LIST="$arch" FORCE_CUDA=1 TRITON_INTERPRET=0 MAX_JOBS=${MAX_JOBS:-16}
+# Build for this GPU only (TORCH_CUDA_ARCH_LIST), with the CUDA kernels, offline; one CPU
+# kernel module (the CPU tests run elsewhere), the widest this CPU runs.
+cpu_isa=$("$PY" -c "import torch; c = torch.backends.cpu.get_cpu_capability().lower(); print('avx512' if 'avx512' in c else 'avx2' if 'avx2' in c else 'default')")
+export TORCH_CUDA_ARCH_LIST="$arch" FORCE_CUDA=1 TRITON_INTERPRET=0 MAX_JOBS=${MAX_JOBS:-16} \
+  LINCLASS_CPU_ISAS=${LINCLASS_CPU_ISAS:-$cpu_isa}
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 log "building linclass (sm_${arch/./})"
 "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1 \
@@ -52,13 +57,29 @@ if [ "$TUNE" = 1 ]; then
   if [ -f "$OUT/tuned.json" ]; then export LINCLASS_TRITON_TUNED="$OUT/tuned.json"; fi
 fi
 
+# The field's anchors (Liger-Kernel, cut-cross-entropy: pure-Python wheels, no network
+# there) into a folder of their own, on the benchmark's path only.
+WHEELS=${LINCLASS_ANCHOR_WHEELS:-../shared/wheels}
+ANCHORS=$(mktemp -d)
+if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  "$PY" -m pip install -q --no-deps --no-index --target "$ANCHORS" "$WHEELS"/*.whl > "$OUT/anchors.log" 2>&1 \
+    || log "the anchor wheels did not install (see anchors.log)"
+else
+  log "no anchor wheels in $WHEELS: the tables go without Liger and cut-cross-entropy"
+fi
+
 log "GPU benchmarks"
 set +e
-"$PY" bench/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+PYTHONPATH="$ANCHORS${PYTHONPATH:+:$PYTHONPATH}" "$PY" bench/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
+  | tee "$OUT/bench.log" | tail -40
 bench_rc=${PIPESTATUS[0]}
 
 log "GPU tests"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backends.py tests/test_triton_configs.py tests/test_sharded_phases.py::test_phases_on_cuda --durations=8 2>&1 | tee "$OUT/tests.log" | tail -15
+# in parallel when pytest-xdist is there (compiles dominate: the CPU cores share them)
+par=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+# shellcheck disable=SC2086  (par: words)
+"$PY" -m pytest -q -p no:cacheprovider $par tests/test_gpu.py tests/test_backends.py tests/test_triton_configs.py \
+  tests/test_sharded_phases.py::test_phases_on_cuda --durations=8 2>&1 | tee "$OUT/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 set -e
 log "done (benchmarks exit code $bench_rc, tests exit code $tests_rc)"

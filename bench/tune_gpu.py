@@ -28,6 +28,9 @@ import torch.nn.functional as F
 SHAPES = [(65536, 10), (8192, 32000), (4096, 128256)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TILE = [(bm, w) for bm in (16, 64, 128, 256) for w in (2, 4, 8)]
+# with --shapes: fewer, taller tiles (many rows per program at large N), at most 16384
+# elements per tile
+TALL_TILE = [(bm, w) for bm in (64, 256, 1024) for w in (4, 8)]
 LOOP = [(bc, w) for bc in (2048, 4096, 8192, 16384) for w in (4, 8, 16)]
 # Cross-entropy's two-pass walk with (reverse, evict) added: a reversed gradient pass
 # starts with the blocks the first pass read last; L2 eviction hints keep the first
@@ -43,6 +46,8 @@ def main(argv=None):
     ap.add_argument("--walks", action="store_true",
                     help="only cross-entropy at the large-C shapes: the plain walks of WALK_BLOCKS "
                          "against the walk options (no whole-row blocks, no host-overhead part)")
+    ap.add_argument("--shapes", help="NxC,... instead of SHAPES (e.g. the tile kernels at large N)")
+    ap.add_argument("--no-overhead", action="store_true", help="skip the host-overhead part")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("tune_gpu: needs a CUDA device")
@@ -59,7 +64,8 @@ def main(argv=None):
     tuned, lines = {}, ["# Triton launch-configuration sweep: " + torch.cuda.get_device_name(), "",
                         f"torch {torch.__version__}, triton {triton.__version__}; kernel-only median ms "
                         "(loss + gradient, one launch), copy_ of the same bytes for reference.", ""]
-    shapes = [s for s in SHAPES if not args.walks or s[1] > 1024]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    shapes = [s for s in shapes if not args.walks or s[1] > 1024]
     for (n, c), (dname, dtype) in ((s, d) for s in shapes for d in DTYPES.items()):
         x = torch.randn(n, c, device="cuda", dtype=dtype)
         t = torch.randint(0, c, (n,), device="cuda")
@@ -79,7 +85,8 @@ def main(argv=None):
             walks = [cfg for cfg in WALKS if cfg[0] < width] if fam == "cross_entropy" else []
             if args.walks:
                 loop, whole = [cfg for cfg in WALK_BLOCKS if cfg[0] < width], []
-            cands = TILE if c <= ce.TILE_MAX_C else loop + walks + whole
+            tile = [(bm, w) for bm, w in TALL_TILE if bm * width <= 16384] if args.shapes else TILE
+            cands = tile if c <= ce.TILE_MAX_C else loop + walks + whole
             ref_loss = run(None).clone()
             ref_grad = g.clone()
             default_ms = bench(lambda: run(None))
@@ -110,7 +117,7 @@ def main(argv=None):
         del x, g
         torch.cuda.empty_cache()
 
-    if args.walks:
+    if args.walks or args.no_overhead:
         return _write(args.out, tuned, lines)
 
     # Host overhead at small C: per-step host time (no sync inside) against the device view.
