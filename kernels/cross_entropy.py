@@ -296,6 +296,17 @@ def tl_acc(acc: torch.dtype):
 
 
 @triton.jit
+def _consts_store(CONSTS, denom, weight_sum, MEAN: tl.constexpr):
+    if MEAN:
+        scale = 1.0 / denom
+    else:
+        scale = tl.full([], 1.0, denom.dtype)
+    tl.store(CONSTS, scale)
+    tl.store(CONSTS + 1, weight_sum)
+    tl.store(CONSTS + 2, denom)
+
+
+@triton.jit
 def _cross_entropy_consts_kernel(T, W, CONSTS, n, C, ignore_index,
                       MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
                       BLOCK: tl.constexpr, PARTS: tl.constexpr):
@@ -305,12 +316,13 @@ def _cross_entropy_consts_kernel(T, W, CONSTS, n, C, ignore_index,
     without a weight), W = sum_j w_j (C without a weight), scale = 1 / denominator for
     'mean', else 1.  Out-of-range targets count with weight 0 (their rows are NaN anyway).
 
-    P programs (P <= PARTS) share the targets and the weights, grid-stride: one program
-    alone would read all N targets at one SM's bandwidth (milliseconds at N ~ 10^7, more
-    than the loss kernel itself at small C).  Each writes its partial sums to
-    CONSTS[4 + p] and CONSTS[4 + PARTS + p], then takes a ticket (CONSTS[3], zero on
-    entry); the program that draws the last one sums the P partials (a fixed tree) and
-    writes the result.  Deterministic for a given N, C: no float atomics on the sums.
+    P programs (P <= PARTS; PARTS = 1: one program, which writes the result itself)
+    share the targets and the weights, grid-stride: one program alone would read all N
+    targets at one SM's bandwidth (milliseconds at N ~ 10^7, more than the loss kernel
+    itself at small C).  Each writes its partial sums to CONSTS[4 + p] and
+    CONSTS[4 + PARTS + p], then takes a ticket (CONSTS[3], zero on entry); the program
+    that draws the last one sums the P partials (a fixed tree) and writes the result.
+    Deterministic for a given N, C: no float atomics on the sums.
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -325,31 +337,30 @@ def _cross_entropy_consts_kernel(T, W, CONSTS, n, C, ignore_index,
             acc += tl.load(W + y, mask=inside, other=0.0).to(ACC)
         else:
             acc += tl.where(keep, 1.0, 0.0).to(ACC)
-    tl.store(CONSTS + 4 + pid, tl.sum(acc, 0))
+    denom = tl.sum(acc, 0)
     if HAS_WEIGHT:
         wacc = tl.zeros([BLOCK], ACC)
         for start in range(pid * BLOCK, C, programs * BLOCK):
             j = start + offs
             wacc += tl.load(W + j, mask=j < C, other=0.0).to(ACC)
-        tl.store(CONSTS + 4 + PARTS + pid, tl.sum(wacc, 0))
-    # acq_rel: this program's partials are visible to whoever draws the last ticket
-    ticket = tl.atomic_add(CONSTS + 3, 1.0, sem="acq_rel")
-    if ticket == programs - 1:
-        parts = tl.arange(0, PARTS)
-        denom = tl.sum(tl.load(CONSTS + 4 + parts, mask=parts < programs, other=0.0,
-                               volatile=True), 0)
-        if HAS_WEIGHT:
-            weight_sum = tl.sum(tl.load(CONSTS + 4 + PARTS + parts, mask=parts < programs,
-                                        other=0.0, volatile=True), 0)
-        else:
-            weight_sum = tl.zeros([], ACC) + C
-        if MEAN:
-            scale = 1.0 / denom
-        else:
-            scale = tl.full([], 1.0, ACC)
-        tl.store(CONSTS, scale)
-        tl.store(CONSTS + 1, weight_sum)
-        tl.store(CONSTS + 2, denom)
+        weight_sum = tl.sum(wacc, 0)
+    else:
+        weight_sum = tl.zeros([], ACC) + C
+    if PARTS == 1:
+        _consts_store(CONSTS, denom, weight_sum, MEAN)
+    else:
+        tl.store(CONSTS + 4 + pid, denom)
+        tl.store(CONSTS + 4 + PARTS + pid, weight_sum)
+        # acq_rel: this program's partials are visible to whoever draws the last ticket
+        ticket = tl.atomic_add(CONSTS + 3, 1.0, sem="acq_rel")
+        if ticket == programs - 1:
+            parts = tl.arange(0, PARTS)
+            total = tl.sum(tl.load(CONSTS + 4 + parts, mask=parts < programs, other=0.0,
+                                   volatile=True), 0)
+            if HAS_WEIGHT:
+                weight_sum = tl.sum(tl.load(CONSTS + 4 + PARTS + parts, mask=parts < programs,
+                                            other=0.0, volatile=True), 0)
+            _consts_store(CONSTS, total, weight_sum, MEAN)
 
 
 @functools.lru_cache(maxsize=256)  # on every launch, with few distinct values
@@ -366,14 +377,17 @@ CONSTS_PARTS = 256  # programs at most (one partial sum each)
 
 def consts(target, weight, ignore_index, classes, acc, mean):
     """(scale, W, denominator) on the device as the first three elements of a buffer, from
-    one launch (no host synchronization)."""
+    one launch (no host synchronization).  Few targets (and weights): one program, no
+    zeroed ticket (a fill launch saved on the small problems, whose time is host time)."""
     n = target.numel()
     longest = max(n, classes if weight is not None else 1)
     programs = max(1, min(cdiv(longest, 4 * CONSTS_BLOCK), CONSTS_PARTS))
-    out = torch.zeros(4 + 2 * CONSTS_PARTS, device=target.device, dtype=acc)
+    parts = CONSTS_PARTS if programs > 1 else 1
+    make = torch.zeros if programs > 1 else torch.empty
+    out = make(4 + 2 * parts, device=target.device, dtype=acc)
     _cross_entropy_consts_kernel[(programs,)](
         target, weight if weight is not None else out, out, n, classes, ignore_index, MEAN=mean,
-        HAS_WEIGHT=weight is not None, ACC=tl_acc(acc), BLOCK=CONSTS_BLOCK, PARTS=CONSTS_PARTS)
+        HAS_WEIGHT=weight is not None, ACC=tl_acc(acc), BLOCK=CONSTS_BLOCK, PARTS=parts)
     return out
 
 

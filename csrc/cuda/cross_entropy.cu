@@ -103,8 +103,8 @@ __global__ void cross_entropy_kernel(const scalar_t* __restrict__ x, scalar_t* _
 // all N targets at one SM's bandwidth, milliseconds at N ~ 10^7, more than the loss
 // kernel itself at small C.  Each block writes its partial sums to parts[2 b], parts[2 b
 // + 1] and takes a ticket (out[3], zero on entry); the block that draws the last one
-// sums the partials in a fixed order and writes out[0..2].  Deterministic for a given N,
-// C: no atomics touch the sums.
+// sums the partials in a fixed order and writes out[0..2] (a lone block writes them
+// directly).  Deterministic for a given N, C: no atomics touch the sums.
 constexpr int kConstsThreads = 256;
 constexpr int kConstsMaxBlocks = kConstsThreads;  // the last block reduces one partial per thread
 
@@ -127,6 +127,14 @@ __global__ void consts_kernel(const int64_t* __restrict__ target, const scalar_t
   const acc_t block_d = Reduce(tmp).Sum(d);
   __syncthreads();
   const acc_t block_w = Reduce(tmp).Sum(w);
+  if (gridDim.x == 1) {  // few targets: one block, the result directly (no zeroed ticket)
+    if (threadIdx.x == 0) {
+      out[0] = mean ? acc_t(1) / block_d : acc_t(1);
+      out[1] = weight ? block_w : acc_t(C);
+      out[2] = block_d;
+    }
+    return;
+  }
   if (threadIdx.x == 0) {
     parts[2 * blockIdx.x] = block_d;
     parts[2 * blockIdx.x + 1] = block_w;
@@ -193,11 +201,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& input_, 
   at::Tensor loss_rows = at::empty({rows}, input.options().dtype(acc_type));
 
   // consts = (scale, W, denominator, ticket, partials), computed on the device by one
-  // launch of a few blocks (4 targets per thread and block at least).
+  // launch of a few blocks (4 targets per thread and block at least); with one block
+  // only the first three, and no fill launch for the ticket.
   const int64_t longest = std::max<int64_t>(target.numel(), weight.has_value() ? C : 1);
   const int blocks = int(std::clamp<int64_t>((longest + 4 * cuda::kConstsThreads - 1) / (4 * cuda::kConstsThreads),
                                              1, cuda::kConstsMaxBlocks));
-  const at::Tensor consts = at::zeros({4 + 2 * blocks}, loss_rows.options());
+  const at::Tensor consts = blocks > 1 ? at::zeros({4 + 2 * blocks}, loss_rows.options())
+                                      : at::empty({3}, loss_rows.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_consts", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* wp = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
