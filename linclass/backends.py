@@ -9,9 +9,10 @@ Backends:
 
 Automatic choice: CPU tensors -> "cpp" (else "torch").  CUDA tensors -> by problem size
 when both GPU backends are built (gpu_auto: "cuda" below TRITON_MIN_BYTES, "triton" from
-there on), else whichever of them is built, else "torch".  Force one with ``with linclass.backends.use("cpp"): ...`` or the
-environment variable LINCLASS_BACKEND.  A forced backend that cannot run on the tensor
-raises BackendUnavailable; it is never silently replaced by another.
+there on), else whichever of them is built, else "torch".  Force one with
+``with linclass.backends.use("cpp"): ...`` or the environment variable LINCLASS_BACKEND.
+A forced backend that cannot run on the tensor raises BackendUnavailable; it is never
+silently replaced by another.
 
 Probability (soft) targets are computed by the torch backend whatever is chosen.
 """
