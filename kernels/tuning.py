@@ -15,9 +15,9 @@ import os
 import torch
 
 # Cross-entropy's row walks: (BLOCK_C, num_warps, reverse, evict), see
-# kernels/cross_entropy.py's launch.  Cross-entropy at C = 10: from the sweep at 3355443
-# rows (bench/tune_gpu.py --shapes, bench/results/tune-tall-NVIDIA-H200.md, 2026-12-04;
-# 30% faster there than the (64, 2) that won at 65536 rows, where the op is host-bound).
+# kernels/cross_entropy.py's launch.  Cross-entropy at C = 10: the fastest at 3355443
+# rows (bench/tune_gpu.py --shapes, bench/results/tune-tall-NVIDIA-H200.md); a sweep at
+# 65536 rows times host cost, not the kernel.
 MEASURED: dict = {
     "cross_entropy 10 4": (64, 8),
     "multi_margin 10 4": (16, 4),
