@@ -115,8 +115,10 @@ def sweep_shapes(classes, sizes, elem):
     return [(max(1, b // (c * elem)), c) for b in sizes for c in classes]
 
 
-def sweep_cases(device, quick, impls, anchor_mods):
-    classes, sizes = (QUICK_SWEEP_C, QUICK_SWEEP_BYTES) if quick else (SWEEP_C, SWEEP_BYTES)
+def sweep_cases(device, quick, impls, anchor_mods, classes=None):
+    """The sweep's cases: `classes` (default SWEEP_C, or QUICK_SWEEP_C with `quick`)."""
+    default, sizes = (QUICK_SWEEP_C, QUICK_SWEEP_BYTES) if quick else (SWEEP_C, SWEEP_BYTES)
+    classes = classes or default
     dtypes = {"float32": torch.float32} if quick else DTYPES
     for dname, dtype in dtypes.items():
         shapes = sweep_shapes(classes, sizes, torch.empty((), dtype=dtype).element_size())
@@ -536,9 +538,7 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else SHAPES
     dtypes = {"float32": torch.float32} if args.quick else DTYPES
     anchor_mods = {} if args.no_anchors else anchors()
-    if args.sweep_c:
-        global SWEEP_C
-        SWEEP_C = [int(c) for c in args.sweep_c.split(",")]
+    sweep_c = [int(c) for c in args.sweep_c.split(",")] if args.sweep_c else None
     records, host = [], []
     if not args.sweep_only:
         host = host_probe(forced, args.device, steps=10 if args.quick else 200)
@@ -547,7 +547,7 @@ def main(argv=None):
         records += run_cases(list(linear_cases(args.device, args.quick, impls, anchor_mods)),
                              timer(args.device), args.device)
     if not args.no_sweep:
-        records += run_cases(list(sweep_cases(args.device, args.quick, impls, anchor_mods)),
+        records += run_cases(list(sweep_cases(args.device, args.quick, impls, anchor_mods, sweep_c)),
                              timer(args.device, rep=100), args.device)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu-smoke"
     name = args.name or re.sub(r"[^A-Za-z0-9.]+", "-", device).strip("-")
