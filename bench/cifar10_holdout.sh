@@ -8,7 +8,9 @@
 #   bash bench/cifar10_holdout.sh [svm softmax twolayer]      (~1 + 1 + 25 min on 2 cores)
 #
 # DATA (default ../shared/data/cifar10-train) is the image folder; SPLIT the folder that
-# gets train/ and test/ (default $TMPDIR/linclass-cifar10-split).
+# gets train/ and test/ (default $TMPDIR/linclass-cifar10-split).  EXTRA: more `linclass
+# train` arguments, SUFFIX: added to the result names; the raw-pixel linear models are
+#   EXTRA="--features pixels" SUFFIX=-pixels bash bench/cifar10_holdout.sh svm softmax
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -21,6 +23,6 @@ $PY -m linclass split "$DATA" "$SPLIT" --test 10000 --seed 0
 for model in $models; do
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $PY -m linclass train --model "$model" --dataset folder \
         --train-dir "$SPLIT/train" --test-dir "$SPLIT/test" --search --quiet \
-        --out "$OUT/$model" --json "$OUT/$model.json"
-    rm -f "$OUT/$model/model.pt"  # the checkpoint is not kept in the repository
+        ${EXTRA:-} --out "$OUT/$model${SUFFIX:-}" --json "$OUT/$model${SUFFIX:-}.json"
+    rm -f "$OUT/$model${SUFFIX:-}/model.pt"  # the checkpoint is not kept in the repository
 done

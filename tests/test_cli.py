@@ -93,6 +93,11 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
         (["train", "--model", "svm", "--load", str(tmp_path / "bad.pt"), "--quiet"], "cannot read"),
         (["train", "--model", "twolayer", "--load", str(tmp_path / "bad.pt"), "--quiet"], "cannot read"),
         (["train", "--model", "svm", "--dataset", "folder"], "--train-dir"),
+        (["train", "--model", "svm", "--features", "hog-hue"], "RGB photos"),
+        (["train", "--model", "twolayer", "--dataset", "folder", "--train-dir", str(tmp_path / "a"),
+          "--features", "hog-hue"], "linear models"),
+        (["train", "--model", "svm", "--dataset", "folder", "--train-dir", str(tmp_path / "a"),
+          "--standardize", "on"], "standardized already"),
     ]
     for args, message in cases:
         p = _run(args, env=env)
@@ -215,12 +220,20 @@ def test_photos_train_on_mirror_images_by_default(tmp_path):  # crop-flip for th
         r = json.loads(js.read_text())
         # originals only; a search refits on training + validation (16 + 4 images)
         assert r["hyperparameters"]["augment"] == augment and r["n_train"] == (20 if "--search" in opts else 16)
-        assert r["hyperparameters"]["standardize"] == ("on" if model == "svm" else "off")
+        # the linear models see image features on photos (standardized features, not pixels)
+        assert r["hyperparameters"]["features"] == ("pixels" if model == "twolayer" else "hog-hue")
+        assert r["hyperparameters"]["standardize"] == "off"
+    js = tmp_path / "svm-pixels.json"
+    p = _run(["train", "--model", "svm", "--dataset", "folder", "--train-dir", str(train), "--iters", "20",
+              "--quiet", "--device", "cpu", "--features", "pixels", "--json", str(js)], env=env)
+    assert p.returncode == 0, p.stderr
+    hp = json.loads(js.read_text())["hyperparameters"]
+    assert (hp["features"], hp["standardize"], hp["augment"]) == ("pixels", "on", "flip")
     js = tmp_path / "svm.json"
     assert cli.main(["train", "--model", "svm", "--iters", "20", "--quiet", "--device", "cpu",
                      "--json", str(js)]) == 0
     hp = json.loads(js.read_text())["hyperparameters"]
-    assert hp["augment"] == "none" and hp["standardize"] == "off"  # digits
+    assert hp["augment"] == "none" and hp["standardize"] == "off" and hp["features"] == "pixels"  # digits
     assert cli.main(["train", "--model", "softmax", "--iters", "20", "--quiet", "--device", "cpu",
                      "--standardize", "on", "--json", str(js)]) == 0
     assert json.loads(js.read_text())["hyperparameters"]["standardize"] == "on"

@@ -69,6 +69,11 @@ def _add_train_args(p):
     p.add_argument("--standardize", choices=["auto", "on", "off"], default="auto",
                    help="on: divide each pixel by its standard deviation over the training split "
                         "(after the mean is subtracted); auto (default): on for svm on photos")
+    p.add_argument("--features", choices=["auto", "pixels", "hog-hue"], default="auto",
+                   help="what the model sees: pixels, or hog-hue image features (histograms of "
+                        "oriented gradients over 4x4 and 8x8 cells and a hue histogram, "
+                        "standardized; svm and softmax on photos only); auto (default): "
+                        "hog-hue for svm and softmax on photos, pixels otherwise")
     p.add_argument("--val-ratio", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
