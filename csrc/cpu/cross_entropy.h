@@ -173,13 +173,13 @@ struct CrossEntropyMath {
       for (int u = 0; u < U; ++u) {
         const V x = V::loadu(at(u, j));
         m[u] = fast_max(m[u], x);
-        x_y[u] = select(vy[u] == vj, x, x_y[u]);
+        x_y[u] = select_eq(vy[u], vj, x, x_y[u]);
       }
     }
     if (p.has_weight) {
       for (int u = 0; u < U; ++u) {
         w_y[u] = zero;
-        for (int64_t j = 0; j < C; ++j) w_y[u] = select(vy[u] == V(acc_t(j)), V(p.weight[j]), w_y[u]);
+        for (int64_t j = 0; j < C; ++j) w_y[u] = select_eq(vy[u], V(acc_t(j)), V(p.weight[j]), w_y[u]);
       }
     }
     vj = zero;
@@ -188,9 +188,8 @@ struct CrossEntropyMath {
         const V d = V::loadu(at(u, j)) - m[u];
         const V e = vexp(d);
         if constexpr (kGrad) {
-          const V is_y = vy[u] == vj;
-          s_excl[u] = s_excl[u] + select(is_y, zero, e);
-          e_y[u] = select(is_y, e, e_y[u]);
+          s_excl[u] = s_excl[u] + select_eq(vy[u], vj, zero, e);
+          e_y[u] = select_eq(vy[u], vj, e, e_y[u]);
           e.store(at(u, j));
         } else {
           // The loss needs only s (held here in s_excl, with e_y = 0): no target masks,
@@ -233,7 +232,7 @@ struct CrossEntropyMath {
         for (int u = 0; u < U; ++u) {
           V g = a[u] * V::loadu(at(u, j));
           if constexpr (kSmooth) g = g - b[u] * V(p.weight[j]);
-          g = select(vy[u] == vj, gy[u], g);
+          g = select_eq(vy[u], vj, gy[u], g);
           if (!clean) g = select(valid[u], select(finite[u], g, nan), zero);
           g.store(at(u, j));
         }

@@ -33,10 +33,11 @@ struct MultiMarginParams {
 template <int P, typename V>
 inline void hinge(const V& z, V& h, V& d) {
   using T = typename V::value_type;
-  const V zp = select(z > V(T(0)), z, V(T(0)));
+  const V zero(T(0));
+  const V zp = select_gt(z, zero, z, zero);
   if constexpr (P == 1) {
     h = zp;
-    d = select(z > V(T(0)), V(T(1)), V(T(0)));
+    d = select_gt(z, zero, V(T(1)), zero);
   } else {
     h = zp * zp;
     d = zp + zp;
@@ -140,10 +141,10 @@ struct MultiMarginMath {
     // row keep w_y = 0, so their loss and gradient are zero.
     V x_y = zero, w_y = select(vy >= zero, one, zero);
     V vj = zero;  // class index as a vector (no int->float per class)
-    for (int64_t j = 0; j < C; ++j, vj = vj + one) x_y = select(vy == vj, V::loadu(tile + j * W), x_y);
+    for (int64_t j = 0; j < C; ++j, vj = vj + one) x_y = select_eq(vy, vj, V::loadu(tile + j * W), x_y);
     if (p.has_weight) {
       w_y = zero;
-      for (int64_t j = 0; j < C; ++j) w_y = select(vy == V(acc_t(j)), V(p.weight[j]), w_y);
+      for (int64_t j = 0; j < C; ++j) w_y = select_eq(vy, V(acc_t(j)), V(p.weight[j]), w_y);
     }
     const V c = V(p.margin) - x_y;
     const V w_over_c = w_y / V(acc_t(C));
@@ -153,9 +154,8 @@ struct MultiMarginMath {
     for (int64_t j = 0; j < C; ++j, vj = vj + one) {
       V h, d;
       hinge<P>(c + V::loadu(tile + j * W), h, d);
-      const V not_y = vy != vj;
-      sum_h = sum_h + select(not_y, h, zero);
-      d = select(not_y, d, zero);
+      sum_h = sum_h + select_ne(vy, vj, h, zero);
+      d = select_ne(vy, vj, d, zero);
       sum_d = sum_d + d;
       if constexpr (kGrad) (coef * d).store(tile + j * W);
     }
@@ -163,7 +163,7 @@ struct MultiMarginMath {
       const V gy = zero - coef * sum_d;
       vj = zero;
       for (int64_t j = 0; j < C; ++j, vj = vj + one)
-        select(vy == vj, gy, V::loadu(tile + j * W)).store(tile + j * W);
+        select_eq(vy, vj, gy, V::loadu(tile + j * W)).store(tile + j * W);
     }
     return w_over_c * sum_h;
   }

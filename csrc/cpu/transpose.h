@@ -1,7 +1,8 @@
 // W x W block (and W x 2 pair) transposes between row-major scores and the class-major tiles of the lane
 // path (row_driver.h).  For small C the lane path spends most of its time moving data,
 // and on AVX2 a register transpose is several times faster than element copies or
-// vgatherdps (which is slow on AMD Zen).
+// vgatherdps (which is slow on AMD Zen); the AVX-512 build (W = 16) uses the same 8-row
+// AVX2 blocks.
 #pragma once
 
 #include "vec_util.h"
@@ -10,12 +11,13 @@
 
 namespace linclass::cpu {
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i, j < W, with W = Vec<float>::size().
-// Always inlined: as a call it cost ~10% of the small-C kernels (GCC kept it out of line).
-__attribute__((always_inline)) inline void transpose_block(const float* src, int64_t ld_src,
-                                                           float* dst, int64_t ld_dst) {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
-  static_assert(Vec<float>::size() == 8);
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// The 8-row building blocks, in AVX2 (which every AVX-512 CPU has): the AVX-512 build
+// moves its 16-row tiles as 2 x 2 (or 2) of them instead of element by element.
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i, j < 8.
+__attribute__((always_inline)) inline void transpose8(const float* src, int64_t ld_src, float* dst,
+                                                      int64_t ld_dst) {
   __m256 r0 = _mm256_loadu_ps(src + 0 * ld_src), r1 = _mm256_loadu_ps(src + 1 * ld_src);
   __m256 r2 = _mm256_loadu_ps(src + 2 * ld_src), r3 = _mm256_loadu_ps(src + 3 * ld_src);
   __m256 r4 = _mm256_loadu_ps(src + 4 * ld_src), r5 = _mm256_loadu_ps(src + 5 * ld_src);
@@ -37,20 +39,12 @@ __attribute__((always_inline)) inline void transpose_block(const float* src, int
   _mm256_storeu_ps(dst + 5 * ld_dst, _mm256_permute2f128_ps(s1, s5, 0x31));
   _mm256_storeu_ps(dst + 6 * ld_dst, _mm256_permute2f128_ps(s2, s6, 0x31));
   _mm256_storeu_ps(dst + 7 * ld_dst, _mm256_permute2f128_ps(s3, s7, 0x31));
-#else
-  constexpr int64_t W = Vec<float>::size();
-  for (int64_t i = 0; i < W; ++i)
-    for (int64_t j = 0; j < W; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
-#endif
 }
 
-// Two classes (columns j, j + 1 of W rows) <-> two class rows of a tile:
-// dst[k * ld_dst + i] = src[i * ld_src + k] for i < W, k < 2, and back.  The leftover
-// classes of C = 10 (CIFAR-10, digits) take one of these instead of 2 W scalar copies
-// each way: 8 paired 64-bit loads (or stores) and 4 shuffles.
-__attribute__((always_inline)) inline void gather_pair(const float* src, int64_t ld_src, float* dst,
-                                                       int64_t ld_dst) {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+// dst[k * ld_dst + i] = src[i * ld_src + k] for i < 8, k < 2: 8 paired 64-bit loads and
+// 4 shuffles instead of 16 scalar copies.
+__attribute__((always_inline)) inline void gather_pair8(const float* src, int64_t ld_src, float* dst,
+                                                        int64_t ld_dst) {
   auto pairs = [&](int64_t i, int64_t k) {  // [row i: j, j+1 | row k: j, j+1]
     const __m128 lo = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(src + i * ld_src)));
     return _mm_loadh_pi(lo, reinterpret_cast<const __m64*>(src + k * ld_src));
@@ -59,16 +53,11 @@ __attribute__((always_inline)) inline void gather_pair(const float* src, int64_t
   const __m256 b = _mm256_set_m128(pairs(6, 7), pairs(2, 3));  // rows 2 3 | 6 7
   _mm256_storeu_ps(dst, _mm256_shuffle_ps(a, b, 0x88));           // column j, rows 0..7
   _mm256_storeu_ps(dst + ld_dst, _mm256_shuffle_ps(a, b, 0xDD));  // column j + 1
-#else
-  constexpr int64_t W = Vec<float>::size();
-  for (int64_t i = 0; i < W; ++i)
-    for (int64_t k = 0; k < 2; ++k) dst[k * ld_dst + i] = src[i * ld_src + k];
-#endif
 }
 
-__attribute__((always_inline)) inline void scatter_pair(const float* src, int64_t ld_src, float* dst,
-                                                        int64_t ld_dst) {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+// dst[i * ld_dst + k] = src[k * ld_src + i] for i < 8, k < 2.
+__attribute__((always_inline)) inline void scatter_pair8(const float* src, int64_t ld_src, float* dst,
+                                                         int64_t ld_dst) {
   const __m256 c0 = _mm256_loadu_ps(src), c1 = _mm256_loadu_ps(src + ld_src);
   const __m256 lo = _mm256_unpacklo_ps(c0, c1);  // rows 0 1 | 4 5, as (j, j+1) pairs
   const __m256 hi = _mm256_unpackhi_ps(c0, c1);  // rows 2 3 | 6 7
@@ -80,6 +69,54 @@ __attribute__((always_inline)) inline void scatter_pair(const float* src, int64_
   put(_mm256_castps256_ps128(hi), 2, 3);
   put(_mm256_extractf128_ps(lo, 1), 4, 5);
   put(_mm256_extractf128_ps(hi, 1), 6, 7);
+}
+#endif
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i, j < W, with W = Vec<float>::size().
+// Always inlined: as a call it cost ~10% of the small-C kernels (GCC kept it out of line).
+__attribute__((always_inline)) inline void transpose_block(const float* src, int64_t ld_src,
+                                                           float* dst, int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(Vec<float>::size() == 16);
+  transpose8(src, ld_src, dst, ld_dst);
+  transpose8(src + 8, ld_src, dst + 8 * ld_dst, ld_dst);
+  transpose8(src + 8 * ld_src, ld_src, dst + 8, ld_dst);
+  transpose8(src + 8 * ld_src + 8, ld_src, dst + 8 * ld_dst + 8, ld_dst);
+#elif defined(CPU_CAPABILITY_AVX2)
+  static_assert(Vec<float>::size() == 8);
+  transpose8(src, ld_src, dst, ld_dst);
+#else
+  constexpr int64_t W = Vec<float>::size();
+  for (int64_t i = 0; i < W; ++i)
+    for (int64_t j = 0; j < W; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+#endif
+}
+
+// Two classes (columns j, j + 1 of W rows) <-> two class rows of a tile:
+// dst[k * ld_dst + i] = src[i * ld_src + k] for i < W, k < 2, and back.  The leftover
+// classes of C = 10 (CIFAR-10, digits) take one of these instead of 2 W scalar copies
+// each way.
+__attribute__((always_inline)) inline void gather_pair(const float* src, int64_t ld_src, float* dst,
+                                                       int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  gather_pair8(src, ld_src, dst, ld_dst);
+  gather_pair8(src + 8 * ld_src, ld_src, dst + 8, ld_dst);
+#elif defined(CPU_CAPABILITY_AVX2)
+  gather_pair8(src, ld_src, dst, ld_dst);
+#else
+  constexpr int64_t W = Vec<float>::size();
+  for (int64_t i = 0; i < W; ++i)
+    for (int64_t k = 0; k < 2; ++k) dst[k * ld_dst + i] = src[i * ld_src + k];
+#endif
+}
+
+__attribute__((always_inline)) inline void scatter_pair(const float* src, int64_t ld_src, float* dst,
+                                                        int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  scatter_pair8(src, ld_src, dst, ld_dst);
+  scatter_pair8(src + 8, ld_src, dst + 8 * ld_dst, ld_dst);
+#elif defined(CPU_CAPABILITY_AVX2)
+  scatter_pair8(src, ld_src, dst, ld_dst);
 #else
   constexpr int64_t W = Vec<float>::size();
   for (int64_t i = 0; i < W; ++i)

@@ -133,6 +133,35 @@ inline Vec<T> select(const Vec<T>& mask, const Vec<T>& if_true, const Vec<T>& if
   return Vec<T>::blendv(if_false, if_true, mask);
 }
 
+// select(a == b, if_true, if_false), and the same for != and >: one compare and one
+// blend.  On AVX-512 a comparison held as a vector (what at::vec's operators return)
+// costs two more instructions per select, a mask-to-vector and a vector-to-mask; these
+// keep it in a mask register.  Same predicates as at::vec's ==, != and >.
+#if defined(CPU_CAPABILITY_AVX512)
+#define LINCLASS_SELECT_CMP(name, pred, generic)                                                  \
+  template <typename T>                                                                          \
+  inline Vec<T> name(const Vec<T>& a, const Vec<T>& b, const Vec<T>& if_true,                    \
+                     const Vec<T>& if_false) {                                                   \
+    if constexpr (std::is_same_v<T, float>)                                                      \
+      return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, pred), if_false, if_true);            \
+    else if constexpr (std::is_same_v<T, double>)                                                \
+      return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(a, b, pred), if_false, if_true);            \
+    else                                                                                         \
+      return select(generic, if_true, if_false);                                                 \
+  }
+#else
+#define LINCLASS_SELECT_CMP(name, pred, generic)                                                  \
+  template <typename T>                                                                          \
+  inline Vec<T> name(const Vec<T>& a, const Vec<T>& b, const Vec<T>& if_true,                    \
+                     const Vec<T>& if_false) {                                                   \
+    return select(generic, if_true, if_false);                                                   \
+  }
+#endif
+LINCLASS_SELECT_CMP(select_eq, _CMP_EQ_OQ, a == b)
+LINCLASS_SELECT_CMP(select_ne, _CMP_NEQ_UQ, a != b)
+LINCLASS_SELECT_CMP(select_gt, _CMP_GT_OQ, a > b)
+#undef LINCLASS_SELECT_CMP
+
 // max(a, b) in one instruction.  A NaN in b may be dropped: the kernels do not need
 // the max to carry NaN, because vexp carries it from the scores themselves into the
 // normalizer (and from there into the loss and every gradient entry of the row).
