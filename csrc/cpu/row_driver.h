@@ -43,9 +43,11 @@
 
 namespace linclass::cpu {
 
-// Rows with at most this many classes use the lane path.  Past 48 the row path is as
-// fast; from 33 to 48 the lanes were 1.2-2.5x faster (interleaved A/B, class-count sweep).
-constexpr int64_t kLaneMaxClasses = 48;
+// Rows with at most this many classes use the lane path: up to 72 the lanes were as fast
+// or faster than the row path on both AVX2 and AVX-512 (64 and 65 classes: 1.1-1.9x, the
+// row path's per-row reductions dominating such short rows); from 80 on the row path
+// wins on one ISA or the other (A/B of the limit at 48 and 128, 2026-12-04).
+constexpr int64_t kLaneMaxClasses = 72;
 // Elements per block (and per parallel task at least): below this, threads cost more
 // than they save.
 constexpr int64_t kBlockElements = 16384;
