@@ -36,7 +36,30 @@ __attribute__((always_inline)) inline Vec<acc_t> lane_targets(const int64_t* y, 
                                TargetTally& tally) {
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
-#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (n == W) {  // 16 targets: two 8 x int64 vectors, checked in mask registers
+      const __m512i a = _mm512_loadu_si512(y), b = _mm512_loadu_si512(y + 8);
+      const __m512i classes = _mm512_set1_epi64(rule.classes);
+      // 0 <= v < classes as one unsigned comparison (a negative v is a huge unsigned one)
+      const unsigned ok = unsigned(_mm512_cmplt_epu64_mask(a, classes)) |
+                          (unsigned(_mm512_cmplt_epu64_mask(b, classes)) << 8);
+      unsigned ign = 0;
+      if (rule.has_ignore) {
+        const __m512i ignore = _mm512_set1_epi64(rule.ignore_index);
+        ign = unsigned(_mm512_cmpeq_epi64_mask(a, ignore)) |
+              (unsigned(_mm512_cmpeq_epi64_mask(b, ignore)) << 8);
+      }
+      const unsigned use = ok & ~ign;
+      const unsigned bad = ~(ok | ign) & 0xFFFFu;
+      if (bad && tally.first_bad < 0) tally.first_bad = r + __builtin_ctz(bad);
+      tally.kept += __builtin_popcount(use);
+      const __m512i y32 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(a)),
+                                             _mm512_cvtepi64_epi32(b), 1);  // valid ones fit
+      return _mm512_mask_blend_ps(__mmask16(use), _mm512_set1_ps(-1.0f), _mm512_cvtepi32_ps(y32));
+    }
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
     if (n == W) {
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y));
