@@ -186,12 +186,15 @@ __attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const
     return;
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // Row-major float rows: W x W register transposes, then pairs of classes, then a
-    // last odd class one by one.
+    // Row-major float rows: W x W register transposes, then (AVX-512) groups of 8
+    // classes, then pairs of classes, then a last odd class one by one.
     if (n == W && g.inner == 1 && g.stride_c == 1) {
       const float* p = base + g.offset(r0);
       int64_t j = 0;
       for (; j + W <= C; j += W) transpose_block(p + j, g.stride_n, tile + j * W, W);
+#if defined(CPU_CAPABILITY_AVX512)
+      for (; j + 8 <= C; j += 8) gather_octet(p + j, g.stride_n, tile + j * W, W);
+#endif
       for (; j + 2 <= C; j += 2) gather_pair(p + j, g.stride_n, tile + j * W, W);
       for (; j < C; ++j)
         for (int64_t l = 0; l < W; ++l) tile[j * W + l] = p[l * g.stride_n + j];
@@ -224,6 +227,9 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
       float* p = base + g.offset(r0);
       int64_t j = 0;
       for (; j + W <= C; j += W) transpose_block(tile + j * W, W, p + j, g.stride_n);
+#if defined(CPU_CAPABILITY_AVX512)
+      for (; j + 8 <= C; j += 8) scatter_octet(tile + j * W, W, p + j, g.stride_n);
+#endif
       for (; j + 2 <= C; j += 2) scatter_pair(tile + j * W, W, p + j, g.stride_n);
       for (; j < C; ++j)
         for (int64_t l = 0; l < W; ++l) p[l * g.stride_n + j] = tile[j * W + l];

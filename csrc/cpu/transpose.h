@@ -72,6 +72,23 @@ __attribute__((always_inline)) inline void scatter_pair8(const float* src, int64
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Eight classes of a 16-row tile, in and out (the AVX-512 lane path's step between a
+// whole 16-class block and a pair): tile[k * ld_dst + i] = rows[i * ld_src + k] for
+// i < 16, k < 8, as two 8 x 8 transposes, half the instructions per class of two pairs.
+__attribute__((always_inline)) inline void gather_octet(const float* src, int64_t ld_src, float* dst,
+                                                        int64_t ld_dst) {
+  transpose8(src, ld_src, dst, ld_dst);
+  transpose8(src + 8 * ld_src, ld_src, dst + 8, ld_dst);
+}
+// rows[i * ld_dst + k] = tile[k * ld_src + i] for i < 16, k < 8.
+__attribute__((always_inline)) inline void scatter_octet(const float* src, int64_t ld_src, float* dst,
+                                                         int64_t ld_dst) {
+  transpose8(src, ld_src, dst, ld_dst);
+  transpose8(src + 8, ld_src, dst + 8 * ld_dst, ld_dst);
+}
+#endif
+
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i, j < W, with W = Vec<float>::size().
 // Always inlined: as a call it cost ~10% of the small-C kernels (GCC kept it out of line).
 __attribute__((always_inline)) inline void transpose_block(const float* src, int64_t ld_src,
