@@ -36,6 +36,11 @@ SPEEDUP_TARGETS = {
     ("linear_multi_margin_loss 40000x3073x10", "linclass[cpp]"): 1.5,
     ("linear_cross_entropy 4096x1024x32000", "linclass[cpp]"): 1.0,
     ("linear_multi_margin_loss 4096x1024x32000", "linclass[cpp]"): 1.0,
+    # issue 17: no cliff between them
+    **{(f"linear_{op} 10000x3073x{c}", "linclass[cpp]"): 1.5
+       for op in ("cross_entropy", "multi_margin_loss") for c in (20, 100, 200)},
+    ("linear_cross_entropy 4096x1024x1000", "linclass[cpp]"): 1.0,
+    ("linear_multi_margin_loss 4096x1024x1000", "linclass[cpp]"): 1.0,
     # the classifier workflow (bench/test_bench_train.py): "torch" is the seed-style loop
     ("train LinearSVM 1500it 40000x3073", "linclass[cpp]"): 4,
     ("sweep 25 configs 40000x3073", "linclass[sweep]"): 10,

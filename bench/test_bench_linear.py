@@ -4,6 +4,7 @@ Groups (N x D x C):
   40000 x 3073 x 10     the CIFAR-10 training set with the bias trick: W takes the
                         gradient, X is data
   4096 x 1024 x 32000   a language-model head: input and weight take gradients
+  10000 x 3073 x 20, 100, 200 and 4096 x 1024 x 1000: the class counts between them
 Peak extra memory: in a fresh subprocess holding the inputs, the resident-set
 high-water mark is reset (/proc/self/clear_refs), one forward + backward runs, and the
 new mark minus the resident set before is reported.  It sees the C++ allocations
@@ -25,6 +26,11 @@ import linclass
 CASES = {
     (40000, 3073, 10): dict(input_grad=False, rounds=10),
     (4096, 1024, 32000): dict(input_grad=True, rounds=3),
+    # between the two: where the small-C register-blocked path meets the GEMM path
+    (10000, 3073, 20): dict(input_grad=False, rounds=10),
+    (10000, 3073, 100): dict(input_grad=False, rounds=10),
+    (10000, 3073, 200): dict(input_grad=False, rounds=10),
+    (4096, 1024, 1000): dict(input_grad=True, rounds=10),
 }
 LOSSES = {
     "cross_entropy": (lambda x, w, t: F.cross_entropy(F.linear(x, w), t), linclass.linear_cross_entropy),
