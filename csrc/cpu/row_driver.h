@@ -43,10 +43,10 @@
 
 namespace linclass::cpu {
 
-// Rows with at most this many classes use the lane path: up to 72 the lanes were as fast
-// or faster than the row path on both AVX2 and AVX-512 (64 and 65 classes: 1.1-1.9x, the
-// row path's per-row reductions dominating such short rows); from 80 on the row path
-// wins on one ISA or the other (A/B of the limit at 48 and 128, 2026-12-04).
+// Rows with at most this many classes use the lane path: on rows this short the row
+// path's per-row horizontal reductions and scalar tail cost more than the lanes'
+// transposes; past it the row path wins on AVX2 or AVX-512 (measurements:
+// docs/benchmarks.md, "Class-count sweep").
 constexpr int64_t kLaneMaxClasses = 72;
 // Elements per block (and per parallel task at least): below this, threads cost more
 // than they save.

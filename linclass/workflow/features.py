@@ -1,11 +1,11 @@
 """Image features for the linear classifiers: the classic assignment's features exercise
 (histograms of oriented gradients and a hue histogram) in torch.
 
-A linear model on raw pixels stops near 41% on CIFAR-10 however well it is trained
-(softmax trained to convergence by L-BFGS at its best reg: 41.5% validation accuracy,
-with or without PCA whitening, docs/cifar10.md); on these 731 numbers per image the
-same models reach ~54%.  `featurize` turns a pixel data dict (`data.preprocess`) into a
-feature data dict the classifiers and searches take unchanged.
+A linear model on raw pixels reaches a ceiling on CIFAR-10 that better optimization does
+not lift (trained to convergence, with or without whitening: docs/cifar10.md); on these
+features the same models do much better.  `featurize` turns a pixel data dict
+(`data.preprocess`) into a feature data dict the classifiers and searches take
+unchanged.
 
 Features of an image with pixels in [0, 1] (RGB, any size H x W >= 8 x 8):
   * HOG: gray = 0.299 R + 0.587 G + 0.114 B; gradients by central differences (the
