@@ -32,7 +32,7 @@ HUE_BINS = 10
 _CHUNK = 1024  # images per pass: the (chunk, 9, H, W) histogram planes stay in cache
 
 
-def feature_count(image_shape=None) -> int:
+def feature_count() -> int:
     """Features per image (the image size does not change it)."""
     return sum(g * g for g in HOG_GRIDS) * HOG_BINS + HUE_BINS
 
