@@ -95,10 +95,8 @@ __attribute__((always_inline)) inline void transpose_block(const float* src, int
                                                            float* dst, int64_t ld_dst) {
 #if defined(CPU_CAPABILITY_AVX512)
   static_assert(Vec<float>::size() == 16);
-  transpose8(src, ld_src, dst, ld_dst);
-  transpose8(src + 8, ld_src, dst + 8 * ld_dst, ld_dst);
-  transpose8(src + 8 * ld_src, ld_src, dst + 8, ld_dst);
-  transpose8(src + 8 * ld_src + 8, ld_src, dst + 8 * ld_dst + 8, ld_dst);
+  gather_octet(src, ld_src, dst, ld_dst);                   // classes 0..7 of the 16 rows
+  gather_octet(src + 8, ld_src, dst + 8 * ld_dst, ld_dst);  // classes 8..15
 #elif defined(CPU_CAPABILITY_AVX2)
   static_assert(Vec<float>::size() == 8);
   transpose8(src, ld_src, dst, ld_dst);
