@@ -22,7 +22,7 @@ BUILD      := $(VENV)/.build-cuda$(FORCE_CUDA)
 SOURCES    := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h \
                                    csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh)
 
-.PHONY: install test demo bench bench-isa wheel clean
+.PHONY: install test demo bench bench-isa wheel wheel-matrix clean
 
 $(VENV)/.torch: 
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,11 @@ bench-isa: install
 
 wheel: $(VENV)/.torch
 	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
+
+# The wheel built once, tested in fresh venvs with several torch releases (downloads
+# them; not part of `make test`).  Table: bench/results/wheel-matrix.md.
+wheel-matrix: install
+	PY=$(PY) bash bench/wheel_matrix.sh
 
 clean:
 	rm -rf build dist *.egg-info linclass/_C*.so linclass/_cpu_*.so

@@ -42,6 +42,15 @@ from torch.utils.cpp_extension import (  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# Host code that both linclass._C and every CPU kernel module need (no process state).
+HOST_HELPERS = ["csrc/common.cpp", "csrc/linear_blocks.cpp", "csrc/tensor_ops.cpp"]
+
+# The oldest torch the libraries load into: the stable-ABI headers then call only the
+# C shim functions that torch already had (torch/csrc/stable/version.h encodes
+# major.minor as major << 56 | minor << 48).  pyproject.toml declares the same bound.
+OLDEST_TORCH = (2, 11)
+TARGET_VERSION = f"-DTORCH_TARGET_VERSION=0x{(OLDEST_TORCH[0] << 56) | (OLDEST_TORCH[1] << 48):016x}ULL"
+
 # at::vec picks its implementation from these macros.  LINCLASS_ISA names the module.
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
@@ -78,8 +87,12 @@ def extensions():
     debug = os.environ.get("DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # The C++ standard is left to torch.utils.cpp_extension: it matches the torch build.
-    cxx = opt + ["-fopenmp", "-Wno-unknown-pragmas"]
-    nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+    # Hidden visibility: each library exports only its PyInit and the C interface of
+    # csrc/shared_state.h, so no other library can bind to a copy of an inline function
+    # compiled for an ISA the CPU may lack, or for another torch's stable-ABI headers.
+    cxx = opt + ["-fopenmp", "-Wno-unknown-pragmas", "-fvisibility=hidden", TARGET_VERSION]
+    nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler", "-fvisibility=hidden",
+                  TARGET_VERSION]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     use_cuda = bool(cuda_sources) and want_cuda()
     host_cxx = cxx + (["-DLINCLASS_WITH_CUDA"] if use_cuda else [])
@@ -95,14 +108,13 @@ def extensions():
         extra_compile_args={"cxx": host_cxx, "nvcc": nvcc},
         **common,
     )
-    # Hidden visibility: a module exports only its PyInit, so no other library can bind
-    # to a copy of an inline function compiled for an ISA the CPU may lack.
+    # The host helpers the kernels call are compiled into each module (csrc/shared_state.h:
+    # a C++ function taking a stable-ABI tensor cannot cross between libraries).
     kernels = [
         CppExtension(
             f"linclass._cpu_{isa}",
-            sorted(glob.glob("csrc/cpu/*.cpp")),
-            extra_compile_args={"cxx": cxx + ISA_FLAGS[isa] + [f"-DLINCLASS_ISA={isa}",
-                                                               "-fvisibility=hidden"]},
+            sorted(glob.glob("csrc/cpu/*.cpp")) + HOST_HELPERS,
+            extra_compile_args={"cxx": cxx + ISA_FLAGS[isa] + [f"-DLINCLASS_ISA={isa}"]},
             **common,
         )
         for isa in isas
@@ -111,7 +123,9 @@ def extensions():
 
 
 class BuildExtensions(BuildExtension):
-    """Links each CPU kernel module against linclass._C (built first, same folder)."""
+    """Links each CPU kernel module against linclass._C (built first, same folder), and
+    gives each module its own object folder: HOST_HELPERS are compiled once per module,
+    with that module's ISA flags."""
 
     def build_extension(self, ext):
         if ext.name != "linclass._C":
@@ -119,7 +133,12 @@ class BuildExtensions(BuildExtension):
             ext.library_dirs = [*ext.library_dirs, os.path.dirname(host)]
             ext.extra_link_args = [*ext.extra_link_args, f"-l:{os.path.basename(host)}",
                                    "-Wl,-rpath,$ORIGIN"]
-        super().build_extension(ext)
+        shared_temp = self.build_temp
+        self.build_temp = os.path.join(shared_temp, ext.name.rsplit(".", 1)[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = shared_temp
 
 
 setup(

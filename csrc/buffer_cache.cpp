@@ -1,8 +1,5 @@
 #include "buffer_cache.h"
-
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <c10/util/Exception.h>
+#include "shared_state.h"
 
 #include <cstdlib>
 #include <mutex>
@@ -10,8 +7,6 @@
 namespace linclass {
 namespace {
 
-// Blocks below this go through the normal allocator: malloc already recycles them.
-constexpr size_t kMinCachedBytes = size_t(1) << 20;
 constexpr size_t kAlignment = 64;
 constexpr size_t kMaxBlocks = 8;
 
@@ -42,9 +37,7 @@ class BufferCache {
       ++misses_;
     }
     void* p = nullptr;
-    TORCH_CHECK(posix_memalign(&p, kAlignment, bytes) == 0 && p != nullptr,
-                "linclass: out of memory allocating ", bytes, " bytes");
-    return p;
+    return posix_memalign(&p, kAlignment, bytes) == 0 ? p : nullptr;
   }
 
   void give_back(void* p, size_t bytes) {
@@ -100,17 +93,23 @@ BufferCache& cache() {
 
 }  // namespace
 
-at::Tensor empty_cached(at::IntArrayRef sizes, at::ScalarType dtype) {
-  int64_t numel = 1;
-  for (auto s : sizes) numel *= s;
-  const size_t bytes = size_t(numel) * c10::elementSize(dtype);
-  if (bytes < kMinCachedBytes || byte_limit() == 0)
-    return at::empty(sizes, at::TensorOptions().dtype(dtype));
-  void* p = cache().take(bytes);
-  return at::from_blob(
-      p, sizes, [bytes](void* q) { cache().give_back(q, bytes); },
-      at::TensorOptions().dtype(dtype).device(at::kCPU));
+}  // namespace linclass
+
+extern "C" {
+void* linclass_cache_take(size_t bytes) {
+  if (linclass::byte_limit() == 0) {
+    void* p = nullptr;
+    return posix_memalign(&p, linclass::kAlignment, bytes) == 0 ? p : nullptr;
+  }
+  return linclass::cache().take(bytes);
 }
+void linclass_cache_give_back(void* block, size_t bytes) {
+  if (linclass::byte_limit() == 0) return std::free(block);
+  linclass::cache().give_back(block, bytes);
+}
+}
+
+namespace linclass {
 
 void buffer_cache_clear() { cache().clear(); }
 

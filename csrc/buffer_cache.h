@@ -8,16 +8,38 @@
 // bytes) and hands them back for the next request of the same size.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include "shared_state.h"
+#include "tensor_ops.h"
 
 #include <cstdint>
 #include <vector>
 
 namespace linclass {
 
-// Uninitialized contiguous CPU tensor; large ones come from the cache.
-at::Tensor empty_cached(at::IntArrayRef sizes, at::ScalarType dtype);
+// Blocks below this go through the normal allocator: malloc already recycles them.
+constexpr size_t kMinCachedBytes = size_t(1) << 20;
 
+// Uninitialized contiguous CPU tensor; large ones come from the cache (the one in
+// linclass._C, shared_state.h), whatever module asks.
+inline Tensor empty_cached(IntList sizes, ScalarType dtype) {
+  int64_t numel = 1;
+  for (auto s : sizes) numel *= s;
+  const size_t bytes = size_t(numel) * element_size(dtype);
+  if (bytes < kMinCachedBytes) return empty_cpu(sizes, dtype);
+  void* block = linclass_cache_take(bytes);
+  LINCLASS_CHECK(block != nullptr, "linclass: out of memory allocating ", bytes, " bytes");
+  std::vector<int64_t> strides(sizes.size());
+  int64_t step = 1;
+  for (int64_t d = int64_t(sizes.size()) - 1; d >= 0; --d) {
+    strides[d] = step;
+    step *= sizes[d] > 1 ? sizes[d] : 1;
+  }
+  return torch::stable::from_blob(block, sizes, IntList(strides.data(), strides.size()),
+                                  torch::stable::Device(torch::headeronly::DeviceType::CPU), dtype,
+                                  [bytes](void* q) { linclass_cache_give_back(q, bytes); });
+}
+
+// The rest lives in linclass._C (buffer_cache.cpp).
 // Frees every cached block (tensors still alive are unaffected).
 void buffer_cache_clear();
 

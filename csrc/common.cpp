@@ -1,10 +1,9 @@
 #include "common.h"
 
-#include <ATen/ops/empty.h>
 
 namespace linclass {
 
-std::optional<RowGeometry> row_geometry(const at::Tensor& t) {
+std::optional<RowGeometry> row_geometry(const Tensor& t) {
   RowGeometry g;
   if (t.dim() == 1) {
     g.classes = t.size(0);
@@ -37,66 +36,66 @@ std::optional<RowGeometry> row_geometry(const at::Tensor& t) {
   return g;
 }
 
-void check_class_index_args(const char* op, const at::Tensor& input, const at::Tensor& target,
-                            const std::optional<at::Tensor>& weight, int64_t reduction) {
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
+void check_class_index_args(const char* op, const Tensor& input, const Tensor& target,
+                            const OptTensor& weight, int64_t reduction) {
+  LINCLASS_CHECK(is_floating(input.scalar_type()), op,
               ": input must be float32, float64, float16 or bfloat16, got ", input.scalar_type());
-  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index target must be int64, got ",
+  LINCLASS_CHECK(target.scalar_type() == ScalarType::Long, op, ": class-index target must be int64, got ",
               target.scalar_type());
-  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension");
-  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
-              " but input is on ", input.device());
+  LINCLASS_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension");
+  LINCLASS_CHECK(same_device(target, input), op, ": target is on ", device_string(target),
+              " but input is on ", device_string(input));
   if (input.dim() == 1) {
-    TORCH_CHECK(target.dim() == 0, op, ": a 1-D input needs a 0-D target, got shape ",
-                target.sizes());
+    LINCLASS_CHECK(target.dim() == 0, op, ": a 1-D input needs a 0-D target, got shape ",
+                shape_string(target.sizes()));
   } else {
-    TORCH_CHECK(target.dim() == input.dim() - 1, op, ": target must have ", input.dim() - 1,
-                " dims for input of shape ", input.sizes(), ", got ", target.sizes());
-    TORCH_CHECK(target.size(0) == input.size(0), op, ": input batch size ", input.size(0),
+    LINCLASS_CHECK(target.dim() == input.dim() - 1, op, ": target must have ", input.dim() - 1,
+                " dims for input of shape ", shape_string(input.sizes()), ", got ", shape_string(target.sizes()));
+    LINCLASS_CHECK(target.size(0) == input.size(0), op, ": input batch size ", input.size(0),
                 " does not match target batch size ", target.size(0));
     for (int64_t d = 2; d < input.dim(); ++d)
-      TORCH_CHECK(target.size(d - 1) == input.size(d), op, ": target shape ", target.sizes(),
-                  " does not match input shape ", input.sizes(), " (class dim removed)");
+      LINCLASS_CHECK(target.size(d - 1) == input.size(d), op, ": target shape ", shape_string(target.sizes()),
+                  " does not match input shape ", shape_string(input.sizes()), " (class dim removed)");
   }
   const int64_t classes = input.dim() == 1 ? input.size(0) : input.size(1);
   if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == classes, op,
+    LINCLASS_CHECK(weight->dim() == 1 && weight->size(0) == classes, op,
                 ": weight must be a 1-D tensor with one entry per class (", classes,
-                "), got shape ", weight->sizes());
-    TORCH_CHECK(weight->scalar_type() == input.scalar_type(), op, ": weight dtype ",
+                "), got shape ", shape_string(weight->sizes()));
+    LINCLASS_CHECK(weight->scalar_type() == input.scalar_type(), op, ": weight dtype ",
                 weight->scalar_type(), " does not match input dtype ", input.scalar_type());
-    TORCH_CHECK(weight->device() == input.device(), op, ": weight is on ", weight->device(),
-                " but input is on ", input.device());
+    LINCLASS_CHECK(same_device(*weight, input), op, ": weight is on ", device_string(*weight),
+                " but input is on ", device_string(input));
   }
-  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, op,
+  LINCLASS_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, op,
               ": unknown reduction code ", reduction);
 }
 
-void check_cross_entropy_args(const at::Tensor& input, const at::Tensor& target,
-                              const std::optional<at::Tensor>& weight, double label_smoothing,
+void check_cross_entropy_args(const Tensor& input, const Tensor& target,
+                              const OptTensor& weight, double label_smoothing,
                               int64_t reduction) {
   check_class_index_args("cross_entropy", input, target, weight, reduction);
-  TORCH_CHECK(label_smoothing <= 1.0,
+  LINCLASS_CHECK(label_smoothing <= 1.0,
               "cross_entropy: label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
 }
 
-void check_multi_margin_args(const at::Tensor& input, const at::Tensor& target, int64_t p,
-                             const std::optional<at::Tensor>& weight, int64_t reduction) {
+void check_multi_margin_args(const Tensor& input, const Tensor& target, int64_t p,
+                             const OptTensor& weight, int64_t reduction) {
   check_class_index_args("multi_margin_loss", input, target, weight, reduction);
-  TORCH_CHECK(input.dim() == 2 && input.size(1) > 0,
-              "multi_margin_loss: expected input of shape (N, C) with C > 0, got ", input.sizes());
-  TORCH_CHECK(p == 1 || p == 2, "multi_margin_loss: only p == 1 and p == 2 supported, got ", p);
+  LINCLASS_CHECK(input.dim() == 2 && input.size(1) > 0,
+              "multi_margin_loss: expected input of shape (N, C) with C > 0, got ", shape_string(input.sizes()));
+  LINCLASS_CHECK(p == 1 || p == 2, "multi_margin_loss: only p == 1 and p == 2 supported, got ", p);
 }
 
-std::pair<at::Tensor, RowGeometry> rows_of(const at::Tensor& input) {
+std::pair<Tensor, RowGeometry> rows_of(const Tensor& input) {
   if (auto g = row_geometry(input)) return {input, *g};
-  at::Tensor c = input.contiguous();
+  Tensor c = as_contiguous(input);
   return {c, *row_geometry(c)};
 }
 
-at::Tensor empty_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
-  if (reduction == kNone) return at::empty(target.sizes(), input.options());
-  return at::empty({}, input.options());
+Tensor empty_loss(const Tensor& input, const Tensor& target, int64_t reduction) {
+  if (reduction == kNone) return empty(target.sizes(), input);
+  return empty({}, input);
 }
 
 }  // namespace linclass

@@ -3,8 +3,7 @@
 // touches memory.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
+#include "tensor_ops.h"
 
 #include <cstdint>
 #include <optional>
@@ -12,7 +11,7 @@
 
 namespace linclass {
 
-// Same codes as at::Reduction, so Python passes torch's enum values straight through.
+// Same codes as torch's Reduction enum, so Python passes torch's enum values straight through.
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
 // A class-index loss sees its input as `rows` rows of `classes` scores.  Inputs are
@@ -35,25 +34,25 @@ struct RowGeometry {
 // Geometry of `t`, whose class dim is dim 0 for 1-D tensors and dim 1 otherwise.
 // Returns nullopt when the d-dims cannot be flattened into one strided dim (then the
 // caller makes the input contiguous first).
-std::optional<RowGeometry> row_geometry(const at::Tensor& t);
+std::optional<RowGeometry> row_geometry(const Tensor& t);
 
 // Shape/dtype checks shared by the CPU and CUDA entry points.  The Python wrappers
 // check the same things with torch's wording first; these keep a direct
 // torch.ops.linclass call from ever reaching a kernel with inconsistent arguments.
-void check_class_index_args(const char* op, const at::Tensor& input, const at::Tensor& target,
-                            const std::optional<at::Tensor>& weight, int64_t reduction);
+void check_class_index_args(const char* op, const Tensor& input, const Tensor& target,
+                            const OptTensor& weight, int64_t reduction);
 
 // The argument checks of each op, shared by its CPU and CUDA entry points.
-void check_cross_entropy_args(const at::Tensor& input, const at::Tensor& target,
-                              const std::optional<at::Tensor>& weight, double label_smoothing,
+void check_cross_entropy_args(const Tensor& input, const Tensor& target,
+                              const OptTensor& weight, double label_smoothing,
                               int64_t reduction);
-void check_multi_margin_args(const at::Tensor& input, const at::Tensor& target, int64_t p,
-                             const std::optional<at::Tensor>& weight, int64_t reduction);
+void check_multi_margin_args(const Tensor& input, const Tensor& target, int64_t p,
+                             const OptTensor& weight, int64_t reduction);
 
 // `input` (copied to contiguous only when its d-dims cannot be flattened) and its geometry.
-std::pair<at::Tensor, RowGeometry> rows_of(const at::Tensor& input);
+std::pair<Tensor, RowGeometry> rows_of(const Tensor& input);
 
 // Loss output for the given reduction: target-shaped for 'none', a 0-dim tensor otherwise.
-at::Tensor empty_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction);
+Tensor empty_loss(const Tensor& input, const Tensor& target, int64_t reduction);
 
 }  // namespace linclass

@@ -2,8 +2,7 @@
 // one the CPU ops call (cpu/ops.h says why the kernels live in separate modules).
 // Part of linclass._C, compiled for the x86-64 baseline: nothing here is vectorized.
 #include "cpu/ops.h"
-
-#include <c10/util/Exception.h>
+#include "shared_state.h"
 
 #include <atomic>
 #include <mutex>
@@ -26,19 +25,26 @@ const CpuKernels* find(const std::string& isa) {
 
 }  // namespace
 
-void offer_cpu_kernels(const CpuKernels& kernels) {
+}  // namespace linclass
+
+extern "C" int linclass_offer_cpu_kernels(const void* offered) {
+  using namespace linclass;
+  const CpuKernels& kernels = *static_cast<const CpuKernels*>(offered);
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (find(kernels.isa)) return;  // a module imported twice offers once
-  TORCH_CHECK(g_offered < kMaxTables, "linclass: too many CPU kernel tables");
+  if (find(kernels.isa)) return 0;  // a module imported twice offers once
+  if (g_offered == kMaxTables) return -1;
   g_tables[g_offered] = kernels;
   const CpuKernels* table = &g_tables[g_offered++];
   const CpuKernels* none = nullptr;
   g_active.compare_exchange_strong(none, table);
+  return 0;
 }
+
+namespace linclass {
 
 const CpuKernels& active_cpu_kernels() {
   const CpuKernels* table = g_active.load(std::memory_order_acquire);
-  TORCH_CHECK(table, "linclass: no CPU kernel module is loaded (linclass._cpu_<isa>); "
+  LINCLASS_CHECK(table, "linclass: no CPU kernel module is loaded (linclass._cpu_<isa>); "
                      "import linclass to load the one this CPU supports");
   return *table;
 }
@@ -46,7 +52,7 @@ const CpuKernels& active_cpu_kernels() {
 std::string use_cpu_kernels(const std::string& isa) {
   std::lock_guard<std::mutex> lock(g_mutex);
   const CpuKernels* table = find(isa);
-  TORCH_CHECK(table, "linclass: the CPU kernels for ISA '", isa, "' are not loaded");
+  LINCLASS_CHECK(table, "linclass: the CPU kernels for ISA '", isa, "' are not loaded");
   const CpuKernels* old = g_active.exchange(table);
   return old ? old->isa : "";
 }

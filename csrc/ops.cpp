@@ -1,89 +1,102 @@
-// The linclass operator library, registered in one place: the schema of every op, its
-// autograd (autograd.h) and its kernel for each device (cpu/ops.h, cuda/ops.h, one file
-// per op family in those folders; CPU kernels are reached through the table of the
-// active ISA, see cpu/ops.h).  Also the Python module stub that loads this shared object.
+// The linclass operator library, registered in one place on the LibTorch stable ABI:
+// the schema of every op and its kernel for each device (cpu/ops.h, cuda/ops.h, one
+// file per op family in those folders; CPU kernels are reached through the table of
+// the active ISA, see cpu/ops.h).  Autograd and the fake kernels are registered from
+// Python (linclass/_ops.py).  Also the Python module stub that loads this library.
 #include <Python.h>
 
-#include <torch/library.h>
+#include <atomic>
 
-#include "autograd.h"
 #include "buffer_cache.h"
 #include "cpu/ops.h"
 #include "linear_blocks.h"
+#include "shared_state.h"
+#include "tensor_ops.h"
 #ifdef LINCLASS_WITH_CUDA
 #include "cuda/ops.h"
 #endif
 
-extern "C" {
-// `import linclass._C` only needs to load this library so that the TORCH_LIBRARY
+// `import linclass._C` only needs to load this library so that the STABLE_TORCH_LIBRARY
 // initializers below run; the module itself is empty (no pybind11, so the extension
 // builds against the limited Python API).
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
-}
 }
 
 namespace linclass {
 namespace {
 
-// ---- autograd: each op's arguments handed to its backward node (autograd.h) ----------
+using Out2 = std::tuple<Tensor, Tensor>;
+using Out4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
-using OptTensor = const std::optional<at::Tensor>&;
+Mask to_mask(const std::vector<bool>& mask) {
+  LINCLASS_CHECK(mask.size() == 3, "output_mask must have 3 entries, got ", mask.size());
+  return {mask[0], mask[1], mask[2]};
+}
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& input,
-                                                          const at::Tensor& target, OptTensor weight,
-                                                          int64_t ignore_index, double label_smoothing,
-                                                          int64_t reduction, bool compute_grad) {
-  static const auto op = typed_op<decltype(cross_entropy_cpu)>("linclass::cross_entropy");
-  return fused_loss_autograd(op, input, target, weight, ignore_index, label_smoothing, reduction,
+// ---- CPU: every op calls the active ISA's build of its kernel (cpu/ops.h) ------------
+
+const CpuKernels& cpu() { return active_cpu_kernels(); }
+
+Out2 cross_entropy_cpu_op(Tensor input, Tensor target, OptTensor weight, int64_t ignore_index,
+                          double label_smoothing, int64_t reduction, bool compute_grad) {
+  return cpu().cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction,
                              compute_grad);
 }
-
-std::tuple<at::Tensor, at::Tensor> multi_margin_loss_autograd(const at::Tensor& input,
-                                                              const at::Tensor& target, int64_t p,
-                                                              double margin, OptTensor weight,
-                                                              int64_t reduction, bool compute_grad) {
-  static const auto op = typed_op<decltype(multi_margin_loss_cpu)>("linclass::multi_margin_loss");
-  return fused_loss_autograd(op, input, target, p, margin, weight, reduction, compute_grad);
+Out2 multi_margin_loss_cpu_op(Tensor input, Tensor target, int64_t p, double margin,
+                              OptTensor weight, int64_t reduction, bool compute_grad) {
+  return cpu().multi_margin_loss(input, target, p, margin, weight, reduction, compute_grad);
+}
+Out4 linear_cross_entropy_cpu_op(Tensor input, Tensor weight, OptTensor bias, Tensor target,
+                                 int64_t ignore_index, double label_smoothing, int64_t reduction,
+                                 std::vector<bool> mask) {
+  return cpu().linear_cross_entropy(input, weight, bias, target, ignore_index, label_smoothing,
+                                    reduction, to_mask(mask));
+}
+Out4 linear_multi_margin_loss_cpu_op(Tensor input, Tensor weight, OptTensor bias, Tensor target,
+                                     int64_t p, double margin, int64_t reduction,
+                                     std::vector<bool> mask) {
+  return cpu().linear_multi_margin_loss(input, weight, bias, target, p, margin, reduction,
+                                        to_mask(mask));
+}
+double sgd_step_op(Tensor input, Tensor weight, Tensor target, Tensor index, int64_t loss,
+                   double learning_rate, double reg) {
+  return cpu().sgd_step(input, weight, target, index, loss, learning_rate, reg);
+}
+void sgd_sweep_step_op(Tensor input, Tensor weight, Tensor target, Tensor index, int64_t loss,
+                       int64_t runs, Tensor decay, Tensor grad_scale) {
+  cpu().sgd_sweep_step(input, weight, target, index, loss, runs, decay, grad_scale);
+}
+Tensor ce_shard_stats_op(Tensor x, Tensor target, int64_t start, OptTensor weight, bool smoothing,
+                         int64_t ignore_index) {
+  return cpu().ce_shard_stats(x, target, start, weight, smoothing, ignore_index);
+}
+Tensor ce_shard_grad_op(Tensor x, Tensor target, int64_t start, OptTensor weight, Tensor shift,
+                        Tensor exp_coef, Tensor weight_coef, Tensor target_grad,
+                        int64_t ignore_index, OptTensor out) {
+  return cpu().ce_shard_grad(x, target, start, weight, shift, exp_coef, weight_coef, target_grad,
+                             ignore_index, out);
+}
+Out2 mm_shard_grad_op(Tensor x, Tensor target, int64_t start, Tensor x_y, Tensor row_coef,
+                      int64_t p, double margin, bool compute_grad) {
+  return cpu().mm_shard_grad(x, target, start, x_y, row_coef, p, margin, compute_grad);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_autograd(
-    const at::Tensor& input, const at::Tensor& weight, OptTensor bias, const at::Tensor& target,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, Mask mask) {
-  static const auto op = typed_op<decltype(linear_cross_entropy_cpu)>("linclass::linear_cross_entropy");
-  return fused_linear_loss_autograd(op, input, weight, bias, target, ignore_index, label_smoothing,
-                                    reduction, mask);
+#ifdef LINCLASS_WITH_CUDA
+Out4 linear_cross_entropy_cuda_op(Tensor input, Tensor weight, OptTensor bias, Tensor target,
+                                  int64_t ignore_index, double label_smoothing, int64_t reduction,
+                                  std::vector<bool> mask) {
+  return linear_cross_entropy_cuda(input, weight, bias, target, ignore_index, label_smoothing,
+                                   reduction, to_mask(mask));
 }
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_multi_margin_loss_autograd(
-    const at::Tensor& input, const at::Tensor& weight, OptTensor bias, const at::Tensor& target,
-    int64_t p, double margin, int64_t reduction, Mask mask) {
-  static const auto op =
-      typed_op<decltype(linear_multi_margin_loss_cpu)>("linclass::linear_multi_margin_loss");
-  return fused_linear_loss_autograd(op, input, weight, bias, target, p, margin, reduction, mask);
+Out4 linear_multi_margin_loss_cuda_op(Tensor input, Tensor weight, OptTensor bias, Tensor target,
+                                      int64_t p, double margin, int64_t reduction,
+                                      std::vector<bool> mask) {
+  return linear_multi_margin_loss_cuda(input, weight, bias, target, p, margin, reduction,
+                                       to_mask(mask));
 }
-
-// ---- CPU: every op calls the active ISA's build of its kernel ------------------------
-
-// The CpuKernels member M as a plain function with the kernel's signature.
-template <typename Fn>
-struct ViaActiveTable;
-template <typename R, typename... Args>
-struct ViaActiveTable<R (*)(Args...)> {
-  template <R (*CpuKernels::*M)(Args...)>
-  static R call(Args... args) {
-    return (active_cpu_kernels().*M)(std::forward<Args>(args)...);
-  }
-};
-template <typename T>
-struct MemberType;
-template <typename T>
-struct MemberType<T CpuKernels::*> {
-  using type = T;
-};
-template <auto M>
-constexpr auto cpu_kernel = &ViaActiveTable<typename MemberType<decltype(M)>::type>::template call<M>;
+#endif
 
 // ---- build facts and testing knobs -------------------------------------------------
 
@@ -91,14 +104,22 @@ std::string cpu_isa() { return active_cpu_isa(); }
 std::string set_cpu_isa(std::string isa) { return use_cpu_kernels(isa); }
 std::vector<std::string> cpu_isas() { return offered_cpu_isas(); }
 void cache_clear() { buffer_cache_clear(); }
+std::vector<int64_t> cache_stats() { return buffer_cache_stats(); }
+std::atomic<int64_t> g_block_rows_override{0};
+int64_t linear_block_rows(int64_t rows) { return g_block_rows_override.exchange(rows); }
 
 }  // namespace
+}  // namespace linclass
 
-TORCH_LIBRARY(linclass, m) {
+extern "C" int64_t linclass_linear_block_rows() { return linclass::g_block_rows_override.load(); }
+
+namespace linclass {
+
+STABLE_TORCH_LIBRARY(linclass, m) {
   // Fused class-index losses.  They return (loss, grad): `grad` is d loss / d input for
   // grad_output = 1, computed in the same pass as the loss when compute_grad is true
-  // (an empty tensor otherwise); backward only rescales it.  `reduction` uses
-  // at::Reduction's codes (0 none, 1 mean, 2 sum).
+  // (an empty tensor otherwise); backward only rescales it.  `reduction` uses torch's
+  // Reduction codes (0 none, 1 mean, 2 sum).
   m.def(
       "cross_entropy(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, int reduction, bool compute_grad) -> (Tensor, Tensor)");
@@ -142,40 +163,43 @@ TORCH_LIBRARY(linclass, m) {
       "float margin, bool compute_grad) -> (Tensor, Tensor)");
 
   // The CPU kernels' ISA: the active one, switching it, the loaded ones (cpu/ops.h).
-  m.def("_cpu_isa() -> str", &cpu_isa);
-  m.def("_set_cpu_isa(str isa) -> str", &set_cpu_isa);
-  m.def("_cpu_isas() -> str[]", &cpu_isas);
+  m.def("_cpu_isa() -> str");
+  m.def("_set_cpu_isa(str isa) -> str");
+  m.def("_cpu_isas() -> str[]");
   // The CPU gradient-buffer cache (buffer_cache.h) and a testing knob.
-  m.def("_buffer_cache_clear() -> ()", &cache_clear);
-  m.def("_buffer_cache_stats() -> int[]", &buffer_cache_stats);
-  m.def("_linear_block_rows(int rows) -> int", &set_linear_block_rows);
+  m.def("_buffer_cache_clear() -> ()");
+  m.def("_buffer_cache_stats() -> int[]");
+  m.def("_linear_block_rows(int rows) -> int");
 }
 
-TORCH_LIBRARY_IMPL(linclass, Autograd, m) {
-  m.impl("cross_entropy", &cross_entropy_autograd);
-  m.impl("multi_margin_loss", &multi_margin_loss_autograd);
-  m.impl("linear_cross_entropy", &linear_cross_entropy_autograd);
-  m.impl("linear_multi_margin_loss", &linear_multi_margin_loss_autograd);
+// The ops without tensor arguments have no device to dispatch on: CompositeExplicitAutograd.
+STABLE_TORCH_LIBRARY_IMPL(linclass, CompositeExplicitAutograd, m) {
+  m.impl("_cpu_isa", TORCH_BOX(&cpu_isa));
+  m.impl("_set_cpu_isa", TORCH_BOX(&set_cpu_isa));
+  m.impl("_cpu_isas", TORCH_BOX(&cpu_isas));
+  m.impl("_buffer_cache_clear", TORCH_BOX(&cache_clear));
+  m.impl("_buffer_cache_stats", TORCH_BOX(&cache_stats));
+  m.impl("_linear_block_rows", TORCH_BOX(&linear_block_rows));
 }
 
-TORCH_LIBRARY_IMPL(linclass, CPU, m) {
-  m.impl("cross_entropy", cpu_kernel<&CpuKernels::cross_entropy>);
-  m.impl("multi_margin_loss", cpu_kernel<&CpuKernels::multi_margin_loss>);
-  m.impl("linear_cross_entropy", cpu_kernel<&CpuKernels::linear_cross_entropy>);
-  m.impl("linear_multi_margin_loss", cpu_kernel<&CpuKernels::linear_multi_margin_loss>);
-  m.impl("linear_sgd_step", cpu_kernel<&CpuKernels::sgd_step>);
-  m.impl("linear_sgd_sweep_step", cpu_kernel<&CpuKernels::sgd_sweep_step>);
-  m.impl("_ce_shard_stats", cpu_kernel<&CpuKernels::ce_shard_stats>);
-  m.impl("_ce_shard_grad", cpu_kernel<&CpuKernels::ce_shard_grad>);
-  m.impl("_mm_shard_grad", cpu_kernel<&CpuKernels::mm_shard_grad>);
+STABLE_TORCH_LIBRARY_IMPL(linclass, CPU, m) {
+  m.impl("cross_entropy", TORCH_BOX(&cross_entropy_cpu_op));
+  m.impl("multi_margin_loss", TORCH_BOX(&multi_margin_loss_cpu_op));
+  m.impl("linear_cross_entropy", TORCH_BOX(&linear_cross_entropy_cpu_op));
+  m.impl("linear_multi_margin_loss", TORCH_BOX(&linear_multi_margin_loss_cpu_op));
+  m.impl("linear_sgd_step", TORCH_BOX(&sgd_step_op));
+  m.impl("linear_sgd_sweep_step", TORCH_BOX(&sgd_sweep_step_op));
+  m.impl("_ce_shard_stats", TORCH_BOX(&ce_shard_stats_op));
+  m.impl("_ce_shard_grad", TORCH_BOX(&ce_shard_grad_op));
+  m.impl("_mm_shard_grad", TORCH_BOX(&mm_shard_grad_op));
 }
 
 #ifdef LINCLASS_WITH_CUDA
-TORCH_LIBRARY_IMPL(linclass, CUDA, m) {
-  m.impl("cross_entropy", &cross_entropy_cuda);
-  m.impl("multi_margin_loss", &multi_margin_loss_cuda);
-  m.impl("linear_cross_entropy", &linear_cross_entropy_cuda);
-  m.impl("linear_multi_margin_loss", &linear_multi_margin_loss_cuda);
+STABLE_TORCH_LIBRARY_IMPL(linclass, CUDA, m) {
+  m.impl("cross_entropy", TORCH_BOX(&cross_entropy_cuda));
+  m.impl("multi_margin_loss", TORCH_BOX(&multi_margin_loss_cuda));
+  m.impl("linear_cross_entropy", TORCH_BOX(&linear_cross_entropy_cuda_op));
+  m.impl("linear_multi_margin_loss", TORCH_BOX(&linear_multi_margin_loss_cuda_op));
 }
 #endif
 

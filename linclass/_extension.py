@@ -1,7 +1,7 @@
 """Loads the compiled kernel libraries.
 
-linclass._C defines torch.ops.linclass.* (its TORCH_LIBRARY initializers run when it is
-imported) and holds the CUDA kernels when it was built with them.  The C++ CPU kernels
+linclass._C defines torch.ops.linclass.* (its STABLE_TORCH_LIBRARY initializers run when
+it is imported) and holds the CUDA kernels when it was built with them.  The C++ CPU kernels
 come in one module per x86 vector ISA, linclass._cpu_<isa>; the best one this CPU runs
 is imported here, or the one LINCLASS_CPU_ISA names (avx512, avx2, default) when the CPU
 supports it.  When a library is missing or fails to load, linclass still imports and

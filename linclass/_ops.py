@@ -8,10 +8,11 @@ rescales that buffer.  The fused linear + loss ops return (loss, grad_input,
 grad_weight, grad_bias) the same way, each gradient only where output_mask asks.
 
   linclass::cross_entropy, multi_margin_loss, linear_cross_entropy,
-  linear_multi_margin_loss   the C++ ops: schemas, autograd and CPU/CUDA kernels are
-      registered in csrc/ops.cpp; their fake kernels (shapes, for torch.compile) here.
+  linear_multi_margin_loss   the C++ ops: schemas and CPU/CUDA kernels are registered in
+      csrc/ops.cpp (LibTorch stable ABI, which has no autograd); their autograd and fake
+      kernels (shapes, for torch.compile) here, in CPP.
   linclass::<the same>_triton   the Triton ops, defined here with custom_op: launcher
-      (kernels/), fake kernel and autograd.  They do not need linclass._C.
+      (kernels/), fake kernel and autograd, in TRITON.  They do not need linclass._C.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import importlib.util
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import _extension
@@ -43,7 +45,7 @@ def _fake_linear_loss(input, weight, bias, target, *args):
             input.new_empty((weight.shape[0],)) if mask[2] else input.new_empty((0,)))
 
 
-# ---- autograd of the Triton ops (the C++ ops' twin is csrc/autograd.h) ---------------
+# ---- autograd, shared by the C++ and the Triton ops ----------------------------------
 
 
 def _setup_fused_loss(ctx, inputs, output):
@@ -139,42 +141,111 @@ def _backward_linear_loss(ctx, grad_loss, *_):
 
 # ---- registration ----------------------------------------------------------------------
 
-if _extension.HAS_CPP:
-    for _name in ("cross_entropy", "multi_margin_loss"):
-        torch.library.register_fake(f"linclass::{_name}")(_fake_fused_loss)
-        torch.library.register_fake(f"linclass::linear_{_name}")(_fake_linear_loss)
+# A kernel on the stable ABI can only raise RuntimeError; where torch raises another type
+# for the same mistake, csrc/tensor_ops.h tags the message and the eager call re-raises
+# it with that type.
+_ERROR_TAGS = {"[IndexError] ": IndexError, "[NotImplementedError] ": NotImplementedError}
 
 
-def _register(name, launcher, fake, setup_context, backward):
-    """Defines the custom op linclass::<name> from `launcher` (its schema comes from the
-    launcher's annotations) with its fake kernel and autograd, and returns the callable
-    that runs it.
+def _retyped(error: RuntimeError) -> Exception:
+    message = str(error)
+    for tag, kind in _ERROR_TAGS.items():
+        at = message.find(tag)
+        if at >= 0:
+            return kind(message[at + len(tag):])
+    return error
 
-    Traced calls (torch.compile, opcheck) go to the op.  Eager calls run the launcher
-    inside a torch.autograd.Function built from the same setup_context and backward:
-    custom_op's Python dispatch costs about twice the Function's host time per call,
-    more than a small loss's kernels on a GPU.
-    """
-    op = torch.library.custom_op(f"linclass::{name}", mutates_args=())(launcher)
-    op.register_fake(fake)
-    op.register_autograd(backward, setup_context=setup_context)
 
-    class Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            out = launcher(*args)
-            setup_context(ctx, args, out)
-            return out
+def call_cpp(op, *args):
+    """Runs a C++ op, re-raising a tagged error with the type torch would raise."""
+    try:
+        return op(*args)
+    except RuntimeError as error:
+        retyped = _retyped(error)
+        if retyped is error:
+            raise
+        raise retyped from None
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
+
+def _refuse_dual_tensors(args):
+    """The ops carry no forward derivative: a dual input must fail, not lose its tangent."""
+    for arg in args:
+        if isinstance(arg, Tensor) and _forward_ad.unpack_dual(arg).tangent is not None:
+            raise NotImplementedError(
+                "linclass: the fused losses do not support forward-mode AD; use "
+                "linclass.backends.use('torch') for jvp")
+
+
+def _eager_call(name, op, run, setup_context, backward, needs_autograd):
+    """The callable for op: traced calls (torch.compile, opcheck) go to the op itself;
+    eager ones run `run` inside a torch.autograd.Function built from setup_context and
+    backward, or directly when needs_autograd(args) says no gradient is asked for.
+    custom_op's Python dispatch (the route register_autograd takes) costs about twice
+    the Function's host time per call, more than a small loss's kernels.  The
+    Function is named after the op: its graph node is <Name>Backward."""
+
+    def forward(ctx, *args):
+        out = run(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    eager = type("".join(part.title() for part in name.split("_")), (torch.autograd.Function,),
+                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def call(*args):
-        return op(*args) if torch.compiler.is_compiling() else Eager.apply(*args)
+        if torch.compiler.is_compiling():
+            return op(*args)
+        if _forward_ad._current_level >= 0:
+            _refuse_dual_tensors(args)
+        try:
+            return eager.apply(*args) if needs_autograd(args) else run(*args)
+        except RuntimeError as error:  # call_cpp's re-raise, inlined: this is the hot path
+            retyped = _retyped(error)
+            if retyped is error:
+                raise
+            raise retyped from None
 
     call.op = op
     return call
+
+
+def _fused_loss_needs_autograd(args) -> bool:
+    return args[-1]  # compute_grad: set when the input takes a gradient
+
+
+def _linear_loss_needs_autograd(args) -> bool:
+    return any(args[-1])  # output_mask
+
+
+def _register(name, launcher, fake, setup_context, backward, needs_autograd):
+    """Defines the custom op linclass::<name> from `launcher` (its schema comes from the
+    launcher's annotations) with its fake kernel and autograd, and returns the callable
+    that runs it (_eager_call)."""
+    op = torch.library.custom_op(f"linclass::{name}", mutates_args=())(launcher)
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup_context)
+    return _eager_call(name, op, launcher, setup_context, backward, needs_autograd)
+
+
+def _register_cpp(name, setup_context, backward, needs_autograd):
+    """Fake kernel and autograd of the C++ op linclass::<name> (csrc/ops.cpp), and the
+    callable that runs it."""
+    op = getattr(torch.ops.linclass, name).default
+    torch.library.register_fake(f"linclass::{name}")(
+        _fake_fused_loss if needs_autograd is _fused_loss_needs_autograd else _fake_linear_loss)
+    torch.library.register_autograd(f"linclass::{name}", backward, setup_context=setup_context)
+    return _eager_call(name, op, op, setup_context, backward, needs_autograd)
+
+
+# The C++ ops, by family (csrc/ops.cpp): filled when linclass._C is loaded.
+CPP: dict = {}
+
+if _extension.HAS_CPP:
+    for _name in ("cross_entropy", "multi_margin_loss"):
+        CPP[_name] = _register_cpp(_name, _setup_fused_loss, _backward_fused_loss,
+                                   _fused_loss_needs_autograd)
+        CPP[f"linear_{_name}"] = _register_cpp(f"linear_{_name}", _setup_linear_loss,
+                                               _backward_linear_loss, _linear_loss_needs_autograd)
 
 
 # The Triton ops, by family: filled when triton is installed.  The kernels are imported
@@ -220,13 +291,16 @@ if HAS_TRITON:
 
     TRITON = {
         "cross_entropy": _register("cross_entropy_triton", _cross_entropy_triton,
-                                   _fake_fused_loss, _setup_fused_loss, _backward_fused_loss),
+                                   _fake_fused_loss, _setup_fused_loss, _backward_fused_loss,
+                                   _fused_loss_needs_autograd),
         "multi_margin_loss": _register("multi_margin_loss_triton", _multi_margin_loss_triton,
-                                       _fake_fused_loss, _setup_fused_loss, _backward_fused_loss),
+                                       _fake_fused_loss, _setup_fused_loss, _backward_fused_loss,
+                                       _fused_loss_needs_autograd),
         "linear_cross_entropy": _register(
             "linear_cross_entropy_triton", _linear_cross_entropy_triton, _fake_linear_loss,
-            _setup_linear_loss, _backward_linear_loss),
+            _setup_linear_loss, _backward_linear_loss, _linear_loss_needs_autograd),
         "linear_multi_margin_loss": _register(
             "linear_multi_margin_loss_triton", _linear_multi_margin_loss_triton,
-            _fake_linear_loss, _setup_linear_loss, _backward_linear_loss),
+            _fake_linear_loss, _setup_linear_loss, _backward_linear_loss,
+            _linear_loss_needs_autograd),
     }

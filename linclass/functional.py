@@ -4,8 +4,9 @@ the fused linear + loss ops.
 Each function checks its arguments the way torch does (same exception types, clearer
 messages), picks a backend (linclass.backends) and calls that backend's fused op from
 the tables below; its kernel computes the loss and its gradient in one pass:
-  cpp, cuda  torch.ops.linclass.<op>: schema, autograd and per-device kernels registered
-             in csrc/ops.cpp; kernels in csrc/cpu/ and csrc/cuda/, one file per op family
+  cpp, cuda  linclass/_ops.py (autograd) -> torch.ops.linclass.<op>: schema and per-device
+             kernels registered in csrc/ops.cpp; kernels in csrc/cpu/ and csrc/cuda/, one
+             file per op family
   triton     linclass/_ops.py (custom op and its autograd) -> kernels/<op family>.py
   torch      torch.nn.functional itself
 """
@@ -24,8 +25,8 @@ from . import _extension, _ops, backends
 def _op_table(name: str) -> dict:
     """{backend: op} for op family `name`, for the backends that are built."""
     table = {}
-    if _extension.HAS_CPP:  # the C++ ops dispatch on the device: CPU or CUDA kernels
-        table["cpp"] = table["cuda"] = getattr(torch.ops.linclass, name).default
+    if name in _ops.CPP:  # the C++ ops dispatch on the device: CPU or CUDA kernels
+        table["cpp"] = table["cuda"] = _ops.CPP[name]
     if name in _ops.TRITON:
         table["triton"] = _ops.TRITON[name]
     return table

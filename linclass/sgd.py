@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import _ops, backends
 
 LOSSES = {"softmax": 0, "svm": 1}
 
@@ -41,8 +41,8 @@ def linear_sgd_step(input: torch.Tensor, weight: torch.Tensor, target: torch.Ten
     classifier's W transposed, the layout the kernels stream; updated in place),
     target (N,) int64, index (B,) int64 rows of the minibatch.
     """
-    return torch.ops.linclass.linear_sgd_step(input, weight, target, index, _loss_code(loss),
-                                              float(learning_rate), float(reg))
+    return _ops.call_cpp(torch.ops.linclass.linear_sgd_step, input, weight, target, index,
+                         _loss_code(loss), float(learning_rate), float(reg))
 
 
 def linear_sgd_sweep_step(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -55,5 +55,5 @@ def linear_sgd_sweep_step(input: torch.Tensor, weight: torch.Tensor, target: tor
     summed loss with respect to the scores X_b weight; decay and grad_scale hold one
     float32 factor per column (for plain SGD: 1 - 2 lr reg and -lr / B).
     """
-    torch.ops.linclass.linear_sgd_sweep_step(input, weight, target, index, _loss_code(loss),
-                                             int(runs), decay, grad_scale)
+    _ops.call_cpp(torch.ops.linclass.linear_sgd_sweep_step, input, weight, target, index,
+                  _loss_code(loss), int(runs), decay, grad_scale)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import linclass
+from linclass import _ops
 
 x = torch.randn(4, 5)
 t = torch.tensor([0, 1, 4, 2])
@@ -120,8 +121,12 @@ def test_raw_ops_check_arguments(kernel_backend):
         ce_op(x, t, None, -100, 0.0, 7, False)
     with pytest.raises(RuntimeError, match="batch size"):
         ce_op(x, t[:2], None, -100, 0.0, 1, False)
-    with pytest.raises(IndexError):
+    # On the stable ABI a C++ kernel can only raise RuntimeError: the raw op tags the
+    # message, the public functions (and _ops.call_cpp) raise the IndexError torch would.
+    with pytest.raises(RuntimeError, match=r"^\[IndexError\] cross_entropy: target"):
         ce_op(x, t + 10, None, -100, 0.0, 1, True)
+    with pytest.raises(IndexError, match="^cross_entropy: target"):
+        _ops.call_cpp(ce_op, x, t + 10, None, -100, 0.0, 1, True)
     margin_op = torch.ops.linclass.multi_margin_loss
     with pytest.raises(RuntimeError, match="p == 1"):
         margin_op(x, t, 3, 1.0, None, 1, False)

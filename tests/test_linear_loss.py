@@ -1,5 +1,6 @@
 """Fused linear + loss against the unfused torch composition."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -15,17 +16,26 @@ from helpers import rel_error
                 ids=lambda p: f"{p[0]}-{'auto' if not p[1] else f'{p[1]}rows'}")
 def linear_backend(request):
     """Each fused backend, with automatic blocks and with 3-row blocks (many blocks)."""
-    from linclass.kernels import linear_loss as triton_linear
-
     backend, rows = request.param
+    with _block_rows(rows), linclass.backends.use(backend):
+        yield backend
+
+
+@contextlib.contextmanager
+def _block_rows(rows):
+    """Rows per block of the C++ and (when installed) the Triton fused linear ops."""
+    triton_linear = None
+    if linclass.backends.runs_on("triton", "cpu"):
+        from linclass.kernels import linear_loss as triton_linear
     old = torch.ops.linclass._linear_block_rows(rows)
-    triton_linear.BLOCK_ROWS = rows
+    if triton_linear:
+        triton_linear.BLOCK_ROWS = rows
     try:
-        with linclass.backends.use(backend):
-            yield backend
+        yield
     finally:
         torch.ops.linclass._linear_block_rows(old)
-        triton_linear.BLOCK_ROWS = 0
+        if triton_linear:
+            triton_linear.BLOCK_ROWS = 0
 
 
 def make(n, d, c, dtype=torch.float64, bias=True, transposed_weight=False):
@@ -161,16 +171,8 @@ def test_no_score_matrix_is_allocated(linear_backend):
 
     x, w, b, t = make(2048, 8, 300, dtype=torch.float32)
     w = w.requires_grad_()
-    old = torch.ops.linclass._linear_block_rows(64)
-    from linclass.kernels import linear_loss as triton_linear
-
-    triton_linear.BLOCK_ROWS = 64
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            linclass.linear_cross_entropy(x, w, t, b).backward()
-    finally:
-        torch.ops.linclass._linear_block_rows(old)
-        triton_linear.BLOCK_ROWS = 0
+    with _block_rows(64), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        linclass.linear_cross_entropy(x, w, t, b).backward()
     biggest = max((e.self_cpu_memory_usage for e in prof.events()), default=0)
     assert biggest < 2048 * 300 * 4 // 4, biggest
 

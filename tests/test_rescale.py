@@ -19,9 +19,9 @@ LOSSES = [
 
 @pytest.fixture(params=["host-check", "device-rescale"])
 def rescale_mode(request, monkeypatch, kernel_backend):
-    """The C++ ops' autograd (csrc/autograd.h) reads grad_output on the host (CPU); the
-    Triton ops' (linclass/_ops.py) on the host too, or on the device (kernels/scale.py,
-    what CUDA runs)."""
+    """The autograd of the C++ and the Triton ops (linclass/_ops.py) reads grad_output on
+    the host for CPU tensors, or rescales on the device (kernels/scale.py, what CUDA
+    runs)."""
     if request.param == "device-rescale" and kernel_backend != "triton":
         pytest.skip("the device-side rescale belongs to the Triton backend")
     monkeypatch.setattr(_ops, "DEVICE_RESCALE_ON_CPU", request.param == "device-rescale")

@@ -67,6 +67,22 @@ def test_one_limited_api_wheel_holds_every_cpu_isa(wheel):
     assert "linclass/kernels/cross_entropy.py" in files  # the Triton kernels ship too
 
 
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_libraries_use_only_the_stable_abi(wheel, tmp_path):
+    """No library in the wheel imports a libtorch C++ symbol (at::, c10::, torch::): it
+    reaches libtorch only through the stable C shim (aoti_torch_*, torch_*), which is
+    what lets one build load into every torch from pyproject.toml's lower bound on."""
+    zipfile.ZipFile(wheel).extractall(tmp_path)
+    libs = sorted(glob.glob(str(tmp_path / "linclass" / "*.so")))
+    assert libs
+    for lib in libs:
+        undefined = _check(["nm", "-D", "--undefined-only", "-C", lib], timeout=60).splitlines()
+        names = [line.split(None, 1)[-1] for line in undefined]
+        cpp = [n for n in names if n.startswith(("at::", "c10::", "torch::"))]
+        assert not cpp, (os.path.basename(lib), cpp[:10])
+        assert any(n.startswith(("aoti_torch_", "torch_")) for n in names), os.path.basename(lib)
+
+
 def test_installed_wheel_runs_outside_the_tree(venv, tmp_path):
     out = _check([str(venv / "bin" / "python"), SMOKE, "--with-numpy"], timeout=300, cwd=tmp_path)
     assert "smoke ok" in out

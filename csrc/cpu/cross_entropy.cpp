@@ -6,26 +6,24 @@
 #include "common.h"
 #include "cross_entropy.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
 
 namespace linclass {
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& input_,
-                                                     const at::Tensor& target_,
-                                                     const std::optional<at::Tensor>& weight,
+std::tuple<Tensor, Tensor> cross_entropy_cpu(const Tensor& input_,
+                                                     const Tensor& target_,
+                                                     const OptTensor& weight,
                                                      int64_t ignore_index, double label_smoothing,
                                                      int64_t reduction, bool compute_grad) {
   check_cross_entropy_args(input_, target_, weight, label_smoothing, reduction);
   const auto [input, geom] = rows_of(input_);
-  const at::Tensor target = target_.contiguous();
+  const Tensor target = as_contiguous(target_);
   const int64_t C = geom.classes;
 
-  at::Tensor loss = empty_loss(input, target, reduction);
-  at::Tensor grad = compute_grad ? empty_cached(input.sizes(), input.scalar_type())
-                                 : at::empty({0}, input.options());
+  Tensor loss = empty_loss(input, target, reduction);
+  Tensor grad = compute_grad ? empty_cached(input.sizes(), input.scalar_type())
+                                 : empty_none(input);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_cpu", [&] {
+  LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "cross_entropy_cpu", [&] {
     const cpu::CrossEntropySetup<scalar_t> setup(target, weight, C, ignore_index, label_smoothing,
                                                  reduction, /*in_kernel=*/true);
     cpu::run_loss<scalar_t, cpu::CrossEntropyMath>(input, geom, target, setup.plan,

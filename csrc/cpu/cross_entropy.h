@@ -246,7 +246,7 @@ struct CrossEntropyMath {
 // Not copyable: `params.weight` points into `weight`.
 template <typename scalar_t>
 struct CrossEntropySetup {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   std::vector<acc_t> weight;
   ScratchVector<acc_t> lane_targets;
   TargetPlan<acc_t> plan;
@@ -255,7 +255,7 @@ struct CrossEntropySetup {
 
   // in_kernel: let the lane path (no class weights) read the targets itself; the fused
   // linear ops and the SGD step, which drive the tiles themselves, leave it false.
-  CrossEntropySetup(const at::Tensor& target, const std::optional<at::Tensor>& w, int64_t C,
+  CrossEntropySetup(const Tensor& target, const OptTensor& w, int64_t C,
                     int64_t ignore_index, double label_smoothing, int64_t reduction,
                     bool in_kernel = false)
       : weight(class_weights<scalar_t>(w, C)) {

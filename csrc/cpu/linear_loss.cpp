@@ -14,11 +14,6 @@
 #include "multi_margin.h"
 #include "small_gemm.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 
 namespace linclass {
 namespace {
@@ -35,16 +30,16 @@ int64_t block_rows(int64_t N, int64_t D, int64_t C, int64_t elem) {
 // Few classes in float32 with unit-stride rows: each block runs as one
 // cpu::small_linear_block (scores, loss, dX and dW sub-block by sub-block in cache).
 template <typename Math, typename Params>
-double linear_small_cpu(const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& b,
-                        const at::Tensor& target, const float* lane_targets, const Params& p,
+double linear_small_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
+                        const Tensor& target, const float* lane_targets, const Params& p,
                         const Mask& mask, Grads& grads) {
   const int64_t N = X.size(0), D = X.size(1), C = W.size(0);
   const bool any_grad = mask[0] || mask[1] || mask[2];
-  const at::Tensor Wr = W.contiguous();  // C x D: a copy only for a transposed W
-  const at::Tensor br = b ? b->contiguous() : at::Tensor();
+  const Tensor Wr = as_contiguous(W);  // C x D: a copy only for a transposed W
+  const Tensor br = b ? as_contiguous(*b) : Tensor();
   const int64_t o = linear_block_rows_override();
   const int64_t BR = o ? std::max<int64_t>(1, o) : cpu::kSubBlocks * cpu::small_sub_rows(D);
-  at::Tensor S = at::empty({std::min(BR, std::max<int64_t>(N, 1)), C}, X.options());
+  Tensor S = empty({std::min(BR, std::max<int64_t>(N, 1)), C}, X);
   cpu::SmallLinear a;
   a.ldx = X.stride(0);
   a.W = Wr.const_data_ptr<float>();
@@ -90,8 +85,8 @@ double linear_small_cpu(const at::Tensor& X, const at::Tensor& W, const std::opt
 }
 
 template <typename scalar_t, typename Math, typename Params>
-double linear_blocks_cpu(const at::Tensor& X, const at::Tensor& W, const std::optional<at::Tensor>& b,
-                         const at::Tensor& target, const at::opmath_type<scalar_t>* lane_targets,
+double linear_blocks_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
+                         const Tensor& target, const acc_type<scalar_t>* lane_targets,
                          const Params& p, const Mask& mask, Grads& grads) {
   const int64_t N = X.size(0), D = X.size(1), C = W.size(0);
   if constexpr (std::is_same_v<scalar_t, float>)
@@ -99,18 +94,18 @@ double linear_blocks_cpu(const at::Tensor& X, const at::Tensor& W, const std::op
       return linear_small_cpu<Math>(X, W, b, target, lane_targets, p, mask, grads);
   const bool any_grad = mask[0] || mask[1] || mask[2];
   const int64_t BR = block_rows(N, D, C, X.element_size());
-  at::Tensor S = at::empty({std::min(BR, std::max<int64_t>(N, 1)), C}, X.options());
-  const at::Tensor Wt = W.t();
-  GradAccumulator acc(grads, mask, at::toOpMathType(X.scalar_type()));
+  Tensor S = empty({std::min(BR, std::max<int64_t>(N, 1)), C}, X);
+  const Tensor Wt = transposed(W);
+  GradAccumulator acc(grads, mask, acc_scalar_type(X.scalar_type()));
   double total = 0;
   for (int64_t r0 = 0; r0 < N; r0 += BR) {
     const int64_t n = std::min(BR, N - r0);
-    at::Tensor Sb = S.narrow(0, 0, n);
-    const at::Tensor Xb = X.narrow(0, r0, n);
+    Tensor Sb = narrowed(S, 0, 0, n);
+    const Tensor Xb = narrowed(X, 0, r0, n);
     if (b)
-      at::addmm_out(Sb, *b, Xb, Wt);
+      addmm_out(Sb, *b, Xb, Wt);
     else
-      at::mm_out(Sb, Xb, Wt);
+      mm_out(Sb, Xb, Wt);
     cpu::RowTask<scalar_t> task;  // the loss kernel, in place: Sb becomes dS
     task.input = Sb.const_data_ptr<scalar_t>();
     task.in = *row_geometry(Sb);
@@ -129,17 +124,17 @@ double linear_blocks_cpu(const at::Tensor& X, const at::Tensor& W, const std::op
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target_, int64_t ignore_index, double label_smoothing, int64_t reduction,
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_cpu(
+    const Tensor& input, const Tensor& weight, const OptTensor& bias,
+    const Tensor& target_, int64_t ignore_index, double label_smoothing, int64_t reduction,
     Mask mask) {
   check_linear_args("linear_cross_entropy", input, weight, bias, target_, reduction, mask);
-  TORCH_CHECK(label_smoothing <= 1.0, "linear_cross_entropy: label_smoothing must be <= 1, got ",
+  LINCLASS_CHECK(label_smoothing <= 1.0, "linear_cross_entropy: label_smoothing must be <= 1, got ",
               label_smoothing);
-  const at::Tensor target = target_.contiguous();
+  const Tensor target = as_contiguous(target_);
   Grads grads = empty_grads(input, weight, mask);
-  at::Tensor loss = at::empty({}, input.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_cpu", [&] {
+  Tensor loss = empty({}, input);
+  LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "linear_cross_entropy_cpu", [&] {
     // A linear layer has no class weights: the loss's `weight` stays None.
     const cpu::CrossEntropySetup<scalar_t> setup(target, std::nullopt, weight.size(0), ignore_index,
                                                  label_smoothing, reduction);
@@ -150,15 +145,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   return {loss, grads.input, grads.weight, grads.bias};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_multi_margin_loss_cpu(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target_, int64_t p, double margin, int64_t reduction, Mask mask) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_multi_margin_loss_cpu(
+    const Tensor& input, const Tensor& weight, const OptTensor& bias,
+    const Tensor& target_, int64_t p, double margin, int64_t reduction, Mask mask) {
   check_linear_args("linear_multi_margin_loss", input, weight, bias, target_, reduction, mask);
-  TORCH_CHECK(p == 1 || p == 2, "linear_multi_margin_loss: only p == 1 and p == 2 supported, got ", p);
-  const at::Tensor target = target_.contiguous();
+  LINCLASS_CHECK(p == 1 || p == 2, "linear_multi_margin_loss: only p == 1 and p == 2 supported, got ", p);
+  const Tensor target = as_contiguous(target_);
   Grads grads = empty_grads(input, weight, mask);
-  at::Tensor loss = at::empty({}, input.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_multi_margin_loss_cpu", [&] {
+  Tensor loss = empty({}, input);
+  LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "linear_multi_margin_loss_cpu", [&] {
     const cpu::MultiMarginSetup<scalar_t> setup(target, std::nullopt, weight.size(0), p, margin, reduction);
     const double total = linear_blocks_cpu<scalar_t, cpu::MultiMarginMath>(
         input, weight, bias, target, setup.lane_targets.data(), setup.params, mask, grads);

@@ -21,10 +21,6 @@
 #include "multi_margin.h"
 #include "small_gemm.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/index_select.h>
-#include <ATen/ops/mm.h>
 
 #include <optional>
 #include <vector>
@@ -32,37 +28,45 @@
 namespace linclass {
 namespace {
 
+// `index` as a contiguous tensor, once every entry is a row of the N examples (an
+// IndexError naming the first one that is not).
+Tensor checked_index(const char* op, const Tensor& index, int64_t N) {
+  const Tensor idx = as_contiguous(index);
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < idx.numel(); ++r)
+    LINCLASS_CHECK_INDEX(ip[r] >= 0 && ip[r] < N, op, ": index[", r, "] = ", ip[r],
+                         " is out of range for ", N, " examples");
+  return idx;
+}
+
 // The arguments both steps share: the data X (N, D), labels y (N), minibatch index, loss.
-void check_step_args(const char* op, const at::Tensor& X, const at::Tensor& y, const at::Tensor& index,
+void check_step_args(const char* op, const Tensor& X, const Tensor& y, const Tensor& index,
                      int64_t loss_kind) {
-  TORCH_CHECK(X.device().is_cpu() && X.scalar_type() == at::kFloat && X.dim() == 2 && X.is_contiguous(),
+  LINCLASS_CHECK(X.is_cpu() && X.scalar_type() == ScalarType::Float && X.dim() == 2 && X.is_contiguous(),
               op, ": input must be a contiguous float32 CPU matrix (N, D)");
-  TORCH_CHECK(y.scalar_type() == at::kLong && y.dim() == 1 && y.size(0) == X.size(0) && y.is_contiguous(),
+  LINCLASS_CHECK(y.scalar_type() == ScalarType::Long && y.dim() == 1 && y.size(0) == X.size(0) && y.is_contiguous(),
               op, ": target must be a contiguous int64 vector of ", X.size(0), " labels");
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1, op, ": index must be an int64 vector");
-  TORCH_CHECK(loss_kind == 0 || loss_kind == 1, op, ": loss must be 0 (softmax) or 1 (svm)");
+  LINCLASS_CHECK(index.scalar_type() == ScalarType::Long && index.dim() == 1, op, ": index must be an int64 vector");
+  LINCLASS_CHECK(loss_kind == 0 || loss_kind == 1, op, ": loss must be 0 (softmax) or 1 (svm)");
 }
 
 }  // namespace
 
-double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
-                       const at::Tensor& index, int64_t loss_kind, double lr, double reg) {
+double linear_sgd_step(const Tensor& X, const Tensor& Wt, const Tensor& y,
+                       const Tensor& index, int64_t loss_kind, double lr, double reg) {
   check_step_args("linear_sgd_step", X, y, index, loss_kind);
   const int64_t N = X.size(0), D = X.size(1);
-  TORCH_CHECK(Wt.device().is_cpu() && Wt.scalar_type() == at::kFloat && Wt.dim() == 2 &&
+  LINCLASS_CHECK(Wt.is_cpu() && Wt.scalar_type() == ScalarType::Float && Wt.dim() == 2 &&
                   Wt.is_contiguous() && Wt.size(1) == D,
               "linear_sgd_step: weight must be a contiguous float32 (C, D) matrix with D = ", D);
   const int64_t B = index.size(0), C = Wt.size(0);
-  const at::Tensor idx = index.contiguous();
+  const Tensor idx = checked_index("linear_sgd_step", index, N);
   const int64_t* ip = idx.const_data_ptr<int64_t>();
-  for (int64_t r = 0; r < B; ++r)
-    TORCH_CHECK_INDEX(ip[r] >= 0 && ip[r] < N, "linear_sgd_step: index[", r, "] = ", ip[r],
-                      " is out of range for ", N, " examples");
 
   // The minibatch labels; for few classes the kernels read the rows of X in place
   // through the index, the BLAS path gathers them.
   const bool small = C <= cpu::kSmallGemmC;
-  at::Tensor yb = at::empty({B}, y.options());
+  Tensor yb = empty({B}, y);
   int64_t* ybp = yb.mutable_data_ptr<int64_t>();
   const int64_t* yp = y.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < B; ++r) ybp[r] = yp[ip[r]];
@@ -70,7 +74,7 @@ double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
   // Scores, the fused loss kernel turning them into d(mean loss)/d scores in place, and
   // dW^T = dS^T Xb (as partial sums: `parts` of them, C x D each).  The SVM sums its
   // hinges where torch's divides them by C.
-  at::Tensor S = at::empty({B, C}, X.options());
+  Tensor S = empty({B, C}, X);
   std::optional<cpu::CrossEntropySetup<float>> ce;
   std::optional<cpu::MultiMarginSetup<float>> svm;
   if (loss_kind == 0) {
@@ -95,7 +99,7 @@ double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
   };
   double data_loss;
   cpu::SmallWeightGrad wgrad;
-  at::Tensor dWt;
+  Tensor dWt;
   const float* gp;
   int64_t parts = 1;
   if (small) {
@@ -114,10 +118,10 @@ double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
     gp = wgrad.partials.get();
     parts = wgrad.used;
   } else {
-    const at::Tensor Xb = X.index_select(0, idx);
-    at::mm_out(S, Xb, Wt.t());
+    const Tensor Xb = gather_rows(X, 0, idx);
+    mm_out(S, Xb, transposed(Wt));
     data_loss = loss_rows(S.mutable_data_ptr<float>(), 0, B);
-    dWt = at::mm(S.t(), Xb);
+    dWt = mm(transposed(S), Xb);
     gp = dWt.const_data_ptr<float>();
   }
   data_loss = ce ? data_loss / ce->denom : data_loss * C / svm->denom;
@@ -130,7 +134,7 @@ double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
   const float two_reg = float(2 * reg), step = float(lr);
   using VF = cpu::Vec<float>;
   constexpr int64_t L = VF::size();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       double s2 = 0;
       for (int64_t i = b * per, e = std::min(n, i + per); i < e; i += L) {
@@ -161,27 +165,27 @@ double linear_sgd_step(const at::Tensor& X, at::Tensor& Wt, const at::Tensor& y,
 // One call per step instead of ~10 small torch ops: the kernels need no repeated targets
 // and no separate column scaling (each run's rows are a strided view of S with its own
 // kernel scale), and the gathered rows reuse one cached buffer.
-void linear_sgd_sweep_step(const at::Tensor& X, at::Tensor& W, const at::Tensor& y,
-                           const at::Tensor& index, int64_t loss_kind, int64_t K,
-                           const at::Tensor& decay, const at::Tensor& grad_scale) {
+void linear_sgd_sweep_step(const Tensor& X, const Tensor& W, const Tensor& y,
+                           const Tensor& index, int64_t loss_kind, int64_t K,
+                           const Tensor& decay, const Tensor& grad_scale) {
   check_step_args("linear_sgd_sweep_step", X, y, index, loss_kind);
   const int64_t D = X.size(1), KC = W.dim() == 2 ? W.size(1) : 0;
-  TORCH_CHECK(W.device().is_cpu() && W.scalar_type() == at::kFloat && W.dim() == 2 && W.size(0) == D &&
+  LINCLASS_CHECK(W.is_cpu() && W.scalar_type() == ScalarType::Float && W.dim() == 2 && W.size(0) == D &&
                   W.is_contiguous(),
               "linear_sgd_sweep_step: weight must be a contiguous float32 (D, K * C) matrix with D = ", D);
-  for (const at::Tensor* t : {&decay, &grad_scale})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == KC,
+  for (const Tensor* t : {&decay, &grad_scale})
+    LINCLASS_CHECK(t->is_cpu() && t->scalar_type() == ScalarType::Float && t->dim() == 1 && t->size(0) == KC,
                 "linear_sgd_sweep_step: decay and grad_scale must be float32 vectors of ", KC,
                 " entries (one per column of weight)");
-  TORCH_CHECK(K > 0 && KC % K == 0 && KC > 0, "linear_sgd_sweep_step: the weight's ", KC,
+  LINCLASS_CHECK(K > 0 && KC % K == 0 && KC > 0, "linear_sgd_sweep_step: the weight's ", KC,
               " columns cannot hold ", K, " runs of the same number of classes");
   const int64_t C = KC / K, B = index.size(0);  // the kernels check the labels against C
 
-  // index_select checks the indices (an IndexError naming the bad one).
-  at::Tensor xb = empty_cached({B, D}, at::kFloat);
-  at::index_select_out(xb, X, 0, index);
-  const at::Tensor yb = y.index_select(0, index);
-  at::Tensor S = at::mm(xb, W);
+  checked_index("linear_sgd_sweep_step", index, X.size(0));
+  Tensor xb = empty_cached({B, D}, ScalarType::Float);
+  index_select_out(xb, X, 0, index);
+  const Tensor yb = gather_rows(y, 0, index);
+  Tensor S = mm(xb, W);
 
   // The kernels: run k's scores are the rows of S's column block k (row stride K C).
   std::optional<cpu::CrossEntropySetup<float>> ce;
@@ -193,7 +197,7 @@ void linear_sgd_sweep_step(const at::Tensor& X, at::Tensor& W, const at::Tensor&
   const auto& lanes = ce ? ce->lane_targets : svm->lane_targets;
   const float* scale = grad_scale.const_data_ptr<float>();
   float* sp = S.mutable_data_ptr<float>();
-  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+  torch::stable::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       cpu::RowTask<float> task;
       task.input = sp + k * C;
@@ -215,8 +219,8 @@ void linear_sgd_sweep_step(const at::Tensor& X, at::Tensor& W, const at::Tensor&
       }
     }
   });
-  W.mul_(decay);
-  W.addmm_(xb.t(), S);
+  mul_(W, decay);
+  addmm_(W, transposed(xb), S);
 }
 
 

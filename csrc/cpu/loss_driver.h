@@ -10,9 +10,7 @@
 #include "lane_targets.h"
 #include "row_driver.h"
 
-#include <ATen/core/Tensor.h>
 
-#include <c10/util/Exception.h>
 
 #include <memory>
 #include <optional>
@@ -23,7 +21,7 @@
 namespace linclass::cpu {
 
 // "[2, 3]" for flat index 11 of a (4, 4) target ("" for a 0-d target).
-inline std::string index_string(int64_t flat, at::IntArrayRef shape) {
+inline std::string index_string(int64_t flat, IntList shape) {
   if (shape.empty()) return "";
   std::vector<int64_t> idx(shape.size());
   for (int64_t d = int64_t(shape.size()) - 1; d >= 0; --d) {
@@ -75,7 +73,7 @@ TargetSummary scan_targets(const int64_t* target, int64_t rows, int64_t classes,
   const int64_t blocks = (rows + per_block - 1) / per_block;
   std::vector<double> sums(blocks, 0.0);
   std::vector<int64_t> bad(blocks, -1);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     acc_t* const lane = lane_targets;  // locals: the stores below cannot alias them
     const int64_t* const tgt = target;
     for (int64_t b = b0; b < b1; ++b) {
@@ -112,7 +110,7 @@ TargetSummary scan_targets(const int64_t* target, int64_t rows, int64_t classes,
 
 // The op's error for the bad target at flat index `first_bad` (torch raises IndexError
 // for cross_entropy, RuntimeError for multi_margin_loss).
-[[noreturn]] inline void throw_bad_target(const char* op, bool index_error, const at::Tensor& target,
+[[noreturn]] inline void throw_bad_target(const char* op, bool index_error, const Tensor& target,
                                           int64_t first_bad, const TargetRule& rule) {
   std::ostringstream msg;
   msg << op << ": target" << index_string(first_bad, target.sizes()) << " = "
@@ -120,14 +118,14 @@ TargetSummary scan_targets(const int64_t* target, int64_t rows, int64_t classes,
       << " classes (expected 0 <= target < " << rule.classes;
   if (rule.has_ignore) msg << " or target == ignore_index, which is " << rule.ignore_index;
   msg << ")";
-  if (index_error) TORCH_CHECK_INDEX(false, msg.str());
-  TORCH_CHECK(false, msg.str());
+  if (index_error) LINCLASS_CHECK_INDEX(false, msg.str());
+  LINCLASS_CHECK(false, msg.str());
 }
 
 // Scans `target` with scan_targets and throws the op's error naming the first bad
 // target.  Returns the weight sum of the rows that count.
 template <typename acc_t>
-double checked_targets(const char* op, bool index_error, const at::Tensor& target, int64_t C,
+double checked_targets(const char* op, bool index_error, const Tensor& target, int64_t C,
                        bool has_ignore, int64_t ignore_index, const acc_t* weight,
                        ScratchVector<acc_t>& lane_targets) {
   const int64_t rows = target.numel();
@@ -141,11 +139,11 @@ double checked_targets(const char* op, bool index_error, const at::Tensor& targe
 }
 
 // Class weights as a contiguous acc_t vector (all ones without `weight`).
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-std::vector<acc_t> class_weights(const std::optional<at::Tensor>& weight, int64_t classes) {
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+std::vector<acc_t> class_weights(const OptTensor& weight, int64_t classes) {
   std::vector<acc_t> w(classes, acc_t(1));
   if (weight.has_value()) {
-    const at::Tensor wc = weight->contiguous();
+    const Tensor wc = as_contiguous(*weight);
     const scalar_t* wp = wc.const_data_ptr<scalar_t>();
     for (int64_t j = 0; j < classes; ++j) w[j] = acc_t(wp[j]);
   }
@@ -170,16 +168,16 @@ struct TargetPlan {
 // Runs Math over every row of `input` and fills `loss` (and `grad` when compute_grad)
 // for the given reduction; `denom` divides the 'mean'.
 template <typename scalar_t, typename Math, typename Params>
-void run_loss(const at::Tensor& input, const RowGeometry& geom, const at::Tensor& target,
-              const TargetPlan<at::opmath_type<scalar_t>>& plan, int64_t reduction, double denom,
-              bool compute_grad, at::Tensor& loss, at::Tensor& grad, const Params& p) {
+void run_loss(const Tensor& input, const RowGeometry& geom, const Tensor& target,
+              const TargetPlan<acc_type<scalar_t>>& plan, int64_t reduction, double denom,
+              bool compute_grad, Tensor& loss, Tensor& grad, const Params& p) {
   RowTask<scalar_t> task;
   task.input = input.const_data_ptr<scalar_t>();
   task.in = geom;
   if (compute_grad) {
     task.grad = grad.mutable_data_ptr<scalar_t>();
     task.gout = *row_geometry(grad);
-    task.stream_grad = stream_gradient(int64_t(grad.nbytes()),
+    task.stream_grad = stream_gradient(int64_t(nbytes(grad)),
                                        geom.classes * int64_t(sizeof(scalar_t)));
   }
   task.target = target.const_data_ptr<int64_t>();
@@ -206,7 +204,7 @@ void run_loss(const at::Tensor& input, const RowGeometry& geom, const at::Tensor
     if (plan.mean_of_kept && reduction == kMean && double(kept) != denom) {
       // Some rows were ignored: the pass divided by all rows.  With none kept the
       // gradient is all zeros and stays so; the loss becomes 0 / 0 = NaN like torch's.
-      if (compute_grad && kept > 0) grad.mul_(denom / double(kept));
+      if (compute_grad && kept > 0) mul_(grad, denom / double(kept));
       denom = double(kept);
     }
   }

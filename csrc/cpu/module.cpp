@@ -4,6 +4,7 @@
 #include <Python.h>
 
 #include "cpu/ops.h"
+#include "shared_state.h"
 
 #ifndef LINCLASS_ISA
 #error "compile csrc/cpu/ with -DLINCLASS_ISA=<avx512|avx2|default> (see setup.py)"
@@ -16,24 +17,23 @@
 
 PyMODINIT_FUNC LINCLASS_CAT(PyInit__cpu_, LINCLASS_ISA)(void) {
   using namespace linclass;
-  try {
-    offer_cpu_kernels(CpuKernels{
-        LINCLASS_STR(LINCLASS_ISA),
-        &cross_entropy_cpu,
-        &multi_margin_loss_cpu,
-        &linear_cross_entropy_cpu,
-        &linear_multi_margin_loss_cpu,
-        &linear_sgd_step,
-        &linear_sgd_sweep_step,
-        &ce_shard_stats_cpu,
-        &ce_shard_grad_cpu,
-        &mm_shard_grad_cpu,
-    });
-  } catch (const std::exception& e) {  // no C++ exception may cross into Python's import
-    PyErr_SetString(PyExc_ImportError, e.what());
+  static const CpuKernels table{
+      LINCLASS_STR(LINCLASS_ISA),
+      &cross_entropy_cpu,
+      &multi_margin_loss_cpu,
+      &linear_cross_entropy_cpu,
+      &linear_multi_margin_loss_cpu,
+      &linear_sgd_step,
+      &linear_sgd_sweep_step,
+      &ce_shard_stats_cpu,
+      &ce_shard_grad_cpu,
+      &mm_shard_grad_cpu,
+  };
+  if (linclass_offer_cpu_kernels(&table) != 0) {
+    PyErr_SetString(PyExc_ImportError, "linclass: too many CPU kernel tables");
     return nullptr;
   }
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT,
-                                          "_cpu_" LINCLASS_STR(LINCLASS_ISA), nullptr, -1, nullptr};
+                                        "_cpu_" LINCLASS_STR(LINCLASS_ISA), nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }

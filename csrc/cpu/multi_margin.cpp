@@ -6,26 +6,24 @@
 #include "common.h"
 #include "multi_margin.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
 
 namespace linclass {
 
-std::tuple<at::Tensor, at::Tensor> multi_margin_loss_cpu(const at::Tensor& input,
-                                                         const at::Tensor& target_, int64_t p,
+std::tuple<Tensor, Tensor> multi_margin_loss_cpu(const Tensor& input,
+                                                         const Tensor& target_, int64_t p,
                                                          double margin,
-                                                         const std::optional<at::Tensor>& weight,
+                                                         const OptTensor& weight,
                                                          int64_t reduction, bool compute_grad) {
   check_multi_margin_args(input, target_, p, weight, reduction);
   const auto geom = *row_geometry(input);  // 2-D inputs always have a geometry
-  const at::Tensor target = target_.contiguous();
+  const Tensor target = as_contiguous(target_);
   const int64_t C = geom.classes;
 
-  at::Tensor loss = empty_loss(input, target, reduction);
-  at::Tensor grad = compute_grad ? empty_cached(input.sizes(), input.scalar_type())
-                                 : at::empty({0}, input.options());
+  Tensor loss = empty_loss(input, target, reduction);
+  Tensor grad = compute_grad ? empty_cached(input.sizes(), input.scalar_type())
+                                 : empty_none(input);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "multi_margin_loss_cpu", [&] {
+  LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "multi_margin_loss_cpu", [&] {
     const cpu::MultiMarginSetup<scalar_t> setup(target, weight, C, p, margin, reduction,
                                                   /*in_kernel=*/true);
     cpu::run_loss<scalar_t, cpu::MultiMarginMath>(input, geom, target, setup.plan,

@@ -174,14 +174,14 @@ struct MultiMarginMath {
 // denominator), so its lane path always reads the targets in the kernel.
 template <typename scalar_t>
 struct MultiMarginSetup {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   std::vector<acc_t> weight;
   ScratchVector<acc_t> lane_targets;
   TargetPlan<acc_t> plan;
   double denom = 1;
   MultiMarginParams<acc_t> params;
 
-  MultiMarginSetup(const at::Tensor& target, const std::optional<at::Tensor>& w, int64_t C,
+  MultiMarginSetup(const Tensor& target, const OptTensor& w, int64_t C,
                    int64_t p, double margin, int64_t reduction, bool in_kernel = false)
       : weight(class_weights<scalar_t>(w, C)) {
     plan.op = "multi_margin_loss";

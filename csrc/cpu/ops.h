@@ -9,7 +9,8 @@
 // chosen at load by linclass/_extension.py and switchable for tests).
 #pragma once
 
-#include <ATen/core/Tensor.h>
+
+#include "tensor_ops.h"
 
 #include <array>
 #include <optional>
@@ -20,46 +21,46 @@
 namespace linclass {
 
 // cpu/cross_entropy.cpp
-std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& input, const at::Tensor& target,
-                                                     const std::optional<at::Tensor>& weight,
+std::tuple<Tensor, Tensor> cross_entropy_cpu(const Tensor& input, const Tensor& target,
+                                                     const OptTensor& weight,
                                                      int64_t ignore_index, double label_smoothing,
                                                      int64_t reduction, bool compute_grad);
 
 // cpu/multi_margin.cpp
-std::tuple<at::Tensor, at::Tensor> multi_margin_loss_cpu(const at::Tensor& input, const at::Tensor& target,
+std::tuple<Tensor, Tensor> multi_margin_loss_cpu(const Tensor& input, const Tensor& target,
                                                          int64_t p, double margin,
-                                                         const std::optional<at::Tensor>& weight,
+                                                         const OptTensor& weight,
                                                          int64_t reduction, bool compute_grad);
 
 // cpu/linear_loss.cpp
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, int64_t ignore_index, double label_smoothing, int64_t reduction,
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_cpu(
+    const Tensor& input, const Tensor& weight, const OptTensor& bias,
+    const Tensor& target, int64_t ignore_index, double label_smoothing, int64_t reduction,
     std::array<bool, 3> output_mask);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_multi_margin_loss_cpu(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, int64_t p, double margin, int64_t reduction,
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_multi_margin_loss_cpu(
+    const Tensor& input, const Tensor& weight, const OptTensor& bias,
+    const Tensor& target, int64_t p, double margin, int64_t reduction,
     std::array<bool, 3> output_mask);
 
 // cpu/linear_sgd.cpp
-double linear_sgd_step(const at::Tensor& input, at::Tensor& weight, const at::Tensor& target,
-                       const at::Tensor& index, int64_t loss, double learning_rate, double reg);
-void linear_sgd_sweep_step(const at::Tensor& input, at::Tensor& weight, const at::Tensor& target,
-                           const at::Tensor& index, int64_t loss, int64_t runs,
-                           const at::Tensor& decay, const at::Tensor& grad_scale);
+double linear_sgd_step(const Tensor& input, const Tensor& weight, const Tensor& target,
+                       const Tensor& index, int64_t loss, double learning_rate, double reg);
+void linear_sgd_sweep_step(const Tensor& input, const Tensor& weight, const Tensor& target,
+                           const Tensor& index, int64_t loss, int64_t runs,
+                           const Tensor& decay, const Tensor& grad_scale);
 
 // cpu/sharded.cpp: the phases of the class-sharded losses (linclass/_sharded.py).
-at::Tensor ce_shard_stats_cpu(const at::Tensor& x, const at::Tensor& target, int64_t start,
-                              const std::optional<at::Tensor>& weight, bool smoothing,
+Tensor ce_shard_stats_cpu(const Tensor& x, const Tensor& target, int64_t start,
+                              const OptTensor& weight, bool smoothing,
                               int64_t ignore_index);
-at::Tensor ce_shard_grad_cpu(const at::Tensor& x, const at::Tensor& target, int64_t start,
-                             const std::optional<at::Tensor>& weight, const at::Tensor& shift,
-                             const at::Tensor& exp_coef, const at::Tensor& weight_coef,
-                             const at::Tensor& target_grad, int64_t ignore_index,
-                             const std::optional<at::Tensor>& out);
-std::tuple<at::Tensor, at::Tensor> mm_shard_grad_cpu(const at::Tensor& x, const at::Tensor& target,
-                                                     int64_t start, const at::Tensor& x_y,
-                                                     const at::Tensor& row_coef, int64_t p,
+Tensor ce_shard_grad_cpu(const Tensor& x, const Tensor& target, int64_t start,
+                             const OptTensor& weight, const Tensor& shift,
+                             const Tensor& exp_coef, const Tensor& weight_coef,
+                             const Tensor& target_grad, int64_t ignore_index,
+                             const OptTensor& out);
+std::tuple<Tensor, Tensor> mm_shard_grad_cpu(const Tensor& x, const Tensor& target,
+                                                     int64_t start, const Tensor& x_y,
+                                                     const Tensor& row_coef, int64_t p,
                                                      double margin, bool compute_grad);
 
 // One ISA's build of the entry points above.
@@ -76,9 +77,9 @@ struct CpuKernels {
   decltype(&mm_shard_grad_cpu) mm_shard_grad;
 };
 
-// csrc/cpu_dispatch.cpp (in linclass._C).  A module offers its table; the first one
-// offered becomes active until use_cpu_kernels names another.
-void offer_cpu_kernels(const CpuKernels& kernels);
+// csrc/cpu_dispatch.cpp (in linclass._C).  A module offers its table through
+// linclass_offer_cpu_kernels (shared_state.h); the first one offered becomes active
+// until use_cpu_kernels names another.
 // The active table; raises a clear error when no CPU kernel module is loaded.
 const CpuKernels& active_cpu_kernels();
 // Makes the table of that ISA active (it must have been offered); returns the previous

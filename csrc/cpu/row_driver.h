@@ -32,8 +32,6 @@
 #include "transpose.h"
 #include "vec_util.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <atomic>
@@ -90,7 +88,7 @@ struct RowTask {
   // Lane path only: the targets as acc_t, -1 where the row contributes nothing; or, when
   // null, `rule`: the kernel reads `target` itself, checks it against the rule and
   // counts into `tallies` (one per block; see lane_targets.h).
-  const at::opmath_type<scalar_t>* lane_targets = nullptr;
+  const acc_type<scalar_t>* lane_targets = nullptr;
   const TargetRule* rule = nullptr;
   TargetTally* tallies = nullptr;
   bool stream_grad = false;         // write the gradient around the caches
@@ -120,7 +118,7 @@ inline int64_t num_blocks(int64_t rows, int64_t classes) {
 template <typename scalar_t, typename Math, bool kGrad, typename Params>
 void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
                    int64_t ahead_end, double* partial) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   const int64_t C = t.in.classes;
   // Rows are used in place when they already are contiguous acc_t; otherwise they are
   // converted into `buf`, the math runs in place there, and the gradient is written back.
@@ -248,7 +246,7 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
 template <typename scalar_t, typename Math, bool kGrad, typename Params>
 void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
                     double* partial, TargetTally* tally) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
   constexpr int U = Math::kLaneTiles;  // full tiles handed to the math at once
@@ -368,7 +366,7 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
     // can prefetch the next row across block boundaries (a block is a single row when
     // C >= 16384).  Each block already holds ~kBlockElements of work, so one block per
     // task keeps tiny inputs on the calling thread.
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
@@ -387,8 +385,8 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   // the barrier.  Each block writes only its own rows, partial sum and tally, so the
   // result does not depend on which thread ran it.
   std::atomic<int64_t> next_block{0};
-  const int64_t tasks = std::min<int64_t>(blocks, at::get_num_threads());
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+  const int64_t tasks = std::min<int64_t>(blocks, int64_t(torch::stable::get_num_threads()));
+  torch::stable::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
     for (int64_t b = next_block.fetch_add(1); b < blocks; b = next_block.fetch_add(1)) {
       const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
       double* partial = t.partials ? t.partials + b : nullptr;

@@ -18,11 +18,6 @@
 #include "buffer_cache.h"
 #include "vec_util.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/ones.h>
-#include <c10/util/Exception.h>
 
 #include <cmath>
 #include <limits>
@@ -39,11 +34,11 @@ int64_t grain(int64_t classes) { return std::max<int64_t>(1, (int64_t(1) << 15) 
 // Gradients larger than the caches go out with non-temporal stores.
 bool stream_rows(int64_t rows, int64_t classes, int64_t elem) { return rows * classes * elem > (8 << 20); }
 
-void check_shard(const at::Tensor& x, const at::Tensor& target, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": scores must be (N, C_local)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+void check_shard(const Tensor& x, const Tensor& target, const char* op) {
+  LINCLASS_CHECK(x.dim() == 2, op, ": scores must be (N, C_local)");
+  LINCLASS_CHECK(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double, op,
               ": scores must be float32 or float64");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0) && target.scalar_type() == at::kLong,
+  LINCLASS_CHECK(target.dim() == 1 && target.size(0) == x.size(0) && target.scalar_type() == ScalarType::Long,
               op, ": target must be int64 (N,)");
 }
 
@@ -56,7 +51,7 @@ inline int64_t owned_column(int64_t y, int64_t start, int64_t width, int64_t ign
 template <typename T>
 void ce_stats_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64_t start,
                    int64_t ignore_index, const T* w, T* out) {
-  at::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+  torch::stable::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const T* row = x + i * C;
       const T* next = i + 1 < r1 ? row + C : nullptr;
@@ -92,7 +87,7 @@ void ce_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
                   int64_t ignore_index, const T* w, const T* shift, const T* a, const T* b,
                   const T* target_grad, T* g) {
   const bool stream = stream_rows(N, C, sizeof(T));
-  at::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+  torch::stable::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const T* row = x + i * C;
       T* out = g + i * C;
@@ -117,7 +112,7 @@ void mm_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
                   const T* x_y, const T* v, int64_t p, T margin, T* stats, T* g) {
   const bool stream = g && stream_rows(N, C, sizeof(T));
   constexpr int64_t W = Vec<T>::size();
-  at::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+  torch::stable::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const T* row = x + i * C;
       const int64_t col = owned_column(target[i], start, C, std::numeric_limits<int64_t>::min());
@@ -149,16 +144,16 @@ void mm_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
 
 }  // namespace
 
-at::Tensor ce_shard_stats_cpu(const at::Tensor& x_, const at::Tensor& target_, int64_t start,
-                          const std::optional<at::Tensor>& weight, bool smoothing,
+Tensor ce_shard_stats_cpu(const Tensor& x_, const Tensor& target_, int64_t start,
+                          const OptTensor& weight, bool smoothing,
                           int64_t ignore_index) {
   check_shard(x_, target_, "_ce_shard_stats");
-  const at::Tensor x = x_.contiguous(), target = target_.contiguous();
+  const Tensor x = as_contiguous(x_), target = as_contiguous(target_);
   const int64_t N = x.size(0), C = x.size(1);
-  at::Tensor out = at::empty({6, N}, x.options());
-  at::Tensor w;
-  if (smoothing) w = weight ? weight->to(x.scalar_type()).contiguous() : at::ones({C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_ce_shard_stats", [&] {
+  Tensor out = empty({6, N}, x);
+  Tensor w;
+  if (smoothing) w = weight ? as_contiguous(to_dtype(*weight, x.scalar_type())) : torch::stable::full({C}, 1.0, x.scalar_type(), std::nullopt, x.device());
+  LINCLASS_DISPATCH_FLOAT_DOUBLE(x.scalar_type(), "_ce_shard_stats", [&] {
     ce_stats_rows<scalar_t>(x.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C,
                             start, ignore_index, smoothing ? w.const_data_ptr<scalar_t>() : nullptr,
                             out.mutable_data_ptr<scalar_t>());
@@ -166,28 +161,28 @@ at::Tensor ce_shard_stats_cpu(const at::Tensor& x_, const at::Tensor& target_, i
   return out;
 }
 
-at::Tensor ce_shard_grad_cpu(const at::Tensor& x_, const at::Tensor& target_, int64_t start,
-                         const std::optional<at::Tensor>& weight, const at::Tensor& shift,
-                         const at::Tensor& exp_coef, const at::Tensor& weight_coef,
-                         const at::Tensor& target_grad, int64_t ignore_index,
-                         const std::optional<at::Tensor>& out) {
+Tensor ce_shard_grad_cpu(const Tensor& x_, const Tensor& target_, int64_t start,
+                         const OptTensor& weight, const Tensor& shift,
+                         const Tensor& exp_coef, const Tensor& weight_coef,
+                         const Tensor& target_grad, int64_t ignore_index,
+                         const OptTensor& out) {
   check_shard(x_, target_, "_ce_shard_grad");
-  const at::Tensor x = x_.contiguous(), target = target_.contiguous();
+  const Tensor x = as_contiguous(x_), target = as_contiguous(target_);
   const int64_t N = x.size(0), C = x.size(1);
-  for (const at::Tensor* t : {&shift, &exp_coef, &weight_coef, &target_grad})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == x.scalar_type() &&
+  for (const Tensor* t : {&shift, &exp_coef, &weight_coef, &target_grad})
+    LINCLASS_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == x.scalar_type() &&
                     t->is_contiguous(),
                 "_ce_shard_grad: row coefficients must be contiguous (N,) in the scores' dtype");
-  at::Tensor w = weight ? weight->to(x.scalar_type()).contiguous() : at::Tensor();
+  Tensor w = weight ? as_contiguous(to_dtype(*weight, x.scalar_type())) : Tensor();
   // Into `out` (which may be x itself: each entry is read before it is written), or a
   // cached buffer (no page faults per step).
   if (out) {
-    TORCH_CHECK(out->sizes() == x.sizes() && out->scalar_type() == x.scalar_type() &&
+    LINCLASS_CHECK(out->sizes() == x.sizes() && out->scalar_type() == x.scalar_type() &&
                     out->is_contiguous() && x_.is_contiguous(),
                 "_ce_shard_grad: out must be a contiguous tensor like the scores");
   }
-  at::Tensor g = out ? *out : empty_cached({N, C}, x.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_ce_shard_grad", [&] {
+  Tensor g = out ? *out : empty_cached({N, C}, x.scalar_type());
+  LINCLASS_DISPATCH_FLOAT_DOUBLE(x.scalar_type(), "_ce_shard_grad", [&] {
     ce_grad_rows<scalar_t>(x.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C,
                            start, ignore_index, weight ? w.const_data_ptr<scalar_t>() : nullptr,
                            shift.const_data_ptr<scalar_t>(), exp_coef.const_data_ptr<scalar_t>(),
@@ -197,21 +192,21 @@ at::Tensor ce_shard_grad_cpu(const at::Tensor& x_, const at::Tensor& target_, in
   return g;
 }
 
-std::tuple<at::Tensor, at::Tensor> mm_shard_grad_cpu(const at::Tensor& x_, const at::Tensor& target_,
-                                                 int64_t start, const at::Tensor& x_y,
-                                                 const at::Tensor& row_coef, int64_t p,
+std::tuple<Tensor, Tensor> mm_shard_grad_cpu(const Tensor& x_, const Tensor& target_,
+                                                 int64_t start, const Tensor& x_y,
+                                                 const Tensor& row_coef, int64_t p,
                                                  double margin, bool compute_grad) {
   check_shard(x_, target_, "_mm_shard_grad");
-  TORCH_CHECK(p == 1 || p == 2, "_mm_shard_grad: p must be 1 or 2");
-  const at::Tensor x = x_.contiguous(), target = target_.contiguous();
+  LINCLASS_CHECK(p == 1 || p == 2, "_mm_shard_grad: p must be 1 or 2");
+  const Tensor x = as_contiguous(x_), target = as_contiguous(target_);
   const int64_t N = x.size(0), C = x.size(1);
-  for (const at::Tensor* t : {&x_y, &row_coef})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == x.scalar_type() &&
+  for (const Tensor* t : {&x_y, &row_coef})
+    LINCLASS_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == x.scalar_type() &&
                     t->is_contiguous(),
                 "_mm_shard_grad: row values must be contiguous (N,) in the scores' dtype");
-  at::Tensor stats = at::empty({2, N}, x.options());
-  at::Tensor g = compute_grad ? empty_cached({N, C}, x.scalar_type()) : at::empty({0}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_mm_shard_grad", [&] {
+  Tensor stats = empty({2, N}, x);
+  Tensor g = compute_grad ? empty_cached({N, C}, x.scalar_type()) : empty_none(x);
+  LINCLASS_DISPATCH_FLOAT_DOUBLE(x.scalar_type(), "_mm_shard_grad", [&] {
     mm_grad_rows<scalar_t>(x.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C,
                            start, x_y.const_data_ptr<scalar_t>(), row_coef.const_data_ptr<scalar_t>(),
                            p, scalar_t(margin), stats.mutable_data_ptr<scalar_t>(),

@@ -14,9 +14,9 @@
 // the number of threads.
 #pragma once
 
+#include "../tensor_ops.h"
 #include "vec_util.h"
 
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -74,7 +74,7 @@ struct SmallWeightGrad {
 
   // dW (C x D, contiguous) = the sum of the partials, in order.
   void finish(float* dW, int64_t CD) const {
-    at::parallel_for(0, CD, 4096, [&](int64_t e0, int64_t e1) {
+    torch::stable::parallel_for(0, CD, 4096, [&](int64_t e0, int64_t e1) {
       std::fill(dW + e0, dW + e1, 0.f);
       for (int64_t s = 0; s < used; ++s)
         for (int64_t e = e0; e < e1; ++e) dW[e] += partials[s * CD + e];
@@ -194,7 +194,7 @@ double run_block(const SmallLinear& a, Loss& loss, SmallWeightGrad& g) {
   const int64_t sub = small_sub_rows(a.D), subs = (a.n + sub - 1) / sub, CD = NC * a.D;
   std::vector<double> sums(size_t(std::max<int64_t>(subs, 0)));
   float* partials = a.weight_grad ? g.reserve(subs * CD) : nullptr;
-  at::parallel_for(0, subs, 1, [&](int64_t s0, int64_t s1) {
+  torch::stable::parallel_for(0, subs, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t r0 = s * sub, r1 = std::min(a.n, r0 + sub);
       scores_rows<NC>(a, r0, r1);
@@ -228,7 +228,7 @@ double small_linear_block(const SmallLinear& a, Loss&& loss, SmallWeightGrad& gr
     LINCLASS_SMALL_CASE(9) LINCLASS_SMALL_CASE(10) LINCLASS_SMALL_CASE(11) LINCLASS_SMALL_CASE(12)
 #undef LINCLASS_SMALL_CASE
   }
-  TORCH_CHECK(false, "small_linear_block: C = ", a.C, " is not in [1, ", kSmallGemmC, "]");
+  LINCLASS_CHECK(false, "small_linear_block: C = ", a.C, " is not in [1, ", kSmallGemmC, "]");
 }
 
 }  // namespace linclass::cpu

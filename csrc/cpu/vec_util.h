@@ -1,13 +1,22 @@
 // Small vectorized building blocks for the CPU loss kernels, on top of at::vec.
 //
-// The extension is compiled for one vector ISA (setup.py picks AVX-512, AVX2 or the
-// portable default from the build machine, or LINCLASS_CPU_ISA), so Vectorized<T>
-// here is the widest type that ISA has.  Every function is deterministic: the order
-// of the floating-point operations depends only on the lengths it is given.
+// Each kernel module is compiled for one vector ISA (cpu/ops.h), so Vectorized<T> here
+// is the widest type that ISA has.  Every function is deterministic: the order of the
+// floating-point operations depends only on the lengths it is given.
+//
+// at::vec is the one piece of ATen linclass still uses: a header-only template library
+// (its code is instantiated in our modules and imports no libtorch symbol), which the
+// stable ABI has no replacement for yet (torch/headeronly/cpu/vec holds only the
+// intrinsics).  Its c10 headers refuse to be included once TORCH_TARGET_VERSION is set
+// (setup.py sets it, so the stable-ABI headers use only what the oldest supported torch
+// offers), hence the macro is lifted around them.
 #pragma once
 
+#pragma push_macro("TORCH_TARGET_VERSION")
+#undef TORCH_TARGET_VERSION
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#pragma pop_macro("TORCH_TARGET_VERSION")
 
 #include <cmath>
 #include <algorithm>

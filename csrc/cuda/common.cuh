@@ -3,13 +3,11 @@
 // TPR = blockDim.x: shuffles, then shared memory across the warps).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-
 #include <cstdint>
 #include <limits>
 
 #include "../common.h"
+#include "stable_cuda.h"
 
 namespace linclass::cuda {
 

@@ -13,13 +13,6 @@
 // loss and NaN gradient; nothing is read or written out of bounds.  Per-row losses are
 // summed by one more launch (reduce.cu, deterministic); the 'mean' scale and the weight sum
 // stay on the device, so there is no host synchronization.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
-
 #include <cub/block/block_reduce.cuh>
 
 #include <algorithm>
@@ -157,14 +150,14 @@ __global__ void consts_kernel(const int64_t* __restrict__ target, const scalar_t
 }
 
 template <typename scalar_t, typename acc_t, int TPR>
-void launch(const at::Tensor& input, at::Tensor& grad, const at::Tensor& target,
-            const std::optional<at::Tensor>& weight, at::Tensor& loss_rows, const at::Tensor& consts,
-            int64_t rows, int64_t C, const RowGeometry& gx, const RowGeometry& gg,
-            int64_t ignore_index, double label_smoothing, int threads) {
+void launch(const Tensor& input, const Tensor& grad, const Tensor& target, const OptTensor& weight,
+            const Tensor& loss_rows, const Tensor& consts, int64_t rows, int64_t C,
+            const RowGeometry& gx, const RowGeometry& gg, int64_t ignore_index,
+            double label_smoothing, int threads) {
   const bool grad_on = grad.numel() > 0, smooth_on = label_smoothing != 0.0, w_on = weight.has_value();
   const int64_t per_block = threads / TPR;
   const dim3 blocks(unsigned((rows + per_block - 1) / per_block));
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(input);
   const acc_t keep = acc_t(1.0 - label_smoothing), smooth = acc_t(C > 0 ? label_smoothing / C : 0.0);
   const scalar_t* wp = w_on ? weight->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* gp = grad_on ? grad.mutable_data_ptr<scalar_t>() : nullptr;
@@ -181,24 +174,28 @@ void launch(const at::Tensor& input, at::Tensor& grad, const at::Tensor& target,
     else { if (w_on) LINCLASS_CE_LAUNCH(false, false, true); else LINCLASS_CE_LAUNCH(false, false, false); }
   }
 #undef LINCLASS_CE_LAUNCH
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
 }
 
 }  // namespace cuda
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& input_, const at::Tensor& target_,
-                                                      const std::optional<at::Tensor>& weight,
-                                                      int64_t ignore_index, double label_smoothing,
-                                                      int64_t reduction, bool compute_grad) {
+std::tuple<Tensor, Tensor> cross_entropy_cuda(const Tensor& input_, const Tensor& target_,
+                                              const OptTensor& weight, int64_t ignore_index,
+                                              double label_smoothing, int64_t reduction,
+                                              bool compute_grad) {
   check_cross_entropy_args(input_, target_, weight, label_smoothing, reduction);
-  const c10::cuda::CUDAGuard guard(input_.device());
-  const auto [input, gx] = rows_of(input_);
-  const at::Tensor target = target_.contiguous();
+  const cuda::DeviceGuard guard(input_.get_device_index());
+  // Not a structured binding: lambdas (the dtype dispatch) capture those only from C++20.
+  const std::pair<Tensor, RowGeometry> viewed = rows_of(input_);
+  const Tensor& input = viewed.first;
+  const RowGeometry& gx = viewed.second;
+  const Tensor target = as_contiguous(target_);
   const int64_t rows = gx.rows(), C = gx.classes;
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  at::Tensor grad = compute_grad ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
+  const ScalarType acc = acc_scalar_type(input.scalar_type());
+  const Tensor grad = compute_grad ? empty(input.sizes(), input) : empty_none(input);
   const RowGeometry gg = compute_grad ? *row_geometry(grad) : RowGeometry{};
-  at::Tensor loss_rows = at::empty({rows}, input.options().dtype(acc_type));
+  const Tensor loss_rows = empty({rows}, acc, input);
+  const cudaStream_t stream = cuda::current_stream(input);
 
   // consts = (scale, W, denominator, ticket, partials), computed on the device by one
   // launch of a few blocks (4 targets per thread and block at least); with one block
@@ -206,21 +203,21 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& input_, 
   const int64_t longest = std::max<int64_t>(target.numel(), weight.has_value() ? C : 1);
   const int blocks = int(std::clamp<int64_t>((longest + 4 * cuda::kConstsThreads - 1) / (4 * cuda::kConstsThreads),
                                              1, cuda::kConstsMaxBlocks));
-  const at::Tensor consts = blocks > 1 ? at::zeros({4 + 2 * blocks}, loss_rows.options())
-                                      : at::empty({3}, loss_rows.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_consts", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  const Tensor consts = blocks > 1 ? torch::stable::new_zeros(loss_rows, {4 + 2 * blocks})
+                                   : empty({3}, loss_rows);
+  LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "cross_entropy_consts", [&] {
+    using acc_t = acc_type<scalar_t>;
     const scalar_t* wp = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
-    cuda::consts_kernel<scalar_t, acc_t><<<blocks, cuda::kConstsThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    cuda::consts_kernel<scalar_t, acc_t><<<blocks, cuda::kConstsThreads, 0, stream>>>(
         target.const_data_ptr<int64_t>(), wp, consts.mutable_data_ptr<acc_t>(), target.numel(), C,
         ignore_index, reduction == kMean);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::check_launch();
   });
 
   if (rows > 0) {
     const auto cfg = cuda::launch_for(C);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "cross_entropy_cuda", [&] {
+      using acc_t = acc_type<scalar_t>;
       if (cfg.tpr == 8)
         cuda::launch<scalar_t, acc_t, 8>(input, grad, target, weight, loss_rows, consts, rows, C, gx, gg, ignore_index, label_smoothing, cfg.threads);
       else if (cfg.tpr == 32)
@@ -229,13 +226,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& input_, 
         cuda::launch<scalar_t, acc_t, 256>(input, grad, target, weight, loss_rows, consts, rows, C, gx, gg, ignore_index, label_smoothing, cfg.threads);
     });
   }
-  at::Tensor loss;
+  Tensor loss;
   if (reduction == kNone)
-    loss = loss_rows.to(input.scalar_type()).view(target.sizes());
+    loss = torch::stable::view(to_dtype(loss_rows, input.scalar_type()), target.sizes());
   else if (reduction == kSum)
     loss = cuda::reduce_rows(loss_rows, nullptr, 1.0, input.scalar_type());
   else {
-    const at::Tensor denom = consts.narrow(0, 2, 1);  // consts[2], the 'mean' denominator
+    const Tensor denom = narrowed(consts, 0, 2, 1);  // consts[2], the 'mean' denominator
     loss = cuda::reduce_rows(loss_rows, &denom, 1.0, input.scalar_type());
   }
   return {loss, grad};

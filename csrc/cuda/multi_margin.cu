@@ -9,12 +9,6 @@
 // A group of TPR threads takes one row: a pass for the sums (reduced across the group),
 // a pass for the gradient.  A target outside [0, C) gives its row a NaN loss and NaN
 // gradient; nothing is read or written out of bounds.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-
 #include "cuda/ops.h"
 
 #include "common.cuh"
@@ -74,12 +68,12 @@ __global__ void multi_margin_kernel(const scalar_t* __restrict__ x, scalar_t* __
 }
 
 template <typename scalar_t, typename acc_t, int TPR>
-void launch(const at::Tensor& input, at::Tensor& grad, const at::Tensor& target,
-            const std::optional<at::Tensor>& weight, at::Tensor& loss_rows, int64_t rows,
-            int64_t C, int64_t p, double margin, double scale, int threads) {
+void launch(const Tensor& input, const Tensor& grad, const Tensor& target, const OptTensor& weight,
+            const Tensor& loss_rows, int64_t rows, int64_t C, int64_t p, double margin,
+            double scale, int threads) {
   const int64_t per_block = threads / TPR;
   const dim3 blocks(unsigned((rows + per_block - 1) / per_block));
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(input);
   const bool grad_on = grad.numel() > 0, w_on = weight.has_value();
   const scalar_t* wp = w_on ? weight->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* gp = grad_on ? grad.mutable_data_ptr<scalar_t>() : nullptr;
@@ -98,29 +92,26 @@ void launch(const at::Tensor& input, at::Tensor& grad, const at::Tensor& target,
   }
 #undef LINCLASS_MM_LAUNCH_P
 #undef LINCLASS_MM_LAUNCH
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
 }
 
 }  // namespace cuda
 
-std::tuple<at::Tensor, at::Tensor> multi_margin_loss_cuda(const at::Tensor& input,
-                                                          const at::Tensor& target_, int64_t p,
-                                                          double margin,
-                                                          const std::optional<at::Tensor>& weight,
-                                                          int64_t reduction, bool compute_grad) {
+std::tuple<Tensor, Tensor> multi_margin_loss_cuda(const Tensor& input, const Tensor& target_,
+                                                  int64_t p, double margin, const OptTensor& weight,
+                                                  int64_t reduction, bool compute_grad) {
   check_multi_margin_args(input, target_, p, weight, reduction);
-  const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor target = target_.contiguous();
+  const cuda::DeviceGuard guard(input.get_device_index());
+  const Tensor target = as_contiguous(target_);
   const int64_t rows = input.size(0), C = input.size(1);
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  at::Tensor grad = compute_grad ? at::empty({rows, C}, input.options()) : at::empty({0}, input.options());
-  at::Tensor loss_rows = at::empty({rows}, input.options().dtype(acc_type));
+  const Tensor grad = compute_grad ? empty({rows, C}, input) : empty_none(input);
+  const Tensor loss_rows = empty({rows}, acc_scalar_type(input.scalar_type()), input);
   // torch divides the 'mean' of this loss by the number of rows, whatever the weights.
   const double scale = reduction == kMean && rows > 0 ? 1.0 / double(rows) : 1.0;
   if (rows > 0) {
     const auto cfg = cuda::launch_for(C);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "multi_margin_loss_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "multi_margin_loss_cuda", [&] {
+      using acc_t = acc_type<scalar_t>;
       if (cfg.tpr == 8)
         cuda::launch<scalar_t, acc_t, 8>(input, grad, target, weight, loss_rows, rows, C, p, margin, scale, cfg.threads);
       else if (cfg.tpr == 32)
@@ -129,9 +120,9 @@ std::tuple<at::Tensor, at::Tensor> multi_margin_loss_cuda(const at::Tensor& inpu
         cuda::launch<scalar_t, acc_t, 256>(input, grad, target, weight, loss_rows, rows, C, p, margin, scale, cfg.threads);
     });
   }
-  at::Tensor loss;
+  Tensor loss;
   if (reduction == kNone)
-    loss = loss_rows.to(input.scalar_type());
+    loss = to_dtype(loss_rows, input.scalar_type());
   else  // 'sum' or 'mean' (0 / 0 = NaN for no rows)
     loss = cuda::reduce_rows(loss_rows, nullptr, reduction == kSum ? 1.0 : double(rows), input.scalar_type());
   return {loss, grad};

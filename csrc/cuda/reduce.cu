@@ -1,21 +1,15 @@
 // Per-row losses -> the op's 'sum' / 'mean' loss in one launch (see reduce.h).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include <cub/block/block_reduce.cuh>
 
 #include "reduce.h"
+#include "stable_cuda.h"
 
 namespace linclass::cuda {
 namespace {
 
 constexpr int kThreads = 512;
 // One block streams the rows alone, on one SM (~0.1 TB/s at best): past this many
-// (256 KiB of float32, a few microseconds there) at::sum's grid-wide reduction, which
+// (256 KiB of float32, a few microseconds there) aten::sum's grid-wide reduction, which
 // costs two more launches, is the faster choice.  An estimate, not a measured
 // crossover; 65536 rows (the benchmarks' small-C shape) still take the one launch.
 constexpr int64_t kMaxRows = int64_t(1) << 16;
@@ -35,28 +29,31 @@ __global__ void reduce_rows_kernel(const acc_t* __restrict__ rows, int64_t n,
 
 }  // namespace
 
-at::Tensor reduce_rows(const at::Tensor& loss_rows, const at::Tensor* divisor_dev, double divisor_host,
-                       at::ScalarType out_type) {
+Tensor reduce_rows(const Tensor& loss_rows, const Tensor* divisor_dev, double divisor_host,
+                   ScalarType out_type) {
+  const ScalarType acc = acc_scalar_type(out_type);
+  LINCLASS_CHECK(loss_rows.scalar_type() == acc, "linclass: reduce_rows expects per-row losses in ", acc);
   const int64_t n = loss_rows.numel();
   if (n > kMaxRows) {
-    at::Tensor total = loss_rows.sum();
+    const Tensor total = torch::stable::sum(loss_rows);
     // divisor_dev is a one-element slice (shape [1]): divide by it as a 0-dim tensor, or
-    // the loss would come back with shape [1] instead of torch's [].
-    total = divisor_dev ? total.div(divisor_dev->reshape(at::IntArrayRef{})) : total.div(divisor_host);
-    return total.to(out_type);
+    // the loss would come back with shape [1] instead of torch's [].  divisor_host goes
+    // in as a 0-dim CPU tensor of the sum's dtype, which is what aten::div.Scalar makes
+    // of its Scalar (the stable dispatcher call takes no Scalar arguments).
+    const Tensor divisor = divisor_dev ? torch::stable::reshape(*divisor_dev, {})
+                                       : torch::stable::full({}, divisor_host, acc);
+    return to_dtype(call_aten("aten::div", "Tensor", total, divisor), out_type);
   }
-  const c10::cuda::CUDAGuard guard(loss_rows.device());
-  at::Tensor out = at::empty({}, loss_rows.options().dtype(out_type));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_type, "reduce_rows", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    TORCH_CHECK(loss_rows.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
-                "linclass: reduce_rows expects per-row losses in ", c10::toString(c10::CppTypeToScalarType<acc_t>::value));
+  const DeviceGuard guard(loss_rows.get_device_index());
+  const Tensor out = empty({}, out_type, loss_rows);
+  const cudaStream_t stream = current_stream(loss_rows);
+  LINCLASS_DISPATCH_FLOATING(out_type, "reduce_rows", [&] {
+    using acc_t = acc_type<scalar_t>;
     reduce_rows_kernel<acc_t, scalar_t><<<1, kThreads, 0, stream>>>(
         loss_rows.const_data_ptr<acc_t>(), n, divisor_dev ? divisor_dev->const_data_ptr<acc_t>() : nullptr,
         static_cast<acc_t>(divisor_host), out.mutable_data_ptr<scalar_t>());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
   return out;
 }
 

@@ -1,7 +1,7 @@
 // The loss of a fused op from its per-row losses, in one launch (csrc/cuda/reduce.cu).
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include "../tensor_ops.h"
 
 namespace linclass::cuda {
 
@@ -9,8 +9,8 @@ namespace linclass::cuda {
 // (a device scalar of loss_rows' dtype, e.g. the 'mean' denominator that consts_kernel
 // wrote) when it is given, else divisor_host.  One block sums the rows in a fixed order
 // (deterministic) and writes the result already converted: one launch instead of three
-// (sum, div, to), which is what the op costs at small N.  Long inputs go to at::sum.
-at::Tensor reduce_rows(const at::Tensor& loss_rows, const at::Tensor* divisor_dev, double divisor_host,
-                       at::ScalarType out);
+// (sum, div, to), which is what the op costs at small N.  Long inputs go to aten::sum.
+Tensor reduce_rows(const Tensor& loss_rows, const Tensor* divisor_dev, double divisor_host,
+                   ScalarType out);
 
 }  // namespace linclass::cuda

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One linclass wheel against several torch releases (issue 19): builds the wheel once
+# with this checkout's .venv (its torch is the build torch), then for each torch version
+# makes a fresh venv, installs that torch and the wheel, and runs the CPU kernel tests
+# from a copy of tests/ outside the source tree, so `import linclass` is the installed
+# wheel.  Not part of `make test`: it downloads torch releases (several GB each for the
+# CUDA builds).  Results: bench/results/wheel-matrix.md.
+#
+#   bash bench/wheel_matrix.sh                      # the default versions below
+#   VERSIONS="2.11.0 2.14.1" bash bench/wheel_matrix.sh
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PY:-$ROOT/.venv/bin/python}
+VERSIONS=${VERSIONS:-"2.11.0 2.13.0 2.14.1 2.15.0"}
+OUT=${OUT:-$ROOT/bench/results/wheel-matrix.md}
+WORK=${WORK:-$(mktemp -d /tmp/linclass-wheel-matrix.XXXXXX)}
+# The CPU kernel tests: every op, its errors, autograd, torch.compile, opcheck.
+TESTS="test_cross_entropy.py test_multi_margin.py test_linear_loss.py test_errors.py
+       test_torch_integration.py test_rescale.py test_sharded_phases.py test_backends.py"
+
+mkdir -p "$WORK/dist"
+"$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/dist" "$ROOT" || exit 1
+WHEEL=$(ls "$WORK"/dist/linclass-*.whl)
+BUILD_TORCH=$("$PY" -c "import torch; print(torch.__version__)")
+cp -r "$ROOT/tests" "$WORK/tests"
+
+{
+  echo "# One wheel, several torch releases"
+  echo
+  echo "Wheel \`$(basename "$WHEEL")\`, built once against torch $BUILD_TORCH"
+  echo "($(date -u +%Y-%m-%d), $(uname -m), Python $("$PY" -c 'import platform; print(platform.python_version())'))."
+  echo "Each row: a fresh venv with that torch and the wheel (\`pip install --no-deps\`),"
+  echo "\`pytest\` on a copy of the CPU kernel tests outside the source tree (Triton"
+  echo "uninstalled, so every kernel test runs the C++ backend); command:"
+  echo "\`bash bench/wheel_matrix.sh\`."
+  echo
+  echo "| torch | CPU kernels loaded | tests | result |"
+  echo "|---|---|---|---|"
+} > "$OUT.tmp"
+
+for v in $VERSIONS; do
+  venv="$WORK/venv-$v"
+  python3 -m venv "$venv"
+  # A pip configuration file may cap torch (a constraints file): ignored here, since
+  # newer releases are the point (PIP_* variables, e.g. PIP_FIND_LINKS, still apply).
+  if ! PIP_CONFIG_FILE=/dev/null "$venv/bin/pip" install -q "torch==$v" numpy pytest hypothesis expecttest \
+      > "$WORK/install-$v.log" 2>&1; then
+    echo "| $v | - | - | torch $v could not be installed ($(tail -1 "$WORK/install-$v.log")) |" >> "$OUT.tmp"
+    continue
+  fi
+  "$venv/bin/pip" uninstall -q -y triton > /dev/null 2>&1
+  "$venv/bin/pip" install -q --no-deps "$WHEEL" || exit 1
+  isa=$(cd "$WORK" && "$venv/bin/python" -c "import linclass; print(linclass.backends.cpu_isa())" 2>&1 | tail -1)
+  # shellcheck disable=SC2086
+  (cd "$WORK/tests" && timeout 1800 "$venv/bin/python" -m pytest -q -p no:cacheprovider $TESTS \
+      > "$WORK/tests-$v.log" 2>&1)
+  rc=$?
+  summary=$(grep -E "passed|failed|error" "$WORK/tests-$v.log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+  echo "| $("$venv/bin/python" -c 'import torch; print(torch.__version__)') | $isa | $summary | $([ $rc = 0 ] && echo pass || echo "FAIL (rc $rc)") |" >> "$OUT.tmp"
+  echo "torch $v: $summary (rc $rc); log $WORK/tests-$v.log"
+done
+mv "$OUT.tmp" "$OUT"
+cat "$OUT"

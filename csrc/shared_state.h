@@ -1,0 +1,28 @@
+// What linclass._C keeps once per process and the per-ISA kernel modules
+// (linclass._cpu_<isa>, cpu/ops.h) reach through a C interface: the gradient-buffer cache,
+// a testing knob, and the table of each module's kernels.
+//
+// Why C: the stable ABI's C++ types (torch::stable::Tensor and the headeronly types) are
+// declared with hidden visibility (HIDDEN_NAMESPACE_BEGIN in torch/headeronly/macros),
+// so that two libraries built against different torch versions never bind each other's
+// copies.  A C++ function with such a type in its signature is therefore private to its
+// library; the host helpers the kernels need (tensor_ops, common, linear_blocks) are
+// compiled into every module instead, and only these functions cross between them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#define LINCLASS_SHARED __attribute__((visibility("default")))
+
+extern "C" {
+// A 64-byte aligned block of `bytes` from the cache or the allocator; null when out of
+// memory.  Every block goes back through linclass_cache_give_back.
+LINCLASS_SHARED void* linclass_cache_take(size_t bytes);
+LINCLASS_SHARED void linclass_cache_give_back(void* block, size_t bytes);
+// Rows per block of the fused linear ops forced by a test (0 = automatic).
+LINCLASS_SHARED int64_t linclass_linear_block_rows();
+// Offers a module's `const linclass::CpuKernels*`; returns 0, or -1 when the table of
+// every ISA is already taken.
+LINCLASS_SHARED int linclass_offer_cpu_kernels(const void* table);
+}
