@@ -23,7 +23,7 @@ mkdir -p "$WORK/dist"
 "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/dist" "$ROOT" || exit 1
 WHEEL=$(ls "$WORK"/dist/linclass-*.whl)
 BUILD_TORCH=$("$PY" -c "import torch; print(torch.__version__)")
-cp -r "$ROOT/tests" "$WORK/tests"
+rm -rf "$WORK/tests" && cp -r "$ROOT/tests" "$WORK/tests"
 
 {
   echo "# One wheel, several torch releases"
