@@ -28,13 +28,7 @@ inline Tensor empty_cached(IntList sizes, ScalarType dtype) {
   if (bytes < kMinCachedBytes) return empty_cpu(sizes, dtype);
   void* block = linclass_cache_take(bytes);
   LINCLASS_CHECK(block != nullptr, "linclass: out of memory allocating ", bytes, " bytes");
-  std::vector<int64_t> strides(sizes.size());
-  int64_t step = 1;
-  for (int64_t d = int64_t(sizes.size()) - 1; d >= 0; --d) {
-    strides[d] = step;
-    step *= sizes[d] > 1 ? sizes[d] : 1;
-  }
-  return torch::stable::from_blob(block, sizes, IntList(strides.data(), strides.size()),
+  return torch::stable::from_blob(block, sizes, ContiguousStrides(sizes).list(),
                                   torch::stable::Device(torch::headeronly::DeviceType::CPU), dtype,
                                   [bytes](void* q) { linclass_cache_give_back(q, bytes); });
 }

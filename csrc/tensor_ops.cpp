@@ -24,19 +24,13 @@ std::string device_string(const Tensor& t) {
 namespace {
 Tensor empty_on(IntList sizes, ScalarType dtype, torch::headeronly::DeviceType device_type,
                 int32_t device_index) {
-  const int64_t ndim = int64_t(sizes.size());
-  int64_t strides[16];
-  LINCLASS_CHECK(ndim <= 16, "linclass: tensors of more than 16 dims are not supported");
-  int64_t step = 1;
-  for (int64_t d = ndim - 1; d >= 0; --d) {
-    strides[d] = step;
-    step *= sizes[d] > 1 ? sizes[d] : 1;
-  }
+  const ContiguousStrides strides(sizes);
   const auto shim_dtype = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
   const auto shim_device = torch::stable::detail::to<int32_t>(torch::stable::detail::from(device_type));
   AtenTensorHandle handle;
-  STABLE_TORCH_ERROR_CODE_CHECK(
-      aoti_torch_empty_strided(ndim, sizes.data(), strides, shim_dtype, shim_device, device_index, &handle));
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(int64_t(sizes.size()), sizes.data(),
+                                                         strides.values, shim_dtype, shim_device,
+                                                         device_index, &handle));
   return Tensor(handle);
 }
 }  // namespace

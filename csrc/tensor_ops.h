@@ -103,6 +103,24 @@ inline ScalarType acc_scalar_type(ScalarType t) {
 
 // ---- tensors ------------------------------------------------------------------------
 
+// The row-major strides of a contiguous tensor of `sizes` (as torch sets them: a dim of
+// size 0 or 1 counts as 1).
+struct ContiguousStrides {
+  static constexpr size_t kMaxDims = 16;
+  int64_t values[kMaxDims];
+  size_t dims;
+  explicit ContiguousStrides(IntList sizes) : dims(sizes.size()) {
+    LINCLASS_CHECK(dims <= kMaxDims, "linclass: tensors of more than ", kMaxDims,
+                   " dims are not supported");
+    int64_t step = 1;
+    for (int64_t d = int64_t(dims) - 1; d >= 0; --d) {
+      values[d] = step;
+      step *= sizes[d] > 1 ? sizes[d] : 1;
+    }
+  }
+  IntList list() const { return IntList(values, dims); }
+};
+
 // Uninitialized contiguous tensor on `like`'s device (the shim's empty_strided: no
 // dispatcher round trip, which costs as much as a tiny loss).
 Tensor empty(IntList sizes, ScalarType dtype, const Tensor& like);

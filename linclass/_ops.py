@@ -182,14 +182,15 @@ def _eager_call(name, op, run, setup_context, backward, needs_autograd):
     backward, or directly when needs_autograd(args) says no gradient is asked for.
     custom_op's Python dispatch (the route register_autograd takes) costs about twice
     the Function's host time per call, more than a small loss's kernels.  The
-    Function is named after the op: its graph node is <Name>Backward."""
+    Function is named after the op: its graph node is Linclass<Op>Backward."""
 
     def forward(ctx, *args):
         out = run(*args)
         setup_context(ctx, args, out)
         return out
 
-    eager = type("".join(part.title() for part in name.split("_")), (torch.autograd.Function,),
+    eager = type("Linclass" + "".join(part.title() for part in name.split("_")),
+                 (torch.autograd.Function,),
                  {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def call(*args):

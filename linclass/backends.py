@@ -117,6 +117,21 @@ def use(name: str):
 TRITON_MIN_BYTES = 256 * 2**20
 
 
+# On the CPU the automatic choice sends a small multi_margin_loss (float32/64, at most this
+# many scores) to torch: there a call is host-bound, and torch's hinge, whose autograd node
+# is C++, costs less per call than the C++ kernel behind linclass's Python autograd (the
+# stable ABI has no C++ autograd).  The crossover measured on the development machine:
+# bench/results/stable-abi-overhead.md.  Cross-entropy has no such range (torch's is the
+# slower one down to 4 x 10).
+CPU_TORCH_HINGE_MAX_SCORES = 6144
+
+
+def cpu_hinge_on_torch(input: torch.Tensor) -> bool:
+    """Whether the automatic choice runs this CPU multi_margin_loss on torch."""
+    return (input.numel() <= CPU_TORCH_HINGE_MAX_SCORES and current() is None
+            and (input.dtype is torch.float32 or input.dtype is torch.float64))
+
+
 def gpu_auto(nbytes: int | None = None) -> str:
     """The automatic backend on a CUDA device for an op that reads `nbytes` (None: a large
     problem): "cuda" below TRITON_MIN_BYTES when both GPU backends are built, "triton"

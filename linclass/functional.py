@@ -202,6 +202,8 @@ def multi_margin_loss(
         raise ValueError("only p == 1 and p == 2 supported")
     _check_input("multi_margin_loss", input)
     backend = backends.resolve_for(input)
+    if backend == "cpp" and backends.cpu_hinge_on_torch(input):
+        backend = "torch"
     if backend == "torch":
         return F.multi_margin_loss(input, target, p, margin, weight, reduction=reduction)
     if target.dtype != torch.int64:

@@ -123,6 +123,28 @@ def test_forced_backend_overrides_gpu_routing(both_gpu_backends):
         assert backends.resolve_for(_CudaLike(1)) == "torch"
 
 
+@pytest.mark.skipif("cpp" not in backends.available(), reason="needs the C++ kernels")
+def test_small_cpu_hinge_runs_on_torch_when_automatic():
+    """Up to CPU_TORCH_HINGE_MAX_SCORES float32/64 scores the automatic choice runs
+    multi_margin_loss on torch (host-bound sizes, where torch's C++ autograd node is
+    cheaper); above it, in 16-bit types, or with a backend forced, the C++ kernel."""
+    limit = backends.CPU_TORCH_HINGE_MAX_SCORES
+
+    def node(rows, cols, dtype=torch.float32):
+        x = torch.randn(rows, cols, dtype=dtype, requires_grad=True)
+        return linclass.multi_margin_loss(x, torch.randint(0, cols, (rows,))).grad_fn.name()
+
+    assert node(4, 10) == node(limit // 16, 16) == "MultiMarginLossBackward0"  # torch's
+    assert node(4, 10, torch.float64) == "MultiMarginLossBackward0"
+    assert node(limit // 16 + 1, 16) == "LinclassMultiMarginLossBackward"
+    assert node(4, 10, torch.bfloat16) == "LinclassMultiMarginLossBackward"
+    with backends.use("cpp"):
+        assert node(4, 10) == "LinclassMultiMarginLossBackward"
+    x = torch.randn(4, 10, requires_grad=True)
+    assert linclass.cross_entropy(x, torch.randint(0, 10, (4,))).grad_fn.name() == \
+        "LinclassCrossEntropyBackward"
+
+
 def test_linear_ops_route_by_the_bytes_they_touch():
     from linclass.functional import _linear_bytes
 

@@ -37,7 +37,7 @@ def test_a_gpu_backend_is_available():
 
 @pytest.mark.skipif(len(GPU_BACKENDS) < 2, reason="needs both GPU backends")
 def test_automatic_choice_goes_by_size():
-    # Small losses run the CUDA C++ op, large ones Triton's (its node is <Op>TritonBackward).
+    # Small losses run the CUDA C++ op, large ones Triton's (its node is Linclass<Op>TritonBackward).
     limit = linclass.backends.TRITON_MIN_BYTES
     for rows, triton in ((64, False), (limit // 40 + 1, True)):
         x = torch.randn(rows, 10, device="cuda", requires_grad=True)
