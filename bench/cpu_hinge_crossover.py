@@ -6,7 +6,6 @@ threads, median of 7 loops, alternating, over shapes around the crossover
     python bench/cpu_hinge_crossover.py
 """
 
-
 import torch
 import torch.nn.functional as F
 

@@ -51,7 +51,7 @@ for v in $VERSIONS; do
     continue
   fi
   "$venv/bin/pip" uninstall -q -y triton > /dev/null 2>&1
-  "$venv/bin/pip" install -q --no-deps "$WHEEL" || exit 1
+  "$venv/bin/pip" install -q --no-deps --force-reinstall "$WHEEL" || exit 1
   isa=$(cd "$WORK" && "$venv/bin/python" -c "import linclass; print(linclass.backends.cpu_isa())" 2>&1 | tail -1)
   tests=$(cd "$WORK/tests" && ls test_*.py | grep -vxF -f <(tr -s ' \n' '\n' <<< "$SKIP"))
   # shellcheck disable=SC2086

@@ -1,5 +1,6 @@
 """The command line and the data loaders, end to end on small data."""
 
+import importlib.util
 import json
 import os
 import pickle
@@ -11,6 +12,10 @@ import pytest
 import torch
 
 from linclass.workflow import cli, data
+
+
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                       reason="image folders need torchvision (the data extra)")
 
 
 def _run(args, **kw):
@@ -62,6 +67,7 @@ def test_search_on_digits(tmp_path):
     assert (tmp_path / "search.png").stat().st_size > 0
 
 
+@needs_torchvision
 def test_folder_dataset_end_to_end(tmp_path):
     classes = ["cat", "dog", "frog"]
     train = _image_folder(tmp_path / "train", classes, per_class=10)
@@ -79,6 +85,16 @@ def test_folder_dataset_end_to_end(tmp_path):
     assert os.listdir(tmp_path / "cache" / "linclass")  # decoded arrays cached
 
 
+def test_image_folder_without_torchvision_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a" / "x").mkdir(parents=True)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision fails
+    code = cli.main(["train", "--model", "svm", "--dataset", "folder", "--train-dir",
+                     str(tmp_path / "a"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "needs torchvision" in err[0], err
+
+
+@needs_torchvision
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     _image_folder(tmp_path / "a", ["x", "y"], per_class=2)
     _image_folder(tmp_path / "b", ["x", "z"], per_class=2)
@@ -206,6 +222,7 @@ def test_standardize_divides_pixels_by_training_std(bias_trick, flatten):
         data.standardize(dict(d, image_shape=(7,)))
 
 
+@needs_torchvision
 def test_photos_train_on_mirror_images_by_default(tmp_path):  # crop-flip for the two-layer net
     train = _image_folder(tmp_path / "train", ["cat", "dog"], per_class=10)
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))

@@ -67,6 +67,21 @@ def test_one_limited_api_wheel_holds_every_cpu_isa(wheel):
     assert "linclass/kernels/cross_entropy.py" in files  # the Triton kernels ship too
 
 
+def test_sdist_holds_every_source_and_header(tmp_path):
+    """The sdist builds the wheel anywhere: every file under csrc/ (headers and the CUDA
+    sources included, which setup.py alone would leave out) and the Triton kernels."""
+    _check([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], timeout=300, cwd=ROOT)
+    (sdist,) = glob.glob(str(tmp_path / "linclass-*.tar.gz"))
+    import tarfile
+
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    wanted = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"),
+                                                         recursive=True)}
+    assert wanted and wanted <= names, sorted(wanted - names)
+    assert {"setup.py", "pyproject.toml", "kernels/cross_entropy.py"} <= names
+
+
 @pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
 def test_libraries_use_only_the_stable_abi(wheel, tmp_path):
     """No library in the wheel imports a libtorch C++ symbol (at::, c10::, torch::): it

@@ -299,7 +299,11 @@ def _decode_folder(folder: str, cache_dir: str | None, size: int | None):
     second run does not decode every image again."""
     if not os.path.isdir(folder):
         raise DataError(f"image folder not found: {folder}")
-    import torchvision
+    try:
+        import torchvision
+    except ImportError as e:
+        raise DataError("reading an image folder needs torchvision: pip install "
+                        f"'linclass[data]' ({e})") from e
 
     try:
         ds = torchvision.datasets.ImageFolder(folder)
