@@ -44,7 +44,8 @@ def test_automatic_choice_goes_by_size():
         t = torch.randint(0, 10, (rows,), device="cuda")
         for fn in (linclass.cross_entropy, linclass.multi_margin_loss):
             loss = fn(x, t)
-            assert ("TritonBackward" in loss.grad_fn.name()) == triton, (rows, fn, loss.grad_fn.name())
+            name = type(loss.grad_fn).__name__  # grad_fn.name() fails for Python nodes on torch 2.11
+            assert ("TritonBackward" in name) == triton, (rows, fn, name)
             loss.backward()
             torch.testing.assert_close(x.grad, torch.autograd.grad(
                 getattr(F, fn.__name__)(x, t), x)[0], rtol=1e-4, atol=1e-6)
