@@ -18,7 +18,10 @@ OPS = {
     "cross_entropy": (F.cross_entropy, linclass.cross_entropy),
     "multi_margin_loss": (F.multi_margin_loss, linclass.multi_margin_loss),
 }
-IMPLS = ["torch"] + [f"linclass[{b}]" for b in ("cpp",) if b in linclass.backends.available()]
+# linclass[auto]: the automatic choice (what a user gets; a small hinge runs on torch,
+# linclass.backends.CPU_TORCH_HINGE_MAX_SCORES); linclass[cpp]: the C++ kernel forced.
+IMPLS = ["torch", "linclass[auto]"] + [f"linclass[{b}]" for b in ("cpp",)
+                                       if b in linclass.backends.available()]
 CALLS_PER_ROUND = 200  # one round = this many calls; times are per call
 
 
@@ -31,7 +34,7 @@ def test_small(benchmark, op, n, c, impl):
     x, t = torch.randn(n, c, requires_grad=True), torch.randint(0, c, (n,))
     torch_fn, ours = OPS[op]
     step = forward_backward(torch_fn if impl == "torch" else ours)
-    if impl == "torch":
+    if impl in ("torch", "linclass[auto]"):
         benchmark.pedantic(step, args=(x, t), rounds=40, iterations=CALLS_PER_ROUND, warmup_rounds=3)
     else:
         with linclass.backends.use(impl[len("linclass["):-1]):

@@ -241,6 +241,8 @@ def _register_cpp(name, setup_context, backward, needs_autograd):
         _fake_fused_loss if needs_autograd is _fused_loss_needs_autograd else _fake_linear_loss)
     torch.library.register_autograd(f"linclass::{name}", backward, setup_context=setup_context)
 
+    redispatch = op._handle.redispatch_boxed  # op.redispatch without its Python frame
+
     def run(*args):
         # Eager calls on plain CPU tensors with no dispatch mode active go straight to
         # the kernel, past the Python kernel that register_autograd puts on the
@@ -249,7 +251,7 @@ def _register_cpp(name, setup_context, backward, needs_autograd):
         # subclass, fake or functorch-wrapped input, a mode, CUDA) takes the full dispatch.
         if (torch._C._dispatch_keys(args[0]) == _PLAIN_CPU_KEYS
                 and not torch._C._len_torch_dispatch_stack()):
-            return op.redispatch(_CPU_KERNEL_KEYS, *args)
+            return redispatch(_CPU_KERNEL_KEYS, *args)
         return op(*args)
 
     return _eager_call(name, op, run, setup_context, backward, needs_autograd)
