@@ -61,9 +61,7 @@ inline bool is_floating(ScalarType t) {
   return t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::Half ||
          t == ScalarType::BFloat16;
 }
-inline bool same_device(const Tensor& a, const Tensor& b) {
-  return a.get_device_index() == b.get_device_index() && a.is_cpu() == b.is_cpu();
-}
+inline bool same_device(const Tensor& a, const Tensor& b) { return a.device() == b.device(); }
 
 // The accumulation type of a scalar type: float for the 16-bit types (as at::opmath_type).
 template <typename T>
@@ -162,6 +160,8 @@ inline void addmm_(const Tensor& self, const Tensor& a, const Tensor& b) { addmm
 // self *= factor (a number, or a tensor that broadcasts); a + b.
 void mul_(const Tensor& self, double factor);
 inline void mul_(const Tensor& self, const Tensor& other) { call_aten("aten::mul_", "Tensor", self, other); }
+// a + b through the one Scalar-taking op the stable ABI wraps (a - alpha * b, alpha = -1:
+// bitwise the same sum).
 inline Tensor added(const Tensor& a, const Tensor& b) { return torch::stable::subtract(a, b, -1.0); }
 inline Tensor sum_rows(const Tensor& t) {  // sum over dim 0
   const int64_t dim0[1] = {0};

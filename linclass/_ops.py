@@ -156,15 +156,20 @@ def _retyped(error: RuntimeError) -> Exception:
     return error
 
 
+def _reraise(error: RuntimeError):
+    """Raises `error`, or the exception of the type torch would raise when it is tagged."""
+    retyped = _retyped(error)
+    if retyped is error:
+        raise error
+    raise retyped from None
+
+
 def call_cpp(op, *args):
     """Runs a C++ op, re-raising a tagged error with the type torch would raise."""
     try:
         return op(*args)
     except RuntimeError as error:
-        retyped = _retyped(error)
-        if retyped is error:
-            raise
-        raise retyped from None
+        _reraise(error)
 
 
 def _refuse_dual_tensors(args):
@@ -200,11 +205,8 @@ def _eager_call(name, op, run, setup_context, backward, needs_autograd):
             _refuse_dual_tensors(args)
         try:
             return eager.apply(*args) if needs_autograd(args) else run(*args)
-        except RuntimeError as error:  # call_cpp's re-raise, inlined: this is the hot path
-            retyped = _retyped(error)
-            if retyped is error:
-                raise
-            raise retyped from None
+        except RuntimeError as error:
+            _reraise(error)
 
     call.op = op
     return call

@@ -20,8 +20,7 @@ namespace {
 //
 // The stable ABI's dispatcher call takes no Scalar arguments, so no op here has one:
 // the scores are aten::linear (aten::addmm(b, X, W^T) with a bias, aten::mm without),
-// and the running total adds through torch::stable::subtract with alpha = -1 (bitwise
-// the same sum: aten computes a + alpha * b either way).
+// and the running total adds with tensor_ops.h's `added`.
 int64_t device_block_rows(int64_t N, int64_t C, int64_t elem) {
   if (const int64_t o = linear_block_rows_override()) return std::max<int64_t>(1, o);
   return std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(256) << 20) / std::max<int64_t>(1, C * elem)));
@@ -48,7 +47,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_chunks_device(
     Tensor S = call_aten("aten::linear", "", Xb, W, b);
     auto [rows, dS] = loss_call(S, narrowed(target, 0, r0, n), any_grad);
     S = Tensor();  // the scores are consumed: free them before the GEMMs
-    total = torch::stable::subtract(total, torch::stable::sum(rows, IntList(dim0, 1), false, acc), -1.0);
+    total = added(total, torch::stable::sum(rows, IntList(dim0, 1), false, acc));
     if (any_grad) {
       mul_(dS, scale);
       accum.add(dS, Xb, W, r0);
