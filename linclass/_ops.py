@@ -247,10 +247,11 @@ def _register_cpp(name, setup_context, backward, needs_autograd):
 
     def run(*args):
         # Eager calls on plain CPU tensors with no dispatch mode active go straight to
-        # the kernel, past the Python kernel that register_autograd puts on the
-        # Autograd key (for torch.compile and opcheck; ~1.7 us a call, more than the
-        # 4 x 10 loss itself).  Autograd is _eager_call's Function.  Anything else (a
-        # subclass, fake or functorch-wrapped input, a mode, CUDA) takes the full dispatch.
+        # the kernel, past the Python kernel that register_autograd puts on the Autograd
+        # key for torch.compile and opcheck, whose cost per call exceeds a small loss's
+        # kernel (bench/results/stable-abi-overhead.md).  Autograd is _eager_call's
+        # Function.  Anything else (a subclass, fake or functorch-wrapped input, a mode,
+        # CUDA) takes the full dispatch.
         if (torch._C._dispatch_keys(args[0]) == _PLAIN_CPU_KEYS
                 and not torch._C._len_torch_dispatch_stack()):
             return redispatch(_CPU_KERNEL_KEYS, *args)
