@@ -18,7 +18,7 @@ grad_weight, grad_bias) the same way, each gradient only where output_mask asks.
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -48,11 +48,15 @@ def _fake_linear_loss(input, weight, bias, target, *args):
 # ---- autograd, shared by the C++ and the Triton ops ----------------------------------
 
 
-def _setup_fused_loss(ctx, inputs, output):
+def _save_fused_loss(ctx, inputs, output):
     ctx.reduction, ctx.compute_grad = inputs[-2], inputs[-1]
     ctx.input_dim = inputs[0].dim()
     ctx.n_inputs = len(inputs)
     ctx.save_for_backward(output[1])
+
+
+def _setup_fused_loss(ctx, inputs, output):
+    _save_fused_loss(ctx, inputs, output)
     # The saved-gradient output takes no gradient: without these, autograd would build
     # an N x C tensor of zeros for it on every backward.
     ctx.mark_non_differentiable(output[1])
@@ -98,7 +102,10 @@ def _check_first_order():
             "linclass.backends.use('torch') for higher-order gradients.")
 
 
-def _backward_fused_loss(ctx, grad_loss, _grad_of_grad):
+_NONE = REDUCTIONS["none"]
+
+
+def _backward_fused_loss(ctx, grad_loss, *_):
     if grad_loss is None:
         return (None,) * ctx.n_inputs
     if not ctx.compute_grad:
@@ -108,18 +115,20 @@ def _backward_fused_loss(ctx, grad_loss, _grad_of_grad):
             "compute_grad when the input requires grad")
     _check_first_order()
     (grad,) = ctx.saved_tensors
-    if ctx.reduction == REDUCTIONS["none"] and ctx.input_dim >= 2:
-        grad_loss = grad_loss.unsqueeze(1)  # one scale per row, broadcast over classes
-    if ctx.reduction == REDUCTIONS["none"] and grad_loss.numel() != 1:
-        grad_input = grad * grad_loss
+    if ctx.reduction == _NONE and grad_loss.numel() != 1:  # one scale per row
+        grad_input = grad * (grad_loss.unsqueeze(1) if ctx.input_dim >= 2 else grad_loss)
     else:
         (grad_input,) = _rescale([grad], grad_loss)
     return (grad_input,) + (None,) * (ctx.n_inputs - 1)
 
 
-def _setup_linear_loss(ctx, inputs, output):
+def _save_linear_loss(ctx, inputs, output):
     ctx.n_inputs = len(inputs)
     ctx.save_for_backward(*output[1:])
+
+
+def _setup_linear_loss(ctx, inputs, output):
+    _save_linear_loss(ctx, inputs, output)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
@@ -181,30 +190,49 @@ def _refuse_dual_tensors(args):
                 "linclass.backends.use('torch') for jvp")
 
 
-def _eager_call(name, op, run, setup_context, backward, needs_autograd):
-    """The callable for op: traced calls (torch.compile, opcheck) go to the op itself;
-    eager ones run `run` inside a torch.autograd.Function built from setup_context and
-    backward, or directly when needs_autograd(args) says no gradient is asked for.
-    custom_op's Python dispatch (the route register_autograd takes) costs about twice
-    the Function's host time per call, more than a small loss's kernels.  The
-    Function is named after the op: its graph node is Linclass<Op>Backward."""
+class _Family(NamedTuple):
+    """What the ops of one signature family share: fake kernel, autograd, and whether a
+    call's arguments ask for a gradient."""
+    fake: Callable
+    save: Callable  # saves what backward needs on ctx (the eager Function's setup)
+    setup_context: Callable  # register_autograd's: save, and the outputs' gradient flags
+    backward: Callable
+    needs_autograd: Callable
+
+
+FUSED_LOSS = _Family(_fake_fused_loss, _save_fused_loss, _setup_fused_loss,
+                     _backward_fused_loss, lambda args: args[-1])  # compute_grad
+LINEAR_LOSS = _Family(_fake_linear_loss, _save_linear_loss, _setup_linear_loss,
+                      _backward_linear_loss, lambda args: any(args[-1]))  # output_mask
+
+
+def _eager_call(name, op, run, family: _Family):
+    """The callable for op, returning the loss: traced calls (torch.compile, opcheck) go
+    to the op itself; eager ones run `run` inside a torch.autograd.Function, or directly
+    when family.needs_autograd(args) says no gradient is asked for.  custom_op's Python
+    dispatch (the route register_autograd takes) costs about twice the Function's host
+    time per call, more than a small loss's kernels.  The Function's one output is the
+    loss: the gradients the kernel wrote are saved, never returned, so autograd has no
+    second output to track (bench/results/stable-abi-overhead.md).  It is named after
+    the op: its graph node is Linclass<Op>Backward."""
+    save, needs_autograd = family.save, family.needs_autograd
 
     def forward(ctx, *args):
         out = run(*args)
-        setup_context(ctx, args, out)
-        return out
+        save(ctx, args, out)
+        return out[0]
 
     eager = type("Linclass" + "".join(part.title() for part in name.split("_")),
                  (torch.autograd.Function,),
-                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                 {"forward": staticmethod(forward), "backward": staticmethod(family.backward)})
 
     def call(*args):
         if torch.compiler.is_compiling():
-            return op(*args)
+            return op(*args)[0]
         if _forward_ad._current_level >= 0:
             _refuse_dual_tensors(args)
         try:
-            return eager.apply(*args) if needs_autograd(args) else run(*args)
+            return eager.apply(*args) if needs_autograd(args) else run(*args)[0]
         except RuntimeError as error:
             _reraise(error)
 
@@ -212,22 +240,14 @@ def _eager_call(name, op, run, setup_context, backward, needs_autograd):
     return call
 
 
-def _fused_loss_needs_autograd(args) -> bool:
-    return args[-1]  # compute_grad: set when the input takes a gradient
-
-
-def _linear_loss_needs_autograd(args) -> bool:
-    return any(args[-1])  # output_mask
-
-
-def _register(name, launcher, fake, setup_context, backward, needs_autograd):
+def _register(name, launcher, family: _Family):
     """Defines the custom op linclass::<name> from `launcher` (its schema comes from the
     launcher's annotations) with its fake kernel and autograd, and returns the callable
     that runs it (_eager_call)."""
     op = torch.library.custom_op(f"linclass::{name}", mutates_args=())(launcher)
-    op.register_fake(fake)
-    op.register_autograd(backward, setup_context=setup_context)
-    return _eager_call(name, op, launcher, setup_context, backward, needs_autograd)
+    op.register_fake(family.fake)
+    op.register_autograd(family.backward, setup_context=family.setup_context)
+    return _eager_call(name, op, launcher, family)
 
 
 # What a plain CPU tensor dispatches on, and the key of the C++ CPU kernels.
@@ -235,15 +255,16 @@ _PLAIN_CPU_KEYS = torch._C._dispatch_keys(torch.empty(0))
 _CPU_KERNEL_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
 
-def _register_cpp(name, setup_context, backward, needs_autograd):
+def _register_cpp(name, family: _Family):
     """Fake kernel and autograd of the C++ op linclass::<name> (csrc/ops.cpp), and the
     callable that runs it."""
     op = getattr(torch.ops.linclass, name).default
-    torch.library.register_fake(f"linclass::{name}")(
-        _fake_fused_loss if needs_autograd is _fused_loss_needs_autograd else _fake_linear_loss)
-    torch.library.register_autograd(f"linclass::{name}", backward, setup_context=setup_context)
+    torch.library.register_fake(f"linclass::{name}")(family.fake)
+    torch.library.register_autograd(f"linclass::{name}", family.backward,
+                                    setup_context=family.setup_context)
 
     redispatch = op._handle.redispatch_boxed  # op.redispatch without its Python frame
+    dispatch_keys, dispatch_modes = torch._C._dispatch_keys, torch._C._len_torch_dispatch_stack
 
     def run(*args):
         # Eager calls on plain CPU tensors with no dispatch mode active go straight to
@@ -252,12 +273,11 @@ def _register_cpp(name, setup_context, backward, needs_autograd):
         # kernel (bench/results/stable-abi-overhead.md).  Autograd is _eager_call's
         # Function.  Anything else (a subclass, fake or functorch-wrapped input, a mode,
         # CUDA) takes the full dispatch.
-        if (torch._C._dispatch_keys(args[0]) == _PLAIN_CPU_KEYS
-                and not torch._C._len_torch_dispatch_stack()):
+        if dispatch_keys(args[0]) == _PLAIN_CPU_KEYS and not dispatch_modes():
             return redispatch(_CPU_KERNEL_KEYS, *args)
         return op(*args)
 
-    return _eager_call(name, op, run, setup_context, backward, needs_autograd)
+    return _eager_call(name, op, run, family)
 
 
 # The C++ ops, by family (csrc/ops.cpp): filled when linclass._C is loaded.
@@ -265,10 +285,8 @@ CPP: dict = {}
 
 if _extension.HAS_CPP:
     for _name in ("cross_entropy", "multi_margin_loss"):
-        CPP[_name] = _register_cpp(_name, _setup_fused_loss, _backward_fused_loss,
-                                   _fused_loss_needs_autograd)
-        CPP[f"linear_{_name}"] = _register_cpp(f"linear_{_name}", _setup_linear_loss,
-                                               _backward_linear_loss, _linear_loss_needs_autograd)
+        CPP[_name] = _register_cpp(_name, FUSED_LOSS)
+        CPP[f"linear_{_name}"] = _register_cpp(f"linear_{_name}", LINEAR_LOSS)
 
 
 # The Triton ops, by family: filled when triton is installed.  The kernels are imported
@@ -313,17 +331,11 @@ if HAS_TRITON:
                                                     reduction, output_mask)
 
     TRITON = {
-        "cross_entropy": _register("cross_entropy_triton", _cross_entropy_triton,
-                                   _fake_fused_loss, _setup_fused_loss, _backward_fused_loss,
-                                   _fused_loss_needs_autograd),
+        "cross_entropy": _register("cross_entropy_triton", _cross_entropy_triton, FUSED_LOSS),
         "multi_margin_loss": _register("multi_margin_loss_triton", _multi_margin_loss_triton,
-                                       _fake_fused_loss, _setup_fused_loss, _backward_fused_loss,
-                                       _fused_loss_needs_autograd),
-        "linear_cross_entropy": _register(
-            "linear_cross_entropy_triton", _linear_cross_entropy_triton, _fake_linear_loss,
-            _setup_linear_loss, _backward_linear_loss, _linear_loss_needs_autograd),
-        "linear_multi_margin_loss": _register(
-            "linear_multi_margin_loss_triton", _linear_multi_margin_loss_triton,
-            _fake_linear_loss, _setup_linear_loss, _backward_linear_loss,
-            _linear_loss_needs_autograd),
+                                       FUSED_LOSS),
+        "linear_cross_entropy": _register("linear_cross_entropy_triton",
+                                          _linear_cross_entropy_triton, LINEAR_LOSS),
+        "linear_multi_margin_loss": _register("linear_multi_margin_loss_triton",
+                                              _linear_multi_margin_loss_triton, LINEAR_LOSS),
     }

@@ -175,9 +175,8 @@ def cross_entropy(
     # torch applies label smoothing only when it is positive.
     label_smoothing = max(float(label_smoothing), 0.0)
     op = CROSS_ENTROPY[backend]
-    loss, _ = op(input, target, weight, int(ignore_index), label_smoothing, reduction_code,
-                 input.requires_grad and torch.is_grad_enabled())
-    return loss
+    return op(input, target, weight, int(ignore_index), label_smoothing, reduction_code,
+              input.requires_grad and torch.is_grad_enabled())
 
 
 def multi_margin_loss(
@@ -231,7 +230,7 @@ def multi_margin_loss(
     op = MULTI_MARGIN_LOSS[backend]
     # (N, C) inputs go in as they are: a reshape to the same shape would add a view and
     # its backward node to every call.
-    loss, _ = op(
+    loss = op(
         input if dim == 2 else input.reshape(rows, classes),
         target if target_dim == 1 else target.reshape(rows), int(p), float(margin),
         weight, reduction_code, input.requires_grad and torch.is_grad_enabled(),
@@ -299,9 +298,8 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     t1 = target.reshape(-1).long()
     _check_targets("linear_cross_entropy", backend, t1, weight.shape[0], ignore_index, IndexError)
     op = LINEAR_CROSS_ENTROPY[backend]
-    loss, *_ = op(x2, weight, bias, t1, int(ignore_index), max(float(label_smoothing), 0.0),
-                  reduction_code, _mask(input, weight, bias))
-    return loss
+    return op(x2, weight, bias, t1, int(ignore_index), max(float(label_smoothing), 0.0),
+              reduction_code, _mask(input, weight, bias))
 
 
 def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -323,6 +321,5 @@ def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: 
     t1 = target.reshape(-1)
     _check_targets("linear_multi_margin_loss", backend, t1, weight.shape[0], None, RuntimeError)
     op = LINEAR_MULTI_MARGIN_LOSS[backend]
-    loss, *_ = op(x2, weight, bias, t1, int(p), float(margin), reduction_code,
-                  _mask(input, weight, bias))
-    return loss
+    return op(x2, weight, bias, t1, int(p), float(margin), reduction_code,
+              _mask(input, weight, bias))
