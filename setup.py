@@ -51,7 +51,7 @@ HOST_HELPERS = ["csrc/common.cpp", "csrc/linear_blocks.cpp", "csrc/tensor_ops.cp
 OLDEST_TORCH = (2, 11)
 TARGET_VERSION = f"-DTORCH_TARGET_VERSION=0x{(OLDEST_TORCH[0] << 56) | (OLDEST_TORCH[1] << 48):016x}ULL"
 
-# at::vec picks its implementation from these macros.  LINCLASS_ISA names the module.
+# csrc/cpu/simd.h picks its Vec implementation from these macros.  LINCLASS_ISA names the module.
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],

@@ -196,7 +196,7 @@ struct CrossEntropyMath {
           // ~12% less time forward-only.
           s_excl[u] = s_excl[u] + e;
         }
-        if constexpr (kSmooth) sum_wd[u] = at::vec::fmadd(V(p.weight[j]), d, sum_wd[u]);
+        if constexpr (kSmooth) sum_wd[u] = cpu::fmadd(V(p.weight[j]), d, sum_wd[u]);
       }
     }
     const V nan(std::numeric_limits<acc_t>::quiet_NaN());

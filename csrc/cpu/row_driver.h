@@ -149,7 +149,7 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
     } else {
       const int64_t sc = t.in.stride_c;
       if (sc == 1 && !same_type)
-        at::vec::convert(x, buf.data(), C);
+        cpu::convert(x, buf.data(), C);
       else
         for (int64_t j = 0; j < C; ++j) buf[j] = acc_t(x[j * sc]);
       loss = Math::template row<acc_t, kGrad>({buf.data(), buf.data(), buf.data(), nullptr, false},
@@ -157,7 +157,7 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
       if constexpr (kGrad) {
         const int64_t gc = t.gout.stride_c;
         if (gc == 1)
-          at::vec::convert(buf.data(), g, C);
+          cpu::convert(buf.data(), g, C);
         else
           for (int64_t j = 0; j < C; ++j) g[j * gc] = scalar_t(buf[j]);
       }
@@ -180,7 +180,7 @@ __attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const
   // K-dim inputs with unit inner stride: W consecutive rows of one class are adjacent.
   if (n == W && g.inner > 1 && g.stride_k == 1 && (r0 % g.inner) + W <= g.inner) {
     const scalar_t* p = base + g.offset(r0);
-    for (int64_t j = 0; j < C; ++j) at::vec::convert(p + j * g.stride_c, tile + j * W, W);
+    for (int64_t j = 0; j < C; ++j) cpu::convert(p + j * g.stride_c, tile + j * W, W);
     return;
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -217,7 +217,7 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
   const int64_t C = g.classes;
   if (n == W && g.inner > 1 && g.stride_k == 1 && (r0 % g.inner) + W <= g.inner) {
     scalar_t* p = base + g.offset(r0);
-    for (int64_t j = 0; j < C; ++j) at::vec::convert(tile + j * W, p + j * g.stride_c, W);
+    for (int64_t j = 0; j < C; ++j) cpu::convert(tile + j * W, p + j * g.stride_c, W);
     return;
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -267,9 +267,9 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   auto take_logs = [&](int n_tiles) {
     if constexpr (kCanDefer) {
       for (int u = 0; u < n_tiles; ++u) {
-        const Vec<int32_t> bits = at::vec::cast<int32_t>(log_prod * log_arg[u]);
+        const Vec<int32_t> bits = cpu::cast<int32_t>(log_prod * log_arg[u]);
         log_exp = log_exp + (bits >> Vec<int32_t>(23));  // biased exponent (127 each)
-        log_prod = at::vec::cast<float>((bits & Vec<int32_t>(0x007FFFFF)) | Vec<int32_t>(0x3F800000));
+        log_prod = cpu::cast<float>((bits & Vec<int32_t>(0x007FFFFF)) | Vec<int32_t>(0x3F800000));
       }
       renorms += n_tiles;
     }

@@ -122,7 +122,7 @@ void mm_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
       auto term = [&](int64_t j, int64_t n) {
         Vec<T> h = base + Vec<T>::loadu(row + j, n);
         if (col >= j && col < j + n) h = cpu::with_lane(h, col - j, -std::numeric_limits<T>::infinity());
-        const Vec<T> pos = Vec<T>::set(zero, at::vec::clamp_min(h, zero), n);
+        const Vec<T> pos = Vec<T>::set(zero, cpu::clamp_min(h, zero), n);
         const Vec<T> gj = p == 1 ? cpu::select(h > zero, vv, zero) : two * vv * pos;
         loss0 = loss0 + (p == 1 ? pos : pos * pos);
         const Vec<T> gm = Vec<T>::set(zero, gj, n);

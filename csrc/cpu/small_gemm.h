@@ -102,18 +102,18 @@ inline void score_tile(const float* x0, const float* x1, const float* x2, const 
     const VF u = VF::loadu(x0 + j), v = VF::loadu(x1 + j), t = VF::loadu(x2 + j);
     for (int c = 0; c < NCB; ++c) {
       const VF wv = VF::loadu(w + c * ldw + j);
-      a[c] = at::vec::fmadd(u, wv, a[c]);
-      a[4 + c] = at::vec::fmadd(v, wv, a[4 + c]);
-      a[8 + c] = at::vec::fmadd(t, wv, a[8 + c]);
+      a[c] = cpu::fmadd(u, wv, a[c]);
+      a[4 + c] = cpu::fmadd(v, wv, a[4 + c]);
+      a[8 + c] = cpu::fmadd(t, wv, a[8 + c]);
     }
   }
   if (tail) {
     const VF u = VF::loadu(x0 + j1, tail), v = VF::loadu(x1 + j1, tail), t = VF::loadu(x2 + j1, tail);
     for (int c = 0; c < NCB; ++c) {
       const VF wv = VF::loadu(w + c * ldw + j1, tail);
-      a[c] = at::vec::fmadd(u, wv, a[c]);
-      a[4 + c] = at::vec::fmadd(v, wv, a[4 + c]);
-      a[8 + c] = at::vec::fmadd(t, wv, a[8 + c]);
+      a[c] = cpu::fmadd(u, wv, a[c]);
+      a[4 + c] = cpu::fmadd(v, wv, a[4 + c]);
+      a[8 + c] = cpu::fmadd(t, wv, a[8 + c]);
     }
   }
   for (int i = 0; i < 12; ++i) acc[i] = a[i];
@@ -162,7 +162,7 @@ void weight_rows(const SmallLinear& a, int64_t r0, int64_t r1, float* out, bool 
       const float* x = row_ptr(a, r) + j;
       const VF xv = m == L ? VF::loadu(x) : VF::loadu(x, m);
       const float* s = a.S + r * NC;
-      for (int c = 0; c < NC; ++c) acc[c] = at::vec::fmadd(VF(s[c]), xv, acc[c]);
+      for (int c = 0; c < NC; ++c) acc[c] = cpu::fmadd(VF(s[c]), xv, acc[c]);
     }
     for (int c = 0; c < NC; ++c) acc[c].store(out + c * a.D + j, m);
   }
@@ -182,7 +182,7 @@ void input_rows(const SmallLinear& a, int64_t r0, int64_t r1) {
         const int64_t m = std::min<int64_t>(L, j1 - j);
         VF acc(0.f);
         for (int c = 0; c < NC; ++c)
-          acc = at::vec::fmadd(s[c], m == L ? VF::loadu(a.W + c * a.ldw + j) : VF::loadu(a.W + c * a.ldw + j, m), acc);
+          acc = cpu::fmadd(s[c], m == L ? VF::loadu(a.W + c * a.ldw + j) : VF::loadu(a.W + c * a.ldw + j, m), acc);
         acc.store(out + j, m);
       }
     }

@@ -1,22 +1,11 @@
-// Small vectorized building blocks for the CPU loss kernels, on top of at::vec.
+// Small vectorized building blocks for the CPU loss kernels, on top of simd.h's Vec<T>.
 //
-// Each kernel module is compiled for one vector ISA (cpu/ops.h), so Vectorized<T> here
-// is the widest type that ISA has.  Every function is deterministic: the order of the
+// Each kernel module is compiled for one vector ISA (cpu/ops.h), so Vec<T> here is the
+// widest type that ISA has.  Every function is deterministic: the order of the
 // floating-point operations depends only on the lengths it is given.
-//
-// at::vec is the one piece of ATen linclass still uses: a header-only template library
-// (its code is instantiated in our modules and imports no libtorch symbol), which the
-// stable ABI has no replacement for yet (torch/headeronly/cpu/vec holds only the
-// intrinsics).  Its c10 headers refuse to be included once TORCH_TARGET_VERSION is set
-// (setup.py sets it, so the stable-ABI headers use only what the oldest supported torch
-// offers), hence the macro is lifted around them.
 #pragma once
 
-#pragma push_macro("TORCH_TARGET_VERSION")
-#undef TORCH_TARGET_VERSION
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#pragma pop_macro("TORCH_TARGET_VERSION")
+#include "simd.h"
 
 #include <cmath>
 #include <algorithm>
@@ -25,20 +14,6 @@
 #include <type_traits>
 
 namespace linclass::cpu {
-
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
-
-template <typename T>
-inline T hsum(const Vec<T>& v) {
-  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, v);
-}
-
-template <typename T>
-inline T hmax(const Vec<T>& v) {
-  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); },
-                                    v);
-}
 
 // exp(d) for d <= 0 (softmax's shifted scores), float: Cody-Waite range reduction and
 // a degree-4 polynomial q in exp(r) = 1 + r + r^2 q(r), |r| <= ln2 / 2 (minimax for the
@@ -49,20 +24,20 @@ inline T hmax(const Vec<T>& v) {
 inline Vec<float> vexp_nonpos(const Vec<float>& d) {
   using VF = Vec<float>;
   using VI = Vec<int32_t>;
-  const VF x = at::vec::clamp_min(d, VF(-88.0f));  // NaN-preserving
+  const VF x = clamp_min(d, VF(-88.0f));  // NaN-preserving
   const VF magic(12582912.0f);                       // 1.5 * 2^23: t rounds x log2(e) to an integer
-  const VF t = at::vec::fmadd(x, VF(1.44269504088896341f), magic);
+  const VF t = fmadd(x, VF(1.44269504088896341f), magic);
   const VF n = t - magic;
-  VF r = at::vec::fmadd(n, VF(-0.693359375f), x);  // x - n ln2, ln2 in two parts
-  r = at::vec::fmadd(n, VF(2.12194440e-4f), r);
+  VF r = fmadd(n, VF(-0.693359375f), x);  // x - n ln2, ln2 in two parts
+  r = fmadd(n, VF(2.12194440e-4f), r);
   VF p(1.381461275741458e-3f);
-  p = at::vec::fmadd(p, r, VF(8.368710055947304e-3f));
-  p = at::vec::fmadd(p, r, VF(4.166838899254799e-2f));
-  p = at::vec::fmadd(p, r, VF(1.666652113199234e-1f));
-  p = at::vec::fmadd(p, r, VF(4.999999403953552e-1f));
-  const VF y = at::vec::fmadd(p, r * r, r + VF(1.0f));
+  p = fmadd(p, r, VF(8.368710055947304e-3f));
+  p = fmadd(p, r, VF(4.166838899254799e-2f));
+  p = fmadd(p, r, VF(1.666652113199234e-1f));
+  p = fmadd(p, r, VF(4.999999403953552e-1f));
+  const VF y = fmadd(p, r * r, r + VF(1.0f));
   // 2^n from the integer sitting in t's mantissa; n >= -127, and n = -127 gives 0.0.
-  const VI biased = at::vec::cast<int32_t>(t) + VI(127 - 0x4B400000);
+  const VI biased = cast<int32_t>(t) + VI(127 - 0x4B400000);
 #if defined(CPU_CAPABILITY_AVX512)
   const VI pow2n = _mm512_slli_epi32(biased, 23);  // an immediate shift: no count vector
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -70,7 +45,7 @@ inline Vec<float> vexp_nonpos(const Vec<float>& d) {
 #else
   const VI pow2n = biased << VI(23);
 #endif
-  return y * at::vec::cast<float>(pow2n);
+  return y * cast<float>(pow2n);
 }
 
 // exp in the kernels goes through these (arguments are always <= 0 or NaN), so the accuracy/speed trade is made in one place.
@@ -85,33 +60,33 @@ inline float sexp(float v) { return std::exp(v); }
 inline double sexp(double v) { return std::exp(v); }
 
 // Natural log of finite x >= FLT_MIN (the kernels take it of softmax normalizers, which
-// are >= 1), within about 1 ulp, and NaN for NaN: Cephes' logf, written with at::vec so
+// are >= 1), within about 1 ulp, and NaN for NaN: Cephes' logf, written with Vec so
 // it is one implementation for every ISA.  About 3x cheaper than Sleef's u10 log.
 inline Vec<float> vlog_pos(const Vec<float>& x) {
   using VF = Vec<float>;
   using VI = Vec<int32_t>;
-  const VI bits = at::vec::cast<int32_t>(x);
-  VF m = at::vec::cast<float>((bits & VI(0x007FFFFF)) | VI(0x3F800000));  // mantissa in [1, 2)
+  const VI bits = cast<int32_t>(x);
+  VF m = cast<float>((bits & VI(0x007FFFFF)) | VI(0x3F800000));  // mantissa in [1, 2)
   // Exponent as a float without an int->float conversion: 2^23 + k has k in its mantissa.
-  VF e = at::vec::cast<float>((bits >> VI(23)) | VI(0x4B000000)) - VF(8388608.0f + 127.0f);
+  VF e = cast<float>((bits >> VI(23)) | VI(0x4B000000)) - VF(8388608.0f + 127.0f);
   const VF big = m > VF(1.41421356f);  // move m into [sqrt(1/2), sqrt(2))
   m = VF::blendv(m, m * VF(0.5f), big);
   e = VF::blendv(e, e + VF(1.0f), big);
   const VF f = m - VF(1.0f);
   const VF z = f * f;
   VF y(7.0376836292E-2f);
-  y = at::vec::fmadd(y, f, VF(-1.1514610310E-1f));
-  y = at::vec::fmadd(y, f, VF(1.1676998740E-1f));
-  y = at::vec::fmadd(y, f, VF(-1.2420140846E-1f));
-  y = at::vec::fmadd(y, f, VF(1.4249322787E-1f));
-  y = at::vec::fmadd(y, f, VF(-1.6668057665E-1f));
-  y = at::vec::fmadd(y, f, VF(2.0000714765E-1f));
-  y = at::vec::fmadd(y, f, VF(-2.4999993993E-1f));
-  y = at::vec::fmadd(y, f, VF(3.3333331174E-1f));
+  y = fmadd(y, f, VF(-1.1514610310E-1f));
+  y = fmadd(y, f, VF(1.1676998740E-1f));
+  y = fmadd(y, f, VF(-1.2420140846E-1f));
+  y = fmadd(y, f, VF(1.4249322787E-1f));
+  y = fmadd(y, f, VF(-1.6668057665E-1f));
+  y = fmadd(y, f, VF(2.0000714765E-1f));
+  y = fmadd(y, f, VF(-2.4999993993E-1f));
+  y = fmadd(y, f, VF(3.3333331174E-1f));
   y = y * f * z;
-  y = at::vec::fmadd(e, VF(-2.12194440E-4f), y);
-  y = at::vec::fmadd(z, VF(-0.5f), y);
-  const VF r = at::vec::fmadd(e, VF(0.693359375f), f + y);
+  y = fmadd(e, VF(-2.12194440E-4f), y);
+  y = fmadd(z, VF(-0.5f), y);
+  const VF r = fmadd(e, VF(0.693359375f), f + y);
   return VF::blendv(r, x, x != x);  // the bit tricks above would turn NaN into a number
 }
 template <typename T>
@@ -122,7 +97,7 @@ inline Vec<T> vlog(const Vec<T>& v) {
     return v.log();
 }
 
-// Lane mask helpers: compare results in at::vec are all-ones / all-zeros bit patterns.
+// Lane mask helpers: comparison results are all-ones / all-zeros bit patterns.
 template <typename T>
 inline Vec<T> select(const Vec<T>& mask, const Vec<T>& if_true, const Vec<T>& if_false) {
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__) && \
@@ -143,9 +118,9 @@ inline Vec<T> select(const Vec<T>& mask, const Vec<T>& if_true, const Vec<T>& if
 }
 
 // select(a == b, if_true, if_false), and the same for != and >: one compare and one
-// blend.  On AVX-512 a comparison held as a vector (what at::vec's operators return)
+// blend.  On AVX-512 a comparison held as a vector (what Vec's operators return)
 // costs two more instructions per select, a mask-to-vector and a vector-to-mask; these
-// keep it in a mask register.  Same predicates as at::vec's ==, != and >.
+// keep it in a mask register.  Same predicates as Vec's ==, != and >.
 #if defined(CPU_CAPABILITY_AVX512)
 #define LINCLASS_SELECT_CMP(name, pred, generic)                                                  \
   template <typename T>                                                                          \
@@ -176,7 +151,7 @@ LINCLASS_SELECT_CMP(select_gt, _CMP_GT_OQ, a > b)
 // normalizer (and from there into the loss and every gradient entry of the row).
 template <typename T>
 inline Vec<T> fast_max(const Vec<T>& a, const Vec<T>& b) {
-  return at::vec::clamp_min(b, a);  // max_ps(a, b): b when either is NaN
+  return clamp_min(b, a);  // max_ps(a, b): b when either is NaN
 }
 
 // max_j x[j] over [0, n), n >= 1 (see fast_max for NaN).
@@ -231,8 +206,8 @@ inline T exp_sum(const T* x, typename Same<T>::type* out, int64_t begin, int64_t
     s0 = s0 + e0;
     s1 = s1 + e1;
     if constexpr (kWeighted) {
-      a0 = at::vec::fmadd(Vec<T>::loadu(w + j), d0, a0);
-      a1 = at::vec::fmadd(Vec<T>::loadu(w + j + W), d1, a1);
+      a0 = fmadd(Vec<T>::loadu(w + j), d0, a0);
+      a1 = fmadd(Vec<T>::loadu(w + j + W), d1, a1);
     }
   }
   for (; j < end; j += W) {
@@ -241,7 +216,7 @@ inline T exp_sum(const T* x, typename Same<T>::type* out, int64_t begin, int64_t
     const Vec<T> e = Vec<T>::set(zero, vexp(d), n);
     if (out) e.store(out + j, n);
     s0 = s0 + e;
-    if constexpr (kWeighted) a0 = at::vec::fmadd(Vec<T>::loadu(w + j, n), d, a0);  // w zero-filled
+    if constexpr (kWeighted) a0 = fmadd(Vec<T>::loadu(w + j, n), d, a0);  // w zero-filled
   }
   if constexpr (kWeighted) *wd += hsum(a0 + a1);
   return hsum(s0 + s1);
