@@ -5,6 +5,7 @@ x86-64 baseline with no AVX)."""
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,19 @@ def test_sdist_holds_every_source_and_header(tmp_path):
                                                          recursive=True)}
     assert wanted and wanted <= names, sorted(wanted - names)
     assert {"setup.py", "pyproject.toml", "kernels/cross_entropy.py"} <= names
+
+
+def test_sources_include_only_the_stable_abi():
+    """csrc/ (CPU and CUDA) includes no ATen, c10 or libtorch C++ API header: the stable
+    ABI's torch/csrc/stable, torch/headeronly and the AOTInductor C shim only."""
+    unstable = re.compile(r'#\s*include\s*[<"](ATen/|c10/|torch/extension\.h|torch/all\.h|'
+                          r'torch/library\.h|torch/torch\.h|torch/csrc/api/)')
+    sources = [p for ext in ("h", "cpp", "cu", "cuh")
+               for p in glob.glob(os.path.join(ROOT, "csrc", "**", f"*.{ext}"), recursive=True)]
+    assert len(sources) > 10
+    found = [f"{os.path.relpath(p, ROOT)}: {line.strip()}" for p in sources
+             for line in open(p) if unstable.search(line)]
+    assert not found, found
 
 
 @pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
