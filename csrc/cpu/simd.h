@@ -2,15 +2,15 @@
 // vector ISA the CPU kernel modules are compiled for (cpu/ops.h):
 //   AVX512   __m512 / __m512d / __m512i      (16 floats)
 //   AVX2     __m256 / __m256d / __m256i      (8 floats, with FMA and F16C)
-//   DEFAULT  32 bytes held as an array, loops the compiler turns into x86-64's SSE2
+//   DEFAULT  32 bytes as two SSE2 halves (x86-64's baseline); elsewhere an array
 // It has the part of at::vec::Vectorized's interface the kernels use (same names, same
 // semantics: comparisons give all-ones / all-zeros lanes, loadu(p, n) zero-fills, set and
 // blendv pick the second argument), so the kernels read as before; it exists because the
 // LibTorch stable ABI has no vector library and at::vec is ATen (its headers need c10,
 // its float64 exp/log import Sleef from libtorch).
 //
-// Float64 exp and log on AVX2/AVX-512 are our own (below, ~1 ulp); float exp/log are
-// vec_util.h's kernels-specific ones, the DEFAULT build calls the C library per lane.
+// Float64 exp and log are our own (below, within 1 ulp of glibc); float exp/log are
+// vec_util.h's kernels-specific ones.  The array fallback calls the C library per lane.
 #pragma once
 
 #include <algorithm>
@@ -22,6 +22,8 @@
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 namespace linclass::cpu {
@@ -407,8 +409,251 @@ inline double hsum(const Vec<double>& v) {
   return _mm_cvtsd_f64(q);
 }
 
+#elif defined(__SSE2__)
+// ---- DEFAULT on x86-64: SSE2, the baseline every x86-64 CPU has -------------------------
+// 32 bytes as two 128-bit halves (the kernels' tiles are written for 8 floats / 4 doubles).
+// SSE2 has no blend, FMA or per-lane shift: selects are and/andnot/or on the all-ones
+// masks comparisons give, fmadd rounds twice, and shifts take one count for all lanes.
+
+inline __m128 sse_select(__m128 mask, __m128 a, __m128 b) {  // b where mask, else a
+  return _mm_or_ps(_mm_and_ps(mask, b), _mm_andnot_ps(mask, a));
+}
+inline __m128d sse_select(__m128d mask, __m128d a, __m128d b) {
+  return _mm_or_pd(_mm_and_pd(mask, b), _mm_andnot_pd(mask, a));
+}
+
+template <>
+struct Vec<float> {
+  using value_type = float;
+  __m128 lo, hi;
+  static constexpr int size() { return 8; }
+  Vec() = default;
+  Vec(__m128 l, __m128 h) : lo(l), hi(h) {}
+  Vec(float s) : lo(_mm_set1_ps(s)), hi(lo) {}
+  static Vec loadu(const void* p) {
+    const float* f = static_cast<const float*>(p);
+    return {_mm_loadu_ps(f), _mm_loadu_ps(f + 4)};
+  }
+  static Vec loadu(const void* p, int64_t n) {
+    if (n >= size()) return loadu(p);
+    alignas(16) float tmp[8] = {};
+    std::memcpy(tmp, p, n * sizeof(float));
+    return {_mm_load_ps(tmp), _mm_load_ps(tmp + 4)};
+  }
+  void store(void* p) const {
+    float* f = static_cast<float*>(p);
+    _mm_storeu_ps(f, lo);
+    _mm_storeu_ps(f + 4, hi);
+  }
+  void store(void* p, int64_t n) const {
+    if (n >= size()) return store(p);
+    alignas(16) float tmp[8];
+    _mm_store_ps(tmp, lo);
+    _mm_store_ps(tmp + 4, hi);
+    std::memcpy(p, tmp, n * sizeof(float));
+  }
+  // Lanes [0, n) as all-ones.
+  static Vec first(int64_t n) {
+    const __m128i count = _mm_set1_epi32(int32_t(std::min<int64_t>(n, size())));
+    return {_mm_castsi128_ps(_mm_cmpgt_epi32(count, _mm_setr_epi32(0, 1, 2, 3))),
+            _mm_castsi128_ps(_mm_cmpgt_epi32(count, _mm_setr_epi32(4, 5, 6, 7)))};
+  }
+  static Vec blendv(const Vec& a, const Vec& b, const Vec& mask) {
+    // A comparison's lanes are all-ones or zero; a sign-bit mask is widened first.
+    const __m128 ml = _mm_castsi128_ps(_mm_srai_epi32(_mm_castps_si128(mask.lo), 31));
+    const __m128 mh = _mm_castsi128_ps(_mm_srai_epi32(_mm_castps_si128(mask.hi), 31));
+    return {sse_select(ml, a.lo, b.lo), sse_select(mh, a.hi, b.hi)};
+  }
+  static Vec set(const Vec& a, const Vec& b, int64_t n = size()) {
+    if (n >= size()) return b;
+    const Vec m = first(n);
+    return {sse_select(m.lo, a.lo, b.lo), sse_select(m.hi, a.hi, b.hi)};
+  }
+  int zero_mask() const {
+    const __m128 z = _mm_setzero_ps();
+    return _mm_movemask_ps(_mm_cmpeq_ps(lo, z)) | (_mm_movemask_ps(_mm_cmpeq_ps(hi, z)) << 4);
+  }
+  Vec abs() const {
+    const __m128 m = _mm_castsi128_ps(_mm_set1_epi32(0x7FFFFFFF));
+    return {_mm_and_ps(lo, m), _mm_and_ps(hi, m)};
+  }
+};
+
+template <>
+struct Vec<double> {
+  using value_type = double;
+  __m128d lo, hi;
+  static constexpr int size() { return 4; }
+  Vec() = default;
+  Vec(__m128d l, __m128d h) : lo(l), hi(h) {}
+  Vec(double s) : lo(_mm_set1_pd(s)), hi(lo) {}
+  static Vec loadu(const void* p) {
+    const double* d = static_cast<const double*>(p);
+    return {_mm_loadu_pd(d), _mm_loadu_pd(d + 2)};
+  }
+  static Vec loadu(const void* p, int64_t n) {
+    if (n >= size()) return loadu(p);
+    alignas(16) double tmp[4] = {};
+    std::memcpy(tmp, p, n * sizeof(double));
+    return {_mm_load_pd(tmp), _mm_load_pd(tmp + 2)};
+  }
+  void store(void* p) const {
+    double* d = static_cast<double*>(p);
+    _mm_storeu_pd(d, lo);
+    _mm_storeu_pd(d + 2, hi);
+  }
+  void store(void* p, int64_t n) const {
+    if (n >= size()) return store(p);
+    alignas(16) double tmp[4];
+    _mm_store_pd(tmp, lo);
+    _mm_store_pd(tmp + 2, hi);
+    std::memcpy(p, tmp, n * sizeof(double));
+  }
+  static Vec first(int64_t n) {  // 32-bit compares of doubled lane indices: 64-bit masks
+    const __m128i count = _mm_set1_epi32(int32_t(std::min<int64_t>(n, size())));
+    return {_mm_castsi128_pd(_mm_cmpgt_epi32(count, _mm_setr_epi32(0, 0, 1, 1))),
+            _mm_castsi128_pd(_mm_cmpgt_epi32(count, _mm_setr_epi32(2, 2, 3, 3)))};
+  }
+  static __m128d widen_sign(__m128d m) {  // each lane's sign bit to all 64 bits
+    return _mm_castsi128_pd(_mm_shuffle_epi32(_mm_srai_epi32(_mm_castpd_si128(m), 31), _MM_SHUFFLE(3, 3, 1, 1)));
+  }
+  static Vec blendv(const Vec& a, const Vec& b, const Vec& mask) {
+    return {sse_select(widen_sign(mask.lo), a.lo, b.lo), sse_select(widen_sign(mask.hi), a.hi, b.hi)};
+  }
+  static Vec set(const Vec& a, const Vec& b, int64_t n = size()) {
+    if (n >= size()) return b;
+    const Vec m = first(n);
+    return {sse_select(m.lo, a.lo, b.lo), sse_select(m.hi, a.hi, b.hi)};
+  }
+  int zero_mask() const {
+    const __m128d z = _mm_setzero_pd();
+    return _mm_movemask_pd(_mm_cmpeq_pd(lo, z)) | (_mm_movemask_pd(_mm_cmpeq_pd(hi, z)) << 2);
+  }
+  Vec abs() const {
+    const __m128d m = _mm_castsi128_pd(_mm_set1_epi64x(0x7FFFFFFFFFFFFFFFLL));
+    return {_mm_and_pd(lo, m), _mm_and_pd(hi, m)};
+  }
+  Vec exp() const { return exp_f64(*this); }
+  Vec log() const { return log_f64(*this); }
+};
+
+template <>
+struct Vec<int32_t> {
+  using value_type = int32_t;
+  __m128i lo, hi;
+  static constexpr int size() { return 8; }
+  Vec() = default;
+  Vec(__m128i l, __m128i h) : lo(l), hi(h) {}
+  Vec(int32_t s) : lo(_mm_set1_epi32(s)), hi(lo) {}
+  static Vec loadu(const void* p) {
+    const __m128i* q = static_cast<const __m128i*>(p);
+    return {_mm_loadu_si128(q), _mm_loadu_si128(q + 1)};
+  }
+  void store(void* p) const {
+    __m128i* q = static_cast<__m128i*>(p);
+    _mm_storeu_si128(q, lo);
+    _mm_storeu_si128(q + 1, hi);
+  }
+};
+
+#define LINCLASS_SSE_BINARY(T, op, fn) \
+  inline Vec<T> operator op(const Vec<T>& a, const Vec<T>& b) { return {fn(a.lo, b.lo), fn(a.hi, b.hi)}; }
+#define LINCLASS_SSE_FLOAT_OPS(T, s)                                                      \
+  LINCLASS_SSE_BINARY(T, +, _mm_add_##s)                                                  \
+  LINCLASS_SSE_BINARY(T, -, _mm_sub_##s)                                                  \
+  LINCLASS_SSE_BINARY(T, *, _mm_mul_##s)                                                  \
+  LINCLASS_SSE_BINARY(T, /, _mm_div_##s)                                                  \
+  LINCLASS_SSE_BINARY(T, &, _mm_and_##s)                                                  \
+  LINCLASS_SSE_BINARY(T, |, _mm_or_##s)                                                   \
+  LINCLASS_SSE_BINARY(T, ^, _mm_xor_##s)                                                  \
+  LINCLASS_SSE_BINARY(T, ==, _mm_cmpeq_##s)                                               \
+  LINCLASS_SSE_BINARY(T, !=, _mm_cmpneq_##s)                                              \
+  LINCLASS_SSE_BINARY(T, <, _mm_cmplt_##s)                                                \
+  LINCLASS_SSE_BINARY(T, <=, _mm_cmple_##s)                                               \
+  LINCLASS_SSE_BINARY(T, >, _mm_cmpgt_##s)                                                \
+  LINCLASS_SSE_BINARY(T, >=, _mm_cmpge_##s)                                               \
+  inline Vec<T> operator-(const Vec<T>& a) { return Vec<T>(T(0)) - a; }                   \
+  /* a * b + c rounded twice: SSE2 has no fused multiply-add. */                          \
+  inline Vec<T> fmadd(const Vec<T>& a, const Vec<T>& b, const Vec<T>& c) { return a * b + c; } \
+  /* max(min, a) keeping a NaN a: maxps returns its second operand on NaN. */             \
+  inline Vec<T> clamp_min(const Vec<T>& a, const Vec<T>& min) {                           \
+    return {_mm_max_##s(min.lo, a.lo), _mm_max_##s(min.hi, a.hi)};                        \
+  }                                                                                       \
+  inline Vec<T> clamp_max(const Vec<T>& a, const Vec<T>& max) {                           \
+    return {_mm_min_##s(max.lo, a.lo), _mm_min_##s(max.hi, a.hi)};                        \
+  }
+LINCLASS_SSE_FLOAT_OPS(float, ps)
+LINCLASS_SSE_FLOAT_OPS(double, pd)
+#undef LINCLASS_SSE_FLOAT_OPS
+LINCLASS_SSE_BINARY(int32_t, +, _mm_add_epi32)
+LINCLASS_SSE_BINARY(int32_t, -, _mm_sub_epi32)
+LINCLASS_SSE_BINARY(int32_t, &, _mm_and_si128)
+LINCLASS_SSE_BINARY(int32_t, |, _mm_or_si128)
+#undef LINCLASS_SSE_BINARY
+
+// Shifts by a count vector whose lanes are all equal (what the kernels pass: constants);
+// SSE2 shifts every lane by one count.
+inline Vec<double> trunc(const Vec<double>& a) {  // |a| < 2^31 (exp's n / 2)
+  return {_mm_cvtepi32_pd(_mm_cvttpd_epi32(a.lo)), _mm_cvtepi32_pd(_mm_cvttpd_epi32(a.hi))};
+}
+// 2^n for integral n in [-1022, 1023] held as doubles: n + 1023 + 2^52 puts the biased
+// exponent in the low mantissa bits.
+inline Vec<double> pow2i(const Vec<double>& n) {
+  const __m128d magic = _mm_set1_pd(1023.0 + 4503599627370496.0);
+  auto half = [&](__m128d h) { return _mm_castsi128_pd(_mm_slli_epi64(_mm_castpd_si128(_mm_add_pd(h, magic)), 52)); };
+  return {half(n.lo), half(n.hi)};
+}
+inline Vec<double> exponent_of(const Vec<double>& x) {  // the biased exponent, as a double
+  const __m128d magic = _mm_set1_pd(4503599627370496.0);  // 2^52: e in its mantissa
+  auto half = [&](__m128d h) {
+    const __m128i e = _mm_srli_epi64(_mm_castpd_si128(h), 52);
+    return _mm_sub_pd(_mm_castsi128_pd(_mm_or_si128(e, _mm_castpd_si128(magic))), magic);
+  };
+  return {half(x.lo), half(x.hi)};
+}
+inline Vec<double> mantissa_of(const Vec<double>& x) {  // with the exponent of 1.0
+  const __m128i keep = _mm_set1_epi64x(0x000FFFFFFFFFFFFFLL), one = _mm_set1_epi64x(0x3FF0000000000000LL);
+  auto half = [&](__m128d h) { return _mm_castsi128_pd(_mm_or_si128(_mm_and_si128(_mm_castpd_si128(h), keep), one)); };
+  return {half(x.lo), half(x.hi)};
+}
+
+inline Vec<int32_t> operator>>(const Vec<int32_t>& a, const Vec<int32_t>& count) {
+  const __m128i c = _mm_cvtsi32_si128(_mm_cvtsi128_si32(count.lo));
+  return {_mm_sra_epi32(a.lo, c), _mm_sra_epi32(a.hi, c)};
+}
+inline Vec<int32_t> operator<<(const Vec<int32_t>& a, const Vec<int32_t>& count) {
+  const __m128i c = _mm_cvtsi32_si128(_mm_cvtsi128_si32(count.lo));
+  return {_mm_sll_epi32(a.lo, c), _mm_sll_epi32(a.hi, c)};
+}
+
+template <typename To, typename From>
+inline Vec<To> cast(const Vec<From>& v) {  // the same bits
+  return bits_as<Vec<To>>(v);
+}
+
+inline __m128 sse_nan_max(__m128 a, __m128 b) { return sse_select(_mm_cmpunord_ps(a, a), _mm_max_ps(a, b), a); }
+inline __m128d sse_nan_max(__m128d a, __m128d b) { return sse_select(_mm_cmpunord_pd(a, a), _mm_max_pd(a, b), a); }
+inline float hmax(const Vec<float>& v) {  // NaN when a lane is NaN
+  __m128 q = sse_nan_max(v.lo, v.hi);
+  q = sse_nan_max(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(sse_nan_max(q, _mm_shuffle_ps(q, q, 1)));
+}
+inline double hmax(const Vec<double>& v) {
+  const __m128d q = sse_nan_max(v.lo, v.hi);
+  return _mm_cvtsd_f64(sse_nan_max(q, _mm_unpackhi_pd(q, q)));
+}
+inline float hsum(const Vec<float>& v) {
+  __m128 q = _mm_add_ps(v.lo, v.hi);
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+inline double hsum(const Vec<double>& v) {
+  const __m128d q = _mm_add_pd(v.lo, v.hi);
+  return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
+}
+
 #else
-// ---- DEFAULT: x86-64 baseline; 32 bytes of lanes in an array --------------------------
+// ---- DEFAULT elsewhere (no x86): 32 bytes of lanes in an array --------------------------
 
 template <typename T>
 struct Vec {
