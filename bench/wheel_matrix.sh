@@ -16,8 +16,9 @@ VERSIONS=${VERSIONS:-"2.11.0 2.13.0 2.14.1 2.15.0"}
 OUT=${OUT:-$ROOT/bench/results/wheel-matrix.md}
 WORK=${WORK:-$(mktemp -d /tmp/linclass-wheel-matrix.XXXXXX)}
 # The test suite, less what tests the source tree itself (the wheel build, the per-ISA
-# reruns, the benchmark reports) or needs a GPU or Triton.
-SKIP="test_wheel.py test_cpu_isa.py test_bench_report.py test_gpu.py test_gpu_check.py
+# reruns, the vector-type check compiled from csrc/, the benchmark reports) or needs a
+# GPU or Triton.
+SKIP="test_wheel.py test_cpu_isa.py test_simd.py test_bench_report.py test_gpu.py test_gpu_check.py
       test_triton_aot.py test_triton_configs.py"
 
 mkdir -p "$WORK/dist"
