@@ -60,6 +60,11 @@ void check_lanes() {
     for (int i = 0; i <= W; ++i)
       if (dst[i] != (i < n ? src[i] : T(-7))) fail("store count", n, dst[i], i);
   }
+  for (int k = 0; k < W; ++k) {
+    const Vec<T> r = with_lane(a, k, T(-1));
+    for (int i = 0; i < W; ++i)
+      if (lane(r, i) != (i == k ? T(-1) : lane(a, i))) fail("with_lane", k, lane(r, i), i);
+  }
   // Comparisons are all-ones / all-zeros lanes; != is true for NaN, the others false.
   const Vec<T> x = Vec<T>::set(Vec<T>(T(2)), Vec<T>(nan), 1);  // lane 0 NaN, others 2
   const Vec<T> ne = x != x, eq = x == x, gt = x > Vec<T>(T(1));

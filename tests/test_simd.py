@@ -2,7 +2,7 @@
 runs: tests/simd_check.cpp is compiled with the flags setup.py gives that ISA's kernel
 module and compares float64 exp/log with the C library over the whole double range
 (within 1 ulp) and the lane semantics the kernels rely on (counted loads and stores,
-set, blendv, comparisons with NaN, horizontal sum and max)."""
+set, with_lane, blendv, comparisons with NaN, horizontal sum and max)."""
 
 import ast
 import os

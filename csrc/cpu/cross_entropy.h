@@ -80,12 +80,9 @@ struct CrossEntropyMath {
                                 : exp_sum(x, nullptr, 0, C, m, nullptr, nullptr, io.next);
       return ce_loss(std::log(s), d_y, w_y, sum_wd, p);
     } else {
-      const acc_t s_excl =
-          smoothing ? exp_sum<true>(x, work, 0, y, m, p.weight, &sum_wd, io.next) +
-                          exp_sum<true>(x, work, y + 1, C, m, p.weight, &sum_wd, io.next)
-                    : exp_sum(x, work, 0, y, m, nullptr, nullptr, io.next) +
-                          exp_sum(x, work, y + 1, C, m, nullptr, nullptr, io.next);
-      sum_wd += w_y * d_y;
+      // s' leaves the target's column out, so it keeps its relative precision.
+      const acc_t s_excl = smoothing ? exp_sum<true>(x, work, 0, C, m, p.weight, &sum_wd, io.next, y)
+                                     : exp_sum(x, work, 0, C, m, nullptr, nullptr, io.next, y);
       const acc_t e_y = sexp(d_y);
       const acc_t s = s_excl + e_y;
       const V a(ce_exp_coef(w_y, p.scale, s, p));

@@ -264,6 +264,15 @@ inline double hsum(const Vec<double>& v) {
   return _mm_cvtsd_f64(q);
 }
 
+// v with lane k replaced by value, in registers (a store and a reload of the vector would
+// stall on store forwarding).
+inline Vec<float> with_lane(const Vec<float>& v, int64_t k, float value) {
+  return _mm512_mask_blend_ps(__mmask16(1u << k), v, _mm512_set1_ps(value));
+}
+inline Vec<double> with_lane(const Vec<double>& v, int64_t k, double value) {
+  return _mm512_mask_blend_pd(__mmask8(1u << k), v, _mm512_set1_pd(value));
+}
+
 #elif defined(CPU_CAPABILITY_AVX2)
 // ---- AVX2 (with FMA) ------------------------------------------------------------------
 
@@ -407,6 +416,15 @@ inline double hsum(const Vec<double>& v) {
   __m128d q = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
   q = _mm_add_sd(q, _mm_unpackhi_pd(q, q));
   return _mm_cvtsd_f64(q);
+}
+
+inline Vec<float> with_lane(const Vec<float>& v, int64_t k, float value) {
+  const __m256i at = _mm256_cmpeq_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int32_t(k)));
+  return _mm256_blendv_ps(v, _mm256_set1_ps(value), _mm256_castsi256_ps(at));
+}
+inline Vec<double> with_lane(const Vec<double>& v, int64_t k, double value) {
+  const __m256i at = _mm256_cmpeq_epi64(_mm256_setr_epi64x(0, 1, 2, 3), _mm256_set1_epi64x(k));
+  return _mm256_blendv_pd(v, _mm256_set1_pd(value), _mm256_castsi256_pd(at));
 }
 
 #elif defined(__SSE2__)
@@ -652,6 +670,21 @@ inline double hsum(const Vec<double>& v) {
   return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
 }
 
+inline Vec<float> with_lane(const Vec<float>& v, int64_t k, float value) {
+  const __m128i at = _mm_set1_epi32(int32_t(k));
+  const __m128 lo = _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_setr_epi32(0, 1, 2, 3), at));
+  const __m128 hi = _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_setr_epi32(4, 5, 6, 7), at));
+  const __m128 x = _mm_set1_ps(value);
+  return {sse_select(lo, v.lo, x), sse_select(hi, v.hi, x)};
+}
+inline Vec<double> with_lane(const Vec<double>& v, int64_t k, double value) {
+  const __m128i at = _mm_set1_epi32(int32_t(k));  // doubled indices: 64-bit lane masks
+  const __m128d lo = _mm_castsi128_pd(_mm_cmpeq_epi32(_mm_setr_epi32(0, 0, 1, 1), at));
+  const __m128d hi = _mm_castsi128_pd(_mm_cmpeq_epi32(_mm_setr_epi32(2, 2, 3, 3), at));
+  const __m128d x = _mm_set1_pd(value);
+  return {sse_select(lo, v.lo, x), sse_select(hi, v.hi, x)};
+}
+
 #else
 // ---- DEFAULT elsewhere (no x86): 32 bytes of lanes in an array --------------------------
 
@@ -769,6 +802,12 @@ inline T hsum(const Vec<T>& v) {  // pairwise, as the vector ISAs add
   for (int width = Vec<T>::size() / 2; width >= 1; width /= 2)
     for (int i = 0; i < width; ++i) a.lane[i] = a.lane[i] + a.lane[i + width];
   return a.lane[0];
+}
+template <typename T>
+inline Vec<T> with_lane(const Vec<T>& v, int64_t k, T value) {
+  Vec<T> r = v;
+  r.lane[k] = value;
+  return r;
 }
 #endif
 

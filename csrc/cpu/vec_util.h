@@ -170,9 +170,11 @@ inline T max_of(const T* x, int64_t n) {
   return hmax(fast_max(m0, m1));
 }
 
-// Over [begin, end): returns sum_j exp(x[j] - m), writes out[j] = exp(x[j] - m) when
-// out != nullptr (out may alias x), and with kWeighted adds sum_j w[j] * (x[j] - m) to
-// wd.  Shifted scores keep every term O(1), so nothing cancels when the scores are large.
+// Over [begin, end): returns sum_j exp(x[j] - m) over j != skip, writes
+// out[j] = exp(x[j] - m) for every j when out != nullptr (out may alias x), and with
+// kWeighted adds sum_j w[j] * (x[j] - m) over every j to wd.  Leaving the target's
+// column out of the one pass (instead of summing the two ranges around it) keeps the
+// sum's relative precision when that column dominates, with one tail per row, not two.  Shifted scores keep every term O(1), so nothing cancels when the scores are large.
 // `next` (optional) is prefetched at the same offsets: the next row, so that fetching it
 // from memory overlaps this compute-bound pass.
 // Prefetch the lines holding p[0 .. 2W) (two vectors).
@@ -182,6 +184,7 @@ inline void prefetch_pair(const T* p, int64_t W) {
   __builtin_prefetch(p + W, 0, 3);
 }
 
+
 template <typename T>
 struct Same {  // keeps T deduced from x alone (nullptr args then convert)
   using type = T;
@@ -190,7 +193,7 @@ template <bool kWeighted = false, typename T>
 inline T exp_sum(const T* x, typename Same<T>::type* out, int64_t begin, int64_t end,
                  typename Same<T>::type m, const typename Same<T>::type* w = nullptr,
                  typename Same<T>::type* wd = nullptr,
-                 const typename Same<T>::type* next = nullptr) {
+                 const typename Same<T>::type* next = nullptr, int64_t skip = -1) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> vm(m), zero(T(0));
   Vec<T> s0 = zero, s1 = zero, a0 = zero, a1 = zero;
@@ -198,10 +201,16 @@ inline T exp_sum(const T* x, typename Same<T>::type* out, int64_t begin, int64_t
   for (; j + 2 * W <= end; j += 2 * W) {
     if (next) prefetch_pair(next + j, W);
     const Vec<T> d0 = Vec<T>::loadu(x + j) - vm, d1 = Vec<T>::loadu(x + j + W) - vm;
-    const Vec<T> e0 = vexp(d0), e1 = vexp(d1);
+    Vec<T> e0 = vexp(d0), e1 = vexp(d1);
     if (out) {
       e0.store(out + j);
       e1.store(out + j + W);
+    }
+    if (skip >= j && skip < j + 2 * W) {  // once per call: the column left out of the sum
+      if (skip < j + W)
+        e0 = with_lane(e0, skip - j, T(0));
+      else
+        e1 = with_lane(e1, skip - j - W, T(0));
     }
     s0 = s0 + e0;
     s1 = s1 + e1;
@@ -213,8 +222,9 @@ inline T exp_sum(const T* x, typename Same<T>::type* out, int64_t begin, int64_t
   for (; j < end; j += W) {
     const int64_t n = std::min<int64_t>(W, end - j);
     const Vec<T> d = Vec<T>::loadu(x + j, n) - vm;
-    const Vec<T> e = Vec<T>::set(zero, vexp(d), n);
+    Vec<T> e = Vec<T>::set(zero, vexp(d), n);
     if (out) e.store(out + j, n);
+    if (skip >= j && skip < j + n) e = with_lane(e, skip - j, T(0));
     s0 = s0 + e;
     if constexpr (kWeighted) a0 = fmadd(Vec<T>::loadu(w + j, n), d, a0);  // w zero-filled
   }
@@ -265,13 +275,5 @@ inline void store_map(T* dst, int64_t begin, int64_t end, bool stream, F&& f) {
   if (j < end) f(j, end - j).store(dst + j, end - j);
 }
 
-// v with lane `lane` replaced by `value`.
-template <typename T>
-inline Vec<T> with_lane(const Vec<T>& v, int64_t lane, T value) {
-  alignas(64) T tmp[Vec<T>::size()];
-  v.store(tmp);
-  tmp[lane] = value;
-  return Vec<T>::loadu(tmp);
-}
 
 }  // namespace linclass::cpu
