@@ -43,43 +43,34 @@ inline void hinge(const V& z, V& h, V& d) {
     d = zp + zp;
   }
 }
-template <int P, typename T>
-inline void hinge_scalar(T z, T& h, T& d) {
-  const T zp = z > T(0) ? z : T(0);
-  if constexpr (P == 1) {
-    h = zp;
-    d = z > T(0) ? T(1) : T(0);
-  } else {
-    h = zp * zp;
-    d = zp + zp;
-  }
-}
-
-// Over columns [begin, end): sum_h += sum h(c + x_j), sum_d += sum d(c + x_j); `next`
-// (optional) is prefetched at the same offsets, as in exp_sum.
+// Over columns [begin, end) but `skip`: sum_h += sum h(c + x_j), sum_d += sum d(c + x_j);
+// `next` (optional) is prefetched at the same offsets, as in exp_sum.  One pass with the
+// target's lane zeroed, and a masked vector for the last columns: summing the two ranges
+// around the target, each with a scalar tail, cost up to 2 (W - 1) scalar steps per row.
 template <int P, typename T>
 inline void hinge_sums(const T* x, int64_t begin, int64_t end, T c, T& sum_h, T& sum_d,
-                       const T* next) {
+                       const T* next, int64_t skip) {
   constexpr int64_t W = Vec<T>::size();
-  const Vec<T> vc(c);
-  Vec<T> sh(T(0)), sd(T(0));
-  int64_t j = begin;
-  for (; j + W <= end; j += W) {
+  const Vec<T> vc(c), zero(T(0));
+  Vec<T> sh = zero, sd = zero;
+  for (int64_t j = begin; j < end; j += W) {
     if (next && (j - begin) % (2 * W) == 0) prefetch_pair(next + j, W);
+    const int64_t n = std::min<int64_t>(W, end - j);
     Vec<T> h, d;
-    hinge<P>(vc + Vec<T>::loadu(x + j), h, d);
+    hinge<P>(vc + Vec<T>::loadu(x + j, n), h, d);
+    if (n < W) {  // the lanes past the row's end
+      h = Vec<T>::set(zero, h, n);
+      d = Vec<T>::set(zero, d, n);
+    }
+    if (skip >= j && skip < j + n) {
+      h = with_lane(h, skip - j, T(0));
+      d = with_lane(d, skip - j, T(0));
+    }
     sh = sh + h;
     sd = sd + d;
   }
-  T th = 0, td = 0;
-  for (; j < end; ++j) {
-    T h, d;
-    hinge_scalar<P>(c + x[j], h, d);
-    th += h;
-    td += d;
-  }
-  sum_h += hsum(sh) + th;
-  sum_d += hsum(sd) + td;
+  sum_h += hsum(sh);
+  sum_d += hsum(sd);
 }
 
 struct MultiMarginMath {
@@ -115,8 +106,7 @@ struct MultiMarginMath {
     const acc_t w_over_c = p.weight[y] / acc_t(C);
     const acc_t c = p.margin - x[y];
     acc_t sum_h = 0, sum_d = 0;
-    hinge_sums<P>(x, 0, y, c, sum_h, sum_d, io.next);
-    hinge_sums<P>(x, y + 1, C, c, sum_h, sum_d, io.next);
+    hinge_sums<P>(x, 0, C, c, sum_h, sum_d, io.next, y);  // the target's term left out
     if constexpr (kGrad) {
       const acc_t coef = p.scale * w_over_c;
       const V vc(c), vcoef(coef);

@@ -131,9 +131,9 @@ struct Vec<float> {
   operator __m512() const { return v; }
   static __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
   static Vec loadu(const void* p) { return _mm512_loadu_ps(p); }
-  static Vec loadu(const void* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
+  static Vec loadu(const void* p, int64_t n) { return n >= size() ? loadu(p) : Vec(_mm512_maskz_loadu_ps(first(n), p)); }
   void store(void* p) const { _mm512_storeu_ps(p, v); }
-  void store(void* p, int64_t n) const { _mm512_mask_storeu_ps(p, first(n), v); }
+  void store(void* p, int64_t n) const { n >= size() ? store(p) : _mm512_mask_storeu_ps(p, first(n), v); }
   static Vec blendv(const Vec& a, const Vec& b, const Vec& mask) {
     return _mm512_mask_blend_ps(_mm512_movepi32_mask(_mm512_castps_si512(mask)), a, b);
   }
@@ -156,9 +156,9 @@ struct Vec<double> {
   operator __m512d() const { return v; }
   static __mmask8 first(int64_t n) { return n >= 8 ? __mmask8(0xFF) : __mmask8((1u << n) - 1); }
   static Vec loadu(const void* p) { return _mm512_loadu_pd(p); }
-  static Vec loadu(const void* p, int64_t n) { return _mm512_maskz_loadu_pd(first(n), p); }
+  static Vec loadu(const void* p, int64_t n) { return n >= size() ? loadu(p) : Vec(_mm512_maskz_loadu_pd(first(n), p)); }
   void store(void* p) const { _mm512_storeu_pd(p, v); }
-  void store(void* p, int64_t n) const { _mm512_mask_storeu_pd(p, first(n), v); }
+  void store(void* p, int64_t n) const { n >= size() ? store(p) : _mm512_mask_storeu_pd(p, first(n), v); }
   static Vec blendv(const Vec& a, const Vec& b, const Vec& mask) {
     return _mm512_mask_blend_pd(_mm512_movepi64_mask(_mm512_castpd_si512(mask)), a, b);
   }
