@@ -170,13 +170,6 @@ inline T max_of(const T* x, int64_t n) {
   return hmax(fast_max(m0, m1));
 }
 
-// Over [begin, end): returns sum_j exp(x[j] - m) over j != skip, writes
-// out[j] = exp(x[j] - m) for every j when out != nullptr (out may alias x), and with
-// kWeighted adds sum_j w[j] * (x[j] - m) over every j to wd.  Leaving the target's
-// column out of the one pass (instead of summing the two ranges around it) keeps the
-// sum's relative precision when that column dominates, with one tail per row, not two.  Shifted scores keep every term O(1), so nothing cancels when the scores are large.
-// `next` (optional) is prefetched at the same offsets: the next row, so that fetching it
-// from memory overlaps this compute-bound pass.
 // Prefetch the lines holding p[0 .. 2W) (two vectors).
 template <typename T>
 inline void prefetch_pair(const T* p, int64_t W) {
@@ -184,11 +177,19 @@ inline void prefetch_pair(const T* p, int64_t W) {
   __builtin_prefetch(p + W, 0, 3);
 }
 
-
 template <typename T>
 struct Same {  // keeps T deduced from x alone (nullptr args then convert)
   using type = T;
 };
+
+// Over [begin, end): returns sum_j exp(x[j] - m) over j != skip, writes
+// out[j] = exp(x[j] - m) for every j when out != nullptr (out may alias x), and with
+// kWeighted adds sum_j w[j] * (x[j] - m) over every j to wd.  Shifted scores keep every
+// term O(1), so nothing cancels when the scores are large.  Leaving the target's column
+// out of the one pass (rather than summing the two ranges around it) keeps the sum's
+// relative precision when that column dominates, with one tail per row, not two.
+// `next` (optional) is prefetched at the same offsets: the next row, so that fetching it
+// from memory overlaps this compute-bound pass.
 template <bool kWeighted = false, typename T>
 inline T exp_sum(const T* x, typename Same<T>::type* out, int64_t begin, int64_t end,
                  typename Same<T>::type m, const typename Same<T>::type* w = nullptr,
@@ -274,6 +275,5 @@ inline void store_map(T* dst, int64_t begin, int64_t end, bool stream, F&& f) {
   }
   if (j < end) f(j, end - j).store(dst + j, end - j);
 }
-
 
 }  // namespace linclass::cpu
