@@ -699,7 +699,6 @@ struct Vec {
   Vec(T s) {
     for (int i = 0; i < kLanes; ++i) lane[i] = s;
   }
-  T operator[](int i) const { return lane[i]; }
   static Vec loadu(const void* p) {
     Vec r;
     std::memcpy(r.lane, p, sizeof(r.lane));
@@ -779,9 +778,6 @@ template <typename T> inline Vec<T> fmadd(const Vec<T>& a, const Vec<T>& b, cons
 // max(min, a) that keeps a NaN a, as maxps(min, a) does.
 template <typename T> inline Vec<T> clamp_min(const Vec<T>& a, const Vec<T>& min) {
   return zip(a, min, [](T x, T m) { return (x != x || m != m) ? x : (m > x ? m : x); });
-}
-template <typename T> inline Vec<T> clamp_max(const Vec<T>& a, const Vec<T>& max) {
-  return zip(a, max, [](T x, T m) { return (x != x || m != m) ? x : (m < x ? m : x); });
 }
 
 template <typename To, typename From>
