@@ -49,10 +49,9 @@ def _fake_linear_loss(input, weight, bias, target, *args):
 
 
 def _save_fused_loss(ctx, inputs, output):
-    ctx.reduction, ctx.compute_grad = inputs[-2], inputs[-1]
-    ctx.input_dim = inputs[0].dim()
-    ctx.n_inputs = len(inputs)
-    ctx.save_for_backward(output[1])
+    # One attribute, not four: each costs a Python-level setattr on every call.
+    ctx.options = (inputs[-2], inputs[-1], inputs[0].dim(), len(inputs))  # reduction,
+    ctx.save_for_backward(output[1])                        # compute_grad, dim, n_inputs
 
 
 def _setup_fused_loss(ctx, inputs, output):
@@ -72,6 +71,9 @@ DEVICE_RESCALE_ON_CPU = False
 _keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
 
 
+_is_compiling = torch.compiler.is_compiling
+
+
 def _rescale(saved: list, grad_loss: Tensor) -> list:
     """The saved gradients (computed for grad_output = 1) times the one-element grad_loss.
 
@@ -81,7 +83,7 @@ def _rescale(saved: list, grad_loss: Tensor) -> list:
     skips the work on the device when grad_loss is 1 and never synchronizes with the
     host; on the CPU reading grad_loss is free.  Traced (torch.compile) or subclass
     tensors: an ordinary multiply."""
-    if type(grad_loss) is not Tensor or torch.compiler.is_compiling() or _keep_graph():
+    if type(grad_loss) is not Tensor or _is_compiling() or _keep_graph():
         return [s * grad_loss for s in saved]
     if grad_loss.is_cuda or DEVICE_RESCALE_ON_CPU:
         from .kernels import scale
@@ -106,20 +108,21 @@ _NONE = REDUCTIONS["none"]
 
 
 def _backward_fused_loss(ctx, grad_loss, *_):
+    reduction, compute_grad, input_dim, n_inputs = ctx.options
     if grad_loss is None:
-        return (None,) * ctx.n_inputs
-    if not ctx.compute_grad:
+        return (None,) * n_inputs
+    if not compute_grad:
         raise RuntimeError(
             "linclass: this fused loss ran with compute_grad=False, so it saved no gradient; "
             "call it through linclass.cross_entropy / linclass.multi_margin_loss, which set "
             "compute_grad when the input requires grad")
     _check_first_order()
     (grad,) = ctx.saved_tensors
-    if ctx.reduction == _NONE and grad_loss.numel() != 1:  # one scale per row
-        grad_input = grad * (grad_loss.unsqueeze(1) if ctx.input_dim >= 2 else grad_loss)
+    if reduction == _NONE and grad_loss.numel() != 1:  # one scale per row
+        grad_input = grad * (grad_loss.unsqueeze(1) if input_dim >= 2 else grad_loss)
     else:
         (grad_input,) = _rescale([grad], grad_loss)
-    return (grad_input,) + (None,) * (ctx.n_inputs - 1)
+    return (grad_input,) + (None,) * (n_inputs - 1)
 
 
 def _save_linear_loss(ctx, inputs, output):

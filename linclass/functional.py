@@ -107,6 +107,34 @@ def _check_weight(op: str, weight, input: torch.Tensor, classes: int, torch_name
         )
 
 
+def _cross_entropy_layout(shape, target: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(target, classes) for cross_entropy's input of `shape`, raising torch's error
+    (clearer) for a target that does not match: (C,) with a 0-D or one-element target,
+    (N, C) with (N,), (N, C, d1, ..., dk) with (N, d1, ..., dk)."""
+    dim = len(shape)
+    if dim == 0:
+        raise RuntimeError("cross_entropy: input must have at least 1 dimension (classes)")
+    if dim == 1:
+        if target.dim() > 1 or target.numel() != 1:
+            raise ValueError(
+                "cross_entropy: for 1D input, target must be 0-D or hold one element, "
+                f"got shape {tuple(target.shape)}"
+            )
+        return target.reshape(()), shape[0]
+    if target.dim() == 0 or target.shape[0] != shape[0]:
+        got = target.shape[0] if target.dim() else 0
+        raise ValueError(
+            f"Expected input batch_size ({shape[0]}) to match target batch_size ({got})."
+        )
+    if target.shape[1:] != shape[2:]:
+        expected = [shape[0], *shape[2:]]
+        raise RuntimeError(
+            f"cross_entropy: expected target of shape {expected} for input of shape "
+            f"{list(shape)}, got {list(target.shape)}"
+        )
+    return target, shape[1]
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -128,52 +156,33 @@ def cross_entropy(
     reduction, reduction_code = _reduction_code(size_average, reduce, reduction)
     _check_input("cross_entropy", input)
     backend = backends.resolve_for(input)
-    if backend == "torch" or target.is_floating_point():
+    target_dtype = target.dtype
+    if backend == "torch" or target_dtype.is_floating_point:
         return F.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing,
         )
-    if target.dtype not in (torch.int64, torch.uint8):
+    if target_dtype is not torch.int64 and target_dtype is not torch.uint8:
         raise RuntimeError(
-            f"cross_entropy: expected target dtype to be Long or Byte, but got {target.dtype}"
+            f"cross_entropy: expected target dtype to be Long or Byte, but got {target_dtype}"
         )
-    dim = input.dim()
-    if dim == 0:
-        raise RuntimeError("cross_entropy: input must have at least 1 dimension (classes)")
-    if dim == 1:
-        if target.dim() > 1 or target.numel() != 1:
-            raise ValueError(
-                "cross_entropy: for 1D input, target must be 0-D or hold one element, "
-                f"got shape {tuple(target.shape)}"
-            )
-        target = target.reshape(())
-        classes = input.shape[0]
+    shape = input.shape
+    if len(shape) == 2 and target.dim() == 1 and target.shape[0] == shape[0]:
+        classes = shape[1]  # (N, C) and (N,): the common case, fully checked here
     else:
-        shape = input.shape
-        if target.dim() == 0 or target.shape[0] != shape[0]:
-            got = target.shape[0] if target.dim() else 0
-            raise ValueError(
-                f"Expected input batch_size ({shape[0]}) to match target batch_size ({got})."
-            )
-        if target.shape[1:] != shape[2:]:
-            expected = [shape[0], *shape[2:]]
-            raise RuntimeError(
-                f"cross_entropy: expected target of shape {expected} for input of shape "
-                f"{list(shape)}, got {list(target.shape)}"
-            )
-        classes = shape[1]
+        target, classes = _cross_entropy_layout(shape, target)
     if weight is not None:
         _check_weight("cross_entropy", weight, input, classes, "nll_loss_forward")
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if not (input.is_cpu and target.is_cpu) and target.device != input.device:
         raise RuntimeError(f"cross_entropy: target is on {target.device} but input is on {input.device}")
-    if target.dtype != torch.int64:
+    if target_dtype is not torch.int64:
         target = target.long()
     if backend != "cpp":  # the C++ kernels check their targets themselves
         _check_targets("cross_entropy", backend, target, classes, ignore_index, IndexError)
     # torch applies label smoothing only when it is positive.
-    label_smoothing = max(float(label_smoothing), 0.0)
+    label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0
     op = CROSS_ENTROPY[backend]
     return op(input, target, weight, int(ignore_index), label_smoothing, reduction_code,
               input.requires_grad and torch.is_grad_enabled())
@@ -204,6 +213,11 @@ def multi_margin_loss(
     if backend == "cpp" and backends.cpu_hinge_on_torch(input):
         backend = "torch"
     if backend == "torch":
+        if weight is None and type(input) is torch.Tensor and type(target) is torch.Tensor:
+            # What F.multi_margin_loss does after the checks made above (its
+            # __torch_function__ check only matters for subclasses): on the small losses
+            # routed here its Python costs as much as the whole margin over torch.
+            return torch._C._nn.multi_margin_loss(input, target, p, margin, None, reduction_code)
         return F.multi_margin_loss(input, target, p, margin, weight, reduction=reduction)
     if target.dtype != torch.int64:
         raise RuntimeError(f"multi_margin_loss: expected target dtype int64, got {target.dtype}")

@@ -145,6 +145,30 @@ def test_small_cpu_hinge_runs_on_torch_when_automatic():
         "LinclassCrossEntropyBackward"
 
 
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("p,margin", [(1, 1.0), (2, 0.5)])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape", [(7, 5), (5,)])
+def test_small_cpu_hinge_on_torch_is_torch_exactly(reduction, p, margin, weighted, shape):
+    """The route to torch (which calls torch's kernel directly when it can) gives
+    F.multi_margin_loss's loss and gradient bit for bit, and its errors."""
+    classes = shape[-1]
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, classes, shape[:-1] if len(shape) == 2 else ())
+    w = torch.rand(classes, dtype=torch.float64) if weighted else None
+    ours = linclass.multi_margin_loss(x, t, p=p, margin=margin, weight=w, reduction=reduction)
+    (g_ours,) = torch.autograd.grad(ours.sum(), x)
+    ref = F.multi_margin_loss(x, t, p=p, margin=margin, weight=w, reduction=reduction)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    assert type(ours.grad_fn).__name__ == "MultiMarginLossBackward0"
+    assert torch.equal(ours, ref) and torch.equal(g_ours, g_ref)
+    bad = t.clone().fill_(classes)
+    with pytest.raises(RuntimeError) as torch_error:
+        F.multi_margin_loss(x, bad)
+    with pytest.raises(type(torch_error.value), match="target"):
+        linclass.multi_margin_loss(x, bad)
+
 def test_linear_ops_route_by_the_bytes_they_touch():
     from linclass.functional import _linear_bytes
 

@@ -195,7 +195,7 @@ def test_zero_weight_sum_matches_torch(kernel_backend):
 
 def test_negative_and_full_label_smoothing(kernel_backend):
     x, t = torch.randn(8, 6), torch.randint(0, 6, (8,))
-    for smoothing in [-0.1, 1.0]:  # torch accepts both
+    for smoothing in [-0.1, 1.0, float("nan")]:  # torch accepts all three (NaN: none)
         compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, label_smoothing=smoothing)
 
 
