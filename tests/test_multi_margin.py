@@ -58,6 +58,15 @@ def test_matches_torch_every_keyword(kernel_backend, shape, reduction, p, margin
                        weight=w, reduction=reduction, grad_output=g)
 
 
+
+def test_unweighted_class_counts_growing_within_a_process(kernel_backend):
+    """Without class weights the C++ kernels read w[y] from a shared row of ones that
+    grows with the largest C seen; targets at its far end, C larger than any before."""
+    for C in (3, 1500, 320_000):
+        x = torch.randn(2, C) * 3
+        t = torch.tensor([C - 1, C // 2])
+        compare_with_torch(linclass.multi_margin_loss, F.multi_margin_loss, x, t, p=2)
+
 def test_noncontiguous_and_vector_inputs(kernel_backend):
     base = torch.randn(40, 24)
     cases = [

@@ -244,7 +244,7 @@ struct CrossEntropyMath {
 template <typename scalar_t>
 struct CrossEntropySetup {
   using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> weight;
+  ClassWeights<scalar_t> weight;
   ScratchVector<acc_t> lane_targets;
   TargetPlan<acc_t> plan;
   double denom = 1;  // divides a 'mean'
@@ -255,9 +255,8 @@ struct CrossEntropySetup {
   CrossEntropySetup(const Tensor& target, const OptTensor& w, int64_t C,
                     int64_t ignore_index, double label_smoothing, int64_t reduction,
                     bool in_kernel = false)
-      : weight(class_weights<scalar_t>(w, C)) {
-    double weight_sum = 0;
-    for (acc_t v : weight) weight_sum += double(v);
+      : weight(w, C) {
+    const double weight_sum = weight.sum();
     plan.op = "cross_entropy";
     plan.index_error = true;
     double kept = double(target.numel());  // corrected after the pass if rows are ignored

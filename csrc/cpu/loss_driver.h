@@ -10,9 +10,9 @@
 #include "lane_targets.h"
 #include "row_driver.h"
 
-
-
+#include <algorithm>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -138,17 +138,64 @@ double checked_targets(const char* op, bool index_error, const Tensor& target, i
   return scan.weight_sum;
 }
 
-// Class weights as a contiguous acc_t vector (all ones without `weight`).
-template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-std::vector<acc_t> class_weights(const OptTensor& weight, int64_t classes) {
-  std::vector<acc_t> w(classes, acc_t(1));
-  if (weight.has_value()) {
-    const Tensor wc = as_contiguous(*weight);
-    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
-    for (int64_t j = 0; j < classes; ++j) w[j] = acc_t(wp[j]);
+// n ones, read-only, shared by every call in this module.  Building a fresh vector of
+// ones per call cost ~0.35 ms at C = 128256 (a page-faulted 0.5 MB malloc, its fill
+// and its sum), more than the loss of 20 such rows.  The buffer only grows (doubling);
+// a replaced one stays allocated, since a call on another thread may still read it.
+template <typename acc_t>
+const acc_t* shared_ones(int64_t n) {
+  static std::mutex mu;
+  static std::vector<std::unique_ptr<acc_t[]>> buffers;
+  static int64_t size = 0;
+  std::lock_guard<std::mutex> lock(mu);
+  if (buffers.empty() || size < n) {
+    const int64_t grown = std::max<int64_t>({n, 2 * size, 1024});
+    buffers.push_back(std::make_unique<acc_t[]>(size_t(grown)));
+    std::fill_n(buffers.back().get(), grown, acc_t(1));
+    size = grown;
   }
-  return w;
+  return buffers.back().get();
 }
+
+// The class weights as `classes` contiguous acc_t values: the caller's tensor itself
+// when it already is that, a converted copy otherwise, and shared ones without `weight`.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+class ClassWeights {
+ public:
+  ClassWeights(const OptTensor& weight, int64_t classes) : classes_(classes) {
+    if (!weight.has_value()) {
+      data_ = shared_ones<acc_t>(classes);
+      return;
+    }
+    kept_ = as_contiguous(*weight);
+    const scalar_t* wp = kept_.const_data_ptr<scalar_t>();
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      data_ = wp;
+    } else {
+      converted_.resize(size_t(classes));
+      for (int64_t j = 0; j < classes; ++j) converted_[j] = acc_t(wp[j]);
+      data_ = converted_.data();
+    }
+  }
+  ClassWeights(const ClassWeights&) = delete;
+  ClassWeights& operator=(const ClassWeights&) = delete;
+
+  const acc_t* data() const { return data_; }
+  bool given() const { return kept_.defined(); }
+  // sum_j w_j, in double (C itself without weights).
+  double sum() const {
+    if (!given()) return double(classes_);
+    double total = 0;
+    for (int64_t j = 0; j < classes_; ++j) total += double(data_[j]);
+    return total;
+  }
+
+ private:
+  int64_t classes_;
+  Tensor kept_;  // the caller's weights, held while data_ may point into them
+  std::vector<acc_t> converted_;
+  const acc_t* data_ = nullptr;
+};
 
 // How a run gets its targets: checked and converted before it (`lane_targets`, from
 // checked_targets; null on the row path), or read and checked by the lane kernel itself

@@ -165,7 +165,7 @@ struct MultiMarginMath {
 template <typename scalar_t>
 struct MultiMarginSetup {
   using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> weight;
+  ClassWeights<scalar_t> weight;
   ScratchVector<acc_t> lane_targets;
   TargetPlan<acc_t> plan;
   double denom = 1;
@@ -173,7 +173,7 @@ struct MultiMarginSetup {
 
   MultiMarginSetup(const Tensor& target, const OptTensor& w, int64_t C,
                    int64_t p, double margin, int64_t reduction, bool in_kernel = false)
-      : weight(class_weights<scalar_t>(w, C)) {
+      : weight(w, C) {
     plan.op = "multi_margin_loss";
     if (in_kernel && use_lanes(C)) {
       plan.rule = TargetRule{C, false, 0};

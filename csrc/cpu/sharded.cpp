@@ -16,8 +16,8 @@
 #include "cpu/ops.h"
 
 #include "buffer_cache.h"
+#include "loss_driver.h"
 #include "vec_util.h"
-
 
 #include <cmath>
 #include <limits>
@@ -152,11 +152,13 @@ Tensor ce_shard_stats_cpu(const Tensor& x_, const Tensor& target_, int64_t start
   const int64_t N = x.size(0), C = x.size(1);
   Tensor out = empty({6, N}, x);
   Tensor w;
-  if (smoothing) w = weight ? as_contiguous(to_dtype(*weight, x.scalar_type())) : torch::stable::full({C}, 1.0, x.scalar_type(), std::nullopt, x.device());
+  if (smoothing && weight) w = as_contiguous(to_dtype(*weight, x.scalar_type()));
   LINCLASS_DISPATCH_FLOAT_DOUBLE(x.scalar_type(), "_ce_shard_stats", [&] {
+    const scalar_t* wp = !smoothing ? nullptr
+                         : weight  ? w.const_data_ptr<scalar_t>()
+                                   : cpu::shared_ones<scalar_t>(C);
     ce_stats_rows<scalar_t>(x.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C,
-                            start, ignore_index, smoothing ? w.const_data_ptr<scalar_t>() : nullptr,
-                            out.mutable_data_ptr<scalar_t>());
+                            start, ignore_index, wp, out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
