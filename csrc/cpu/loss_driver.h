@@ -11,6 +11,7 @@
 #include "row_driver.h"
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -140,21 +141,30 @@ double checked_targets(const char* op, bool index_error, const Tensor& target, i
 
 // n ones, read-only, shared by every call in this module.  Building a fresh vector of
 // ones per call cost ~0.35 ms at C = 128256 (a page-faulted 0.5 MB malloc, its fill
-// and its sum), more than the loss of 20 such rows.  The buffer only grows (doubling);
-// a replaced one stays allocated, since a call on another thread may still read it.
+// and its sum), more than the loss of 20 such rows.  The row only grows (doubling), and
+// a replaced one stays allocated, since a call on another thread may still read it; a
+// call that finds it long enough takes no lock.
 template <typename acc_t>
 const acc_t* shared_ones(int64_t n) {
+  struct Row {
+    int64_t size;
+    std::unique_ptr<acc_t[]> data;
+  };
+  static std::atomic<const Row*> current{nullptr};
+  const Row* row = current.load(std::memory_order_acquire);
+  if (row && row->size >= n) return row->data.get();
   static std::mutex mu;
-  static std::vector<std::unique_ptr<acc_t[]>> buffers;
-  static int64_t size = 0;
+  static std::vector<std::unique_ptr<Row>> rows;  // every row ever made
   std::lock_guard<std::mutex> lock(mu);
-  if (buffers.empty() || size < n) {
-    const int64_t grown = std::max<int64_t>({n, 2 * size, 1024});
-    buffers.push_back(std::make_unique<acc_t[]>(size_t(grown)));
-    std::fill_n(buffers.back().get(), grown, acc_t(1));
-    size = grown;
+  row = current.load(std::memory_order_relaxed);
+  if (!row || row->size < n) {
+    const int64_t size = std::max<int64_t>({n, row ? 2 * row->size : 0, 1024});
+    rows.push_back(std::make_unique<Row>(Row{size, std::make_unique<acc_t[]>(size_t(size))}));
+    std::fill_n(rows.back()->data.get(), size, acc_t(1));
+    row = rows.back().get();
+    current.store(row, std::memory_order_release);
   }
-  return buffers.back().get();
+  return row->data.get();
 }
 
 // The class weights as `classes` contiguous acc_t values: the caller's tensor itself
