@@ -8,12 +8,12 @@
 // bfloat16/float16), never N x C.
 #include "cpu/ops.h"
 
+#include "buffer_cache.h"
 #include "common.h"
 #include "cross_entropy.h"
 #include "linear_blocks.h"
 #include "multi_margin.h"
 #include "small_gemm.h"
-
 
 namespace linclass {
 namespace {
@@ -39,7 +39,7 @@ double linear_small_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
   const Tensor br = b ? as_contiguous(*b) : Tensor();
   const int64_t o = linear_block_rows_override();
   const int64_t BR = o ? std::max<int64_t>(1, o) : cpu::kSubBlocks * cpu::small_sub_rows(D);
-  Tensor S = empty({std::min(BR, std::max<int64_t>(N, 1)), C}, X);
+  Tensor S = empty_cached({std::min(BR, std::max<int64_t>(N, 1)), C}, X.scalar_type());
   cpu::SmallLinear a;
   a.ldx = X.stride(0);
   a.W = Wr.const_data_ptr<float>();
@@ -94,7 +94,8 @@ double linear_blocks_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
       return linear_small_cpu<Math>(X, W, b, target, lane_targets, p, mask, grads);
   const bool any_grad = mask[0] || mask[1] || mask[2];
   const int64_t BR = block_rows(N, D, C, X.element_size());
-  Tensor S = empty({std::min(BR, std::max<int64_t>(N, 1)), C}, X);
+  // Up to 64 MiB: from the buffer cache, not page-faulted afresh each call.
+  Tensor S = empty_cached({std::min(BR, std::max<int64_t>(N, 1)), C}, X.scalar_type());
   const Tensor Wt = transposed(W);
   GradAccumulator acc(grads, mask, acc_scalar_type(X.scalar_type()));
   double total = 0;
