@@ -165,6 +165,66 @@ def test_deterministic_across_threads(linear_backend, d, c):
         assert all(torch.equal(g, r) for g, r in zip(grads, results[0][1]))
 
 
+
+# A few rows through a large weight (N <= 16, C x D >= 2^18, unit-stride rows): the C++
+# path's own products (csrc/cpu/skinny_gemm.h) instead of the BLAS.  D = 1024 puts rows
+# 4 KiB apart; D = 37 and C = 7103 leave tails in every vector loop and class group.
+SKINNY = [(1, 1024, 300), (5, 37, 7103), (8, 1024, 257), (9, 64, 4099), (16, 300, 1000)]
+
+
+def _cpp_only():
+    if "cpp" not in linclass.backends.available():
+        pytest.skip("needs the C++ kernels")
+    return linclass.backends.use("cpp")
+
+
+@pytest.mark.parametrize("n,d,c", SKINNY)
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_rows_large_weight_match_unfused(n, d, c, bias):
+    with _cpp_only():
+        x, w, b, t = make(n, d, c, bias=bias)
+        check(linclass.linear_cross_entropy, unfused_ce, x, w, b, t, label_smoothing=0.1)
+        check(linclass.linear_multi_margin_loss, unfused_mm, x, w, b, t, p=2)
+
+
+@pytest.mark.parametrize("wants", [(True, False, False), (False, True, False), (False, False, True),
+                                   (True, True, True)])
+def test_few_rows_large_weight_partial_grads_and_strided_input(wants):
+    """Each gradient alone and together; X's rows strided inside a wider tensor."""
+    with _cpp_only():
+        x, w, b, t = make(6, 1024 + 5, 300)
+        x = x[:, :1024]
+        w = w[:, :1024].contiguous()
+        leaves = [v.clone().requires_grad_(want) for v, want in zip((x, w, b), wants)]
+        ours = torch.autograd.grad(linclass.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2]),
+                                   [v for v in leaves if v.requires_grad])
+        ref = torch.autograd.grad(unfused_ce(leaves[0], leaves[1], t, leaves[2]),
+                                  [v for v in leaves if v.requires_grad])
+        for g, r in zip(ours, ref):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
+
+
+def test_few_rows_large_weight_float32_deterministic_across_threads():
+    with _cpp_only():
+        x, w, b, t = make(12, 1024, 600, dtype=torch.float32)
+        threads = torch.get_num_threads()
+        results = []
+        try:
+            for n in [threads, 1, 3]:
+                torch.set_num_threads(n)
+                results.append(grads_of(linclass.linear_cross_entropy, x, w, b, t))
+        finally:
+            torch.set_num_threads(threads)
+        for loss, grads in results[1:]:
+            assert torch.equal(loss, results[0][0])
+            assert all(torch.equal(g, r) for g, r in zip(grads, results[0][1]))
+        # In float32: no further from the float64 result than torch's float32 composition.
+        oracle = grads_of(unfused_ce, x.double(), w.double(), b.double(), t)
+        theirs = grads_of(unfused_ce, x, w, b, t)
+        for ours, th, ref in zip((results[0][0],) + results[0][1], (theirs[0],) + theirs[1],
+                                 (oracle[0],) + oracle[1]):
+            assert rel_error(ours, ref) <= 2 * rel_error(th, ref) + 1e-7
+
 def test_no_score_matrix_is_allocated(linear_backend):
     # N x C would be 2048 * 300 * 4 bytes; with blocks, nothing that large exists.
     from torch.profiler import ProfilerActivity, profile

@@ -1,7 +1,7 @@
 // linclass::linear_cross_entropy and ::linear_multi_margin_loss on CPU: loss(X W^T + b, y)
 // and its gradients for X, W and b, a block of rows at a time (linear_blocks.h), so the
 // N x C scores never exist.  Per block: S = X_b W^T + b (GEMM; small_gemm.h for
-// C <= kSmallGemmC), the fused loss kernel turns S into dS in place (and sums the
+// C <= kSmallGemmC, skinny_gemm.h for N <= kSkinnyRows), the fused loss kernel turns S into dS in place (and sums the
 // block's losses), then dX_b = dS W, dW += dS^T X_b, db += column sums of dS.  X_b is
 // read from memory once: the block is sized so that it is still in cache for the dW
 // product.  Extra memory is one block of scores (plus a float32 dW accumulator for
@@ -13,6 +13,7 @@
 #include "cross_entropy.h"
 #include "linear_blocks.h"
 #include "multi_margin.h"
+#include "skinny_gemm.h"
 #include "small_gemm.h"
 
 namespace linclass {
@@ -84,6 +85,62 @@ double linear_small_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
   return total;
 }
 
+// The fused loss kernel over a block of scores Sb (rows r0 on), in place: Sb becomes dS
+// when a gradient is wanted.  Returns the block's summed loss.
+template <typename scalar_t, typename Math, typename Params>
+double loss_block(Tensor& Sb, const Tensor& target, const acc_type<scalar_t>* lane_targets,
+                  int64_t r0, bool any_grad, const Params& p) {
+  cpu::RowTask<scalar_t> task;
+  task.input = Sb.const_data_ptr<scalar_t>();
+  task.in = *row_geometry(Sb);
+  if (any_grad) {
+    task.grad = Sb.mutable_data_ptr<scalar_t>();
+    task.gout = task.in;
+  }
+  task.target = target.const_data_ptr<int64_t>() + r0;
+  task.lane_targets = lane_targets ? lane_targets + r0 : nullptr;
+  return cpu::run_rows_sum<scalar_t, Math>(task, p);
+}
+
+// At least this many weights for the few-row products of skinny_gemm.h: below it the
+// BLAS call is short anyway.
+constexpr int64_t kSkinnyMinWeight = int64_t(1) << 18;
+
+// All N <= kSkinnyRows rows as one block, with skinny_gemm.h's products (unit-stride
+// rows of X and W; float32/64).
+template <typename scalar_t, typename Math, typename Params>
+double linear_skinny_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
+                         const Tensor& target, const scalar_t* lane_targets, const Params& p,
+                         const Mask& mask, Grads& grads) {
+  const int64_t N = X.size(0), D = X.size(1), C = W.size(0);
+  const Tensor br = b ? as_contiguous(*b) : Tensor();
+  Tensor S = empty_cached({N, C}, X.scalar_type());
+  scalar_t* s = S.mutable_data_ptr<scalar_t>();
+  // X's rows copied at a padded stride (skinny_stride): a user's rows 4 KiB apart
+  // (D = 1024 floats) made the backward ~5x slower.
+  const int64_t ldx = cpu::skinny_stride<scalar_t>(D);
+  std::vector<scalar_t> xp(size_t(N * ldx));
+  for (int64_t i = 0; i < N; ++i)
+    std::copy_n(X.const_data_ptr<scalar_t>() + i * X.stride(0), D, xp.data() + i * ldx);
+  const scalar_t* x = xp.data();
+  const scalar_t* w = W.const_data_ptr<scalar_t>();
+  cpu::skinny_scores(x, ldx, w, W.stride(0), b ? br.const_data_ptr<scalar_t>() : nullptr, N, D,
+                     C, s);
+  const double total =
+      loss_block<scalar_t, Math>(S, target, lane_targets, 0, mask[0] || mask[1] || mask[2], p);
+  if (mask[0] || mask[1])
+    cpu::skinny_backward(s, N, C, x, ldx, w, W.stride(0), D,
+                         mask[0] ? grads.input.mutable_data_ptr<scalar_t>() : nullptr,
+                         mask[1] ? grads.weight.mutable_data_ptr<scalar_t>() : nullptr);
+  if (mask[2]) {  // db = column sums of dS, rows in order
+    scalar_t* db = grads.bias.mutable_data_ptr<scalar_t>();
+    std::copy(s, s + C, db);
+    for (int64_t i = 1; i < N; ++i)
+      for (int64_t c = 0; c < C; ++c) db[c] += s[i * C + c];
+  }
+  return total;
+}
+
 template <typename scalar_t, typename Math, typename Params>
 double linear_blocks_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
                          const Tensor& target, const acc_type<scalar_t>* lane_targets,
@@ -92,6 +149,10 @@ double linear_blocks_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
   if constexpr (std::is_same_v<scalar_t, float>)
     if (C <= cpu::kSmallGemmC && X.stride(1) == 1)
       return linear_small_cpu<Math>(X, W, b, target, lane_targets, p, mask, grads);
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>)
+    if (N >= 1 && N <= cpu::kSkinnyRows && C * D >= kSkinnyMinWeight && X.stride(1) == 1 &&
+        W.stride(1) == 1 && !linear_block_rows_override())
+      return linear_skinny_cpu<scalar_t, Math>(X, W, b, target, lane_targets, p, mask, grads);
   const bool any_grad = mask[0] || mask[1] || mask[2];
   const int64_t BR = block_rows(N, D, C, X.element_size());
   // Up to 64 MiB: from the buffer cache, not page-faulted afresh each call.
@@ -107,16 +168,7 @@ double linear_blocks_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
       addmm_out(Sb, *b, Xb, Wt);
     else
       mm_out(Sb, Xb, Wt);
-    cpu::RowTask<scalar_t> task;  // the loss kernel, in place: Sb becomes dS
-    task.input = Sb.const_data_ptr<scalar_t>();
-    task.in = *row_geometry(Sb);
-    if (any_grad) {
-      task.grad = Sb.mutable_data_ptr<scalar_t>();
-      task.gout = task.in;
-    }
-    task.target = target.const_data_ptr<int64_t>() + r0;
-    task.lane_targets = lane_targets ? lane_targets + r0 : nullptr;
-    total += cpu::run_rows_sum<scalar_t, Math>(task, p);
+    total += loss_block<scalar_t, Math>(Sb, target, lane_targets, r0, any_grad, p);
     if (any_grad) acc.add(Sb, Xb, W, r0);
   }
   acc.finish();

@@ -1,0 +1,191 @@
+// The products of a fused linear + loss with only a few rows (n <= kSkinnyRows) and a
+// large weight matrix W (C x D), for cpu/linear_loss.cpp:
+//   S  = X W^T (+ b)      scores, n x C         skinny_scores
+//   dX = dS W             input gradient, n x D  skinny_backward (optional)
+//   dW = dS^T X           weight gradient, C x D  skinny_backward (optional)
+// With so few rows every product is a stream over W (and dW): nothing is reused but
+// the rows of X, which stay in L1.  The BLAS runs these shapes as general GEMMs, at a
+// fraction of memory speed on the development VM (MKL on an AMD EPYC: 8 rows of a
+// 128256 x 1024 head read W at 8 GB/s); here W goes by once per product.  Every
+// output element is summed by one thread in a fixed order (scores over D, dX over the
+// classes in order), so results do not depend on the thread count.
+#pragma once
+
+#include "../tensor_ops.h"
+#include "vec_util.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace linclass::cpu {
+
+// Up to this many rows take these products (two groups of 8 rows in registers).
+constexpr int64_t kSkinnyRows = 16;
+
+// A row stride for n x D work arrays: D rounded up to whole vectors plus one, so that
+// rows are never a multiple of 4 KiB apart (such rows fall in the same L1 sets, and a
+// store to one stalls loads from the others).
+template <typename T>
+inline int64_t skinny_stride(int64_t D) {
+  constexpr int64_t V = Vec<T>::size();
+  return (D + V - 1) / V * V + V;
+}
+
+namespace skinny {
+
+// S[i, c] (+ b[c]) for the M rows X + i * ldx, against the row w (D long).
+template <int M, typename T>
+inline void score_rows(const T* X, int64_t ldx, const T* w, int64_t D, T bias, T* S,
+                       int64_t ldS) {
+  constexpr int64_t V = Vec<T>::size();
+  Vec<T> acc[M];
+  for (int i = 0; i < M; ++i) acc[i] = Vec<T>(T(0));
+  int64_t j = 0;
+  for (; j + V <= D; j += V) {
+    const Vec<T> wv = Vec<T>::loadu(w + j);
+    for (int i = 0; i < M; ++i) acc[i] = fmadd(Vec<T>::loadu(X + i * ldx + j), wv, acc[i]);
+  }
+  if (j < D) {  // masked loads zero the lanes past D
+    const Vec<T> wv = Vec<T>::loadu(w + j, D - j);
+    for (int i = 0; i < M; ++i) acc[i] = fmadd(Vec<T>::loadu(X + i * ldx + j, D - j), wv, acc[i]);
+  }
+  for (int i = 0; i < M; ++i) S[i * ldS] = hsum(acc[i]) + bias;
+}
+
+template <typename T>
+inline void score_group(int64_t m, const T* X, int64_t ldx, const T* w, int64_t D, T bias, T* S,
+                        int64_t ldS) {
+  switch (m) {
+#define LINCLASS_SKINNY_CASE(M) \
+  case M: return score_rows<M>(X, ldx, w, D, bias, S, ldS);
+    LINCLASS_SKINNY_CASE(1) LINCLASS_SKINNY_CASE(2) LINCLASS_SKINNY_CASE(3) LINCLASS_SKINNY_CASE(4)
+    LINCLASS_SKINNY_CASE(5) LINCLASS_SKINNY_CASE(6) LINCLASS_SKINNY_CASE(7) LINCLASS_SKINNY_CASE(8)
+#undef LINCLASS_SKINNY_CASE
+  }
+}
+
+}  // namespace skinny
+
+// S (n x C, row stride C) = X W^T + b: X (n x D, row stride ldx), W (C x D, row stride
+// ldw), b (C) or null.  Classes in parallel.
+template <typename T>
+void skinny_scores(const T* X, int64_t ldx, const T* W, int64_t ldw, const T* b, int64_t n,
+                   int64_t D, int64_t C, T* S) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(D, 1));
+  torch::stable::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t i0 = 0; i0 < n; i0 += 8)
+        skinny::score_group(std::min<int64_t>(8, n - i0), X + i0 * ldx, ldx, W + c * ldw, D,
+                            b ? b[c] : T(0), S + i0 * C + c, C);
+  });
+}
+
+namespace skinny {
+
+// Classes per step of the backward: their rows of W are loaded once per column vector
+// for all n rows of dX, and the rows of X once for their G rows of dW.
+constexpr int64_t kGroup = 4;
+
+// Columns [j, j + m) of the g <= kGroup classes from c: part_i += sum_g ds[i][g] w_g
+// (kDX) and dW_g = sum_i ds[i][g] x_i (kDW).  ds[i * kGroup + g].
+template <bool kDX, bool kDW, typename T>
+inline void group_columns(const T* ds, int64_t n, int64_t g, const T* const* w, const T* X,
+                          int64_t ldx, T* part, int64_t ldp, int64_t j, int64_t m,
+                          Vec<T>* dw) {
+  Vec<T> wv[kGroup];
+  for (int64_t q = 0; q < kGroup; ++q) {
+    dw[q] = Vec<T>(T(0));
+    if (kDX) wv[q] = q < g ? Vec<T>::loadu(w[q] + j, m) : Vec<T>(T(0));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T* d = ds + i * kGroup;
+    if (kDX) {
+      Vec<T> a = Vec<T>::loadu(part + i * ldp + j, m);
+      for (int64_t q = 0; q < kGroup; ++q) a = fmadd(Vec<T>(d[q]), wv[q], a);
+      a.store(part + i * ldp + j, m);
+    }
+    if (kDW) {
+      const Vec<T> xv = Vec<T>::loadu(X + i * ldx + j, m);
+      for (int64_t q = 0; q < kGroup; ++q) dw[q] = fmadd(Vec<T>(d[q]), xv, dw[q]);
+    }
+  }
+}
+
+template <bool kDX, bool kDW, typename T>
+void backward_chunk(const T* dS, int64_t n, int64_t C, int64_t c0, int64_t c1, const T* X,
+                    int64_t ldx, const T* W, int64_t ldw, int64_t D, T* part, int64_t ldp, T* dW,
+                    bool stream) {
+  constexpr int64_t V = Vec<T>::size();
+  T ds[kSkinnyRows * kGroup];
+  for (int64_t c = c0; c < c1; c += kGroup) {
+    const int64_t g = std::min<int64_t>(kGroup, c1 - c);
+    const T* w[kGroup];
+    for (int64_t q = 0; q < kGroup; ++q) w[q] = W + (c + std::min(q, g - 1)) * ldw;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t q = 0; q < kGroup; ++q) ds[i * kGroup + q] = q < g ? dS[i * C + c + q] : T(0);
+    Vec<T> dw[kGroup];
+    if (!kDW) {
+      for (int64_t j = 0; j < D; j += V)
+        group_columns<kDX, false>(ds, n, g, w, X, ldx, part, ldp, j, std::min<int64_t>(V, D - j), dw);
+      continue;
+    }
+    // dW's rows are written vector by vector, each vector of the g rows from one pass.
+    for (int64_t j = 0; j < D; j += V) {
+      const int64_t m = std::min<int64_t>(V, D - j);
+      group_columns<kDX, true>(ds, n, g, w, X, ldx, part, ldp, j, m, dw);
+      for (int64_t q = 0; q < g; ++q) {
+        T* out = dW + (c + q) * D + j;
+        if (stream && m == V && reinterpret_cast<uintptr_t>(out) % sizeof(Vec<T>) == 0)
+          stream_store(out, dw[q]);
+        else
+          dw[q].store(out, m);
+      }
+    }
+  }
+}
+
+}  // namespace skinny
+
+// dX (n x D, contiguous) = dS W and dW (C x D, contiguous) = dS^T X, either null when
+// not wanted; dS is n x C (row stride C); X's rows at stride ldx (best not a multiple
+// of 4 KiB: rows that far apart share L1 sets).  Classes in chunks whose number depends
+// on C only: each chunk streams its rows of W and of dW whole (dW with streaming stores
+// when larger than the caches), kGroup classes at a time, and sums its classes' part
+// of dX into its own n x D partial in class order; the partials are then added in
+// chunk order.  (Cutting the columns instead read every row of W in pieces, one column
+// block per pass: ~3x slower here.)
+template <typename T>
+void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx, const T* W,
+                     int64_t ldw, int64_t D, T* dX, T* dW) {
+  const int64_t chunk = std::max<int64_t>(64, (C + 63) / 64);
+  const int64_t chunks = (C + chunk - 1) / chunk;
+  const bool stream = dW && C * D * int64_t(sizeof(T)) > (int64_t(8) << 20);
+  const int64_t ldp = skinny_stride<T>(D);
+  std::vector<T> partials(dX ? size_t(chunks * n * ldp) : 0);
+  torch::stable::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t c0 = k * chunk, c1 = std::min(C, c0 + chunk);
+      T* part = dX ? partials.data() + k * n * ldp : nullptr;
+      if (part) std::fill(part, part + n * ldp, T(0));
+      if (dX && dW)
+        skinny::backward_chunk<true, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream);
+      else if (dX)
+        skinny::backward_chunk<true, false>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream);
+      else
+        skinny::backward_chunk<false, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream);
+    }
+    if (stream) stream_fence();
+  });
+  if (dX) {
+    for (int64_t i = 0; i < n; ++i) {
+      std::copy(partials.data() + i * ldp, partials.data() + i * ldp + D, dX + i * D);
+      for (int64_t k = 1; k < chunks; ++k) {
+        const T* part = partials.data() + (k * n + i) * ldp;
+        for (int64_t j = 0; j < D; ++j) dX[i * D + j] += part[j];
+      }
+    }
+  }
+}
+
+}  // namespace linclass::cpu
