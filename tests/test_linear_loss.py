@@ -169,7 +169,8 @@ def test_deterministic_across_threads(linear_backend, d, c):
 # A few rows through a large weight (N <= 16, C x D >= 2^18, unit-stride rows): the C++
 # path's own products (csrc/cpu/skinny_gemm.h) instead of the BLAS.  D = 1024 puts rows
 # 4 KiB apart; D = 37 and C = 7103 leave tails in every vector loop and class group.
-SKINNY = [(1, 1024, 300), (5, 37, 7103), (8, 1024, 257), (9, 64, 4099), (16, 300, 1000)]
+SKINNY = [(1, 1024, 300), (5, 37, 7103), (8, 1024, 257), (9, 64, 4099), (16, 300, 1000),
+          (13, 20000, 150)]  # the last: dX partials capped by memory, 3 chunks
 
 
 def _cpp_only():

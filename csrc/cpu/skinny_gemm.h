@@ -150,18 +150,22 @@ void backward_chunk(const T* dS, int64_t n, int64_t C, int64_t c0, int64_t c1, c
 // dX (n x D, contiguous) = dS W and dW (C x D, contiguous) = dS^T X, either null when
 // not wanted; dS is n x C (row stride C); X's rows at stride ldx (best not a multiple
 // of 4 KiB: rows that far apart share L1 sets).  Classes in chunks whose number depends
-// on C only: each chunk streams its rows of W and of dW whole (dW with streaming stores
-// when larger than the caches), kGroup classes at a time, and sums its classes' part
-// of dX into its own n x D partial in class order; the partials are then added in
-// chunk order.  (Cutting the columns instead read every row of W in pieces, one column
-// block per pass: ~3x slower here.)
+// on the shape only: each chunk streams its rows of W and of dW whole (dW with
+// streaming stores when larger than the caches), kGroup classes at a time, and sums
+// its classes' part of dX into its own n x D partial in class order; the partials are
+// then added in chunk order.  (Cutting the columns instead read every row of W in
+// pieces, one column block per pass: ~3x slower here.)
 template <typename T>
 void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx, const T* W,
                      int64_t ldw, int64_t D, T* dX, T* dW) {
-  const int64_t chunk = std::max<int64_t>(64, (C + 63) / 64);
+  const int64_t ldp = skinny_stride<T>(D);
+  // Up to 64 chunks of at least 64 classes, and at most 8 MiB of dX partials (a wide D
+  // gets fewer, longer chunks): a function of the shape only.
+  const int64_t partial_bytes = n * ldp * int64_t(sizeof(T));
+  const int64_t most = std::clamp<int64_t>((int64_t(8) << 20) / partial_bytes, 1, 64);
+  const int64_t chunk = std::max<int64_t>(64, (C + most - 1) / most);
   const int64_t chunks = (C + chunk - 1) / chunk;
   const bool stream = dW && C * D * int64_t(sizeof(T)) > (int64_t(8) << 20);
-  const int64_t ldp = skinny_stride<T>(D);
   std::vector<T> partials(dX ? size_t(chunks * n * ldp) : 0);
   torch::stable::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
