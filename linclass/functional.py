@@ -267,7 +267,8 @@ def _check_linear(op: str, input, weight, bias, target):
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
         raise RuntimeError(f"{op}: weight must be (C, D) with D = {input.shape[-1]} (as in "
                            f"nn.Linear), got shape {list(getattr(weight, 'shape', []))}")
-    if weight.dtype != input.dtype or weight.device != input.device:
+    if weight.dtype != input.dtype or not (
+            (weight.is_cpu and input.is_cpu) or weight.device == input.device):
         raise RuntimeError(f"{op}: weight must have the input's dtype and device, got "
                            f"{weight.dtype} on {weight.device}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]
@@ -309,7 +310,9 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     x2 = input.unsqueeze(0) if input.dim() == 1 else input
-    t1 = target.reshape(-1).long()
+    t1 = target if target.dim() == 1 else target.reshape(-1)
+    if t1.dtype is not torch.int64:
+        t1 = t1.long()
     _check_targets("linear_cross_entropy", backend, t1, weight.shape[0], ignore_index, IndexError)
     op = LINEAR_CROSS_ENTROPY[backend]
     return op(x2, weight, bias, t1, int(ignore_index), max(float(label_smoothing), 0.0),
@@ -332,7 +335,7 @@ def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: 
     if target.dtype != torch.int64:
         raise RuntimeError(f"linear_multi_margin_loss: expected target dtype int64, got {target.dtype}")
     x2 = input.unsqueeze(0) if input.dim() == 1 else input
-    t1 = target.reshape(-1)
+    t1 = target if target.dim() == 1 else target.reshape(-1)
     _check_targets("linear_multi_margin_loss", backend, t1, weight.shape[0], None, RuntimeError)
     op = LINEAR_MULTI_MARGIN_LOSS[backend]
     return op(x2, weight, bias, t1, int(p), float(margin), reduction_code,

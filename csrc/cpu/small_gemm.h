@@ -72,9 +72,11 @@ struct SmallWeightGrad {
     return partials.get();
   }
 
-  // dW (C x D, contiguous) = the sum of the partials, in order.
+  // dW (C x D, contiguous) = the sum of the partials, in order.  Tasks of at least 64k
+  // additions: waking the thread pool costs more than a few partials of a small W.
   void finish(float* dW, int64_t CD) const {
-    torch::stable::parallel_for(0, CD, 4096, [&](int64_t e0, int64_t e1) {
+    const int64_t grain = std::max<int64_t>(4096, (int64_t(1) << 16) / std::max<int64_t>(used, 1));
+    torch::stable::parallel_for(0, CD, grain, [&](int64_t e0, int64_t e1) {
       std::fill(dW + e0, dW + e1, 0.f);
       for (int64_t s = 0; s < used; ++s)
         for (int64_t e = e0; e < e1; ++e) dW[e] += partials[s * CD + e];
