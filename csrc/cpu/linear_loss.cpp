@@ -1,11 +1,11 @@
 // linclass::linear_cross_entropy and ::linear_multi_margin_loss on CPU: loss(X W^T + b, y)
 // and its gradients for X, W and b, a block of rows at a time (linear_blocks.h), so the
 // N x C scores never exist.  Per block: S = X_b W^T + b (GEMM; small_gemm.h for
-// C <= kSmallGemmC, skinny_gemm.h for N <= kSkinnyRows), the fused loss kernel turns S into dS in place (and sums the
-// block's losses), then dX_b = dS W, dW += dS^T X_b, db += column sums of dS.  X_b is
-// read from memory once: the block is sized so that it is still in cache for the dW
-// product.  Extra memory is one block of scores (plus a float32 dW accumulator for
-// bfloat16/float16), never N x C.
+// C <= kSmallGemmC, skinny_gemm.h for N <= kSkinnyRows), the fused loss kernel turns S
+// into dS in place (and sums the block's losses), then dX_b = dS W, dW += dS^T X_b,
+// db += column sums of dS.  X_b is read from memory once: the block is sized so that it
+// is still in cache for the dW product.  Extra memory is one block of scores (plus a
+// float32 dW accumulator for bfloat16/float16), never N x C.
 #include "cpu/ops.h"
 
 #include "buffer_cache.h"
