@@ -107,6 +107,13 @@ def _check_weight(op: str, weight, input: torch.Tensor, classes: int, torch_name
         )
 
 
+def _label_smoothing(value) -> float:
+    """The smoothing the kernels apply, with torch's error above 1: torch smooths only
+    when the value is positive (so a negative or NaN one means none)."""
+    if value > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {value}")
+    return float(value) if value > 0.0 else 0.0
+
 def _cross_entropy_layout(shape, target: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(target, classes) for cross_entropy's input of `shape`, raising torch's error
     (clearer) for a target that does not match: (C,) with a 0-D or one-element target,
@@ -173,18 +180,15 @@ def cross_entropy(
         target, classes = _cross_entropy_layout(shape, target)
     if weight is not None:
         _check_weight("cross_entropy", weight, input, classes, "nll_loss_forward")
-    if label_smoothing > 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    smoothing = _label_smoothing(label_smoothing)
     if not (input.is_cpu and target.is_cpu) and target.device != input.device:
         raise RuntimeError(f"cross_entropy: target is on {target.device} but input is on {input.device}")
     if target_dtype is not torch.int64:
         target = target.long()
     if backend != "cpp":  # the C++ kernels check their targets themselves
         _check_targets("cross_entropy", backend, target, classes, ignore_index, IndexError)
-    # torch applies label smoothing only when it is positive.
-    label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0
     op = CROSS_ENTROPY[backend]
-    return op(input, target, weight, int(ignore_index), label_smoothing, reduction_code,
+    return op(input, target, weight, int(ignore_index), smoothing, reduction_code,
               input.requires_grad and torch.is_grad_enabled())
 
 
@@ -307,15 +311,14 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"linear_cross_entropy: expected target dtype to be Long or Byte, but "
                            f"got {target.dtype}")
-    if label_smoothing > 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    smoothing = _label_smoothing(label_smoothing)
     x2 = input.unsqueeze(0) if input.dim() == 1 else input
     t1 = target if target.dim() == 1 else target.reshape(-1)
     if t1.dtype is not torch.int64:
         t1 = t1.long()
     _check_targets("linear_cross_entropy", backend, t1, weight.shape[0], ignore_index, IndexError)
     op = LINEAR_CROSS_ENTROPY[backend]
-    return op(x2, weight, bias, t1, int(ignore_index), max(float(label_smoothing), 0.0),
+    return op(x2, weight, bias, t1, int(ignore_index), smoothing,
               reduction_code, _mask(input, weight, bias))
 
 

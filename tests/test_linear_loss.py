@@ -127,6 +127,13 @@ def test_noncontiguous_input_and_partial_grads(linear_backend):
     torch.testing.assert_close(g, ref)
 
 
+
+def test_label_smoothing_edge_values_match_unfused(linear_backend):
+    """torch smooths only when the value is positive: negative and NaN mean none."""
+    x, w, b, t = make(6, 5, 7)
+    for smoothing in (-0.1, float("nan"), 1.0):
+        check(linclass.linear_cross_entropy, unfused_ce, x, w, b, t, label_smoothing=smoothing)
+
 def test_vector_input(linear_backend):
     x, w, b, t = make(1, 6, 4)
     check(linclass.linear_cross_entropy, unfused_ce, x[0], w, b, t[0])
