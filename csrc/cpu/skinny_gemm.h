@@ -11,12 +11,13 @@
 // classes in order), so results do not depend on the thread count.
 #pragma once
 
+#include "../buffer_cache.h"
 #include "../tensor_ops.h"
 #include "vec_util.h"
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
+#include <type_traits>
 
 namespace linclass::cpu {
 
@@ -166,11 +167,18 @@ void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx,
   const int64_t chunk = std::max<int64_t>(64, (C + most - 1) / most);
   const int64_t chunks = (C + chunk - 1) / chunk;
   const bool stream = dW && C * D * int64_t(sizeof(T)) > (int64_t(8) << 20);
-  std::vector<T> partials(dX ? size_t(chunks * n * ldp) : 0);
+  // From the buffer cache (up to 8 MiB: a fresh allocation would page-fault every
+  // call); each chunk zeroes its own partial.
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+  const Tensor scratch =
+      dX ? empty_cached({chunks * n * ldp}, std::is_same_v<T, float> ? ScalarType::Float
+                                                                     : ScalarType::Double)
+         : Tensor();
+  T* const partials = dX ? scratch.mutable_data_ptr<T>() : nullptr;
   torch::stable::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t c0 = k * chunk, c1 = std::min(C, c0 + chunk);
-      T* part = dX ? partials.data() + k * n * ldp : nullptr;
+      T* part = dX ? partials + k * n * ldp : nullptr;
       if (part) std::fill(part, part + n * ldp, T(0));
       if (dX && dW)
         skinny::backward_chunk<true, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream);
@@ -183,9 +191,9 @@ void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx,
   });
   if (dX) {
     for (int64_t i = 0; i < n; ++i) {
-      std::copy(partials.data() + i * ldp, partials.data() + i * ldp + D, dX + i * D);
+      std::copy(partials + i * ldp, partials + i * ldp + D, dX + i * D);
       for (int64_t k = 1; k < chunks; ++k) {
-        const T* part = partials.data() + (k * n + i) * ldp;
+        const T* part = partials + (k * n + i) * ldp;
         for (int64_t j = 0; j < D; ++j) dX[i * D + j] += part[j];
       }
     }
