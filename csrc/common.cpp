@@ -16,11 +16,16 @@ std::optional<RowGeometry> row_geometry(const Tensor& t) {
   g.stride_c = t.stride(1);
   if (t.dim() == 2) return g;
   // Flatten d1..dk: they must form one strided run (stride(i) == size(i+1) * stride(i+1)),
-  // ignoring size-1 dims whose stride is meaningless.
+  // ignoring size-1 dims whose stride is meaningless.  An empty tensor's strides are
+  // meaningless too (and contiguous() keeps whatever they are): nothing is read.
+  const bool empty = t.numel() == 0;
   int64_t inner = 1, stride_k = 1;
   bool first = true;
   for (int64_t d = t.dim() - 1; d >= 2; --d) {
-    if (t.size(d) == 1) continue;
+    if (t.size(d) == 1 || empty) {
+      inner *= t.size(d);
+      continue;
+    }
     if (first) {
       stride_k = t.stride(d);
       first = false;

@@ -264,8 +264,10 @@ def _geometry(t: torch.Tensor):
     outer, classes = t.shape[0], t.shape[1]
     inner, stride_k = 1, 1
     first = True
+    empty = t.numel() == 0  # its strides are arbitrary (contiguous() keeps them); unread
     for d in range(t.dim() - 1, 1, -1):
-        if t.shape[d] == 1:
+        if t.shape[d] == 1 or empty:
+            inner *= t.shape[d]
             continue
         if first:
             stride_k, first = t.stride(d), False

@@ -126,7 +126,9 @@ def _backward_fused_loss(ctx, grad_loss, *_):
 
 
 def _save_linear_loss(ctx, inputs, output):
-    ctx.n_inputs = len(inputs)
+    # Which gradients the kernel made: output_mask, not their sizes (an empty batch's
+    # grad_input is empty too).
+    ctx.options = (tuple(inputs[-1]), len(inputs))
     ctx.save_for_backward(*output[1:])
 
 
@@ -137,18 +139,19 @@ def _setup_linear_loss(ctx, inputs, output):
 
 
 def _backward_linear_loss(ctx, grad_loss, *_):
+    made, n_inputs = ctx.options
     if grad_loss is None:
-        return (None,) * ctx.n_inputs
+        return (None,) * n_inputs
     _check_first_order()
     saved = ctx.saved_tensors  # input, weight, bias
-    for i, s in enumerate(saved):
-        if ctx.needs_input_grad[i] and s.numel() == 0:
+    for i in range(3):
+        if ctx.needs_input_grad[i] and not made[i]:
             raise RuntimeError(
                 f"linclass: this fused linear loss ran without the gradient of its argument {i}; "
                 "call it through linclass.linear_cross_entropy / linear_multi_margin_loss")
-    present = [i for i, s in enumerate(saved) if s.numel() != 0]
+    present = [i for i in range(3) if made[i]]
     scaled = dict(zip(present, _rescale([saved[i] for i in present], grad_loss)))
-    return tuple(scaled.get(i) for i in range(3)) + (None,) * (ctx.n_inputs - 3)
+    return tuple(scaled.get(i) for i in range(3)) + (None,) * (n_inputs - 3)
 
 
 # ---- registration ----------------------------------------------------------------------

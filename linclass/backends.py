@@ -127,8 +127,10 @@ CPU_TORCH_HINGE_MAX_SCORES = 6144
 
 
 def cpu_hinge_on_torch(input: torch.Tensor) -> bool:
-    """Whether the automatic choice runs this CPU multi_margin_loss on torch."""
-    return (input.numel() <= CPU_TORCH_HINGE_MAX_SCORES and current() is None
+    """Whether the automatic choice runs this CPU multi_margin_loss on torch.  Never for
+    an empty input: torch's kernel returns uninitialized memory for 'sum' and 'mean'
+    over no rows."""
+    return (0 < input.numel() <= CPU_TORCH_HINGE_MAX_SCORES and current() is None
             and (input.dtype is torch.float32 or input.dtype is torch.float64))
 
 

@@ -197,6 +197,17 @@ def test_empty_and_all_ignored(kernel_backend, reduction):
                            reduction=reduction, label_smoothing=smoothing)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_input_with_any_strides(kernel_backend, reduction):
+    # An empty tensor's strides are arbitrary and contiguous() keeps them; the kernels
+    # read nothing, so they must not care (they once failed to find rows in them).
+    for shape, strides in [((0, 128, 2, 4), (2304, 18, 9, 2)), ((3, 5, 0, 2), (7, 1, 40, 3)),
+                           ((0, 7), (1, 0))]:
+        x = torch.empty_strided(shape, strides)
+        t = torch.zeros((shape[0], *shape[2:]), dtype=torch.long)
+        compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, reduction=reduction)
+
+
 def test_zero_weight_sum_matches_torch(kernel_backend):
     w = torch.tensor([0.0, 0.0, 1.0])
     t = torch.tensor([0, 1, 0])  # every target weighs 0: mean is 0/0
@@ -280,6 +291,27 @@ def test_non_finite_scores_propagate_like_torch(kernel_backend):
     for ours, theirs in zip(a, b):
         assert torch.equal(ours.isnan(), theirs.isnan())
         assert torch.equal(ours[3], theirs[3]) or torch.allclose(ours[3], theirs[3])
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": "rand"}])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_ignored_rows_with_non_finite_scores_get_zero_gradient(kernel_backend, options, reduction):
+    # A deliberate difference from torch (README, "Drop-in use"): torch's log-softmax
+    # backward turns an ignored row holding NaN or +-inf (padding, masked positions) into
+    # a NaN gradient row, which then poisons the weights; an ignored row takes no part in
+    # the loss, so its gradient here is 0 (as in Liger-Kernel).  Losses equal torch's.
+    x = torch.randn(6, 12)
+    x[1, 3], x[2, 4], x[3] = float("nan"), float("inf"), float("-inf")
+    t = torch.tensor([0, -100, -100, -100, 5, 2])
+    if options.get("weight") == "rand":
+        options = {"weight": torch.rand(12) + 0.1}
+    ours, grad = run(linclass.cross_entropy, x, t, reduction=reduction, **options)
+    theirs, ref_grad = run(F.cross_entropy, x, t, reduction=reduction, **options)
+    assert_close(ours, theirs, torch.float32, "loss")
+    kept = t != -100
+    assert torch.equal(grad[~kept], torch.zeros(3, 12))
+    assert ref_grad[~kept].isnan().any(1).all()  # what torch gives (if it ever changes, follow)
+    assert_close(grad[kept], ref_grad[kept], torch.float32, "grad")
 
 
 @pytest.mark.parametrize("kind", ["nan", "+inf", "-inf row"])

@@ -101,6 +101,20 @@ def test_multi_margin_matches_unfused(linear_backend, n, d, c, bias):
               reduction=reduction)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_empty_batch_gives_empty_and_zero_gradients(linear_backend, bias):
+    # No rows: grad_input is empty, grad_weight and grad_bias zero; 'mean' is NaN for
+    # cross-entropy as in torch (torch's own hinge returns uninitialized memory there,
+    # so its sum / mean over no rows are checked by value).
+    x, w, b, t = make(0, 6, 5, bias=bias)
+    for reduction in ("mean", "sum"):
+        check(linclass.linear_cross_entropy, unfused_ce, x, w, b, t, reduction=reduction)
+        loss, grads = grads_of(linclass.linear_multi_margin_loss, x, w, b, t, reduction=reduction)
+        assert loss.isnan() if reduction == "mean" else loss.item() == 0.0
+        assert grads[0].shape == (0, 6)
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
+
+
 def test_float32_large_classes(linear_backend):
     # float32 sums over 50257 classes round differently in different GEMM blockings:
     # ours must be no further from the float64 result than torch's float32 result is.

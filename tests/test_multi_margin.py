@@ -97,6 +97,19 @@ def test_empty_batch(kernel_backend):
     assert linclass.multi_margin_loss(x, t).isnan()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_batch_with_the_automatic_choice(dtype):
+    # The automatic choice runs small CPU losses on torch's kernel, which returns
+    # uninitialized memory for 'sum' and 'mean' over no rows: empty ones stay ours.
+    if linclass.backends.current() is not None:
+        pytest.skip("a backend is forced (LINCLASS_BACKEND)")
+    for classes in (5, 1000):
+        x, t = torch.randn(0, classes, dtype=dtype), torch.zeros(0, dtype=torch.long)
+        for _ in range(3):
+            assert linclass.multi_margin_loss(x, t, reduction="sum").item() == 0.0
+            assert linclass.multi_margin_loss(x, t).isnan()
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("p", [1, 2])
 def test_gradcheck(kernel_backend, reduction, p):
