@@ -33,6 +33,7 @@ block order (the blocks read last first).  How these were chosen: docs/gpu.md.
 """
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -370,6 +371,8 @@ def split(v: float):
     """v as two float32 kernel arguments hi + lo: Triton passes Python floats as float32,
     and float64 kernels need v to double precision (hi + lo recovers it to ~2^-48)."""
     hi = float(np.float32(v))
+    if not math.isfinite(hi):  # inf (or beyond float32): v - hi would make lo NaN
+        return hi, 0.0
     return hi, float(np.float32(v - hi))
 
 

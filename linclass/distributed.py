@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from . import _ops, _sharded
-from .functional import _FLOAT_TYPES, _reduction_code
+from .functional import _FLOAT_TYPES, _ignore_index, _margin, _reduction_code
 
 __all__ = ["cross_entropy", "global_mean_denominator", "linear_cross_entropy",
            "linear_multi_margin_loss", "multi_margin_loss"]
@@ -299,7 +299,7 @@ def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, 
             raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
 
     layout, target = _enter(op, scores_local, target, group, class_start, weight, check,
-                            (int(ignore_index), float(label_smoothing), reduction),
+                            (_ignore_index(ignore_index), float(label_smoothing), reduction),
                             ignore_index, IndexError)
     start, width = layout.start, scores_local.shape[1]
     weight_local = None if weight is None else weight[start:start + width]
@@ -341,14 +341,14 @@ def multi_margin_loss(scores_local: torch.Tensor, target: torch.Tensor, group=No
             raise ValueError(f"{op}: only p == 1 and p == 2 are supported, got {p}")
 
     layout, target = _enter(op, scores_local, target, group, class_start, weight, check,
-                            (p, float(margin), reduction), None, RuntimeError)
+                            (p, _margin(margin), reduction), None, RuntimeError)
     start = layout.start
     compute_grad = scores_local.requires_grad and torch.is_grad_enabled()
 
     def compute():
         x = scores_local.detach()
         x_y = _gather_rows(_sharded.target_scores(x, target, start), group, layout.world).sum(0)
-        stats, grad = _sharded.mm_phase2(x, target, start, x_y, p, float(margin), weight,
+        stats, grad = _sharded.mm_phase2(x, target, start, x_y, p, _margin(margin), weight,
                                          layout.classes, reduction, compute_grad=compute_grad)
         gathered = _gather_rows(stats, group, layout.world)
         loss_rows = _sharded.mm_finish(gathered, grad, target, start, weight, layout.classes)
@@ -599,8 +599,8 @@ def linear_cross_entropy(input: torch.Tensor, weight_local: torch.Tensor, target
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
     return _linear_loss(op, "ce", input, weight_local, bias_local, target, group, class_start,
-                        dict(ignore_index=int(ignore_index), label_smoothing=float(label_smoothing)),
-                        reduction)
+                        dict(ignore_index=_ignore_index(ignore_index),
+                             label_smoothing=float(label_smoothing)), reduction)
 
 
 def linear_multi_margin_loss(input: torch.Tensor, weight_local: torch.Tensor, target: torch.Tensor,
@@ -613,7 +613,7 @@ def linear_multi_margin_loss(input: torch.Tensor, weight_local: torch.Tensor, ta
     if p not in (1, 2):
         raise ValueError(f"{op}: only p == 1 and p == 2 are supported, got {p}")
     return _linear_loss(op, "mm", input, weight_local, bias_local, target, group, class_start,
-                        dict(p=int(p), margin=float(margin)), reduction)
+                        dict(p=int(p), margin=_margin(margin)), reduction)
 
 
 def global_mean_denominator(target: torch.Tensor, weight: torch.Tensor | None = None,

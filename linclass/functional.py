@@ -79,9 +79,11 @@ def _needs_grad(t: torch.Tensor) -> bool:
     return t.requires_grad and torch.is_grad_enabled()
 
 
-def _check_input(op: str, input: torch.Tensor) -> None:
+def _check_input(op: str, input: torch.Tensor, target: torch.Tensor) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: input must be a Tensor, got {type(input).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{op}: target must be a Tensor, got {type(target).__name__}")
     if input.dtype not in _FLOAT_TYPES:
         # torch raises NotImplementedError from its kernel dispatch here.
         raise NotImplementedError(
@@ -105,6 +107,26 @@ def _check_weight(op: str, weight, input: torch.Tensor, classes: int, torch_name
             f"The function '{torch_name}' is not differentiable with respect to argument 'weight'. "
             "This input cannot have requires_grad True."
         )
+
+
+def _ignore_index(value) -> int:
+    """ignore_index as the kernels take it; like torch, an integer (a Python or NumPy int,
+    or a 0-dim integer tensor), not a float or a bool."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
+    return value.__index__()
+
+
+def _margin(value) -> float:
+    """margin as the kernels take it; like torch, a real number (also a NumPy scalar or a
+    0-dim tensor), not a string or a tensor with dimensions."""
+    if type(value) is float:
+        return value
+    if isinstance(value, (str, bytes)) or (isinstance(value, torch.Tensor) and value.dim() != 0):
+        raise TypeError(f"margin must be a number, got {type(value).__name__}")
+    return float(value)
 
 
 def _label_smoothing(value) -> float:
@@ -161,7 +183,7 @@ def cross_entropy(
     For class indices the kernel computes the loss and d loss / d input together.
     """
     reduction, reduction_code = _reduction_code(size_average, reduce, reduction)
-    _check_input("cross_entropy", input)
+    _check_input("cross_entropy", input, target)
     backend = backends.resolve_for(input)
     target_dtype = target.dtype
     if backend == "torch" or target_dtype.is_floating_point:
@@ -188,7 +210,7 @@ def cross_entropy(
     if backend != "cpp":  # the C++ kernels check their targets themselves
         _check_targets("cross_entropy", backend, target, classes, ignore_index, IndexError)
     op = CROSS_ENTROPY[backend]
-    return op(input, target, weight, int(ignore_index), smoothing, reduction_code,
+    return op(input, target, weight, _ignore_index(ignore_index), smoothing, reduction_code,
               input.requires_grad and torch.is_grad_enabled())
 
 
@@ -212,7 +234,7 @@ def multi_margin_loss(
     reduction, reduction_code = _reduction_code(size_average, reduce, reduction)
     if p not in (1, 2):
         raise ValueError("only p == 1 and p == 2 supported")
-    _check_input("multi_margin_loss", input)
+    _check_input("multi_margin_loss", input, target)
     backend = backends.resolve_for(input)
     if backend == "cpp" and backends.cpu_hinge_on_torch(input):
         backend = "torch"
@@ -240,6 +262,9 @@ def multi_margin_loss(
             f"({rows}), got shape {list(target.shape)} for input of shape {list(input.shape)}"
         )
     if weight is not None:
+        if weight.dim() != 1:  # torch's type for this one (cross_entropy: RuntimeError)
+            raise ValueError(f"multi_margin_loss: weight must be one-dimensional, got shape "
+                             f"{tuple(weight.shape)}")
         _check_weight("multi_margin_loss", weight, input, classes, "multi_margin_loss")
     if not (input.is_cpu and target.is_cpu) and target.device != input.device:
         raise RuntimeError(f"multi_margin_loss: target is on {target.device} but input is on {input.device}")
@@ -250,7 +275,7 @@ def multi_margin_loss(
     # its backward node to every call.
     loss = op(
         input if dim == 2 else input.reshape(rows, classes),
-        target if target_dim == 1 else target.reshape(rows), int(p), float(margin),
+        target if target_dim == 1 else target.reshape(rows), int(p), _margin(margin),
         weight, reduction_code, input.requires_grad and torch.is_grad_enabled(),
     )
     return loss.reshape(target.shape) if reduction == "none" and loss.shape != target.shape else loss
@@ -265,7 +290,7 @@ def _linear_bytes(input, weight) -> int:
 
 
 def _check_linear(op: str, input, weight, bias, target):
-    _check_input(op, input)
+    _check_input(op, input, target)
     if input.dim() not in (1, 2):
         raise RuntimeError(f"{op}: input must be (N, D) or (D,), got shape {list(input.shape)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
@@ -318,7 +343,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
         t1 = t1.long()
     _check_targets("linear_cross_entropy", backend, t1, weight.shape[0], ignore_index, IndexError)
     op = LINEAR_CROSS_ENTROPY[backend]
-    return op(x2, weight, bias, t1, int(ignore_index), smoothing,
+    return op(x2, weight, bias, t1, _ignore_index(ignore_index), smoothing,
               reduction_code, _mask(input, weight, bias))
 
 
@@ -341,5 +366,5 @@ def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: 
     t1 = target if target.dim() == 1 else target.reshape(-1)
     _check_targets("linear_multi_margin_loss", backend, t1, weight.shape[0], None, RuntimeError)
     op = LINEAR_MULTI_MARGIN_LOSS[backend]
-    return op(x2, weight, bias, t1, int(p), float(margin), reduction_code,
+    return op(x2, weight, bias, t1, int(p), _margin(margin), reduction_code,
               _mask(input, weight, bias))

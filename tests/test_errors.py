@@ -1,11 +1,13 @@
 """Bad input raises the exception torch raises (a clear message, never a crash)."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import linclass
 from linclass import _ops
+from helpers import compare_with_torch, run
 
 x = torch.randn(4, 5)
 t = torch.tensor([0, 1, 4, 2])
@@ -30,6 +32,11 @@ CE_CASES = {
     "0-d input": (torch.tensor(1.0), torch.tensor(0), {}),
     "1-D input, 2-element target": (torch.randn(5), torch.tensor([3, 1]), {}),
     "C = 0": (torch.randn(3, 0), torch.zeros(3, dtype=torch.long), {}),
+    "list target": (x, [0, 1, 4, 2], {}),
+    "None target": (x, None, {}),
+    "float ignore_index": (x, t, {"ignore_index": 1.0}),
+    "bool ignore_index": (x, t, {"ignore_index": True}),
+    "string label_smoothing": (x, t, {"label_smoothing": "0.1"}),
 }
 
 MM_CASES = {
@@ -46,6 +53,10 @@ MM_CASES = {
     "3-D input": (torch.randn(2, 3, 4), torch.zeros(2, dtype=torch.long), {}),
     "C = 0": (torch.randn(3, 0), torch.zeros(3, dtype=torch.long), {}),
     "integer input": (x.long(), t, {}),
+    "list target": (x, [0, 1, 4, 2], {}),
+    "2-D weight": (x, t, {"weight": torch.ones(1, 5)}),
+    "string margin": (x, t, {"margin": "1"}),
+    "1-D tensor margin": (x, t, {"margin": torch.tensor([1.0])}),
 }
 
 
@@ -77,6 +88,36 @@ def test_cross_entropy_rejects(kernel_backend, name):
 @pytest.mark.parametrize("name", list(MM_CASES))
 def test_multi_margin_loss_rejects(kernel_backend, name):
     _check(linclass.multi_margin_loss, F.multi_margin_loss, MM_CASES[name])
+
+
+@pytest.mark.parametrize("value", [np.int64(1), torch.tensor(1), -100])
+def test_ignore_index_takes_what_torch_takes(kernel_backend, value):
+    tgt = torch.tensor([0, 1, 1, 3])
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, tgt, ignore_index=value)
+
+
+@pytest.mark.parametrize("value", [np.float32(0.5), torch.tensor(0.5), 2, True])
+def test_margin_takes_what_torch_takes(kernel_backend, value):
+    compare_with_torch(linclass.multi_margin_loss, F.multi_margin_loss, x, t, margin=value)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_infinite_margin_gives_torch_infinite_loss(kernel_backend, reduction):
+    # Every term is infinite: inf like torch, not NaN (the C++ lane path's row-less
+    # padding lanes once made it 0 * inf); the gradient is finite for p = 1.
+    for rows in (4, 40):
+        inp, tgt = torch.randn(rows, 5), torch.randint(0, 5, (rows,))
+        ours = run(linclass.multi_margin_loss, inp, tgt, margin=float("inf"), reduction=reduction)
+        theirs = run(F.multi_margin_loss, inp, tgt, margin=float("inf"), reduction=reduction)
+        assert torch.equal(ours[0], theirs[0]) and ours[0].isinf().all()
+        torch.testing.assert_close(ours[1], theirs[1])
+
+
+def test_fused_linear_ops_reject_a_target_that_is_not_a_tensor(kernel_backend):
+    w = torch.randn(5, 3)
+    for op in (linclass.linear_cross_entropy, linclass.linear_multi_margin_loss):
+        with pytest.raises(TypeError, match="target must be a Tensor"):
+            op(torch.randn(4, 3), w, [0, 1, 2, 3])
 
 
 def test_out_of_range_target_names_index_and_value(kernel_backend):

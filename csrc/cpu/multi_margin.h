@@ -129,7 +129,8 @@ struct MultiMarginMath {
     const V zero(acc_t(0)), one(acc_t(1));
     // Each lane's target score and weight, picked out by class masks; lanes without a
     // row keep w_y = 0, so their loss and gradient are zero.
-    V x_y = zero, w_y = select(vy >= zero, one, zero);
+    const V valid = vy >= zero;
+    V x_y = zero, w_y = select(valid, one, zero);
     V vj = zero;  // class index as a vector (no int->float per class)
     for (int64_t j = 0; j < C; ++j, vj = vj + one) x_y = select_eq(vy, vj, V::loadu(tile + j * W), x_y);
     if (p.has_weight) {
@@ -155,7 +156,8 @@ struct MultiMarginMath {
       for (int64_t j = 0; j < C; ++j, vj = vj + one)
         select_eq(vy, vj, gy, V::loadu(tile + j * W)).store(tile + j * W);
     }
-    return w_over_c * sum_h;
+    // Not w_over_c * sum_h alone: with an infinite margin a row-less lane is 0 * inf.
+    return select(valid, w_over_c * sum_h, zero);
   }
 };
 
