@@ -67,6 +67,54 @@ def test_compile_fullgraph_forward_backward(kernel_backend, backend):
     assert_close(xa.grad, xb.grad, torch.float32)
 
 
+@pytest.mark.parametrize("grad_output", [1.0, 2.5, 0.0])
+def test_compiled_backward_scales_the_saved_gradient_in_place(kernel_backend, grad_output):
+    # AOTAutograd would otherwise multiply the saved N x C gradient by grad_output into a
+    # new tensor (one more pass over it); the backward graph holds the in-place op.
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    recorder = AotEagerAndRecordGraphs()
+    compiled = torch.compile(lambda x, t: linclass.cross_entropy(x, t) * grad_output,
+                             fullgraph=True, backend=recorder)
+    x, t = torch.randn(64, 33), torch.randint(0, 33, (64,))
+    xa, xb = leaf(x), leaf(x)
+    compiled(xa, t).backward()
+    (linclass.cross_entropy(xb, t) * grad_output).backward()
+    assert_close(xa.grad, xb.grad, torch.float32)
+    (backward,) = recorder.bw_graphs
+    assert "linclass.scale_saved_grad_" in backward.code
+    for node in backward.graph.nodes:  # a multiply of grad_output itself is fine
+        if node.op == "call_function" and "mul" in str(node.target):
+            assert node.meta["val"].numel() == 1, node.format_node()
+
+
+def test_compiled_backward_twice_without_donated_buffers(kernel_backend):
+    # With donated buffers off, retain_graph=True is allowed: the first backward must not
+    # have scaled the saved gradient the second one reads.
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(donated_buffer=False):
+        compiled = torch.compile(lambda x, t: linclass.multi_margin_loss(x, t) * 3.0,
+                                 fullgraph=True)
+        x, t = torch.randn(40, 7), torch.randint(0, 7, (40,))
+        xa, xb = leaf(x), leaf(x)
+        loss = compiled(xa, t)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    (F.multi_margin_loss(xb, t) * 3.0).backward()
+    assert_close(xa.grad, 2 * xb.grad, torch.float32)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("grad_output", [1.0, -0.5])
+def test_opcheck_scale_saved_grad(grad_output):
+    g = torch.randn(5, 7)
+    torch.library.opcheck(torch.ops.linclass.scale_saved_grad_.default,
+                          (g, torch.tensor(grad_output)))
+    before = g.clone()
+    torch.ops.linclass.scale_saved_grad_(g, torch.tensor(grad_output))
+    assert torch.equal(g, before * grad_output)
+
+
 def test_compile_fullgraph_kdim_none_reduction(kernel_backend):
     def f(x, t):
         return linclass.cross_entropy(x, t, reduction="none").square().mean()
