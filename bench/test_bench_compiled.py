@@ -9,10 +9,17 @@ import functools
 
 import pytest
 import torch
+import torch._functorch.config
+import torch._inductor.config
 import torch.nn.functional as F
 
 import linclass
 from rotation import copies_for, cycle, forward_backward
+
+# Compile afresh: the on-disk caches key a compiled backward by the forward graph, so
+# they would hand back one built by an older linclass (or torch) for these ops.
+torch._inductor.config.fx_graph_cache = False
+torch._functorch.config.enable_autograd_cache = False
 
 SHAPES = [(65536, 10), (4096, 1000), (1024, 32000)]
 OPS = {
