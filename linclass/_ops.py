@@ -98,20 +98,16 @@ def _scale_in_place(saved: list, grad_loss: Tensor) -> None:
         from .kernels import scale
 
         scale.scale_(saved, grad_loss)
-    elif grad_loss.is_cuda:  # no Triton: multiply, without reading grad_loss on the host
-        for s in saved:
-            s.mul_(grad_loss)
-    elif grad_loss.item() != 1.0:
+    elif grad_loss.is_cuda or grad_loss.item() != 1.0:  # CUDA: no host read of grad_loss
         for s in saved:
             s.mul_(grad_loss)
 
 
-# The backward of a compiled graph: AOTAutograd would turn a multiply into one more pass
-# over the N x C gradient, writing a new tensor (1.7x the eager step's time at 1024 x
-# 32000).  As an in-place op it is functionalized and then, since the saved gradient is
-# a buffer the backward may donate, done in place by Inductor, so grad_output = 1 costs
-# no multiply (a copy of the buffer onto itself remains: 1.04x eager at 1024 x 32000).
-# Where the buffer cannot be donated (another use, retain_graph) Inductor scales a copy.
+# The backward of a compiled graph.  A multiply there would be one more pass over the
+# N x C gradient into a new tensor, every step.  This in-place op is functionalized by
+# AOTAutograd and run by Inductor in the saved buffer, which the backward may donate, so
+# grad_output = 1 costs no multiply; where the buffer cannot be donated (another use,
+# retain_graph) Inductor scales a copy (bench/test_bench_compiled.py).
 _LIB = torch.library.Library("linclass", "FRAGMENT")
 _LIB.define("scale_saved_grad_(Tensor(a!) grad, Tensor grad_output) -> ()")
 

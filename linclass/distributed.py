@@ -340,15 +340,16 @@ def multi_margin_loss(scores_local: torch.Tensor, target: torch.Tensor, group=No
         if p not in (1, 2):
             raise ValueError(f"{op}: only p == 1 and p == 2 are supported, got {p}")
 
+    margin = _margin(margin)
     layout, target = _enter(op, scores_local, target, group, class_start, weight, check,
-                            (p, _margin(margin), reduction), None, RuntimeError)
+                            (p, margin, reduction), None, RuntimeError)
     start = layout.start
     compute_grad = scores_local.requires_grad and torch.is_grad_enabled()
 
     def compute():
         x = scores_local.detach()
         x_y = _gather_rows(_sharded.target_scores(x, target, start), group, layout.world).sum(0)
-        stats, grad = _sharded.mm_phase2(x, target, start, x_y, p, _margin(margin), weight,
+        stats, grad = _sharded.mm_phase2(x, target, start, x_y, p, margin, weight,
                                          layout.classes, reduction, compute_grad=compute_grad)
         gathered = _gather_rows(stats, group, layout.world)
         loss_rows = _sharded.mm_finish(gathered, grad, target, start, weight, layout.classes)
