@@ -1,9 +1,11 @@
 // Checks csrc/cpu/simd.h for the ISA it is compiled for (tests/test_simd.py builds it
 // once per ISA this CPU runs): float64 exp and log against the C library over the whole
 // double range (random bit patterns, subnormals, the overflow and underflow edges,
-// inf, NaN), and the lane semantics the kernels rely on.  Prints one line per failure
+// inf, NaN), the lane semantics the kernels rely on, and the group path's reductions of
+// W rows at once (vec_util.h) against one reduction per row.  Prints one line per failure
 // and "simd ok <lanes> <worst exp ulp> <worst log ulp>" at the end.
 #include "cpu/simd.h"
+#include "cpu/vec_util.h"
 
 #include <cstdio>
 #include <cstring>
@@ -78,6 +80,23 @@ void check_lanes() {
   if (!std::isnan(lane(clamp_min(Vec<T>(nan), Vec<T>(T(0))), 0))) fail("clamp_min keeps NaN", 0, 0, nan);
   if (lane(fmadd(a, b, Vec<T>(T(1))), 1) != T(1 * 101 + 1)) fail("fmadd", 0, 0, 0);
   if (lane((-a).abs(), W - 1) != T(W - 1)) fail("abs", 0, 0, 0);
+  // sum_rows / max_rows: lane r is row r's hsum (bitwise: the same order of additions)
+  // and max, on values whose sums round differently in other orders.
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<T> value(T(-1e3), T(1e3));
+  for (int trial = 0; trial < 100; ++trial) {
+    Vec<T> rows[W];
+    for (int r = 0; r < W; ++r) {
+      alignas(64) T v[W];
+      for (int i = 0; i < W; ++i) v[i] = value(rng) * std::pow(T(10), T(int(rng() % 7) - 3));
+      rows[r] = Vec<T>::loadu(v);
+    }
+    const Vec<T> sums = sum_rows(rows), maxes = max_rows(rows);
+    for (int r = 0; r < W; ++r) {
+      if (lane(sums, r) != hsum(rows[r])) fail("sum_rows", r, lane(sums, r), hsum(rows[r]));
+      if (lane(maxes, r) != hmax(rows[r])) fail("max_rows", r, lane(maxes, r), hmax(rows[r]));
+    }
+  }
 }
 
 }  // namespace

@@ -37,7 +37,8 @@ def test_matches_naive_reference(kernel_backend, N, C, reduction):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5), (6, 1), (64, 3), (33, 17), (100, 32), (16, 33),
-                                   (37, 65), (50, 72), (21, 73),  # the lane path's last widths
+                                   (37, 65), (50, 72), (21, 73), (40, 100), (17, 257),
+                                   (31, 512), (19, 513),  # C++ group path (40 to 512 classes)
                                    (64, 1000), (8, 4097), (3, 50257)])
 def test_matches_torch_shapes(kernel_backend, dtype, shape):
     x = torch.randn(shape, dtype=dtype)
@@ -48,7 +49,7 @@ def test_matches_torch_shapes(kernel_backend, dtype, shape):
                            reduction=reduction, grad_output=g)
 
 
-@pytest.mark.parametrize("shape", [(33, 17), (16, 1000)])
+@pytest.mark.parametrize("shape", [(33, 17), (21, 100), (16, 1000)])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("p,margin,weight", OPTIONS + [(1, -0.5, None), (2, 0.0, "w")])
 def test_matches_torch_every_keyword(kernel_backend, shape, reduction, p, margin, weight):
@@ -75,6 +76,8 @@ def test_noncontiguous_and_vector_inputs(kernel_backend):
         (base[:, ::2], torch.randint(0, 12, (40,))),
         (torch.randn(1, 9).expand(16, 9), torch.randint(0, 9, (16,))),
         (torch.randn(3000, 4).t(), torch.randint(0, 3000, (4,))),
+        (torch.randn(50, 300)[::2, 7:207], torch.randint(0, 200, (25,))),
+        (torch.randn(100, 37).t(), torch.randint(0, 100, (37,))),
     ]
     for x, t in cases:
         for reduction in ["none", "mean"]:
@@ -122,7 +125,7 @@ def test_gradcheck(kernel_backend, reduction, p):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(256, 10), (64, 1000), (4, 32000)])
+@pytest.mark.parametrize("shape", [(256, 10), (40, 200), (64, 1000), (4, 32000)])
 def test_low_precision_error_relative_to_fp32(kernel_backend, dtype, shape):
     x = torch.randn(shape)
     t = torch.randint(0, shape[1], (shape[0],))
@@ -144,12 +147,13 @@ def test_stability_extreme_scores(kernel_backend):
     torch.testing.assert_close(loss, torch.tensor(19 / 20))
 
 
-def test_non_finite_scores_like_torch(kernel_backend):
-    x = torch.randn(4, 12)
+@pytest.mark.parametrize("C", [12, 100])
+def test_non_finite_scores_like_torch(kernel_backend, C):
+    x = torch.randn(20, C)
     x[0, 3] = float("nan")
     x[1, 5] = float("inf")
     x[2, 7] = float("-inf")
-    t = torch.tensor([0, 1, 2, 3])
+    t = torch.arange(20) % C
     a = run(linclass.multi_margin_loss, x, t, reduction="none")
     b = run(F.multi_margin_loss, x, t, reduction="none")
     for ours, theirs in zip(a, b):
@@ -161,6 +165,20 @@ def test_deterministic_across_calls_and_threads(kernel_backend, shape):
     x = torch.randn(shape)
     t = torch.randint(0, shape[1], (shape[0],))
     assert_deterministic(linclass.multi_margin_loss, x, t, p=2)
+
+
+@pytest.mark.parametrize("C", [10, 100, 1000])
+@pytest.mark.parametrize("p", [1, 2])
+def test_a_rows_result_does_not_depend_on_its_neighbours(kernel_backend, C, p):
+    # The C++ kernels take rows in SIMD groups, padding a last partial group: a row's
+    # loss and gradient are the same bits wherever it sits in the batch.
+    x, t = torch.randn(45, C), torch.randint(0, C, (45,))
+    w = torch.rand(C) + 0.5
+    loss, grad = run(linclass.multi_margin_loss, x, t, reduction="none", p=p, weight=w)
+    for lo, hi in [(0, 1), (3, 20), (17, 45), (44, 45)]:
+        part_loss, part_grad = run(linclass.multi_margin_loss, x[lo:hi], t[lo:hi],
+                                   reduction="none", p=p, weight=w)
+        assert torch.equal(part_loss, loss[lo:hi]) and torch.equal(part_grad, grad[lo:hi])
 
 
 def test_classic_svm_loss_is_multi_margin_times_c(kernel_backend):

@@ -49,6 +49,48 @@ inline V ce_target_grad(V w_y, V scale, V s, V s_excl, V e_y, const CrossEntropy
   return scale * (V(p.smooth) * (V(p.weight_sum) * e_y / s - w_y) - V(p.keep) * w_y * s_excl / s);
 }
 
+// The end of a group of rows, one row per lane (the lane and group paths): from each
+// row's max m, target score x_y and weight w_y, s' and e_y (forward-only: s in s_excl
+// and e_y = 0) and sum_j w_j d_j, the loss (with kDefer its part without the log, and
+// the log's argument), and for the gradient the coefficients of e_j (a) and of w_j (b)
+// and the target's entry gy.  Rows not `valid` (ignored or padding) contribute exact
+// zeros; rows whose max is +inf or -inf come out NaN, like torch (NaN scores already
+// made s NaN through vexp).
+template <typename acc_t>
+struct RowsTail {
+  Vec<acc_t> loss, log_arg, a, b, gy, finite;
+  bool clean;  // every row valid and finite: no masking pass needed
+};
+template <typename acc_t, bool kGrad, bool kDefer>
+inline RowsTail<acc_t> rows_tail(const Vec<acc_t>& valid, const Vec<acc_t>& m, const Vec<acc_t>& x_y,
+                                 const Vec<acc_t>& w_y, const Vec<acc_t>& s_excl, const Vec<acc_t>& e_y,
+                                 const Vec<acc_t>& sum_wd, const CrossEntropyParams<acc_t>& p) {
+  using V = Vec<acc_t>;
+  const V zero(acc_t(0)), one(acc_t(1));
+  const V nan(std::numeric_limits<acc_t>::quiet_NaN());
+  RowsTail<acc_t> t;
+  const V d_y = x_y - m;
+  const V s = s_excl + e_y;
+  t.finite = m.abs() < V(std::numeric_limits<acc_t>::infinity());
+  if constexpr (kDefer) {
+    // The loss without its log term; s - s keeps a NaN s (NaN scores) in the loss.
+    t.loss = select(valid, select(t.finite, ce_loss(zero, d_y, w_y, sum_wd, p) + (s - s), nan), zero);
+    t.log_arg = select(valid & t.finite, s, one);
+  } else {
+    const V log_s = vlog(s);  // s >= 1 (NaN rows are replaced below)
+    t.loss = select(valid, select(t.finite, ce_loss(log_s, d_y, w_y, sum_wd, p), nan), zero);
+  }
+  t.clean = true;
+  if constexpr (kGrad) {
+    const V scale = select(valid, V(p.scale), zero);
+    t.a = ce_exp_coef(w_y, scale, s, p);
+    t.b = scale * V(p.smooth);
+    t.gy = ce_target_grad(w_y, scale, s, s_excl, e_y, p);
+    t.clean = (valid & t.finite).zero_mask() == 0;
+  }
+  return t;
+}
+
 struct CrossEntropyMath {
   template <typename acc_t>
   static bool ignored(int64_t y, const CrossEntropyParams<acc_t>& p) {
@@ -95,6 +137,120 @@ struct CrossEntropyMath {
         return (j <= y && y < j + n) ? with_lane(out, y - j, g_y) : out;
       });
       return ce_loss(std::log(s), d_y, w_y, sum_wd, p);
+    }
+  }
+
+  // Vec::size() rows of at least Vec::size() classes (GroupIO, row_driver.h): the row
+  // path's passes over each row, with the work per row between them (the reductions,
+  // the log, the divisions, the target's entries) done once for all the rows, one row
+  // per lane, by rows_tail as in the lane path.
+  // Below this the lane path is as fast or faster: a row of a few vectors wastes most
+  // of its last one (bench/results/cpu-sweep.md).
+  static constexpr int64_t kGroupMinClasses = 73;
+  template <typename acc_t, bool kGrad>
+  static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const CrossEntropyParams<acc_t>& p,
+                    Vec<acc_t>* log_arg) {
+    const bool smooth = p.smooth != acc_t(0);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (log_arg)
+        return smooth ? group_s<acc_t, kGrad, true, true>(io, loss, p, log_arg)
+                      : group_s<acc_t, kGrad, false, true>(io, loss, p, log_arg);
+    }
+    return smooth ? group_s<acc_t, kGrad, true, false>(io, loss, p, log_arg)
+                  : group_s<acc_t, kGrad, false, false>(io, loss, p, log_arg);
+  }
+
+  template <typename acc_t, bool kGrad, bool kSmooth, bool kDefer>
+  static void group_s(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const CrossEntropyParams<acc_t>& p,
+                      Vec<acc_t>* log_arg) {
+    using V = Vec<acc_t>;
+    constexpr int W = V::size();
+    const int64_t C = p.classes;
+    const V zero(acc_t(0)), one(acc_t(1));
+    alignas(64) acc_t lane[W], target[W], row_max[W];
+    V part[W], part_wd[W];
+    // Row maxima; the last vector may overlap the one before it (C >= W), which a max
+    // allows.
+    for (int r = 0; r < W; ++r) {
+      const acc_t* x = io.x[r];
+      V m0 = V::loadu(x + C - W), m1 = m0;
+      int64_t j = 0;
+      for (; j + 2 * W <= C; j += 2 * W) {
+        m0 = fast_max(m0, V::loadu(x + j));
+        m1 = fast_max(m1, V::loadu(x + j + W));
+      }
+      if (j + W <= C) m0 = fast_max(m0, V::loadu(x + j));
+      part[r] = fast_max(m0, m1);
+    }
+    const V m = max_rows(part);
+    m.store(row_max);
+    // The targets' scores and weights, read before `work` (which may alias x) is written.
+    for (int r = 0; r < W; ++r) {
+      const int64_t y = io.y[r];
+      target[r] = acc_t(y);
+      lane[r] = y >= 0 ? io.x[r][y] : acc_t(0);
+    }
+    const V x_y = V::loadu(lane), vy = V::loadu(target), valid = vy >= zero;
+    V w_y = select(valid, one, zero);
+    if (p.has_weight) {
+      for (int r = 0; r < W; ++r) lane[r] = io.y[r] >= 0 ? p.weight[io.y[r]] : acc_t(0);
+      w_y = V::loadu(lane);
+    }
+    for (int r = 0; r < W; ++r) lane[r] = acc_t(r);
+    const V first_columns = V::loadu(lane);
+    // e_j = exp(x_j - m) to work, and s' (forward-only: s) with sum_j w_j d_j.
+    for (int r = 0; r < W; ++r) {
+      const acc_t* x = io.x[r];
+      acc_t* e_out = io.work[r];
+      const acc_t* next = io.next[r];
+      const V vm(row_max[r]), yr(target[r]);
+      V s = zero, wd = zero, vj = first_columns;
+      for (int64_t j = 0; j < C; j += W, vj = vj + V(acc_t(W))) {
+        const int64_t n = std::min<int64_t>(W, C - j);
+        if (next) __builtin_prefetch(next + j, 0, 3);
+        const V d = V::loadu(x + j, n) - vm;
+        V e = vexp(d);
+        if (n < W) e = V::set(zero, e, n);
+        if constexpr (kGrad) {
+          e.store(e_out + j, n);
+          s = s + select_eq(yr, vj, zero, e);
+        } else {
+          s = s + e;
+        }
+        if constexpr (kSmooth) wd = cpu::fmadd(V::loadu(p.weight + j, n), d, wd);
+      }
+      if (next) __builtin_prefetch(next + C - 1, 0, 3);  // the last line, if the row straddles it
+      part[r] = s;
+      part_wd[r] = wd;
+    }
+    const V s_excl = sum_rows(part);
+    const V sum_wd = kSmooth ? sum_rows(part_wd) : zero;
+    const V e_y = kGrad ? select(valid, vexp(x_y - m), zero) : zero;
+    const RowsTail<acc_t> t = rows_tail<acc_t, kGrad, kDefer>(valid, m, x_y, w_y, s_excl, e_y, sum_wd, p);
+    loss = t.loss;
+    if constexpr (kDefer) *log_arg = t.log_arg;
+    if constexpr (kGrad) {
+      alignas(64) acc_t a[W], b[W], gy[W];
+      t.a.store(a);
+      t.b.store(b);
+      t.gy.store(gy);
+      const int constant = (valid & t.finite).zero_mask(), ignored = valid.zero_mask();
+      for (int r = 0; r < W; ++r) {
+        acc_t* g = io.g[r];
+        if (constant >> r & 1) {  // zeros (ignored or padding), else NaN (non-finite)
+          const V fill((ignored >> r & 1) ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+          store_map(g, 0, C, io.stream, [&](int64_t, int64_t) { return fill; });
+          continue;
+        }
+        const acc_t* e = io.work[r];
+        const int64_t y = io.y[r];
+        const V va(a[r]), vb(b[r]);
+        store_map(g, 0, C, io.stream, [&](int64_t j, int64_t n) {
+          V out = va * V::loadu(e + j, n);
+          if constexpr (kSmooth) out = out - vb * V::loadu(p.weight + j, n);
+          return (j <= y && y < j + n) ? with_lane(out, y - j, gy[r]) : out;
+        });
+      }
     }
   }
 
@@ -196,41 +352,24 @@ struct CrossEntropyMath {
         if constexpr (kSmooth) sum_wd[u] = cpu::fmadd(V(p.weight[j]), d, sum_wd[u]);
       }
     }
-    const V nan(std::numeric_limits<acc_t>::quiet_NaN());
-    V a[U], b[U], gy[U], finite[U];
+    RowsTail<acc_t> tail[U];
     bool clean = true;
     for (int u = 0; u < U; ++u) {
-      const V d_y = x_y[u] - m[u];
-      const V s = s_excl[u] + e_y[u];
-      // Rows whose max is +inf or -inf come out NaN, like torch (NaN scores already
-      // made s NaN through vexp).
-      finite[u] = m[u].abs() < V(std::numeric_limits<acc_t>::infinity());
-      if constexpr (kDefer) {
-        // The loss without its log term; s - s keeps a NaN s (NaN scores) in the loss.
-        loss[u] = select(valid[u], select(finite[u], ce_loss(zero, d_y, w_y[u], sum_wd[u], p) + (s - s), nan),
-                         zero);
-        log_arg[u] = select(valid[u] & finite[u], s, one);
-      } else {
-        const V log_s = vlog(s);  // s >= 1 (NaN rows are replaced below)
-        loss[u] = select(valid[u], select(finite[u], ce_loss(log_s, d_y, w_y[u], sum_wd[u], p), nan), zero);
-      }
-      if constexpr (kGrad) {
-        const V scale = select(valid[u], V(p.scale), zero);
-        a[u] = ce_exp_coef(w_y[u], scale, s, p);
-        b[u] = scale * V(p.smooth);
-        gy[u] = ce_target_grad(w_y[u], scale, s, s_excl[u], e_y[u], p);
-        // Only tiles with an ignored, padding or non-finite row need the masking pass.
-        clean = clean && (valid[u] & finite[u]).zero_mask() == 0;
-      }
+      tail[u] = rows_tail<acc_t, kGrad, kDefer>(valid[u], m[u], x_y[u], w_y[u], s_excl[u], e_y[u],
+                                                sum_wd[u], p);
+      loss[u] = tail[u].loss;
+      if constexpr (kDefer) log_arg[u] = tail[u].log_arg;
+      clean = clean && tail[u].clean;
     }
+    const V nan(std::numeric_limits<acc_t>::quiet_NaN());
     if constexpr (kGrad) {
       vj = zero;
       for (int64_t j = 0; j < C; ++j, vj = vj + one) {
         for (int u = 0; u < U; ++u) {
-          V g = a[u] * V::loadu(at(u, j));
-          if constexpr (kSmooth) g = g - b[u] * V(p.weight[j]);
-          g = select_eq(vy[u], vj, gy[u], g);
-          if (!clean) g = select(valid[u], select(finite[u], g, nan), zero);
+          V g = tail[u].a * V::loadu(at(u, j));
+          if constexpr (kSmooth) g = g - tail[u].b * V(p.weight[j]);
+          g = select_eq(vy[u], vj, tail[u].gy, g);
+          if (!clean) g = select(valid[u], select(tail[u].finite, g, nan), zero);
           g.store(at(u, j));
         }
       }
@@ -263,11 +402,11 @@ struct CrossEntropySetup {
     // A 'mean' in 16 bits counts the kept rows first: correcting its gradient after the
     // pass would round it twice.
     const bool count_first = reduction == kMean && !std::is_same_v<scalar_t, acc_t>;
-    if (in_kernel && use_lanes(C) && !w.has_value() && !count_first) {
+    if (in_kernel && use_lanes<CrossEntropyMath>(C) && !w.has_value() && !count_first) {
       plan.rule = TargetRule{C, true, ignore_index};
       plan.mean_of_kept = true;
     } else {
-      kept = checked_targets<acc_t>(plan.op, plan.index_error, target, C, true, ignore_index,
+      kept = checked_targets<acc_t>(plan.op, plan.index_error, target, C, use_lanes<CrossEntropyMath>(C), true, ignore_index,
                                     w ? weight.data() : nullptr, lane_targets);
       plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
     }

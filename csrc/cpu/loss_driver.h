@@ -124,13 +124,14 @@ TargetSummary scan_targets(const int64_t* target, int64_t rows, int64_t classes,
 }
 
 // Scans `target` with scan_targets and throws the op's error naming the first bad
-// target.  Returns the weight sum of the rows that count.
+// target; with `lanes` (the lane path will run) fills lane_targets.  Returns the weight
+// sum of the rows that count.
 template <typename acc_t>
 double checked_targets(const char* op, bool index_error, const Tensor& target, int64_t C,
-                       bool has_ignore, int64_t ignore_index, const acc_t* weight,
+                       bool lanes, bool has_ignore, int64_t ignore_index, const acc_t* weight,
                        ScratchVector<acc_t>& lane_targets) {
   const int64_t rows = target.numel();
-  lane_targets.resize(use_lanes(C) ? rows : 0);
+  lane_targets.resize(lanes ? rows : 0);
   const auto scan = scan_targets<acc_t>(target.const_data_ptr<int64_t>(), rows, C, has_ignore,
                                         ignore_index, weight,
                                         lane_targets.empty() ? nullptr : lane_targets.data());

@@ -88,6 +88,19 @@ struct MultiMarginMath {
 
   // One tile per call: the hinge's per-tile tail is short (no log, no division).
   static constexpr int kLaneTiles = 1;
+
+  // Vec::size() rows (GroupIO, row_driver.h): the row path's two passes over each row
+  // (the sums, then the gradient), with the per-row reductions and coefficients done
+  // once for all the rows, one row per lane.  The sums add in the row path's order, so
+  // a row's loss is bitwise the row path's.
+  // Below this the lane path is as fast or faster: a row of a few vectors wastes most
+  // of its last one (bench/results/cpu-sweep.md).
+  static constexpr int64_t kGroupMinClasses = 40;
+  template <typename acc_t, bool kGrad>
+  static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const MultiMarginParams<acc_t>& p,
+                    Vec<acc_t>* /*log_arg: always null*/) {
+    loss = p.p == 1 ? group_p<1, kGrad>(io, p) : group_p<2, kGrad>(io, p);
+  }
   static constexpr bool kDeferredLog = false;
 
   template <typename acc_t, bool kGrad, int U>
@@ -119,6 +132,67 @@ struct MultiMarginMath {
       });
     }
     return w_over_c * sum_h;
+  }
+
+  template <int P, bool kGrad, typename acc_t>
+  static Vec<acc_t> group_p(const GroupIO<acc_t>& io, const MultiMarginParams<acc_t>& p) {
+    using V = Vec<acc_t>;
+    constexpr int W = V::size();
+    const int64_t C = p.classes;
+    const V zero(acc_t(0));
+    alignas(64) acc_t target[W], c_row[W], lane[W];
+    // Per row: c = M - x_y, and w_y (0 for padding rows, whose loss and gradient are zero).
+    for (int r = 0; r < W; ++r) {
+      const int64_t y = io.y[r];
+      target[r] = acc_t(y);
+      c_row[r] = y >= 0 ? p.margin - io.x[r][y] : acc_t(0);
+      lane[r] = y >= 0 ? p.weight[y] : acc_t(0);
+    }
+    const V valid = V::loadu(target) >= zero;
+    const V w_over_c = V::loadu(lane) / V(acc_t(C));
+    for (int r = 0; r < W; ++r) lane[r] = acc_t(r);
+    const V first_columns = V::loadu(lane);
+    V part_h[W], part_d[W];
+    for (int r = 0; r < W; ++r) {
+      const acc_t* x = io.x[r];
+      const acc_t* next = io.next[r];
+      const V vc(c_row[r]), yr(target[r]);
+      V sh = zero, sd = zero, vj = first_columns;
+      for (int64_t j = 0; j < C; j += W, vj = vj + V(acc_t(W))) {
+        const int64_t n = std::min<int64_t>(W, C - j);
+        if (next) __builtin_prefetch(next + j, 0, 3);
+        V h, d;
+        hinge<P>(vc + V::loadu(x + j, n), h, d);
+        if (n < W) {  // the lanes past the row's end
+          h = V::set(zero, h, n);
+          d = V::set(zero, d, n);
+        }
+        sh = sh + select_eq(yr, vj, zero, h);  // the target's term left out
+        sd = sd + select_eq(yr, vj, zero, d);
+      }
+      if (next) __builtin_prefetch(next + C - 1, 0, 3);  // the last line, if the row straddles it
+      part_h[r] = sh;
+      part_d[r] = sd;
+    }
+    if constexpr (kGrad) {
+      const V coef = V(p.scale) * w_over_c;
+      alignas(64) acc_t coefs[W], g_y[W];
+      coef.store(coefs);
+      (zero - coef * sum_rows(part_d)).store(g_y);
+      for (int r = 0; r < W; ++r) {
+        const acc_t* x = io.x[r];
+        const int64_t y = io.y[r];
+        const V vc(c_row[r]), vcoef(coefs[r]);
+        store_map(io.g[r], 0, C, io.stream, [&](int64_t j, int64_t n) {
+          V h, d;
+          hinge<P>(vc + V::loadu(x + j, n), h, d);
+          const V out = vcoef * d;
+          return (j <= y && y < j + n) ? with_lane(out, y - j, g_y[r]) : out;
+        });
+      }
+    }
+    // Not w_over_c * sum_h alone: with an infinite margin a padding lane is 0 * inf.
+    return select(valid, w_over_c * sum_rows(part_h), zero);
   }
 
   template <int P, bool kGrad, typename acc_t>
@@ -177,10 +251,10 @@ struct MultiMarginSetup {
                    int64_t p, double margin, int64_t reduction, bool in_kernel = false)
       : weight(w, C) {
     plan.op = "multi_margin_loss";
-    if (in_kernel && use_lanes(C)) {
+    if (in_kernel && use_lanes<MultiMarginMath>(C)) {
       plan.rule = TargetRule{C, false, 0};
     } else {
-      checked_targets<acc_t>(plan.op, plan.index_error, target, C, false, 0, nullptr, lane_targets);
+      checked_targets<acc_t>(plan.op, plan.index_error, target, C, use_lanes<MultiMarginMath>(C), false, 0, nullptr, lane_targets);
       plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
     }
     denom = reduction == kMean ? double(target.numel()) : 1.0;

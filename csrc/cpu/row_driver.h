@@ -1,6 +1,7 @@
 // The loop shared by every fused CPU loss: split the rows into fixed blocks, run the
-// blocks in parallel, and inside a block hand each row (large C) or each group of
-// Vec::size() rows (small C) to the loss's math in the accumulation type.
+// blocks in parallel, and inside a block hand each row (large C), each group of
+// Vec::size() row-major rows (medium C) or each tile of Vec::size() rows transposed to
+// one row per lane (small C) to the loss's math in the accumulation type.
 //
 // A `Math` type supplies
 //   acc_t row<kGrad>(const RowIO<acc_t>& io, int64_t y, const Params& p)
@@ -13,13 +14,19 @@
 //       contributes nothing (ignored or padding: its loss and gradient are exact
 //       zeros); overwrites the tiles with the gradient when kGrad and writes the rows'
 //       losses to loss[u];
+//   static constexpr int64_t kGroupMinClasses (at most kLaneMaxClasses + 1), and
+//   void group<acc_t, kGrad>(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const Params& p,
+//                            Vec<acc_t>* log_arg)
+//       Vec::size() rows of at least Vec::size() classes each, row-major (GroupIO); the
+//       rows' losses to `loss`, one per lane, their gradients to io.g (log_arg: as for
+//       lanes());
 //   bool ignored(int64_t y, const Params& p);
 //   static constexpr bool kDeferredLog, and when it is true
 //   bool defers_log(const Params& p), acc_t log_weight(const Params& p)
 //       the loss of a row is log_weight * log(a) + (what lanes() returns) for a per-row
 //       argument a >= 1; with `log_arg` non-null, lanes() leaves the log out and writes a
 //       to log_arg[u] (1 for rows that contribute nothing).  Then the driver sums the
-//       logs of a block as the log of their product (see run_lane_block): one log per
+//       logs of a block as the log of their product (DeferredLogs): one log per
 //       lane and block instead of one per tile.  Only for summed losses ('mean'/'sum').
 //
 // Determinism: block boundaries depend only on (rows, C), each block sums its rows'
@@ -43,8 +50,8 @@ namespace linclass::cpu {
 
 // Rows with at most this many classes use the lane path: on rows this short the row
 // path's per-row horizontal reductions and scalar tail cost more than the lanes'
-// transposes; past it the row path wins on AVX2 or AVX-512 (measurements:
-// docs/benchmarks.md, "Class-count sweep").
+// transposes; past it the group path wins on AVX2 or AVX-512 (bench/results/cpu-sweep.md).
+// Each loss starts its group path at or below kLaneMaxClasses + 1 (Math::kGroupMinClasses).
 constexpr int64_t kLaneMaxClasses = 72;
 // Elements per block (and per parallel task at least): below this, threads cost more
 // than they save.
@@ -78,6 +85,20 @@ struct RowIO {
   bool stream;
 };
 
+// Vec<acc_t>::size() rows for Math::group: row r's scores x[r], its gradient g[r] and a
+// C-element scratch row work[r] that may alias x[r] or g[r] (as in RowIO), its target
+// y[r], -1 when the row contributes nothing (ignored, or padding past the block's end).
+template <typename acc_t>
+struct GroupIO {
+  static constexpr int kMaxRows = 16;
+  const acc_t* x[kMaxRows];
+  acc_t* work[kMaxRows];
+  acc_t* g[kMaxRows];
+  int64_t y[kMaxRows];
+  const acc_t* next[kMaxRows];  // the next group's rows, to prefetch (nullptr: none)
+  bool stream;
+};
+
 template <typename scalar_t>
 struct RowTask {
   const scalar_t* input = nullptr;
@@ -96,16 +117,33 @@ struct RowTask {
   double* partials = nullptr;       // one sum per block ('mean'/'sum'), else nullptr
 };
 
+// Rows of Math::kGroupMinClasses to kGroupMaxClasses classes take the group path: the
+// row path's passes, with the per-row work between them (horizontal reductions, logs,
+// divisions) done for Vec::size() rows at once.  On
+// rows this short that per-row work is most of the row path's time; past
+// kGroupMaxClasses it is not, and the group's scratch (Vec::size() rows) outgrows L1.
+constexpr int64_t kGroupMaxClasses = 512;
+
 inline int64_t block_rows(int64_t classes) {
   const int64_t w = Vec<float>::size();
-  if (classes <= kLaneMaxClasses) {
+  if (classes <= kGroupMaxClasses) {  // whole groups of lanes per block
     const int64_t r = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(classes, 1));
     return (r + w - 1) / w * w;
   }
   return std::max<int64_t>(1, kBlockElements / classes);
 }
 
-inline bool use_lanes(int64_t classes) { return classes <= kLaneMaxClasses; }
+// Which path a loss's rows take: groups from Math::kGroupMinClasses to
+// kGroupMaxClasses classes, lanes below, rows above.
+template <typename Math>
+inline bool use_groups(int64_t classes) {
+  return classes >= Math::kGroupMinClasses && classes <= kGroupMaxClasses;
+}
+template <typename Math>
+inline bool use_lanes(int64_t classes) {
+  static_assert(Math::kGroupMinClasses <= kLaneMaxClasses + 1);
+  return classes < Math::kGroupMinClasses;
+}
 
 inline int64_t num_blocks(int64_t rows, int64_t classes) {
   const int64_t b = block_rows(classes);
@@ -167,6 +205,63 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
   }
   if (stream) stream_fence();
   if (partial) *partial = sum;
+}
+
+// Deferred logs (float only; Math::kDeferredLog): per lane, the running product of the
+// rows' log arguments, kept in [1, 2) by moving its exponent into `exponent` after every
+// tile, so that sum_r log(a_r) = log(product) + exponent * ln 2 costs one log per lane
+// and block.  The product is exact to ~sqrt(tiles) ulp, as accurate as summing per-row
+// logs.
+template <typename acc_t>
+struct DeferredLogs {
+  using V = Vec<acc_t>;
+  V product = V(acc_t(1));
+  Vec<int32_t> exponent = Vec<int32_t>(0);
+  int64_t renorms = 0;
+
+  template <typename Math, typename Params>
+  static bool applies(const Params& p) {
+    if constexpr (Math::kDeferredLog && std::is_same_v<acc_t, float>) return Math::defers_log(p);
+    return false;
+  }
+  void add(const V* args, int n) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      for (int u = 0; u < n; ++u) {
+        const Vec<int32_t> bits = cpu::cast<int32_t>(product * args[u]);
+        exponent = exponent + (bits >> Vec<int32_t>(23));  // biased exponent (127 each)
+        product = cpu::cast<float>((bits & Vec<int32_t>(0x007FFFFF)) | Vec<int32_t>(0x3F800000));
+      }
+      renorms += n;
+    }
+  }
+  // Math::log_weight * the sum of the logs, over every lane.
+  template <typename Math, typename Params>
+  double total(const Params& p) const {
+    if constexpr (Math::kDeferredLog) return double(Math::log_weight(p)) * log_sum();
+    return 0;
+  }
+  double log_sum() const {
+    constexpr int64_t W = V::size();
+    alignas(64) acc_t prod[W];
+    alignas(64) int32_t exps[W];
+    product.store(prod);
+    exponent.store(exps);
+    double sum = 0;
+    for (int64_t l = 0; l < W; ++l)
+      sum += std::log(double(prod[l])) + double(exps[l] - 127 * renorms) * 0.69314718055994530942;
+    return sum;
+  }
+};
+
+// The lanes of a lane-wise running sum, added in lane order.
+template <typename acc_t>
+double lane_total(const Vec<acc_t>& sum) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  alignas(64) acc_t lanes[W];
+  sum.store(lanes);
+  double total = 0;
+  for (int64_t l = 0; l < W; ++l) total += double(lanes[l]);
+  return total;
 }
 
 // ---- the lane path ---------------------------------------------------------------
@@ -254,26 +349,9 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   alignas(64) acc_t tile[U * kLaneMaxClasses * W];
   alignas(64) acc_t tail[W];
   V sum(acc_t(0));  // lane-wise running loss; each lane adds its rows in order
-  // Deferred logs (float only): per lane, the running product of the rows' log
-  // arguments, kept in [1, 2) by moving its exponent into `log_exp` after every tile, so
-  // that sum_r log(a_r) = log(prod) + log_exp * ln 2 costs one log per lane and block.
-  // The product is exact to ~sqrt(tiles) ulp, as accurate as summing per-row logs.
-  constexpr bool kCanDefer = Math::kDeferredLog && std::is_same_v<acc_t, float>;
-  bool defer = false;
-  if constexpr (kCanDefer) defer = partial && !t.loss_rows && Math::defers_log(p);
-  V log_prod(acc_t(1)), log_arg[U];
-  Vec<int32_t> log_exp(0);
-  int64_t renorms = 0;
-  auto take_logs = [&](int n_tiles) {
-    if constexpr (kCanDefer) {
-      for (int u = 0; u < n_tiles; ++u) {
-        const Vec<int32_t> bits = cpu::cast<int32_t>(log_prod * log_arg[u]);
-        log_exp = log_exp + (bits >> Vec<int32_t>(23));  // biased exponent (127 each)
-        log_prod = cpu::cast<float>((bits & Vec<int32_t>(0x007FFFFF)) | Vec<int32_t>(0x3F800000));
-      }
-      renorms += n_tiles;
-    }
-  };
+  DeferredLogs<acc_t> logs;
+  const bool defer = partial && !t.loss_rows && DeferredLogs<acc_t>::template applies<Math>(p);
+  V log_arg[U];
   // Target counts in a local, stored once at the end: neighbouring blocks' tallies share
   // a cache line, and updating them per tile made the two threads fight over it.
   TargetTally counts;
@@ -321,7 +399,7 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
       V vy[U], loss[U];
       for (int u = 0; u < U; ++u) vy[u] = load(r + u * W, W, tile + u * C * W);
       Math::template lanes<acc_t, kGrad, U>(tile, vy, loss, p, defer ? log_arg : nullptr);
-      if (defer) take_logs(U);
+      if (defer) logs.add(log_arg, U);
       for (int u = 0; u < U; ++u) store(r + u * W, W, tile + u * C * W, loss[u]);
     }
   }
@@ -329,27 +407,96 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
     const int64_t n = std::min<int64_t>(W, r1 - r);
     V vy = load(r, n, tile), loss;
     Math::template lanes<acc_t, kGrad, 1>(tile, &vy, &loss, p, defer ? log_arg : nullptr);
-    if (defer) take_logs(1);
+    if (defer) logs.add(log_arg, 1);
     store(r, n, tile, loss);
   }
   if (tally) *tally = counts;
-  if (partial) {
-    sum.store(tail);
-    double total = 0;
-    for (int64_t l = 0; l < W; ++l) total += double(tail[l]);
-    if constexpr (kCanDefer) {
-      if (defer) {
-        alignas(64) int32_t exps[W];
-        log_prod.store(tail);
-        log_exp.store(exps);
-        double logs = 0;
-        for (int64_t l = 0; l < W; ++l)
-          logs += std::log(double(tail[l])) + double(exps[l] - 127 * renorms) * 0.69314718055994530942;
-        total += double(Math::log_weight(p)) * logs;
+  if (partial) *partial = lane_total(sum) + (defer ? logs.template total<Math>(p) : 0.0);
+}
+
+// ---- the group path --------------------------------------------------------------
+
+// Rows [r0, r1) in groups of W = Vec::size() rows (Math::group); a last partial group is
+// padded with rows that contribute nothing, so every row takes the same path.
+template <typename scalar_t, typename Math, bool kGrad, typename Params>
+void run_group_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
+                     int64_t ahead_end, double* partial) {
+  using acc_t = acc_type<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int W = V::size();
+  static_assert(W <= GroupIO<acc_t>::kMaxRows);
+  const int64_t C = t.in.classes;
+  // As in run_row_block: rows used in place, or converted into `buf` and written back.
+  constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
+  const bool direct = same_type && t.in.stride_c == 1 && (!kGrad || t.gout.stride_c == 1);
+  const bool stream = kGrad && direct && t.stream_grad;
+  std::vector<acc_t> buf(direct && !stream ? 0 : W * C);
+  std::vector<acc_t> padding;  // a row of zeros to read, one to write: 2 C
+  DeferredLogs<acc_t> logs;
+  const bool defer = partial && !t.loss_rows && DeferredLogs<acc_t>::template applies<Math>(p);
+  V sum(acc_t(0)), log_arg;
+  alignas(64) acc_t losses[W];
+  for (int64_t r = r0; r < r1; r += W) {
+    const int64_t n = std::min<int64_t>(W, r1 - r);
+    GroupIO<acc_t> io;
+    io.stream = stream;
+    for (int64_t l = 0; l < W; ++l) {
+      if (l >= n) {
+        if (padding.empty()) padding.assign(2 * C, acc_t(0));
+        io.x[l] = padding.data();
+        io.work[l] = io.g[l] = padding.data() + C;
+        io.y[l] = -1;
+        io.next[l] = nullptr;
+        continue;
+      }
+      const int64_t row = r + l, y = t.target[row];
+      io.y[l] = Math::ignored(y, p) ? -1 : y;
+      const scalar_t* x = t.input + t.in.offset(row);
+      if (direct) {
+        acc_t* g = kGrad ? reinterpret_cast<acc_t*>(t.grad + t.gout.offset(row)) : nullptr;
+        io.x[l] = reinterpret_cast<const acc_t*>(x);
+        io.g[l] = g;
+        io.work[l] = stream ? buf.data() + l * C : g;
+        // As in the row path, the next rows are fetched during this group's
+        // compute-bound pass (the hardware prefetchers stop at page boundaries).
+        io.next[l] = row + W < ahead_end
+                         ? reinterpret_cast<const acc_t*>(t.input + t.in.offset(row + W))
+                         : nullptr;
+      } else {
+        io.next[l] = nullptr;
+        acc_t* row_buf = buf.data() + l * C;
+        const int64_t sc = t.in.stride_c;
+        if (sc == 1 && !same_type)
+          cpu::convert(x, row_buf, C);
+        else
+          for (int64_t j = 0; j < C; ++j) row_buf[j] = acc_t(x[j * sc]);
+        io.x[l] = io.work[l] = io.g[l] = row_buf;
       }
     }
-    *partial = total;
+    V loss;
+    Math::template group<acc_t, kGrad>(io, loss, p, defer ? &log_arg : nullptr);
+    if (defer) logs.add(&log_arg, 1);
+    if constexpr (kGrad) {
+      if (!direct) {
+        const int64_t gc = t.gout.stride_c;
+        for (int64_t l = 0; l < n; ++l) {
+          scalar_t* g = t.grad + t.gout.offset(r + l);
+          const acc_t* row_buf = buf.data() + l * C;
+          if (gc == 1)
+            cpu::convert(row_buf, g, C);
+          else
+            for (int64_t j = 0; j < C; ++j) g[j * gc] = scalar_t(row_buf[j]);
+        }
+      }
+    }
+    if (t.loss_rows) {
+      loss.store(losses);
+      for (int64_t l = 0; l < n; ++l) t.loss_rows[r + l] = scalar_t(losses[l]);
+    }
+    sum = sum + loss;  // group by group, in row order; padding lanes add exact zeros
   }
+  if (stream) stream_fence();
+  if (partial) *partial = lane_total(sum) + (defer ? logs.template total<Math>(p) : 0.0);
 }
 
 // ---- entry -----------------------------------------------------------------------
@@ -360,18 +507,22 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   if (rows == 0) return;
   const int64_t per_block = block_rows(C);
   const int64_t blocks = (rows + per_block - 1) / per_block;
-  const bool lanes = use_lanes(C);
-  if (!lanes) {
-    // Row path: each thread takes one contiguous range of blocks, so that the row loop
-    // can prefetch the next row across block boundaries (a block is a single row when
-    // C >= 16384).  Each block already holds ~kBlockElements of work, so one block per
-    // task keeps tiny inputs on the calling thread.
+  if (!use_lanes<Math>(C)) {
+    // Group and row paths: each thread takes one contiguous range of blocks, so that
+    // the rows' next rows can be prefetched across block boundaries (a block is a single
+    // row when C >= 16384).  Each block already holds ~kBlockElements of work, so one
+    // block per task keeps tiny inputs on the calling thread.
+    const bool groups = use_groups<Math>(C);
     torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
         double* partial = t.partials ? t.partials + b : nullptr;
-        if (t.grad)
+        if (groups && t.grad)
+          run_group_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
+        else if (groups)
+          run_group_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);
+        else if (t.grad)
           run_row_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
         else
           run_row_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);

@@ -276,4 +276,64 @@ inline void store_map(T* dst, int64_t begin, int64_t end, bool stream, F&& f) {
   if (j < end) f(j, end - j).store(dst + j, end - j);
 }
 
+// The group path's horizontal reductions, W = Vec<T>::size() rows at once: lane r of
+// the result is hsum(v[r]) (sum_rows) or the max of v[r]'s lanes (max_rows).  A shuffle
+// tree takes ~3 W vector ops where W separate reductions take ~8 W with a long
+// dependency chain each.  sum_rows adds in hsum's order (lanes k + W/2, then k + W/4,
+// ...), so each lane is bitwise hsum(v[r]).  max_rows may drop a NaN (as fast_max does):
+// its callers let NaN scores reach the row through the exponentials instead.
+#if defined(CPU_CAPABILITY_AVX512)
+template <typename Op>
+inline Vec<float> reduce_rows(const Vec<float>* v, Op op) {
+  __m512 u[8], w[4], z[2];
+  for (int i = 0; i < 8; ++i)  // lanes k and k + 8: rows i (low half) and i + 8
+    u[i] = op(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)  // k and k + 4: quarters hold rows i, i + 8, i + 4, i + 12
+    w[i] = op(_mm512_shuffle_f32x4(u[i], u[i + 4], 0x88), _mm512_shuffle_f32x4(u[i], u[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)  // k and k + 2, inside each quarter
+    z[i] = op(_mm512_shuffle_ps(w[i], w[i + 2], 0x44), _mm512_shuffle_ps(w[i], w[i + 2], 0xEE));
+  const __m512 r = op(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
+  // r holds rows 0 2 1 3 | 8 10 9 11 | 4 6 5 7 | 12 14 13 15.
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), r);
+}
+inline Vec<float> sum_rows(const Vec<float>* v) {
+  return reduce_rows(v, [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); });
+}
+inline Vec<float> max_rows(const Vec<float>* v) {
+  return reduce_rows(v, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); });
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <typename Op>
+inline Vec<float> reduce_rows(const Vec<float>* v, Op op) {
+  __m256 u[4], w[2];
+  for (int i = 0; i < 4; ++i)  // lanes k and k + 4: halves hold rows i and i + 4
+    u[i] = op(_mm256_permute2f128_ps(v[i], v[i + 4], 0x20), _mm256_permute2f128_ps(v[i], v[i + 4], 0x31));
+  for (int i = 0; i < 2; ++i)  // k and k + 2, inside each half
+    w[i] = op(_mm256_shuffle_ps(u[i], u[i + 2], 0x44), _mm256_shuffle_ps(u[i], u[i + 2], 0xEE));
+  const __m256 r = op(_mm256_shuffle_ps(w[0], w[1], 0x88), _mm256_shuffle_ps(w[0], w[1], 0xDD));
+  return _mm256_permute_ps(r, 0xD8);  // rows 0 2 1 3 | 4 6 5 7 -> in order
+}
+inline Vec<float> sum_rows(const Vec<float>* v) {
+  return reduce_rows(v, [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); });
+}
+inline Vec<float> max_rows(const Vec<float>* v) {
+  return reduce_rows(v, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); });
+}
+#endif
+// Every other type and ISA: one reduction per row.
+template <typename T>
+inline Vec<T> sum_rows(const Vec<T>* v) {
+  constexpr int W = Vec<T>::size();
+  alignas(64) T out[W];
+  for (int r = 0; r < W; ++r) out[r] = hsum(v[r]);
+  return Vec<T>::loadu(out);
+}
+template <typename T>
+inline Vec<T> max_rows(const Vec<T>* v) {
+  constexpr int W = Vec<T>::size();
+  alignas(64) T out[W];
+  for (int r = 0; r < W; ++r) out[r] = hmax(v[r]);
+  return Vec<T>::loadu(out);
+}
+
 }  // namespace linclass::cpu
