@@ -147,6 +147,7 @@ struct CrossEntropyMath {
   // Below this the lane path is as fast or faster: a row of a few vectors wastes most
   // of its last one (bench/results/cpu-sweep.md).
   static constexpr int64_t kGroupMinClasses = 73;
+  static constexpr int64_t kGroupMaxClasses = 512;
   template <typename acc_t, bool kGrad>
   static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const CrossEntropyParams<acc_t>& p,
                     Vec<acc_t>* log_arg) {

@@ -96,6 +96,9 @@ struct MultiMarginMath {
   // Below this the lane path is as fast or faster: a row of a few vectors wastes most
   // of its last one (bench/results/cpu-sweep.md).
   static constexpr int64_t kGroupMinClasses = 40;
+  // Past this the row path is as fast or faster: the hinge's passes are light, so the
+  // group re-reading its rows from L2 instead of L1 costs more than it saves.
+  static constexpr int64_t kGroupMaxClasses = 200;
   template <typename acc_t, bool kGrad>
   static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const MultiMarginParams<acc_t>& p,
                     Vec<acc_t>* /*log_arg: always null*/) {

@@ -14,7 +14,8 @@
 //       contributes nothing (ignored or padding: its loss and gradient are exact
 //       zeros); overwrites the tiles with the gradient when kGrad and writes the rows'
 //       losses to loss[u];
-//   static constexpr int64_t kGroupMinClasses (at most kLaneMaxClasses + 1), and
+//   static constexpr int64_t kGroupMinClasses (at most kLaneMaxClasses + 1), kGroupMaxClasses
+//       (at most the driver's kGroupMaxClasses), and
 //   void group<acc_t, kGrad>(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const Params& p,
 //                            Vec<acc_t>* log_arg)
 //       Vec::size() rows of at least Vec::size() classes each, row-major (GroupIO); the
@@ -117,11 +118,11 @@ struct RowTask {
   double* partials = nullptr;       // one sum per block ('mean'/'sum'), else nullptr
 };
 
-// Rows of Math::kGroupMinClasses to kGroupMaxClasses classes take the group path: the
-// row path's passes, with the per-row work between them (horizontal reductions, logs,
-// divisions) done for Vec::size() rows at once.  On
-// rows this short that per-row work is most of the row path's time; past
-// kGroupMaxClasses it is not, and the group's scratch (Vec::size() rows) outgrows L1.
+// Rows of Math::kGroupMinClasses to Math::kGroupMaxClasses classes take the group path:
+// the row path's passes, with the per-row work between them (horizontal reductions,
+// logs, divisions) done for Vec::size() rows at once.  On rows this short that per-row
+// work is most of the row path's time; on longer ones it is not, and the group's
+// Vec::size() rows outgrow L1 between its passes.  No loss's groups go past this:
 constexpr int64_t kGroupMaxClasses = 512;
 
 inline int64_t block_rows(int64_t classes) {
@@ -134,10 +135,11 @@ inline int64_t block_rows(int64_t classes) {
 }
 
 // Which path a loss's rows take: groups from Math::kGroupMinClasses to
-// kGroupMaxClasses classes, lanes below, rows above.
+// Math::kGroupMaxClasses classes, lanes below, rows above.
 template <typename Math>
 inline bool use_groups(int64_t classes) {
-  return classes >= Math::kGroupMinClasses && classes <= kGroupMaxClasses;
+  static_assert(Math::kGroupMaxClasses <= kGroupMaxClasses);
+  return classes >= Math::kGroupMinClasses && classes <= Math::kGroupMaxClasses;
 }
 template <typename Math>
 inline bool use_lanes(int64_t classes) {
