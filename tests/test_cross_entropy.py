@@ -97,7 +97,8 @@ def test_ignored_rows_across_blocks_match_torch(kernel_backend, ignored, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5), (6, 1), (64, 3), (33, 17), (100, 32), (16, 33),
-                                   (37, 65), (50, 72), (21, 73),  # the lane path's last widths
+                                   (23, 39), (18, 40),  # C++ lanes' last width, groups' first
+                                   (37, 65), (50, 72), (21, 73),
                                    (40, 100), (17, 257), (31, 512), (19, 513),  # C++ group path
                                    (64, 1000), (8, 4097), (3, 50257)])
 def test_matches_torch_shapes(kernel_backend, dtype, shape):
@@ -425,7 +426,7 @@ def test_single_nc_buffer_per_step(kernel_backend):
 def test_gradients_of_8_mib_and_more_with_and_without_streaming(c):
     # Past 8 MiB the C++ group and row paths write the gradient with non-temporal stores
     # when the rows start on vector boundaries (c = 128) or are long (1100, 1105), else
-    # with ordinary stores (100); the lane path (33, 40) never streams: every variant
+    # with ordinary stores (40, 100); the lane path (33) never streams: every variant
     # must give torch's values.
     n = (9 << 20) // (4 * c)
     x = torch.randn(n, c)

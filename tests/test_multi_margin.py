@@ -37,8 +37,9 @@ def test_matches_naive_reference(kernel_backend, N, C, reduction):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5), (6, 1), (64, 3), (33, 17), (100, 32), (16, 33),
+                                   (23, 39), (18, 40),  # C++ lanes' last width, groups' first
                                    (37, 65), (50, 72), (21, 73), (40, 100), (17, 200),
-                                   (19, 201),  # C++ group path: 40 to 200 classes
+                                   (19, 201),  # the hinge's last group width, its first row one
                                    (64, 1000), (8, 4097), (3, 50257)])
 def test_matches_torch_shapes(kernel_backend, dtype, shape):
     x = torch.randn(shape, dtype=dtype)

@@ -144,9 +144,9 @@ struct CrossEntropyMath {
   // path's passes over each row, with the work per row between them (the reductions,
   // the log, the divisions, the target's entries) done once for all the rows, one row
   // per lane, by rows_tail as in the lane path.
-  // Below this the lane path is as fast or faster: a row of a few vectors wastes most
-  // of its last one (bench/results/cpu-sweep.md).
-  static constexpr int64_t kGroupMinClasses = 73;
+  // Below this the lane path is as fast or faster (bench/class_count_ab.py: the groups
+  // are 1.1-2x the lanes from 40 to 72 classes, and slower from 17 to 33).
+  static constexpr int64_t kGroupMinClasses = 40;
   static constexpr int64_t kGroupMaxClasses = 512;
   template <typename acc_t, bool kGrad>
   static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const CrossEntropyParams<acc_t>& p,

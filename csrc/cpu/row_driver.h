@@ -49,11 +49,11 @@
 
 namespace linclass::cpu {
 
-// Rows with at most this many classes use the lane path: on rows this short the row
-// path's per-row horizontal reductions and scalar tail cost more than the lanes'
-// transposes; past it the group path wins on AVX2 or AVX-512 (bench/results/cpu-sweep.md).
-// Each loss starts its group path at or below kLaneMaxClasses + 1 (Math::kGroupMinClasses).
-constexpr int64_t kLaneMaxClasses = 72;
+// The lane path's capacity: rows of up to this many classes fit its tiles.  Each loss
+// takes the lanes below its Math::kGroupMinClasses (at most kLaneMaxClasses + 1): on
+// rows this short a row-major pass wastes most of its last vector, while the lanes'
+// transposes cost the same per score at any C.
+constexpr int64_t kLaneMaxClasses = 39;
 // Elements per block (and per parallel task at least): below this, threads cost more
 // than they save.
 constexpr int64_t kBlockElements = 16384;
