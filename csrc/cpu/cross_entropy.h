@@ -148,6 +148,7 @@ struct CrossEntropyMath {
   // are 1.1-2x the lanes from 40 to 72 classes, and slower from 17 to 33).
   static constexpr int64_t kGroupMinClasses = 40;
   static constexpr int64_t kGroupMaxClasses = 512;
+  static constexpr bool kGroupsStream = true;  // streamed rows gain too (1.1x at 128)
   template <typename acc_t, bool kGrad>
   static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const CrossEntropyParams<acc_t>& p,
                     Vec<acc_t>* log_arg) {

@@ -15,7 +15,8 @@
 //       zeros); overwrites the tiles with the gradient when kGrad and writes the rows'
 //       losses to loss[u];
 //   static constexpr int64_t kGroupMinClasses (at most kLaneMaxClasses + 1), kGroupMaxClasses
-//       (at most the driver's kGroupMaxClasses), and
+//       (at most the driver's kGroupMaxClasses), static constexpr bool kGroupsStream
+//       (false: rows whose gradient streams take the row path instead), and
 //   void group<acc_t, kGrad>(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const Params& p,
 //                            Vec<acc_t>* log_arg)
 //       Vec::size() rows of at least Vec::size() classes each, row-major (GroupIO); the
@@ -514,7 +515,7 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
     // the rows' next rows can be prefetched across block boundaries (a block is a single
     // row when C >= 16384).  Each block already holds ~kBlockElements of work, so one
     // block per task keeps tiny inputs on the calling thread.
-    const bool groups = use_groups<Math>(C);
+    const bool groups = use_groups<Math>(C) && (Math::kGroupsStream || !t.stream_grad);
     torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
       for (int64_t b = b0; b < b1; ++b) {
