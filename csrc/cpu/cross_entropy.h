@@ -147,6 +147,8 @@ struct CrossEntropyMath {
   // Below this the lane path is as fast or faster (bench/class_count_ab.py: the groups
   // are 1.1-2x the lanes from 40 to 72 classes, and slower from 17 to 33).
   static constexpr int64_t kGroupMinClasses = 40;
+  // group_s reads each row's last full vector at C - W (the max pass): C >= W always.
+  static_assert(kGroupMinClasses >= GroupIO<float>::kMaxRows);
   static constexpr int64_t kGroupMaxClasses = 512;
   static constexpr bool kGroupsStream = true;  // streamed rows gain too (1.1x at 128)
   template <typename acc_t, bool kGrad>
