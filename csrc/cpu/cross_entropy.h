@@ -346,7 +346,6 @@ struct CrossEntropyMath {
         const V e = vexp(d);
         if constexpr (kGrad) {
           s_excl[u] = s_excl[u] + select_eq(vy[u], vj, zero, e);
-          e_y[u] = select_eq(vy[u], vj, e, e_y[u]);
           e.store(at(u, j));
         } else {
           // The loss needs only s (held here in s_excl, with e_y = 0): no target masks,
@@ -356,6 +355,10 @@ struct CrossEntropyMath {
         if constexpr (kSmooth) sum_wd[u] = cpu::fmadd(V(p.weight[j]), d, sum_wd[u]);
       }
     }
+    // The target's e_y, computed again from x_y (the same value the pass above made)
+    // rather than picked out of every class's e with a mask.
+    if constexpr (kGrad)
+      for (int u = 0; u < U; ++u) e_y[u] = select(valid[u], vexp(x_y[u] - m[u]), zero);
     RowsTail<acc_t> tail[U];
     bool clean = true;
     for (int u = 0; u < U; ++u) {
