@@ -96,7 +96,7 @@ struct MultiMarginMath {
   // once for all the rows, one row per lane.  The sums add in the row path's order, so
   // a row's loss is bitwise the row path's.
   // Below this the lane path is as fast or faster (bench/class_count_ab.py: the groups
-  // are 1.3-1.7x the lanes from 40 to 127 classes; at 31-33 the two are close in the
+  // are 1.3-2.1x the lanes from 40 to 127 classes; at 31-33 the two are close in the
   // benchmark's setting but the lanes are ahead on inputs already in cache).
   static constexpr int64_t kGroupMinClasses = 40;
   // Past this the row path is as fast or faster: the hinge's passes are light, so the

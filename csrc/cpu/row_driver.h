@@ -128,7 +128,7 @@ constexpr int64_t kGroupMaxClasses = 512;
 
 inline int64_t block_rows(int64_t classes) {
   const int64_t w = Vec<float>::size();
-  if (classes <= kGroupMaxClasses) {  // whole groups of lanes per block
+  if (classes <= kGroupMaxClasses) {  // whole tiles or groups (Vec::size() rows) per block
     const int64_t r = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(classes, 1));
     return (r + w - 1) / w * w;
   }
