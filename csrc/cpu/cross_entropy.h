@@ -144,13 +144,14 @@ struct CrossEntropyMath {
   // path's passes over each row, with the work per row between them (the reductions,
   // the log, the divisions, the target's entries) done once for all the rows, one row
   // per lane, by rows_tail as in the lane path.
-  // Below this the lane path is as fast or faster (bench/class_count_ab.py: the groups
-  // are 1.1-2x the lanes from 40 to 72 classes, and slower from 17 to 33).
+  // Below this the lane path is as fast or faster: a row of two or three vectors wastes
+  // most of its last one (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMinClasses = 40;
   // group_s reads each row's last full vector at C - W (the max pass): C >= W always.
   static_assert(kGroupMinClasses >= GroupIO<float>::kMaxRows);
+  // Past this the row path is as fast: the per-row work is a small share of a long row.
   static constexpr int64_t kGroupMaxClasses = 512;
-  static constexpr bool kGroupsStream = true;  // streamed rows gain too (1.1x at 128)
+  static constexpr bool kGroupsStream = true;  // streamed rows gain in groups too
   template <typename acc_t, bool kGrad>
   static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const CrossEntropyParams<acc_t>& p,
                     Vec<acc_t>* log_arg) {

@@ -31,7 +31,7 @@ struct MultiMarginParams {
 // Hinge term and its derivative for margin violations z: h = max(0, z)^p, d = dh/dz.
 // Like torch, a term counts only where z > 0 (so a NaN term is dropped, not propagated).
 // Always inlined: with a third caller (the group path) the baseline (SSE2) build stopped
-// inlining it, and its row path passed every vector through memory (15-30% slower).
+// inlining it, and its row path then passed every vector through memory.
 template <int P, typename V>
 __attribute__((always_inline)) inline void hinge(const V& z, V& h, V& d) {
   using T = typename V::value_type;
@@ -95,17 +95,15 @@ struct MultiMarginMath {
   // (the sums, then the gradient), with the per-row reductions and coefficients done
   // once for all the rows, one row per lane.  The sums add in the row path's order, so
   // a row's loss is bitwise the row path's.
-  // Below this the lane path is as fast or faster (bench/class_count_ab.py: the groups
-  // are 1.3-2.1x the lanes from 40 to 127 classes; at 31-33 the two are close in the
-  // benchmark's setting but the lanes are ahead on inputs already in cache).
+  // Below this the lane path is as fast or faster: a row of two or three vectors wastes
+  // most of its last one (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMinClasses = 40;
   // Past this the row path is as fast or faster: the hinge's passes are light, so the
   // group re-reading its rows from L2 instead of L1 costs more than it saves.
   static constexpr int64_t kGroupMaxClasses = 200;
   // A streamed gradient (large, rows on line boundaries) goes out faster row by row: the
-  // group's burst of 16 rows of non-temporal stores after its light first pass was 10%
-  // slower than the row path's stores interleaved with the next row's reads (128 and
-  // 160 classes, bench/class_count_ab.py), while unstreamed rows gain 1.1-1.4x.
+  // row path interleaves its non-temporal stores with the next row's reads, where the
+  // group issues 16 rows of them in a burst after its light first pass.
   static constexpr bool kGroupsStream = false;
   template <typename acc_t, bool kGrad>
   static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const MultiMarginParams<acc_t>& p,
