@@ -201,30 +201,25 @@ struct CrossEntropyMath {
       for (int r = 0; r < W; ++r) lane[r] = io.y[r] >= 0 ? p.weight[io.y[r]] : acc_t(0);
       w_y = V::loadu(lane);
     }
-    for (int r = 0; r < W; ++r) lane[r] = acc_t(r);
-    const V first_columns = V::loadu(lane);
+    const V first = first_columns<acc_t>();
     // e_j = exp(x_j - m) to work, and s' (forward-only: s) with sum_j w_j d_j.
     for (int r = 0; r < W; ++r) {
       const acc_t* x = io.x[r];
       acc_t* e_out = io.work[r];
-      const acc_t* next = io.next[r];
       const V vm(row_max[r]), yr(target[r]);
-      V s = zero, wd = zero, vj = first_columns;
-      for (int64_t j = 0; j < C; j += W, vj = vj + V(acc_t(W))) {
-        const int64_t n = std::min<int64_t>(W, C - j);
-        if (next) __builtin_prefetch(next + j, 0, 3);
+      V s = zero, wd = zero;
+      row_chunks(C, io.next[r], first, [&](int64_t j, int64_t n, const V& columns) {
         const V d = V::loadu(x + j, n) - vm;
         V e = vexp(d);
         if (n < W) e = V::set(zero, e, n);
         if constexpr (kGrad) {
           e.store(e_out + j, n);
-          s = s + select_eq(yr, vj, zero, e);
+          s = s + select_eq(yr, columns, zero, e);
         } else {
           s = s + e;
         }
         if constexpr (kSmooth) wd = cpu::fmadd(V::loadu(p.weight + j, n), d, wd);
-      }
-      if (next) __builtin_prefetch(next + C - 1, 0, 3);  // the last line, if the row straddles it
+      });
       part[r] = s;
       part_wd[r] = wd;
     }

@@ -157,29 +157,23 @@ struct MultiMarginMath {
       c_row[r] = y >= 0 ? p.margin - io.x[r][y] : acc_t(0);
       lane[r] = y >= 0 ? p.weight[y] : acc_t(0);
     }
-    const V valid = V::loadu(target) >= zero;
     const V w_over_c = V::loadu(lane) / V(acc_t(C));
-    for (int r = 0; r < W; ++r) lane[r] = acc_t(r);
-    const V first_columns = V::loadu(lane);
+    const V first = first_columns<acc_t>();
     V part_h[W], part_d[W];
     for (int r = 0; r < W; ++r) {
       const acc_t* x = io.x[r];
-      const acc_t* next = io.next[r];
       const V vc(c_row[r]), yr(target[r]);
-      V sh = zero, sd = zero, vj = first_columns;
-      for (int64_t j = 0; j < C; j += W, vj = vj + V(acc_t(W))) {
-        const int64_t n = std::min<int64_t>(W, C - j);
-        if (next) __builtin_prefetch(next + j, 0, 3);
+      V sh = zero, sd = zero;
+      row_chunks(C, io.next[r], first, [&](int64_t j, int64_t n, const V& columns) {
         V h, d;
         hinge<P>(vc + V::loadu(x + j, n), h, d);
         if (n < W) {  // the lanes past the row's end
           h = V::set(zero, h, n);
           d = V::set(zero, d, n);
         }
-        sh = sh + select_eq(yr, vj, zero, h);  // the target's term left out
-        sd = sd + select_eq(yr, vj, zero, d);
-      }
-      if (next) __builtin_prefetch(next + C - 1, 0, 3);  // the last line, if the row straddles it
+        sh = sh + select_eq(yr, columns, zero, h);  // the target's term left out
+        sd = sd + select_eq(yr, columns, zero, d);
+      });
       part_h[r] = sh;
       part_d[r] = sd;
     }
@@ -200,8 +194,8 @@ struct MultiMarginMath {
         });
       }
     }
-    // Not w_over_c * sum_h alone: with an infinite margin a padding lane is 0 * inf.
-    return select(valid, w_over_c * sum_rows(part_h), zero);
+    // Padding rows (x = 0, c = 0, w_y = 0) sum no terms: their loss is an exact 0.
+    return w_over_c * sum_rows(part_h);
   }
 
   template <int P, bool kGrad, typename acc_t>

@@ -101,6 +101,30 @@ struct GroupIO {
   bool stream;
 };
 
+// Lane k holds k: the column of each lane in a row's first vector.
+template <typename acc_t>
+inline Vec<acc_t> first_columns() {
+  alignas(64) acc_t ids[Vec<acc_t>::size()];
+  for (int k = 0; k < Vec<acc_t>::size(); ++k) ids[k] = acc_t(k);
+  return Vec<acc_t>::loadu(ids);
+}
+
+// A group's pass over one row of C classes in vectors: f(j, n, columns) for the columns
+// [j, j + n) (n < Vec::size() only at the row's end; `columns` holds their indices),
+// prefetching `next` (the next group's row, or nullptr) at the same offsets.
+template <typename acc_t, typename F>
+__attribute__((always_inline)) inline void row_chunks(int64_t C, const acc_t* next,
+                                                      const Vec<acc_t>& first, F&& f) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::size();
+  V columns = first;
+  for (int64_t j = 0; j < C; j += W, columns = columns + V(acc_t(W))) {
+    if (next) __builtin_prefetch(next + j, 0, 3);
+    f(j, std::min<int64_t>(W, C - j), columns);
+  }
+  if (next) __builtin_prefetch(next + C - 1, 0, 3);  // the last line, if the row straddles it
+}
+
 template <typename scalar_t>
 struct RowTask {
   const scalar_t* input = nullptr;

@@ -321,19 +321,20 @@ inline Vec<float> max_rows(const Vec<float>* v) {
 }
 #endif
 // Every other type and ISA: one reduction per row.
-template <typename T>
-inline Vec<T> sum_rows(const Vec<T>* v) {
+template <typename T, typename F>
+inline Vec<T> each_row(const Vec<T>* v, F reduce) {
   constexpr int W = Vec<T>::size();
   alignas(64) T out[W];
-  for (int r = 0; r < W; ++r) out[r] = hsum(v[r]);
+  for (int r = 0; r < W; ++r) out[r] = reduce(v[r]);
   return Vec<T>::loadu(out);
 }
 template <typename T>
+inline Vec<T> sum_rows(const Vec<T>* v) {
+  return each_row(v, [](const Vec<T>& row) { return hsum(row); });
+}
+template <typename T>
 inline Vec<T> max_rows(const Vec<T>* v) {
-  constexpr int W = Vec<T>::size();
-  alignas(64) T out[W];
-  for (int r = 0; r < W; ++r) out[r] = hmax(v[r]);
-  return Vec<T>::loadu(out);
+  return each_row(v, [](const Vec<T>& row) { return hmax(row); });
 }
 
 }  // namespace linclass::cpu
