@@ -7,6 +7,7 @@
 #include "cpu/simd.h"
 #include "cpu/vec_util.h"
 
+#include <cfloat>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -127,11 +128,44 @@ int main() {
     std::memcpy(&x, &bits, sizeof x);
     check(x);
   }
+  // The float exp of the softmax kernels (vec_util.h), over its domain d <= 0: within
+  // 2 ulp where exp(d) is a normal float, below FLT_MIN where it is not, 0 at -inf and
+  // far below, NaN for NaN.
+  constexpr int WF = Vec<float>::size();
+  double worst_fexp = 0;
+  auto check_float = [&](float d) {
+    alignas(64) float in[WF], e[WF];
+    for (int i = 0; i < WF; ++i) in[i] = d;
+    vexp_nonpos(Vec<float>::loadu(in)).store(e);
+    const double want = std::exp(double(d));
+    if (std::isnan(d)) {
+      if (!std::isnan(e[0])) fail("float exp of NaN", d, e[0], want);
+    } else if (want >= double(FLT_MIN)) {
+      const double a = float(want), u = double(std::nextafter(float(a), INFINITY)) - a;
+      const double err = std::fabs(double(e[0]) - want) / u;
+      worst_fexp = std::max(worst_fexp, err);
+      if (err > 2.0) fail("float exp", d, e[0], want);
+    } else if (!(e[0] >= 0.0f && e[0] < FLT_MIN)) {
+      fail("float exp below FLT_MIN", d, e[0], want);
+    }
+  };
+  std::uniform_real_distribution<float> float_domain(-104.0f, 0.0f);
+  for (int i = 0; i < 300000; ++i) check_float(float_domain(rng));
+  for (float d : {0.0f, -0.0f, -1e-30f, -0.34657359f, -0.6931472f, -87.33654f, -87.4f, -88.0f,
+                  -88.7f, -103.97f, -1e30f, -INFINITY, float(NAN)})
+    check_float(d);
+  {
+    alignas(64) float in[WF], e[WF];
+    for (int i = 0; i < WF; ++i) in[i] = -INFINITY;
+    vexp_nonpos(Vec<float>::loadu(in)).store(e);
+    if (e[0] != 0.0f) fail("float exp(-inf)", -INFINITY, e[0], 0.0);
+  }
   const double inf = INFINITY;
   for (double x : {0.0, -0.0, 1.0, -1.0, inf, -inf, double(NAN), 4.9406564584124654e-324,
                    2.2250738585072014e-308, 1.7976931348623157e308, -745.13321910194111, -745.2,
                    -708.39641853226408, -708.4, 709.782712893384, 709.79, 1e-300, -1e-300})
     check(x);
+  std::printf("float exp worst %.3f ulp\n", worst_fexp);
   std::printf("simd ok %d %.3f %.3f\n", W, worst_exp, worst_log);
   return failures ? 1 : 0;
 }

@@ -111,6 +111,19 @@ def test_matches_torch_shapes(kernel_backend, dtype, shape):
 
 
 
+@pytest.mark.parametrize("C", [10, 50, 1000])  # the C++ lane, group and row paths
+def test_masked_scores_get_exactly_zero_probability(kernel_backend, C):
+    """A score of -inf (a masked class) has probability exactly 0, as in torch: its
+    gradient entry is 0, not the exponential's smallest subnormal."""
+    x = torch.randn(20, C) * 3
+    x[:, 1::3] = float("-inf")
+    t = 3 * (torch.arange(20) % (C // 3))  # targets on unmasked columns
+    loss, grad = run(linclass.cross_entropy, x, t)
+    assert torch.equal(grad[:, 1::3], torch.zeros_like(grad[:, 1::3]))
+    assert loss.isfinite()
+    compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, label_smoothing=0.0)
+
+
 def test_unweighted_class_counts_growing_within_a_process(kernel_backend):
     """Without class weights the C++ kernels read a shared row of ones that grows with
     the largest C seen; label smoothing reads all of it, and the last class's target its

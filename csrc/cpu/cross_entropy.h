@@ -210,13 +210,12 @@ struct CrossEntropyMath {
       V s = zero, wd = zero;
       row_chunks(C, io.next[r], first, [&](int64_t j, int64_t n, const V& columns) {
         const V d = V::loadu(x + j, n) - vm;
-        V e = vexp(d);
-        if (n < W) e = V::set(zero, e, n);
+        const V e = vexp(d);
         if constexpr (kGrad) {
           e.store(e_out + j, n);
-          s = s + select_eq(yr, columns, zero, e);
+          s = add_except_target(s, e, n, columns, yr);
         } else {
-          s = s + e;
+          s = s + (n < W ? V::set(zero, e, n) : e);
         }
         if constexpr (kSmooth) wd = cpu::fmadd(V::loadu(p.weight + j, n), d, wd);
       });

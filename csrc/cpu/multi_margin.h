@@ -167,12 +167,8 @@ struct MultiMarginMath {
       row_chunks(C, io.next[r], first, [&](int64_t j, int64_t n, const V& columns) {
         V h, d;
         hinge<P>(vc + V::loadu(x + j, n), h, d);
-        if (n < W) {  // the lanes past the row's end
-          h = V::set(zero, h, n);
-          d = V::set(zero, d, n);
-        }
-        sh = sh + select_eq(yr, columns, zero, h);  // the target's term left out
-        sd = sd + select_eq(yr, columns, zero, d);
+        sh = add_except_target(sh, h, n, columns, yr);  // the target's term left out
+        sd = add_except_target(sd, d, n, columns, yr);
       });
       part_h[r] = sh;
       part_d[r] = sd;

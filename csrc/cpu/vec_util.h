@@ -18,13 +18,18 @@ namespace linclass::cpu {
 // exp(d) for d <= 0 (softmax's shifted scores), float: Cody-Waite range reduction and
 // a degree-4 polynomial q in exp(r) = 1 + r + r^2 q(r), |r| <= ln2 / 2 (minimax for the
 // relative error, 3e-9 before rounding, so about 1 ulp in all: Cephes' degree-5 q is no
-// more accurate once evaluated in float), 15 vector ops.  d is clamped at -88, where
-// 2^n underflows to exactly 0, so exp(-inf) = 0 with no extra select; a NaN stays NaN
-// (the clamp keeps it, and so does the polynomial).  Larger d are outside its domain.
+// more accurate once evaluated in float), 15 vector ops (13 on AVX-512).  d is clamped
+// where the result is exactly 0 (-88, where 2^n underflows; on AVX-512, whose scaling
+// underflows gradually, -105, below the smallest subnormal), so exp(-inf) = 0 with no
+// extra select; a NaN stays NaN (the clamp keeps it, and so does the polynomial).
+// Larger d are outside its domain.
 inline Vec<float> vexp_nonpos(const Vec<float>& d) {
   using VF = Vec<float>;
-  using VI = Vec<int32_t>;
-  const VF x = clamp_min(d, VF(-88.0f));  // NaN-preserving
+#if defined(CPU_CAPABILITY_AVX512)
+  const VF x = clamp_min(d, VF(-105.0f));  // NaN-preserving
+#else
+  const VF x = clamp_min(d, VF(-88.0f));
+#endif
   const VF magic(12582912.0f);                       // 1.5 * 2^23: t rounds x log2(e) to an integer
   const VF t = fmadd(x, VF(1.44269504088896341f), magic);
   const VF n = t - magic;
@@ -36,16 +41,21 @@ inline Vec<float> vexp_nonpos(const Vec<float>& d) {
   p = fmadd(p, r, VF(1.666652113199234e-1f));
   p = fmadd(p, r, VF(4.999999403953552e-1f));
   const VF y = fmadd(p, r * r, r + VF(1.0f));
-  // 2^n from the integer sitting in t's mantissa; n >= -127, and n = -127 gives 0.0.
-  const VI biased = cast<int32_t>(t) + VI(127 - 0x4B400000);
 #if defined(CPU_CAPABILITY_AVX512)
-  const VI pow2n = _mm512_slli_epi32(biased, 23);  // an immediate shift: no count vector
-#elif defined(CPU_CAPABILITY_AVX2)
-  const VI pow2n = _mm256_slli_epi32(biased, 23);
+  // y 2^n in one instruction where building 2^n takes three; the softmax kernels are
+  // compute-bound on 2 threads here, and their exp is most of it.
+  return _mm512_scalef_ps(y, n);
+#else
+  // 2^n from the integer sitting in t's mantissa; n >= -127, and n = -127 gives 0.0.
+  using VI = Vec<int32_t>;
+  const VI biased = cast<int32_t>(t) + VI(127 - 0x4B400000);
+#if defined(CPU_CAPABILITY_AVX2)
+  const VI pow2n = _mm256_slli_epi32(biased, 23);  // an immediate shift: no count vector
 #else
   const VI pow2n = biased << VI(23);
 #endif
   return y * cast<float>(pow2n);
+#endif
 }
 
 // exp in the kernels goes through these (arguments are always <= 0 or NaN), so the accuracy/speed trade is made in one place.
@@ -145,6 +155,30 @@ LINCLASS_SELECT_CMP(select_eq, _CMP_EQ_OQ, a == b)
 LINCLASS_SELECT_CMP(select_ne, _CMP_NEQ_UQ, a != b)
 LINCLASS_SELECT_CMP(select_gt, _CMP_GT_OQ, a > b)
 #undef LINCLASS_SELECT_CMP
+
+// s + v over v's first n lanes except the one whose column (in `columns`) is the
+// target's (`target_lanes`, broadcast): a row's sum that leaves out its target's term.
+// On AVX-512 the comparison's mask register is the add's write mask: two instructions
+// per vector instead of a compare, a blend and an add (and no zeroing of the lanes past
+// a row's end).  Fewer instructions per vector also keep more of a streamed row's
+// loads in flight.
+template <typename T>
+inline Vec<T> add_except_target(const Vec<T>& s, const Vec<T>& v, int64_t n,
+                                const Vec<T>& columns, const Vec<T>& target_lanes) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    __mmask16 keep = _mm512_cmp_ps_mask(columns, target_lanes, _CMP_NEQ_UQ);
+    if (n < Vec<T>::size()) keep &= Vec<T>::first(n);
+    return _mm512_mask_add_ps(s, keep, s, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    __mmask8 keep = _mm512_cmp_pd_mask(columns, target_lanes, _CMP_NEQ_UQ);
+    if (n < Vec<T>::size()) keep &= Vec<T>::first(n);
+    return _mm512_mask_add_pd(s, keep, s, v);
+  }
+#endif
+  const Vec<T> in_row = n < Vec<T>::size() ? Vec<T>::set(Vec<T>(T(0)), v, n) : v;
+  return s + select_eq(target_lanes, columns, Vec<T>(T(0)), in_row);
+}
 
 // max(a, b) in one instruction.  A NaN in b may be dropped: the kernels do not need
 // the max to carry NaN, because vexp carries it from the scores themselves into the
