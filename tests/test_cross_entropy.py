@@ -124,6 +124,29 @@ def test_masked_scores_get_exactly_zero_probability(kernel_backend, C):
     compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, label_smoothing=0.0)
 
 
+@pytest.mark.parametrize("C", [41, 65, 72, 100, 264])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": "rand"}])
+def test_group_rows_last_columns(kernel_backend, C, options):
+    """The C++ group path takes a row's last C % W columns (when at most half a vector)
+    for all the group's rows at once, one row per lane: targets in those columns, an
+    ignored row, scores of +inf and NaN there, and a last group of padding rows."""
+    x = torch.randn(37, C) * 3
+    t = C - 1 - torch.arange(37) % 9  # most targets in the last columns
+    t[5] = -100
+    x[7, C - 1], x[8, C - 2] = float("inf"), float("nan")
+    if options.get("weight") == "rand":
+        options = {"weight": torch.rand(C) + 0.1}
+    for reduction in ["none", "mean", "sum"]:
+        g = torch.rand(37) if reduction == "none" else None
+        compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, reduction=reduction,
+                           grad_output=g, **options)
+        keep = torch.ones(37, dtype=torch.bool)
+        keep[7:9] = False  # and the finite rows alone, without NaN in a mean
+        compare_with_torch(linclass.cross_entropy, F.cross_entropy, x[keep], t[keep],
+                           reduction=reduction, grad_output=None if g is None else g[keep],
+                           **options)
+
+
 def test_unweighted_class_counts_growing_within_a_process(kernel_backend):
     """Without class weights the C++ kernels read a shared row of ones that grows with
     the largest C seen; label smoothing reads all of it, and the last class's target its

@@ -202,13 +202,19 @@ struct CrossEntropyMath {
       w_y = V::loadu(lane);
     }
     const V first = first_columns<acc_t>();
+    // A row's last C % W columns, when they are at most half a vector, are taken for all
+    // W rows at once, one row per lane as in the lane path: as the end of each row they
+    // would cost a whole vector per row through both passes (C = 65: five vectors for 65
+    // scores).  Longer tails gain nothing (bench/results/class-count-ab.md).
+    constexpr int kMaxTail = W / 2;
+    const int64_t tail = C % W <= kMaxTail ? C % W : 0, body = C - tail;
     // e_j = exp(x_j - m) to work, and s' (forward-only: s) with sum_j w_j d_j.
     for (int r = 0; r < W; ++r) {
       const acc_t* x = io.x[r];
       acc_t* e_out = io.work[r];
       const V vm(row_max[r]), yr(target[r]);
       V s = zero, wd = zero;
-      row_chunks(C, io.next[r], first, [&](int64_t j, int64_t n, const V& columns) {
+      row_chunks(body, io.next[r], first, [&](int64_t j, int64_t n, const V& columns) {
         const V d = V::loadu(x + j, n) - vm;
         const V e = vexp(d);
         if constexpr (kGrad) {
@@ -219,11 +225,24 @@ struct CrossEntropyMath {
         }
         if constexpr (kSmooth) wd = cpu::fmadd(V::loadu(p.weight + j, n), d, wd);
       });
+      if (tail && io.next[r]) __builtin_prefetch(io.next[r] + C - 1, 0, 3);  // body's end: not there
       part[r] = s;
       part_wd[r] = wd;
     }
-    const V s_excl = sum_rows(part);
-    const V sum_wd = kSmooth ? sum_rows(part_wd) : zero;
+    V s_excl = sum_rows(part);
+    V sum_wd = kSmooth ? sum_rows(part_wd) : zero;
+    // The tail's e, a column per vector and a row per lane (padding rows read zeros),
+    // kept in registers for the gradient pass: `work` (which may alias x) holds the body.
+    V tail_e[kMaxTail > 0 ? kMaxTail : 1];
+    for (int64_t k = 0; k < tail; ++k) {
+      const int64_t j = body + k;
+      for (int r = 0; r < W; ++r) lane[r] = io.x[r][j];
+      const V d = V::loadu(lane) - m;
+      const V e = vexp(d);
+      s_excl = s_excl + (kGrad ? select_eq(vy, V(acc_t(j)), zero, e) : e);
+      if constexpr (kSmooth) sum_wd = cpu::fmadd(V(p.weight[j]), d, sum_wd);
+      tail_e[k] = e;
+    }
     const V e_y = kGrad ? select(valid, vexp(x_y - m), zero) : zero;
     const RowsTail<acc_t> t = rows_tail<acc_t, kGrad, kDefer>(valid, m, x_y, w_y, s_excl, e_y, sum_wd, p);
     loss = t.loss;
@@ -244,11 +263,19 @@ struct CrossEntropyMath {
         const acc_t* e = io.work[r];
         const int64_t y = io.y[r];
         const V va(a[r]), vb(b[r]);
-        store_map(g, 0, C, io.stream, [&](int64_t j, int64_t n) {
+        store_map(g, 0, body, io.stream, [&](int64_t j, int64_t n) {
           V out = va * V::loadu(e + j, n);
           if constexpr (kSmooth) out = out - vb * V::loadu(p.weight + j, n);
           return (j <= y && y < j + n) ? with_lane(out, y - j, gy[r]) : out;
         });
+      }
+      for (int64_t k = 0; k < tail; ++k) {
+        const int64_t j = body + k;
+        V out = t.a * tail_e[k];
+        if constexpr (kSmooth) out = out - t.b * V(p.weight[j]);
+        select_eq(vy, V(acc_t(j)), t.gy, out).store(lane);
+        for (int r = 0; r < W; ++r)
+          if (!(constant >> r & 1)) io.g[r][j] = lane[r];
       }
     }
   }
