@@ -225,7 +225,8 @@ struct CrossEntropyMath {
         }
         if constexpr (kSmooth) wd = cpu::fmadd(V::loadu(p.weight + j, n), d, wd);
       });
-      if (tail && io.next[r]) __builtin_prefetch(io.next[r] + C - 1, 0, 3);  // body's end: not there
+      // row_chunks fetched the next group's row up to the body's end; its tail's line too.
+      if (tail && io.next[r]) __builtin_prefetch(io.next[r] + C - 1, 0, 3);
       part[r] = s;
       part_wd[r] = wd;
     }
