@@ -48,14 +48,27 @@ def _fake_linear_loss(input, weight, bias, target, *args):
 # ---- autograd, shared by the C++ and the Triton ops ----------------------------------
 
 
-def _save_fused_loss(ctx, inputs, output):
-    # One attribute, not four: each costs a Python-level setattr on every call.
-    ctx.options = (inputs[-2], inputs[-1], inputs[0].dim(), len(inputs))  # reduction,
-    ctx.save_for_backward(output[1])                        # compute_grad, dim, n_inputs
+_FUSED_LOSS_INPUTS = 7  # input, target, three loss options, reduction, compute_grad
+_NO_OPTION_GRADS = (None,) * (_FUSED_LOSS_INPUTS - 1)
+
+
+def _fused_loss_forward(run):
+    """The eager Function's forward: the loss; the gradient saved, never returned, so
+    autograd has no second output to track.  Nothing else is saved: backward reads the
+    reduction from grad_loss's shape (a scalar loss unless 'none' over rows)."""
+    def forward(ctx, *args):
+        loss, grad = run(*args)
+        ctx.save_for_backward(grad)
+        return loss
+
+    return forward
 
 
 def _setup_fused_loss(ctx, inputs, output):
-    _save_fused_loss(ctx, inputs, output)
+    # register_autograd's (traced calls: torch.compile, opcheck), where the op itself
+    # decides compute_grad.
+    ctx.compute_grad = inputs[-1]
+    ctx.save_for_backward(output[1])
     # The saved-gradient output takes no gradient: without these, autograd would build
     # an N x C tensor of zeros for it on every backward.
     ctx.mark_non_differentiable(output[1])
@@ -130,25 +143,26 @@ def _check_first_order():
             "linclass.backends.use('torch') for higher-order gradients.")
 
 
-_NONE = REDUCTIONS["none"]
-
-
 def _backward_fused_loss(ctx, grad_loss, *_):
-    reduction, compute_grad, input_dim, n_inputs = ctx.options
+    """The saved gradient (made for grad_output = 1) times grad_loss: one scale for a
+    scalar loss, one per row for reduction='none' over rows."""
+    _check_first_order()
+    (grad,) = ctx.saved_tensors
+    if grad_loss.dim():
+        return (grad * (grad_loss.unsqueeze(1) if grad.dim() >= 2 else grad_loss),) + _NO_OPTION_GRADS
+    (grad,) = _rescale([grad], grad_loss)
+    return (grad,) + _NO_OPTION_GRADS
+
+
+def _backward_traced_fused_loss(ctx, grad_loss, *_):
     if grad_loss is None:
-        return (None,) * n_inputs
-    if not compute_grad:
+        return (None,) * _FUSED_LOSS_INPUTS
+    if not ctx.compute_grad:
         raise RuntimeError(
             "linclass: this fused loss ran with compute_grad=False, so it saved no gradient; "
             "call it through linclass.cross_entropy / linclass.multi_margin_loss, which set "
             "compute_grad when the input requires grad")
-    _check_first_order()
-    (grad,) = ctx.saved_tensors
-    if reduction == _NONE and grad_loss.numel() != 1:  # one scale per row
-        grad_input = grad * (grad_loss.unsqueeze(1) if input_dim >= 2 else grad_loss)
-    else:
-        (grad_input,) = _rescale([grad], grad_loss)
-    return (grad_input,) + (None,) * (n_inputs - 1)
+    return _backward_fused_loss(ctx, grad_loss)
 
 
 def _save_linear_loss(ctx, inputs, output):
@@ -156,6 +170,17 @@ def _save_linear_loss(ctx, inputs, output):
     # grad_input is empty too).
     ctx.options = (tuple(inputs[-1]), len(inputs))
     ctx.save_for_backward(*output[1:])
+
+
+def _linear_loss_forward(run):
+    """The eager Function's forward: the loss; the gradients saved (see
+    _fused_loss_forward)."""
+    def forward(ctx, *args):
+        out = run(*args)
+        _save_linear_loss(ctx, args, out)
+        return out[0]
+
+    return forward
 
 
 def _setup_linear_loss(ctx, inputs, output):
@@ -226,16 +251,19 @@ class _Family(NamedTuple):
     """What the ops of one signature family share: fake kernel, autograd, and whether a
     call's arguments ask for a gradient."""
     fake: Callable
-    save: Callable  # saves what backward needs on ctx (the eager Function's setup)
+    eager_forward: Callable  # run -> the eager Function's forward
+    backward: Callable  # the eager Function's
     setup_context: Callable  # register_autograd's: save, and the outputs' gradient flags
-    backward: Callable
+    traced_backward: Callable  # register_autograd's
     needs_autograd: Callable
 
 
-FUSED_LOSS = _Family(_fake_fused_loss, _save_fused_loss, _setup_fused_loss,
-                     _backward_fused_loss, lambda args: args[-1])  # compute_grad
-LINEAR_LOSS = _Family(_fake_linear_loss, _save_linear_loss, _setup_linear_loss,
-                      _backward_linear_loss, lambda args: any(args[-1]))  # output_mask
+FUSED_LOSS = _Family(_fake_fused_loss, _fused_loss_forward, _backward_fused_loss,
+                     _setup_fused_loss, _backward_traced_fused_loss,
+                     lambda args: args[-1])  # compute_grad
+LINEAR_LOSS = _Family(_fake_linear_loss, _linear_loss_forward, _backward_linear_loss,
+                      _setup_linear_loss, _backward_linear_loss,
+                      lambda args: any(args[-1]))  # output_mask
 
 
 def _eager_call(name, op, run, family: _Family):
@@ -247,19 +275,14 @@ def _eager_call(name, op, run, family: _Family):
     loss: the gradients the kernel wrote are saved, never returned, so autograd has no
     second output to track (bench/results/stable-abi-overhead.md).  It is named after
     the op: its graph node is Linclass<Op>Backward."""
-    save, needs_autograd = family.save, family.needs_autograd
-
-    def forward(ctx, *args):
-        out = run(*args)
-        save(ctx, args, out)
-        return out[0]
-
+    needs_autograd = family.needs_autograd
     eager = type("Linclass" + "".join(part.title() for part in name.split("_")),
                  (torch.autograd.Function,),
-                 {"forward": staticmethod(forward), "backward": staticmethod(family.backward)})
+                 {"forward": staticmethod(family.eager_forward(run)),
+                  "backward": staticmethod(family.backward)})
 
     def call(*args):
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return op(*args)[0]
         if _forward_ad._current_level >= 0:
             _refuse_dual_tensors(args)
@@ -278,13 +301,26 @@ def _register(name, launcher, family: _Family):
     that runs it (_eager_call)."""
     op = torch.library.custom_op(f"linclass::{name}", mutates_args=())(launcher)
     op.register_fake(family.fake)
-    op.register_autograd(family.backward, setup_context=family.setup_context)
+    op.register_autograd(family.traced_backward, setup_context=family.setup_context)
     return _eager_call(name, op, launcher, family)
 
 
-# What a plain CPU tensor dispatches on, and the key of the C++ CPU kernels.
-_PLAIN_CPU_KEYS = torch._C._dispatch_keys(torch.empty(0))
+# The key of the C++ CPU kernels.
 _CPU_KERNEL_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def is_plain_cpu(x: Tensor) -> bool:
+    """Whether an op on x would reach the CPU kernel through only the autograd keys: a
+    dense CPU tensor with no Python dispatch (subclass or mode), functorch wrapper,
+    nested, negated-view or zero-tensor key.  Tested attribute by attribute, which costs
+    a fraction of building x's DispatchKeySet (tests/test_ops_dispatch.py compares the
+    two)."""
+    return (type(x) in _PLAIN_TYPES and x.is_cpu and x.layout is torch.strided
+            and not x.is_nested and not x.is_neg() and not x._is_zerotensor()
+            and not _dispatch_modes() and not _functorch_active())
 
 
 def _register_cpp(name, family: _Family):
@@ -292,20 +328,19 @@ def _register_cpp(name, family: _Family):
     callable that runs it."""
     op = getattr(torch.ops.linclass, name).default
     torch.library.register_fake(f"linclass::{name}")(family.fake)
-    torch.library.register_autograd(f"linclass::{name}", family.backward,
+    torch.library.register_autograd(f"linclass::{name}", family.traced_backward,
                                     setup_context=family.setup_context)
 
     redispatch = op._handle.redispatch_boxed  # op.redispatch without its Python frame
-    dispatch_keys, dispatch_modes = torch._C._dispatch_keys, torch._C._len_torch_dispatch_stack
 
     def run(*args):
-        # Eager calls on plain CPU tensors with no dispatch mode active go straight to
-        # the kernel, past the Python kernel that register_autograd puts on the Autograd
-        # key for torch.compile and opcheck, whose cost per call exceeds a small loss's
-        # kernel (bench/results/stable-abi-overhead.md).  Autograd is _eager_call's
-        # Function.  Anything else (a subclass, fake or functorch-wrapped input, a mode,
-        # CUDA) takes the full dispatch.
-        if dispatch_keys(args[0]) == _PLAIN_CPU_KEYS and not dispatch_modes():
+        # Eager calls on plain CPU tensors go straight to the kernel, past the Python
+        # kernel that register_autograd puts on the Autograd key for torch.compile and
+        # opcheck, whose cost per call exceeds a small loss's kernel
+        # (bench/results/stable-abi-overhead.md).  Autograd is _eager_call's Function.
+        # Anything else (a subclass, fake or functorch-wrapped input, a mode, CUDA)
+        # takes the full dispatch.
+        if is_plain_cpu(args[0]):
             return redispatch(_CPU_KERNEL_KEYS, *args)
         return op(*args)
 

@@ -146,13 +146,22 @@ def gpu_auto(nbytes: int | None = None) -> str:
 
 def resolve_for(tensor: torch.Tensor, nbytes: int | None = None) -> str:
     """The backend that runs an op on `tensor`, which reads `nbytes` (default: the
-    tensor's own bytes; the automatic GPU choice goes by it).  Builds no device object in
-    the common case (a CPU tensor, nothing forced): the losses call this on every step."""
-    if tensor.is_cpu and not _forced and _ENV is None:
-        return _CPU_AUTO
-    if tensor.is_cuda and current() is None:
+    tensor's own bytes; the automatic GPU choice goes by it).  Builds no device object for
+    a CPU tensor: the losses call this on every step."""
+    if tensor.is_cpu:
+        name = _forced[-1] if _forced else _ENV
+        if name is None:
+            return _CPU_AUTO
+        if name in _RUNS_ON_CPU:
+            return name
+    elif tensor.is_cuda and current() is None:
         return gpu_auto(tensor.numel() * tensor.element_size() if nbytes is None else nbytes)
     return resolve(tensor.device)
+
+
+# The backends that can run on CPU tensors here: a forced one of these needs no further
+# check per call.
+_RUNS_ON_CPU = frozenset(name for name in NAMES if runs_on(name, "cpu"))
 
 
 def resolve(device: torch.device) -> str:

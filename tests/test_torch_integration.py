@@ -163,3 +163,86 @@ def test_the_loss_node_feeds_the_input_directly(kernel_backend):
             loss = fn(x, t, reduction=reduction)
             nodes = [type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None]
             assert nodes == ["AccumulateGrad"], (fn.__name__, reduction, nodes)
+
+
+def _kinds_of_cpu_tensors():
+    """(name, tensor, whether an op on it reaches the CPU kernel through only the
+    autograd keys)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    x = torch.randn(5, 4)
+    with torch.inference_mode():
+        inference = torch.randn(5, 4)
+    yield "plain", x, True
+    yield "requires_grad", torch.randn(5, 4, requires_grad=True), True
+    yield "transposed", torch.randn(4, 5).t(), True
+    yield "inference", inference, True
+    yield "parameter", torch.nn.Parameter(torch.randn(5, 4)), True
+    yield "negated view", torch._neg_view(x), False
+    yield "zero tensor", torch._efficientzerotensor((5, 4)), False
+    yield "nested", torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(3, 4)]), False
+    yield "sparse", x.to_sparse(), False
+    yield "meta", torch.randn(5, 4, device="meta"), False
+    yield "subclass with __torch_dispatch__", TwoTensor(x, x.clone()), False
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.skipif(not linclass.backends.runs_on("cpp", "cpu"), reason="C++ CPU kernels not built")
+def test_plain_cpu_test_agrees_with_the_dispatch_keys():
+    """The cheap test that lets an eager call skip the dispatcher says yes exactly for the
+    tensors whose dispatch keys are the plain CPU ones (and no mode or functorch
+    transform is active)."""
+    from linclass import _ops
+
+    plain_keys = {"CPU", "ADInplaceOrView", "AutogradCPU", "AutocastCPU"}
+    for name, x, expected in _kinds_of_cpu_tensors():
+        keys = set(str(torch._C._dispatch_keys(x))[len("DispatchKeySet("):-1].split(", "))
+        assert (keys <= plain_keys and "CPU" in keys) == expected, (name, keys)
+        assert _ops.is_plain_cpu(x) == expected, name
+    x = torch.randn(5, 4)
+    with torch.utils._python_dispatch.TorchDispatchMode():
+        assert not _ops.is_plain_cpu(x)
+    torch.vmap(lambda row: _check_not_plain(row))(x)
+    torch.func.grad(lambda v: _check_not_plain(v).sum())(x)
+
+
+def _check_not_plain(x):
+    from linclass import _ops
+
+    assert not _ops.is_plain_cpu(x)
+    return x
+
+
+@pytest.mark.skipif(not linclass.backends.runs_on("cpp", "cpu"), reason="C++ CPU kernels not built")
+def test_eager_calls_on_special_tensors_take_the_full_dispatch():
+    """A negated view and a dispatch mode must not be skipped by the eager fast path: the
+    first would hand the kernel un-negated memory, the second would not see the op."""
+    x, t = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    for fn, ref in ((linclass.cross_entropy, F.cross_entropy),
+                    (linclass.multi_margin_loss, F.multi_margin_loss)):
+        with linclass.backends.use("cpp"):
+            assert_close(fn(torch._neg_view(x), t), ref(-x, t), torch.float32)
+
+    seen = []
+
+    class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder(), linclass.backends.use("cpp"):
+        linclass.cross_entropy(x, t)
+    assert "linclass.cross_entropy.default" in seen, seen
+
+
+@pytest.mark.skipif(not linclass.backends.runs_on("cpp", "cpu"), reason="C++ CPU kernels not built")
+def test_op_called_without_its_gradient_refuses_backward():
+    """torch.ops.linclass.cross_entropy with compute_grad=False saves no gradient: a
+    backward through it must say so, not hand back an empty tensor."""
+    x, t = torch.randn(3, 4, requires_grad=True), torch.randint(0, 4, (3,))
+    loss, _ = torch.ops.linclass.cross_entropy(x, t, None, -100, 0.0, 1, False)
+    with pytest.raises(RuntimeError, match="compute_grad=False"):
+        loss.backward()
+    loss, _ = torch.ops.linclass.cross_entropy(x, t, None, -100, 0.0, 1, True)
+    loss.backward()
+    assert_close(x.grad, torch.autograd.grad(F.cross_entropy(x, t), x)[0], torch.float32)
