@@ -304,6 +304,51 @@ def test_confident_rows_keep_true_class_gradient(kernel_backend):
     assert rel < 1e-5
 
 
+def _evaluation_edge_rows(C, dtype):
+    """Rows that stress a provisional softmax shift taken from a row's first columns."""
+    x = torch.randn(10, C, dtype=dtype) * 2
+    t = torch.randint(0, C, (10,))
+    x[1, :64] = -80.0  # the first columns far below the row's max (> 30 below)
+    x[1, C - 3] = 40.0
+    x[2, :64] = float("-inf")  # the first columns masked
+    x[3, :64] = -20.0  # 20-30 below the max: kept, then rescaled by exp(m0 - m)
+    x[3, C // 2] = 12.0
+    x[4, t[4]] = 29.0  # a confident row: loss ~ C e^-29
+    x[5, 7] = float("inf")
+    x[6, 9] = float("nan")
+    x[7] = float("-inf")
+    x[8, t[8]] = float("-inf")  # the target masked: infinite loss
+    x[9] *= 1e4  # large scores
+    return x, t
+
+
+@pytest.mark.parametrize("C", [600, 4099])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weight", [False, True])
+def test_evaluation_rows_match_training_and_float64(kernel_backend, C, dtype, weight):
+    """A forward without gradient (the C++ row path then finds the row's max in its exp
+    pass, from a provisional shift) gives the losses of a forward with gradient and of
+    float64, on rows whose first columns are far below the max, masked, or whose scores
+    are confident, infinite or NaN."""
+    x, t = _evaluation_edge_rows(C, dtype)
+    kwargs = {"reduction": "none"}
+    if weight:
+        kwargs["weight"] = torch.rand(C, dtype=dtype) + 0.1
+    with torch.no_grad():
+        evaluation = linclass.cross_entropy(x, t, **kwargs)
+    training = linclass.cross_entropy(leaf(x), t, **kwargs).detach()
+    expected = F.cross_entropy(x.double(), t, **{k: v.double() if torch.is_tensor(v) else v
+                                                  for k, v in kwargs.items()})
+    for got in (evaluation, training):
+        assert torch.equal(got.isnan(), expected.isnan()), (got, expected)
+        assert torch.equal(got.isinf(), expected.isinf()), (got, expected)
+        finite = expected.isfinite()
+        torch.testing.assert_close(got[finite].double(), expected[finite], rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                   atol=1e-6 if dtype == torch.float32 else 1e-13)
+    torch.testing.assert_close(evaluation, training, rtol=4e-7 if dtype == torch.float32 else 1e-15,
+                               atol=2e-7 if dtype == torch.float32 else 1e-15, equal_nan=True)
+
+
 @pytest.mark.parametrize("C", [5, 100])
 def test_stability_extreme_scores(kernel_backend, C):
     x = torch.randn(6, C) * 1e4

@@ -223,19 +223,24 @@ struct Same {  // keeps T deduced from x alone (nullptr args then convert)
 // out of the one pass (rather than summing the two ranges around it) keeps the sum's
 // relative precision when that column dominates, with one tail per row, not two.
 // `next` (optional) is prefetched at the same offsets: the next row, so that fetching it
-// from memory overlaps this compute-bound pass.
-template <bool kWeighted = false, typename T>
-inline T exp_sum(const T* x, typename Same<T>::type* out, int64_t begin, int64_t end,
-                 typename Same<T>::type m, const typename Same<T>::type* w = nullptr,
-                 typename Same<T>::type* wd = nullptr,
-                 const typename Same<T>::type* next = nullptr, int64_t skip = -1) {
+// from memory overlaps this compute-bound pass.  With `row_max`, the pass also finds
+// max_j x[j] over [begin, end) (as max_of does), so that a caller whose m is only
+// provisional needs no separate max pass.
+template <bool kWeighted, bool kMax, typename T>
+inline T exp_sum_impl(const T* x, T* out, int64_t begin, int64_t end, T m, const T* w, T* wd,
+                      const T* next, int64_t skip, T* row_max) {
   constexpr int64_t W = Vec<T>::size();
-  const Vec<T> vm(m), zero(T(0));
-  Vec<T> s0 = zero, s1 = zero, a0 = zero, a1 = zero;
+  const Vec<T> vm(m), zero(T(0)), lowest(-std::numeric_limits<T>::infinity());
+  Vec<T> s0 = zero, s1 = zero, a0 = zero, a1 = zero, m0 = lowest, m1 = lowest;
   int64_t j = begin;
   for (; j + 2 * W <= end; j += 2 * W) {
     if (next) prefetch_pair(next + j, W);
-    const Vec<T> d0 = Vec<T>::loadu(x + j) - vm, d1 = Vec<T>::loadu(x + j + W) - vm;
+    const Vec<T> x0 = Vec<T>::loadu(x + j), x1 = Vec<T>::loadu(x + j + W);
+    if constexpr (kMax) {
+      m0 = fast_max(m0, x0);
+      m1 = fast_max(m1, x1);
+    }
+    const Vec<T> d0 = x0 - vm, d1 = x1 - vm;
     Vec<T> e0 = vexp(d0), e1 = vexp(d1);
     if (out) {
       e0.store(out + j);
@@ -256,7 +261,9 @@ inline T exp_sum(const T* x, typename Same<T>::type* out, int64_t begin, int64_t
   }
   for (; j < end; j += W) {
     const int64_t n = std::min<int64_t>(W, end - j);
-    const Vec<T> d = Vec<T>::loadu(x + j, n) - vm;
+    const Vec<T> xj = Vec<T>::loadu(x + j, n);
+    if constexpr (kMax) m1 = fast_max(m1, Vec<T>::set(lowest, xj, n));
+    const Vec<T> d = xj - vm;
     Vec<T> e = Vec<T>::set(zero, vexp(d), n);
     if (out) e.store(out + j, n);
     if (skip >= j && skip < j + n) e = with_lane(e, skip - j, T(0));
@@ -264,7 +271,18 @@ inline T exp_sum(const T* x, typename Same<T>::type* out, int64_t begin, int64_t
     if constexpr (kWeighted) a0 = fmadd(Vec<T>::loadu(w + j, n), d, a0);  // w zero-filled
   }
   if constexpr (kWeighted) *wd += hsum(a0 + a1);
+  if constexpr (kMax) *row_max = hmax(fast_max(m0, m1));
   return hsum(s0 + s1);
+}
+
+template <bool kWeighted = false, typename T>
+inline T exp_sum(const T* x, typename Same<T>::type* out, int64_t begin, int64_t end,
+                 typename Same<T>::type m, const typename Same<T>::type* w = nullptr,
+                 typename Same<T>::type* wd = nullptr,
+                 const typename Same<T>::type* next = nullptr, int64_t skip = -1,
+                 typename Same<T>::type* row_max = nullptr) {
+  return row_max ? exp_sum_impl<kWeighted, true>(x, out, begin, end, m, w, wd, next, skip, row_max)
+                 : exp_sum_impl<kWeighted, false>(x, out, begin, end, m, w, wd, next, skip, row_max);
 }
 
 // Non-temporal store of a full vector to an address aligned to sizeof(Vec<T>): the
