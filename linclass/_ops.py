@@ -95,7 +95,10 @@ def _rescale(saved: list, grad_loss: Tensor) -> list:
     result is a new tensor.  Eager CUDA scales in place with kernels/scale.py, which
     skips the work on the device when grad_loss is 1 and never synchronizes with the
     host; on the CPU reading grad_loss is free.  Traced (torch.compile): the in-place op
-    linclass::scale_saved_grad_ below.  Subclass tensors: an ordinary multiply."""
+    linclass::scale_saved_grad_ below, where torch marks AOTAutograd's backward tracing
+    as compiling (2.14 does, 2.11 does not: there the traced backward multiplies, as
+    eager subclass tensors do; opcheck's AOT test rejects the in-place op under 2.11's
+    functionalization).  Subclass tensors: an ordinary multiply."""
     if _is_compiling():
         for s in saved:
             torch.ops.linclass.scale_saved_grad_(s, grad_loss)
