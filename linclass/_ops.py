@@ -96,8 +96,8 @@ def _rescale(saved: list, grad_loss: Tensor) -> list:
     skips the work on the device when grad_loss is 1 and never synchronizes with the
     host; on the CPU reading grad_loss is free.  Traced (torch.compile): the in-place op
     linclass::scale_saved_grad_ below, where torch marks AOTAutograd's backward tracing
-    as compiling (2.14 does, 2.11 does not: there the traced backward multiplies, as
-    eager subclass tensors do; opcheck's AOT test rejects the in-place op under 2.11's
+    as compiling (2.13 and 2.14 do; under 2.11 the traced backward multiplies, as eager
+    subclass tensors do, and opcheck's AOT test rejects the in-place op under its
     functionalization).  Subclass tensors: an ordinary multiply."""
     if _is_compiling():
         for s in saved:
