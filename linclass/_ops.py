@@ -152,8 +152,9 @@ def _backward_fused_loss(ctx, grad_loss, *_):
     _check_first_order()
     (grad,) = ctx.saved_tensors
     if grad_loss.dim():
-        return (grad * (grad_loss.unsqueeze(1) if grad.dim() >= 2 else grad_loss),) + _NO_OPTION_GRADS
-    (grad,) = _rescale([grad], grad_loss)
+        grad = grad * (grad_loss.unsqueeze(1) if grad.dim() >= 2 else grad_loss)
+    else:
+        (grad,) = _rescale([grad], grad_loss)
     return (grad,) + _NO_OPTION_GRADS
 
 
@@ -319,8 +320,8 @@ def is_plain_cpu(x: Tensor) -> bool:
     """Whether an op on x would reach the CPU kernel through only the autograd keys: a
     dense CPU tensor with no Python dispatch (subclass or mode), functorch wrapper,
     nested, negated-view or zero-tensor key.  Tested attribute by attribute, which costs
-    a fraction of building x's DispatchKeySet (tests/test_ops_dispatch.py compares the
-    two)."""
+    a fraction of building x's DispatchKeySet (tests/test_torch_integration.py compares
+    the two)."""
     return (type(x) in _PLAIN_TYPES and x.is_cpu and x.layout is torch.strided
             and not x.is_nested and not x.is_neg() and not x._is_zerotensor()
             and not _dispatch_modes() and not _functorch_active())
