@@ -147,10 +147,10 @@ struct CrossEntropyMath {
   // relative to a provisional shift m0 (the row's first vector's max) in the pass that
   // also finds the row's max m, and the sum is brought to the shift m by exp(m0 - m) once
   // per row; the target's term is taken at m, so a confident row's loss keeps the
-  // two-pass precision.  One read of the row instead of two: 12-13% less time from
-  // memory at C = 32000 and 128256, where a row outgrows L1, 2-3% up to 2000
-  // (bench/results/class-count-ab.md).  With a gradient the same fold was no faster (the
-  // pass is then bound by memory, not by the exps) and slower at C = 4096.
+  // two-pass precision.  One read of the row instead of two, which matters most once a
+  // row outgrows L1 and its second read comes from L2.  Not used with a gradient: that
+  // pass is bound by memory, not by the exps, and the fold did not pay there
+  // (bench/results/class-count-ab.md has both measurements).
   // A shift more than this below the max is redone at the max: exp(m0 - m) stays a
   // normal number and every term stays far from overflow.
   static constexpr double kMaxShortfall = 30;
