@@ -235,8 +235,7 @@ void run_loss(const Tensor& input, const RowGeometry& geom, const Tensor& target
   if (compute_grad) {
     task.grad = grad.mutable_data_ptr<scalar_t>();
     task.gout = *row_geometry(grad);
-    task.stream_grad = stream_gradient(int64_t(nbytes(grad)),
-                                       geom.classes * int64_t(sizeof(scalar_t)));
+    task.stream_grad = stream_gradient(int64_t(nbytes(grad)));
   }
   task.target = target.const_data_ptr<int64_t>();
   task.lane_targets = plan.lane_targets;

@@ -16,7 +16,7 @@
 //       losses to loss[u];
 //   static constexpr int64_t kGroupMinClasses (at most kLaneMaxClasses + 1), kGroupMaxClasses
 //       (at most the driver's kGroupMaxClasses), static constexpr bool kGroupsStream
-//       (false: rows whose gradient streams take the row path instead), and
+//       (false: rows whose gradient streams in place take the row path instead), and
 //   void group<acc_t, kGrad>(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const Params& p,
 //                            Vec<acc_t>* log_arg)
 //       Vec::size() rows of at least Vec::size() classes each, row-major (GroupIO); the
@@ -60,17 +60,20 @@ constexpr int64_t kLaneMaxClasses = 39;
 constexpr int64_t kBlockElements = 16384;
 // Gradients at least kStreamBytes large are written with non-temporal stores: they
 // cannot stay in the caches anyway, and streaming saves reading every line before
-// writing it.  But only when each row starts on a vector boundary, so that every store
+// writing it (RowTask::stream_grad).
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+inline bool stream_gradient(int64_t grad_bytes) { return grad_bytes >= kStreamBytes; }
+// A row streams where it lies when it starts on a vector boundary, so that every store
 // is a whole aligned vector: otherwise each row's first and last vectors are ordinary
 // stores into lines that its neighbours stream into, and at short rows the mix cost
 // 2-5x (C = 33 to 500, float32; bench/results/cpu-sweep.md).  Rows of
-// kStreamMinRowBytes or more have few such lines and keep streaming.
-constexpr int64_t kStreamBytes = int64_t(8) << 20;
+// kStreamMinRowBytes or more have few such lines and stream where they lie too.  The
+// lane path streams any row length: it stages each tile's W rows in a cache-resident
+// buffer and streams their contiguous span, whole aligned lines.
 constexpr int64_t kStreamMinRowBytes = 4096;
-inline bool stream_gradient(int64_t grad_bytes, int64_t row_bytes) {
+inline bool streams_in_place(int64_t row_bytes) {
   constexpr int64_t vec_bytes = int64_t(Vec<float>::size() * sizeof(float));
-  return grad_bytes >= kStreamBytes &&
-         (row_bytes % vec_bytes == 0 || row_bytes >= kStreamMinRowBytes);
+  return row_bytes % vec_bytes == 0 || row_bytes >= kStreamMinRowBytes;
 }
 // The lane path prefetches this many tiles ahead.
 constexpr int64_t kPrefetchTiles = 8;
@@ -138,7 +141,7 @@ struct RowTask {
   const acc_type<scalar_t>* lane_targets = nullptr;
   const TargetRule* rule = nullptr;
   TargetTally* tallies = nullptr;
-  bool stream_grad = false;         // write the gradient around the caches
+  bool stream_grad = false;         // write the gradient around the caches (stream_gradient)
   scalar_t* loss_rows = nullptr;    // per-row losses ('none'), else nullptr
   double* partials = nullptr;       // one sum per block ('mean'/'sum'), else nullptr
 };
@@ -177,6 +180,12 @@ inline int64_t num_blocks(int64_t rows, int64_t classes) {
   return (rows + b - 1) / b;
 }
 
+// Whether rows r, r + 1, ... of `g` follow each other in memory (a staged span of rows
+// can go out as one contiguous copy).
+inline bool contiguous_rows(const RowGeometry& g) {
+  return g.inner == 1 && g.stride_c == 1 && g.stride_n == g.classes;
+}
+
 // ---- the row path ----------------------------------------------------------------
 
 // Rows [r0, r1); rows up to `ahead_end` belong to this thread too and may be prefetched.
@@ -190,7 +199,7 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
   const bool direct = same_type && t.in.stride_c == 1 && (!kGrad || t.gout.stride_c == 1);
   // A streamed gradient needs a cache-resident scratch row for the exponentials.
-  const bool stream = kGrad && direct && t.stream_grad;
+  const bool stream = kGrad && direct && t.stream_grad && streams_in_place(C * int64_t(sizeof(acc_t)));
   std::vector<acc_t> buf(direct && !stream ? 0 : C);
   // The hardware prefetchers stop at 4 KiB page boundaries, so the first pass over a
   // row would wait on memory; instead the math prefetches the next row during its
@@ -387,6 +396,13 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   const bool prefetch = t.in.inner == 1 && t.in.stride_c == 1 && t.in.stride_n == C &&
                         (!kGrad || (t.gout.inner == 1 && t.gout.stride_n == t.gout.classes));
   const int64_t tile_bytes = W * C * int64_t(sizeof(scalar_t));
+  // A streamed gradient: each tile's rows are unpacked into `stage` (in cache) and their
+  // contiguous span, whole lines, goes out with non-temporal stores.
+  constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
+  const bool staged = kGrad && same_type && t.stream_grad && contiguous_rows(t.gout);
+  alignas(64) scalar_t stage[kGrad && same_type ? kLaneMaxClasses * W : 1];
+  RowGeometry stage_rows = t.gout;
+  stage_rows.stride_n = C;
   // Rows [r, r + n) into tile `dst`: their targets (returned), prefetches, the packing.
   auto load = [&](int64_t r, int64_t n, acc_t* dst) {
     V vy;
@@ -399,11 +415,12 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
       vy = V::loadu(tail);
     }
     if (prefetch && r + (kPrefetchTiles + 1) * W <= r1) {  // within this block
-      // Rows further ahead, and the gradient lines they will be written to.
+      // Rows further ahead, and the gradient lines they will be written to (unless the
+      // gradient is streamed).
       const char* in = reinterpret_cast<const char*>(t.input + t.in.offset(r + kPrefetchTiles * W));
       for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(in + off, 0, 3);
       if (tally) __builtin_prefetch(t.target + r + kPrefetchTiles * W, 0, 3);  // W int64: one line
-      if constexpr (kGrad) {
+      if (kGrad && !staged) {
         const char* g = reinterpret_cast<const char*>(t.grad + t.gout.offset(r + kPrefetchTiles * W));
         for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(g + off, 1, 3);
       }
@@ -413,7 +430,16 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   };
   // The gradient and losses of rows [r, r + n) from tile `src`.
   auto store = [&](int64_t r, int64_t n, const acc_t* src, const V& loss) {
-    if constexpr (kGrad) unpack_tile(src, t.gout, r, n, t.grad);
+    if constexpr (kGrad && same_type) {
+      if (staged) {
+        unpack_tile(src, stage_rows, 0, n, stage);
+        stream_copy(t.grad + t.gout.offset(r), stage, n * C);
+      } else {
+        unpack_tile(src, t.gout, r, n, t.grad);
+      }
+    } else if constexpr (kGrad) {
+      unpack_tile(src, t.gout, r, n, t.grad);
+    }
     if (t.loss_rows) {
       loss.store(tail);
       for (int64_t l = 0; l < n; ++l) t.loss_rows[r + l] = scalar_t(tail[l]);
@@ -437,6 +463,7 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
     if (defer) logs.add(log_arg, 1);
     store(r, n, tile, loss);
   }
+  if (staged) stream_fence();
   if (tally) *tally = counts;
   if (partial) *partial = lane_total(sum) + (defer ? logs.template total<Math>(p) : 0.0);
 }
@@ -456,7 +483,7 @@ void run_group_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, in
   // As in run_row_block: rows used in place, or converted into `buf` and written back.
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
   const bool direct = same_type && t.in.stride_c == 1 && (!kGrad || t.gout.stride_c == 1);
-  const bool stream = kGrad && direct && t.stream_grad;
+  const bool stream = kGrad && direct && t.stream_grad && streams_in_place(C * int64_t(sizeof(acc_t)));
   std::vector<acc_t> buf(direct && !stream ? 0 : W * C);
   std::vector<acc_t> padding;  // a row of zeros to read, one to write: 2 C
   DeferredLogs<acc_t> logs;
@@ -539,7 +566,8 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
     // the rows' next rows can be prefetched across block boundaries (a block is a single
     // row when C >= 16384).  Each block already holds ~kBlockElements of work, so one
     // block per task keeps tiny inputs on the calling thread.
-    const bool groups = use_groups<Math>(C) && (Math::kGroupsStream || !t.stream_grad);
+    const bool in_place_stream = t.stream_grad && streams_in_place(C * int64_t(sizeof(scalar_t)));
+    const bool groups = use_groups<Math>(C) && (Math::kGroupsStream || !in_place_stream);
     torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
       for (int64_t b = b0; b < b1; ++b) {

@@ -328,6 +328,13 @@ inline void store_map(T* dst, int64_t begin, int64_t end, bool stream, F&& f) {
   if (j < end) f(j, end - j).store(dst + j, end - j);
 }
 
+// dst[0, n) = src[0, n), every full aligned vector of dst written by a non-temporal
+// store (store_map): a staged span of rows going out to memory.
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+  store_map(dst, 0, n, true, [src](int64_t j, int64_t m) { return Vec<T>::loadu(src + j, m); });
+}
+
 // The group path's horizontal reductions, W = Vec<T>::size() rows at once: lane r of
 // the result is hsum(v[r]) (sum_rows) or the max of v[r]'s lanes (max_rows).  A shuffle
 // tree takes ~3 W vector ops where W separate reductions take ~8 W with a long
