@@ -503,13 +503,14 @@ def test_single_nc_buffer_per_step(kernel_backend):
 
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs linclass._C")
-@pytest.mark.parametrize("c", [10, 33, 39, 40, 100, 128, 1100, 1105])
+@pytest.mark.parametrize("c", [5, 10, 33, 39, 40, 100, 128, 1100, 1105])
 def test_gradients_of_8_mib_and_more_with_and_without_streaming(c):
     # Past 8 MiB the C++ group and row paths write the gradient with non-temporal stores
     # when the rows start on vector boundaries (c = 128) or are long (1100, 1105), else
-    # with ordinary stores (40, 100); the lane path (10, 33, 39) streams each tile's rows
-    # from a staging buffer, its last tile partial (n % 16 != 0): every variant must
-    # give torch's values.
+    # with ordinary stores (40, 100); the lane path streams each tile's rows from a
+    # staging buffer from 8 classes up (10, 33, 39; its last tile partial, n % 16 != 0)
+    # and writes shorter rows (5) with ordinary stores: every variant must give torch's
+    # values.
     n = (9 << 20) // (4 * c)
     x = torch.randn(n, c)
     t = torch.randint(0, c, (n,))

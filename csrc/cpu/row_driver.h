@@ -43,7 +43,6 @@
 
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -75,8 +74,13 @@ inline bool streams_in_place(int64_t row_bytes) {
   constexpr int64_t vec_bytes = int64_t(Vec<float>::size() * sizeof(float));
   return row_bytes % vec_bytes == 0 || row_bytes >= kStreamMinRowBytes;
 }
-// The lane path prefetches this many tiles ahead.
+// The lane path prefetches this many tiles ahead, into L1 up to this many bytes a tile.
 constexpr int64_t kPrefetchTiles = 8;
+constexpr int64_t kL1PrefetchTileBytes = 512;
+// The lane path stages and streams a large gradient from tiles of this many bytes (8
+// float classes): below, the staging copy costs more than the reads it saves
+// (bench/results/class-count-ab.md).
+constexpr int64_t kMinStagedTileBytes = 512;
 
 // One row for Math::row: scores x, gradient g, a C-element scratch row `work` that may
 // alias x or g; with `stream`, g is written with non-temporal stores (and aliases
@@ -376,7 +380,7 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
 
 template <typename scalar_t, typename Math, bool kGrad, typename Params>
 void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
-                    double* partial, TargetTally* tally) {
+                    int64_t ahead_end, double* partial, TargetTally* tally) {
   using acc_t = acc_type<scalar_t>;
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
@@ -399,7 +403,8 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   // A streamed gradient: each tile's rows are unpacked into `stage` (in cache) and their
   // contiguous span, whole lines, goes out with non-temporal stores.
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
-  const bool staged = kGrad && same_type && t.stream_grad && contiguous_rows(t.gout);
+  const bool staged = kGrad && same_type && t.stream_grad && contiguous_rows(t.gout) &&
+                      tile_bytes >= kMinStagedTileBytes;
   alignas(64) scalar_t stage[kGrad && same_type ? kLaneMaxClasses * W : 1];
   RowGeometry stage_rows = t.gout;
   stage_rows.stride_n = C;
@@ -414,11 +419,16 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
       for (int64_t l = 0; l < W; ++l) tail[l] = l < n ? t.lane_targets[r + l] : acc_t(-1);
       vy = V::loadu(tail);
     }
-    if (prefetch && r + (kPrefetchTiles + 1) * W <= r1) {  // within this block
-      // Rows further ahead, and the gradient lines they will be written to (unless the
-      // gradient is streamed).
+    if (prefetch && r + (kPrefetchTiles + 1) * W <= ahead_end) {  // this thread's rows
+      // Rows further ahead: tiles of a few lines into L1; longer ones into L2, since
+      // into L1 a whole tile's prefetches held the core's few L1 miss buffers and the
+      // tile's own loads waited behind them (bench/results/class-count-ab.md).  And
+      // the gradient lines they will be written to, unless the gradient is streamed.
       const char* in = reinterpret_cast<const char*>(t.input + t.in.offset(r + kPrefetchTiles * W));
-      for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(in + off, 0, 3);
+      if (tile_bytes <= kL1PrefetchTileBytes)
+        for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(in + off, 0, 3);
+      else
+        for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(in + off, 0, 1);
       if (tally) __builtin_prefetch(t.target + r + kPrefetchTiles * W, 0, 3);  // W int64: one line
       if (kGrad && !staged) {
         const char* g = reinterpret_cast<const char*>(t.grad + t.gout.offset(r + kPrefetchTiles * W));
@@ -561,46 +571,32 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   if (rows == 0) return;
   const int64_t per_block = block_rows(C);
   const int64_t blocks = (rows + per_block - 1) / per_block;
-  if (!use_lanes<Math>(C)) {
-    // Group and row paths: each thread takes one contiguous range of blocks, so that
-    // the rows' next rows can be prefetched across block boundaries (a block is a single
-    // row when C >= 16384).  Each block already holds ~kBlockElements of work, so one
-    // block per task keeps tiny inputs on the calling thread.
-    const bool in_place_stream = t.stream_grad && streams_in_place(C * int64_t(sizeof(scalar_t)));
-    const bool groups = use_groups<Math>(C) && (Math::kGroupsStream || !in_place_stream);
-    torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
-        double* partial = t.partials ? t.partials + b : nullptr;
-        if (groups && t.grad)
-          run_group_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
-        else if (groups)
-          run_group_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);
-        else if (t.grad)
-          run_row_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
-        else
-          run_row_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);
-      }
-    });
-    return;
-  }
-  // Lane path: blocks (~1600 rows at C = 10) are handed out one at a time from a shared
-  // counter rather than split in equal halves up front: on a shared 2-vCPU machine one
-  // thread is often slowed down, and a static split then leaves the other spinning at
-  // the barrier.  Each block writes only its own rows, partial sum and tally, so the
-  // result does not depend on which thread ran it.
-  std::atomic<int64_t> next_block{0};
-  const int64_t tasks = std::min<int64_t>(blocks, int64_t(torch::stable::get_num_threads()));
-  torch::stable::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
-    for (int64_t b = next_block.fetch_add(1); b < blocks; b = next_block.fetch_add(1)) {
+  // Each thread takes one contiguous range of blocks, so that every path can prefetch
+  // the rows ahead across block boundaries (a block is a single row when C >= 16384).
+  // Each block already holds ~kBlockElements of work, so one block per task keeps tiny
+  // inputs on the calling thread.  Each block writes only its own rows, partial sum
+  // and tally, so the result does not depend on the thread count.
+  const bool lanes = use_lanes<Math>(C);
+  const bool in_place_stream = t.stream_grad && streams_in_place(C * int64_t(sizeof(scalar_t)));
+  const bool groups = use_groups<Math>(C) && (Math::kGroupsStream || !in_place_stream);
+  torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
+    for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
       double* partial = t.partials ? t.partials + b : nullptr;
       TargetTally* tally = t.rule ? t.tallies + b : nullptr;
-      if (t.grad)
-        run_lane_block<scalar_t, Math, true>(t, p, r0, r1, partial, tally);
+      if (lanes && t.grad)
+        run_lane_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial, tally);
+      else if (lanes)
+        run_lane_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial, tally);
+      else if (groups && t.grad)
+        run_group_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
+      else if (groups)
+        run_group_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);
+      else if (t.grad)
+        run_row_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
       else
-        run_lane_block<scalar_t, Math, false>(t, p, r0, r1, partial, tally);
+        run_row_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);
     }
   });
 }
