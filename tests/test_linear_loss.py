@@ -356,12 +356,9 @@ def check_fp32_against_fp64(fused, unfused, x, w, b, t, **kw):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
 
 
-@needs_triton
-@pytest.mark.parametrize("n,d,c", [(1, 1, 1), (1, 5, 10), (130, 33, 10), (70, 1, 3), (9, 70, 17), (20, 40, 64)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_tile_path_cross_entropy(tile_path, n, d, c, bias):
-    x, w, b, t = make(n, d, c, dtype=torch.float32, bias=bias, transposed_weight=True)
-    assert tile_path.applies(x, w)
+def check_cross_entropy_keywords(x, w, b, t):
+    """check_fp32_against_fp64 for linear_cross_entropy with every reduction, label
+    smoothing and ignore_index (every other row ignored)."""
     for reduction, smoothing, ignore in itertools.product(["mean", "sum"], [0.0, 0.3], [None, 0]):
         kw = dict(reduction=reduction, label_smoothing=smoothing)
         t2 = t
@@ -370,6 +367,15 @@ def test_tile_path_cross_entropy(tile_path, n, d, c, bias):
             t2[::2] = ignore
             kw["ignore_index"] = ignore
         check_fp32_against_fp64(linclass.linear_cross_entropy, unfused_ce, x, w, b, t2, **kw)
+
+
+@needs_triton
+@pytest.mark.parametrize("n,d,c", [(1, 1, 1), (1, 5, 10), (130, 33, 10), (70, 1, 3), (9, 70, 17), (20, 40, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_tile_path_cross_entropy(tile_path, n, d, c, bias):
+    x, w, b, t = make(n, d, c, dtype=torch.float32, bias=bias, transposed_weight=True)
+    assert tile_path.applies(x, w)
+    check_cross_entropy_keywords(x, w, b, t)
 
 
 @needs_triton
@@ -413,3 +419,24 @@ def test_tile_path_is_deterministic_and_has_no_score_matrix(tile_path):
     # dX (N x D) is the biggest buffer; N x C scores (N x 16 padded) never exist
     sizes = sorted((e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), reverse=True)
     assert 600 * 10 * 4 not in sizes and 600 * 16 * 4 not in sizes, sizes[:8]
+
+
+# ---- the C++ register-blocked path for few classes (csrc/cpu/small_gemm.h) -------------
+# float32 with C <= kSmallGemmC (12; 16 in the AVX-512 build) takes it; 17 classes the
+# BLAS blocks.  D = 600 crosses its 512-float column chunk, N = 130 leaves a partial
+# 3-row tile.
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs the C++ kernels")
+@pytest.mark.parametrize("c", [1, 10, 12, 13, 16, 17])
+def test_cpp_few_class_path_against_float64(c):
+    x, w, b, t = make(130, 600, c, dtype=torch.float32)
+    w = w * 0.1  # scores of a few units, as a trained layer gives: not all rows saturated
+    with linclass.backends.use("cpp"):
+        check_cross_entropy_keywords(x, w, b, t)
+        for p, margin in itertools.product([1, 2], [1.0, 0.3]):
+            check_fp32_against_fp64(linclass.linear_multi_margin_loss, unfused_mm, x, w, b, t, p=p,
+                                    margin=margin)
+        step = linclass.sgd.linear_sgd_step(x, w.clone(), t, torch.arange(0, 130, 2), "softmax", 0.1, 0.0)
+        ref = F.cross_entropy(x[::2].double() @ w.double().T, t[::2]).item()
+        assert abs(step - ref) <= 1e-5 * max(1.0, abs(ref))

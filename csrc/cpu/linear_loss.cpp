@@ -3,8 +3,7 @@
 // N x C scores never exist.  Per block: S = X_b W^T + b (GEMM; small_gemm.h for
 // C <= kSmallGemmC, skinny_gemm.h for N <= kSkinnyRows), the fused loss kernel turns S
 // into dS in place (and sums the block's losses), then dX_b = dS W, dW += dS^T X_b,
-// db += column sums of dS.  X_b is read from memory once: the block is sized so that it
-// is still in cache for the dW product.  Extra memory is one block of scores (plus a
+// db += column sums of dS.  Extra memory is one block of scores (plus a
 // float32 dW accumulator for bfloat16/float16), never N x C.
 #include "cpu/ops.h"
 
@@ -19,13 +18,19 @@
 namespace linclass {
 namespace {
 
-// Rows per block: the input block stays within ~4 MiB (cache, for the dW product) and
-// the score block within 64 MiB, but at least 32 rows so that the GEMMs stay efficient.
+// Rows per block: at least kDepthRows, the depth of each block's dW += dS^T X_b product
+// (blocks sized to keep X_b within 4 MiB of cache, 341 rows at D = 3073, made the whole
+// step 6-17% slower at D = 2048-8192 than 1024-row blocks re-reading X_b from L3 or
+// memory: bench/results/linear-gemm-floor.md); more while the input block stays
+// within 4 MiB; the score block within 64 MiB caps it, but at least 32 rows so that
+// the GEMMs stay efficient.
+constexpr int64_t kDepthRows = 1024;
 int64_t block_rows(int64_t N, int64_t D, int64_t C, int64_t elem) {
   if (const int64_t o = linear_block_rows_override()) return std::max<int64_t>(1, o);
   const int64_t by_input = (int64_t(4) << 20) / std::max<int64_t>(1, D * elem);
   const int64_t by_scores = (int64_t(64) << 20) / std::max<int64_t>(1, C * elem);
-  return std::min(std::max<int64_t>(32, std::min(by_input, by_scores)), std::max<int64_t>(N, 1));
+  const int64_t rows = std::min(std::max(kDepthRows, by_input), by_scores);
+  return std::min(std::max<int64_t>(32, rows), std::max<int64_t>(N, 1));
 }
 
 // Few classes in float32 with unit-stride rows: each block runs as one

@@ -26,8 +26,14 @@
 namespace linclass::cpu {
 
 // Up to 12 classes: the score tile keeps 3 rows x 4 classes of accumulators, and the
-// dW product C accumulators, in AVX2's 16 vector registers.
+// dW product C accumulators, in AVX2's 16 vector registers.  With AVX-512's 32 registers
+// the path also beats the BLAS at 13-16 classes; from ~20 the BLAS's own blocking wins
+// (bench/results/linear-gemm-floor.md).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kSmallGemmC = 16;
+#else
 constexpr int64_t kSmallGemmC = 12;
+#endif
 // W is walked in column chunks of this many floats: the chunk of all C rows (12 x 2 KiB)
 // and of the 3 rows of X stays in L1 across the class passes of a tile.
 constexpr int64_t kSmallGemmChunk = 512;
@@ -228,6 +234,9 @@ double small_linear_block(const SmallLinear& a, Loss&& loss, SmallWeightGrad& gr
     LINCLASS_SMALL_CASE(1) LINCLASS_SMALL_CASE(2) LINCLASS_SMALL_CASE(3) LINCLASS_SMALL_CASE(4)
     LINCLASS_SMALL_CASE(5) LINCLASS_SMALL_CASE(6) LINCLASS_SMALL_CASE(7) LINCLASS_SMALL_CASE(8)
     LINCLASS_SMALL_CASE(9) LINCLASS_SMALL_CASE(10) LINCLASS_SMALL_CASE(11) LINCLASS_SMALL_CASE(12)
+#if defined(CPU_CAPABILITY_AVX512)
+    LINCLASS_SMALL_CASE(13) LINCLASS_SMALL_CASE(14) LINCLASS_SMALL_CASE(15) LINCLASS_SMALL_CASE(16)
+#endif
 #undef LINCLASS_SMALL_CASE
   }
   LINCLASS_CHECK(false, "small_linear_block: C = ", a.C, " is not in [1, ", kSmallGemmC, "]");

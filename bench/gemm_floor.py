@@ -1,0 +1,72 @@
+"""The GEMM floor of a fused linear + loss step: how long torch's matrix products alone
+take at a shape, against the whole step (F.linear + loss + backward, and linclass's
+fused op).  A step needs the products S = X W^T, dW = G^T X and, when the input takes a
+gradient, dX = G W; no fusion removes them, so when they are most of torch's step
+the fused op cannot be much faster (issue 17's D = 3073 shapes between 20 and 200
+classes).  Medians of --reps calls, 2 threads by default:
+
+    python bench/gemm_floor.py 10000x3073x20 10000x3073x100 4096x1024x1000:grad
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import linclass
+
+
+def median_ms(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("shapes", nargs="+", help="NxDxC, with :grad when the input takes a gradient")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.reps} calls (ms)")
+    print("| N x D x C | input grad | products alone | torch step | linclass fused | torch / fused | "
+          "products / fused |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for spec in args.shapes:
+        dims, _, flag = spec.partition(":")
+        n, d, c = (int(v) for v in dims.split("x"))
+        input_grad = flag == "grad"
+        torch.manual_seed(0)
+        x = torch.randn(n, d).requires_grad_(input_grad)
+        w = (torch.randn(c, d) * 0.01).requires_grad_()
+        t = torch.randint(0, c, (n,))
+        g = torch.randn(n, c)
+
+        def products():
+            torch.mm(x.detach(), w.detach().t())
+            torch.mm(g.t(), x.detach())
+            if input_grad:
+                torch.mm(g, w.detach())
+
+        def step(loss):
+            def run():
+                x.grad = w.grad = None
+                loss().backward()
+            return run
+
+        floor = median_ms(products, args.reps)
+        theirs = median_ms(step(lambda: F.cross_entropy(F.linear(x, w), t)), args.reps)
+        ours = median_ms(step(lambda: linclass.linear_cross_entropy(x, w, t)), args.reps)
+        print(f"| {n} x {d} x {c} | {'yes' if input_grad else 'no'} | {floor:.1f} | {theirs:.1f} | "
+              f"{ours:.1f} | {theirs / ours:.2f}x | {floor / ours:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
