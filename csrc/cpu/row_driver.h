@@ -67,8 +67,9 @@ inline bool stream_gradient(int64_t grad_bytes) { return grad_bytes >= kStreamBy
 // stores into lines that its neighbours stream into, and at short rows the mix cost
 // 2-5x (C = 33 to 500, float32; bench/results/cpu-sweep.md).  Rows of
 // kStreamMinRowBytes or more have few such lines and stream where they lie too.  The
-// lane path streams any row length: it stages each tile's W rows in a cache-resident
-// buffer and streams their contiguous span, whole aligned lines.
+// lane path streams rows off vector boundaries as well (from kMinStagedTileBytes a
+// tile): it stages each tile's W rows in a cache-resident buffer and streams their
+// contiguous span, whole aligned lines.
 constexpr int64_t kStreamMinRowBytes = 4096;
 inline bool streams_in_place(int64_t row_bytes) {
   constexpr int64_t vec_bytes = int64_t(Vec<float>::size() * sizeof(float));

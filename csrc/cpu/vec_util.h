@@ -204,12 +204,16 @@ inline T max_of(const T* x, int64_t n) {
   return hmax(fast_max(m0, m1));
 }
 
-// Prefetch the lines holding p[0 .. 2W) (two vectors).
-template <typename T>
+// Prefetch the lines holding p[0 .. 2W) (two vectors) into L1 (kLocality 3) or L2 (1).
+template <int kLocality = 3, typename T>
 inline void prefetch_pair(const T* p, int64_t W) {
-  __builtin_prefetch(p, 0, 3);
-  __builtin_prefetch(p + W, 0, 3);
+  __builtin_prefetch(p, 0, kLocality);
+  __builtin_prefetch(p + W, 0, kLocality);
 }
+// Rows at least this long, whose pass also writes their exponentials, prefetch the next
+// row into L2 only: into L1 it evicted the exponentials and scores that this pass and
+// the gradient pass use (bench/results/class-count-ab.md).
+constexpr int64_t kL2PrefetchRowBytes = 16 << 10;
 
 template <typename T>
 struct Same {  // keeps T deduced from x alone (nullptr args then convert)
@@ -232,9 +236,13 @@ inline T exp_sum_impl(const T* x, T* out, int64_t begin, int64_t end, T m, const
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> vm(m), zero(T(0)), lowest(-std::numeric_limits<T>::infinity());
   Vec<T> s0 = zero, s1 = zero, a0 = zero, a1 = zero, m0 = lowest, m1 = lowest;
+  const bool next_to_l2 = out && (end - begin) * int64_t(sizeof(T)) >= kL2PrefetchRowBytes;
   int64_t j = begin;
   for (; j + 2 * W <= end; j += 2 * W) {
-    if (next) prefetch_pair(next + j, W);
+    if (next && next_to_l2)
+      prefetch_pair<1>(next + j, W);
+    else if (next)
+      prefetch_pair(next + j, W);
     const Vec<T> x0 = Vec<T>::loadu(x + j), x1 = Vec<T>::loadu(x + j + W);
     if constexpr (kMax) {
       m0 = fast_max(m0, x0);
