@@ -19,11 +19,11 @@ namespace linclass {
 namespace {
 
 // Rows per block: at least kDepthRows, the depth of each block's dW += dS^T X_b product
-// (blocks sized to keep X_b within 4 MiB of cache, 341 rows at D = 3073, made the whole
-// step 6-17% slower at D = 2048-8192 than 1024-row blocks re-reading X_b from L3 or
-// memory: bench/results/linear-gemm-floor.md); more while the input block stays
-// within 4 MiB; the score block within 64 MiB caps it, but at least 32 rows so that
-// the GEMMs stay efficient.
+// (blocks sized to keep X_b in a few MiB of cache made that product shallow, and the
+// step slower than deeper blocks that re-read X_b from L3 or memory:
+// bench/results/linear-gemm-floor.md); more while the input block stays within 4 MiB;
+// the score block within 64 MiB caps it, but at least 32 rows so that the GEMMs stay
+// efficient.
 constexpr int64_t kDepthRows = 1024;
 int64_t block_rows(int64_t N, int64_t D, int64_t C, int64_t elem) {
   if (const int64_t o = linear_block_rows_override()) return std::max<int64_t>(1, o);
