@@ -185,8 +185,8 @@ inline int64_t num_blocks(int64_t rows, int64_t classes) {
   return (rows + b - 1) / b;
 }
 
-// Whether rows r, r + 1, ... of `g` follow each other in memory (a staged span of rows
-// can go out as one contiguous copy).
+// Whether rows r, r + 1, ... of `g` follow each other in memory (tiles ahead can be
+// prefetched as one span; a staged span of rows can go out as one contiguous copy).
 inline bool contiguous_rows(const RowGeometry& g) {
   return g.inner == 1 && g.stride_c == 1 && g.stride_n == g.classes;
 }
@@ -398,8 +398,7 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   TargetTally counts;
   // Contiguous row-major tiles: prefetch a few tiles ahead (rows of a few classes are
   // shorter than the distance the hardware prefetchers need to lock on).
-  const bool prefetch = t.in.inner == 1 && t.in.stride_c == 1 && t.in.stride_n == C &&
-                        (!kGrad || (t.gout.inner == 1 && t.gout.stride_n == t.gout.classes));
+  const bool prefetch = contiguous_rows(t.in) && (!kGrad || contiguous_rows(t.gout));
   const int64_t tile_bytes = W * C * int64_t(sizeof(scalar_t));
   // A streamed gradient: each tile's rows are unpacked into `stage` (in cache) and their
   // contiguous span, whole lines, goes out with non-temporal stores.
