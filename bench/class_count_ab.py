@@ -3,7 +3,10 @@ machine state (this VM's memory speed changes from hour to hour, so only runs ma
 back to back compare).  Like bench/test_bench_class_counts.py: 12 MB of float32 scores
 per call (N = 3,000,000 // C), inputs rotating through at least 64 MiB, 2 threads;
 training = forward + gradient (8 bytes per score), evaluation = forward only (4 bytes per
-score), copy_ 8 bytes per score; median of 40 calls.
+score), copy_ 8 bytes per score; median of 40 calls.  Each input keeps its outputs
+until its next turn, as x.grad does in the sweep: a gradient buffer reused straight
+from the call before sits in the L3 cache, which favours ordinary stores over
+non-temporal ones at these sizes and is not what a training step hands the kernel.
 
     PYTHONPATH=<other checkout> python bench/class_count_ab.py 33,40,64,100   # build A
     python bench/class_count_ab.py 33,40,64,100                               # build B
@@ -49,7 +52,13 @@ def main(class_counts):
                  (lambda x, y: y.copy_(x), 8)]
         row = []
         for fn, bytes_per_score in cases:
-            calls = [lambda x=x, y=y: fn(x, y) for x, y in zip(xs, ys)]
+            held = [None] * copies  # input i's outputs, released just before its next call
+
+            def run_slot(i, fn=fn):
+                held[i] = None
+                held[i] = fn(xs[i], ys[i])
+
+            calls = [lambda i=i: run_slot(i) for i in range(copies)]
             for call in calls:  # warm up every buffer once
                 call()
             row.append(bytes_per_score * n * c / median_seconds(calls) / 1e9)

@@ -68,6 +68,11 @@ void check_lanes() {
     for (int i = 0; i < W; ++i)
       if (lane(r, i) != (i == k ? T(-1) : lane(a, i))) fail("with_lane", k, lane(r, i), i);
   }
+  for (int m = 0; m < W; ++m) {  // lane i to lane i + m; the top lanes wrap to the bottom
+    const Vec<T> r = lanes_up(a, m);
+    for (int i = 0; i < W; ++i)
+      if (lane(r, (i + m) % W) != lane(a, i)) fail("lanes_up", m, lane(r, (i + m) % W), i);
+  }
   // Comparisons are all-ones / all-zeros lanes; != is true for NaN, the others false.
   const Vec<T> x = Vec<T>::set(Vec<T>(T(2)), Vec<T>(nan), 1);  // lane 0 NaN, others 2
   const Vec<T> ne = x != x, eq = x == x, gt = x > Vec<T>(T(1));

@@ -503,21 +503,30 @@ def test_single_nc_buffer_per_step(kernel_backend):
 
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs linclass._C")
-@pytest.mark.parametrize("c", [5, 10, 33, 39, 40, 100, 128, 1100, 1105])
+@pytest.mark.parametrize("c", [5, 10, 33, 39, 40, 65, 100, 127, 128, 255, 1000, 1100, 1105])
 def test_gradients_of_8_mib_and_more_with_and_without_streaming(c):
-    # Past 8 MiB the C++ group and row paths write the gradient with non-temporal stores
-    # when the rows start on vector boundaries (c = 128) or are long (1100, 1105), else
-    # with ordinary stores (40, 100); the lane path streams each tile's rows from a
-    # staging buffer from 8 classes up (10, 33, 39; its last tile partial, n % 16 != 0)
-    # and writes shorter rows (5) with ordinary stores: every variant must give torch's
-    # values.
+    # Past 8 MiB the C++ paths write the gradient with non-temporal stores: rows on
+    # vector boundaries (128) where they lie; rows off them from 64 classes (65 to
+    # 1105) through one LineStream, which joins each row's last partial vector to the
+    # next row's first; the lane path from a staging buffer from 8 classes up (10, 33,
+    # 39; its last tile partial, n % 16 != 0).  Shorter rows (5, 40) are written with
+    # ordinary stores.  Ignored rows (zeros), label smoothing with
+    # class weights and the hinge's p = 2 take the same streams: every variant must
+    # give torch's values.
     n = (9 << 20) // (4 * c)
     x = torch.randn(n, c)
     t = torch.randint(0, c, (n,))
+    t_ignored = t.clone()
+    t_ignored[3::7] = -100
+    w = torch.rand(c) + 0.5
     with linclass.backends.use("cpp"):
-        for ours, theirs in ((linclass.cross_entropy, F.cross_entropy),
-                             (linclass.multi_margin_loss, F.multi_margin_loss)):
-            loss, grad = run(ours, x, t)
-            ref_loss, ref_grad = run(theirs, x, t)
-            assert_close(loss, ref_loss, torch.float32, "loss")
-            assert_close(grad, ref_grad, torch.float32, "grad")
+        for ours, theirs, target, kwargs in (
+                (linclass.cross_entropy, F.cross_entropy, t, {}),
+                (linclass.cross_entropy, F.cross_entropy, t_ignored,
+                 dict(weight=w, label_smoothing=0.1)),
+                (linclass.multi_margin_loss, F.multi_margin_loss, t, {}),
+                (linclass.multi_margin_loss, F.multi_margin_loss, t, dict(p=2, weight=w))):
+            loss, grad = run(ours, x, target, **kwargs)
+            ref_loss, ref_grad = run(theirs, x, target, **kwargs)
+            assert_close(loss, ref_loss, torch.float32, f"loss {kwargs}")
+            assert_close(grad, ref_grad, torch.float32, f"grad {kwargs}")

@@ -105,7 +105,7 @@ struct CrossEntropyMath {
     const acc_t* x = io.x;
     acc_t* work = io.work;
     acc_t* g = io.g;
-    const bool stream = io.stream;
+    LineStream<acc_t>* stream = io.stream;
     const int64_t C = p.classes;
     const bool smoothing = p.smooth != acc_t(0);
     if constexpr (!kGrad) {
@@ -285,6 +285,12 @@ struct CrossEntropyMath {
       t.b.store(b);
       t.gy.store(gy);
       const int constant = (valid & t.finite).zero_mask(), ignored = valid.zero_mask();
+      // The tail's e to the rows' work, so each row's gradient is one pass in column
+      // order (a streamed row's last vector joins the next row's first: LineStream).
+      for (int64_t k = 0; k < tail; ++k) {
+        tail_e[k].store(lane);
+        for (int r = 0; r < W; ++r) io.work[r][body + k] = lane[r];
+      }
       for (int r = 0; r < W; ++r) {
         acc_t* g = io.g[r];
         if (constant >> r & 1) {  // zeros (ignored or padding), else NaN (non-finite)
@@ -295,19 +301,11 @@ struct CrossEntropyMath {
         const acc_t* e = io.work[r];
         const int64_t y = io.y[r];
         const V va(a[r]), vb(b[r]);
-        store_map(g, 0, body, io.stream, [&](int64_t j, int64_t n) {
+        store_map(g, 0, C, io.stream, [&](int64_t j, int64_t n) {
           V out = va * V::loadu(e + j, n);
           if constexpr (kSmooth) out = out - vb * V::loadu(p.weight + j, n);
           return (j <= y && y < j + n) ? with_lane(out, y - j, gy[r]) : out;
         });
-      }
-      for (int64_t k = 0; k < tail; ++k) {
-        const int64_t j = body + k;
-        V out = t.a * tail_e[k];
-        if constexpr (kSmooth) out = out - t.b * V(p.weight[j]);
-        select_eq(vy, V(acc_t(j)), t.gy, out).store(lane);
-        for (int r = 0; r < W; ++r)
-          if (!(constant >> r & 1)) io.g[r][j] = lane[r];
       }
     }
   }

@@ -62,18 +62,31 @@ constexpr int64_t kBlockElements = 16384;
 // writing it (RowTask::stream_grad).
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 inline bool stream_gradient(int64_t grad_bytes) { return grad_bytes >= kStreamBytes; }
-// A row streams where it lies when it starts on a vector boundary, so that every store
-// is a whole aligned vector: otherwise each row's first and last vectors are ordinary
-// stores into lines that its neighbours stream into, and at short rows the mix cost
-// 2-5x (C = 33 to 500, float32; bench/results/cpu-sweep.md).  Rows of
-// kStreamMinRowBytes or more have few such lines and stream where they lie too.  The
-// lane path streams rows off vector boundaries as well (from kMinStagedTileBytes a
-// tile): it stages each tile's W rows in a cache-resident buffer and streams their
-// contiguous span, whole aligned lines.
+// Rows that start on a vector boundary stream where they lie: every store is a whole
+// aligned vector.  Rows that do not, but follow each other in memory, stream through
+// one LineStream (vec_util.h), which joins each row's last partial vector to the next
+// row's first, from kJoinMinRowBytes a row: on shorter rows the join's work per row
+// cost more than the streaming saved (40-63 float classes; the hinge at 100-1000
+// classes gained 1.7-2x, bench/results/class-count-ab.md).  Streamed where they lie,
+// such rows' first and last vectors would be ordinary stores into lines that their
+// neighbours stream into (with AVX2, half lines), which cost 2-5x at short rows (C = 33
+// to 500, float32; bench/results/cpu-sweep.md); rows of kStreamMinRowBytes or more
+// have few such lines and stream where they lie too.  The lane path stages each tile's
+// W rows in a cache-resident buffer and streams their contiguous span (from
+// kMinStagedTileBytes a tile).
+constexpr int64_t kJoinMinRowBytes = 256;
 constexpr int64_t kStreamMinRowBytes = 4096;
-inline bool streams_in_place(int64_t row_bytes) {
+// Whether rows r, r + 1, ... of `g` follow each other in memory (tiles ahead can be
+// prefetched as one span; a streamed gradient's rows join at their edges).
+inline bool contiguous_rows(const RowGeometry& g) {
+  return g.inner == 1 && g.stride_c == 1 && g.stride_n == g.classes;
+}
+// Whether the row and group paths stream a large gradient laid out as `g`.
+inline bool streams_rows(const RowGeometry& g, int64_t elem_bytes) {
+  const int64_t row_bytes = g.classes * elem_bytes;
   constexpr int64_t vec_bytes = int64_t(Vec<float>::size() * sizeof(float));
-  return row_bytes % vec_bytes == 0 || row_bytes >= kStreamMinRowBytes;
+  return row_bytes % vec_bytes == 0 || row_bytes >= kStreamMinRowBytes ||
+         (row_bytes >= kJoinMinRowBytes && contiguous_rows(g));
 }
 // The lane path prefetches this many tiles ahead, into L1 up to this many bytes a tile.
 constexpr int64_t kPrefetchTiles = 8;
@@ -84,15 +97,16 @@ constexpr int64_t kL1PrefetchTileBytes = 512;
 constexpr int64_t kMinStagedTileBytes = 512;
 
 // One row for Math::row: scores x, gradient g, a C-element scratch row `work` that may
-// alias x or g; with `stream`, g is written with non-temporal stores (and aliases
-// nothing); `next`, when set, is the next row, to prefetch during the first pass.
+// alias x or g; with `stream` set, g is written through it with non-temporal stores
+// (store_map; g then aliases nothing); `next`, when set, is the next row, to prefetch
+// during the first pass.
 template <typename acc_t>
 struct RowIO {
   const acc_t* x;
   acc_t* work;
   acc_t* g;
   const acc_t* next;
-  bool stream;
+  LineStream<acc_t>* stream;
 };
 
 // Vec<acc_t>::size() rows for Math::group: row r's scores x[r], its gradient g[r] and a
@@ -106,7 +120,7 @@ struct GroupIO {
   acc_t* g[kMaxRows];
   int64_t y[kMaxRows];
   const acc_t* next[kMaxRows];  // the next group's rows, to prefetch (nullptr: none)
-  bool stream;
+  LineStream<acc_t>* stream;
 };
 
 // Lane k holds k: the column of each lane in a row's first vector.
@@ -185,12 +199,6 @@ inline int64_t num_blocks(int64_t rows, int64_t classes) {
   return (rows + b - 1) / b;
 }
 
-// Whether rows r, r + 1, ... of `g` follow each other in memory (tiles ahead can be
-// prefetched as one span; a staged span of rows can go out as one contiguous copy).
-inline bool contiguous_rows(const RowGeometry& g) {
-  return g.inner == 1 && g.stride_c == 1 && g.stride_n == g.classes;
-}
-
 // ---- the row path ----------------------------------------------------------------
 
 // Rows [r0, r1); rows up to `ahead_end` belong to this thread too and may be prefetched.
@@ -204,7 +212,8 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
   const bool direct = same_type && t.in.stride_c == 1 && (!kGrad || t.gout.stride_c == 1);
   // A streamed gradient needs a cache-resident scratch row for the exponentials.
-  const bool stream = kGrad && direct && t.stream_grad && streams_in_place(C * int64_t(sizeof(acc_t)));
+  const bool stream = kGrad && direct && t.stream_grad && streams_rows(t.gout, sizeof(acc_t));
+  LineStream<acc_t> line_stream;
   std::vector<acc_t> buf(direct && !stream ? 0 : C);
   // The hardware prefetchers stop at 4 KiB page boundaries, so the first pass over a
   // row would wait on memory; instead the math prefetches the next row during its
@@ -216,22 +225,27 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
     scalar_t* g = kGrad ? t.grad + t.gout.offset(r) : nullptr;
     acc_t loss = 0;
     if (Math::ignored(y, p)) {
-      if constexpr (kGrad)
-        for (int64_t j = 0; j < C; ++j) g[j * t.gout.stride_c] = scalar_t(0);
+      if constexpr (kGrad) {
+        if (stream)
+          store_map(reinterpret_cast<acc_t*>(g), 0, C, &line_stream, [](int64_t, int64_t) { return Vec<acc_t>(acc_t(0)); });
+        else
+          for (int64_t j = 0; j < C; ++j) g[j * t.gout.stride_c] = scalar_t(0);
+      }
     } else if (direct) {
       const acc_t* xr = reinterpret_cast<const acc_t*>(x);
       acc_t* gr = reinterpret_cast<acc_t*>(g);
       const acc_t* next = r + 1 < ahead_end
                               ? reinterpret_cast<const acc_t*>(t.input + t.in.offset(r + 1))
                               : nullptr;
-      loss = Math::template row<acc_t, kGrad>({xr, stream ? buf.data() : gr, gr, next, stream}, y, p);
+      loss = Math::template row<acc_t, kGrad>(
+          {xr, stream ? buf.data() : gr, gr, next, stream ? &line_stream : nullptr}, y, p);
     } else {
       const int64_t sc = t.in.stride_c;
       if (sc == 1 && !same_type)
         cpu::convert(x, buf.data(), C);
       else
         for (int64_t j = 0; j < C; ++j) buf[j] = acc_t(x[j * sc]);
-      loss = Math::template row<acc_t, kGrad>({buf.data(), buf.data(), buf.data(), nullptr, false},
+      loss = Math::template row<acc_t, kGrad>({buf.data(), buf.data(), buf.data(), nullptr, nullptr},
                                               y, p);
       if constexpr (kGrad) {
         const int64_t gc = t.gout.stride_c;
@@ -244,7 +258,7 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
     if (t.loss_rows) t.loss_rows[r] = scalar_t(loss);
     sum += double(loss);
   }
-  if (stream) stream_fence();
+  if (stream) line_stream.finish();
   if (partial) *partial = sum;
 }
 
@@ -406,6 +420,7 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   const bool staged = kGrad && same_type && t.stream_grad && contiguous_rows(t.gout) &&
                       tile_bytes >= kMinStagedTileBytes;
   alignas(64) scalar_t stage[kGrad && same_type ? kLaneMaxClasses * W : 1];
+  LineStream<acc_t> line_stream;
   RowGeometry stage_rows = t.gout;
   stage_rows.stride_n = C;
   // Rows [r, r + n) into tile `dst`: their targets (returned), prefetches, the packing.
@@ -443,7 +458,7 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
     if constexpr (kGrad && same_type) {
       if (staged) {
         unpack_tile(src, stage_rows, 0, n, stage);
-        stream_copy(t.grad + t.gout.offset(r), stage, n * C);
+        stream_copy(t.grad + t.gout.offset(r), stage, n * C, line_stream);
       } else {
         unpack_tile(src, t.gout, r, n, t.grad);
       }
@@ -473,7 +488,7 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
     if (defer) logs.add(log_arg, 1);
     store(r, n, tile, loss);
   }
-  if (staged) stream_fence();
+  if (staged) line_stream.finish();
   if (tally) *tally = counts;
   if (partial) *partial = lane_total(sum) + (defer ? logs.template total<Math>(p) : 0.0);
 }
@@ -493,7 +508,8 @@ void run_group_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, in
   // As in run_row_block: rows used in place, or converted into `buf` and written back.
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
   const bool direct = same_type && t.in.stride_c == 1 && (!kGrad || t.gout.stride_c == 1);
-  const bool stream = kGrad && direct && t.stream_grad && streams_in_place(C * int64_t(sizeof(acc_t)));
+  const bool stream = kGrad && direct && t.stream_grad && streams_rows(t.gout, sizeof(acc_t));
+  LineStream<acc_t> line_stream;
   std::vector<acc_t> buf(direct && !stream ? 0 : W * C);
   std::vector<acc_t> padding;  // a row of zeros to read, one to write: 2 C
   DeferredLogs<acc_t> logs;
@@ -503,7 +519,7 @@ void run_group_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, in
   for (int64_t r = r0; r < r1; r += W) {
     const int64_t n = std::min<int64_t>(W, r1 - r);
     GroupIO<acc_t> io;
-    io.stream = stream;
+    io.stream = stream ? &line_stream : nullptr;
     for (int64_t l = 0; l < W; ++l) {
       if (l >= n) {
         if (padding.empty()) padding.assign(2 * C, acc_t(0));
@@ -559,7 +575,7 @@ void run_group_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, in
     }
     sum = sum + loss;  // group by group, in row order; padding lanes add exact zeros
   }
-  if (stream) stream_fence();
+  if (stream) line_stream.finish();
   if (partial) *partial = lane_total(sum) + (defer ? logs.template total<Math>(p) : 0.0);
 }
 
@@ -577,8 +593,8 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   // inputs on the calling thread.  Each block writes only its own rows, partial sum
   // and tally, so the result does not depend on the thread count.
   const bool lanes = use_lanes<Math>(C);
-  const bool in_place_stream = t.stream_grad && streams_in_place(C * int64_t(sizeof(scalar_t)));
-  const bool groups = use_groups<Math>(C) && (Math::kGroupsStream || !in_place_stream);
+  const bool streamed = t.grad && t.stream_grad && streams_rows(t.gout, sizeof(scalar_t));
+  const bool groups = use_groups<Math>(C) && (Math::kGroupsStream || !streamed);
   torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
     for (int64_t b = b0; b < b1; ++b) {

@@ -88,22 +88,24 @@ void ce_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
                   const T* target_grad, T* g) {
   const bool stream = stream_rows(N, C, sizeof(T));
   torch::stable::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+    cpu::LineStream<T> line_stream;  // rows follow each other: their edges join
+    cpu::LineStream<T>* const sink = stream ? &line_stream : nullptr;
     for (int64_t i = r0; i < r1; ++i) {
       const T* row = x + i * C;
       T* out = g + i * C;
       if (a[i] == T(0) && b[i] == T(0)) {  // an ignored row (NaN coefficients are not 0)
-        cpu::store_map(out, 0, C, stream, [](int64_t, int64_t) { return Vec<T>(T(0)); });
+        cpu::store_map(out, 0, C, sink, [](int64_t, int64_t) { return Vec<T>(T(0)); });
         continue;
       }
       const Vec<T> vs(shift[i]), va(a[i]), vb(b[i]);
-      cpu::store_map(out, 0, C, stream, [&](int64_t j, int64_t n) {
-        const Vec<T> e = cpu::vexp(Vec<T>::loadu(row + j, n) - vs) * va;
-        return w ? e - vb * Vec<T>::loadu(w + j, n) : e - vb;
-      });
       const int64_t col = owned_column(target[i], start, C, ignore_index);
-      if (col >= 0) out[col] = target_grad[i];
+      cpu::store_map(out, 0, C, sink, [&](int64_t j, int64_t n) {
+        const Vec<T> e = cpu::vexp(Vec<T>::loadu(row + j, n) - vs) * va;
+        const Vec<T> dx = w ? e - vb * Vec<T>::loadu(w + j, n) : e - vb;
+        return col >= j && col < j + n ? cpu::with_lane(dx, col - j, target_grad[i]) : dx;
+      });
     }
-    if (stream) cpu::stream_fence();
+    if (stream) line_stream.finish();
   });
 }
 
@@ -113,6 +115,8 @@ void mm_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
   const bool stream = g && stream_rows(N, C, sizeof(T));
   constexpr int64_t W = Vec<T>::size();
   torch::stable::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+    cpu::LineStream<T> line_stream;  // rows follow each other: their edges join
+    cpu::LineStream<T>* const sink = stream ? &line_stream : nullptr;
     for (int64_t i = r0; i < r1; ++i) {
       const T* row = x + i * C;
       const int64_t col = owned_column(target[i], start, C, std::numeric_limits<int64_t>::min());
@@ -130,7 +134,7 @@ void mm_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
         return gm;
       };
       if (g) {
-        cpu::store_map(g + i * C, 0, C, stream, term);
+        cpu::store_map(g + i * C, 0, C, sink, term);
       } else {
         for (int64_t j = 0; j < C; j += W) term(j, std::min<int64_t>(W, C - j));
       }
@@ -138,7 +142,7 @@ void mm_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
       stats[i] = loss;
       stats[N + i] = grad;
     }
-    if (stream) cpu::stream_fence();
+    if (stream) line_stream.finish();
   });
 }
 

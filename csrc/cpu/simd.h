@@ -273,6 +273,22 @@ inline Vec<double> with_lane(const Vec<double>& v, int64_t k, double value) {
   return _mm512_mask_blend_pd(__mmask8(1u << k), v, _mm512_set1_pd(value));
 }
 
+// v's lane k moved to lane k + m (0 <= m < size()), in registers; the lanes below m
+// hold v's top lanes.
+inline Vec<float> lanes_up(const Vec<float>& v, int64_t m) {
+  const __m512i from = _mm512_and_si512(
+      _mm512_sub_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                       _mm512_set1_epi32(int32_t(m))),
+      _mm512_set1_epi32(15));
+  return _mm512_permutexvar_ps(from, v);
+}
+inline Vec<double> lanes_up(const Vec<double>& v, int64_t m) {
+  const __m512i from = _mm512_and_si512(
+      _mm512_sub_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(m)),
+      _mm512_set1_epi64(7));
+  return _mm512_permutexvar_pd(from, v);
+}
+
 #elif defined(CPU_CAPABILITY_AVX2)
 // ---- AVX2 (with FMA) ------------------------------------------------------------------
 
@@ -425,6 +441,20 @@ inline Vec<float> with_lane(const Vec<float>& v, int64_t k, float value) {
 inline Vec<double> with_lane(const Vec<double>& v, int64_t k, double value) {
   const __m256i at = _mm256_cmpeq_epi64(_mm256_setr_epi64x(0, 1, 2, 3), _mm256_set1_epi64x(k));
   return _mm256_blendv_pd(v, _mm256_set1_pd(value), _mm256_castsi256_pd(at));
+}
+
+inline Vec<float> lanes_up(const Vec<float>& v, int64_t m) {
+  const __m256i from = _mm256_and_si256(
+      _mm256_sub_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int32_t(m))),
+      _mm256_set1_epi32(7));
+  return _mm256_permutevar8x32_ps(v, from);
+}
+inline Vec<double> lanes_up(const Vec<double>& v, int64_t m) {  // as pairs of 32-bit lanes
+  const __m256i pair = _mm256_and_si256(
+      _mm256_sub_epi32(_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), _mm256_set1_epi32(int32_t(m))),
+      _mm256_set1_epi32(3));
+  const __m256i from = _mm256_add_epi32(_mm256_add_epi32(pair, pair), _mm256_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1));
+  return _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(v), from));
 }
 
 #elif defined(__SSE2__)
@@ -804,6 +834,18 @@ inline Vec<T> with_lane(const Vec<T>& v, int64_t k, T value) {
   Vec<T> r = v;
   r.lane[k] = value;
   return r;
+}
+#endif
+
+#if !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+// lanes_up (see the AVX-512 one) through memory: the baseline builds only.
+template <typename T>
+inline Vec<T> lanes_up(const Vec<T>& v, int64_t m) {
+  constexpr int64_t W = Vec<T>::size();
+  alignas(64) T lanes[2 * W];
+  v.store(lanes);
+  v.store(lanes + W);
+  return Vec<T>::loadu(lanes + W - m);
 }
 #endif
 

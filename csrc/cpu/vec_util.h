@@ -315,32 +315,75 @@ inline void stream_fence() {
 #endif
 }
 
+// Non-temporal writing of rows that need not start on a vector boundary (store_map).
+// Each row's whole aligned vectors stream out; its last partial vector waits here, and
+// when the next row starts right where it ends (rows that follow each other in memory)
+// the next row's first partial vector completes it and the two go out as one streamed
+// vector.  Otherwise the waiting lanes get an ordinary masked store (flush).  So a line
+// is written by one kind of store only: mixing them in one line (each short row's
+// edges stored normally among its neighbours' streamed lines) cost 2-5x
+// (bench/results/cpu-sweep.md), which is why rows off vector boundaries used to be
+// written without streaming at all.
+template <typename T>
+struct LineStream {
+  Vec<T> pending;      // kept whole: a partial store and a wider reload would stall
+  T* at = nullptr;     // the aligned vector whose first `filled` lanes wait in `pending`
+  int64_t filled = 0;
+  void flush() {
+    if (at) pending.store(at, filled);
+    at = nullptr;
+  }
+  // After the last row: the waiting lanes out, and the streamed stores ordered before
+  // anything this thread does next.
+  void finish() {
+    flush();
+    stream_fence();
+  }
+};
+
 // dst[j] = f(j, n)[j - j0] for j in [begin, end): f(j0, n) returns the vector for
-// columns [j0, j0 + n), n < W only at the edges (load inputs with loadu(ptr, n)).
-// With `stream`, every full vector goes out with an aligned non-temporal store.
+// columns [j0, j0 + n), n < W only at the edges (load inputs with loadu(ptr, n)), in
+// increasing j0.  With `stream`, the span goes out with aligned non-temporal stores,
+// its partial edge vectors through the LineStream.
 template <typename T, typename F>
-inline void store_map(T* dst, int64_t begin, int64_t end, bool stream, F&& f) {
+inline void store_map(T* dst, int64_t begin, int64_t end, LineStream<T>* stream, F&& f) {
   constexpr int64_t W = Vec<T>::size();
   int64_t j = begin;
-  if (stream) {
-    const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(dst + j) / sizeof(T)) % W;
-    const int64_t head = std::min<int64_t>(end - j, misaligned ? W - misaligned : 0);
-    if (head > 0) {
-      f(j, head).store(dst + j, head);
-      j += head;
-    }
-    for (; j + W <= end; j += W) stream_store(dst + j, f(j, W));
-  } else {
+  if (!stream) {
     for (; j + W <= end; j += W) f(j, W).store(dst + j);
+    if (j < end) f(j, end - j).store(dst + j, end - j);
+    return;
   }
-  if (j < end) f(j, end - j).store(dst + j, end - j);
+  const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(dst + j) / sizeof(T)) % W;
+  if (misaligned && j < end) {
+    const int64_t head = std::min<int64_t>(end - j, W - misaligned);
+    T* const base = dst + j - misaligned;
+    if (stream->at == base && stream->filled == misaligned) {  // completes the waiting vector
+      stream->pending = Vec<T>::set(lanes_up(f(j, head), misaligned), stream->pending, misaligned);
+      stream->filled += head;
+      if (stream->filled == W) {
+        stream_store(base, stream->pending);
+        stream->at = nullptr;
+      }
+    } else {
+      stream->flush();
+      f(j, head).store(dst + j, head);
+    }
+    j += head;
+  }
+  for (; j + W <= end; j += W) stream_store(dst + j, f(j, W));
+  if (j < end) {  // the last partial vector waits for the next row
+    stream->flush();
+    stream->pending = f(j, end - j);
+    stream->at = dst + j;
+    stream->filled = end - j;
+  }
 }
 
-// dst[0, n) = src[0, n), every full aligned vector of dst written by a non-temporal
-// store (store_map): a staged span of rows going out to memory.
+// dst[0, n) = src[0, n), streamed (store_map): a staged span of rows going out to memory.
 template <typename T>
-inline void stream_copy(T* dst, const T* src, int64_t n) {
-  store_map(dst, 0, n, true, [src](int64_t j, int64_t m) { return Vec<T>::loadu(src + j, m); });
+inline void stream_copy(T* dst, const T* src, int64_t n, LineStream<T>& stream) {
+  store_map(dst, 0, n, &stream, [src](int64_t j, int64_t m) { return Vec<T>::loadu(src + j, m); });
 }
 
 // The group path's horizontal reductions, W = Vec<T>::size() rows at once: lane r of
