@@ -98,12 +98,14 @@ struct MultiMarginMath {
   // Below this the lane path is as fast or faster: a row of two or three vectors wastes
   // most of its last one (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMinClasses = 40;
-  // Past this the row path is as fast or faster: the hinge's passes are light, so the
-  // group re-reading its rows from L2 instead of L1 costs more than it saves.
-  static constexpr int64_t kGroupMaxClasses = 200;
-  // A streamed gradient (large, rows on line boundaries) goes out faster row by row: the
-  // row path interleaves its non-temporal stores with the next row's reads, where the
-  // group issues 16 rows of them in a burst after its light first pass.
+  // Past this the row path is as fast or faster: the hinge's passes are light, and the
+  // row path, which prefetches each next row during its pass, reads rows of 65-200
+  // classes 1.1-1.3x as fast forward-only, as fast in training, switched call by call
+  // (bench/results/class-count-ab.md).
+  static constexpr int64_t kGroupMaxClasses = 64;
+  // A streamed gradient goes out faster row by row: the row path interleaves its
+  // non-temporal stores with the next row's reads, where the group issues 16 rows of
+  // them in a burst after its light first pass.
   static constexpr bool kGroupsStream = false;
   template <typename acc_t, bool kGrad>
   static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const MultiMarginParams<acc_t>& p,
