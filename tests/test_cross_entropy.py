@@ -43,6 +43,21 @@ def test_matches_naive_reference(kernel_backend, N, C, reduction):
         assert_close(grad, ref_grad, torch.float64, what)
 
 
+@pytest.mark.parametrize("C", [2, 3, 10])
+def test_compile_time_class_counts_in_float32(kernel_backend, C):
+    # The C++ lane path compiles 2, 3 and 10 classes as constants: 70 float32 rows take
+    # its two-tile steps (32 rows), one tile and a partial one.  Against float64.
+    for weight, ignore, smoothing in OPTIONS:
+        x, t, kw = make_case(70, C, weight, ignore, smoothing, dtype=torch.float32)
+        kw64 = {k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()}
+        for reduction in ["none", "mean", "sum"]:
+            loss, grad = run(linclass.cross_entropy, x, t, reduction=reduction, **kw)
+            ref_loss, ref_grad = reference.cross_entropy(x.double(), t, reduction=reduction, **kw64)
+            what = f"{reduction} weight={weight} ignore={ignore} smoothing={smoothing}"
+            assert_close(loss, ref_loss.float(), torch.float32, what)
+            assert_close(grad, ref_grad.float(), torch.float32, what)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 4), (2, 5, 3, 2), (1, 17, 9)])
 def test_kdim_matches_naive_reference(kernel_backend, shape):
     N, C, extra = shape[0], shape[1], shape[2:]
