@@ -319,9 +319,9 @@ struct CrossEntropyMath {
   // U tiles of W rows (tile u at tile + u * C * W, targets vy[u]); the rows' losses go
   // to loss[u].  Ten classes (CIFAR-10 and digits, the workflow's case) get a
   // compile-time class count, so the class loops unroll (~12% less time at 65536 x 10
-  // here); so do two and three without label smoothing, where the loop's overhead is
-  // most of a class step (~20% less time at 2 classes, ~5% at 3, training; nothing
-  // forward-only).  kC = 0: any count, read at run time.  Label smoothing is a template
+  // here); so do two and three without label smoothing, where the loops' overhead is
+  // most of a class step (bench/results/class-count-ab.md).  kC = 0: any count, read
+  // at run time.  Label smoothing is a template
   // argument too: as a run-time flag its test sat in every class step, and the rows'
   // weighted sums it needs held registers that the loops then spilled (~8% less time
   // at 65536 x 10 without smoothing, min of alternating runs on 1 and 2 threads).

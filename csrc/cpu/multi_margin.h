@@ -99,9 +99,8 @@ struct MultiMarginMath {
   // most of its last one (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMinClasses = 40;
   // Past this the row path is as fast or faster: the hinge's passes are light, and the
-  // row path, which prefetches each next row during its pass, reads rows of 65-200
-  // classes 1.1-1.3x as fast forward-only, as fast in training, switched call by call
-  // (bench/results/class-count-ab.md).
+  // row path, which prefetches each next row during its pass, reads longer rows faster
+  // forward-only and as fast in training (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMaxClasses = 64;
   // A streamed gradient goes out faster row by row: the row path interleaves its
   // non-temporal stores with the next row's reads, where the group issues 16 rows of

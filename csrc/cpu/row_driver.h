@@ -66,12 +66,11 @@ inline bool stream_gradient(int64_t grad_bytes) { return grad_bytes >= kStreamBy
 // aligned vector.  Rows that do not, but follow each other in memory, stream through
 // one LineStream (vec_util.h), which joins each row's last partial vector to the next
 // row's first, from kJoinMinRowBytes a row: on shorter rows the join's work per row
-// cost more than the streaming saved (40-63 float classes; the hinge at 100-1000
-// classes gained 1.7-2x, bench/results/class-count-ab.md).  Streamed where they lie,
-// such rows' first and last vectors would be ordinary stores into lines that their
-// neighbours stream into (with AVX2, half lines), which cost 2-5x at short rows (C = 33
-// to 500, float32; bench/results/cpu-sweep.md); rows of kStreamMinRowBytes or more
-// have few such lines and stream where they lie too.  The lane path stages each tile's
+// costs more than the streaming saves (bench/results/class-count-ab.md).  Streamed
+// where they lie, such rows' first and last vectors would be ordinary stores into
+// lines that their neighbours stream into (with AVX2, half lines), which costs several
+// times the time at short rows (bench/results/cpu-sweep.md); rows of
+// kStreamMinRowBytes or more have few such lines and stream where they lie too.  The lane path stages each tile's
 // W rows in a cache-resident buffer and streams their contiguous span (from
 // kMinStagedTileBytes a tile).
 constexpr int64_t kJoinMinRowBytes = 256;

@@ -321,9 +321,8 @@ inline void stream_fence() {
 // the next row's first partial vector completes it and the two go out as one streamed
 // vector.  Otherwise the waiting lanes get an ordinary masked store (flush).  So a line
 // is written by one kind of store only: mixing them in one line (each short row's
-// edges stored normally among its neighbours' streamed lines) cost 2-5x
-// (bench/results/cpu-sweep.md), which is why rows off vector boundaries used to be
-// written without streaming at all.
+// edges stored normally among its neighbours' streamed lines) costs several times the
+// time (bench/results/cpu-sweep.md).
 template <typename T>
 struct LineStream {
   Vec<T> pending;      // kept whole: a partial store and a wider reload would stall
