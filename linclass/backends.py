@@ -7,10 +7,12 @@ Backends:
             TRITON_INTERPRET=1 was set before triton was imported)
   "torch"   plain torch.nn.functional (any device)
 
-Automatic choice: CPU tensors -> "cpp" (else "torch").  CUDA tensors -> by problem size
-when both GPU backends are built (gpu_auto: "cuda" below TRITON_MIN_BYTES, "triton" from
-there on), else whichever of them is built, else "torch".  Force one with
-``with linclass.backends.use("cpp"): ...`` or the environment variable LINCLASS_BACKEND.
+Automatic choice: CPU tensors -> "cpp" (else "torch"), except small float32/64 losses,
+which are host-bound and run on "torch" (cpu_cross_entropy_on_torch, cpu_hinge_on_torch).
+CUDA tensors -> by problem size when both GPU backends are built (gpu_auto: "cuda" below
+TRITON_MIN_BYTES, "triton" from there on), else whichever of them is built, else "torch".
+Force one with ``with linclass.backends.use("cpp"): ...`` or the environment variable
+LINCLASS_BACKEND.
 A forced backend that cannot run on the tensor raises BackendUnavailable; it is never
 silently replaced by another.
 
@@ -117,13 +119,18 @@ def use(name: str):
 TRITON_MIN_BYTES = 256 * 2**20
 
 
-# On the CPU the automatic choice sends a small multi_margin_loss (float32/64, at most this
-# many scores) to torch: there a call is host-bound, and torch's hinge, whose autograd node
-# is C++, costs less per call than the C++ kernel behind linclass's Python autograd (the
-# stable ABI has no C++ autograd).  The crossover measured on the development machine:
-# bench/results/stable-abi-overhead.md.  Cross-entropy has no such range (torch's is the
-# slower one down to 4 x 10).
+# On the CPU the automatic choice sends small float32/64 losses to torch: there a call is
+# host-bound, and torch's losses, whose autograd nodes are C++, cost less per call than
+# the C++ kernel behind linclass's Python autograd node (the stable ABI has no C++
+# autograd; that node alone costs about as much as torch's whole step at 4 x 10).
+# multi_margin_loss: at most CPU_TORCH_HINGE_MAX_SCORES scores.  cross_entropy: torch's
+# time grows with the rows as well as the scores, so its bound counts a row as
+# CPU_TORCH_CROSS_ENTROPY_ROW_COST scores: 55 rows of 10 classes, 24 of 100, 3 of 1000.
+# The crossovers measured on the development machine:
+# bench/results/stable-abi-overhead.md.
 CPU_TORCH_HINGE_MAX_SCORES = 6144
+CPU_TORCH_CROSS_ENTROPY_MAX_COST = 4096
+CPU_TORCH_CROSS_ENTROPY_ROW_COST = 64
 
 
 def cpu_hinge_on_torch(input: torch.Tensor) -> bool:
@@ -132,6 +139,22 @@ def cpu_hinge_on_torch(input: torch.Tensor) -> bool:
     over no rows."""
     return (0 < input.numel() <= CPU_TORCH_HINGE_MAX_SCORES and current() is None
             and (input.dtype is torch.float32 or input.dtype is torch.float64))
+
+
+def cpu_cross_entropy_on_torch(input: torch.Tensor) -> bool:
+    """Whether the automatic choice runs this cross_entropy on torch: a small float32/64
+    input of scores on the CPU, (C,), (N, C) or (N, C, d1, ...), not empty."""
+    if _forced or _ENV is not None or not input.is_cpu:
+        return False
+    dtype = input.dtype
+    if dtype is not torch.float32 and dtype is not torch.float64:
+        return False
+    shape = input.shape
+    scores = input.numel()
+    if not shape or scores == 0:
+        return False
+    rows = scores // shape[1 if len(shape) > 1 else 0]
+    return scores + CPU_TORCH_CROSS_ENTROPY_ROW_COST * rows <= CPU_TORCH_CROSS_ENTROPY_MAX_COST
 
 
 def gpu_auto(nbytes: int | None = None) -> str:

@@ -182,6 +182,14 @@ def cross_entropy(
     class probabilities with the input's shape (computed by the torch backend).
     For class indices the kernel computes the loss and d loss / d input together.
     """
+    if (type(input) is torch.Tensor and type(target) is torch.Tensor
+            and backends.cpu_cross_entropy_on_torch(input)
+            and size_average is None and reduce is None and type(reduction) is str
+            and reduction in _ops.REDUCTIONS):
+        # A small loss, run by torch (see backends): what F.cross_entropy does for plain
+        # tensors, with its checks and errors.
+        return torch._C._nn.cross_entropy_loss(input, target, weight, _ops.REDUCTIONS[reduction],
+                                               ignore_index, label_smoothing)
     reduction, reduction_code = _reduction_code(size_average, reduce, reduction)
     _check_input("cross_entropy", input, target)
     backend = backends.resolve_for(input)

@@ -140,9 +140,66 @@ def test_small_cpu_hinge_runs_on_torch_when_automatic():
     assert node(4, 10, torch.bfloat16) == "LinclassMultiMarginLossBackward"
     with backends.use("cpp"):
         assert node(4, 10) == "LinclassMultiMarginLossBackward"
-    x = torch.randn(4, 10, requires_grad=True)
-    assert type(linclass.cross_entropy(x, torch.randint(0, 10, (4,))).grad_fn).__name__ == \
+
+
+@pytest.mark.skipif("cpp" not in backends.available(), reason="needs the C++ kernels")
+def test_small_cpu_cross_entropy_runs_on_torch_when_automatic():
+    """While scores + CPU_TORCH_CROSS_ENTROPY_ROW_COST per row stay within
+    CPU_TORCH_CROSS_ENTROPY_MAX_COST, the automatic choice runs a float32/64
+    cross_entropy on torch (whose graph ends in NllLossBackward0); above it, in 16-bit
+    types, empty, or with a backend forced, the C++ kernel."""
+    limit, row = backends.CPU_TORCH_CROSS_ENTROPY_MAX_COST, backends.CPU_TORCH_CROSS_ENTROPY_ROW_COST
+
+    def node(shape, dtype=torch.float32):
+        x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+        classes = shape[1] if len(shape) > 1 else shape[0]
+        t = torch.randint(0, classes, shape[:1] + shape[2:] if len(shape) > 1 else ())
+        return type(linclass.cross_entropy(x, t).grad_fn).__name__
+
+    rows = limit // (10 + row)  # the most rows of 10 classes that go to torch
+    assert node((4, 10)) == node((rows, 10)) == node((1000,)) == "NllLossBackward0"
+    assert node((4, 10), torch.float64) == "NllLossBackward0"
+    assert node((rows + 1, 10)) == "LinclassCrossEntropyBackward"
+    assert node((limit - row + 1,)) == "LinclassCrossEntropyBackward"  # one row, over
+    assert node((2, 10, 3, 2)) == "NllLoss2DBackward0"  # 12 rows of 10 classes
+    assert node((4, 10), torch.bfloat16) == "LinclassCrossEntropyBackward"
+    with backends.use("cpp"):
+        assert node((4, 10)) == "LinclassCrossEntropyBackward"
+    empty = torch.randn(0, 10, requires_grad=True)
+    assert type(linclass.cross_entropy(empty, torch.zeros(0, dtype=torch.long),
+                                       reduction="sum").grad_fn).__name__ == \
         "LinclassCrossEntropyBackward"
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("shape", [(7, 5), (5,), (3, 5, 2)])
+def test_small_cpu_cross_entropy_on_torch_is_torch_exactly(reduction, weighted, smoothing, shape):
+    """The route to torch gives F.cross_entropy's loss and gradient bit for bit (ignored
+    rows included), and its errors."""
+    classes = shape[1] if len(shape) > 1 else shape[0]
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, classes, shape[:1] + shape[2:] if len(shape) > 1 else ())
+    if t.dim():
+        t.view(-1)[0] = 1  # ignore_index below
+    w = torch.rand(classes, dtype=torch.float64) if weighted else None
+    kwargs = dict(weight=w, reduction=reduction, label_smoothing=smoothing, ignore_index=1)
+    ours = linclass.cross_entropy(x, t, **kwargs)
+    (g_ours,) = torch.autograd.grad(ours.sum(), x)
+    ref = F.cross_entropy(x, t, **kwargs)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    assert not type(ours.grad_fn).__name__.startswith("Linclass")
+    # Bit for bit; an ignored one-sample loss is NaN in both.
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=0, equal_nan=True)
+    bad = t.clone().fill_(classes)
+    with pytest.raises(Exception) as torch_error:
+        F.cross_entropy(x, bad)
+    with pytest.raises(type(torch_error.value), match="out of bounds"):
+        linclass.cross_entropy(x, bad)
+    with pytest.raises(ValueError, match="not a valid value for reduction"):
+        linclass.cross_entropy(x, t, reduction="average")
 
 
 
