@@ -301,7 +301,8 @@ def tl_acc(acc: torch.dtype):
 @triton.jit
 def _consts_store(CONSTS, denom, weight_sum, MEAN: tl.constexpr):
     if MEAN:
-        scale = 1.0 / denom
+        # Target weights summing to zero: NaN, as torch's 0 / 0 (see the C++ setup).
+        scale = tl.where(denom != 0, 1.0 / denom, float("nan"))
     else:
         scale = tl.full([], 1.0, denom.dtype)
     tl.store(CONSTS, scale)

@@ -45,6 +45,15 @@ from torch import Tensor
 from . import backends
 
 
+def mean_of(total: Tensor, denominator) -> Tensor:
+    """A 'mean': total / denominator, NaN where the denominator is 0 (target weights that
+    sum to zero, or no kept row), as torch's 0 / 0; total / 0 would give inf once label
+    smoothing makes the total non-zero."""
+    quotient = total / denominator
+    return torch.where(torch.as_tensor(denominator, device=quotient.device) != 0, quotient,
+                       torch.full_like(quotient, float("nan")))
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -165,7 +174,8 @@ def ce_merge(stats: Tensor, target: Tensor, weight: Tensor | None, class_starts:
     zero = torch.zeros_like(loss)
     loss = torch.where(nan_rows, nan, torch.where(ignored, zero, loss))
     if reduction == "mean":
-        scale = 1.0 / (w_y.sum() if mean_denominator is None else mean_denominator)
+        scale = mean_of(torch.ones((), dtype=acc, device=stats.device),
+                        w_y.sum() if mean_denominator is None else mean_denominator)
     else:
         scale = torch.ones((), dtype=acc, device=stats.device)
     exp_coef = scale * (keep * w_y + smooth * total_w) * factor[rank] / big_s

@@ -242,7 +242,7 @@ def _reduce(loss_rows: torch.Tensor, reduction: str, denominator) -> torch.Tenso
     if reduction == "none":
         return loss_rows
     total = loss_rows.sum()
-    return total / denominator if reduction == "mean" else total
+    return _sharded.mean_of(total, denominator) if reduction == "mean" else total
 
 
 def _dtensor_call(fn, scores, target, weight, kwargs):

@@ -263,10 +263,22 @@ def test_empty_input_with_any_strides(kernel_backend, reduction):
         compare_with_torch(linclass.cross_entropy, F.cross_entropy, x, t, reduction=reduction)
 
 
-def test_zero_weight_sum_matches_torch(kernel_backend):
-    w = torch.tensor([0.0, 0.0, 1.0])
-    t = torch.tensor([0, 1, 0])  # every target weighs 0: mean is 0/0
-    compare_with_torch(linclass.cross_entropy, F.cross_entropy, torch.randn(3, 3), t, weight=w)
+@pytest.mark.parametrize("C", [3, 10, 50, 700])  # the C++ lane, group and row paths
+def test_zero_weight_sum_matches_torch(kernel_backend, C):
+    """Every kept target weighs 0: the 'mean' is 0 / 0, NaN like torch's, with label
+    smoothing too (whose part alone would be x / 0 = inf), and the kept rows' gradient
+    NaN; ignored rows keep a zero gradient."""
+    w = torch.rand(C) + 0.5
+    w[0] = w[1] = 0.0
+    t = torch.tensor([0, 1, 0, 2, 1])
+    for smoothing, ignored in itertools.product([0.0, 0.1, 1.0], [False, True]):
+        target = t.clone()
+        if ignored:
+            target[3] = -100  # the only row with weight
+        else:
+            target[3] = 0
+        compare_with_torch(linclass.cross_entropy, F.cross_entropy, torch.randn(5, C), target,
+                           weight=w, label_smoothing=smoothing)
 
 
 def test_negative_and_full_label_smoothing(kernel_backend):

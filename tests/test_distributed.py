@@ -185,6 +185,11 @@ def _matches_unsharded(rank, world, full=True):
     # Every row ignored: 'mean' is NaN, as in torch.
     _compare(rank, world, ld.cross_entropy, F.cross_entropy, x64, torch.full((n,), -100), layout,
              dict(), F64)
+    # Every kept target weighs 0: NaN too, with label smoothing (whose part alone is x / 0).
+    w_zero = w.clone()
+    w_zero[y] = 0.0
+    _compare(rank, world, ld.cross_entropy, F.cross_entropy, x64, y, layout,
+             dict(weight=w_zero, label_smoothing=0.2), F64)
     # -inf, +inf and NaN scores give torch's NaN / finite rows.
     odd = x64.clone()
     odd[2, :] = float("-inf")

@@ -474,6 +474,10 @@ struct CrossEntropySetup {
       plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
     }
     denom = reduction == kMean ? kept : 1.0;
+    // A 'mean' over rows whose target weights sum to zero (all of them 0, or every row
+    // ignored) is NaN, as torch's: its NLL part is 0 / 0.  1 / 0 would turn the label
+    // smoothing part, and the kept rows' gradient, into inf instead.
+    if (denom == 0) denom = std::numeric_limits<double>::quiet_NaN();
     params = {weight.data(),
               w.has_value(),
               acc_t(weight_sum),

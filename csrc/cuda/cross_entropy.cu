@@ -139,7 +139,9 @@ __global__ void consts_kernel(const int64_t* __restrict__ target, const scalar_t
   __threadfence();
   const bool mine = threadIdx.x < gridDim.x;
   // __ldcg: from L2, where the other blocks' partials are (not a stale L1 line)
-  const acc_t denom = Reduce(tmp).Sum(mine ? __ldcg(parts + 2 * threadIdx.x) : acc_t(0));
+  acc_t denom = Reduce(tmp).Sum(mine ? __ldcg(parts + 2 * threadIdx.x) : acc_t(0));
+  // Target weights summing to zero: a NaN 'mean', as torch's 0 / 0 (csrc/cpu/cross_entropy.h).
+  if (denom == acc_t(0)) denom = acc_t(NAN);
   __syncthreads();
   const acc_t wsum = Reduce(tmp).Sum(mine ? __ldcg(parts + 2 * threadIdx.x + 1) : acc_t(0));
   if (threadIdx.x == 0) {
