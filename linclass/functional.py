@@ -112,11 +112,13 @@ def _check_weight(op: str, weight, input: torch.Tensor, classes: int, torch_name
 def _ignore_index(value) -> int:
     """ignore_index as the kernels take it; like torch, an integer (a Python or NumPy int,
     or a 0-dim integer tensor), not a float or a bool."""
-    if type(value) is int:
-        return value
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
-    return value.__index__()
+    if type(value) is not int:
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
+        value = value.__index__()
+    if not -2**63 <= value < 2**63:  # torch's argument parser raises ValueError too
+        raise ValueError(f"ignore_index = {value} does not fit in a 64-bit integer")
+    return value
 
 
 def _margin(value) -> float:
@@ -144,7 +146,11 @@ def _cross_entropy_layout(shape, target: torch.Tensor) -> tuple[torch.Tensor, in
     if dim == 0:
         raise RuntimeError("cross_entropy: input must have at least 1 dimension (classes)")
     if dim == 1:
-        if target.dim() > 1 or target.numel() != 1:
+        if target.dim() > 1:  # torch's type and message
+            raise RuntimeError(
+                "cross_entropy: for 1D input, target must be 0-D or 1-D (0D or 1D target tensor "
+                f"expected, multi-target not supported), got shape {tuple(target.shape)}")
+        if target.numel() != 1:
             raise ValueError(
                 "cross_entropy: for 1D input, target must be 0-D or hold one element, "
                 f"got shape {tuple(target.shape)}"
@@ -215,10 +221,11 @@ def cross_entropy(
         raise RuntimeError(f"cross_entropy: target is on {target.device} but input is on {input.device}")
     if target_dtype is not torch.int64:
         target = target.long()
+    ignore_index = _ignore_index(ignore_index)
     if backend != "cpp":  # the C++ kernels check their targets themselves
         _check_targets("cross_entropy", backend, target, classes, ignore_index, IndexError)
     op = CROSS_ENTROPY[backend]
-    return op(input, target, weight, _ignore_index(ignore_index), smoothing, reduction_code,
+    return op(input, target, weight, ignore_index, smoothing, reduction_code,
               input.requires_grad and torch.is_grad_enabled())
 
 

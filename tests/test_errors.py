@@ -31,6 +31,8 @@ CE_CASES = {
     "integer input": (x.long(), t, {}),
     "0-d input": (torch.tensor(1.0), torch.tensor(0), {}),
     "1-D input, 2-element target": (torch.randn(5), torch.tensor([3, 1]), {}),
+    "1-D input, 2-D target": (torch.randn(5), torch.tensor([[1]]), {}),
+    "ignore_index beyond int64": (x, t, {"ignore_index": 2**70}),
     "C = 0": (torch.randn(3, 0), torch.zeros(3, dtype=torch.long), {}),
     "list target": (x, [0, 1, 4, 2], {}),
     "None target": (x, None, {}),
