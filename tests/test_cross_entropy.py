@@ -43,12 +43,11 @@ def test_matches_naive_reference(kernel_backend, N, C, reduction):
         assert_close(grad, ref_grad, torch.float64, what)
 
 
-@pytest.mark.parametrize("C", [2, 3, 10])
-def test_compile_time_class_counts_in_float32(kernel_backend, C):
-    # The C++ lane path compiles 2, 3 and 10 classes as constants: 70 float32 rows take
-    # its two-tile steps (32 rows), one tile and a partial one.  Against float64.
+def check_float32_against_float64(N, C, extra=()):
+    """float32 scores of shape (N, C, *extra) against the float64 reference of the same
+    values: every option and reduction."""
     for weight, ignore, smoothing in OPTIONS:
-        x, t, kw = make_case(70, C, weight, ignore, smoothing, dtype=torch.float32)
+        x, t, kw = make_case(N, C, weight, ignore, smoothing, dtype=torch.float32, extra=extra)
         kw64 = {k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()}
         for reduction in ["none", "mean", "sum"]:
             loss, grad = run(linclass.cross_entropy, x, t, reduction=reduction, **kw)
@@ -56,6 +55,13 @@ def test_compile_time_class_counts_in_float32(kernel_backend, C):
             what = f"{reduction} weight={weight} ignore={ignore} smoothing={smoothing}"
             assert_close(loss, ref_loss.float(), torch.float32, what)
             assert_close(grad, ref_grad.float(), torch.float32, what)
+
+
+@pytest.mark.parametrize("C", [2, 3, 10])
+def test_compile_time_class_counts_in_float32(kernel_backend, C):
+    # The C++ lane path compiles 2, 3 and 10 classes as constants: 70 float32 rows take
+    # its two-tile steps (32 rows), one tile and a partial one.
+    check_float32_against_float64(70, C)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4), (2, 5, 3, 2), (1, 17, 9)])
@@ -68,6 +74,16 @@ def test_kdim_matches_naive_reference(kernel_backend, shape):
             ref_loss, ref_grad = reference.cross_entropy(x, t, reduction=reduction, **kw)
             assert_close(loss, ref_loss, torch.float64, reduction)
             assert_close(grad, ref_grad, torch.float64, reduction)
+
+
+@pytest.mark.parametrize("shape", [(2, 40, 16), (2, 41, 33), (3, 150, 4, 8), (1, 512, 48),
+                                   (2, 513, 16), (1, 64, 5, 7)])
+def test_kdim_many_classes_in_float32(kernel_backend, shape):
+    # K-dim inputs whose d's are contiguous: the C++ lane path takes them at any class
+    # count up to 512 (W positions of one class are one vector), whole tiles where the
+    # d's hold 16k positions (32, 48), tiles across an image's end where not (33, 35),
+    # and 513 classes the row path.
+    check_float32_against_float64(shape[0], shape[1], shape[2:])
 
 
 def test_probability_targets_match_naive_reference():

@@ -25,7 +25,7 @@ std::tuple<Tensor, Tensor> cross_entropy_cpu(const Tensor& input_,
 
   LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "cross_entropy_cpu", [&] {
     const cpu::CrossEntropySetup<scalar_t> setup(target, weight, C, ignore_index, label_smoothing,
-                                                 reduction, /*in_kernel=*/true);
+                                                 reduction, /*in_kernel=*/true, &geom);
     cpu::run_loss<scalar_t, cpu::CrossEntropyMath>(input, geom, target, setup.plan,
                                                    reduction, setup.denom, compute_grad, loss,
                                                    grad, setup.params);

@@ -454,10 +454,13 @@ struct CrossEntropySetup {
 
   // in_kernel: let the lane path (no class weights) read the targets itself; the fused
   // linear ops and the SGD step, which drive the tiles themselves, leave it false.
+  // rows: the scores' layout, when the caller runs them through run_rows (which may
+  // take the lane path for strided classes); else rows of C contiguous classes.
   CrossEntropySetup(const Tensor& target, const OptTensor& w, int64_t C,
                     int64_t ignore_index, double label_smoothing, int64_t reduction,
-                    bool in_kernel = false)
+                    bool in_kernel = false, const RowGeometry* rows = nullptr)
       : weight(w, C) {
+    const bool lanes = rows ? use_lanes<CrossEntropyMath>(*rows) : use_lanes<CrossEntropyMath>(C);
     const double weight_sum = weight.sum();
     plan.op = "cross_entropy";
     plan.index_error = true;
@@ -465,11 +468,11 @@ struct CrossEntropySetup {
     // A 'mean' in 16 bits counts the kept rows first: correcting its gradient after the
     // pass would round it twice.
     const bool count_first = reduction == kMean && !std::is_same_v<scalar_t, acc_t>;
-    if (in_kernel && use_lanes<CrossEntropyMath>(C) && !w.has_value() && !count_first) {
+    if (in_kernel && lanes && !w.has_value() && !count_first) {
       plan.rule = TargetRule{C, true, ignore_index};
       plan.mean_of_kept = true;
     } else {
-      kept = checked_targets<acc_t>(plan.op, plan.index_error, target, C, use_lanes<CrossEntropyMath>(C), true, ignore_index,
+      kept = checked_targets<acc_t>(plan.op, plan.index_error, target, C, lanes, true, ignore_index,
                                     w ? weight.data() : nullptr, lane_targets);
       plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
     }

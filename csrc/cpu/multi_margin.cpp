@@ -25,7 +25,7 @@ std::tuple<Tensor, Tensor> multi_margin_loss_cpu(const Tensor& input,
 
   LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "multi_margin_loss_cpu", [&] {
     const cpu::MultiMarginSetup<scalar_t> setup(target, weight, C, p, margin, reduction,
-                                                  /*in_kernel=*/true);
+                                                  /*in_kernel=*/true, &geom);
     cpu::run_loss<scalar_t, cpu::MultiMarginMath>(input, geom, target, setup.plan,
                                                   reduction, setup.denom, compute_grad, loss, grad,
                                                   setup.params);

@@ -248,13 +248,15 @@ struct MultiMarginSetup {
   MultiMarginParams<acc_t> params;
 
   MultiMarginSetup(const Tensor& target, const OptTensor& w, int64_t C,
-                   int64_t p, double margin, int64_t reduction, bool in_kernel = false)
+                   int64_t p, double margin, int64_t reduction, bool in_kernel = false,
+                   const RowGeometry* rows = nullptr)
       : weight(w, C) {
     plan.op = "multi_margin_loss";
-    if (in_kernel && use_lanes<MultiMarginMath>(C)) {
+    const bool lanes = rows ? use_lanes<MultiMarginMath>(*rows) : use_lanes<MultiMarginMath>(C);
+    if (in_kernel && lanes) {
       plan.rule = TargetRule{C, false, 0};
     } else {
-      checked_targets<acc_t>(plan.op, plan.index_error, target, C, use_lanes<MultiMarginMath>(C), false, 0, nullptr, lane_targets);
+      checked_targets<acc_t>(plan.op, plan.index_error, target, C, lanes, false, 0, nullptr, lane_targets);
       plan.lane_targets = lane_targets.empty() ? nullptr : lane_targets.data();
     }
     denom = reduction == kMean ? double(target.numel()) : 1.0;

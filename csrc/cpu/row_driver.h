@@ -45,6 +45,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace linclass::cpu {
@@ -191,6 +192,21 @@ template <typename Math>
 inline bool use_lanes(int64_t classes) {
   static_assert(Math::kGroupMinClasses <= kLaneMaxClasses + 1);
   return classes < Math::kGroupMinClasses;
+}
+// Rows whose classes are strided and whose neighbouring rows are adjacent: K-dim inputs
+// (N, C, d1, ...) with contiguous d's (a segmentation's scores).  There W rows of one
+// class are one vector, so the lane path packs a tile with C vector copies at any class
+// count, where the row and group paths would gather every score from a different line
+// (~20x slower at 150 classes).  Up to kGroupMaxClasses classes, whose tiles stay in L2.
+inline bool strided_class_lanes(const RowGeometry& g) {
+  return g.inner >= Vec<float>::size() && g.stride_k == 1 && g.stride_c != 1 &&
+         g.classes <= kGroupMaxClasses;
+}
+// The lane path's choice for rows laid out as `g`: the setups (CrossEntropySetup,
+// MultiMarginSetup) prepare the lane path's targets by the same test.
+template <typename Math>
+inline bool use_lanes(const RowGeometry& g) {
+  return use_lanes<Math>(g.classes) || strided_class_lanes(g);
 }
 
 inline int64_t num_blocks(int64_t rows, int64_t classes) {
@@ -400,7 +416,16 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   constexpr int64_t W = V::size();
   constexpr int U = Math::kLaneTiles;  // full tiles handed to the math at once
   const int64_t C = t.in.classes;
-  alignas(64) acc_t tile[U * kLaneMaxClasses * W];
+  // Tiles of up to kLaneMaxClasses classes on the stack; longer ones (strided classes,
+  // strided_class_lanes) in an aligned heap buffer, whose vectors the math stores to.
+  alignas(64) acc_t small_tile[U * kLaneMaxClasses * W];
+  std::vector<acc_t> large_tile(C > kLaneMaxClasses ? U * C * W + 64 / sizeof(acc_t) : 0);
+  acc_t* tile = small_tile;
+  if (C > kLaneMaxClasses) {
+    void* at = large_tile.data();
+    size_t space = large_tile.size() * sizeof(acc_t);
+    tile = static_cast<acc_t*>(std::align(64, U * C * W * sizeof(acc_t), at, space));
+  }
   alignas(64) acc_t tail[W];
   V sum(acc_t(0));  // lane-wise running loss; each lane adds its rows in order
   DeferredLogs<acc_t> logs;
@@ -417,7 +442,7 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   // contiguous span, whole lines, goes out with non-temporal stores.
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
   const bool staged = kGrad && same_type && t.stream_grad && contiguous_rows(t.gout) &&
-                      tile_bytes >= kMinStagedTileBytes;
+                      tile_bytes >= kMinStagedTileBytes && C <= kLaneMaxClasses;
   alignas(64) scalar_t stage[kGrad && same_type ? kLaneMaxClasses * W : 1];
   LineStream<acc_t> line_stream;
   RowGeometry stage_rows = t.gout;
@@ -591,7 +616,8 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   // Each block already holds ~kBlockElements of work, so one block per task keeps tiny
   // inputs on the calling thread.  Each block writes only its own rows, partial sum
   // and tally, so the result does not depend on the thread count.
-  const bool lanes = use_lanes<Math>(C);
+  // Strided classes take the lanes only where the setup prepared the lane path's targets.
+  const bool lanes = use_lanes<Math>(C) || (strided_class_lanes(t.in) && (t.rule || t.lane_targets));
   const bool streamed = t.grad && t.stream_grad && streams_rows(t.gout, sizeof(scalar_t));
   const bool groups = use_groups<Math>(C) && (Math::kGroupsStream || !streamed);
   torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
