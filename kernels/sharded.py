@@ -6,7 +6,8 @@ program per row walks its columns in BLOCK_C blocks.
   ce_stats   cross-entropy phase 1: per row m, s, s' (without the target's term), d,
              owner flag, u (a (6, N) tensor)
   ce_grad    cross-entropy phase 2: dx_j = a exp(x_j - shift) - b w_j, dx_y = the given
-             target gradient (rows with a = b = 0 are ignored rows: all 0)
+             target gradient (rows with a = b = 0 and a zero target gradient are
+             ignored rows: all 0)
   mm_grad    multi-margin phase 2: the row's loss part and gradient part (2, N), and
              dx_j = v p max(0, h_j)^(p-1) [h_j > 0] for j != y (the target's column 0)
 Inputs are contiguous and in the accumulation dtype (float32, or float64): the caller
@@ -79,8 +80,10 @@ def _ce_grad_kernel(X, T, W, SHIFT, A, B, TG, G, C, start, ignore_index,
     shift = tl.load(SHIFT + row)
     a = tl.load(A + row)
     b = tl.load(B + row)
-    ignored = (a == 0) & (b == 0)  # NaN coefficients (NaN rows) are not 0
     target_grad = tl.load(TG + row)
+    # NaN coefficients (NaN rows) are not 0; a row whose exponentials underflow here has
+    # a = b = 0 but its target column (csrc/cpu/sharded.cpp).
+    ignored = (a == 0) & (b == 0) & (target_grad == 0)
     offs = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + offs

@@ -218,8 +218,10 @@ def ce_phase2(x: Tensor, target: Tensor, start: int, weight_local: Tensor | None
     if width:
         g.scatter_(1, col, torch.where(own, merged.target_grad,
                                        g.gather(1, col).squeeze(1)).unsqueeze(1))
-    # Ignored rows are exactly 0 (even where a +inf score made inf * 0).
-    g.masked_fill_(((merged.exp_coef == 0) & (merged.weight_coef == 0)).unsqueeze(1), 0.0)
+    # Ignored rows are exactly 0 (even where a +inf score made inf * 0); a row whose
+    # exponentials underflow in this shard has zero coefficients too, but not its target's.
+    ignored = (merged.exp_coef == 0) & (merged.weight_coef == 0) & (merged.target_grad == 0)
+    g.masked_fill_(ignored.unsqueeze(1), 0.0)
     return g
 
 

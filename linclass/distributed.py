@@ -89,13 +89,16 @@ def exchange_layout(op: str, group, shape, device, target, class_start, options:
     rank = dist.get_rank(group)
     if rank < 0:
         raise RuntimeError(f"{op}: this process is not a member of the given group")
+    start_given = -1
+    if local_error is None:
+        local_error, start_given = _checked(lambda: _class_start(op, class_start))
     ok = local_error is None
     device = device if ok and dist.get_backend(group) == "nccl" else torch.device("cpu")
     header = torch.tensor(
         [0 if ok else 1,
          shape[0] if ok else -1,  # N
          shape[1] if ok else -1,  # C_local
-         -1 if class_start is None else int(class_start),
+         start_given if ok else -1,
          _fingerprint_target(target) if ok else 0,
          _fingerprint_options(options, weight) if ok else 0],
         dtype=torch.int64, device=device)
@@ -197,12 +200,35 @@ def _check_common(op: str, scores, target, weight, reduction: str) -> None:
     _reduction_code(None, None, reduction)
 
 
-def _checked(check) -> Exception | None:
+def _checked(check) -> tuple[Exception | None, object]:
+    """(None, check()), or (the error, None): a rank's own argument errors are raised on
+    every rank after the layout exchange, never before it (the others would wait there)."""
     try:
-        check()
-    except (TypeError, ValueError, RuntimeError) as error:
-        return error
-    return None
+        return None, check()
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        return error, None
+
+
+def _class_start(op: str, class_start) -> int:
+    """class_start as an int (-1: not given), or the error: an integer, not a float."""
+    if class_start is None:
+        return -1
+    if isinstance(class_start, bool) or not hasattr(class_start, "__index__"):
+        raise TypeError(f"{op}: class_start must be an int, got {type(class_start).__name__}")
+    value = class_start.__index__()
+    if not 0 <= value < 2**62:
+        raise ValueError(f"{op}: class_start must be a class index (>= 0), got {value}")
+    return value
+
+
+def _check_smoothing(op: str, label_smoothing) -> None:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def _check_p(op: str, p) -> None:
+    if p not in (1, 2):
+        raise ValueError(f"{op}: only p == 1 and p == 2 are supported, got {p}")
 
 
 def _check_range(op: str, target: torch.Tensor, classes: int, ignore_index, error: type) -> None:
@@ -222,20 +248,23 @@ def _check_weight_size(op: str, weight, classes: int) -> None:
                            f"got {weight.numel()}")
 
 
-def _enter(op: str, scores, target, group, class_start, weight, check, options: tuple,
-           ignore_index, range_error: type) -> tuple[Layout, torch.Tensor]:
-    """What both score ops start with: this rank's argument checks (run by `check`), the
-    layout exchange that carries their outcome, then the checks that need the global C.
-    Returns (layout, target as int64)."""
-    error = _checked(check)
-    options = (op, str(getattr(scores, "dtype", ""))) + options
+def _enter(op: str, scores, target, group, class_start, weight, check,
+           range_error: type) -> tuple[Layout, torch.Tensor, tuple]:
+    """What both score ops start with: this rank's argument checks (run by `check`, which
+    returns the op's options as the kernels take them, a dict), the layout exchange that
+    carries their outcome, then the checks that need the global C.  Returns (layout,
+    target as int64, options)."""
+    error, options = _checked(check)
+    options = options or {}
+    ignore_index = options.get("ignore_index")
+    fingerprint = (op, str(getattr(scores, "dtype", ""))) + tuple(sorted(options.items()))
     layout = exchange_layout(op, group, getattr(scores, "shape", None),
-                             getattr(scores, "device", None), target, class_start, options,
+                             getattr(scores, "device", None), target, class_start, fingerprint,
                              weight, error)
     target = target.long()
     _check_range(op, target, layout.classes, ignore_index, range_error)
     _check_weight_size(op, weight, layout.classes)
-    return layout, target
+    return layout, target, options
 
 
 def _reduce(loss_rows: torch.Tensor, reduction: str, denominator) -> torch.Tensor:
@@ -295,12 +324,13 @@ def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, 
 
     def check():
         _check_common(op, scores_local, target, weight, reduction)
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+        _check_smoothing(op, label_smoothing)
+        return dict(ignore_index=_ignore_index(ignore_index),
+                    label_smoothing=float(label_smoothing), reduction=reduction)
 
-    layout, target = _enter(op, scores_local, target, group, class_start, weight, check,
-                            (_ignore_index(ignore_index), float(label_smoothing), reduction),
-                            ignore_index, IndexError)
+    layout, target, options = _enter(op, scores_local, target, group, class_start, weight, check,
+                                     IndexError)
+    ignore_index, label_smoothing = options["ignore_index"], options["label_smoothing"]
     start, width = layout.start, scores_local.shape[1]
     weight_local = None if weight is None else weight[start:start + width]
     compute_grad = scores_local.requires_grad and torch.is_grad_enabled()
@@ -337,12 +367,12 @@ def multi_margin_loss(scores_local: torch.Tensor, target: torch.Tensor, group=No
 
     def check():
         _check_common(op, scores_local, target, weight, reduction)
-        if p not in (1, 2):
-            raise ValueError(f"{op}: only p == 1 and p == 2 are supported, got {p}")
+        _check_p(op, p)
+        return dict(p=p, margin=_margin(margin), reduction=reduction)
 
-    margin = _margin(margin)
-    layout, target = _enter(op, scores_local, target, group, class_start, weight, check,
-                            (p, margin, reduction), None, RuntimeError)
+    layout, target, options = _enter(op, scores_local, target, group, class_start, weight, check,
+                                     RuntimeError)
+    margin = options["margin"]
     start = layout.start
     compute_grad = scores_local.requires_grad and torch.is_grad_enabled()
 
@@ -372,7 +402,9 @@ def _row_blocks(rows: int, width: int, dtype: torch.dtype):
     each block runs a collective."""
     per_row = max(width, 1) * torch.empty((), dtype=_sharded.accumulation_dtype(dtype)).element_size()
     step = max(1, min(rows, BLOCK_BYTES // per_row))
-    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
+    # No rows: one empty block, so the ops' exchanges and sums still run (every rank has
+    # the same N, so the same blocks).
+    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)] or [slice(0, 0)]
 
 
 def _check_linear(op: str, input, weight_local, bias_local, target, reduction: str) -> None:
@@ -423,8 +455,15 @@ class _ShardedLinearLoss(torch.autograd.Function):
 
 
 def _linear_loss(op: str, kind: str, input, weight_local, bias_local, target, group,
-                 class_start, options: dict, reduction: str):
-    error = _checked(lambda: _check_linear(op, input, weight_local, bias_local, target, reduction))
+                 class_start, check_options, reduction: str):
+    """check_options() checks the loss's own options and returns them as a dict, or
+    raises: like every argument error here, after the layout exchange, on every rank."""
+    def check():
+        _check_linear(op, input, weight_local, bias_local, target, reduction)
+        return check_options()
+
+    error, options = _checked(check)
+    options = options or {}
     wants = [isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
              for t in (input, weight_local, bias_local)]
     # The input gradient is all-reduced: every rank must agree on whether to make it.
@@ -597,11 +636,13 @@ def linear_cross_entropy(input: torch.Tensor, weight_local: torch.Tensor, target
     input's gradient is summed over the group (in the forward; in backward for 'none',
     which makes the scores again there); the weight's and bias's are this rank's slices."""
     op = "linclass.distributed.linear_cross_entropy"
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+
+    def options():
+        _check_smoothing(op, label_smoothing)
+        return dict(ignore_index=_ignore_index(ignore_index), label_smoothing=float(label_smoothing))
+
     return _linear_loss(op, "ce", input, weight_local, bias_local, target, group, class_start,
-                        dict(ignore_index=_ignore_index(ignore_index),
-                             label_smoothing=float(label_smoothing)), reduction)
+                        options, reduction)
 
 
 def linear_multi_margin_loss(input: torch.Tensor, weight_local: torch.Tensor, target: torch.Tensor,
@@ -611,10 +652,13 @@ def linear_multi_margin_loss(input: torch.Tensor, weight_local: torch.Tensor, ta
     """``F.multi_margin_loss(F.linear(input, weight, bias), target)`` for a head sharded by
     classes (see linear_cross_entropy); the scores are made once, a block of rows at a time."""
     op = "linclass.distributed.linear_multi_margin_loss"
-    if p not in (1, 2):
-        raise ValueError(f"{op}: only p == 1 and p == 2 are supported, got {p}")
+
+    def options():
+        _check_p(op, p)
+        return dict(p=int(p), margin=_margin(margin))
+
     return _linear_loss(op, "mm", input, weight_local, bias_local, target, group, class_start,
-                        dict(p=int(p), margin=_margin(margin)), reduction)
+                        options, reduction)
 
 
 def global_mean_denominator(target: torch.Tensor, weight: torch.Tensor | None = None,

@@ -185,6 +185,15 @@ def _matches_unsharded(rank, world, full=True):
     # Every row ignored: 'mean' is NaN, as in torch.
     _compare(rank, world, ld.cross_entropy, F.cross_entropy, x64, torch.full((n,), -100), layout,
              dict(), F64)
+    # A row whose target's shard lies far below the global max (exp(m_r - M) underflows
+    # there, in float32 and float64): its target column still gets -(1 - p_y).
+    far = x64.clone()
+    far[:, 0] = 900.0
+    y_far = torch.full((n,), classes - 1)
+    for kwargs in (dict(), dict(label_smoothing=0.1), dict(reduction="none")):
+        for dtype, tol in ((torch.float64, F64), (torch.float32, F32)):
+            _compare(rank, world, ld.cross_entropy, F.cross_entropy, far.to(dtype), y_far, layout,
+                     kwargs, tol)
     # Every kept target weighs 0: NaN too, with label smoothing (whose part alone is x / 0).
     w_zero = w.clone()
     w_zero[y] = 0.0
@@ -263,6 +272,26 @@ def _case_bad_input(rank, world):
                       "one entry per class")
     _expect_error(lambda: ld.cross_entropy(x, y, label_smoothing=1.5), ValueError, "label_smoothing")
     _expect_error(lambda: ld.multi_margin_loss(x, y, p=3), ValueError, "p == 1")
+    # A bad option on one rank only: raised on every rank after the layout exchange (the
+    # rank at fault its own error), never before it, where the others would wait.
+    last = rank == world - 1
+    others = "rank\\(s\\) \\["
+    inp, w_local = torch.randn(n, 2), torch.randn(width, 2)
+    for call, error, match in (
+            (lambda v: ld.cross_entropy(x, y, ignore_index=v), TypeError, (1.5, -100)),
+            (lambda v: ld.multi_margin_loss(x, y, margin=v), TypeError, ("x", 1.0)),
+            (lambda v: ld.cross_entropy(x, y, class_start=v), TypeError, (6.5, rank * width)),
+            (lambda v: ld.cross_entropy(x, y, class_start=v), TypeError, ("a", rank * width)),
+            (lambda v: ld.multi_margin_loss(x, y, class_start=v), ValueError, (2**70, rank * width)),
+            (lambda v: ld.linear_cross_entropy(inp, w_local, y, label_smoothing=v), ValueError,
+             (1.5, 0.0)),
+            (lambda v: ld.linear_cross_entropy(inp, w_local, y, ignore_index=v), TypeError,
+             (1.5, -100)),
+            (lambda v: ld.linear_multi_margin_loss(inp, w_local, y, p=v), ValueError, (3, 1)),
+            (lambda v: ld.linear_multi_margin_loss(inp, w_local, y, margin=v), TypeError, ("x", 1.0))):
+        bad_value, good_value = match
+        with pytest.raises(error if last else ValueError, match=None if last else others):
+            call(bad_value if last else good_value)
     # After all that, the group still agrees on a good call.
     loss = ld.cross_entropy(x, y)
     assert _all_equal_across_ranks(loss, world)
@@ -410,6 +439,20 @@ def _linear_matches_unsharded(rank, world, full=True):
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=2**-7, atol=1e-3)
     torch.testing.assert_close(xb.grad.double(), xf.grad, rtol=2**-7, atol=1e-3)
     torch.testing.assert_close(wb.grad.double(), wf.grad[a:a + width], rtol=2**-7, atol=1e-3)
+    # No rows: the torch result (0 for 'sum', NaN for 'mean'), and empty gradients.
+    for fn, torch_fn in ((ld.linear_cross_entropy, F.cross_entropy),
+                         (ld.linear_multi_margin_loss, F.multi_margin_loss)):
+        for reduction in ("mean", "sum", "none"):
+            x = torch.zeros(0, d, dtype=torch.float64, requires_grad=True)
+            w = w0[a:a + width].clone().requires_grad_(True)
+            loss = fn(x, w, torch.zeros(0, dtype=torch.long), reduction=reduction)
+            expected = torch_fn(F.linear(x.detach(), w0), torch.zeros(0, dtype=torch.long),
+                                reduction=reduction) if torch_fn is F.cross_entropy else \
+                (torch.zeros(0, dtype=torch.float64) if reduction == "none" else
+                 torch.tensor(float("nan") if reduction == "mean" else 0.0, dtype=torch.float64))
+            torch.testing.assert_close(loss, expected, equal_nan=True)
+            gx, gw = torch.autograd.grad(loss.sum(), (x, w))
+            assert gx.shape == (0, d) and torch.equal(gw, torch.zeros_like(w))
     # A different D on one rank is caught by the layout check.
     with pytest.raises(ValueError, match="different options"):
         ld.linear_cross_entropy(x0[:, :d - rank], w0[:2, :d - rank], y.clamp(0, 1))

@@ -93,7 +93,10 @@ void ce_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
     for (int64_t i = r0; i < r1; ++i) {
       const T* row = x + i * C;
       T* out = g + i * C;
-      if (a[i] == T(0) && b[i] == T(0)) {  // an ignored row (NaN coefficients are not 0)
+      // An ignored row (NaN coefficients are not 0), written as zeros even where a +inf
+      // score would make inf * 0.  Not a row whose only non-zero is its target column:
+      // a = 0 there when this shard's exponentials underflow against the global max.
+      if (a[i] == T(0) && b[i] == T(0) && target_grad[i] == T(0)) {
         cpu::store_map(out, 0, C, sink, [](int64_t, int64_t) { return Vec<T>(T(0)); });
         continue;
       }
