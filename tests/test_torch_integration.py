@@ -248,3 +248,29 @@ def test_op_called_without_its_gradient_refuses_backward():
     loss, _ = torch.ops.linclass.cross_entropy(x, t, None, -100, 0.0, 1, True)
     loss.backward()
     assert_close(x.grad, torch.autograd.grad(F.cross_entropy(x, t), x)[0], torch.float32)
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "multi_margin_loss"])
+@pytest.mark.parametrize("classes", [5, 50, 150, 513])
+def test_column_major_scores(kernel_backend, op, classes):
+    """x.t() of a (C, N) tensor: the loss and gradient of torch, every option; the C++
+    kernels write the gradient in the input's layout (else autograd copies it there)."""
+    n = 37
+    options = ([dict(), dict(label_smoothing=0.1, ignore_index=1), dict(reduction="none")]
+               if op == "cross_entropy" else [dict(), dict(p=2, margin=0.5), dict(reduction="none")])
+    for kwargs in options:
+        base = torch.randn(classes, n, dtype=torch.float64)
+        target = torch.randint(0, classes, (n,))
+        weight = torch.rand(classes, dtype=torch.float64)
+        x = base.t().requires_grad_()
+        loss = getattr(linclass, op)(x, target, weight=weight, **kwargs)
+        loss.sum().backward()
+        ref_x = base.t().requires_grad_()
+        ref = getattr(F, op)(ref_x, target, weight=weight, **kwargs)
+        ref.sum().backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-10, atol=1e-12)
+    if kernel_backend == "cpp":
+        args = (None, -100, 0.0, 1, True) if op == "cross_entropy" else (1, 1.0, None, 1, True)
+        grad = getattr(torch.ops.linclass, op)(x.detach(), target, *args)[1]
+        assert grad.stride() == x.stride()

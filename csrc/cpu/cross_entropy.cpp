@@ -15,13 +15,13 @@ std::tuple<Tensor, Tensor> cross_entropy_cpu(const Tensor& input_,
                                                      int64_t ignore_index, double label_smoothing,
                                                      int64_t reduction, bool compute_grad) {
   check_cross_entropy_args(input_, target_, weight, label_smoothing, reduction);
-  const auto [input, geom] = rows_of(input_);
+  const auto [input, rows] = rows_of(input_);
+  const RowGeometry geom = cpu::positions_as_inner(rows);
   const Tensor target = as_contiguous(target_);
   const int64_t C = geom.classes;
 
   Tensor loss = empty_loss(input, target, reduction);
-  Tensor grad = compute_grad ? empty_cached(input.sizes(), input.scalar_type())
-                                 : empty_none(input);
+  Tensor grad = compute_grad ? cpu::gradient_like(input) : empty_none(input);
 
   LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "cross_entropy_cpu", [&] {
     const cpu::CrossEntropySetup<scalar_t> setup(target, weight, C, ignore_index, label_smoothing,

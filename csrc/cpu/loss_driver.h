@@ -7,6 +7,7 @@
 // value instead of an out-of-bounds access.
 #pragma once
 
+#include "buffer_cache.h"
 #include "lane_targets.h"
 #include "row_driver.h"
 
@@ -223,6 +224,16 @@ struct TargetPlan {
   bool index_error = false;
 };
 
+// The gradient buffer of `input`: in its layout where that is a column-major matrix
+// (x.t() of a (C, N) tensor), since autograd would copy a row-major gradient into the
+// input's layout (its gradient layout contract), a transposing copy slower than the loss.
+inline Tensor gradient_like(const Tensor& input) {
+  if (input.dim() == 2 && input.size(0) > 1 && input.size(1) > 1 && input.stride(0) == 1 &&
+      input.stride(1) == input.size(0))
+    return transposed(empty_cached({input.size(1), input.size(0)}, input.scalar_type()));
+  return empty_cached(input.sizes(), input.scalar_type());
+}
+
 // Runs Math over every row of `input` and fills `loss` (and `grad` when compute_grad)
 // for the given reduction; `denom` divides the 'mean'.
 template <typename scalar_t, typename Math, typename Params>
@@ -234,7 +245,7 @@ void run_loss(const Tensor& input, const RowGeometry& geom, const Tensor& target
   task.in = geom;
   if (compute_grad) {
     task.grad = grad.mutable_data_ptr<scalar_t>();
-    task.gout = *row_geometry(grad);
+    task.gout = positions_as_inner(*row_geometry(grad));
     task.stream_grad = stream_gradient(int64_t(nbytes(grad)));
   }
   task.target = target.const_data_ptr<int64_t>();

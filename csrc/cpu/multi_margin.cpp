@@ -15,13 +15,13 @@ std::tuple<Tensor, Tensor> multi_margin_loss_cpu(const Tensor& input,
                                                          const OptTensor& weight,
                                                          int64_t reduction, bool compute_grad) {
   check_multi_margin_args(input, target_, p, weight, reduction);
-  const auto geom = *row_geometry(input);  // 2-D inputs always have a geometry
+  // 2-D inputs always have a geometry
+  const RowGeometry geom = cpu::positions_as_inner(*row_geometry(input));
   const Tensor target = as_contiguous(target_);
   const int64_t C = geom.classes;
 
   Tensor loss = empty_loss(input, target, reduction);
-  Tensor grad = compute_grad ? empty_cached(input.sizes(), input.scalar_type())
-                                 : empty_none(input);
+  Tensor grad = compute_grad ? cpu::gradient_like(input) : empty_none(input);
 
   LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "multi_margin_loss_cpu", [&] {
     const cpu::MultiMarginSetup<scalar_t> setup(target, weight, C, p, margin, reduction,

@@ -202,6 +202,18 @@ inline bool strided_class_lanes(const RowGeometry& g) {
   return g.inner >= Vec<float>::size() && g.stride_k == 1 && g.stride_c != 1 &&
          g.classes <= kGroupMaxClasses;
 }
+// A 2-D input in column-major order (x.t() of a (C, N) tensor: rows adjacent, classes N
+// apart) is the K-dim layout of one image of N positions; described so, it takes the
+// strided-class lanes.
+inline RowGeometry positions_as_inner(RowGeometry g) {
+  if (g.inner == 1 && g.outer > 1 && g.stride_n == 1 && g.stride_c != 1) {
+    g.inner = g.outer;
+    g.outer = 1;
+    g.stride_k = 1;
+    g.stride_n = 0;
+  }
+  return g;
+}
 // The lane path's choice for rows laid out as `g`: the setups (CrossEntropySetup,
 // MultiMarginSetup) prepare the lane path's targets by the same test.
 template <typename Math>
