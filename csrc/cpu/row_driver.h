@@ -197,7 +197,7 @@ inline bool use_lanes(int64_t classes) {
 // (N, C, d1, ...) with contiguous d's (a segmentation's scores).  There W rows of one
 // class are one vector, so the lane path packs a tile with C vector copies at any class
 // count, where the row and group paths would gather every score from a different line
-// (~20x slower at 150 classes).  Up to kGroupMaxClasses classes, whose tiles stay in L2.
+// (bench/results/cpu-layouts.md).  Up to kGroupMaxClasses classes, whose tiles stay in L2.
 inline bool strided_class_lanes(const RowGeometry& g) {
   return g.inner >= Vec<float>::size() && g.stride_k == 1 && g.stride_c != 1 &&
          g.classes <= kGroupMaxClasses;
