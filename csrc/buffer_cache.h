@@ -12,6 +12,7 @@
 #include "tensor_ops.h"
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace linclass {
@@ -19,16 +20,19 @@ namespace linclass {
 // Blocks below this go through the normal allocator: malloc already recycles them.
 constexpr size_t kMinCachedBytes = size_t(1) << 20;
 
-// Uninitialized contiguous CPU tensor; large ones come from the cache (the one in
-// linclass._C, shared_state.h), whatever module asks.
-inline Tensor empty_cached(IntList sizes, ScalarType dtype) {
+// Uninitialized CPU tensor of `sizes` with the given strides (which must describe a
+// dense layout of its elements; default contiguous); large ones come from the cache (the
+// one in linclass._C, shared_state.h), whatever module asks.
+inline Tensor empty_cached(IntList sizes, ScalarType dtype, std::optional<IntList> strides = {}) {
   int64_t numel = 1;
   for (auto s : sizes) numel *= s;
   const size_t bytes = size_t(numel) * element_size(dtype);
-  if (bytes < kMinCachedBytes) return empty_cpu(sizes, dtype);
+  const ContiguousStrides contiguous(sizes);
+  const IntList layout = strides ? *strides : contiguous.list();
+  if (bytes < kMinCachedBytes) return empty_cpu_strided(sizes, layout, dtype);
   void* block = linclass_cache_take(bytes);
   LINCLASS_CHECK(block != nullptr, "linclass: out of memory allocating ", bytes, " bytes");
-  return torch::stable::from_blob(block, sizes, ContiguousStrides(sizes).list(),
+  return torch::stable::from_blob(block, sizes, layout,
                                   torch::stable::Device(torch::headeronly::DeviceType::CPU), dtype,
                                   [bytes](void* q) { linclass_cache_give_back(q, bytes); });
 }

@@ -1,5 +1,7 @@
 #include "tensor_ops.h"
 
+#include <algorithm>
+
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 #ifdef LINCLASS_WITH_CUDA
@@ -22,26 +24,52 @@ std::string device_string(const Tensor& t) {
 }
 
 namespace {
-Tensor empty_on(IntList sizes, ScalarType dtype, torch::headeronly::DeviceType device_type,
-                int32_t device_index) {
-  const ContiguousStrides strides(sizes);
+Tensor empty_on(IntList sizes, const int64_t* strides, ScalarType dtype,
+                torch::headeronly::DeviceType device_type, int32_t device_index) {
   const auto shim_dtype = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
   const auto shim_device = torch::stable::detail::to<int32_t>(torch::stable::detail::from(device_type));
   AtenTensorHandle handle;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(int64_t(sizes.size()), sizes.data(),
-                                                         strides.values, shim_dtype, shim_device,
+                                                         strides, shim_dtype, shim_device,
                                                          device_index, &handle));
   return Tensor(handle);
 }
 }  // namespace
 
 Tensor empty(IntList sizes, ScalarType dtype, const Tensor& like) {
-  return like.is_cpu() ? empty_on(sizes, dtype, torch::headeronly::DeviceType::CPU, 0)
-                       : empty_on(sizes, dtype, like.device().type(), like.get_device_index());
+  const ContiguousStrides strides(sizes);
+  return like.is_cpu() ? empty_on(sizes, strides.values, dtype, torch::headeronly::DeviceType::CPU, 0)
+                       : empty_on(sizes, strides.values, dtype, like.device().type(),
+                                  like.get_device_index());
 }
 
 Tensor empty_cpu(IntList sizes, ScalarType dtype) {
-  return empty_on(sizes, dtype, torch::headeronly::DeviceType::CPU, 0);
+  return empty_cpu_strided(sizes, ContiguousStrides(sizes).list(), dtype);
+}
+
+Tensor empty_cpu_strided(IntList sizes, IntList strides, ScalarType dtype) {
+  return empty_on(sizes, strides.data(), dtype, torch::headeronly::DeviceType::CPU, 0);
+}
+
+std::optional<std::vector<int64_t>> dense_strides(const Tensor& t) {
+  const int64_t dims = t.dim();
+  if (t.numel() == 0) return std::nullopt;
+  std::vector<int64_t> order;  // the dims of more than one element, innermost first
+  for (int64_t d = 0; d < dims; ++d)
+    if (t.size(d) > 1) order.push_back(d);
+  // Stable: equal strides (which only overlapping dims have) keep the dims' order.
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return t.stride(a) < t.stride(b);
+  });
+  int64_t expected = 1;
+  for (const int64_t d : order) {
+    if (t.stride(d) != expected) return std::nullopt;
+    expected *= t.size(d);
+  }
+  std::vector<int64_t> strides(size_t(dims), 0);
+  for (int64_t d = 0; d < dims; ++d)
+    strides[d] = t.size(d) > 1 ? t.stride(d) : std::max<int64_t>(t.stride(d), 1);
+  return strides;
 }
 
 void addmm_out(const Tensor& out, const Tensor& self, const Tensor& a, const Tensor& b) {

@@ -124,6 +124,13 @@ struct ContiguousStrides {
 Tensor empty(IntList sizes, ScalarType dtype, const Tensor& like);
 inline Tensor empty(IntList sizes, const Tensor& like) { return empty(sizes, like.scalar_type(), like); }
 Tensor empty_cpu(IntList sizes, ScalarType dtype);
+Tensor empty_cpu_strided(IntList sizes, IntList strides, ScalarType dtype);
+// The strides of a tensor laid out like `t` when t's elements are dense and do not
+// overlap (any order of its dims), the rule torch's autograd holds a gradient to (its
+// layout contract; empty_like's preserve_format): t's strides, with those of size-1
+// dims made at least 1.  nullopt otherwise (then the contiguous strides), and for an
+// empty t.  linclass/_ops.py's fake kernels follow the same rule.
+std::optional<std::vector<int64_t>> dense_strides(const Tensor& t);
 // The size-0 tensor the ops return for a gradient that was not asked for.
 inline Tensor empty_none(const Tensor& like) { return empty({0}, like); }
 

@@ -30,11 +30,39 @@ REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def dense_strides(t: Tensor) -> Optional[tuple]:
+    """The strides of a gradient laid out like `t` when t's elements are dense and do not
+    overlap (in any order of its dims), the layout autograd holds a gradient to: t's
+    strides, those of size-1 dims made at least 1; None otherwise and for an empty t.
+    The C++ CPU kernels allocate their gradient by the same rule (csrc/tensor_ops.h,
+    dense_strides), so the fake kernel below describes it exactly."""
+    if t.numel() == 0:
+        return None
+    shape, strides = t.shape, t.stride()
+    expected = 1
+    for d in sorted((d for d in range(t.dim()) if shape[d] > 1), key=lambda d: strides[d]):
+        if strides[d] != expected:
+            return None
+        expected *= shape[d]
+    return tuple(strides[d] if shape[d] > 1 else max(strides[d], 1) for d in range(t.dim()))
+
+
 def _fake_fused_loss(input, target, *args):
+    """The Triton ops' and the CUDA kernels' outputs: a contiguous gradient."""
     reduction, compute_grad = args[-2], args[-1]
     loss = input.new_empty(tuple(target.shape) if reduction == REDUCTIONS["none"] else ())
     grad = input.new_empty(tuple(input.shape) if compute_grad else (0,))
     return loss, grad
+
+
+def _fake_cpp_fused_loss(input, target, *args):
+    """The C++ ops' outputs: on the CPU the gradient is laid out as the input
+    (dense_strides)."""
+    loss, grad = _fake_fused_loss(input, target, *args)
+    strides = dense_strides(input) if args[-1] and input.device.type == "cpu" else None
+    if strides is None:
+        return loss, grad
+    return loss, input.new_empty_strided(tuple(input.shape), strides)
 
 
 def _fake_linear_loss(input, weight, bias, target, *args):
@@ -265,6 +293,7 @@ class _Family(NamedTuple):
 FUSED_LOSS = _Family(_fake_fused_loss, _fused_loss_forward, _backward_fused_loss,
                      _setup_fused_loss, _backward_traced_fused_loss,
                      lambda args: args[-1])  # compute_grad
+CPP_FUSED_LOSS = FUSED_LOSS._replace(fake=_fake_cpp_fused_loss)
 LINEAR_LOSS = _Family(_fake_linear_loss, _linear_loss_forward, _backward_linear_loss,
                       _setup_linear_loss, _backward_linear_loss,
                       lambda args: any(args[-1]))  # output_mask
@@ -356,7 +385,7 @@ CPP: dict = {}
 
 if _extension.HAS_CPP:
     for _name in ("cross_entropy", "multi_margin_loss"):
-        CPP[_name] = _register_cpp(_name, FUSED_LOSS)
+        CPP[_name] = _register_cpp(_name, CPP_FUSED_LOSS)
         CPP[f"linear_{_name}"] = _register_cpp(f"linear_{_name}", LINEAR_LOSS)
 
 

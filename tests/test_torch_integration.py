@@ -16,6 +16,16 @@ def ce_samples():
     yield (torch.randn(3, 4, 2, 3, requires_grad=True), torch.randint(0, 4, (3, 2, 3)), None, -100, 0.2, 2, True)
     yield (torch.randn(2, 700, dtype=torch.float64, requires_grad=True), torch.tensor([3, 699]), None, -100, 0.0, 1, True)
     yield (torch.randn(7), torch.tensor(3), None, -100, 0.0, 0, False)
+    # Layouts whose gradient the CPU kernel makes in the input's strides (the fake kernel
+    # must say so): column-major, channels-last, (B, V, T) from (B, T, V), and a dense
+    # permutation whose d-dims do not flatten.
+    yield (torch.randn(5, 9).t().requires_grad_(), torch.randint(0, 5, (9,)), None, -100, 0.0, 1, True)
+    yield (torch.randn(2, 6, 3, 4).to(memory_format=torch.channels_last).requires_grad_(),
+           torch.randint(0, 6, (2, 3, 4)), None, -100, 0.1, 0, True)
+    yield (torch.randn(2, 5, 40).transpose(1, 2).requires_grad_(), torch.randint(0, 40, (2, 5)),
+           None, 1, 0.0, 2, True)
+    yield (torch.randn(2, 7, 4, 3).transpose(2, 3).requires_grad_(), torch.randint(0, 7, (2, 3, 4)),
+           None, -100, 0.0, 1, True)
 
 
 def mm_samples():
@@ -25,6 +35,7 @@ def mm_samples():
     yield (x, t, 2, 0.5, torch.rand(5), 0, True)
     yield (torch.randn(3, 900, dtype=torch.float64, requires_grad=True), torch.tensor([0, 5, 899]), 1, 1.0, None, 2, True)
     yield (torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), 1, 1.0, None, 1, False)
+    yield (torch.randn(6, 8).t().requires_grad_(), torch.randint(0, 6, (8,)), 1, 1.0, None, 1, True)
 
 
 def _ops(name):
@@ -274,3 +285,68 @@ def test_column_major_scores(kernel_backend, op, classes):
         args = (None, -100, 0.0, 1, True) if op == "cross_entropy" else (1, 1.0, None, 1, True)
         grad = getattr(torch.ops.linclass, op)(x.detach(), target, *args)[1]
         assert grad.stride() == x.stride()
+
+
+def _dense_layouts(classes):
+    """(name, make(dtype) -> leaf scores, target shape) of dense inputs in layouts other
+    than row-major: their gradient is expected in the same strides."""
+    yield "channels_last", (lambda dt: torch.randn(3, classes, 5, 4, dtype=dt)
+                            .to(memory_format=torch.channels_last)), (3, 5, 4)
+    yield "logits.transpose(1, 2)", (lambda dt: torch.randn(3, 7, classes, dtype=dt)
+                                     .transpose(1, 2)), (3, 7)
+    yield "d-dims that do not flatten", (lambda dt: torch.randn(2, classes, 4, 6, dtype=dt)
+                                         .transpose(2, 3)), (2, 6, 4)
+    yield "column-major", (lambda dt: torch.randn(classes, 21, dtype=dt).t()), (21,)
+
+
+@pytest.mark.parametrize("classes", [3, 10, 40, 150, 700])
+def test_dense_layouts_gradient_in_input_strides(kernel_backend, classes):
+    """Channels-last, (B, V, T) logits, unflattenable d-dims and column-major scores:
+    torch's loss and gradient with every option, and (C++) the gradient in the input's
+    strides, which autograd would otherwise copy it into."""
+    for name, make, target_shape in _dense_layouts(classes):
+        for kwargs in (dict(), dict(label_smoothing=0.2, ignore_index=1), dict(reduction="sum"),
+                       dict(reduction="none", weight=torch.rand(classes, dtype=torch.float64))):
+            base = make(torch.float64)
+            target = torch.randint(0, classes, target_shape)
+            x, ref_x = leaf(base), leaf(base)
+            assert x.stride() == base.stride()
+            loss = linclass.cross_entropy(x, target, **kwargs)
+            loss.sum().backward()
+            ref = F.cross_entropy(ref_x, target, **kwargs)
+            ref.sum().backward()
+            torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12, msg=name)
+            torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-10, atol=1e-12, msg=name)
+            if kernel_backend == "cpp":
+                grad = torch.ops.linclass.cross_entropy(x.detach(), target, None, -100, 0.0, 1, True)[1]
+                assert grad.stride() == x.stride(), name
+        if kernel_backend == "cpp":  # float32 through the lane, group and row paths
+            x = make(torch.float32)
+            target = torch.randint(0, classes, target_shape)
+            loss, grad = torch.ops.linclass.cross_entropy(x, target, None, -100, 0.0, 1, True)
+            ref_x = leaf(x.double())
+            F.cross_entropy(ref_x, target).backward()
+            assert_close(loss, F.cross_entropy(x.double(), target).float(), torch.float32)
+            assert_close(grad, ref_x.grad.float(), torch.float32)
+            assert grad.stride() == x.stride(), name
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "multi_margin_loss"])
+def test_compiled_dense_layouts(kernel_backend, op):
+    """Under torch.compile the fake kernel must give the gradient the strides the kernel
+    gives it (Inductor checks them): column-major, channels-last and (B, V, T) inputs."""
+    torch._dynamo.reset()
+    fn = getattr(linclass, op)
+    compiled = torch.compile(lambda x, t: fn(x, t) * 2.0, fullgraph=True)
+    layouts = [("column-major", torch.randn(12, 30).t(), torch.randint(0, 12, (30,)))]
+    if op == "cross_entropy":
+        layouts += [("channels_last", torch.randn(2, 6, 3, 5).to(memory_format=torch.channels_last),
+                     torch.randint(0, 6, (2, 3, 5))),
+                    ("logits.transpose(1, 2)", torch.randn(2, 4, 50).transpose(1, 2),
+                     torch.randint(0, 50, (2, 4)))]
+    for name, x, t in layouts:
+        xa, xb = leaf(x), leaf(x)
+        compiled(xa, t).backward()
+        (getattr(F, op)(xb, t) * 2.0).backward()
+        assert_close(xa.grad, xb.grad, torch.float32)
+    torch._dynamo.reset()

@@ -16,12 +16,12 @@ std::tuple<Tensor, Tensor> cross_entropy_cpu(const Tensor& input_,
                                                      int64_t reduction, bool compute_grad) {
   check_cross_entropy_args(input_, target_, weight, label_smoothing, reduction);
   const auto [input, rows] = rows_of(input_);
-  const RowGeometry geom = cpu::positions_as_inner(rows);
+  const RowGeometry geom = cpu::canonical_rows(rows);
   const Tensor target = as_contiguous(target_);
   const int64_t C = geom.classes;
 
   Tensor loss = empty_loss(input, target, reduction);
-  Tensor grad = compute_grad ? cpu::gradient_like(input) : empty_none(input);
+  Tensor grad = compute_grad ? cpu::gradient_like(input_) : empty_none(input);
 
   LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "cross_entropy_cpu", [&] {
     const cpu::CrossEntropySetup<scalar_t> setup(target, weight, C, ignore_index, label_smoothing,

@@ -224,13 +224,13 @@ struct TargetPlan {
   bool index_error = false;
 };
 
-// The gradient buffer of `input`: in its layout where that is a column-major matrix
-// (x.t() of a (C, N) tensor), since autograd would copy a row-major gradient into the
-// input's layout (its gradient layout contract), a transposing copy slower than the loss.
+// The gradient buffer of `input`, laid out as the input where that is dense (a
+// column-major matrix, channels-last scores, (B, V, T) = logits.transpose(1, 2)):
+// autograd holds a gradient to that layout (its layout contract) and would otherwise
+// copy a contiguous one into it, a transposing copy slower than the loss.
 inline Tensor gradient_like(const Tensor& input) {
-  if (input.dim() == 2 && input.size(0) > 1 && input.size(1) > 1 && input.stride(0) == 1 &&
-      input.stride(1) == input.size(0))
-    return transposed(empty_cached({input.size(1), input.size(0)}, input.scalar_type()));
+  if (const auto strides = dense_strides(input))
+    return empty_cached(input.sizes(), input.scalar_type(), IntList(strides->data(), strides->size()));
   return empty_cached(input.sizes(), input.scalar_type());
 }
 
@@ -243,9 +243,13 @@ void run_loss(const Tensor& input, const RowGeometry& geom, const Tensor& target
   RowTask<scalar_t> task;
   task.input = input.const_data_ptr<scalar_t>();
   task.in = geom;
+  // A gradient laid out as a dense input whose d-dims do not flatten (gradient_like; the
+  // input itself was made contiguous) is written contiguous first, then copied over.
+  const std::optional<RowGeometry> grad_rows = compute_grad ? row_geometry(grad) : std::nullopt;
+  const Tensor written = compute_grad && !grad_rows ? empty_cached(grad.sizes(), grad.scalar_type()) : grad;
   if (compute_grad) {
-    task.grad = grad.mutable_data_ptr<scalar_t>();
-    task.gout = positions_as_inner(*row_geometry(grad));
+    task.grad = written.mutable_data_ptr<scalar_t>();
+    task.gout = canonical_rows(grad_rows ? *grad_rows : *row_geometry(written));
     task.stream_grad = stream_gradient(int64_t(nbytes(grad)));
   }
   task.target = target.const_data_ptr<int64_t>();
@@ -272,12 +276,13 @@ void run_loss(const Tensor& input, const RowGeometry& geom, const Tensor& target
     if (plan.mean_of_kept && reduction == kMean && double(kept) != denom) {
       // Some rows were ignored: the pass divided by all rows.  With none kept the
       // gradient is all zeros and stays so; the loss becomes 0 / 0 = NaN like torch's.
-      if (compute_grad && kept > 0) mul_(grad, denom / double(kept));
+      if (compute_grad && kept > 0) mul_(written, denom / double(kept));
       denom = double(kept);
     }
   }
   if (reduction != kNone)
     *loss.mutable_data_ptr<scalar_t>() = scalar_t(reduction == kMean ? total / denom : total);
+  if (compute_grad && !grad_rows) copy_into(grad, written);
 }
 
 }  // namespace linclass::cpu

@@ -16,7 +16,7 @@ std::tuple<Tensor, Tensor> multi_margin_loss_cpu(const Tensor& input,
                                                          int64_t reduction, bool compute_grad) {
   check_multi_margin_args(input, target_, p, weight, reduction);
   // 2-D inputs always have a geometry
-  const RowGeometry geom = cpu::positions_as_inner(*row_geometry(input));
+  const RowGeometry geom = cpu::canonical_rows(*row_geometry(input));
   const Tensor target = as_contiguous(target_);
   const int64_t C = geom.classes;
 

@@ -202,15 +202,28 @@ inline bool strided_class_lanes(const RowGeometry& g) {
   return g.inner >= Vec<float>::size() && g.stride_k == 1 && g.stride_c != 1 &&
          g.classes <= kGroupMaxClasses;
 }
-// A 2-D input in column-major order (x.t() of a (C, N) tensor: rows adjacent, classes N
-// apart) is the K-dim layout of one image of N positions; described so, it takes the
-// strided-class lanes.
-inline RowGeometry positions_as_inner(RowGeometry g) {
+// The geometry the paths below are chosen by, for two layouts that another description
+// serves better:
+// - a 2-D input in column-major order (x.t() of a (C, N) tensor: rows adjacent, classes
+//   N apart) is the K-dim layout of one image of N positions; described so, it takes
+//   the strided-class lanes;
+// - K-dim scores whose classes are contiguous and whose positions follow each other
+//   (channels-last (N, C, H, W); (B, V, T) = logits.transpose(1, 2) of (B, T, V)
+//   logits) are plain rows of C scores, one after another; described so, they take the
+//   lane, group and row paths of a row-major matrix, with its prefetching and
+//   streaming.
+inline RowGeometry canonical_rows(RowGeometry g) {
   if (g.inner == 1 && g.outer > 1 && g.stride_n == 1 && g.stride_c != 1) {
     g.inner = g.outer;
     g.outer = 1;
     g.stride_k = 1;
     g.stride_n = 0;
+  } else if (g.inner > 1 && g.stride_c == 1 && g.stride_k == g.classes &&
+             (g.outer == 1 || g.stride_n == g.inner * g.classes)) {
+    g.outer *= g.inner;
+    g.inner = 1;
+    g.stride_n = g.classes;
+    g.stride_k = 0;
   }
   return g;
 }
