@@ -573,3 +573,23 @@ def test_gradients_of_8_mib_and_more_with_and_without_streaming(c):
             ref_loss, ref_grad = run(theirs, x, target, **kwargs)
             assert_close(loss, ref_loss, torch.float32, f"loss {kwargs}")
             assert_close(grad, ref_grad, torch.float32, f"grad {kwargs}")
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="C++ kernels not built")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 7), (64, 10), (33, 45), (20, 100), (6, 1000), (3, 4099),
+                                   (2, 5, 3, 9)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_half_types_are_float32_math_rounded_once(dtype, shape, reduction):
+    """The C++ kernels read 16-bit scores as float32 (exactly) and round each result
+    once: the float32 kernel's results on the same values, rounded as torch rounds
+    (nearest even, subnormals included: scores 4 sd wide make probabilities below
+    float16's smallest normal), through the vectorized and the scalar conversions."""
+    x = (torch.randn(shape) * 4).to(dtype)
+    t = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    args = (None, -100, 0.0, linclass._ops.REDUCTIONS[reduction], True)
+    loss, grad = torch.ops.linclass.cross_entropy(x, t, *args)
+    loss32, grad32 = torch.ops.linclass.cross_entropy(x.float(), t, *args)
+    assert torch.equal(loss, loss32.to(dtype))
+    assert torch.equal(grad, grad32.to(dtype))
+    assert (grad32.abs() < 6.1e-5).any() and (grad32 != 0).all()

@@ -190,3 +190,21 @@ def test_classic_svm_loss_is_multi_margin_times_c(kernel_backend):
     margins[torch.arange(20), t] = 0
     classic = margins.sum() / 20
     torch.testing.assert_close(linclass.multi_margin_loss(x, t) * 7, classic)
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="C++ kernels not built")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 7), (64, 10), (33, 45), (20, 100), (6, 1000), (3, 4099)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_half_types_are_float32_math_rounded_once(dtype, shape, reduction):
+    """As for cross_entropy: the float32 kernel's results on the same values, rounded
+    once as torch rounds, through the vectorized and the scalar conversions."""
+    x = (torch.randn(shape) * 0.3).to(dtype)
+    t = torch.randint(0, shape[1], (shape[0],))
+    w = torch.rand(shape[1]).to(dtype) + 0.5
+    args = (2, 1.0, w, linclass._ops.REDUCTIONS[reduction], True)
+    loss, grad = torch.ops.linclass.multi_margin_loss(x, t, *args)
+    args32 = (2, 1.0, w.float(), linclass._ops.REDUCTIONS[reduction], True)
+    loss32, grad32 = torch.ops.linclass.multi_margin_loss(x.float(), t, *args32)
+    assert torch.equal(loss, loss32.to(dtype))
+    assert torch.equal(grad, grad32.to(dtype))
