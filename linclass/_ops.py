@@ -176,14 +176,21 @@ def _check_first_order():
 
 def _backward_fused_loss(ctx, grad_loss, *_):
     """The saved gradient (made for grad_output = 1) times grad_loss: one scale for a
-    scalar loss, one per row for reduction='none' over rows."""
+    scalar loss, one per row for reduction='none' over rows.  A per-row grad_loss that
+    is one value expanded (the backward of loss.sum()) scales as a scalar, which costs
+    nothing when it is 1; a per-row scale is made in the saved buffer, handed over as
+    in _rescale, instead of into a new N x C tensor."""
     _check_first_order()
     (grad,) = ctx.saved_tensors
-    if grad_loss.dim():
-        grad = grad * (grad_loss.unsqueeze(1) if grad.dim() >= 2 else grad_loss)
-    else:
+    if grad_loss.dim() and grad_loss.numel() and not _is_compiling() and not any(grad_loss.stride()):
+        grad_loss = grad_loss.as_strided((), ())
+    if not grad_loss.dim():
         (grad,) = _rescale([grad], grad_loss)
-    return (grad,) + _NO_OPTION_GRADS
+        return (grad,) + _NO_OPTION_GRADS
+    per_row = grad_loss.unsqueeze(1) if grad.dim() >= 2 else grad_loss
+    if _is_compiling() or type(grad_loss) is not Tensor or type(grad) is not Tensor or _keep_graph():
+        return (grad * per_row,) + _NO_OPTION_GRADS
+    return (grad.mul_(per_row),) + _NO_OPTION_GRADS
 
 
 def _backward_traced_fused_loss(ctx, grad_loss, *_):

@@ -45,6 +45,48 @@ def test_backward_twice_with_different_grad_outputs(rescale_mode, fns, reduction
         torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("fns", LOSSES, ids=["cross_entropy", "multi_margin_loss"])
+@pytest.mark.parametrize("shape", [(9, 7), (7,), (4, 5, 3)])
+def test_per_row_grad_outputs_backward_twice(rescale_mode, fns, shape):
+    """reduction='none': the per-row scale is made in the saved buffer when the graph is
+    not kept, in a new tensor when it is; a grad_output that is one value expanded (the
+    backward of loss.sum()) scales as a scalar.  Each backward in turn, as torch's."""
+    ours, theirs = fns
+    if len(shape) > 2 and theirs is F.multi_margin_loss:
+        pytest.skip("multi_margin_loss takes (C,) or (N, C) scores")
+    x = torch.randn(shape, dtype=torch.float64)
+    t = torch.randint(0, shape[1 if len(shape) > 1 else 0], (shape[0],) + shape[2:]) if len(shape) > 1 else torch.tensor(2)
+    weights = torch.rand(t.shape, dtype=torch.float64)
+    steps = [lambda loss: (loss * weights).sum(), lambda loss: loss.sum() * 3.0,
+             lambda loss: loss.sum(), lambda loss: loss.mean()]
+    for keep in (True, False):
+        for step in steps:
+            a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+            loss_a, loss_b = ours(a, t, reduction="none"), theirs(b, t, reduction="none")
+            for _ in range(2 if keep else 1):
+                step(loss_a).backward(retain_graph=keep)
+                step(loss_b).backward(retain_graph=keep)
+                torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_expanded_grad_output_scales_as_one_value(kernel_backend, monkeypatch):
+    """The backward of loss.sum() over reduction='none' hands each row the same value
+    through a stride-0 tensor: the saved gradient is rescaled as by a scalar (nothing
+    to do for 1), not multiplied row by row."""
+    if kernel_backend == "torch":
+        pytest.skip("the torch backend runs torch's own autograd")
+    scalars = []
+    rescale = _ops._rescale
+    monkeypatch.setattr(_ops, "_rescale", lambda saved, g: scalars.append(g.dim()) or rescale(saved, g))
+    x = torch.randn(6, 9, requires_grad=True)
+    t = torch.randint(0, 9, (6,))
+    linclass.cross_entropy(x, t, reduction="none").sum().backward()
+    assert scalars == [0]
+    ref = x.detach().clone().requires_grad_()
+    F.cross_entropy(ref, t, reduction="none").sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
 @pytest.mark.parametrize("go", [1.0, 3.0, 0.0])
 def test_one_backward_scales_once(rescale_mode, go):
     x = torch.randn(5, 12, dtype=torch.float32, requires_grad=True)
