@@ -77,13 +77,26 @@ def test_kdim_matches_naive_reference(kernel_backend, shape):
 
 
 @pytest.mark.parametrize("shape", [(2, 40, 16), (2, 41, 33), (3, 150, 4, 8), (1, 512, 48),
-                                   (2, 513, 16), (1, 64, 5, 7)])
+                                   (2, 513, 16), (1, 64, 5, 7), (3, 1000, 2, 9), (1, 4099, 32),
+                                   (1, 32768, 16), (1, 32769, 16)])
 def test_kdim_many_classes_in_float32(kernel_backend, shape):
     # K-dim inputs whose d's are contiguous: the C++ lane path takes them at any class
-    # count up to 512 (W positions of one class are one vector), whole tiles where the
-    # d's hold 16k positions (32, 48), tiles across an image's end where not (33, 35),
-    # and 513 classes the row path.
+    # count up to 32768 (W positions of one class are one vector; tiles beyond 39 classes
+    # in a heap buffer), whole tiles where the d's hold 16k positions (32, 48), tiles
+    # across an image's end where not (33, 35, 18), and 32769 classes the row path.
     check_float32_against_float64(shape[0], shape[1], shape[2:])
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="C++ kernels not built")
+@pytest.mark.parametrize("shape", [(3, 700, 40), (2, 40, 8, 5)])
+def test_kdim_strided_lanes_deterministic(shape):
+    # The strided-class lane path's blocks are whole tiles at any class count: the same
+    # bits on 1 and 2 threads, on a repeat call, and for 'none' each row's loss.
+    x = torch.randn(shape)
+    t = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    with linclass.backends.use("cpp"):
+        for reduction in ("mean", "none"):
+            assert_deterministic(linclass.cross_entropy, x, t, reduction=reduction, label_smoothing=0.1)
 
 
 def test_probability_targets_match_naive_reference():

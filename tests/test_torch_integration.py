@@ -262,7 +262,7 @@ def test_op_called_without_its_gradient_refuses_backward():
 
 
 @pytest.mark.parametrize("op", ["cross_entropy", "multi_margin_loss"])
-@pytest.mark.parametrize("classes", [5, 50, 150, 513])
+@pytest.mark.parametrize("classes", [5, 50, 150, 513, 4099])
 def test_column_major_scores(kernel_backend, op, classes):
     """x.t() of a (C, N) tensor: the loss and gradient of torch, every option; the C++
     kernels write the gradient in the input's layout (else autograd copies it there)."""

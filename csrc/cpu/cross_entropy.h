@@ -395,20 +395,36 @@ struct CrossEntropyMath {
         for (int64_t j = 0; j < C; ++j) w_y[u] = select_eq(vy[u], V(acc_t(j)), V(p.weight[j]), w_y[u]);
       }
     }
+    // Classes [j0, j1): e_j to the tile, and the sums.
     vj = zero;
-    for (int64_t j = 0; j < C; ++j, vj = vj + one) {
-      for (int u = 0; u < U; ++u) {
-        const V d = V::loadu(at(u, j)) - m[u];
-        const V e = vexp(d);
-        if constexpr (kGrad) {
-          s_excl[u] = s_excl[u] + select_eq(vy[u], vj, zero, e);
-          e.store(at(u, j));
-        } else {
-          // The loss needs only s (held here in s_excl, with e_y = 0): no target masks,
-          // ~12% less time forward-only.
-          s_excl[u] = s_excl[u] + e;
+    auto exp_pass = [&](int64_t j0, int64_t j1, V* s, V* wd) __attribute__((always_inline)) {
+      for (int64_t j = j0; j < j1; ++j, vj = vj + one) {
+        for (int u = 0; u < U; ++u) {
+          const V d = V::loadu(at(u, j)) - m[u];
+          const V e = vexp(d);
+          if constexpr (kGrad) {
+            s[u] = s[u] + select_eq(vy[u], vj, zero, e);
+            e.store(at(u, j));
+          } else {
+            // The loss needs only s (held here in s_excl, with e_y = 0): no target masks,
+            // ~12% less time forward-only.
+            s[u] = s[u] + e;
+          }
+          if constexpr (kSmooth) wd[u] = cpu::fmadd(V(p.weight[j]), d, wd[u]);
         }
-        if constexpr (kSmooth) sum_wd[u] = cpu::fmadd(V(p.weight[j]), d, sum_wd[u]);
+      }
+    };
+    if constexpr (kC > 0) {
+      exp_pass(0, C, s_excl, sum_wd);
+    } else {
+      for (int64_t j0 = 0; j0 < C; j0 += kLaneSumBlock) {  // see kLaneSumBlock
+        V s[U], wd[U];
+        for (int u = 0; u < U; ++u) s[u] = wd[u] = zero;
+        exp_pass(j0, std::min<int64_t>(C, j0 + kLaneSumBlock), s, wd);
+        for (int u = 0; u < U; ++u) {
+          s_excl[u] = s_excl[u] + s[u];
+          if constexpr (kSmooth) sum_wd[u] = sum_wd[u] + wd[u];
+        }
       }
     }
     // The target's e_y, computed again from x_y (the same value the pass above made)

@@ -256,7 +256,7 @@ void run_loss(const Tensor& input, const RowGeometry& geom, const Tensor& target
   task.lane_targets = plan.lane_targets;
   std::vector<TargetTally> tallies;
   if (plan.rule) {
-    tallies.resize(num_blocks(geom.rows(), geom.classes));
+    tallies.resize(num_blocks(geom));
     task.rule = &*plan.rule;
     task.tallies = tallies.data();
   }

@@ -216,13 +216,18 @@ struct MultiMarginMath {
     const V coef = V(p.scale) * w_over_c;
     V sum_h = zero, sum_d = zero;
     vj = zero;
-    for (int64_t j = 0; j < C; ++j, vj = vj + one) {
-      V h, d;
-      hinge<P>(c + V::loadu(tile + j * W), h, d);
-      sum_h = sum_h + select_ne(vy, vj, h, zero);
-      d = select_ne(vy, vj, d, zero);
-      sum_d = sum_d + d;
-      if constexpr (kGrad) (coef * d).store(tile + j * W);
+    for (int64_t j0 = 0; j0 < C; j0 += kLaneSumBlock) {  // see kLaneSumBlock
+      V block_h = zero, block_d = zero;
+      for (int64_t j = j0, j1 = std::min<int64_t>(C, j0 + kLaneSumBlock); j < j1; ++j, vj = vj + one) {
+        V h, d;
+        hinge<P>(c + V::loadu(tile + j * W), h, d);
+        block_h = block_h + select_ne(vy, vj, h, zero);
+        d = select_ne(vy, vj, d, zero);
+        block_d = block_d + d;
+        if constexpr (kGrad) (coef * d).store(tile + j * W);
+      }
+      sum_h = sum_h + block_h;
+      sum_d = sum_d + block_d;
     }
     if constexpr (kGrad) {
       const V gy = zero - coef * sum_d;

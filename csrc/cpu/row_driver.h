@@ -172,13 +172,11 @@ struct RowTask {
 // Vec::size() rows outgrow L1 between its passes.  No loss's groups go past this:
 constexpr int64_t kGroupMaxClasses = 512;
 
-inline int64_t block_rows(int64_t classes) {
-  const int64_t w = Vec<float>::size();
-  if (classes <= kGroupMaxClasses) {  // whole tiles or groups (Vec::size() rows) per block
-    const int64_t r = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(classes, 1));
-    return (r + w - 1) / w * w;
-  }
-  return std::max<int64_t>(1, kBlockElements / classes);
+inline int64_t block_rows(int64_t classes, bool whole_tiles) {
+  const int64_t r = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(classes, 1));
+  if (!whole_tiles) return r;
+  const int64_t w = Vec<float>::size();  // whole tiles or groups (Vec::size() rows) per block
+  return (r + w - 1) / w * w;
 }
 
 // Which path a loss's rows take: groups from Math::kGroupMinClasses to
@@ -194,13 +192,22 @@ inline bool use_lanes(int64_t classes) {
   return classes < Math::kGroupMinClasses;
 }
 // Rows whose classes are strided and whose neighbouring rows are adjacent: K-dim inputs
-// (N, C, d1, ...) with contiguous d's (a segmentation's scores).  There W rows of one
-// class are one vector, so the lane path packs a tile with C vector copies at any class
-// count, where the row and group paths would gather every score from a different line
-// (bench/results/cpu-layouts.md).  Up to kGroupMaxClasses classes, whose tiles stay in L2.
+// (N, C, d1, ...) with contiguous d's (a segmentation's scores) and column-major
+// matrices (canonical_rows).  There W rows of one class are one vector, so the lane path
+// packs a tile with C vector copies, where the row and group paths would gather every
+// score from a different line: even tiles that outgrow L2 and are read from L3 in the
+// math's passes are several times faster than that (bench/results/cpu-layouts.md).
+// Up to this many classes, which bounds each thread's tile buffer (Math::kLaneTiles
+// tiles of W rows) at 4 MiB; past it rows are gathered one by one.
+constexpr int64_t kStridedLaneMaxClasses = 32768;
+// A lane adds its row's terms one class after another; the lane math adds them in blocks
+// of this many classes, then the blocks' sums, so that the rounding error of a sum grows
+// with kLaneSumBlock + C / kLaneSumBlock instead of C (float32 at 32768 classes: ~4e-5
+// relative error in the normalizer, against ~1e-7 for the row path's vector sums).
+constexpr int64_t kLaneSumBlock = 64;
 inline bool strided_class_lanes(const RowGeometry& g) {
   return g.inner >= Vec<float>::size() && g.stride_k == 1 && g.stride_c != 1 &&
-         g.classes <= kGroupMaxClasses;
+         g.classes <= kStridedLaneMaxClasses;
 }
 // The geometry the paths below are chosen by, for two layouts that another description
 // serves better:
@@ -234,9 +241,15 @@ inline bool use_lanes(const RowGeometry& g) {
   return use_lanes<Math>(g.classes) || strided_class_lanes(g);
 }
 
-inline int64_t num_blocks(int64_t rows, int64_t classes) {
-  const int64_t b = block_rows(classes);
-  return (rows + b - 1) / b;
+// The rows of one block for scores laid out as `g`: whole tiles or groups wherever the
+// lane or group path may take them.  Depends only on the layout, so the blocks (and the
+// order the losses are added in) are the same whatever the thread count.
+inline int64_t block_rows(const RowGeometry& g) {
+  return block_rows(g.classes, g.classes <= kGroupMaxClasses || strided_class_lanes(g));
+}
+inline int64_t num_blocks(const RowGeometry& g) {
+  const int64_t b = block_rows(g);
+  return (g.rows() + b - 1) / b;
 }
 
 // ---- the row path ----------------------------------------------------------------
@@ -433,24 +446,37 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
   }
 }
 
+// An uninitialized 64-byte-aligned buffer of `classes` tiles' class rows (W values each),
+// or none for 0.
+template <typename acc_t>
+struct LargeTile {
+  static constexpr int64_t W = Vec<acc_t>::size();
+  std::unique_ptr<acc_t[]> storage;
+  acc_t* data = nullptr;
+  explicit LargeTile(int64_t classes) {
+    if (classes == 0) return;
+    const size_t bytes = size_t(classes * W) * sizeof(acc_t);
+    size_t space = bytes + 64;
+    storage.reset(new acc_t[space / sizeof(acc_t) + 1]);
+    void* at = storage.get();
+    data = static_cast<acc_t*>(std::align(64, bytes, at, space));
+  }
+};
+
+// large_tile: room for Math::kLaneTiles tiles of C classes when C > kLaneMaxClasses.
 template <typename scalar_t, typename Math, bool kGrad, typename Params>
 void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
-                    int64_t ahead_end, double* partial, TargetTally* tally) {
+                    int64_t ahead_end, double* partial, TargetTally* tally,
+                    acc_type<scalar_t>* large_tile) {
   using acc_t = acc_type<scalar_t>;
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
   constexpr int U = Math::kLaneTiles;  // full tiles handed to the math at once
   const int64_t C = t.in.classes;
   // Tiles of up to kLaneMaxClasses classes on the stack; longer ones (strided classes,
-  // strided_class_lanes) in an aligned heap buffer, whose vectors the math stores to.
+  // strided_class_lanes) in the caller's aligned heap buffer.
   alignas(64) acc_t small_tile[U * kLaneMaxClasses * W];
-  std::vector<acc_t> large_tile(C > kLaneMaxClasses ? U * C * W + 64 / sizeof(acc_t) : 0);
-  acc_t* tile = small_tile;
-  if (C > kLaneMaxClasses) {
-    void* at = large_tile.data();
-    size_t space = large_tile.size() * sizeof(acc_t);
-    tile = static_cast<acc_t*>(std::align(64, U * C * W * sizeof(acc_t), at, space));
-  }
+  acc_t* tile = C > kLaneMaxClasses ? large_tile : small_tile;
   alignas(64) acc_t tail[W];
   V sum(acc_t(0));  // lane-wise running loss; each lane adds its rows in order
   DeferredLogs<acc_t> logs;
@@ -632,9 +658,10 @@ void run_group_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, in
 
 template <typename scalar_t, typename Math, typename Params>
 void run_rows(const RowTask<scalar_t>& t, const Params& p) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t rows = t.in.rows(), C = t.in.classes;
   if (rows == 0) return;
-  const int64_t per_block = block_rows(C);
+  const int64_t per_block = block_rows(t.in);
   const int64_t blocks = (rows + per_block - 1) / per_block;
   // Each thread takes one contiguous range of blocks, so that every path can prefetch
   // the rows ahead across block boundaries (a block is a single row when C >= 16384).
@@ -647,14 +674,17 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   const bool groups = use_groups<Math>(C) && (Math::kGroupsStream || !streamed);
   torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
+    // The lane path's tiles beyond kLaneMaxClasses classes: one uninitialized buffer for
+    // this thread's blocks (the math writes every entry before reading it).
+    LargeTile<acc_t> large_tile(lanes && C > kLaneMaxClasses ? Math::kLaneTiles * C : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
       double* partial = t.partials ? t.partials + b : nullptr;
       TargetTally* tally = t.rule ? t.tallies + b : nullptr;
       if (lanes && t.grad)
-        run_lane_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial, tally);
+        run_lane_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial, tally, large_tile.data);
       else if (lanes)
-        run_lane_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial, tally);
+        run_lane_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial, tally, large_tile.data);
       else if (groups && t.grad)
         run_group_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
       else if (groups)
@@ -671,7 +701,7 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
 // (deterministic).  `t.partials` is provided here.
 template <typename scalar_t, typename Math, typename Params>
 double run_rows_sum(RowTask<scalar_t> t, const Params& p) {
-  std::vector<double> partials(num_blocks(t.in.rows(), t.in.classes));
+  std::vector<double> partials(num_blocks(t.in));
   t.partials = partials.data();
   run_rows<scalar_t, Math>(t, p);
   double total = 0;
