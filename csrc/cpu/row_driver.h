@@ -374,6 +374,15 @@ double lane_total(const Vec<acc_t>& sum) {
 
 // ---- the lane path ---------------------------------------------------------------
 
+// The layout of W rows of C classes, one after another, in a staging buffer.
+inline RowGeometry staged_rows(int64_t classes) {
+  RowGeometry g;
+  g.outer = Vec<float>::size();
+  g.classes = classes;
+  g.stride_n = classes;
+  return g;
+}
+
 // tile[j * W + l] = row (r0 + l), class j, as acc_t; lanes past `n` are zero.
 template <typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const RowGeometry& g,
@@ -385,6 +394,20 @@ __attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const
     const scalar_t* p = base + g.offset(r0);
     for (int64_t j = 0; j < C; ++j) cpu::convert(p + j * g.stride_c, tile + j * W, W);
     return;
+  }
+  if constexpr (!std::is_same_v<scalar_t, acc_t> && std::is_same_v<acc_t, float>) {
+    // Row-major 16-bit rows: converted to float rows in a staging buffer (whole vectors
+    // at a time, cpu::convert), then transposed as float rows are.
+    if (n == W && g.inner == 1 && g.stride_c == 1 && C <= kLaneMaxClasses) {
+      alignas(64) float rows[W * kLaneMaxClasses];
+      const scalar_t* p = base + g.offset(r0);
+      if (g.stride_n == C)
+        cpu::convert(p, rows, W * C);
+      else
+        for (int64_t l = 0; l < W; ++l) cpu::convert(p + l * g.stride_n, rows + l * C, C);
+      pack_tile(rows, staged_rows(C), 0, W, tile);
+      return;
+    }
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
     // Row-major float rows: W x W register transposes, then (AVX-512) groups of 8
@@ -422,6 +445,18 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
     scalar_t* p = base + g.offset(r0);
     for (int64_t j = 0; j < C; ++j) cpu::convert(tile + j * W, p + j * g.stride_c, W);
     return;
+  }
+  if constexpr (!std::is_same_v<scalar_t, acc_t> && std::is_same_v<acc_t, float>) {
+    if (n == W && g.inner == 1 && g.stride_c == 1 && C <= kLaneMaxClasses) {  // as pack_tile
+      alignas(64) float rows[W * kLaneMaxClasses];
+      unpack_tile(tile, staged_rows(C), 0, W, rows);
+      scalar_t* p = base + g.offset(r0);
+      if (g.stride_n == C)
+        cpu::convert(rows, p, W * C);
+      else
+        for (int64_t l = 0; l < W; ++l) cpu::convert(rows + l * C, p + l * g.stride_n, C);
+      return;
+    }
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (n == W && g.inner == 1 && g.stride_c == 1) {
