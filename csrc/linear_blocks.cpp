@@ -40,10 +40,20 @@ namespace {
 Tensor empty_grad(IntList sizes, const Tensor& input) {
   return input.is_cpu() ? empty_cached(sizes, input.scalar_type()) : empty(sizes, input);
 }
+
+// The input's gradient on the CPU: in the input's strides where it is dense (a
+// column-major x.t(), whose contiguous gradient autograd would copy into that layout),
+// as the fused losses' gradients (cpu::gradient_like); the fake kernel says the same.
+Tensor empty_input_grad(const Tensor& input) {
+  if (input.is_cpu())
+    if (const auto strides = dense_strides(input))
+      return empty_cached(input.sizes(), input.scalar_type(), IntList(strides->data(), strides->size()));
+  return empty_grad(input.sizes(), input);
+}
 }  // namespace
 
 Grads empty_grads(const Tensor& input, const Tensor& weight, const Mask& mask) {
-  return {mask[0] ? empty_grad(input.sizes(), input) : empty_none(input),
+  return {mask[0] ? empty_input_grad(input) : empty_none(input),
           mask[1] ? empty_grad({weight.size(0), weight.size(1)}, input) : empty_none(input),
           mask[2] ? empty({weight.size(0)}, input) : empty_none(input)};
 }

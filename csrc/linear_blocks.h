@@ -32,7 +32,8 @@ struct Grads {
   Tensor input, weight, bias;
 };
 
-// The gradient outputs the mask asks for (an empty tensor for the others).
+// The gradient outputs the mask asks for (an empty tensor for the others); on the CPU
+// the input's gradient has the input's strides where the input is dense.
 Grads empty_grads(const Tensor& input, const Tensor& weight, const Mask& mask);
 
 // Accumulates dW, db over blocks in block order; db in acc_type, dW too unless

@@ -45,7 +45,10 @@ def _chunks(input, weight, bias, target, mask, run_loss):
     n, d = input.shape
     c = weight.shape[0]
     any_grad = any(mask)
-    gx = torch.empty_like(input) if mask[0] else input.new_empty((0,))
+    # Contiguous whatever the input's layout, as the op's fake kernel says (linclass/_ops.py):
+    # empty_like would copy a transposed input's strides, which torch.compile then rejects.
+    gx = (torch.empty_like(input, memory_format=torch.contiguous_format) if mask[0]
+          else input.new_empty((0,)))
     new_gw = torch.empty if n else torch.zeros  # every chunk adds to dW; no chunk, no rows
     gw = new_gw((c, d), device=input.device, dtype=input.dtype) if mask[1] else input.new_empty((0,))
     acc = cross_entropy.acc_dtype(input.dtype)

@@ -66,11 +66,22 @@ def _fake_cpp_fused_loss(input, target, *args):
 
 
 def _fake_linear_loss(input, weight, bias, target, *args):
+    """The Triton ops' and the CUDA kernels' outputs: contiguous gradients."""
     mask = args[-1]
     return (input.new_empty(()),
             input.new_empty(tuple(input.shape)) if mask[0] else input.new_empty((0,)),
             input.new_empty(tuple(weight.shape)) if mask[1] else input.new_empty((0,)),
             input.new_empty((weight.shape[0],)) if mask[2] else input.new_empty((0,)))
+
+
+def _fake_cpp_linear_loss(input, weight, bias, target, *args):
+    """The C++ ops' outputs: on the CPU the input's gradient is laid out as the input
+    (dense_strides)."""
+    out = _fake_linear_loss(input, weight, bias, target, *args)
+    strides = dense_strides(input) if args[-1][0] and input.device.type == "cpu" else None
+    if strides is None:
+        return out
+    return (out[0], input.new_empty_strided(tuple(input.shape), strides)) + out[2:]
 
 
 # ---- autograd, shared by the C++ and the Triton ops ----------------------------------
@@ -304,6 +315,7 @@ CPP_FUSED_LOSS = FUSED_LOSS._replace(fake=_fake_cpp_fused_loss)
 LINEAR_LOSS = _Family(_fake_linear_loss, _linear_loss_forward, _backward_linear_loss,
                       _setup_linear_loss, _backward_linear_loss,
                       lambda args: any(args[-1]))  # output_mask
+CPP_LINEAR_LOSS = LINEAR_LOSS._replace(fake=_fake_cpp_linear_loss)
 
 
 def _eager_call(name, op, run, family: _Family):
@@ -393,7 +405,7 @@ CPP: dict = {}
 if _extension.HAS_CPP:
     for _name in ("cross_entropy", "multi_margin_loss"):
         CPP[_name] = _register_cpp(_name, CPP_FUSED_LOSS)
-        CPP[f"linear_{_name}"] = _register_cpp(f"linear_{_name}", LINEAR_LOSS)
+        CPP[f"linear_{_name}"] = _register_cpp(f"linear_{_name}", CPP_LINEAR_LOSS)
 
 
 # The Triton ops, by family: filled when triton is installed.  The kernels are imported

@@ -142,6 +142,33 @@ def test_noncontiguous_input_and_partial_grads(linear_backend):
 
 
 
+@pytest.mark.parametrize("n,d,c", [(33, 17, 10), (7, 16, 300), (300, 24, 40)])
+def test_column_major_input(linear_backend, n, d, c):
+    """x.t() of a (D, N) tensor: the unfused gradients, and (C++) the input's gradient
+    in the input's strides, which autograd would otherwise copy it into; compiled too
+    (the fake kernel must say those strides)."""
+    for fused, unfused in ((linclass.linear_cross_entropy, unfused_ce),
+                           (linclass.linear_multi_margin_loss, unfused_mm)):
+        _, w, b, t = make(n, d, c)
+        x = torch.randn(d, n, dtype=torch.float64).t()
+        check(fused, unfused, x, w, b, t)
+        if linear_backend == "cpp":
+            op = getattr(torch.ops.linclass, fused.__name__)
+            extra = (-100, 0.0) if fused is linclass.linear_cross_entropy else (1, 1.0)
+            grad_input = op(x, w, b, t, *extra, 1, [True, True, True])[1]
+            assert grad_input.stride() == x.stride()
+    x = torch.randn(8, 12).t().requires_grad_()
+    w = torch.randn(5, 8, requires_grad=True)
+    t = torch.randint(0, 5, (12,))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w: linclass.linear_cross_entropy(x, w, t) * 2, fullgraph=True)
+    compiled(x, w).backward()
+    ref = x.detach().clone().requires_grad_()
+    (unfused_ce(ref, w.detach(), t) * 2).backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+    torch._dynamo.reset()
+
+
 def test_label_smoothing_edge_values_match_unfused(linear_backend):
     """torch smooths only when the value is positive: negative and NaN mean none."""
     x, w, b, t = make(6, 5, 7)
@@ -294,6 +321,9 @@ def test_opcheck(op):
         args = (x.requires_grad_(mask[0]), w.requires_grad_(mask[1]), b.requires_grad_(mask[2]), t,
                 *extra, 1, mask)
         torch.library.opcheck(op, args)
+    # a column-major input, whose gradient the C++ kernel lays out as the input
+    xt = torch.randn(4, 6, dtype=torch.float64).t().requires_grad_()
+    torch.library.opcheck(op, (xt, w, b, t, *extra, 2, [True, True, True]))
 
 
 def test_compile_fullgraph(linear_backend):
