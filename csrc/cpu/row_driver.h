@@ -37,6 +37,7 @@
 #pragma once
 
 #include "../common.h"
+#include "convert.h"
 #include "lane_targets.h"
 #include "transpose.h"
 #include "vec_util.h"
