@@ -193,7 +193,7 @@ def _backward_fused_loss(ctx, grad_loss, *_):
     in _rescale, instead of into a new N x C tensor."""
     _check_first_order()
     (grad,) = ctx.saved_tensors
-    if grad_loss.dim() and grad_loss.numel() and not _is_compiling() and not any(grad_loss.stride()):
+    if grad_loss.dim() and not _is_compiling() and grad_loss.numel() and not any(grad_loss.stride()):
         grad_loss = grad_loss.as_strided((), ())
     if not grad_loss.dim():
         (grad,) = _rescale([grad], grad_loss)
