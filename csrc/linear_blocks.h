@@ -42,9 +42,11 @@ Grads empty_grads(const Tensor& input, const Tensor& weight, const Mask& mask);
 // block).
 class GradAccumulator {
  public:
-  GradAccumulator(Grads& g, const Mask& mask, ScalarType acc_type, bool gemm_in_input_dtype = false)
+  // total_rows: the rows of all blocks (-1: unknown).
+  GradAccumulator(Grads& g, const Mask& mask, ScalarType acc_type, bool gemm_in_input_dtype = false,
+                  int64_t total_rows = -1)
       : g_(g), mask_(mask), acc_type_(acc_type),
-        low_(g.input.scalar_type() != acc_type && !gemm_in_input_dtype) {}
+        low_(g.input.scalar_type() != acc_type && !gemm_in_input_dtype), total_rows_(total_rows) {}
 
   // The block of rows starting at r0: its score gradient dS and inputs Xb; W is (C, D).
   void add(const Tensor& dS, const Tensor& Xb, const Tensor& W, int64_t r0);
@@ -52,10 +54,13 @@ class GradAccumulator {
   void finish();
 
  private:
+  void add_bias(const Tensor& dS);
+
   Grads& g_;
   Mask mask_;
   ScalarType acc_type_;
   bool low_, started_ = false;
+  int64_t total_rows_;
   Tensor dW_, db_;
 };
 

@@ -163,7 +163,7 @@ double linear_blocks_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
   // Up to 64 MiB: from the buffer cache, not page-faulted afresh each call.
   Tensor S = empty_cached({std::min(BR, std::max<int64_t>(N, 1)), C}, X.scalar_type());
   const Tensor Wt = transposed(W);
-  GradAccumulator acc(grads, mask, acc_scalar_type(X.scalar_type()));
+  GradAccumulator acc(grads, mask, acc_scalar_type(X.scalar_type()), false, N);
   double total = 0;
   for (int64_t r0 = 0; r0 < N; r0 += BR) {
     const int64_t n = std::min(BR, N - r0);
