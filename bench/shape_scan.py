@@ -1,12 +1,15 @@
 """linclass against torch on the inputs users bring beyond the benchmark groups: dtypes,
 reductions, class weights, label smoothing, sliced and transposed scores, K-dim maps in
-both memory formats, logits transposed to (B, V, T), a 1-D row, a huge row.  Forward +
-backward (a 'none' loss is summed, or weighted and summed), 2 threads, the best of two
-medians of 15 steps each; torch on 16-bit hinge inputs (which it lacks on the CPU) runs
-in float32.  A scan for cliffs, not a benchmark group: a case below 1.0x is a finding.
+both memory formats, logits transposed to (B, V, T), a 1-D row, a huge row; and the
+fused linear ops at assorted N x D x C, dtypes, without bias, with transposed operands,
+against F.linear + the loss.  Forward + backward (a 'none' loss is summed), 2 threads,
+the best of two medians of 15 (linear: 9) steps each; torch on 16-bit hinge inputs
+(which it lacks on the CPU) runs in float32.  A scan for cliffs, not a benchmark group:
+a case below 1.0x is a finding.
 
     python bench/shape_scan.py            # every case
     python bench/shape_scan.py colmajor   # cases whose name contains the word
+    python bench/shape_scan.py --linear [word]
 """
 
 import sys
@@ -110,9 +113,60 @@ def scan(name, make, kwargs, op):
           f"  {torch_s / ours_s:6.2f}x", flush=True)
 
 
-def main(word):
+# name, (N, D, C), dtype, bias, input transposed, weight transposed
+LINEAR_CASES = [
+    ("4096x512x10", (4096, 512, 10), torch.float32, True, False, False),
+    ("4096x512x37", (4096, 512, 37), torch.float32, True, False, False),
+    ("2048x768x300", (2048, 768, 300), torch.float32, True, False, False),
+    ("1024x1024x5000", (1024, 1024, 5000), torch.float32, True, False, False),
+    ("64x4096x1000", (64, 4096, 1000), torch.float32, True, False, False),
+    ("30000x64x10", (30000, 64, 10), torch.float32, True, False, False),
+    ("1x1024x32000", (1, 1024, 32000), torch.float32, True, False, False),
+    ("bf16 1024x1024x32000", (1024, 1024, 32000), torch.bfloat16, True, False, False),
+    ("f64 2048x256x100", (2048, 256, 100), torch.float64, True, False, False),
+    ("no bias 4096x512x100", (4096, 512, 100), torch.float32, False, False, False),
+    ("x.t() 4096x512x100", (4096, 512, 100), torch.float32, True, True, False),
+    ("w.t() 4096x512x100", (4096, 512, 100), torch.float32, True, False, True),
+]
+
+
+def scan_linear(name, shape, dtype, bias, x_transposed, w_transposed, op):
+    n, d, c = shape
+    x = torch.randn(d, n, dtype=dtype).t() if x_transposed else torch.randn(n, d, dtype=dtype)
+    w = (torch.randn(d, c, dtype=dtype).t() if w_transposed else torch.randn(c, d, dtype=dtype)) * 0.05
+    b = torch.randn(c, dtype=dtype) if bias else None
+    t = torch.randint(0, c, (n,))
+    leaves = [v.requires_grad_() for v in (x, w, b) if v is not None]
+    loss_fn = F.cross_entropy if op == "cross_entropy" else F.multi_margin_loss
+    if op == "multi_margin_loss" and dtype in (torch.float16, torch.bfloat16):
+        loss_fn = lambda s, t: F.multi_margin_loss(s.float(), t)  # noqa: E731
+    fused = getattr(linclass, f"linear_{op}")
+
+    def step(loss):
+        def run():
+            for v in leaves:
+                v.grad = None
+            loss().backward()
+        return run
+
+    torch_s = min(median_seconds(step(lambda: loss_fn(F.linear(x, w, b), t)), 9) for _ in range(2))
+    ours_s = min(median_seconds(step(lambda: fused(x, w, t, b)), 9) for _ in range(2))
+    print(f"linear_{op:18s} {name:27s} torch {torch_s * 1e3:9.2f} ms  linclass {ours_s * 1e3:8.2f} ms"
+          f"  {torch_s / ours_s:6.2f}x", flush=True)
+
+
+def main(args):
     torch.set_num_threads(2)
     print(f"linclass from {linclass.__file__}")
+    linear = "--linear" in args
+    words = [a for a in args if a != "--linear"]
+    word = words[0] if words else ""
+    if linear:
+        for name, *case in LINEAR_CASES:
+            if word in name:
+                for op in ("cross_entropy", "multi_margin_loss"):
+                    scan_linear(name, *case, op)
+        return
     for name, make, kwargs, hinge in CASES:
         if word and word not in name:
             continue
@@ -123,4 +177,4 @@ def main(word):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "")
+    main(sys.argv[1:])
