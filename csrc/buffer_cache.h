@@ -37,6 +37,18 @@ inline Tensor empty_cached(IntList sizes, ScalarType dtype, std::optional<IntLis
                                   [bytes](void* q) { linclass_cache_give_back(q, bytes); });
 }
 
+// empty_cached shaped as `input`, in the input's strides where they are dense (a
+// column-major matrix, channels-last scores, (B, V, T) = logits.transpose(1, 2)), else
+// contiguous: the layout of every CPU gradient linclass returns for an input.  Autograd
+// holds a gradient to its input's layout and would otherwise copy a contiguous one into
+// it, a transposing copy slower than the loss; the fake kernels (linclass/_ops.py's
+// dense_strides) state the same rule.
+inline Tensor empty_cached_like(const Tensor& input) {
+  if (const auto strides = dense_strides(input))
+    return empty_cached(input.sizes(), input.scalar_type(), IntList(strides->data(), strides->size()));
+  return empty_cached(input.sizes(), input.scalar_type());
+}
+
 // The rest lives in linclass._C (buffer_cache.cpp).
 // Frees every cached block (tensors still alive are unaffected).
 void buffer_cache_clear();

@@ -41,14 +41,10 @@ Tensor empty_grad(IntList sizes, const Tensor& input) {
   return input.is_cpu() ? empty_cached(sizes, input.scalar_type()) : empty(sizes, input);
 }
 
-// The input's gradient on the CPU: in the input's strides where it is dense (a
-// column-major x.t(), whose contiguous gradient autograd would copy into that layout),
-// as the fused losses' gradients (cpu::gradient_like); the fake kernel says the same.
+// The input's gradient: on the CPU in the input's strides where they are dense (a
+// column-major x.t()), as the fused losses' gradients (empty_cached_like).
 Tensor empty_input_grad(const Tensor& input) {
-  if (input.is_cpu())
-    if (const auto strides = dense_strides(input))
-      return empty_cached(input.sizes(), input.scalar_type(), IntList(strides->data(), strides->size()));
-  return empty_grad(input.sizes(), input);
+  return input.is_cpu() ? empty_cached_like(input) : empty(input.sizes(), input);
 }
 }  // namespace
 

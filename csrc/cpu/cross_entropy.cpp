@@ -21,7 +21,7 @@ std::tuple<Tensor, Tensor> cross_entropy_cpu(const Tensor& input_,
   const int64_t C = geom.classes;
 
   Tensor loss = empty_loss(input, target, reduction);
-  Tensor grad = compute_grad ? cpu::gradient_like(input_) : empty_none(input);
+  Tensor grad = compute_grad ? empty_cached_like(input_) : empty_none(input);
 
   LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "cross_entropy_cpu", [&] {
     const cpu::CrossEntropySetup<scalar_t> setup(target, weight, C, ignore_index, label_smoothing,

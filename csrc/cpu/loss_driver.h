@@ -224,16 +224,6 @@ struct TargetPlan {
   bool index_error = false;
 };
 
-// The gradient buffer of `input`, laid out as the input where that is dense (a
-// column-major matrix, channels-last scores, (B, V, T) = logits.transpose(1, 2)):
-// autograd holds a gradient to that layout (its layout contract) and would otherwise
-// copy a contiguous one into it, a transposing copy slower than the loss.
-inline Tensor gradient_like(const Tensor& input) {
-  if (const auto strides = dense_strides(input))
-    return empty_cached(input.sizes(), input.scalar_type(), IntList(strides->data(), strides->size()));
-  return empty_cached(input.sizes(), input.scalar_type());
-}
-
 // Runs Math over every row of `input` and fills `loss` (and `grad` when compute_grad)
 // for the given reduction; `denom` divides the 'mean'.
 template <typename scalar_t, typename Math, typename Params>
@@ -243,7 +233,7 @@ void run_loss(const Tensor& input, const RowGeometry& geom, const Tensor& target
   RowTask<scalar_t> task;
   task.input = input.const_data_ptr<scalar_t>();
   task.in = geom;
-  // A gradient laid out as a dense input whose d-dims do not flatten (gradient_like; the
+  // A gradient laid out as a dense input whose d-dims do not flatten (empty_cached_like; the
   // input itself was made contiguous) is written contiguous first, then copied over.
   const std::optional<RowGeometry> grad_rows = compute_grad ? row_geometry(grad) : std::nullopt;
   const Tensor written = compute_grad && !grad_rows ? empty_cached(grad.sizes(), grad.scalar_type()) : grad;

@@ -21,7 +21,7 @@ std::tuple<Tensor, Tensor> multi_margin_loss_cpu(const Tensor& input,
   const int64_t C = geom.classes;
 
   Tensor loss = empty_loss(input, target, reduction);
-  Tensor grad = compute_grad ? cpu::gradient_like(input) : empty_none(input);
+  Tensor grad = compute_grad ? empty_cached_like(input) : empty_none(input);
 
   LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "multi_margin_loss_cpu", [&] {
     const cpu::MultiMarginSetup<scalar_t> setup(target, weight, C, p, margin, reduction,
