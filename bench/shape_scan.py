@@ -123,6 +123,8 @@ LINEAR_CASES = [
     ("30000x64x10", (30000, 64, 10), torch.float32, True, False, False),
     ("1x1024x32000", (1, 1024, 32000), torch.float32, True, False, False),
     ("bf16 1024x1024x32000", (1024, 1024, 32000), torch.bfloat16, True, False, False),
+    ("bf16 4096x1024x32000", (4096, 1024, 32000), torch.bfloat16, True, False, False),
+    ("bf16 8192x512x1000", (8192, 512, 1000), torch.bfloat16, True, False, False),
     ("f64 2048x256x100", (2048, 256, 100), torch.float64, True, False, False),
     ("no bias 4096x512x100", (4096, 512, 100), torch.float32, False, False, False),
     ("x.t() 4096x512x100", (4096, 512, 100), torch.float32, True, True, False),

@@ -6,8 +6,28 @@
 
 #include <atomic>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace linclass {
 int64_t linear_block_rows_override() { return linclass_linear_block_rows(); }
+
+bool cpu_multiplies_16bit(bool bf16) {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax, ebx, ecx, edx;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  const unsigned leaf7_edx = edx;
+  __cpuid_count(7, 1, eax, ebx, ecx, edx);
+  const unsigned leaf7_1_eax = eax;
+  const bool amx_bf16 = (leaf7_edx >> 22) & 1, avx512_bf16 = (leaf7_1_eax >> 5) & 1;
+  const bool amx_fp16 = (leaf7_1_eax >> 21) & 1;
+  return bf16 ? amx_bf16 || avx512_bf16 : amx_fp16;
+#else
+  return false;
+#endif
+}
 
 void check_linear_args(const char* op, const Tensor& input, const Tensor& weight,
                        const OptTensor& bias, const Tensor& target,
@@ -54,41 +74,88 @@ Grads empty_grads(const Tensor& input, const Tensor& weight, const Mask& mask) {
           mask[2] ? empty({weight.size(0)}, input) : empty_none(input)};
 }
 
+bool GradAccumulator::native_16bit_products(ScalarType dtype) {
+  return linclass_linear_16bit_products(dtype == ScalarType::BFloat16) != 0;
+}
+
 void GradAccumulator::add(const Tensor& dS, const Tensor& Xb, const Tensor& W, int64_t r0) {
   if (mask_[0]) {
     Tensor rows = narrowed(g_.input, 0, r0, dS.size(0));
     mm_out(rows, dS, W);
   }
-  if (mask_[1]) {
-    // float32/64 accumulate straight into the output; low precision in a float32 copy,
-    // except when this one block holds every row: then one product in the input dtype
-    // (the BLAS accumulates it in float32 and rounds once, as F.linear's backward does)
-    // is as exact and, with 16-bit dot-product instructions, twice as fast.
-    if (low_ && !started_ && r0 == 0 && dS.size(0) == total_rows_) {
-      mm_out(g_.weight, transposed(dS), Xb);
-      started_ = true;
-      return add_bias(dS);
-    }
-    const Tensor dSt = low_ ? to_dtype(transposed(dS), acc_type_) : transposed(dS);
-    const Tensor X = low_ ? to_dtype(Xb, acc_type_) : Xb;
-    if (!started_) {
-      if (low_)
-        dW_ = mm(dSt, X);  // the first block; later ones accumulate
-      else
-        mm_out(g_.weight, dSt, X);
-      started_ = true;
-    } else {
-      addmm_(low_ ? dW_ : g_.weight, dSt, X);
-    }
-  }
+  if (mask_[1]) add_weight_grad(dS, Xb, r0);
   add_bias(dS);
 }
 
-void GradAccumulator::add_bias(const Tensor& dS) {
-  if (mask_[2]) {
-    const Tensor sums = sum_rows(to_dtype(dS, acc_type_));
-    db_ = db_.defined() ? added(db_, sums) : sums;
+namespace {
+// sum += part, float32 += 16-bit, both contiguous with the same number of elements.
+template <typename T>
+void add_widened(float* sum, const T* part, int64_t n) {
+  torch::stable::parallel_for(0, n, int64_t(1) << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) sum[i] += static_cast<float>(part[i]);
+  });
+}
+
+// sums[j] += rows[i][j] over the n rows in order, float32 += 16-bit: each thread takes a
+// range of columns, so the sums do not depend on the thread count.
+template <typename T>
+void add_column_sums(float* sums, const T* rows, int64_t n, int64_t columns) {
+  torch::stable::parallel_for(0, columns, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T* row = rows + i * columns;
+      for (int64_t j = begin; j < end; ++j) sums[j] += static_cast<float>(row[j]);
+    }
+  });
+}
+}  // namespace
+
+void GradAccumulator::add_weight_grad(const Tensor& dS, const Tensor& Xb, int64_t r0) {
+  if (products_in_input_dtype_) {  // (linear_blocks.h)
+    mm_out(g_.weight, transposed(dS), Xb);
+    const bool only_block = !started_ && r0 == 0 && dS.size(0) == total_rows_;
+    if (only_block) {
+      started_ = true;
+      return;
+    }
+    if (!started_) {
+      dW_ = empty_cached(g_.weight.sizes(), acc_type_);  // not page-faulted afresh each call
+      copy_into(dW_, g_.weight);
+    } else if (g_.weight.scalar_type() == ScalarType::BFloat16) {
+      add_widened(dW_.mutable_data_ptr<float>(), g_.weight.const_data_ptr<BFloat16>(), dW_.numel());
+    } else {
+      add_widened(dW_.mutable_data_ptr<float>(), g_.weight.const_data_ptr<Half>(), dW_.numel());
+    }
+    started_ = true;
+    return;
   }
+  const Tensor dSt = low_ ? to_dtype(transposed(dS), acc_type_) : transposed(dS);
+  const Tensor X = low_ ? to_dtype(Xb, acc_type_) : Xb;
+  if (!started_) {
+    if (low_) dW_ = empty_cached(g_.weight.sizes(), acc_type_);  // the first block; later ones accumulate
+    mm_out(low_ ? dW_ : g_.weight, dSt, X);
+    started_ = true;
+  } else {
+    addmm_(low_ ? dW_ : g_.weight, dSt, X);
+  }
+}
+
+void GradAccumulator::add_bias(const Tensor& dS) {
+  if (!mask_[2]) return;
+  if (!low_ || !dS.is_cpu()) {
+    const Tensor sums = column_sums(dS, acc_type_);
+    db_ = db_.defined() ? added(db_, sums) : sums;
+    return;
+  }
+  // 16-bit on the CPU: torch's sum in float32 would first convert the whole block.
+  if (!db_.defined()) {
+    db_ = empty_cpu({dS.size(1)}, acc_type_);
+    fill_zero(db_);
+  }
+  const Tensor rows = as_contiguous(dS);
+  if (rows.scalar_type() == ScalarType::BFloat16)
+    add_column_sums(db_.mutable_data_ptr<float>(), rows.const_data_ptr<BFloat16>(), rows.size(0), rows.size(1));
+  else
+    add_column_sums(db_.mutable_data_ptr<float>(), rows.const_data_ptr<Half>(), rows.size(0), rows.size(1));
 }
 
 void GradAccumulator::finish() {

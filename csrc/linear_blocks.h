@@ -36,17 +36,34 @@ struct Grads {
 // the input's gradient has the input's strides where the input is dense.
 Grads empty_grads(const Tensor& input, const Tensor& weight, const Mask& mask);
 
-// Accumulates dW, db over blocks in block order; db in acc_type, dW too unless
-// `gemm_in_input_dtype` (the GPU: a float32 copy would turn the tensor-core GEMMs into
-// float32 ones; cuBLAS accumulates each block's product in float32 and rounds once per
-// block).
+// Whether this CPU multiplies 16-bit floats natively (bfloat16: AVX512-BF16 or AMX-BF16;
+// float16: AMX-FP16), so that the BLAS's product in that dtype (as F.linear's backward
+// computes it) beats a float32 product of converted operands.  Elsewhere the BLAS
+// converts on the fly, or, for float16 without AVX512-FP16, falls back to loops an
+// order of magnitude slower (bench/results/linear-16bit.md).
+bool cpu_multiplies_16bit(bool bf16);
+
+// Accumulates dW, db over blocks in block order; db in acc_type.  dW:
+//  - float32/64: every block's product added into the output;
+//  - 16-bit on the GPU (`gemm_in_input_dtype`: a float32 copy would turn the tensor-core
+//    GEMMs into float32 ones): each block's product in the input dtype, added in it
+//    (cuBLAS accumulates in float32 and rounds once per block);
+//  - 16-bit on a CPU that multiplies that dtype natively (linclass_linear_16bit_products):
+//    each block's product in the input dtype (float32 accumulation in the BLAS, one
+//    rounding), summed in float32; one block (most inputs up to ~1000 rows) is then
+//    exactly F.linear's backward, several round once more per block;
+//  - 16-bit elsewhere: each block's operands converted, the products summed in float32,
+//    one rounding in all.
 class GradAccumulator {
  public:
   // total_rows: the rows of all blocks (-1: unknown).
   GradAccumulator(Grads& g, const Mask& mask, ScalarType acc_type, bool gemm_in_input_dtype = false,
                   int64_t total_rows = -1)
       : g_(g), mask_(mask), acc_type_(acc_type),
-        low_(g.input.scalar_type() != acc_type && !gemm_in_input_dtype), total_rows_(total_rows) {}
+        low_(g.input.scalar_type() != acc_type && !gemm_in_input_dtype),
+        products_in_input_dtype_(low_ && g.input.is_cpu() &&
+                                 native_16bit_products(g.input.scalar_type())),
+        total_rows_(total_rows) {}
 
   // The block of rows starting at r0: its score gradient dS and inputs Xb; W is (C, D).
   void add(const Tensor& dS, const Tensor& Xb, const Tensor& W, int64_t r0);
@@ -54,12 +71,14 @@ class GradAccumulator {
   void finish();
 
  private:
+  static bool native_16bit_products(ScalarType dtype);
+  void add_weight_grad(const Tensor& dS, const Tensor& Xb, int64_t r0);
   void add_bias(const Tensor& dS);
 
   Grads& g_;
   Mask mask_;
   ScalarType acc_type_;
-  bool low_, started_ = false;
+  bool low_, products_in_input_dtype_, started_ = false;
   int64_t total_rows_;
   Tensor dW_, db_;
 };

@@ -107,11 +107,17 @@ void cache_clear() { buffer_cache_clear(); }
 std::vector<int64_t> cache_stats() { return buffer_cache_stats(); }
 std::atomic<int64_t> g_block_rows_override{0};
 int64_t linear_block_rows(int64_t rows) { return g_block_rows_override.exchange(rows); }
+std::atomic<int64_t> g_16bit_products_override{-1};  // -1: as the CPU says
+int64_t linear_16bit_products(int64_t mode) { return g_16bit_products_override.exchange(mode); }
 
 }  // namespace
 }  // namespace linclass
 
 extern "C" int64_t linclass_linear_block_rows() { return linclass::g_block_rows_override.load(); }
+extern "C" int linclass_linear_16bit_products(int bf16) {
+  const int64_t forced = linclass::g_16bit_products_override.load();
+  return forced >= 0 ? int(forced) : int(linclass::cpu_multiplies_16bit(bf16 != 0));
+}
 
 namespace linclass {
 
@@ -166,10 +172,14 @@ STABLE_TORCH_LIBRARY(linclass, m) {
   m.def("_cpu_isa() -> str");
   m.def("_set_cpu_isa(str isa) -> str");
   m.def("_cpu_isas() -> str[]");
-  // The CPU gradient-buffer cache (buffer_cache.h) and a testing knob.
+  // The CPU gradient-buffer cache (buffer_cache.h) and testing knobs: the fused linear
+  // ops' rows per block (0 = automatic) and their 16-bit weight-gradient products (-1 =
+  // as the CPU says, 0 = float32, 1 = the input dtype; linear_blocks.h); each returns
+  // the previous setting.
   m.def("_buffer_cache_clear() -> ()");
   m.def("_buffer_cache_stats() -> int[]");
   m.def("_linear_block_rows(int rows) -> int");
+  m.def("_linear_16bit_products(int mode) -> int");
 }
 
 // The ops without tensor arguments have no device to dispatch on: CompositeExplicitAutograd.
@@ -180,6 +190,7 @@ STABLE_TORCH_LIBRARY_IMPL(linclass, CompositeExplicitAutograd, m) {
   m.impl("_buffer_cache_clear", TORCH_BOX(&cache_clear));
   m.impl("_buffer_cache_stats", TORCH_BOX(&cache_stats));
   m.impl("_linear_block_rows", TORCH_BOX(&linear_block_rows));
+  m.impl("_linear_16bit_products", TORCH_BOX(&linear_16bit_products));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(linclass, CPU, m) {

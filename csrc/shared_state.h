@@ -22,6 +22,10 @@ LINCLASS_SHARED void* linclass_cache_take(size_t bytes);
 LINCLASS_SHARED void linclass_cache_give_back(void* block, size_t bytes);
 // Rows per block of the fused linear ops forced by a test (0 = automatic).
 LINCLASS_SHARED int64_t linclass_linear_block_rows();
+// Whether the CPU fused linear ops multiply 16-bit weight gradients in the input dtype
+// (1) or in float32 (0) for bfloat16 (`bf16` != 0) or float16 inputs: the CPU's answer
+// (linear_blocks.h) unless a test forced one.
+LINCLASS_SHARED int linclass_linear_16bit_products(int bf16);
 // Offers a module's `const linclass::CpuKernels*`; returns 0, or -1 when the table of
 // every ISA is already taken.
 LINCLASS_SHARED int linclass_offer_cpu_kernels(const void* table);

@@ -170,9 +170,10 @@ inline void mul_(const Tensor& self, const Tensor& other) { call_aten("aten::mul
 // a + b through the one Scalar-taking op the stable ABI wraps (a - alpha * b, alpha = -1:
 // bitwise the same sum).
 inline Tensor added(const Tensor& a, const Tensor& b) { return torch::stable::subtract(a, b, -1.0); }
-inline Tensor sum_rows(const Tensor& t) {  // sum over dim 0
+// The sums over dim 0, accumulated and returned in `dtype` (no converted copy of t).
+inline Tensor column_sums(const Tensor& t, ScalarType dtype) {
   const int64_t dim0[1] = {0};
-  return torch::stable::sum(t, IntList(dim0, 1));
+  return torch::stable::sum(t, IntList(dim0, 1), false, dtype);
 }
 inline void copy_into(const Tensor& dst, const Tensor& src) {
   torch::stable::copy_(const_cast<Tensor&>(dst), src);
