@@ -134,11 +134,11 @@ CPU_TORCH_CROSS_ENTROPY_ROW_COST = 64
 
 
 def cpu_hinge_on_torch(input: torch.Tensor) -> bool:
-    """Whether the automatic choice runs this CPU multi_margin_loss on torch.  Never for
-    an empty input: torch's kernel returns uninitialized memory for 'sum' and 'mean'
-    over no rows."""
+    """Whether the automatic choice runs this multi_margin_loss on torch: a small
+    float32/64 input on the CPU.  Never for an empty input: torch's kernel returns
+    uninitialized memory for 'sum' and 'mean' over no rows."""
     return (0 < input.numel() <= CPU_TORCH_HINGE_MAX_SCORES and current() is None
-            and (input.dtype is torch.float32 or input.dtype is torch.float64))
+            and (input.dtype is torch.float32 or input.dtype is torch.float64) and input.is_cpu)
 
 
 def cpu_cross_entropy_on_torch(input: torch.Tensor) -> bool:

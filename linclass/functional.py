@@ -246,6 +246,13 @@ def multi_margin_loss(
     The classic multiclass SVM loss (sum over wrong classes, mean over N) is
     ``multi_margin_loss(scores, y) * C``.
     """
+    if (type(input) is torch.Tensor and type(target) is torch.Tensor and weight is None
+            and backends.cpu_hinge_on_torch(input)
+            and size_average is None and reduce is None and type(reduction) is str
+            and reduction in _ops.REDUCTIONS and (p == 1 or p == 2)):
+        # A small loss, run by torch (see backends): what F.multi_margin_loss does for
+        # plain tensors after its checks of p and weight, with torch's own errors.
+        return torch._C._nn.multi_margin_loss(input, target, p, margin, None, _ops.REDUCTIONS[reduction])
     reduction, reduction_code = _reduction_code(size_average, reduce, reduction)
     if p not in (1, 2):
         raise ValueError("only p == 1 and p == 2 supported")

@@ -225,6 +225,12 @@ def test_small_cpu_hinge_on_torch_is_torch_exactly(reduction, p, margin, weighte
         F.multi_margin_loss(x, bad)
     with pytest.raises(type(torch_error.value), match="target"):
         linclass.multi_margin_loss(x, bad)
+    with pytest.raises(ValueError, match="only p == 1 and p == 2"):
+        linclass.multi_margin_loss(x, t, p=3)
+    with pytest.raises(ValueError, match="not a valid value for reduction"):
+        linclass.multi_margin_loss(x, t, reduction="average")
+    legacy = linclass.multi_margin_loss(x, t, p=p, margin=margin, weight=w, size_average=False)
+    assert torch.equal(legacy, F.multi_margin_loss(x, t, p=p, margin=margin, weight=w, reduction="sum"))
 
 def test_linear_ops_route_by_the_bytes_they_touch():
     from linclass.functional import _linear_bytes
