@@ -21,13 +21,14 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 LAUNCH_TIMEOUT = 300  # seconds for one torchrun (start-up of every rank included)
 
 
-def _train(args: list, out, nproc: int = 1) -> dict:
-    """`linclass train ARGS` in one process or under torchrun with nproc processes."""
+def _train(args: list, out, nproc: int = 1, threads: int | None = None) -> dict:
+    """`linclass train ARGS` in one process or under torchrun with nproc processes, each
+    with `threads` threads (default: the 2 cores shared among them)."""
     json_path = os.path.join(out, "result.json")
     launcher = [sys.executable, "-m", "linclass"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={nproc}", "-m", "linclass"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, 2 // nproc)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads or max(1, 2 // nproc)))
     proc = subprocess.run(launcher + ["train", *args, "--quiet", "--json", json_path],
                           capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -51,7 +52,11 @@ def test_torchrun_trains_the_two_layer_net_data_parallel(tmp_path):
 
 def test_torchrun_spreads_the_two_layer_search_over_the_ranks(tmp_path):
     args = ["--model", "twolayer", "--dataset", "digits", "--search", "--iters", "300"]
-    one = _train(args, str(tmp_path))
+    # The one-process run with the ranks' thread count: torch's matrix products may round
+    # differently on another thread count (on the Emerald Rapids VM of 2026-12-06 the
+    # refit's X^T dh product did, moving the test accuracy by one image, 0.28 points,
+    # between 1 and 2 threads in one process), which is not what this test is about.
+    one = _train(args, str(tmp_path), threads=1)
     two = _train(args, str(tmp_path), nproc=2)
     assert two["hyperparameters"] == one["hyperparameters"]
     assert abs(two["search_val_acc"] - one["search_val_acc"]) <= 0.2
