@@ -38,9 +38,8 @@ Grads empty_grads(const Tensor& input, const Tensor& weight, const Mask& mask);
 
 // Whether this CPU multiplies 16-bit floats natively (bfloat16: AVX512-BF16 or AMX-BF16;
 // float16: AMX-FP16), so that the BLAS's product in that dtype (as F.linear's backward
-// computes it) beats a float32 product of converted operands.  Elsewhere the BLAS
-// converts on the fly, or, for float16 without AVX512-FP16, falls back to loops an
-// order of magnitude slower (bench/results/linear-16bit.md).
+// computes it) beats a float32 product of converted operands.  Elsewhere a 16-bit
+// product is emulated, slower than float32 or far slower (bench/results/linear-16bit.md).
 bool cpu_multiplies_16bit(bool bf16);
 
 // Accumulates dW, db over blocks in block order; db in acc_type.  dW:

@@ -116,7 +116,11 @@ int64_t linear_16bit_products(int64_t mode) { return g_16bit_products_override.e
 extern "C" int64_t linclass_linear_block_rows() { return linclass::g_block_rows_override.load(); }
 extern "C" int linclass_linear_16bit_products(int bf16) {
   const int64_t forced = linclass::g_16bit_products_override.load();
-  return forced >= 0 ? int(forced) : int(linclass::cpu_multiplies_16bit(bf16 != 0));
+  if (forced >= 0) return int(forced);
+  // Asked once per 16-bit linear op call; cpuid traps to the hypervisor on a VM.
+  static const bool native_fp16 = linclass::cpu_multiplies_16bit(false);
+  static const bool native_bf16 = linclass::cpu_multiplies_16bit(true);
+  return int(bf16 ? native_bf16 : native_fp16);
 }
 
 namespace linclass {

@@ -53,9 +53,8 @@ def test_torchrun_trains_the_two_layer_net_data_parallel(tmp_path):
 def test_torchrun_spreads_the_two_layer_search_over_the_ranks(tmp_path):
     args = ["--model", "twolayer", "--dataset", "digits", "--search", "--iters", "300"]
     # The one-process run with the ranks' thread count: torch's matrix products may round
-    # differently on another thread count (on the Emerald Rapids VM of 2026-12-06 the
-    # refit's X^T dh product did, moving the test accuracy by one image, 0.28 points,
-    # between 1 and 2 threads in one process), which is not what this test is about.
+    # differently on another thread count (the refit's X^T dh can, on some CPUs), which
+    # moves the test accuracy by an image and is not what this test is about.
     one = _train(args, str(tmp_path), threads=1)
     two = _train(args, str(tmp_path), nproc=2)
     assert two["hyperparameters"] == one["hyperparameters"]
