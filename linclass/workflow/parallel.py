@@ -9,7 +9,8 @@ Two uses, both with results equal to the one-process run up to float rounding:
     minibatch (the all-reduce of gradient buckets that DDP does, for the two-layer net's
     hand-written backward);
   - a search spread over the ranks: configuration i runs on rank i mod K, the results
-    are gathered, and every rank picks the same winner.
+    are gathered, and every rank picks the same winner; its refit runs once, on rank 0
+    with the threads of every rank on its node (on_main).
 gloo on CPU, nccl on CUDA.  Without a process group everything here is the identity.
 """
 
@@ -101,3 +102,37 @@ def broadcast_(tensors: list, src: int) -> None:
         return
     for t in tensors:
         dist.broadcast(t, src)
+
+
+def local_size() -> int:
+    """How many ranks share this node (torchrun's LOCAL_WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if size() > 1 else 1
+
+
+def on_main(fn):
+    """fn() run by rank 0 alone; its result (picklable: tensors in it on the CPU) is
+    returned on every rank.  While the other ranks wait, rank 0 runs with their intra-op
+    threads as well (torchrun gives each rank 1 by default), so the work runs as in one
+    process on the node's cores: faster than every rank repeating it, and rounded the
+    way the one-process run rounds where torch's matrix products depend on the thread
+    count.  An exception in fn is raised on every rank, so none is left waiting."""
+    if size() == 1:
+        return fn()
+    result = error = None
+    if is_main():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads * local_size())
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - sent to the other ranks, then raised
+            error = e
+        finally:
+            torch.set_num_threads(threads)
+    box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    result, message = box[0]
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed: {message}")
+    return result

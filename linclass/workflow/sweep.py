@@ -113,10 +113,17 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
     if refit:
         refit_data, iters = refit_split(data_dict, train_data, num_iters, augment_data)
         out["refit"] = {"num_iters": iters, "n_train": len(refit_data["y_train"])}
-        out["best_model"] = _train_one(model_cls_or_loss, model_cls, refit_data,
-                                       *all_configs[best_i], iters, batch_size, seed, progress)
-        return out
-    if distribute:
+
+        def run_refit():
+            return _train_one(model_cls_or_loss, model_cls, refit_data, *all_configs[best_i],
+                              iters, batch_size, seed, progress)
+
+        if distribute:  # once, on rank 0 with the node's threads (parallel.on_main)
+            best_W = parallel.on_main(lambda: _weights(run_refit()).cpu()).to(W0.device)
+        else:
+            out["best_model"] = run_refit()
+            return out
+    elif distribute:
         owner = best_i % parallel.size()
         best_W = W0.clone() if parallel.rank() != owner else \
             W[:, C * [i for i, _ in mine].index(best_i):][:, :C].clone()
@@ -129,6 +136,10 @@ def sweep(model_cls_or_loss, data_dict, learning_rates, regs, num_iters=2000, ba
     else:
         out["best_model"] = best_W
     return out
+
+
+def _weights(model_or_W):
+    return model_or_W if isinstance(model_or_W, torch.Tensor) else model_or_W.W
 
 
 def _train_one(model_cls_or_loss, model_cls, data, lr, reg, num_iters, batch_size, seed, progress):

@@ -166,9 +166,10 @@ def find_best_net(data_dict: dict, get_param_set_fn, num_iters: int = SEARCH_ITE
 
     distribute: inside a torch.distributed group, configuration i runs on rank i mod K;
     every rank gets the same winner (ties go to the earlier configuration, as in one
-    process).  The refit then runs whole on every rank, so the model is the one-process
-    search's (a data-parallel refit sums its gradients in another order, which moves
-    the test accuracy by an image or so)."""
+    process).  The refit then runs whole on rank 0 with the node's threads and is sent to
+    the others (parallel.on_main), so the model is the one-process search's (a
+    data-parallel refit sums its gradients in another order, which moves the test
+    accuracy by an image or so)."""
     train_data = augment_data(data_dict) if augment_data is not None else data_dict
     X_train, y_train = train_data["X_train"], train_data["y_train"]
     X_val, y_val = data_dict["X_val"], data_dict["y_val"]
@@ -198,17 +199,31 @@ def find_best_net(data_dict: dict, get_param_set_fn, num_iters: int = SEARCH_ITE
     if distribute:
         results = sorted(r for part in parallel.gather(results) for r in part)
     best_i, best_val_acc, best_stat = max(results, key=lambda r: (r[1], -r[0]))
-    if distribute:
+    if refit:
+        refit_data, iters = refit_split(data_dict, train_data, num_iters, augment_data)
+
+        def run_refit():
+            return train_one(refit_data["X_train"], refit_data["y_train"], None, None,
+                             *configs[best_i], iters)
+
+        def run_refit_to_cpu():
+            net, stat = run_refit()
+            return {key: net.params[key].cpu() for key in PARAM_KEYS}, stat
+
+        if distribute:
+            params, best_stat = parallel.on_main(run_refit_to_cpu)
+            best_net = TwoLayerNet(X_train.shape[1], configs[best_i][0], C, dtype=X_train.dtype,
+                                   device=X_train.device)
+            best_net.params.update({key: params[key].to(X_train.device) for key in PARAM_KEYS})
+        else:
+            best_net, best_stat = run_refit()
+        best_stat["refit"] = {"num_iters": iters, "n_train": len(refit_data["y_train"])}
+    elif distribute:
         owner = best_i % parallel.size()
         if parallel.rank() != owner:
             best_net = TwoLayerNet(X_train.shape[1], configs[best_i][0], C, dtype=X_train.dtype,
                                    device=X_train.device)
         parallel.broadcast_([best_net.params[key] for key in PARAM_KEYS], owner)
-    if refit:
-        refit_data, iters = refit_split(data_dict, train_data, num_iters, augment_data)
-        best_net, best_stat = train_one(refit_data["X_train"], refit_data["y_train"], None, None,
-                                        *configs[best_i], iters)
-        best_stat["refit"] = {"num_iters": iters, "n_train": len(refit_data["y_train"])}
     return best_net, best_stat, best_val_acc
 
 
