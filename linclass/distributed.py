@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from . import _ops, _sharded
-from .functional import _FLOAT_TYPES, _ignore_index, _margin, _reduction_code
+from .functional import _FLOAT_TYPES, _fold_leading_dims, _ignore_index, _margin, _reduction_code
 
 __all__ = ["cross_entropy", "global_mean_denominator", "linear_cross_entropy",
            "linear_multi_margin_loss", "multi_margin_loss"]
@@ -409,8 +409,9 @@ def _row_blocks(rows: int, width: int, dtype: torch.dtype):
 
 def _check_linear(op: str, input, weight_local, bias_local, target, reduction: str) -> None:
     if not isinstance(input, torch.Tensor) or input.dim() != 2 or input.dtype not in _FLOAT_TYPES:
-        raise ValueError(f"{op}: input must be a floating (N, D) tensor, the same on every rank, "
-                         f"got {getattr(input, 'shape', type(input).__name__)}")
+        raise ValueError(f"{op}: input must be a floating (N, D) tensor (or (*, D) with target "
+                         f"(*)), the same on every rank, got "
+                         f"{getattr(input, 'shape', type(input).__name__)}")
     if (not isinstance(weight_local, torch.Tensor) or weight_local.dim() != 2
             or weight_local.shape[1] != input.shape[1]):
         raise ValueError(f"{op}: weight_local must be (C_local, D) with D = {input.shape[1]}, got "
@@ -634,8 +635,15 @@ def linear_cross_entropy(input: torch.Tensor, weight_local: torch.Tensor, target
     all-gather per block, of 6 numbers per row), and the block's gradient is made from
     the same scores and accumulated into the input, weight and bias gradients.  The
     input's gradient is summed over the group (in the forward; in backward for 'none',
-    which makes the scores again there); the weight's and bias's are this rank's slices."""
+    which makes the scores again there); the weight's and bias's are this rank's slices.
+    An input (*, D) with target (*) is taken as prod(*) rows; 'none' then gives shape (*)."""
     op = "linclass.distributed.linear_cross_entropy"
+    folded = _fold_leading_dims(input, target)
+    if folded is not None:
+        loss = linear_cross_entropy(folded[0], weight_local, folded[1], bias_local, group,
+                                    class_start=class_start, ignore_index=ignore_index,
+                                    label_smoothing=label_smoothing, reduction=reduction)
+        return loss.reshape(folded[2]) if loss.dim() else loss
 
     def options():
         _check_smoothing(op, label_smoothing)
@@ -650,8 +658,15 @@ def linear_multi_margin_loss(input: torch.Tensor, weight_local: torch.Tensor, ta
                              class_start: int | None = None, p: int = 1, margin: float = 1.0,
                              reduction: str = "mean") -> torch.Tensor:
     """``F.multi_margin_loss(F.linear(input, weight, bias), target)`` for a head sharded by
-    classes (see linear_cross_entropy); the scores are made once, a block of rows at a time."""
+    classes (see linear_cross_entropy, also for (*, D) inputs); the scores are made once, a
+    block of rows at a time."""
     op = "linclass.distributed.linear_multi_margin_loss"
+    folded = _fold_leading_dims(input, target)
+    if folded is not None:
+        loss = linear_multi_margin_loss(folded[0], weight_local, folded[1], bias_local, group,
+                                        class_start=class_start, p=p, margin=margin,
+                                        reduction=reduction)
+        return loss.reshape(folded[2]) if loss.dim() else loss
 
     def options():
         _check_p(op, p)

@@ -311,10 +311,27 @@ def _linear_bytes(input, weight) -> int:
     return (rows * features + classes * features + rows * classes) * input.element_size()
 
 
+def _fold_leading_dims(input, target):
+    """A (*, D) input with its (*) class indices (or (*, C) probabilities) as the (N, D)
+    rows and (N,) targets the fused ops take, N = prod(*), as a transformer's (B, T, D)
+    hidden states and (B, T) labels; None when the shapes are not that (the checks then
+    name the problem).  The loss of reduction 'none' goes back to shape (*)."""
+    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
+            and input.dim() > 2):
+        return None
+    lead = input.shape[:-1]
+    if target.shape == lead:
+        return input.reshape(-1, input.shape[-1]), target.reshape(-1), lead
+    if target.is_floating_point() and target.shape[:-1] == lead:
+        return input.reshape(-1, input.shape[-1]), target.reshape(-1, target.shape[-1]), lead
+    return None
+
+
 def _check_linear(op: str, input, weight, bias, target):
     _check_input(op, input, target)
     if input.dim() not in (1, 2):
-        raise RuntimeError(f"{op}: input must be (N, D) or (D,), got shape {list(input.shape)}")
+        raise RuntimeError(f"{op}: input must be (N, D), (D,) or (*, D) with target (*), got "
+                           f"input {list(input.shape)} and target {list(target.shape)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
         raise RuntimeError(f"{op}: weight must be (C, D) with D = {input.shape[-1]} (as in "
                            f"nn.Linear), got shape {list(getattr(weight, 'shape', []))}")
@@ -348,7 +365,14 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     scores are made, turned into their gradient and consumed a block of rows at a time,
     and the gradients for input, weight and bias are accumulated as the blocks go.
     With 'none', or probability targets, it computes ``linclass.cross_entropy(F.linear(...))``.
+    An input (*, D) with target (*) is taken as N = prod(*) rows (a transformer's (B, T, D)
+    hidden states and (B, T) labels); the loss of 'none' then has shape (*).
     """
+    folded = _fold_leading_dims(input, target)
+    if folded is not None:
+        loss = linear_cross_entropy(folded[0], weight, folded[1], bias, ignore_index, reduction,
+                                    label_smoothing)
+        return loss.reshape(folded[2]) if loss.dim() else loss
     reduction, reduction_code = _reduction_code(None, None, reduction)
     _check_linear("linear_cross_entropy", input, weight, bias, target)
     backend = backends.resolve_for(input, _linear_bytes(input, weight) if input.is_cuda else None)
@@ -373,7 +397,12 @@ def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: 
                              bias: torch.Tensor | None = None, p: int = 1, margin: float = 1.0,
                              reduction: str = "mean") -> torch.Tensor:
     """``multi_margin_loss(F.linear(input, weight, bias), target, ...)`` without the N x C
-    scores (see linear_cross_entropy).  The classic linear SVM loss is this times C."""
+    scores (see linear_cross_entropy; also for (*, D) inputs).  The classic linear SVM
+    loss is this times C."""
+    folded = _fold_leading_dims(input, target)
+    if folded is not None:
+        loss = linear_multi_margin_loss(folded[0], weight, folded[1], bias, p, margin, reduction)
+        return loss.reshape(folded[2]) if loss.dim() else loss
     reduction, reduction_code = _reduction_code(None, None, reduction)
     if p not in (1, 2):
         raise ValueError("only p == 1 and p == 2 supported")

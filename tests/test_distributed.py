@@ -412,6 +412,22 @@ def _linear_matches_unsharded(rank, world, full=True):
                         torch.testing.assert_close(grads[2], full[2][a:a + width], **F64)
                     assert _all_equal_across_ranks(loss, world), what
                     assert _all_equal_across_ranks(grads[0], world), what
+    # A (B, T, D) input with (B, T) targets: the same rows, the loss of 'none' as (B, T).
+    a, width = _shard(x0, next(_layouts(classes, world))[1], rank)
+    for fn, torch_fn, target in ((ld.linear_cross_entropy, F.cross_entropy, y_ignored),
+                                 (ld.linear_multi_margin_loss, F.multi_margin_loss, y)):
+        for reduction in ("mean", "none"):
+            x = x0.reshape(2, n // 2, d).clone().requires_grad_(True)
+            w = w0[a:a + width].clone().requires_grad_(True)
+            loss = fn(x, w, target.reshape(2, n // 2), reduction=reduction)
+            xf, wf = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+            expected = torch_fn(F.linear(xf, wf), target, reduction=reduction)
+            torch.testing.assert_close(loss, expected.reshape(loss.shape), **F64)
+            assert loss.shape == ((2, n // 2) if reduction == "none" else ())
+            grads = torch.autograd.grad(loss.sum(), [x, w])
+            full = torch.autograd.grad(expected.sum(), [xf, wf])
+            torch.testing.assert_close(grads[0], full[0].reshape(x.shape), **F64)
+            torch.testing.assert_close(grads[1], full[1][a:a + width], **F64)
     # Collectives (one block of rows): layout, statistics and the input gradient's sum
     # in the forward; none in backward.
     ld.BLOCK_BYTES = default_block_bytes

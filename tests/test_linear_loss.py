@@ -180,6 +180,29 @@ def test_vector_input(linear_backend):
     check(linclass.linear_cross_entropy, unfused_ce, x[0], w, b, t[0])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_leading_dimensions_are_rows(linear_backend, reduction):
+    """A (B, T, D) input with (B, T) targets (a transformer's hidden states and labels; also
+    (B, T, C) probabilities) is B * T rows; the loss of 'none' has shape (B, T)."""
+    x, w, b, t = make(12, 5, 7)
+    t[4] = -100
+    x3, t3 = x.reshape(3, 4, 5), t.reshape(3, 4)
+    for fused, unfused, target, kw in (
+            (linclass.linear_cross_entropy, unfused_ce, t3, dict(label_smoothing=0.1)),
+            (linclass.linear_multi_margin_loss, unfused_mm, t3.clamp(min=0), dict(p=2)),
+            (linclass.linear_cross_entropy, unfused_ce, torch.rand(3, 4, 7, dtype=x.dtype), {})):
+        loss, grads = grads_of(fused, x3, w, b, target, reduction=reduction, **kw)
+        flat = target.reshape(12, -1).squeeze(1)
+        ref_loss, ref_grads = grads_of(unfused, x, w, b, flat, reduction=reduction, **kw)
+        assert loss.shape == ((3, 4) if reduction == "none" else ())
+        torch.testing.assert_close(loss, ref_loss.reshape(loss.shape), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(grads[0], ref_grads[0].reshape(3, 4, 5), rtol=1e-9, atol=1e-11)
+        for g, r in zip(grads[1:], ref_grads[1:]):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
+    with pytest.raises(RuntimeError, match=r"\(\*, D\) with target \(\*\)"):
+        linclass.linear_cross_entropy(x3, w, t, b)  # targets not shaped as the rows
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_relative_to_fp32(linear_backend, dtype):
     check_low_precision(*make(48, 32, 500, dtype=torch.float32), dtype)
