@@ -38,6 +38,37 @@ LINEAR_CROSS_ENTROPY = _op_table("linear_cross_entropy")
 LINEAR_MULTI_MARGIN_LOSS = _op_table("linear_multi_margin_loss")
 
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def _autocasting(*tensors) -> bool:
+    """Whether torch.autocast is on for the device of the first tensor (its dtype policy
+    then applies to the ops below, as it does to torch's)."""
+    device = tensors[0].device.type
+    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+
+
+def _autocast_to_float32(input, weight):
+    """torch.autocast runs cross_entropy and multi_margin_loss in float32 (its float32
+    list): 16-bit scores and class weights are cast, the loss is float32 and the gradient
+    reaches the 16-bit scores through the cast.  The same here, so that a loss under
+    autocast is torch's."""
+    if input.dtype in _HALF_TYPES:
+        input = input.float()
+    if isinstance(weight, torch.Tensor) and weight.dtype in _HALF_TYPES:
+        weight = weight.float()
+    return input, weight
+
+
+def _autocast_linear(input, weight, bias):
+    """torch.autocast runs F.linear in its lower-precision dtype: input, weight and bias
+    (float32 or 16-bit; float64 stays) are cast to it, as F.linear's would be."""
+    dtype = torch.get_autocast_dtype(input.device.type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, *_HALF_TYPES) else t
+
+    return cast(input), cast(weight), cast(bias)
 
 # GPU kernels turn an out-of-range target into a NaN row instead of stopping the device;
 # with this set, targets on the GPU are checked first (one host synchronization per call).
@@ -198,6 +229,8 @@ def cross_entropy(
                                                ignore_index, label_smoothing)
     reduction, reduction_code = _reduction_code(size_average, reduce, reduction)
     _check_input("cross_entropy", input, target)
+    if (input.dtype in _HALF_TYPES or getattr(weight, "dtype", None) in _HALF_TYPES) and _autocasting(input):
+        input, weight = _autocast_to_float32(input, weight)
     backend = backends.resolve_for(input)
     target_dtype = target.dtype
     if backend == "torch" or target_dtype.is_floating_point:
@@ -257,6 +290,8 @@ def multi_margin_loss(
     if p not in (1, 2):
         raise ValueError("only p == 1 and p == 2 supported")
     _check_input("multi_margin_loss", input, target)
+    if (input.dtype in _HALF_TYPES or getattr(weight, "dtype", None) in _HALF_TYPES) and _autocasting(input):
+        input, weight = _autocast_to_float32(input, weight)
     backend = backends.resolve_for(input)
     if backend == "cpp" and backends.cpu_hinge_on_torch(input):
         backend = "torch"
@@ -379,6 +414,11 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     if reduction == "none" or backend == "torch" or target.is_floating_point():
         return cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing)
+    if _autocasting(input):  # F.linear's products in autocast's dtype; the loss in float32
+        with torch.autocast(input.device.type, enabled=False):
+            x, w, b = _autocast_linear(input, weight, bias)
+            return linear_cross_entropy(x, w, target, b, ignore_index, reduction,
+                                        label_smoothing).float()
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"linear_cross_entropy: expected target dtype to be Long or Byte, but "
                            f"got {target.dtype}")
@@ -411,6 +451,10 @@ def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: 
     if reduction == "none" or backend == "torch":
         return multi_margin_loss(F.linear(input, weight, bias), target, p=p, margin=margin,
                                  reduction=reduction)
+    if _autocasting(input):  # as linear_cross_entropy
+        with torch.autocast(input.device.type, enabled=False):
+            x, w, b = _autocast_linear(input, weight, bias)
+            return linear_multi_margin_loss(x, w, target, b, p, margin, reduction).float()
     if target.dtype != torch.int64:
         raise RuntimeError(f"linear_multi_margin_loss: expected target dtype int64, got {target.dtype}")
     x2 = input.unsqueeze(0) if input.dim() == 1 else input

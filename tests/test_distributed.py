@@ -482,6 +482,34 @@ def test_sharded_losses_match_the_unsharded_ops(world):
     run_ranks(_case_matches_unsharded, world)
 
 
+def _case_autocast(rank, world):
+    """Under torch.autocast the sharded score losses are torch's there: a float32 loss
+    from 16-bit scores, the gradient in the scores' dtype."""
+    import linclass.distributed as ld
+
+    g = torch.Generator().manual_seed(0)
+    n, classes = 9, 13
+    full = (torch.randn(n, classes, generator=g) * 3).bfloat16()
+    y = torch.randint(0, classes, (n,), generator=g)
+    a, b = classes * rank // world, classes * (rank + 1) // world
+    for ours, theirs in ((ld.cross_entropy, F.cross_entropy), (ld.multi_margin_loss, F.multi_margin_loss)):
+        local = full[:, a:b].clone().requires_grad_(True)
+        reference = full.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ours(local, y)
+            expected = theirs(reference, y)
+        assert loss.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+        (grad,) = torch.autograd.grad(loss, [local])
+        (full_grad,) = torch.autograd.grad(expected, [reference])
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(grad, full_grad[:, a:b], rtol=0, atol=0)
+
+
+def test_autocast_gives_torchs_dtypes():
+    run_ranks(_case_autocast, 2)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_linear_losses_match_the_unsharded_ops(world):
     run_ranks(_case_linear_matches_unsharded, world)

@@ -350,3 +350,46 @@ def test_compiled_dense_layouts(kernel_backend, op):
         (getattr(F, op)(xb, t) * 2.0).backward()
         assert_close(xa.grad, xb.grad, torch.float32)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_follows_torchs_policy(kernel_backend, dtype):
+    """Under torch.autocast torch runs cross_entropy and multi_margin_loss in float32 and
+    F.linear in the autocast dtype; linclass does the same, so the loss's dtype and value
+    and the gradients are torch's.  The fused linear ops' loss is their 16-bit loss,
+    returned as float32 (rounded once to the autocast dtype)."""
+    torch.manual_seed(0)
+    x, W, y = torch.randn(40, 24), torch.randn(70, 24), torch.randint(0, 70, (40,))
+    class_weight = torch.rand(70)
+
+    def run(loss_fn, fused=False, **kw):
+        w, xx = W.clone().requires_grad_(), x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = loss_fn(xx, w, y, **kw) if fused else loss_fn(F.linear(xx, w), y, **kw)
+        loss.backward()
+        return loss, w.grad, xx.grad
+
+    for ours, theirs, kw in ((linclass.cross_entropy, F.cross_entropy, dict(label_smoothing=0.1)),
+                             (linclass.cross_entropy, F.cross_entropy, dict(weight=class_weight.to(dtype))),
+                             (linclass.multi_margin_loss, F.multi_margin_loss, dict(p=2))):
+        (loss, gw, gx), (ref, ref_gw, ref_gx) = run(ours, **kw), run(theirs, **kw)
+        assert loss.dtype == ref.dtype == torch.float32
+        assert_close(loss, ref, torch.float32)
+        assert gw.dtype == torch.float32
+        assert_close(gw, ref_gw, torch.float32)
+        assert_close(gx, ref_gx, torch.float32)
+    for ours, theirs in ((linclass.linear_cross_entropy, F.cross_entropy),
+                         (linclass.linear_multi_margin_loss, F.multi_margin_loss)):
+        (loss, gw, gx), (ref, ref_gw, ref_gx) = run(ours, fused=True), run(theirs)
+        assert loss.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(loss, ref, rtol=2 * torch.finfo(dtype).eps, atol=0)
+        # The products ran in the autocast dtype: the loss is the 16-bit op's.
+        assert torch.equal(loss, ours(x.to(dtype), W.to(dtype), y).float())
+        assert gw.dtype == torch.float32
+        # 16-bit products on both sides: the gradients agree to the 16-bit rounding.
+        torch.testing.assert_close(gw, ref_gw, rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
+        torch.testing.assert_close(gx, ref_gx, rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
+    # float64 stays float64 under autocast, as in torch.
+    s = torch.randn(40, 70, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=dtype):
+        assert linclass.cross_entropy(s, y).dtype == torch.float64
