@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 
 from . import _ops, _sharded
-from .functional import (_FLOAT_TYPES, _HALF_TYPES, _autocasting, _fold_leading_dims, _ignore_index,
-                         _margin, _reduction_code)
+from .functional import (_FLOAT_TYPES, _HALF_TYPES, _autocast_linear, _autocasting,
+                         _fold_leading_dims, _ignore_index, _margin, _reduction_code)
 
 __all__ = ["cross_entropy", "global_mean_denominator", "linear_cross_entropy",
            "linear_multi_margin_loss", "multi_margin_loss"]
@@ -467,7 +467,20 @@ class _ShardedLinearLoss(torch.autograd.Function):
 def _linear_loss(op: str, kind: str, input, weight_local, bias_local, target, group,
                  class_start, check_options, reduction: str):
     """check_options() checks the loss's own options and returns them as a dict, or
-    raises: like every argument error here, after the layout exchange, on every rank."""
+    raises: like every argument error here, after the layout exchange, on every rank.
+    Under torch.autocast the products run in its dtype, as F.linear's would, and the loss
+    (accumulated in float32 as always) comes back in float32, as torch's losses do there."""
+    if isinstance(input, torch.Tensor) and _autocasting(input):
+        with torch.autocast(input.device.type, enabled=False):
+            input, weight_local, bias_local = _autocast_linear(input, weight_local, bias_local)
+            return _linear_loss_in(op, kind, input, weight_local, bias_local, target, group,
+                                   class_start, check_options, reduction, torch.float32)
+    return _linear_loss_in(op, kind, input, weight_local, bias_local, target, group, class_start,
+                           check_options, reduction, getattr(input, "dtype", None))
+
+
+def _linear_loss_in(op: str, kind: str, input, weight_local, bias_local, target, group,
+                    class_start, check_options, reduction: str, loss_dtype):
     def check():
         _check_linear(op, input, weight_local, bias_local, target, reduction)
         return check_options()
@@ -559,7 +572,7 @@ def _linear_loss(op: str, kind: str, input, weight_local, bias_local, target, gr
             else:
                 for _ in forward_blocks(False):
                     pass
-            loss = _reduce(torch.cat(loss_rows), reduction, denominator).to(input.dtype)
+            loss = _reduce(torch.cat(loss_rows), reduction, denominator).to(loss_dtype)
             if not any(wants):
                 return loss, None, None
             return loss, grads, later if reduction == "none" else None
@@ -617,7 +630,7 @@ def _linear_loss(op: str, kind: str, input, weight_local, bias_local, target, gr
                     pass
                 gather_then_target_column(None, None, None)
             stats = gathered["stats"]
-            loss = _reduce(stats[:, 0].sum(0) / layout.classes, reduction, n).to(input.dtype)
+            loss = _reduce(stats[:, 0].sum(0) / layout.classes, reduction, n).to(loss_dtype)
             if not any(wants):
                 return loss, None, None
             if reduction == "none":

@@ -504,6 +504,19 @@ def _case_autocast(rank, world):
         (full_grad,) = torch.autograd.grad(expected, [reference])
         assert grad.dtype == torch.bfloat16
         torch.testing.assert_close(grad, full_grad[:, a:b], rtol=0, atol=0)
+    # The sharded head: products in bfloat16 (as F.linear's under autocast), a float32 loss.
+    x, w_full = torch.randn(n, 8, generator=g), torch.randn(classes, 8, generator=g)
+    # (The sharded hinge takes the target's score from float32 products: bfloat16 agreement.)
+    for ours, theirs, rtol in ((ld.linear_cross_entropy, F.cross_entropy, 1e-5),
+                               (ld.linear_multi_margin_loss, F.multi_margin_loss, 2 ** -8)):
+        xs, w = x.clone().requires_grad_(True), w_full[a:b].clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ours(xs, w, y)
+        assert loss.dtype == torch.float32
+        expected = theirs(F.linear(x.bfloat16(), w_full.bfloat16()).float(), y)
+        torch.testing.assert_close(loss, expected, rtol=rtol, atol=0)
+        grads = torch.autograd.grad(loss, [xs, w])
+        assert all(t.dtype == torch.float32 for t in grads)
 
 
 def test_autocast_gives_torchs_dtypes():
