@@ -62,9 +62,13 @@ class Layout(NamedTuple):
 def _fingerprint_target(target) -> int:
     if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.dim() != 1:
         return 0
+    # Each row's target times its own odd 32-bit multiplier (i * 2654435761 is a bijection
+    # modulo 2^32), summed modulo 2^64: two rows' targets swapped, or moved by opposite
+    # amounts, change the sum wherever the rows are (with period-65521 multipliers, rows
+    # 65521 apart could swap unnoticed).
     t = target.detach().long()
-    mix = torch.arange(1, t.numel() + 1, device=t.device) % 65521 + 1
-    return int((t * mix).sum()) + 7 * t.numel()
+    mix = torch.arange(t.numel(), device=t.device) * 2654435761 % (1 << 32) + 1
+    return int((t * mix).sum() + 7 * t.numel())
 
 
 def _fingerprint_options(options: tuple, weight) -> int:

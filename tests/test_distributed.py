@@ -266,6 +266,11 @@ def _case_bad_input(rank, world):
         _expect_error(lambda: fn(bad, y), ValueError,
                       "must be \\(N, C_local\\)" if rank == world - 1 else "rank\\(s\\) \\[")
         _expect_error(lambda: fn(x, y if rank else y.flip(0)), ValueError, "target differs")
+        # Two targets 65521 rows apart swapped on one rank (a period of the old check).
+        far = torch.zeros(65522, dtype=torch.long)
+        far[-1] = 1
+        _expect_error(lambda: fn(torch.randn(65522, width), far if rank else far.roll(1)),
+                      ValueError, "target differs")
         _expect_error(lambda: fn(x, y, reduction="mean" if rank else "sum"), ValueError,
                       "different options")
         _expect_error(lambda: fn(x, y, weight=torch.ones(classes + 1)), RuntimeError,
