@@ -1,9 +1,9 @@
-"""Seeded random cases against torch's float64 result: both ops, every keyword, the four
-float dtypes, class counts and layouts no other test names (strided, transposed,
-channels-last, stride-0 rows, strided targets), NaN/inf scores, forced backends and the
-automatic choice.  A longer run of the same generator found the empty-input bugs that
-tests in test_cross_entropy.py / test_multi_margin.py / test_linear_loss.py now pin;
-this short one guards the space between the named shapes."""
+"""Seeded random cases against torch's float64 result: both ops (and, below, the fused
+linear ops), every keyword, the four float dtypes, class counts and layouts no other
+test names (strided, transposed, channels-last, stride-0 rows, strided targets), NaN/inf
+scores, forced backends and the automatic choice.  A longer run of the same generator
+found the empty-input bugs that tests in test_cross_entropy.py / test_multi_margin.py /
+test_linear_loss.py now pin; this short one guards the space between the named shapes."""
 
 import contextlib
 import random
@@ -72,15 +72,21 @@ def _case(rng):
     kw = {"reduction": rng.choice(["mean", "sum", "none"])}
     if rng.random() < 0.3:
         kw["weight"] = (torch.rand(C, dtype=torch.float64) * 2).to(dtype)
-    if op == "cross_entropy":
+    t = _loss_options(rng, op == "cross_entropy", t, C, kw)
+    return op, x, t, kw
+
+
+def _loss_options(rng, cross_entropy: bool, t, C, kw):
+    """Adds the loss's own keywords to kw; returns the targets (some set to ignore_index)."""
+    if cross_entropy:
         if rng.random() < 0.4:
             kw["ignore_index"] = rng.choice([-100, 0, C - 1])
-            t = torch.where(torch.rand(t_shape) < 0.3, torch.full_like(t, kw["ignore_index"]), t)
+            t = torch.where(torch.rand(t.shape) < 0.3, torch.full_like(t, kw["ignore_index"]), t)
         if rng.random() < 0.3:
             kw["label_smoothing"] = rng.choice([0.05, 0.5, 1.0])
     else:
         kw.update(p=rng.choice([1, 2]), margin=rng.choice([1.0, 0.0, 0.5, -1.0, 3.0]))
-    return op, x, t, kw
+    return t
 
 
 def _close(ours, best, dtype, what):
@@ -155,3 +161,62 @@ def _kink_rows_as_ours(x, t, kw, ref, ours):
     ref, ours = ref.reshape(rows.shape).clone(), ours.double().reshape(rows.shape)
     ref[near] = ours[near]
     return ref.reshape(x.shape)
+
+
+def _linear_case(rng):
+    op = rng.choice(["linear_cross_entropy", "linear_multi_margin_loss"])
+    dtype = rng.choice([torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16])
+    C = rng.choice([1, 2, 3, 10, 16, 31, 33, 100, 257, 1000])
+    D = rng.choice([1, 3, 8, 16, 33, 64, 200])
+    N = min(rng.choice([0, 1, 2, 5, 17, 64, 100, 300]), max(1, 40000 // C))
+    x = _layout(rng, (torch.randn(N, D, dtype=torch.float64) * rng.choice([0.1, 1.0, 3.0])).to(dtype))
+    w = _layout(rng, (torch.randn(C, D, dtype=torch.float64) / max(D, 1) ** 0.5).to(dtype))
+    b = torch.randn(C, dtype=torch.float64).to(dtype) if rng.random() < 0.5 else None
+    t = torch.randint(0, C, (N,))
+    kw = {"reduction": rng.choice(["mean", "sum", "none"])}
+    t = _loss_options(rng, op == "linear_cross_entropy", t, C, kw)
+    return op, x, w, b, t, kw
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("backend", ["auto", *KERNEL_BACKENDS])
+def test_random_linear_cases_match_torch_in_float64(backend, seed):
+    """The fused linear ops against F.linear + loss in float64: loss and the input, weight
+    and bias gradients, in every dtype, layout and keyword (the products round in the
+    input dtype, so 16-bit tolerances grow with sqrt(D))."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    with contextlib.nullcontext() if backend == "auto" else linclass.backends.use(backend):
+        for _ in range(20):
+            op, x, w, b, t, kw = _linear_case(rng)
+            if backend == "triton" and x.shape[0] * w.shape[0] > 3000:
+                continue  # the Triton interpreter: ~1 ms per program
+            loss_fn = F.cross_entropy if op == "linear_cross_entropy" else F.multi_margin_loss
+            ours_in = [v.detach().requires_grad_() if v is not None else None for v in (x, w, b)]
+            ref_in = [v.detach().double().requires_grad_() if v is not None else None for v in (x, w, b)]
+            ours = getattr(linclass, op)(ours_in[0], ours_in[1], t, ours_in[2], **kw)
+            best = loss_fn(F.linear(*ref_in), t, **kw)
+            what = f"{op} {x.dtype} N={x.shape[0]} D={x.shape[1]} C={w.shape[0]} {kw}"
+            if op == "linear_multi_margin_loss" and t.numel() == 0 and kw["reduction"] == "mean":
+                best = torch.tensor(float("nan"), dtype=torch.float64)  # torch: uninitialized memory
+            widen = max(x.shape[1], 1) ** 0.5 if x.dtype in (torch.float16, torch.bfloat16) else 1.0
+            _close_scaled(ours.detach(), best.detach(), x.dtype, widen, what + " loss")
+            if not t.numel():
+                continue  # no rows: test_linear_loss.py pins the empty gradients
+            g = torch.randn(best.shape, dtype=torch.float64)
+            present = [i for i in range(3) if ours_in[i] is not None]
+            mine = torch.autograd.grad((ours.double() * g).sum(), [ours_in[i] for i in present])
+            theirs = torch.autograd.grad((best * g).sum(), [ref_in[i] for i in present])
+            for i, a, r in zip(present, mine, theirs):
+                _close_scaled(a, r, x.dtype, widen, f"{what} grad {('input', 'weight', 'bias')[i]}")
+
+
+def _close_scaled(ours, best, dtype, widen, what):
+    ours, best = ours.double(), best.double()
+    assert ours.shape == best.shape, what
+    assert torch.equal(ours.isnan(), best.isnan()), f"{what}: NaN pattern"
+    ok = ~best.isnan()
+    if ok.any():
+        err = (ours[ok] - best[ok]).abs().max().item()
+        scale = max(best[ok].abs().max().item(), 1.0)
+        assert err <= TOL[dtype] * widen * scale, f"{what}: error {err:.3g} at scale {scale:.3g}"
