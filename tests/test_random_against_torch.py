@@ -130,16 +130,24 @@ def _check_case(backend, op, x, t, kw):
         (best * g).sum().backward()
         (ours.double() * g).sum().backward()
     what = f"{op} {x.dtype} {tuple(x.shape)} {kw}"
+    on_torch = (linclass.backends.cpu_cross_entropy_on_torch if op == "cross_entropy"
+                else linclass.backends.cpu_hinge_on_torch)
+    if backend == "auto" and on_torch(x):  # routed to torch's own kernel: its result, bitwise
+        xt = x.detach().requires_grad_()
+        theirs = getattr(F, op)(xt, t, **kw)
+        if theirs.numel():
+            (theirs.double() * g).sum().backward()
+        if x.numel():  # (no rows: torch's hinge returns uninitialized memory)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True, msg=what)
+            torch.testing.assert_close(xl.grad, xt.grad, rtol=0, atol=0, equal_nan=True, msg=what)
+        return
     if op == "multi_margin_loss" and x.numel() == 0 and kw["reduction"] != "none":
         best = torch.tensor(float("nan") if kw["reduction"] == "mean" else 0.0)  # torch:
         # uninitialized memory over no rows
     _close(ours.detach(), best.detach(), x.dtype, what + " loss")
     if best.numel() and xr.grad is not None:
         ref = xr.grad
-        # Ignored rows get 0 from the fused kernels, NaN from torch (README); the small
-        # CPU losses the automatic choice routes to torch's own kernel give torch's NaN.
-        routed = backend == "auto" and linclass.backends.cpu_cross_entropy_on_torch(x)
-        if op == "cross_entropy" and not routed:
+        if op == "cross_entropy":  # ignored rows get 0 here, NaN in torch (README)
             ignored = t == kw.get("ignore_index", -100)
             ref = torch.where(ignored.unsqueeze(1) if x.dim() > 1 else ignored, 0.0, ref)
         if op == "multi_margin_loss":
