@@ -524,6 +524,71 @@ def _case_autocast(rank, world):
         assert all(t.dtype == torch.float32 for t in grads)
 
 
+def _case_random_layouts(rank, world, seeds):
+    """Seeded random cases against the unsharded torch op in float64: shards of random
+    widths (some empty) held by the ranks in a random order, every op, dtype, reduction
+    and keyword; loss and this rank's gradients."""
+    import random
+
+    import linclass.distributed as ld
+
+    tolerance = {torch.float64: 1e-9, torch.float32: 3e-5, torch.bfloat16: 3e-2}
+    for seed in seeds:
+        rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+        op = rng.choice(["cross_entropy", "multi_margin_loss", "linear_cross_entropy",
+                         "linear_multi_margin_loss"])
+        dtype = rng.choice([torch.float32, torch.float64, torch.bfloat16])
+        classes, n = rng.choice([1, 2, 7, 13, 64, 257]), rng.choice([0, 1, 3, 17, 64])
+        edges = [0, *sorted(rng.randint(0, classes) for _ in range(world - 1)), classes]
+        order = list(range(world))
+        rng.shuffle(order)
+        a, b = edges[order[rank]], edges[order[rank] + 1]
+        y = torch.randint(0, classes, (n,), generator=g)
+        kw = {"reduction": rng.choice(["mean", "sum", "none"]), "class_start": a}
+        if "cross_entropy" in op:
+            if rng.random() < 0.4:
+                kw["ignore_index"] = rng.choice([-100, 0, classes - 1])
+                y = torch.where(torch.rand(n, generator=g) < 0.3, kw["ignore_index"], y)
+            if rng.random() < 0.3:
+                kw["label_smoothing"] = rng.choice([0.05, 0.5, 1.0])
+        else:
+            kw.update(p=rng.choice([1, 2]), margin=rng.choice([1.0, 0.0, -1.0]))
+        what = f"seed {seed}: {op} {dtype} N={n} C={classes} [{a}, {b}) {kw}"
+        if op.startswith("linear"):
+            d = rng.choice([1, 5, 16])
+            x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+            w = (torch.randn(classes, d, generator=g, dtype=torch.float64) / d ** 0.5).to(dtype)
+            mine = [x.clone().requires_grad_(), w[a:b].clone().requires_grad_()]
+            loss = getattr(ld, op)(*mine[:2], y, **kw)
+            full = [x.double().requires_grad_(), w.double().requires_grad_()]
+            scores = F.linear(*full)
+        else:
+            x = (torch.randn(n, classes, generator=g, dtype=torch.float64) * 3).to(dtype)
+            mine = [x[:, a:b].clone().requires_grad_()]
+            loss = getattr(ld, op)(mine[0], y, **kw)
+            full = [x.double().requires_grad_()]
+            scores = full[0]
+        kw.pop("class_start")
+        expected = getattr(F, op.replace("linear_", ""))(scores, y, **kw)
+        if "margin" in kw and n == 0 and kw["reduction"] != "none":  # torch: uninitialized
+            expected = torch.tensor(float("nan") if kw["reduction"] == "mean" else 0.0,
+                                    dtype=torch.float64)
+        tol = dict(rtol=tolerance[dtype], atol=tolerance[dtype], equal_nan=True)
+        torch.testing.assert_close(loss.double(), expected.detach(), **tol, msg=lambda m: f"{what}: {m}")
+        if n and expected.requires_grad:
+            grad_out = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+            got = torch.autograd.grad((loss.double() * grad_out).sum(), mine)
+            want = torch.autograd.grad((expected * grad_out).sum(), full)
+            want = [want[0], want[1][a:b]] if op.startswith("linear") else [want[0][:, a:b]]
+            for u, v in zip(got, want):
+                torch.testing.assert_close(u.double(), v, **tol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_random_layouts_match_the_unsharded_ops(world):
+    run_ranks(_case_random_layouts, world, range(world * 100, world * 100 + 40))
+
+
 def test_autocast_gives_torchs_dtypes():
     run_ranks(_case_autocast, 2)
 
