@@ -144,6 +144,7 @@ class BuildExtensions(BuildExtension):
 setup(
     packages=["linclass", "linclass.workflow", "linclass.kernels"],
     package_dir={"linclass": "linclass", "linclass.kernels": "kernels"},
+    package_data={"linclass": ["py.typed"]},  # PEP 561: the annotations are the API's
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtensions},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

@@ -66,6 +66,7 @@ def test_one_limited_api_wheel_holds_every_cpu_isa(wheel):
     isas = ["avx512", "avx2", "default"] if sysconfig.get_platform().endswith("x86_64") else ["default"]
     assert libs == sorted(["linclass/_C.abi3.so"] + [f"linclass/_cpu_{i}.abi3.so" for i in isas]), libs
     assert "linclass/kernels/cross_entropy.py" in files  # the Triton kernels ship too
+    assert "linclass/py.typed" in files  # type checkers read the annotations (PEP 561)
 
 
 def test_sdist_holds_every_source_and_header(tmp_path):
@@ -80,7 +81,7 @@ def test_sdist_holds_every_source_and_header(tmp_path):
     wanted = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"),
                                                          recursive=True)}
     assert wanted and wanted <= names, sorted(wanted - names)
-    assert {"setup.py", "pyproject.toml", "kernels/cross_entropy.py"} <= names
+    assert {"setup.py", "pyproject.toml", "kernels/cross_entropy.py", "linclass/py.typed"} <= names
 
 
 def test_sources_include_only_the_stable_abi():
