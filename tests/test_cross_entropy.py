@@ -81,10 +81,29 @@ def test_kdim_matches_naive_reference(kernel_backend, shape):
                                    (1, 32768, 16), (1, 32769, 16)])
 def test_kdim_many_classes_in_float32(kernel_backend, shape):
     # K-dim inputs whose d's are contiguous: the C++ lane path takes them at any class
-    # count up to 32768 (W positions of one class are one vector; tiles beyond 39 classes
+    # count up to 262144 (W positions of one class are one vector; tiles beyond 39 classes
     # in a heap buffer), whole tiles where the d's hold 16k positions (32, 48), tiles
-    # across an image's end where not (33, 35, 18), and 32769 classes the row path.
+    # across an image's end where not (33, 35, 18); see also the next test.
     check_float32_against_float64(shape[0], shape[1], shape[2:])
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="C++ kernels not built")
+@pytest.mark.parametrize("classes", [262144, 262145])
+@pytest.mark.parametrize("op", ["cross_entropy", "multi_margin_loss"])
+def test_strided_classes_at_the_lane_limit(op, classes):
+    # Column-major scores: the C++ lane path up to 262144 classes (tiles of 32 MiB per
+    # thread, from the buffer cache), the row path above; both against torch in float64.
+    x = (torch.randn(classes, 16) * 3).t()
+    t = torch.randint(0, classes, (16,))
+    kw = dict(weight=torch.rand(classes), **(dict(label_smoothing=0.1, ignore_index=3)
+                                             if op == "cross_entropy" else dict(p=2, margin=0.5)))
+    t[5] = 3
+    with linclass.backends.use("cpp"):
+        loss, grad = run(getattr(linclass, op), x, t, reduction="none", **kw)
+    ref_loss, ref_grad = run(getattr(torch.nn.functional, op), x.double(), t, reduction="none",
+                             **{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()})
+    assert_close(loss, ref_loss.float(), torch.float32, op)
+    assert_close(grad, ref_grad.float(), torch.float32, op)
 
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="C++ kernels not built")

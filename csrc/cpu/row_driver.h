@@ -36,6 +36,7 @@
 // slots in order, so results are bitwise identical whatever the thread count.
 #pragma once
 
+#include "../buffer_cache.h"
 #include "../common.h"
 #include "convert.h"
 #include "lane_targets.h"
@@ -45,6 +46,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -200,7 +202,7 @@ inline bool use_lanes(int64_t classes) {
 // math's passes are several times faster than that (bench/results/cpu-layouts.md).
 // Up to this many classes, which bounds each thread's tile buffer (Math::kLaneTiles
 // tiles of W rows) at 4 MiB; past it rows are gathered one by one.
-constexpr int64_t kStridedLaneMaxClasses = 32768;
+constexpr int64_t kStridedLaneMaxClasses = 262144;
 // A lane adds its row's terms one class after another; the lane math adds them in blocks
 // of this many classes, then the blocks' sums, so that the rounding error of a sum grows
 // with kLaneSumBlock + C / kLaneSumBlock instead of C: at tens of thousands of classes a
@@ -488,16 +490,32 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
 template <typename acc_t>
 struct LargeTile {
   static constexpr int64_t W = Vec<acc_t>::size();
-  std::unique_ptr<acc_t[]> storage;
   acc_t* data = nullptr;
+  size_t bytes = 0;
+  bool cached = false;
+  // From the buffer cache when large (a tile of 10^5 classes is megabytes, which a fresh
+  // allocation page-faults on every call), else from the allocator; 64-byte aligned.
   explicit LargeTile(int64_t classes) {
     if (classes == 0) return;
-    const size_t bytes = size_t(classes * W) * sizeof(acc_t);
-    size_t space = bytes + 64;
-    storage.reset(new acc_t[space / sizeof(acc_t) + 1]);
-    void* at = storage.get();
-    data = static_cast<acc_t*>(std::align(64, bytes, at, space));
+    bytes = size_t(classes * W) * sizeof(acc_t);
+    cached = bytes >= kMinCachedBytes;
+    void* block = nullptr;
+    if (cached)
+      block = linclass_cache_take(bytes);
+    else if (posix_memalign(&block, 64, bytes) != 0)
+      block = nullptr;
+    LINCLASS_CHECK(block != nullptr, "linclass: out of memory allocating ", bytes, " bytes");
+    data = static_cast<acc_t*>(block);
   }
+  ~LargeTile() {
+    if (!data) return;
+    if (cached)
+      linclass_cache_give_back(data, bytes);
+    else
+      std::free(data);
+  }
+  LargeTile(const LargeTile&) = delete;
+  LargeTile& operator=(const LargeTile&) = delete;
 };
 
 // large_tile: room for Math::kLaneTiles tiles of C classes when C > kLaneMaxClasses.
