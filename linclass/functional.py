@@ -41,10 +41,10 @@ _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
-def _autocasting(*tensors) -> bool:
-    """Whether torch.autocast is on for the device of the first tensor (its dtype policy
-    then applies to the ops below, as it does to torch's)."""
-    device = tensors[0].device.type
+def _autocasting(tensor) -> bool:
+    """Whether torch.autocast is on for the tensor's device (its dtype policy then
+    applies to the ops below, as it does to torch's)."""
+    device = tensor.device.type
     return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
 
 
@@ -52,7 +52,10 @@ def _autocast_to_float32(input, weight):
     """torch.autocast runs cross_entropy and multi_margin_loss in float32 (its float32
     list): 16-bit scores and class weights are cast, the loss is float32 and the gradient
     reaches the 16-bit scores through the cast.  The same here, so that a loss under
-    autocast is torch's."""
+    autocast is torch's.  Returns (input, weight), cast where that applies."""
+    if not ((input.dtype in _HALF_TYPES or getattr(weight, "dtype", None) in _HALF_TYPES)
+            and _autocasting(input)):
+        return input, weight
     if input.dtype in _HALF_TYPES:
         input = input.float()
     if isinstance(weight, torch.Tensor) and weight.dtype in _HALF_TYPES:
@@ -229,8 +232,7 @@ def cross_entropy(
                                                ignore_index, label_smoothing)
     reduction, reduction_code = _reduction_code(size_average, reduce, reduction)
     _check_input("cross_entropy", input, target)
-    if (input.dtype in _HALF_TYPES or getattr(weight, "dtype", None) in _HALF_TYPES) and _autocasting(input):
-        input, weight = _autocast_to_float32(input, weight)
+    input, weight = _autocast_to_float32(input, weight)
     backend = backends.resolve_for(input)
     target_dtype = target.dtype
     if backend == "torch" or target_dtype.is_floating_point:
@@ -290,8 +292,7 @@ def multi_margin_loss(
     if p not in (1, 2):
         raise ValueError("only p == 1 and p == 2 supported")
     _check_input("multi_margin_loss", input, target)
-    if (input.dtype in _HALF_TYPES or getattr(weight, "dtype", None) in _HALF_TYPES) and _autocasting(input):
-        input, weight = _autocast_to_float32(input, weight)
+    input, weight = _autocast_to_float32(input, weight)
     backend = backends.resolve_for(input)
     if backend == "cpp" and backends.cpu_hinge_on_torch(input):
         backend = "torch"

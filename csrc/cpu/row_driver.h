@@ -201,7 +201,8 @@ inline bool use_lanes(int64_t classes) {
 // score from a different line: even tiles that outgrow L2 and are read from L3 in the
 // math's passes are several times faster than that (bench/results/cpu-layouts.md).
 // Up to this many classes, which bounds each thread's tile buffer (Math::kLaneTiles
-// tiles of W rows) at 4 MiB; past it rows are gathered one by one.
+// tiles of W rows, from the buffer cache) at 32 MiB and covers the largest vocabularies
+// (256k); past it rows are gathered one by one, each rereading every class's line.
 constexpr int64_t kStridedLaneMaxClasses = 262144;
 // A lane adds its row's terms one class after another; the lane math adds them in blocks
 // of this many classes, then the blocks' sums, so that the rounding error of a sum grows
