@@ -99,8 +99,9 @@ std::pair<Tensor, RowGeometry> rows_of(const Tensor& input) {
 }
 
 Tensor empty_loss(const Tensor& input, const Tensor& target, int64_t reduction) {
-  if (reduction == kNone) return empty(target.sizes(), input);
-  return empty({}, input);
+  const ScalarType acc = acc_scalar_type(input.scalar_type());
+  if (reduction == kNone) return empty(target.sizes(), acc, input);
+  return empty({}, acc, input);
 }
 
 }  // namespace linclass

@@ -52,7 +52,9 @@ void check_multi_margin_args(const Tensor& input, const Tensor& target, int64_t 
 // `input` (copied to contiguous only when its d-dims cannot be flattened) and its geometry.
 std::pair<Tensor, RowGeometry> rows_of(const Tensor& input);
 
-// Loss output for the given reduction: target-shaped for 'none', a 0-dim tensor otherwise.
+// Loss output for the given reduction: target-shaped for 'none', a 0-dim tensor otherwise;
+// in the accumulation dtype (float32 for 16-bit inputs), which the ops return their loss
+// in (the Python functions round it to torch's loss dtype: linclass/functional.py).
 Tensor empty_loss(const Tensor& input, const Tensor& target, int64_t reduction);
 
 }  // namespace linclass

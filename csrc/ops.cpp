@@ -129,7 +129,9 @@ STABLE_TORCH_LIBRARY(linclass, m) {
   // Fused class-index losses.  They return (loss, grad): `grad` is d loss / d input for
   // grad_output = 1, computed in the same pass as the loss when compute_grad is true
   // (an empty tensor otherwise); backward only rescales it.  `reduction` uses torch's
-  // Reduction codes (0 none, 1 mean, 2 sum).
+  // Reduction codes (0 none, 1 mean, 2 sum).  The loss is in the accumulation dtype
+  // (float32 for 16-bit inputs), so that under torch.autocast the float32 loss torch
+  // gives comes from the 16-bit scores without a float32 copy of them.
   m.def(
       "cross_entropy(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, int reduction, bool compute_grad) -> (Tensor, Tensor)");
@@ -139,7 +141,8 @@ STABLE_TORCH_LIBRARY(linclass, m) {
 
   // Fused linear + loss (linear_blocks.h): loss(input @ weight.T + bias, target) and
   // (grad_input, grad_weight, grad_bias) for grad_output = 1, each only where
-  // output_mask asks for it (else an empty tensor).  'mean' and 'sum' only.
+  // output_mask asks for it (else an empty tensor).  'mean' and 'sum' only.  The loss
+  // in the accumulation dtype, as above.
   m.def(
       "linear_cross_entropy(Tensor input, Tensor weight, Tensor? bias, Tensor target, "
       "int ignore_index, float label_smoothing, int reduction, bool[3] output_mask) "

@@ -449,16 +449,17 @@ def cross_entropy(input, target, weight, ignore_index, label_smoothing, reductio
     loss_rows = launch(input, grad, target, weight, ignore_index, label_smoothing, const,
                        scale_loss=reduction == 1)
     if reduction == 0:
-        loss = loss_rows.to(input.dtype).reshape(target.shape)
+        loss = loss_rows.reshape(target.shape)
     else:
-        loss = sum_rows(loss_rows, input.dtype, const[0] if reduction == 1 else None)
+        loss = sum_rows(loss_rows, const[0] if reduction == 1 else None)
     return loss, grad if compute_grad else input.new_empty((0,))
 
 
-def sum_rows(loss_rows, dtype, scale=None):
-    """Sum of per-row losses (already scaled for 'mean'), in the input dtype.  With no
-    rows, 'mean' (`scale` = 1 / 0) gives 0 * inf = NaN, as torch does."""
+def sum_rows(loss_rows, scale=None):
+    """Sum of per-row losses (already scaled for 'mean'), in their accumulation dtype,
+    which the op returns its loss in (see linclass/_ops.py).  With no rows, 'mean'
+    (`scale` = 1 / 0) gives 0 * inf = NaN, as torch does."""
     total = loss_rows.sum()
     if scale is not None and loss_rows.numel() == 0:
         total = total * scale
-    return total if total.dtype == dtype else total.to(dtype)
+    return total

@@ -79,7 +79,7 @@ def linear_cross_entropy(input, weight, bias, target, ignore_index, label_smooth
         total, const, gx, gw, gb = linear_tile.run(input, weight, bias, target, mask, True,
                                                    ignore_index, label_smoothing, mean=reduction == 1)
         loss = total / const[2] if reduction == 1 else total
-        return loss.to(input.dtype), gx, gw, gb
+        return loss, gx, gw, gb
     acc = cross_entropy.acc_dtype(input.dtype)
     const = cross_entropy.consts(target, None, ignore_index, weight.shape[0], acc, reduction == 1)
 
@@ -88,7 +88,7 @@ def linear_cross_entropy(input, weight, bias, target, ignore_index, label_smooth
 
     total, gx, gw, gb = _chunks(input, weight, bias, target, mask, run_loss)
     loss = total / const[2] if reduction == 1 else total  # 0/0 = NaN when all are ignored
-    return loss.to(input.dtype), gx, gw, gb
+    return loss, gx, gw, gb
 
 
 def linear_multi_margin_loss(input, weight, bias, target, p, margin, reduction, mask):
@@ -98,7 +98,7 @@ def linear_multi_margin_loss(input, weight, bias, target, p, margin, reduction, 
         total, _, gx, gw, gb = linear_tile.run(input, weight, bias, target, mask, False, p=p,
                                                margin=margin, mean=reduction == 1)
         loss = total / n if reduction == 1 else total
-        return loss.to(input.dtype), gx, gw, gb
+        return loss, gx, gw, gb
     scale = 1.0 / n if reduction == 1 and n else 1.0
 
     def run_loss(s, t, grad):
@@ -106,4 +106,4 @@ def linear_multi_margin_loss(input, weight, bias, target, p, margin, reduction, 
 
     total, gx, gw, gb = _chunks(input, weight, bias, target, mask, run_loss)
     loss = total / n if reduction == 1 else total  # 0/0 = NaN for no rows, as elsewhere
-    return loss.to(input.dtype), gx, gw, gb
+    return loss, gx, gw, gb

@@ -174,9 +174,9 @@ def multi_margin_loss(input, target, p, margin, weight, reduction, compute_grad)
     grad = torch.empty(input.shape, device=input.device, dtype=input.dtype) if compute_grad else None
     loss_rows = launch(input, grad, target, p, margin, weight, scale, scale_loss=mean)
     if reduction == 0:
-        loss = loss_rows.to(input.dtype)
+        loss = loss_rows
     elif rows == 0 and mean:
-        loss = torch.full((), float("nan"), device=input.device, dtype=input.dtype)
+        loss = torch.full((), float("nan"), device=input.device, dtype=loss_rows.dtype)
     else:
-        loss = sum_rows(loss_rows, input.dtype)
+        loss = sum_rows(loss_rows)
     return loss, grad if compute_grad else input.new_empty((0,))

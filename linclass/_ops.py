@@ -6,6 +6,10 @@ where `grad` is d loss / d input for grad_output = 1, written by the forward ker
 the same pass as the loss (an empty tensor when compute_grad is False); backward only
 rescales that buffer.  The fused linear + loss ops return (loss, grad_input,
 grad_weight, grad_bias) the same way, each gradient only where output_mask asks.
+Every op returns its loss in the accumulation dtype (float32 for 16-bit inputs, else
+the input's; loss_dtype below); the callables made here take `loss_dtype=` to convert
+it, which linclass.functional sets to the input's dtype as torch's loss has, except
+under torch.autocast, whose loss is float32.
 
   linclass::cross_entropy, multi_margin_loss, linear_cross_entropy,
   linear_multi_margin_loss   the C++ ops: schemas and CPU/CUDA kernels are registered in
@@ -47,10 +51,16 @@ def dense_strides(t: Tensor) -> Optional[tuple]:
     return tuple(strides[d] if shape[d] > 1 else max(strides[d], 1) for d in range(t.dim()))
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops return their loss in: the accumulation dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _fake_fused_loss(input, target, *args):
     """The Triton ops' and the CUDA kernels' outputs: a contiguous gradient."""
     reduction, compute_grad = args[-2], args[-1]
-    loss = input.new_empty(tuple(target.shape) if reduction == REDUCTIONS["none"] else ())
+    loss = input.new_empty(tuple(target.shape) if reduction == REDUCTIONS["none"] else (),
+                           dtype=loss_dtype(input.dtype))
     grad = input.new_empty(tuple(input.shape) if compute_grad else (0,))
     return loss, grad
 
@@ -68,7 +78,7 @@ def _fake_cpp_fused_loss(input, target, *args):
 def _fake_linear_loss(input, weight, bias, target, *args):
     """The Triton ops' and the CUDA kernels' outputs: contiguous gradients."""
     mask = args[-1]
-    return (input.new_empty(()),
+    return (input.new_empty((), dtype=loss_dtype(input.dtype)),
             input.new_empty(tuple(input.shape)) if mask[0] else input.new_empty((0,)),
             input.new_empty(tuple(weight.shape)) if mask[1] else input.new_empty((0,)),
             input.new_empty((weight.shape[0],)) if mask[2] else input.new_empty((0,)))
@@ -96,11 +106,17 @@ def _fused_loss_forward(run):
     autograd has no second output to track.  Nothing else is saved: backward reads the
     reduction from grad_loss's shape (a scalar loss unless 'none' over rows)."""
     def forward(ctx, *args):
+        *args, loss_dtype = args  # _eager_call's, after the op's arguments
         loss, grad = run(*args)
         ctx.save_for_backward(grad)
-        return loss
+        return _as_dtype(loss, loss_dtype)
 
     return forward
+
+
+def _as_dtype(loss: Tensor, dtype) -> Tensor:
+    """The op's loss (in its accumulation dtype) in `dtype`, where one is given."""
+    return loss if dtype is None or loss.dtype is dtype else loss.to(dtype)
 
 
 def _setup_fused_loss(ctx, inputs, output):
@@ -200,7 +216,9 @@ def _backward_fused_loss(ctx, grad_loss, *_):
         return (grad,) + _NO_OPTION_GRADS
     per_row = grad_loss.unsqueeze(1) if grad.dim() >= 2 else grad_loss
     if _is_compiling() or type(grad_loss) is not Tensor or type(grad) is not Tensor or _keep_graph():
-        return (grad * per_row,) + _NO_OPTION_GRADS
+        # A float32 grad_loss (the loss is float32 for 16-bit scores) would promote the
+        # product: rounded to the gradient's dtype once, as mul_ below rounds it.
+        return ((grad * per_row).to(grad.dtype),) + _NO_OPTION_GRADS
     return (grad.mul_(per_row),) + _NO_OPTION_GRADS
 
 
@@ -226,9 +244,10 @@ def _linear_loss_forward(run):
     """The eager Function's forward: the loss; the gradients saved (see
     _fused_loss_forward)."""
     def forward(ctx, *args):
+        *args, loss_dtype = args
         out = run(*args)
         _save_linear_loss(ctx, args, out)
-        return out[0]
+        return _as_dtype(out[0], loss_dtype)
 
     return forward
 
@@ -326,20 +345,25 @@ def _eager_call(name, op, run, family: _Family):
     time per call, more than a small loss's kernels.  The Function's one output is the
     loss: the gradients the kernel wrote are saved, never returned, so autograd has no
     second output to track (bench/results/stable-abi-overhead.md).  It is named after
-    the op: its graph node is Linclass<Op>Backward."""
+    the op: its graph node is Linclass<Op>Backward.  `loss_dtype` converts the op's
+    loss (in its accumulation dtype) inside the Function, so the graph gets no node of
+    its own for the conversion."""
     needs_autograd = family.needs_autograd
+    backward = family.backward
     eager = type("Linclass" + "".join(part.title() for part in name.split("_")),
                  (torch.autograd.Function,),
                  {"forward": staticmethod(family.eager_forward(run)),
-                  "backward": staticmethod(family.backward)})
+                  "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads) + (None,))})
 
-    def call(*args):
+    def call(*args, loss_dtype=None):
         if _is_compiling():
-            return op(*args)[0]
+            return _as_dtype(op(*args)[0], loss_dtype)
         if _forward_ad._current_level >= 0:
             _refuse_dual_tensors(args)
         try:
-            return eager.apply(*args) if needs_autograd(args) else run(*args)[0]
+            if needs_autograd(args):
+                return eager.apply(*args, loss_dtype)
+            return _as_dtype(run(*args)[0], loss_dtype)
         except RuntimeError as error:
             _reraise(error)
 

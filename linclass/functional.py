@@ -48,19 +48,32 @@ def _autocasting(tensor) -> bool:
     return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
 
 
-def _autocast_to_float32(input, weight):
+def _autocast_inputs(input, weight):
     """torch.autocast runs cross_entropy and multi_margin_loss in float32 (its float32
-    list): 16-bit scores and class weights are cast, the loss is float32 and the gradient
-    reaches the 16-bit scores through the cast.  The same here, so that a loss under
-    autocast is torch's.  Returns (input, weight), cast where that applies."""
-    if not ((input.dtype in _HALF_TYPES or getattr(weight, "dtype", None) in _HALF_TYPES)
+    list): float32 copies of 16-bit scores and class weights, a float32 loss, and the
+    gradient rounded to the scores' dtype through the cast.  The kernels compute in
+    float32 from 16-bit scores as they are and return a float32 loss (_torch_loss_dtype
+    keeps it under autocast): torch's result without the copies.  Only class weights of
+    another dtype than the scores' (the kernels take one dtype) are cast, with the
+    scores, to float32 as torch casts them.  Returns (input, weight)."""
+    if not (isinstance(weight, torch.Tensor) and weight.dtype is not input.dtype
+            and (input.dtype in _HALF_TYPES or weight.dtype in _HALF_TYPES)
             and _autocasting(input)):
         return input, weight
     if input.dtype in _HALF_TYPES:
         input = input.float()
-    if isinstance(weight, torch.Tensor) and weight.dtype in _HALF_TYPES:
+    if weight.dtype in _HALF_TYPES:
         weight = weight.float()
     return input, weight
+
+
+def _torch_loss_dtype(input):
+    """The ops return their loss in the accumulation dtype (float32 for 16-bit scores);
+    torch's loss has the input's dtype, or float32 under torch.autocast.  The dtype the
+    ops are asked to give their loss in (loss_dtype), None where theirs is torch's."""
+    if input.dtype in _HALF_TYPES and not _autocasting(input):
+        return input.dtype
+    return None
 
 
 def _autocast_linear(input, weight, bias):
@@ -232,7 +245,7 @@ def cross_entropy(
                                                ignore_index, label_smoothing)
     reduction, reduction_code = _reduction_code(size_average, reduce, reduction)
     _check_input("cross_entropy", input, target)
-    input, weight = _autocast_to_float32(input, weight)
+    input, weight = _autocast_inputs(input, weight)
     backend = backends.resolve_for(input)
     target_dtype = target.dtype
     if backend == "torch" or target_dtype.is_floating_point:
@@ -261,7 +274,7 @@ def cross_entropy(
         _check_targets("cross_entropy", backend, target, classes, ignore_index, IndexError)
     op = CROSS_ENTROPY[backend]
     return op(input, target, weight, ignore_index, smoothing, reduction_code,
-              input.requires_grad and torch.is_grad_enabled())
+              input.requires_grad and torch.is_grad_enabled(), loss_dtype=_torch_loss_dtype(input))
 
 
 def multi_margin_loss(
@@ -292,7 +305,7 @@ def multi_margin_loss(
     if p not in (1, 2):
         raise ValueError("only p == 1 and p == 2 supported")
     _check_input("multi_margin_loss", input, target)
-    input, weight = _autocast_to_float32(input, weight)
+    input, weight = _autocast_inputs(input, weight)
     backend = backends.resolve_for(input)
     if backend == "cpp" and backends.cpu_hinge_on_torch(input):
         backend = "torch"
@@ -335,6 +348,7 @@ def multi_margin_loss(
         input if dim == 2 else input.reshape(rows, classes),
         target if target_dim == 1 else target.reshape(rows), int(p), _margin(margin),
         weight, reduction_code, input.requires_grad and torch.is_grad_enabled(),
+        loss_dtype=_torch_loss_dtype(input),
     )
     return loss.reshape(target.shape) if reduction == "none" and loss.shape != target.shape else loss
 
@@ -387,8 +401,22 @@ def _check_linear(op: str, input, weight, bias, target):
                          f"shape {list(target.shape)}")
 
 
-def _mask(input, weight, bias):
-    return [_needs_grad(input), _needs_grad(weight), bias is not None and _needs_grad(bias)]
+def _fused_linear(op, input, weight, bias, target, options):
+    """Runs a fused linear + loss op on checked arguments, its loss as torch's.  Under
+    torch.autocast, F.linear's products run in autocast's dtype (input, weight and bias
+    cast as F.linear's are) and the loss, from those 16-bit scores, is float32."""
+    mask = [_needs_grad(input), _needs_grad(weight), bias is not None and _needs_grad(bias)]
+    if not _autocasting(input):
+        return op(_as_rows(input), weight, bias, target, *options, mask,
+                  loss_dtype=_torch_loss_dtype(input))
+    with torch.autocast(input.device.type, enabled=False):
+        x, w, b = _autocast_linear(input, weight, bias)
+        return op(_as_rows(x), w, b, target, *options, mask)
+
+
+def _as_rows(input):
+    """A (D,) input as the one row (1, D) the ops take."""
+    return input.unsqueeze(0) if input.dim() == 1 else input
 
 
 def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -415,23 +443,16 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     if reduction == "none" or backend == "torch" or target.is_floating_point():
         return cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing)
-    if _autocasting(input):  # F.linear's products in autocast's dtype; the loss in float32
-        with torch.autocast(input.device.type, enabled=False):
-            x, w, b = _autocast_linear(input, weight, bias)
-            return linear_cross_entropy(x, w, target, b, ignore_index, reduction,
-                                        label_smoothing).float()
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"linear_cross_entropy: expected target dtype to be Long or Byte, but "
                            f"got {target.dtype}")
     smoothing = _label_smoothing(label_smoothing)
-    x2 = input.unsqueeze(0) if input.dim() == 1 else input
     t1 = target if target.dim() == 1 else target.reshape(-1)
     if t1.dtype is not torch.int64:
         t1 = t1.long()
     _check_targets("linear_cross_entropy", backend, t1, weight.shape[0], ignore_index, IndexError)
-    op = LINEAR_CROSS_ENTROPY[backend]
-    return op(x2, weight, bias, t1, _ignore_index(ignore_index), smoothing,
-              reduction_code, _mask(input, weight, bias))
+    return _fused_linear(LINEAR_CROSS_ENTROPY[backend], input, weight, bias, t1,
+                         (_ignore_index(ignore_index), smoothing, reduction_code))
 
 
 def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -452,15 +473,9 @@ def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: 
     if reduction == "none" or backend == "torch":
         return multi_margin_loss(F.linear(input, weight, bias), target, p=p, margin=margin,
                                  reduction=reduction)
-    if _autocasting(input):  # as linear_cross_entropy
-        with torch.autocast(input.device.type, enabled=False):
-            x, w, b = _autocast_linear(input, weight, bias)
-            return linear_multi_margin_loss(x, w, target, b, p, margin, reduction).float()
     if target.dtype != torch.int64:
         raise RuntimeError(f"linear_multi_margin_loss: expected target dtype int64, got {target.dtype}")
-    x2 = input.unsqueeze(0) if input.dim() == 1 else input
     t1 = target if target.dim() == 1 else target.reshape(-1)
     _check_targets("linear_multi_margin_loss", backend, t1, weight.shape[0], None, RuntimeError)
-    op = LINEAR_MULTI_MARGIN_LOSS[backend]
-    return op(x2, weight, bias, t1, int(p), _margin(margin), reduction_code,
-              _mask(input, weight, bias))
+    return _fused_linear(LINEAR_MULTI_MARGIN_LOSS[backend], input, weight, bias, t1,
+                         (int(p), _margin(margin), reduction_code))

@@ -191,14 +191,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_cpu(
               label_smoothing);
   const Tensor target = as_contiguous(target_);
   Grads grads = empty_grads(input, weight, mask);
-  Tensor loss = empty({}, input);
+  Tensor loss = empty({}, acc_scalar_type(input.scalar_type()), input);
   LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "linear_cross_entropy_cpu", [&] {
     // A linear layer has no class weights: the loss's `weight` stays None.
     const cpu::CrossEntropySetup<scalar_t> setup(target, std::nullopt, weight.size(0), ignore_index,
                                                  label_smoothing, reduction);
     const double total = linear_blocks_cpu<scalar_t, cpu::CrossEntropyMath>(
         input, weight, bias, target, setup.lane_targets.data(), setup.params, mask, grads);
-    *loss.mutable_data_ptr<scalar_t>() = scalar_t(reduction == kMean ? total / setup.denom : total);
+    *loss.mutable_data_ptr<acc_type<scalar_t>>() = acc_type<scalar_t>(reduction == kMean ? total / setup.denom : total);
   });
   return {loss, grads.input, grads.weight, grads.bias};
 }
@@ -210,12 +210,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_multi_margin_loss_cpu(
   LINCLASS_CHECK(p == 1 || p == 2, "linear_multi_margin_loss: only p == 1 and p == 2 supported, got ", p);
   const Tensor target = as_contiguous(target_);
   Grads grads = empty_grads(input, weight, mask);
-  Tensor loss = empty({}, input);
+  Tensor loss = empty({}, acc_scalar_type(input.scalar_type()), input);
   LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "linear_multi_margin_loss_cpu", [&] {
     const cpu::MultiMarginSetup<scalar_t> setup(target, std::nullopt, weight.size(0), p, margin, reduction);
     const double total = linear_blocks_cpu<scalar_t, cpu::MultiMarginMath>(
         input, weight, bias, target, setup.lane_targets.data(), setup.params, mask, grads);
-    *loss.mutable_data_ptr<scalar_t>() = scalar_t(reduction == kMean ? total / setup.denom : total);
+    *loss.mutable_data_ptr<acc_type<scalar_t>>() = acc_type<scalar_t>(reduction == kMean ? total / setup.denom : total);
   });
   return {loss, grads.input, grads.weight, grads.bias};
 }

@@ -252,7 +252,7 @@ void run_loss(const Tensor& input, const RowGeometry& geom, const Tensor& target
   }
   double total = 0;
   if (reduction == kNone) {
-    task.loss_rows = loss.mutable_data_ptr<scalar_t>();
+    task.loss_rows = loss.mutable_data_ptr<acc_type<scalar_t>>();
     run_rows<scalar_t, Math>(task, p);
   } else {
     total = run_rows_sum<scalar_t, Math>(task, p);
@@ -271,7 +271,7 @@ void run_loss(const Tensor& input, const RowGeometry& geom, const Tensor& target
     }
   }
   if (reduction != kNone)
-    *loss.mutable_data_ptr<scalar_t>() = scalar_t(reduction == kMean ? total / denom : total);
+    *loss.mutable_data_ptr<acc_type<scalar_t>>() = acc_type<scalar_t>(reduction == kMean ? total / denom : total);
   if (compute_grad && !grad_rows) copy_into(grad, written);
 }
 

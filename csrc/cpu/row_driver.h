@@ -164,7 +164,7 @@ struct RowTask {
   const TargetRule* rule = nullptr;
   TargetTally* tallies = nullptr;
   bool stream_grad = false;         // write the gradient around the caches (stream_gradient)
-  scalar_t* loss_rows = nullptr;    // per-row losses ('none'), else nullptr
+  acc_type<scalar_t>* loss_rows = nullptr;  // per-row losses ('none'), else nullptr
   double* partials = nullptr;       // one sum per block ('mean'/'sum'), else nullptr
 };
 
@@ -313,7 +313,7 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
           for (int64_t j = 0; j < C; ++j) g[j * gc] = scalar_t(buf[j]);
       }
     }
-    if (t.loss_rows) t.loss_rows[r] = scalar_t(loss);
+    if (t.loss_rows) t.loss_rows[r] = loss;
     sum += double(loss);
   }
   if (stream) line_stream.finish();
@@ -598,7 +598,7 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
     }
     if (t.loss_rows) {
       loss.store(tail);
-      for (int64_t l = 0; l < n; ++l) t.loss_rows[r + l] = scalar_t(tail[l]);
+      for (int64_t l = 0; l < n; ++l) t.loss_rows[r + l] = tail[l];
     }
     sum = sum + loss;  // tile by tile, in row order
   };
@@ -702,7 +702,7 @@ void run_group_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, in
     }
     if (t.loss_rows) {
       loss.store(losses);
-      for (int64_t l = 0; l < n; ++l) t.loss_rows[r + l] = scalar_t(losses[l]);
+      for (int64_t l = 0; l < n; ++l) t.loss_rows[r + l] = losses[l];
     }
     sum = sum + loss;  // group by group, in row order; padding lanes add exact zeros
   }

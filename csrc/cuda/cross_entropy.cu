@@ -230,12 +230,12 @@ std::tuple<Tensor, Tensor> cross_entropy_cuda(const Tensor& input_, const Tensor
   }
   Tensor loss;
   if (reduction == kNone)
-    loss = torch::stable::view(to_dtype(loss_rows, input.scalar_type()), target.sizes());
+    loss = torch::stable::view(loss_rows, target.sizes());
   else if (reduction == kSum)
-    loss = cuda::reduce_rows(loss_rows, nullptr, 1.0, input.scalar_type());
+    loss = cuda::reduce_rows(loss_rows, nullptr, 1.0);
   else {
     const Tensor denom = narrowed(consts, 0, 2, 1);  // consts[2], the 'mean' denominator
-    loss = cuda::reduce_rows(loss_rows, &denom, 1.0, input.scalar_type());
+    loss = cuda::reduce_rows(loss_rows, &denom, 1.0);
   }
   return {loss, grad};
 }

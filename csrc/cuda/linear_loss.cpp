@@ -54,8 +54,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_chunks_device(
     }
   }
   accum.finish();
-  const Tensor loss = to_dtype(reduction == kMean ? call_aten("aten::div", "Tensor", total, denom) : total,
-                               X.scalar_type());
+  const Tensor loss = reduction == kMean ? call_aten("aten::div", "Tensor", total, denom) : total;
   return {loss, grads.input, grads.weight, grads.bias};
 }
 

@@ -122,9 +122,9 @@ std::tuple<Tensor, Tensor> multi_margin_loss_cuda(const Tensor& input, const Ten
   }
   Tensor loss;
   if (reduction == kNone)
-    loss = to_dtype(loss_rows, input.scalar_type());
+    loss = loss_rows;
   else  // 'sum' or 'mean' (0 / 0 = NaN for no rows)
-    loss = cuda::reduce_rows(loss_rows, nullptr, reduction == kSum ? 1.0 : double(rows), input.scalar_type());
+    loss = cuda::reduce_rows(loss_rows, nullptr, reduction == kSum ? 1.0 : double(rows));
   return {loss, grad};
 }
 

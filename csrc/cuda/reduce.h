@@ -5,12 +5,12 @@
 
 namespace linclass::cuda {
 
-// sum(loss_rows) / divisor as a 0-dim tensor of dtype `out`, where divisor is *divisor_dev
-// (a device scalar of loss_rows' dtype, e.g. the 'mean' denominator that consts_kernel
-// wrote) when it is given, else divisor_host.  One block sums the rows in a fixed order
-// (deterministic) and writes the result already converted: one launch instead of three
-// (sum, div, to), which is what the op costs at small N.  Long inputs go to aten::sum.
-Tensor reduce_rows(const Tensor& loss_rows, const Tensor* divisor_dev, double divisor_host,
-                   ScalarType out);
+// sum(loss_rows) / divisor as a 0-dim tensor of loss_rows' dtype (the accumulation
+// dtype, which the ops return their loss in), where divisor is *divisor_dev (a device
+// scalar of that dtype, e.g. the 'mean' denominator that consts_kernel wrote) when it is
+// given, else divisor_host.  One block sums the rows in a fixed order (deterministic):
+// one launch instead of two (sum, div), which is what the op costs at small N.  Long
+// inputs go to aten::sum.
+Tensor reduce_rows(const Tensor& loss_rows, const Tensor* divisor_dev, double divisor_host);
 
 }  // namespace linclass::cuda
