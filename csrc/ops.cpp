@@ -109,6 +109,7 @@ std::atomic<int64_t> g_block_rows_override{0};
 int64_t linear_block_rows(int64_t rows) { return g_block_rows_override.exchange(rows); }
 std::atomic<int64_t> g_16bit_products_override{-1};  // -1: as the CPU says
 int64_t linear_16bit_products(int64_t mode) { return g_16bit_products_override.exchange(mode); }
+bool native_16bit_products(bool bfloat16) { return linclass_linear_16bit_products(bfloat16) != 0; }
 
 }  // namespace
 }  // namespace linclass
@@ -187,6 +188,9 @@ STABLE_TORCH_LIBRARY(linclass, m) {
   m.def("_buffer_cache_stats() -> int[]");
   m.def("_linear_block_rows(int rows) -> int");
   m.def("_linear_16bit_products(int mode) -> int");
+  // Whether the linear ops' 16-bit products run in the input dtype on this CPU (the
+  // knob above, else the CPU's instructions): the class-sharded linear ops ask it too.
+  m.def("_native_16bit_products(bool bfloat16) -> bool");
 }
 
 // The ops without tensor arguments have no device to dispatch on: CompositeExplicitAutograd.
@@ -198,6 +202,7 @@ STABLE_TORCH_LIBRARY_IMPL(linclass, CompositeExplicitAutograd, m) {
   m.impl("_buffer_cache_stats", TORCH_BOX(&cache_stats));
   m.impl("_linear_block_rows", TORCH_BOX(&linear_block_rows));
   m.impl("_linear_16bit_products", TORCH_BOX(&linear_16bit_products));
+  m.impl("_native_16bit_products", TORCH_BOX(&native_16bit_products));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(linclass, CPU, m) {

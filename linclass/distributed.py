@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import _ops, _sharded
+from . import _extension, _ops, _sharded
 from .functional import (_FLOAT_TYPES, _HALF_TYPES, _autocast_linear, _autocasting,
                          _fold_leading_dims, _ignore_index, _margin, _reduction_code)
 
@@ -468,6 +468,15 @@ class _ShardedLinearLoss(torch.autograd.Function):
         return (*grads, None)
 
 
+def _native_16bit_products(x) -> bool:
+    """Whether products of x's 16-bit dtype run natively: always on CUDA; on the CPU as
+    the single-process linear ops decide (its instructions, or their testing knob)."""
+    if x.is_cuda:
+        return True
+    return x.is_cpu and _extension.HAS_CPP and bool(
+        torch.ops.linclass._native_16bit_products(x.dtype == torch.bfloat16))
+
+
 def _linear_loss(op: str, kind: str, input, weight_local, bias_local, target, group,
                  class_start, check_options, reduction: str):
     """check_options() checks the loss's own options and returns them as a dict, or
@@ -507,7 +516,12 @@ def _linear_loss_in(op: str, kind: str, input, weight_local, bias_local, target,
     acc = _sharded.accumulation_dtype(input.dtype)
     x, w = input.detach(), weight_local.detach()
     b = None if bias_local is None else bias_local.detach()
-    x_acc, w_acc = x.to(acc), w.to(acc)  # copies for half inputs only, made once
+    # The gradient products' operands: 16-bit ones where the device multiplies them
+    # natively (the GPU's tensor cores; CPUs with AVX512-BF16 / AMX), as F.linear's
+    # backward and the single-process ops do; else float32 copies, made once (a CPU that
+    # emulates 16-bit products is slower than float32: bench/results/linear-16bit.md).
+    native = input.dtype in _HALF_TYPES and _native_16bit_products(x)
+    x_mm, w_mm = (x, w) if native else (x.to(acc), w.to(acc))
     blocks = _row_blocks(n, max(layout.widths), input.dtype)
 
     # One buffer for every block's scores (and, for cross-entropy, the gradient written
@@ -527,12 +541,15 @@ def _linear_loss_in(op: str, kind: str, input, weight_local, bias_local, target,
         gw = torch.zeros(w.shape, dtype=acc, device=x.device) if wants[1] else None
         gb = torch.zeros(w.shape[0], dtype=acc, device=x.device) if wants[2] else None
         for block, g in block_grads:
-            if gi is not None:
-                gi[block] = g @ w_acc
-            if gw is not None:
-                gw.addmm_(g.t(), x_acc[block])
             if gb is not None:
                 gb += g.sum(0)
+            g = g.to(x_mm.dtype)  # 16-bit for native products (rounded once, as F.linear's)
+            if gi is not None:
+                gi[block] = g @ w_mm
+            if gw is not None and native:
+                gw += g.t() @ x_mm[block]  # each block's product rounded once, summed in float32
+            elif gw is not None:
+                gw.addmm_(g.t(), x_mm[block])
         if fixup is not None:
             fixup(gi, gw, gb)
         if gi is not None:
@@ -588,7 +605,7 @@ def _linear_loss_in(op: str, kind: str, input, weight_local, bias_local, target,
             rows = own.nonzero().squeeze(1)
             cols = target[rows] - start
             x_y = torch.zeros(n, dtype=acc, device=x.device)
-            mine = (x_acc[rows] * w_acc[cols]).sum(1)
+            mine = (x_mm[rows].to(acc) * w_mm[cols].to(acc)).sum(1)
             x_y[rows] = mine if b is None else mine + b[cols].to(acc)
             x_y = _gather_rows(x_y, group, layout.world).sum(0)
             parts = []
@@ -611,9 +628,9 @@ def _linear_loss_in(op: str, kind: str, input, weight_local, bias_local, target,
 
                 def fixup(gi, gw, gb):
                     if gi is not None:
-                        gi.index_add_(0, rows, g_y.unsqueeze(1) * w_acc[cols])
+                        gi.index_add_(0, rows, g_y.unsqueeze(1) * w_mm[cols].to(acc))
                     if gw is not None:
-                        gw.index_add_(0, cols, g_y.unsqueeze(1) * x_acc[rows])
+                        gw.index_add_(0, cols, g_y.unsqueeze(1) * x_mm[rows].to(acc))
                     if gb is not None:
                         gb.index_add_(0, cols, g_y)
                 return fixup

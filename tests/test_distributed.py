@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import linclass
+
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
@@ -524,6 +526,60 @@ def _case_autocast(rank, world):
         assert all(t.dtype == torch.float32 for t in grads)
 
 
+def _case_linear_16bit_products(rank, world):
+    """The sharded linear ops' 16-bit gradient products: in bfloat16 where the CPU
+    multiplies it natively (forced on and off here with the single-process ops' knob),
+    else in float32 of converted operands; both within bfloat16 rounding of the float64
+    result of the same bfloat16 values, over several blocks of rows."""
+    import linclass.distributed as ld
+
+    g = torch.Generator().manual_seed(1)
+    n, d, classes = 23, 12, 17
+    x0, w0 = torch.randn(n, d, generator=g), torch.randn(classes, d, generator=g) * 0.5
+    b0 = torch.randn(classes, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    a, width = classes * rank // world, classes * (rank + 1) // world - classes * rank // world
+    products = []
+
+    class Products(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.out,
+                        torch.ops.aten.addmm.out, torch.ops.aten.addmm_.default):
+                products.append({t.dtype for t in args if isinstance(t, torch.Tensor)})
+            return func(*args, **(kwargs or {}))
+
+    default_block_bytes = ld.BLOCK_BYTES
+    ld.BLOCK_BYTES = 4 * 8 * classes  # blocks of a few rows: dW summed over blocks
+    old = torch.ops.linclass._linear_16bit_products(-1)
+    try:
+        for mode in (0, 1):
+            torch.ops.linclass._linear_16bit_products(mode)
+            for ours, theirs in ((ld.linear_cross_entropy, F.cross_entropy),
+                                 (ld.linear_multi_margin_loss, F.multi_margin_loss)):
+                x = x0.bfloat16().requires_grad_(True)
+                w = w0[a:a + width].bfloat16().requires_grad_(True)
+                bias = b0[a:a + width].bfloat16().requires_grad_(True)
+                products.clear()
+                with Products():
+                    loss = ours(x, w, y, bias, reduction="sum")
+                loss.backward()
+                dtypes = set().union(*products)
+                assert dtypes == ({torch.bfloat16} if mode else {torch.bfloat16, torch.float32}), (mode, dtypes)
+                xf = x0.bfloat16().double().requires_grad_(True)
+                wf = w0.bfloat16().double().requires_grad_(True)
+                bf = b0.bfloat16().double().requires_grad_(True)
+                expected = theirs(F.linear(xf, wf, bf), y, reduction="sum")
+                expected.backward()
+                tol = dict(rtol=2 ** -6, atol=2e-2)
+                torch.testing.assert_close(loss.double(), expected.detach(), **tol)
+                torch.testing.assert_close(x.grad.double(), xf.grad, **tol)
+                torch.testing.assert_close(w.grad.double(), wf.grad[a:a + width], **tol)
+                torch.testing.assert_close(bias.grad.double(), bf.grad[a:a + width], **tol)
+    finally:
+        torch.ops.linclass._linear_16bit_products(old)
+        ld.BLOCK_BYTES = default_block_bytes
+
+
 def _case_random_layouts(rank, world, seeds):
     """Seeded random cases against the unsharded torch op in float64: shards of random
     widths (some empty) held by the ranks in a random order, every op, dtype, reduction
@@ -587,6 +643,12 @@ def _case_random_layouts(rank, world, seeds):
 @pytest.mark.parametrize("world", [2, 3])
 def test_random_layouts_match_the_unsharded_ops(world):
     run_ranks(_case_random_layouts, world, range(world * 100, world * 100 + 40))
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(),
+                    reason="the 16-bit products knob is a C++ op")
+def test_sharded_linear_16bit_products():
+    run_ranks(_case_linear_16bit_products, 2)
 
 
 def test_autocast_gives_torchs_dtypes():
