@@ -104,6 +104,32 @@ def loss_cases(device: str, shapes, dtypes, impls, anchor_mods=None, floor=True,
                 yield group, "liger", nbytes, _step(_liger_cross_entropy(anchor_mods["liger"]), xl, t), None
 
 
+def autocast_cases(device: str, quick: bool, impls):
+    """Both losses on bfloat16 scores under torch.autocast (a float32 loss): torch casts
+    the scores to a float32 copy and its float32 gradient back; linclass's kernels read
+    and write the 16-bit tensors (bench/results/autocast.md has the CPU's figures)."""
+    import linclass
+
+    ops = {"cross_entropy": (F.cross_entropy, linclass.cross_entropy),
+           "multi_margin_loss": (F.multi_margin_loss, linclass.multi_margin_loss)}
+
+    def under_autocast(fn):
+        def run(x, t):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                return fn(x, t)
+        return run
+
+    for n, c in QUICK_SHAPES[:1] if quick else [(8192, 32000)]:
+        x = torch.randn(n, c, device=device, dtype=torch.bfloat16, requires_grad=True)
+        t = torch.randint(0, c, (n,), device=device)
+        nbytes = 2 * n * c * x.element_size()
+        for op, (theirs, ours) in ops.items():
+            group = f"{op} {n}x{c} bfloat16 [autocast]"
+            yield group, "torch", nbytes, _step(under_autocast(theirs), x, t), None
+            for impl in impls:
+                yield group, f"linclass[{impl}]", nbytes, _step(under_autocast(ours), x, t), impl
+
+
 # The class-count sweep: every C at three sizes of the scores (bytes of the input), from
 # host-bound (8 MiB) to device-bound (512 MiB).
 SWEEP_C = [10, 100, 1000, 8192, 32000, 128256]
@@ -545,6 +571,8 @@ def main(argv=None):
         records += run_cases(list(loss_cases(args.device, shapes, dtypes, impls, anchor_mods)),
                              timer(args.device), args.device)
         records += run_cases(list(linear_cases(args.device, args.quick, impls, anchor_mods)),
+                             timer(args.device), args.device)
+        records += run_cases(list(autocast_cases(args.device, args.quick, impls)),
                              timer(args.device), args.device)
     if not args.no_sweep:
         records += run_cases(list(sweep_cases(args.device, args.quick, impls, anchor_mods, sweep_c)),

@@ -128,6 +128,34 @@ def test_confident_rows_keep_true_class_gradient_in_bf16(gpu_backend):
     assert rel < 1e-2  # one bf16 rounding, not cancellation to 0
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_reads_16bit_scores(gpu_backend, reduction):
+    """Under CUDA autocast: torch's float32 loss, from the bfloat16 scores read as they
+    are (no float32 copy of them: the op's extra memory is its bfloat16 gradient)."""
+    x = (torch.randn(512, 4000, device="cuda") * 3).bfloat16()
+    t = torch.randint(0, 4000, (512,), device="cuda")
+    for ours, theirs in ((linclass.cross_entropy, F.cross_entropy),
+                         (linclass.multi_margin_loss, F.multi_margin_loss)):
+        a, b = leaf(x), leaf(x)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = ours(a, t, reduction=reduction)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = theirs(b, t, reduction=reduction)
+        assert loss.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        assert extra < 1.5 * x.numel() * x.element_size(), extra
+        g = torch.rand_like(loss) if loss.dim() else None
+        loss.backward(g)
+        ref.backward(g)
+        assert a.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(a.grad, b.grad, rtol=2 ** -7, atol=1e-6)
+
+
 def test_bad_target_is_nan_and_in_bounds(gpu_backend):
     x = torch.randn(4, 7, device="cuda", requires_grad=True)
     t = torch.tensor([0, 9, 2, -5], device="cuda")
