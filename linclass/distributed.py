@@ -41,7 +41,8 @@ import torch.distributed as dist
 
 from . import _extension, _ops, _sharded
 from .functional import (_FLOAT_TYPES, _HALF_TYPES, _autocast_linear, _autocasting,
-                         _fold_leading_dims, _ignore_index, _margin, _reduction_code)
+                         _fold_leading_dims, _ignore_index, _margin, _reduction_code,
+                         _torch_loss_dtype)
 
 __all__ = ["cross_entropy", "global_mean_denominator", "linear_cross_entropy",
            "linear_multi_margin_loss", "multi_margin_loss"]
@@ -310,14 +311,6 @@ def _is_dtensor(t) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
-def _loss_dtype(scores: torch.Tensor) -> torch.dtype:
-    """The scores' dtype, except under torch.autocast, which runs torch's losses in float32:
-    16-bit scores then give a float32 loss (computed as always in float32, from the 16-bit
-    scores without a float32 copy) and a 16-bit gradient, as the cast autocast inserts
-    would."""
-    return torch.float32 if scores.dtype in _HALF_TYPES and _autocasting(scores) else scores.dtype
-
-
 def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, *,
                   class_start: int | None = None, weight: torch.Tensor | None = None,
                   ignore_index: int = -100, label_smoothing: float = 0.0,
@@ -360,7 +353,7 @@ def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, 
         if compute_grad:
             grad = _sharded.ce_phase2(x, target, start, weight_local, merged, ignore_index)
             grad = grad.to(scores_local.dtype)
-        return loss.to(_loss_dtype(scores_local)), grad
+        return loss.to(_torch_loss_dtype(scores_local)), grad
 
     if not compute_grad:
         return compute()[0]
@@ -397,7 +390,7 @@ def multi_margin_loss(scores_local: torch.Tensor, target: torch.Tensor, group=No
         gathered = _gather_rows(stats, group, layout.world)
         loss_rows = _sharded.mm_finish(gathered, grad, target, start, weight, layout.classes)
         loss = _reduce(loss_rows, reduction, loss_rows.numel())
-        return loss.to(_loss_dtype(scores_local)), None if grad is None else grad.to(scores_local.dtype)
+        return loss.to(_torch_loss_dtype(scores_local)), None if grad is None else grad.to(scores_local.dtype)
 
     if not compute_grad:
         return compute()[0]

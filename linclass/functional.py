@@ -67,13 +67,14 @@ def _autocast_inputs(input, weight):
     return input, weight
 
 
-def _torch_loss_dtype(input):
-    """The ops return their loss in the accumulation dtype (float32 for 16-bit scores);
-    torch's loss has the input's dtype, or float32 under torch.autocast.  The dtype the
-    ops are asked to give their loss in (loss_dtype), None where theirs is torch's."""
-    if input.dtype in _HALF_TYPES and not _autocasting(input):
-        return input.dtype
-    return None
+def _torch_loss_dtype(input) -> torch.dtype:
+    """The dtype of torch's loss for these scores: theirs, except under torch.autocast,
+    which runs torch's losses in float32 (16-bit scores then give a float32 loss).  The
+    ops return their loss in the accumulation dtype and are asked for this one
+    (loss_dtype); the class-sharded losses give it too."""
+    if input.dtype in _HALF_TYPES and _autocasting(input):
+        return torch.float32
+    return input.dtype
 
 
 def _autocast_linear(input, weight, bias):
@@ -407,8 +408,7 @@ def _fused_linear(op, input, weight, bias, target, options):
     cast as F.linear's are) and the loss, from those 16-bit scores, is float32."""
     mask = [_needs_grad(input), _needs_grad(weight), bias is not None and _needs_grad(bias)]
     if not _autocasting(input):
-        return op(_as_rows(input), weight, bias, target, *options, mask,
-                  loss_dtype=_torch_loss_dtype(input))
+        return op(_as_rows(input), weight, bias, target, *options, mask, loss_dtype=input.dtype)
     with torch.autocast(input.device.type, enabled=False):
         x, w, b = _autocast_linear(input, weight, bias)
         return op(_as_rows(x), w, b, target, *options, mask)
