@@ -61,6 +61,29 @@ def test_matches_torch_every_keyword(kernel_backend, shape, reduction, p, margin
 
 
 
+@pytest.mark.parametrize("C", [3, 39, 40, 64, 65, 128, 256, 257, 600])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_evaluation_matches_training_and_float64(kernel_backend, C, dtype):
+    """A forward without gradient takes its own path at some class counts (the C++
+    kernels' row groups run forward-only up to more classes than in training): its
+    losses against float64 torch and, on the C++ backend, each row's loss bitwise the
+    training one (same terms, same order; a reduction sums the rows in another order
+    there), for every keyword."""
+    for p, margin, weight in OPTIONS:
+        x, t, w = make_case(37, C, weight, dtype=dtype)
+        for reduction in ["none", "mean", "sum"]:
+            kw = dict(p=p, margin=margin, weight=w, reduction=reduction)
+            with torch.no_grad():
+                evaluation = linclass.multi_margin_loss(x, t, **kw)
+            training = linclass.multi_margin_loss(x.clone().requires_grad_(True), t, **kw).detach()
+            expected = F.multi_margin_loss(x.double(), t, **{**kw, "weight": None if w is None else w.double()})
+            what = f"{p=} {margin=} {weight=} {reduction=}"
+            assert_close(evaluation, expected.to(dtype), dtype, what)
+            if kernel_backend == "cpp" and reduction == "none":
+                assert torch.equal(evaluation, training), what
+            assert_close(evaluation, training, dtype, what)
+
+
 def test_unweighted_class_counts_growing_within_a_process(kernel_backend):
     """Without class weights the C++ kernels read w[y] from a shared row of ones that
     grows with the largest C seen; targets at its far end, C larger than any before."""

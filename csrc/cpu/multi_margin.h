@@ -98,10 +98,14 @@ struct MultiMarginMath {
   // Below this the lane path is as fast or faster: a row of two or three vectors wastes
   // most of its last one (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMinClasses = 40;
-  // Past this the row path is as fast or faster: the hinge's passes are light, and the
-  // row path, which prefetches each next row during its pass, reads longer rows faster
-  // forward-only and as fast in training (bench/results/class-count-ab.md).
+  // Past this the row path is as fast in training: the hinge's passes are light, and
+  // the row path prefetches each next row during its pass (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMaxClasses = 64;
+  // Forward-only, a row is one light pass whose per-row tail (two horizontal sums, the
+  // target's lookups) the groups share: 1.1-1.5x faster up to 256 classes on the Intel
+  // VM, slower at 384-500 once 16 rows' prefetches run ahead of the reads
+  // (bench/results/class-count-ab.md).
+  static constexpr int64_t kGroupMaxClassesForwardOnly = 256;
   // A streamed gradient goes out faster row by row: the row path interleaves its
   // non-temporal stores with the next row's reads, where the group issues 16 rows of
   // them in a burst after its light first pass.

@@ -15,7 +15,8 @@
 //       zeros); overwrites the tiles with the gradient when kGrad and writes the rows'
 //       losses to loss[u];
 //   static constexpr int64_t kGroupMinClasses (at most kLaneMaxClasses + 1), kGroupMaxClasses
-//       (at most the driver's kGroupMaxClasses), static constexpr bool kGroupsStream
+//       and kGroupMaxClassesForwardOnly (with and without gradient; at most the driver's
+//       kGroupMaxClasses), static constexpr bool kGroupsStream
 //       (false: rows whose gradient streams in place take the row path instead), and
 //   void group<acc_t, kGrad>(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const Params& p,
 //                            Vec<acc_t>* log_arg)
@@ -183,11 +184,15 @@ inline int64_t block_rows(int64_t classes, bool whole_tiles) {
 }
 
 // Which path a loss's rows take: groups from Math::kGroupMinClasses to
-// Math::kGroupMaxClasses classes, lanes below, rows above.
+// Math::kGroupMaxClasses classes (kGroupMaxClassesForwardOnly without gradient), lanes
+// below, rows above.  Either way each row's loss is the same bits (the group path adds
+// in the row path's order).
 template <typename Math>
-inline bool use_groups(int64_t classes) {
+inline bool use_groups(int64_t classes, bool grad) {
   static_assert(Math::kGroupMaxClasses <= kGroupMaxClasses);
-  return classes >= Math::kGroupMinClasses && classes <= Math::kGroupMaxClasses;
+  static_assert(Math::kGroupMaxClassesForwardOnly <= kGroupMaxClasses);
+  return classes >= Math::kGroupMinClasses &&
+         classes <= (grad ? Math::kGroupMaxClasses : Math::kGroupMaxClassesForwardOnly);
 }
 template <typename Math>
 inline bool use_lanes(int64_t classes) {
@@ -727,7 +732,7 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   // Strided classes take the lanes only where the setup prepared the lane path's targets.
   const bool lanes = use_lanes<Math>(C) || (strided_class_lanes(t.in) && (t.rule || t.lane_targets));
   const bool streamed = t.grad && t.stream_grad && streams_rows(t.gout, sizeof(scalar_t));
-  const bool groups = use_groups<Math>(C) && (Math::kGroupsStream || !streamed);
+  const bool groups = use_groups<Math>(C, t.grad) && (Math::kGroupsStream || !streamed);
   torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
     // The lane path's tiles beyond kLaneMaxClasses classes: one uninitialized buffer for
