@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._ops import accumulation_dtype
 from ._math import exp as _exp, log as _log
 from .tuning import cdiv, loop_config, next_pow2, tile_config
 
@@ -289,12 +290,8 @@ def launch_geometry(input: torch.Tensor):
     return input, geom
 
 
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_acc(acc: torch.dtype):
-    """The Triton accumulation dtype for a torch one (acc_dtype's result)."""
+    """The Triton accumulation dtype for a torch one (accumulation_dtype's result)."""
     return tl.float64 if acc == torch.float64 else tl.float32
 
 
@@ -407,7 +404,7 @@ def launch(input, grad, target, weight, ignore_index, label_smoothing, const, sc
     input, (outer, C, inner, sxn, sxc, sxk) = launch_geometry(input)
     target = target.contiguous()
     rows = outer * inner
-    acc = acc_dtype(input.dtype)
+    acc = accumulation_dtype(input.dtype)
     loss_rows = torch.empty(rows, device=input.device, dtype=acc)
     compute_grad = grad is not None
     _, _, _, sgn, sgc, sgk = _geometry(grad) if compute_grad else (0, 0, 0, 0, 0, 0)
@@ -442,7 +439,7 @@ def cross_entropy(input, target, weight, ignore_index, label_smoothing, reductio
 
     Host work is kept to a few launches (consts, the loss kernel, one sum): at small C the
     op's time is its host overhead."""
-    acc = acc_dtype(input.dtype)
+    acc = accumulation_dtype(input.dtype)
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     const = consts(target, weight, ignore_index, C, acc, reduction == 1)
     grad = torch.empty_like(input, memory_format=torch.contiguous_format) if compute_grad else None

@@ -16,6 +16,7 @@ need float32 GEMMs.
 
 import torch
 
+from .._ops import accumulation_dtype
 from . import cross_entropy
 from . import linear_tile
 from . import multi_margin
@@ -51,7 +52,7 @@ def _chunks(input, weight, bias, target, mask, run_loss):
           else input.new_empty((0,)))
     new_gw = torch.empty if n else torch.zeros  # every chunk adds to dW; no chunk, no rows
     gw = new_gw((c, d), device=input.device, dtype=input.dtype) if mask[1] else input.new_empty((0,))
-    acc = cross_entropy.acc_dtype(input.dtype)
+    acc = accumulation_dtype(input.dtype)
     gb = torch.zeros(c, device=input.device, dtype=acc) if mask[2] else None
     total = torch.zeros((), device=input.device, dtype=acc)
     step = _chunk_rows(n, d, c, input.element_size(), input.is_cuda)
@@ -80,7 +81,7 @@ def linear_cross_entropy(input, weight, bias, target, ignore_index, label_smooth
                                                    ignore_index, label_smoothing, mean=reduction == 1)
         loss = total / const[2] if reduction == 1 else total
         return loss, gx, gw, gb
-    acc = cross_entropy.acc_dtype(input.dtype)
+    acc = accumulation_dtype(input.dtype)
     const = cross_entropy.consts(target, None, ignore_index, weight.shape[0], acc, reduction == 1)
 
     def run_loss(s, t, grad):

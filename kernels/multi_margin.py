@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import TILE_MAX_C, acc_dtype, split, sum_rows, tl_acc
+from .._ops import accumulation_dtype
+from .cross_entropy import TILE_MAX_C, split, sum_rows, tl_acc
 from .tuning import cdiv, loop_config, next_pow2, tile_config
 
 
@@ -144,7 +145,7 @@ def launch(input, grad, target, p, margin, weight, scale, scale_loss=False, conf
     overrides the launch configuration (bench/tune_gpu.py)."""
     rows, C = input.shape
     target = target.contiguous()
-    acc = acc_dtype(input.dtype)
+    acc = accumulation_dtype(input.dtype)
     loss_rows = torch.empty(rows, device=input.device, dtype=acc)
     compute_grad = grad is not None
     args = (input, grad if compute_grad else input, target, weight if weight is not None else input,

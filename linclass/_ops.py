@@ -51,16 +51,18 @@ def dense_strides(t: Tensor) -> Optional[tuple]:
     return tuple(strides[d] if shape[d] > 1 else max(strides[d], 1) for d in range(t.dim()))
 
 
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the ops return their loss in: the accumulation dtype."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend's kernels compute in for scores of `dtype`, and return
+    their loss in: float64 for float64, else float32 (the Triton launchers and the
+    class-sharded phases use this one rule; the C++ kernels' acc_type says the same)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fake_fused_loss(input, target, *args):
     """The Triton ops' and the CUDA kernels' outputs: a contiguous gradient."""
     reduction, compute_grad = args[-2], args[-1]
     loss = input.new_empty(tuple(target.shape) if reduction == REDUCTIONS["none"] else (),
-                           dtype=loss_dtype(input.dtype))
+                           dtype=accumulation_dtype(input.dtype))
     grad = input.new_empty(tuple(input.shape) if compute_grad else (0,))
     return loss, grad
 
@@ -78,7 +80,7 @@ def _fake_cpp_fused_loss(input, target, *args):
 def _fake_linear_loss(input, weight, bias, target, *args):
     """The Triton ops' and the CUDA kernels' outputs: contiguous gradients."""
     mask = args[-1]
-    return (input.new_empty((), dtype=loss_dtype(input.dtype)),
+    return (input.new_empty((), dtype=accumulation_dtype(input.dtype)),
             input.new_empty(tuple(input.shape)) if mask[0] else input.new_empty((0,)),
             input.new_empty(tuple(weight.shape)) if mask[1] else input.new_empty((0,)),
             input.new_empty((weight.shape[0],)) if mask[2] else input.new_empty((0,)))

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._ops import accumulation_dtype
 
 
 def mean_of(total: Tensor, denominator) -> Tensor:
@@ -52,10 +53,6 @@ def mean_of(total: Tensor, denominator) -> Tensor:
     quotient = total / denominator
     return torch.where(torch.as_tensor(denominator, device=quotient.device) != 0, quotient,
                        torch.full_like(quotient, float("nan")))
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def phase_kernels(x: Tensor) -> str | None:

@@ -406,7 +406,7 @@ BLOCK_BYTES = 16 << 20
 def _row_blocks(rows: int, width: int, dtype: torch.dtype):
     """Slices of the rows; `width` must be the same on every rank (the widest shard) when
     each block runs a collective."""
-    per_row = max(width, 1) * torch.empty((), dtype=_sharded.accumulation_dtype(dtype)).element_size()
+    per_row = max(width, 1) * torch.empty((), dtype=_ops.accumulation_dtype(dtype)).element_size()
     step = max(1, min(rows, BLOCK_BYTES // per_row))
     # No rows: one empty block, so the ops' exchanges and sums still run (every rank has
     # the same N, so the same blocks).
@@ -506,7 +506,7 @@ def _linear_loss_in(op: str, kind: str, input, weight_local, bias_local, target,
     _check_range(op, target, layout.classes, ignore_index,
                  IndexError if kind == "ce" else RuntimeError)
     start, n = layout.start, input.shape[0]
-    acc = _sharded.accumulation_dtype(input.dtype)
+    acc = _ops.accumulation_dtype(input.dtype)
     x, w = input.detach(), weight_local.detach()
     b = None if bias_local is None else bias_local.detach()
     # The gradient products' operands: 16-bit ones where the device multiplies them

@@ -71,7 +71,7 @@ def _torch_loss_dtype(input) -> torch.dtype:
     """The dtype of torch's loss for these scores: theirs, except under torch.autocast,
     which runs torch's losses in float32 (16-bit scores then give a float32 loss).  The
     ops return their loss in the accumulation dtype and are asked for this one
-    (loss_dtype); the class-sharded losses give it too."""
+    (the `loss_dtype` of their calls); the class-sharded losses give it too."""
     if input.dtype in _HALF_TYPES and _autocasting(input):
         return torch.float32
     return input.dtype
