@@ -8,7 +8,14 @@ K threads; K spawned ranks with 1 thread each run linclass.distributed's op on t
 shard.  Each configuration runs in fresh processes: the time is forward + backward
 (median and range over --repeats, after one warm-up), and the extra memory is the peak
 resident size during the runs minus the size once the inputs exist (/proc's VmHWM, reset
-after the inputs are made, so it counts every allocation of the runs, torch's and gloo's).  Prints a markdown table; --out writes it too.
+after the inputs are made, so it counts every allocation of the runs, torch's and gloo's).
+For the score op the same processes then time each design's memory traffic with plain
+torch ops: the ranks, all at once, a sum of their shard (the row statistics' read) and
+a copy_ of it (the gradient pass's read and write); the one process a copy_ of all the
+scores (its single pass).  Where the ops are bound by memory their times sit near these
+(copy_'s ordinary stores also read each line before writing it, which the kernels'
+non-temporal stores skip, so a kernel can be a little faster).  Prints a markdown
+table; --out writes it too.
 """
 
 from __future__ import annotations
@@ -79,19 +86,35 @@ def _step(kind, tensors, y, sharded):
     del grads
 
 
-def _measure(kind, shape, rank, world, repeats, sharded, barrier):
-    tensors, y = _problem(kind, shape, rank, world)
-    base = _rss_bytes()
-    _reset_peak()
+def _timed(step, repeats, barrier):
     times = []
     for i in range(repeats + 1):
         barrier()
         t0 = time.perf_counter()
-        _step(kind, tensors, y, sharded)
+        step()
         barrier()
         if i:  # the first run warms up (allocator, gloo buffers, caches)
             times.append(time.perf_counter() - t0)
-    return times, _peak_bytes() - base
+    return times
+
+
+def _measure(kind, shape, rank, world, repeats, sharded, barrier):
+    tensors, y = _problem(kind, shape, rank, world)
+    base = _rss_bytes()
+    _reset_peak()
+    times = _timed(lambda: _step(kind, tensors, y, sharded), repeats, barrier)
+    memory = _peak_bytes() - base
+    traffic = []
+    if kind == "scores":
+        # The memory traffic of each design with plain torch ops, after the peak memory
+        # was read: the one-process kernel reads the scores and writes the gradient
+        # (copy_); a rank reads its shard for the row statistics (sum) and again with
+        # the gradient's write (copy_).
+        x = tensors[0].detach()
+        out = torch.empty_like(x)
+        step = (lambda: (x.sum(), out.copy_(x))) if sharded else (lambda: out.copy_(x))
+        traffic = _timed(step, repeats, barrier)
+    return times, memory, traffic
 
 
 def _rank_main(rank, world, port, kind, shape, repeats, queue):
@@ -135,7 +158,8 @@ def _run(kind, shape, world, repeats, sharded):
     # and the largest extra memory.
     times = [max(ts) for ts in zip(*(results[r][0] for r in sorted(results)))]
     memory = max(results[r][1] for r in results)
-    return times, memory
+    traffic = [max(ts) for ts in zip(*(results[r][2] for r in sorted(results)))]
+    return times, memory, traffic
 
 
 def _fmt_ms(ts):
@@ -169,16 +193,18 @@ def main(argv=None) -> int:
         f"gloo on 127.0.0.1, float32, forward + backward; {time.strftime('%Y-%m-%d')}.",
         f"`python bench/distributed_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
-        "| op | 1 process: time | extra memory | per rank: time | extra memory | time ratio | memory ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| op | 1 process: time | extra memory | per rank: time | extra memory | time ratio | memory ratio "
+        "| traffic as torch ops: rank (sum + copy_) / 1 process (copy_) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for kind, shape, repeats, name in configs:
-        single_t, single_m = _run(kind, shape, args.world, repeats, sharded=False)
-        shard_t, shard_m = _run(kind, shape, args.world, repeats, sharded=True)
+        single_t, single_m, single_f = _run(kind, shape, args.world, repeats, sharded=False)
+        shard_t, shard_m, shard_f = _run(kind, shape, args.world, repeats, sharded=True)
+        traffic = f"{_fmt_ms(shard_f)} / {_fmt_ms(single_f)}" if shard_f else ""
         lines.append(
             f"| {name} | {_fmt_ms(single_t)} | {single_m / 2**20:.0f} MiB | {_fmt_ms(shard_t)} | "
             f"{shard_m / 2**20:.0f} MiB | {statistics.median(shard_t) / statistics.median(single_t):.2f}x | "
-            f"{shard_m / max(single_m, 1):.0%} |")
+            f"{shard_m / max(single_m, 1):.0%} | {traffic} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)

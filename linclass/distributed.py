@@ -399,14 +399,19 @@ def multi_margin_loss(scores_local: torch.Tensor, target: torch.Tensor, group=No
 
 # ---- the head's weight sharded by classes ------------------------------------------
 
-# Scores are made a block of rows at a time, about this many bytes of them at once.
-BLOCK_BYTES = 16 << 20
+# Scores are made a block of rows at a time: as many rows as about this many bytes of the
+# global (N, C) scores hold, each rank making its shard's columns of them (1/K of these
+# bytes).  The same cap as the one-process op's blocks (csrc/cpu/linear_loss.cpp), so
+# that a rank's GEMMs are as deep: each block streams the whole weight shard through
+# three products, and blocks sized by the shard's bytes instead (a quarter as many rows
+# at 2 ranks) made 2x the one process's weight traffic in all.
+BLOCK_BYTES = 64 << 20
 
 
-def _row_blocks(rows: int, width: int, dtype: torch.dtype):
-    """Slices of the rows; `width` must be the same on every rank (the widest shard) when
-    each block runs a collective."""
-    per_row = max(width, 1) * torch.empty((), dtype=_ops.accumulation_dtype(dtype)).element_size()
+def _row_blocks(rows: int, classes: int, dtype: torch.dtype):
+    """Slices of the rows, the same on every rank (each block runs a collective):
+    `classes` is the global C."""
+    per_row = max(classes, 1) * torch.empty((), dtype=_ops.accumulation_dtype(dtype)).element_size()
     step = max(1, min(rows, BLOCK_BYTES // per_row))
     # No rows: one empty block, so the ops' exchanges and sums still run (every rank has
     # the same N, so the same blocks).
@@ -515,7 +520,7 @@ def _linear_loss_in(op: str, kind: str, input, weight_local, bias_local, target,
     # emulates 16-bit products is slower than float32: bench/results/linear-16bit.md).
     native = input.dtype in _HALF_TYPES and _native_16bit_products(x)
     x_mm, w_mm = (x, w) if native else (x.to(acc), w.to(acc))
-    blocks = _row_blocks(n, max(layout.widths), input.dtype)
+    blocks = _row_blocks(n, layout.classes, input.dtype)
 
     # One buffer for every block's scores (and, for cross-entropy, the gradient written
     # over them): no allocation per block, so the peak memory is the same at every call.
@@ -667,11 +672,12 @@ def linear_cross_entropy(input: torch.Tensor, weight_local: torch.Tensor, target
     target are the same on every rank.
 
     No (N, C) or (N, C_local) tensor is made: the scores are made a block of rows at a
-    time (about BLOCK_BYTES of them), the block's row statistics are exchanged (one
-    all-gather per block, of 6 numbers per row), and the block's gradient is made from
-    the same scores and accumulated into the input, weight and bias gradients.  The
-    input's gradient is summed over the group (in the forward; in backward for 'none',
-    which makes the scores again there); the weight's and bias's are this rank's slices.
+    time (as many rows as BLOCK_BYTES of the global scores hold), the block's row
+    statistics are exchanged (one all-gather per block, of 6 numbers per row), and the
+    block's gradient is made from the same scores and accumulated into the input, weight
+    and bias gradients.  The input's gradient is summed over the group (in the forward;
+    in backward for 'none', which makes the scores again there); the weight's and bias's
+    are this rank's slices.
     An input (*, D) with target (*) is taken as prod(*) rows; 'none' then gives shape (*)."""
     op = "linclass.distributed.linear_cross_entropy"
     folded = _fold_leading_dims(input, target)
