@@ -3,7 +3,8 @@ linear ops), every keyword, the four float dtypes, class counts and layouts no o
 test names (strided, transposed, channels-last, stride-0 rows, strided targets), NaN/inf
 scores, forced backends and the automatic choice.  A longer run of the same generator
 found the empty-input bugs that tests in test_cross_entropy.py / test_multi_margin.py /
-test_linear_loss.py now pin; this short one guards the space between the named shapes."""
+test_linear_loss.py now pin; this short one guards the space between the named shapes.
+Every case is also evaluated under torch.no_grad (the kernels' forward-only paths)."""
 
 import contextlib
 import random
@@ -125,6 +126,8 @@ def _check_case(backend, op, x, t, kw):
     best = getattr(F, op)(xr, t, **ref_kw)
     xl = x.detach().requires_grad_()
     ours = getattr(linclass, op)(xl, t, **kw)
+    with torch.no_grad():  # evaluation: the kernels' forward-only paths
+        evaluation = getattr(linclass, op)(x.detach(), t, **kw)
     g = torch.randn(best.shape, dtype=torch.float64)
     if best.numel():
         (best * g).sum().backward()
@@ -139,12 +142,14 @@ def _check_case(backend, op, x, t, kw):
             (theirs.double() * g).sum().backward()
         if x.numel():  # (no rows: torch's hinge returns uninitialized memory)
             torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True, msg=what)
+            torch.testing.assert_close(evaluation, theirs.detach(), rtol=0, atol=0, equal_nan=True, msg=what)
             torch.testing.assert_close(xl.grad, xt.grad, rtol=0, atol=0, equal_nan=True, msg=what)
         return
     if op == "multi_margin_loss" and x.numel() == 0 and kw["reduction"] != "none":
         best = torch.tensor(float("nan") if kw["reduction"] == "mean" else 0.0)  # torch:
         # uninitialized memory over no rows
     _close(ours.detach(), best.detach(), x.dtype, what + " loss")
+    _close(evaluation, best.detach(), x.dtype, what + " evaluation loss")
     if best.numel() and xr.grad is not None:
         ref = xr.grad
         if op == "cross_entropy":  # ignored rows get 0 here, NaN in torch (README)
@@ -205,26 +210,52 @@ def test_random_linear_cases_match_torch_in_float64(backend, seed):
             ours = getattr(linclass, op)(ours_in[0], ours_in[1], t, ours_in[2], **kw)
             best = loss_fn(F.linear(*ref_in), t, **kw)
             what = f"{op} {x.dtype} N={x.shape[0]} D={x.shape[1]} C={w.shape[0]} {kw}"
-            if op == "linear_multi_margin_loss" and t.numel() == 0 and kw["reduction"] == "mean":
-                best = torch.tensor(float("nan"), dtype=torch.float64)  # torch: uninitialized memory
+            if op == "linear_multi_margin_loss" and t.numel() == 0 and kw["reduction"] != "none":
+                # torch's hinge over no rows returns uninitialized memory
+                best = torch.tensor(float("nan") if kw["reduction"] == "mean" else 0.0, dtype=torch.float64)
             widen = max(x.shape[1], 1) ** 0.5 if x.dtype in (torch.float16, torch.bfloat16) else 1.0
             _close_scaled(ours.detach(), best.detach(), x.dtype, widen, what + " loss")
+            with torch.no_grad():  # evaluation: no gradient products
+                evaluation = getattr(linclass, op)(x, w, t, b, **kw)
+            _close_scaled(evaluation, best.detach(), x.dtype, widen, what + " evaluation loss")
             if not t.numel():
                 continue  # no rows: test_linear_loss.py pins the empty gradients
             g = torch.randn(best.shape, dtype=torch.float64)
             present = [i for i in range(3) if ours_in[i] is not None]
             mine = torch.autograd.grad((ours.double() * g).sum(), [ours_in[i] for i in present])
-            theirs = torch.autograd.grad((best * g).sum(), [ref_in[i] for i in present])
-            for i, a, r in zip(present, mine, theirs):
-                _close_scaled(a, r, x.dtype, widen, f"{what} grad {('input', 'weight', 'bias')[i]}")
+            reference = torch.autograd.grad((best * g).sum(), [ref_in[i] for i in present])
+            torch_own = _torch_in_dtype(loss_fn, x, w, b, t, kw, g, present)
+            for i, a, r, o in zip(present, mine, reference, torch_own):
+                _close_scaled(a, r, x.dtype, widen, f"{what} grad {('input', 'weight', 'bias')[i]}", o)
 
 
-def _close_scaled(ours, best, dtype, widen, what):
+def _torch_in_dtype(loss_fn, x, w, b, t, kw, g, present):
+    """torch's own gradients in the input dtype (F.linear there; the hinge, which torch
+    has no 16-bit CPU kernel for, on float32 copies of the 16-bit scores)."""
+    ins = [v.detach().requires_grad_() if v is not None else None for v in (x, w, b)]
+    s = F.linear(*ins)
+    if loss_fn is F.multi_margin_loss and s.dtype in (torch.float16, torch.bfloat16):
+        s = s.float()
+    loss = loss_fn(s, t, **kw)
+    return torch.autograd.grad((loss.double() * g).sum(), [ins[i] for i in present])
+
+
+def _close_scaled(ours, best, dtype, widen, what, torch_own=None):
+    """ours within the dtype's tolerance of the float64 result; with torch_own (torch's
+    result in the same dtype), elementwise also within twice torch's own error: where
+    the hinge's gradient jumps (a term at its kink, which rounding in the dtype decides
+    for torch and for us alike) or where a 16-bit gradient cancels, the float64 result
+    is out of reach of both."""
     ours, best = ours.double(), best.double()
     assert ours.shape == best.shape, what
     assert torch.equal(ours.isnan(), best.isnan()), f"{what}: NaN pattern"
     ok = ~best.isnan()
     if ok.any():
-        err = (ours[ok] - best[ok]).abs().max().item()
         scale = max(best[ok].abs().max().item(), 1.0)
-        assert err <= TOL[dtype] * widen * scale, f"{what}: error {err:.3g} at scale {scale:.3g}"
+        err = (ours[ok] - best[ok]).abs()
+        allowed = torch.full_like(err, TOL[dtype] * widen * scale)
+        if torch_own is not None:
+            allowed = allowed + 2 * (torch_own.double()[ok] - best[ok]).abs().nan_to_num(0.0)
+        worst = (err - allowed).argmax()
+        assert err[worst] <= allowed[worst], (f"{what}: error {err[worst].item():.3g} at scale "
+                                              f"{scale:.3g} (allowed {allowed[worst].item():.3g})")
