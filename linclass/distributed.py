@@ -604,7 +604,11 @@ def _linear_loss_in(op: str, kind: str, input, weight_local, bias_local, target,
             cols = target[rows] - start
             x_y = torch.zeros(n, dtype=acc, device=x.device)
             mine = (x_mm[rows].to(acc) * w_mm[cols].to(acc)).sum(1)
-            x_y[rows] = mine if b is None else mine + b[cols].to(acc)
+            mine = mine if b is None else mine + b[cols].to(acc)
+            # Rounded to the input dtype as the blocks' scores are (F.linear rounds x w^T + b
+            # once): a 16-bit target score kept in float32 against rounded s_j moved terms
+            # near their kink to the other side of it.
+            x_y[rows] = mine.to(input.dtype).to(acc)
             x_y = _gather_rows(x_y, group, layout.world).sum(0)
             parts = []
 

@@ -618,6 +618,12 @@ def _case_random_layouts(rank, world, seeds):
             loss = getattr(ld, op)(*mine[:2], y, **kw)
             full = [x.double().requires_grad_(), w.double().requires_grad_()]
             scores = F.linear(*full)
+            if op == "linear_multi_margin_loss" and dtype == torch.bfloat16:
+                # The values of the scores rounded to bfloat16, as F.linear (and the
+                # sharded op) rounds them: the hinge's gradient jumps where a term crosses
+                # 0, which that rounding decides (ties at margin 0 in a longer run of this
+                # generator); the gradients still flow through the float64 product.
+                scores = scores + (F.linear(x, w).double() - scores).detach()
         else:
             x = (torch.randn(n, classes, generator=g, dtype=torch.float64) * 3).to(dtype)
             mine = [x[:, a:b].clone().requires_grad_()]
@@ -642,7 +648,10 @@ def _case_random_layouts(rank, world, seeds):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_random_layouts_match_the_unsharded_ops(world):
-    run_ranks(_case_random_layouts, world, range(world * 100, world * 100 + 40))
+    # and, on 2 ranks, seeds whose bfloat16 hinge terms sit at their kink (a longer run
+    # found them: the target score was not rounded as the other scores were)
+    seeds = [*range(world * 100, world * 100 + 40), *([1633, 2165] if world == 2 else [])]
+    run_ranks(_case_random_layouts, world, seeds)
 
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(),
