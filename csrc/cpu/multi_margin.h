@@ -101,9 +101,9 @@ struct MultiMarginMath {
   // Past this the row path is as fast in training: the hinge's passes are light, and
   // the row path prefetches each next row during its pass (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMaxClasses = 64;
-  // Forward-only, a row is one light pass whose per-row tail (two horizontal sums, the
-  // target's lookups) the groups share: 1.1-1.5x faster up to 256 classes on the Intel
-  // VM, slower at 384-500 once 16 rows' prefetches run ahead of the reads
+  // Forward-only, a row is one light pass and its per-row tail (two horizontal sums, the
+  // target's lookups) weighs more: the groups share it over their rows, up to where
+  // the row path's prefetching of each next row reads longer rows from memory faster
   // (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMaxClassesForwardOnly = 256;
   // A streamed gradient goes out faster row by row: the row path interleaves its
