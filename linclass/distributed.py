@@ -403,8 +403,8 @@ def multi_margin_loss(scores_local: torch.Tensor, target: torch.Tensor, group=No
 # global (N, C) scores hold, each rank making its shard's columns of them (1/K of these
 # bytes).  The same cap as the one-process op's blocks (csrc/cpu/linear_loss.cpp), so
 # that a rank's GEMMs are as deep: each block streams the whole weight shard through
-# three products, and blocks sized by the shard's bytes instead (a quarter as many rows
-# at 2 ranks) made 2x the one process's weight traffic in all.
+# three products, and blocks sized by the shard's bytes instead (half as many rows at 2
+# ranks) made 2x the one process's weight traffic in all.
 BLOCK_BYTES = 64 << 20
 
 
