@@ -64,6 +64,39 @@ def test_compile_time_class_counts_in_float32(kernel_backend, C):
     check_float32_against_float64(70, C)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_two_class_rows_at_their_edges(kernel_backend, dtype, reduction):
+    """Two classes (the C++ lane path takes one exp per row there, the max's own being 1):
+    ties, confident rows either way, a difference past exp's range, a masked target,
+    infinite and NaN scores, spread over two-tile steps, one tile and a partial one;
+    losses and gradients against float64 torch, evaluation equal to training."""
+    x = torch.randn(75, 2, dtype=dtype) * 3
+    t = torch.randint(0, 2, (75,))
+    edges = [([0.0, 0.0], 0), ([5.0, 5.0], 1), ([30.0, 0.0], 0), ([0.0, 30.0], 0),
+             ([-1e4, 1e4], 1), ([200.0, -200.0], 1), ([float("-inf"), 3.0], 0),
+             ([float("-inf"), 3.0], 1), ([float("inf"), 0.0], 0), ([1.0, float("nan")], 0),
+             ([float("-inf"), float("-inf")], 1), ([-0.0, 0.0], 1)]
+    for k, (row, target) in enumerate(edges):
+        for r in (3 * k, 3 * k + 40):  # in the two-tile steps and in the last tiles
+            x[r] = torch.tensor(row, dtype=dtype)
+            t[r] = target
+    loss, grad = run(linclass.cross_entropy, x, t, reduction=reduction)
+    ref_loss, ref_grad = run(F.cross_entropy, x.double(), t, reduction=reduction)
+    with torch.no_grad():
+        evaluation = linclass.cross_entropy(x, t, reduction=reduction)
+    torch.testing.assert_close(evaluation, loss, rtol=0, atol=0, equal_nan=True)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    for got, want in ((loss, ref_loss), (grad, ref_grad)):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        finite = want.isfinite()
+        torch.testing.assert_close(got[finite].double(), want[finite], **tol)
+    # A confident row's 1 - p_y = e^-30 / (1 + e^-30) keeps its relative precision.
+    confident = grad[6, 0].double()
+    assert abs(confident / (-torch.tensor(-30.0, dtype=torch.float64).exp()
+                            / (1 + torch.tensor(-30.0, dtype=torch.float64).exp())) - 1) < 1e-5
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 4), (2, 5, 3, 2), (1, 17, 9)])
 def test_kdim_matches_naive_reference(kernel_backend, shape):
     N, C, extra = shape[0], shape[1], shape[2:]
@@ -440,13 +473,13 @@ def test_stability_extreme_scores(kernel_backend, C):
     torch.testing.assert_close(grad, expected)
 
 
-@pytest.mark.parametrize("C", [12, 100])
+@pytest.mark.parametrize("C", [2, 3, 12, 100])
 def test_non_finite_scores_propagate_like_torch(kernel_backend, C):
     # The bad rows share their SIMD group (C++ lane and group paths) with good ones,
-    # which must not be touched.
+    # which must not be touched.  Two classes take their own exps (one per row).
     x = torch.randn(20, C)
-    x[0, 3] = float("nan")
-    x[1, 5] = float("inf")
+    x[0, 3 % C] = float("nan")
+    x[1, 5 % C] = float("inf")
     x[2] = float("-inf")
     t = torch.arange(20) % C
     a = run(linclass.cross_entropy, x, t, reduction="none")

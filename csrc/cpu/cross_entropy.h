@@ -415,7 +415,27 @@ struct CrossEntropyMath {
         }
       }
     };
-    if constexpr (kC > 0) {
+    if constexpr (kC == 2) {
+      // Two classes: the max's own d is 0, whose exp is 1 exactly, and the other's is
+      // d_0 + d_1 (the max's term adds 0): one exp per row where exp_pass takes two and
+      // the target's e_y below a third, for the same bits as theirs, NaN and infinite
+      // scores included (a NaN d reaches t and so every e).
+      static_assert(!kSmooth, "two classes take this path without label smoothing only");
+      for (int u = 0; u < U; ++u) {
+        const V d0 = V::loadu(at(u, 0)) - m[u], d1 = V::loadu(at(u, 1)) - m[u];
+        const V t = vexp(d0 + d1);
+        const V e0 = select(d0 == zero, one, t), e1 = select(d1 == zero, one, t);
+        if constexpr (kGrad) {
+          const V target0 = vy[u] == zero;
+          s_excl[u] = select(target0, zero, e0) + select(vy[u] == one, zero, e1);
+          e_y[u] = select(valid[u], select(target0, e0, e1), zero);
+          e0.store(at(u, 0));
+          e1.store(at(u, 1));
+        } else {
+          s_excl[u] = e0 + e1;
+        }
+      }
+    } else if constexpr (kC > 0) {
       exp_pass(0, C, s_excl, sum_wd);
     } else {
       for (int64_t j0 = 0; j0 < C; j0 += kLaneSumBlock) {  // see kLaneSumBlock
@@ -430,7 +450,7 @@ struct CrossEntropyMath {
     }
     // The target's e_y, computed again from x_y (the same value the pass above made)
     // rather than picked out of every class's e with a mask.
-    if constexpr (kGrad)
+    if constexpr (kGrad && kC != 2)
       for (int u = 0; u < U; ++u) e_y[u] = select(valid[u], vexp(x_y[u] - m[u]), zero);
     RowsTail<acc_t> tail[U];
     bool clean = true;
