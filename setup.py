@@ -90,7 +90,13 @@ def extensions():
     # Hidden visibility: each library exports only its PyInit and the C interface of
     # csrc/shared_state.h, so no other library can bind to a copy of an inline function
     # compiled for an ISA the CPU may lack, or for another torch's stable-ABI headers.
-    cxx = opt + ["-fopenmp", "-Wno-unknown-pragmas", "-fvisibility=hidden", TARGET_VERSION]
+    # -ffp-contract=off: no a * b + c fused behind the code's back.  GCC's default fuses
+    # where its inlining lets it, so the same kernel source rounded differently in two
+    # instantiations (the hinge's row path for float16 rows and for float32 rows, after
+    # an unrelated change to another path moved the inlining); the kernels write their
+    # fused multiply-adds explicitly (cpu::fmadd), so each piece of math rounds one way.
+    cxx = opt + ["-fopenmp", "-Wno-unknown-pragmas", "-fvisibility=hidden", "-ffp-contract=off",
+                 TARGET_VERSION]
     nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler", "-fvisibility=hidden",
                   TARGET_VERSION]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
