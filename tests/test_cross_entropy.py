@@ -64,6 +64,37 @@ def test_compile_time_class_counts_in_float32(kernel_backend, C):
     check_float32_against_float64(70, C)
 
 
+def _few_class_rows(C, dtype, layout):
+    """70 rows of C classes (the lane path's two-tile steps, a tile and a partial one) in
+    `dtype`, their rows following each other or strided."""
+    x = torch.randn(70, C + 3) * 3
+    x = x[:, :C] if layout == "strided" else x[:, :C].contiguous()
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("C", [1, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_classes_against_float64(kernel_backend, C, layout, dtype):
+    # Rows of up to seven classes that follow each other move between the rows and the
+    # C++ lane path's tiles by permutes (transpose.h); strided rows come in by the pair
+    # transposes (their gradient, a new tensor, goes out by permutes).
+    x = _few_class_rows(C, dtype, layout)
+    t = torch.randint(0, C, (70,))
+    for kwargs in ({}, {"weight": torch.rand(C, dtype=dtype) + 0.5, "label_smoothing": 0.2}):
+        kw64 = {k: v.double() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        for reduction in ["none", "sum"]:
+            loss, grad = run(linclass.cross_entropy, x, t, reduction=reduction, **kwargs)
+            ref_loss, ref_grad = reference.cross_entropy(x.double(), t, reduction=reduction, **kw64)
+            with torch.no_grad():
+                evaluation = linclass.cross_entropy(x, t, reduction=reduction, **kwargs)
+            # bfloat16: the float64 result rounded, against a float32 one rounded (an ulp apart)
+            tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
+            torch.testing.assert_close(loss.double(), ref_loss, **tol)
+            torch.testing.assert_close(evaluation.double(), ref_loss, **tol)
+            torch.testing.assert_close(grad, ref_grad.to(dtype), **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_two_class_rows_at_their_edges(kernel_backend, dtype, reduction):

@@ -50,6 +50,33 @@ def test_matches_torch_shapes(kernel_backend, dtype, shape):
                            reduction=reduction, grad_output=g)
 
 
+@pytest.mark.parametrize("C", [1, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_classes_against_float64(kernel_backend, C, layout, dtype):
+    # Rows of up to seven classes that follow each other move between the rows and the
+    # C++ lane path's tiles by permutes (transpose.h); strided rows come in by the pair
+    # transposes (their gradient, a new tensor, goes out by permutes); 70 rows: two-tile
+    # steps, a tile and a partial one.
+    x = torch.randn(70, C + 3)
+    x = (x[:, :C] if layout == "strided" else x[:, :C].contiguous()).to(dtype)
+    t = torch.randint(0, C, (70,))
+    # bfloat16: the float64 result rounded, against a float32 one rounded (up to an ulp apart)
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
+    for p, margin, weight in OPTIONS:
+        w = torch.rand(C) + 0.1 if weight else None
+        for reduction in ["none", "sum"]:
+            kw = dict(p=p, margin=margin, reduction=reduction)
+            loss, grad = run(linclass.multi_margin_loss, x, t, weight=None if w is None else w.to(dtype), **kw)
+            ref_loss, ref_grad = reference.multi_margin_loss(
+                x.double(), t, weight=None if w is None else w.to(dtype).double(), **kw)
+            with torch.no_grad():
+                evaluation = linclass.multi_margin_loss(x, t, weight=None if w is None else w.to(dtype), **kw)
+            torch.testing.assert_close(loss.double(), ref_loss, **tol)
+            torch.testing.assert_close(evaluation.double(), ref_loss, **tol)
+            torch.testing.assert_close(grad, ref_grad.to(dtype), **tol)
+
+
 @pytest.mark.parametrize("shape", [(33, 17), (21, 100), (16, 1000)])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("p,margin,weight", OPTIONS + [(1, -0.5, None), (2, 0.0, "w")])

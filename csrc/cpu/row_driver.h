@@ -394,9 +394,12 @@ inline RowGeometry staged_rows(int64_t classes) {
 }
 
 // tile[j * W + l] = row (r0 + l), class j, as acc_t; lanes past `n` are zero.
+// `permutes`: VectorPermutes::to_tile(C) where rows of C <= kPermuteMaxClasses classes may
+// follow each other (transpose.h), else nullptr.
 template <typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const RowGeometry& g,
-                                                     int64_t r0, int64_t n, acc_t* tile) {
+                                                     int64_t r0, int64_t n, acc_t* tile,
+                                                     const VectorPermutes* permutes = nullptr) {
   constexpr int64_t W = Vec<acc_t>::size();
   const int64_t C = g.classes;
   // K-dim inputs with unit inner stride: W consecutive rows of one class are adjacent.
@@ -415,7 +418,7 @@ __attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const
         cpu::convert(p, rows, W * C);
       else
         for (int64_t l = 0; l < W; ++l) cpu::convert(p + l * g.stride_n, rows + l * C, C);
-      pack_tile(rows, staged_rows(C), 0, W, tile);
+      pack_tile(rows, staged_rows(C), 0, W, tile, permutes);
       return;
     }
   }
@@ -424,6 +427,9 @@ __attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const
     // classes, then pairs of classes, then a last odd class one by one.
     if (n == W && g.inner == 1 && g.stride_c == 1) {
       const float* p = base + g.offset(r0);
+#if defined(CPU_CAPABILITY_AVX512)
+      if (permutes && g.stride_n == C) return permute_vectors(p, tile, *permutes);
+#endif
       int64_t j = 0;
       for (; j + W <= C; j += W) transpose_block(p + j, g.stride_n, tile + j * W, W);
 #if defined(CPU_CAPABILITY_AVX512)
@@ -446,9 +452,10 @@ __attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const
     for (int64_t j = 0; j < C; ++j) tile[j * W + l] = acc_t(0);
 }
 
+// `permutes`: VectorPermutes::to_rows(C) or nullptr, as pack_tile's.
 template <typename scalar_t, typename acc_t>
 inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int64_t n,
-                        scalar_t* base) {
+                        scalar_t* base, const VectorPermutes* permutes = nullptr) {
   constexpr int64_t W = Vec<acc_t>::size();
   const int64_t C = g.classes;
   if (n == W && g.inner > 1 && g.stride_k == 1 && (r0 % g.inner) + W <= g.inner) {
@@ -459,7 +466,7 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
   if constexpr (!std::is_same_v<scalar_t, acc_t> && std::is_same_v<acc_t, float>) {
     if (n == W && g.inner == 1 && g.stride_c == 1 && C <= kLaneMaxClasses) {  // as pack_tile
       alignas(64) float rows[W * kLaneMaxClasses];
-      unpack_tile(tile, staged_rows(C), 0, W, rows);
+      unpack_tile(tile, staged_rows(C), 0, W, rows, permutes);
       scalar_t* p = base + g.offset(r0);
       if (g.stride_n == C)
         cpu::convert(rows, p, W * C);
@@ -471,6 +478,9 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (n == W && g.inner == 1 && g.stride_c == 1) {
       float* p = base + g.offset(r0);
+#if defined(CPU_CAPABILITY_AVX512)
+      if (permutes && g.stride_n == C) return permute_vectors(tile, p, *permutes);
+#endif
       int64_t j = 0;
       for (; j + W <= C; j += W) transpose_block(tile + j * W, W, p + j, g.stride_n);
 #if defined(CPU_CAPABILITY_AVX512)
@@ -556,6 +566,11 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   const bool staged = kGrad && same_type && t.stream_grad && contiguous_rows(t.gout) &&
                       tile_bytes >= kMinStagedTileBytes && C <= kLaneMaxClasses;
   alignas(64) scalar_t stage[kGrad && same_type ? kLaneMaxClasses * W : 1];
+  // Rows of a few classes move by permutes (transpose.h; pack_tile and unpack_tile take
+  // them where the rows follow each other).
+  const bool permute = std::is_same_v<acc_t, float> && C <= kPermuteMaxClasses;
+  const VectorPermutes to_tile = permute ? VectorPermutes::to_tile(C) : VectorPermutes();
+  const VectorPermutes to_rows = permute ? VectorPermutes::to_rows(C) : VectorPermutes();
   LineStream<acc_t> line_stream;
   RowGeometry stage_rows = t.gout;
   stage_rows.stride_n = C;
@@ -586,7 +601,7 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
         for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(g + off, 1, 3);
       }
     }
-    pack_tile(t.input, t.in, r, n, dst);
+    pack_tile(t.input, t.in, r, n, dst, permute ? &to_tile : nullptr);
     return vy;
   };
   // The gradient and losses of rows [r, r + n) from tile `src`.
@@ -596,10 +611,10 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
         unpack_tile(src, stage_rows, 0, n, stage);
         stream_copy(t.grad + t.gout.offset(r), stage, n * C, line_stream);
       } else {
-        unpack_tile(src, t.gout, r, n, t.grad);
+        unpack_tile(src, t.gout, r, n, t.grad, permute ? &to_rows : nullptr);
       }
     } else if constexpr (kGrad) {
-      unpack_tile(src, t.gout, r, n, t.grad);
+      unpack_tile(src, t.gout, r, n, t.grad, permute ? &to_rows : nullptr);
     }
     if (t.loss_rows) {
       loss.store(tail);

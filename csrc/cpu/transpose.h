@@ -139,4 +139,86 @@ __attribute__((always_inline)) inline void scatter_pair(const float* src, int64_
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Rows of up to kPermuteMaxClasses classes that follow each other in memory: a tile's
+// W = 16 rows are C whole vectors, and each class row of the tile is picked out of them
+// by two-source permutes (vpermt2ps, 16 lanes from any two vectors per instruction),
+// where the pair transposes move 64 bits per load and a leftover class one element at
+// a time.  Back to rows it is the same operation with other tables.  (Streaming a large
+// gradient from these whole vectors was up to 2x slower at 5-7 classes than ordinary
+// stores: bench/results/class-count-ab.md.)
+constexpr int64_t kPermuteMaxClasses = 7;
+struct VectorPermutes {
+  static constexpr int kPairs = (kPermuteMaxClasses + 1) / 2;
+  int64_t classes = 0;  // C vectors in, C out
+  // Output vector o's lanes from source vectors 2k and 2k + 1: index[o][k] (0-15 the
+  // first, 16-31 the second), for the lanes in lanes[o][k].
+  __m512i index[kPermuteMaxClasses][kPairs];
+  __mmask16 lanes[kPermuteMaxClasses][kPairs];
+
+  VectorPermutes() = default;
+  // source(o, l) = 16 * (source vector) + (its lane) for output vector o's lane l.
+  template <typename F>
+  VectorPermutes(int64_t C, F&& source) : classes(C) {
+    for (int64_t o = 0; o < C; ++o) {
+      alignas(64) int32_t idx[kPairs][16] = {};
+      unsigned mask[kPairs] = {};
+      for (int l = 0; l < 16; ++l) {
+        const int64_t s = source(o, l), k = s / 32;
+        idx[k][l] = int32_t(s % 32);
+        mask[k] |= 1u << l;
+      }
+      for (int k = 0; k < kPairs; ++k) {
+        index[o][k] = _mm512_load_si512(idx[k]);
+        lanes[o][k] = __mmask16(mask[k]);
+      }
+    }
+  }
+  // Rows -> tile: class j's lane l is row l's column j, at l * C + j of the rows.
+  static VectorPermutes to_tile(int64_t C) {
+    return VectorPermutes(C, [C](int64_t j, int64_t l) { return l * C + j; });
+  }
+  // Tile -> rows: element q = 16 o + l of the rows is row q / C's class q % C.
+  static VectorPermutes to_rows(int64_t C) {
+    return VectorPermutes(C, [C](int64_t o, int64_t l) {
+      const int64_t q = 16 * o + l;
+      return 16 * (q % C) + q / C;
+    });
+  }
+};
+
+// dst's C vectors from src's by the tables `t` (C = kC).
+template <int kC>
+__attribute__((always_inline)) inline void permute_vectors_c(const float* src, float* dst,
+                                                             const VectorPermutes& t) {
+  __m512 v[kC + 1];
+  for (int s = 0; s < kC; ++s) v[s] = _mm512_loadu_ps(src + 16 * s);
+  v[kC] = v[kC - 1];  // an odd count's last pair: its second vector is never picked
+  for (int o = 0; o < kC; ++o) {
+    __m512 r = _mm512_permutex2var_ps(v[0], t.index[o][0], v[1]);
+    for (int k = 1; 2 * k < kC; ++k)
+      r = _mm512_mask_blend_ps(t.lanes[o][k], r, _mm512_permutex2var_ps(v[2 * k], t.index[o][k], v[2 * k + 1]));
+    _mm512_storeu_ps(dst + 16 * o, r);
+  }
+}
+__attribute__((always_inline)) inline void permute_vectors(const float* src, float* dst,
+                                                           const VectorPermutes& t) {
+  switch (t.classes) {
+    case 1: return permute_vectors_c<1>(src, dst, t);
+    case 2: return permute_vectors_c<2>(src, dst, t);
+    case 3: return permute_vectors_c<3>(src, dst, t);
+    case 4: return permute_vectors_c<4>(src, dst, t);
+    case 5: return permute_vectors_c<5>(src, dst, t);
+    case 6: return permute_vectors_c<6>(src, dst, t);
+    default: return permute_vectors_c<7>(src, dst, t);
+  }
+}
+#else
+constexpr int64_t kPermuteMaxClasses = 0;  // these ISAs take the pair and octet transposes
+struct VectorPermutes {
+  static VectorPermutes to_tile(int64_t) { return {}; }
+  static VectorPermutes to_rows(int64_t) { return {}; }
+};
+#endif
+
 }  // namespace linclass::cpu
