@@ -394,7 +394,7 @@ inline RowGeometry staged_rows(int64_t classes) {
 }
 
 // tile[j * W + l] = row (r0 + l), class j, as acc_t; lanes past `n` are zero.
-// `permutes`: VectorPermutes::to_tile(C) where rows of C <= kPermuteMaxClasses classes may
+// `permutes`: permutes_to_tile(C) where rows of C <= kPermuteMaxClasses classes may
 // follow each other (transpose.h), else nullptr.
 template <typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const RowGeometry& g,
@@ -427,7 +427,7 @@ __attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const
     // classes, then pairs of classes, then a last odd class one by one.
     if (n == W && g.inner == 1 && g.stride_c == 1) {
       const float* p = base + g.offset(r0);
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       if (permutes && g.stride_n == C) return permute_vectors(p, tile, *permutes);
 #endif
       int64_t j = 0;
@@ -452,7 +452,7 @@ __attribute__((always_inline)) inline void pack_tile(const scalar_t* base, const
     for (int64_t j = 0; j < C; ++j) tile[j * W + l] = acc_t(0);
 }
 
-// `permutes`: VectorPermutes::to_rows(C) or nullptr, as pack_tile's.
+// `permutes`: permutes_to_rows(C) or nullptr, as pack_tile's.
 template <typename scalar_t, typename acc_t>
 inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int64_t n,
                         scalar_t* base, const VectorPermutes* permutes = nullptr) {
@@ -478,7 +478,7 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (n == W && g.inner == 1 && g.stride_c == 1) {
       float* p = base + g.offset(r0);
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       if (permutes && g.stride_n == C) return permute_vectors(tile, p, *permutes);
 #endif
       int64_t j = 0;
@@ -569,8 +569,8 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   // Rows of a few classes move by permutes (transpose.h; pack_tile and unpack_tile take
   // them where the rows follow each other).
   const bool permute = std::is_same_v<acc_t, float> && C <= kPermuteMaxClasses;
-  const VectorPermutes to_tile = permute ? VectorPermutes::to_tile(C) : VectorPermutes();
-  const VectorPermutes to_rows = permute ? VectorPermutes::to_rows(C) : VectorPermutes();
+  const VectorPermutes to_tile = permute ? permutes_to_tile(C) : VectorPermutes();
+  const VectorPermutes to_rows = permute ? permutes_to_rows(C) : VectorPermutes();
   LineStream<acc_t> line_stream;
   RowGeometry stage_rows = t.gout;
   stage_rows.stride_n = C;

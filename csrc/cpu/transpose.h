@@ -174,17 +174,6 @@ struct VectorPermutes {
       }
     }
   }
-  // Rows -> tile: class j's lane l is row l's column j, at l * C + j of the rows.
-  static VectorPermutes to_tile(int64_t C) {
-    return VectorPermutes(C, [C](int64_t j, int64_t l) { return l * C + j; });
-  }
-  // Tile -> rows: element q = 16 o + l of the rows is row q / C's class q % C.
-  static VectorPermutes to_rows(int64_t C) {
-    return VectorPermutes(C, [C](int64_t o, int64_t l) {
-      const int64_t q = 16 * o + l;
-      return 16 * (q % C) + q / C;
-    });
-  }
 };
 
 // dst's C vectors from src's by the tables `t` (C = kC).
@@ -201,24 +190,81 @@ __attribute__((always_inline)) inline void permute_vectors_c(const float* src, f
     _mm512_storeu_ps(dst + 16 * o, r);
   }
 }
-__attribute__((always_inline)) inline void permute_vectors(const float* src, float* dst,
-                                                           const VectorPermutes& t) {
-  switch (t.classes) {
-    case 1: return permute_vectors_c<1>(src, dst, t);
-    case 2: return permute_vectors_c<2>(src, dst, t);
-    case 3: return permute_vectors_c<3>(src, dst, t);
-    case 4: return permute_vectors_c<4>(src, dst, t);
-    case 5: return permute_vectors_c<5>(src, dst, t);
-    case 6: return permute_vectors_c<6>(src, dst, t);
-    default: return permute_vectors_c<7>(src, dst, t);
+#elif defined(CPU_CAPABILITY_AVX2)
+// The same for the AVX2 build's 8-row tiles.  AVX2 has no two-source permute: each output
+// vector takes a lane-crossing permute of every source vector and a blend, C^2 permutes
+// a tile, which beats the pair transposes and element copies up to 3 classes.
+constexpr int64_t kPermuteMaxClasses = 3;
+struct VectorPermutes {
+  int64_t classes = 0;
+  __m256i index[kPermuteMaxClasses];                     // output o's lanes: lane in their source
+  __m256 from[kPermuteMaxClasses][kPermuteMaxClasses];  // output o's lanes from source s: all ones
+
+  VectorPermutes() = default;
+  // source(o, l) = 8 * (source vector) + (its lane) for output vector o's lane l.
+  template <typename F>
+  VectorPermutes(int64_t C, F&& source) : classes(C) {
+    for (int64_t o = 0; o < C; ++o) {
+      alignas(32) int32_t idx[8];
+      alignas(32) int32_t mask[kPermuteMaxClasses][8] = {};
+      for (int l = 0; l < 8; ++l) {
+        const int64_t s = source(o, l);
+        idx[l] = int32_t(s % 8);
+        mask[s / 8][l] = -1;
+      }
+      index[o] = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
+      for (int64_t v = 0; v < C; ++v)
+        from[o][v] = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(mask[v])));
+    }
+  }
+};
+
+template <int kC>
+__attribute__((always_inline)) inline void permute_vectors_c(const float* src, float* dst,
+                                                             const VectorPermutes& t) {
+  __m256 v[kC];
+  for (int s = 0; s < kC; ++s) v[s] = _mm256_loadu_ps(src + 8 * s);
+  for (int o = 0; o < kC; ++o) {
+    __m256 r = _mm256_permutevar8x32_ps(v[0], t.index[o]);
+    for (int s = 1; s < kC; ++s)
+      r = _mm256_blendv_ps(r, _mm256_permutevar8x32_ps(v[s], t.index[o]), t.from[o][s]);
+    _mm256_storeu_ps(dst + 8 * o, r);
   }
 }
 #else
-constexpr int64_t kPermuteMaxClasses = 0;  // these ISAs take the pair and octet transposes
+constexpr int64_t kPermuteMaxClasses = 0;  // this ISA takes the element copies
 struct VectorPermutes {
-  static VectorPermutes to_tile(int64_t) { return {}; }
-  static VectorPermutes to_rows(int64_t) { return {}; }
+  VectorPermutes() = default;
+  template <typename F>
+  VectorPermutes(int64_t, F&&) {}
 };
 #endif
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// dst's C vectors from src's by the tables `t`, C = t.classes <= kPermuteMaxClasses.
+template <int kC = 1>
+__attribute__((always_inline)) inline void permute_vectors(const float* src, float* dst,
+                                                           const VectorPermutes& t) {
+  if constexpr (kC < kPermuteMaxClasses) {
+    if (t.classes != kC) return permute_vectors<kC + 1>(src, dst, t);
+  }
+  permute_vectors_c<kC>(src, dst, t);
+}
+#endif
+
+// The tables both ways for a tile of W = Vec<float>::size() rows of C classes.
+// Rows -> tile: class j's lane l is row l's column j, element l * C + j of the rows.
+inline VectorPermutes permutes_to_tile(int64_t C) {
+  return VectorPermutes(C, [C](int64_t j, int64_t l) { return l * C + j; });
+}
+// Tile -> rows: element q = W o + l of the rows is row q / C's class q % C, that is lane
+// q / C of the tile's class row q % C.
+inline VectorPermutes permutes_to_rows(int64_t C) {
+  constexpr int64_t W = Vec<float>::size();
+  return VectorPermutes(C, [C](int64_t o, int64_t l) {
+    const int64_t q = W * o + l;
+    return W * (q % C) + q / C;
+  });
+}
 
 }  // namespace linclass::cpu
