@@ -144,9 +144,9 @@ __attribute__((always_inline)) inline void scatter_pair(const float* src, int64_
 // W = 16 rows are C whole vectors, and each class row of the tile is picked out of them
 // by two-source permutes (vpermt2ps, 16 lanes from any two vectors per instruction),
 // where the pair transposes move 64 bits per load and a leftover class one element at
-// a time.  Back to rows it is the same operation with other tables.  (Streaming a large
-// gradient from these whole vectors was up to 2x slower at 5-7 classes than ordinary
-// stores: bench/results/class-count-ab.md.)
+// a time.  Back to rows it is the same operation with other tables.  The rows go out
+// with ordinary stores: streaming a large gradient from these whole vectors was slower
+// here (bench/results/class-count-ab.md).
 constexpr int64_t kPermuteMaxClasses = 7;
 struct VectorPermutes {
   static constexpr int kPairs = (kPermuteMaxClasses + 1) / 2;
