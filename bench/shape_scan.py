@@ -1,8 +1,9 @@
 """linclass against torch on the inputs users bring beyond the benchmark groups: dtypes,
 reductions, class weights, label smoothing, sliced and transposed scores, K-dim maps in
-both memory formats, logits transposed to (B, V, T), a 1-D row, a huge row; and the
-fused linear ops at assorted N x D x C, dtypes, without bias, with transposed operands,
-against F.linear + the loss.  Forward + backward (a 'none' loss is summed), 2 threads,
+both memory formats, logits transposed to (B, V, T), scores far apart (subnormal
+probabilities), a 1-D row, a huge row; and the fused linear ops at assorted N x D x C,
+dtypes, without bias, with transposed operands, large weights, against F.linear + the
+loss.  Forward + backward (a 'none' loss is summed), 2 threads,
 the best of two medians of 15 (linear: 9) steps each; torch on 16-bit hinge inputs
 (which it lacks on the CPU) runs in float32.  A scan for cliffs, not a benchmark group:
 a case below 1.0x is a finding.
@@ -61,6 +62,11 @@ def channels_last(n, c, h, w):
                     torch.randint(0, c, (n, h, w)))
 
 
+def spread(n, c, width):
+    """Scores spread over `width`: most probabilities below the smallest normal float."""
+    return lambda: (torch.rand(n, c) * -width, torch.randint(0, c, (n,)))
+
+
 def transposed_logits(b, t, v):
     return lambda: (torch.randn(b, t, v).transpose(1, 2), torch.randint(0, v, (b, t)))
 
@@ -97,6 +103,8 @@ CASES = [
     ("f32 channels_last 4x150x64x64", channels_last(4, 150, 64, 64), {}, False),
     ("f32 transposed logits 8x128x32000", transposed_logits(8, 128, 32000), {}, False),
     ("f32 transposed logits 64x256x1000", transposed_logits(64, 256, 1000), {}, False),
+    ("f32 spread 8192x1000 over 110", spread(8192, 1000, 110.0), {}, True),
+    ("f32 spread 65536x10 over 110", spread(65536, 10, 110.0), {}, True),
     ("f32 1-D 100000", lambda: (torch.randn(100000), torch.tensor(5)), {}, False),
     ("f32 2x1000000", rows(2, 1000000), {}, True),
 ]
@@ -115,7 +123,7 @@ def scan(name, make, kwargs, op):
           f"  {torch_s / ours_s:6.2f}x", flush=True)
 
 
-# name, (N, D, C), dtype, bias, input transposed, weight transposed
+# name, (N, D, C), dtype, bias, input transposed, weight transposed[, weight scale (0.05)]
 LINEAR_CASES = [
     ("4096x512x10", (4096, 512, 10), torch.float32, True, False, False),
     ("4096x512x37", (4096, 512, 37), torch.float32, True, False, False),
@@ -131,13 +139,16 @@ LINEAR_CASES = [
     ("no bias 4096x512x100", (4096, 512, 100), torch.float32, False, False, False),
     ("x.t() 4096x512x100", (4096, 512, 100), torch.float32, True, True, False),
     ("w.t() 4096x512x100", (4096, 512, 100), torch.float32, True, False, True),
+    # weights of scale 1: scores ~20 apart per unit of x, most probabilities subnormal
+    ("spread 8192x512x10", (8192, 512, 10), torch.float32, True, False, False, 1.0),
+    ("spread 4096x512x300", (4096, 512, 300), torch.float32, True, False, False, 1.0),
 ]
 
 
-def scan_linear(name, shape, dtype, bias, x_transposed, w_transposed, op):
+def scan_linear(name, shape, dtype, bias, x_transposed, w_transposed, op, w_scale=0.05):
     n, d, c = shape
     x = torch.randn(d, n, dtype=dtype).t() if x_transposed else torch.randn(n, d, dtype=dtype)
-    w = (torch.randn(d, c, dtype=dtype).t() if w_transposed else torch.randn(c, d, dtype=dtype)) * 0.05
+    w = (torch.randn(d, c, dtype=dtype).t() if w_transposed else torch.randn(c, d, dtype=dtype)) * w_scale
     b = torch.randn(c, dtype=dtype) if bias else None
     t = torch.randint(0, c, (n,))
     leaves = [v.requires_grad_() for v in (x, w, b) if v is not None]
@@ -169,7 +180,7 @@ def main(args):
         for name, *case in LINEAR_CASES:
             if word in name:
                 for op in ("cross_entropy", "multi_margin_loss"):
-                    scan_linear(name, *case, op)
+                    scan_linear(name, *case[:5], op, *case[5:])
         return
     for name, make, kwargs, hinge in CASES:
         if word and word not in name:

@@ -2,6 +2,7 @@
 
 #include "buffer_cache.h"
 #include "common.h"
+#include "parallel.h"
 #include "shared_state.h"
 
 #include <atomic>
@@ -91,7 +92,7 @@ namespace {
 // sum += part, float32 += 16-bit, both contiguous with the same number of elements.
 template <typename T>
 void add_widened(float* sum, const T* part, int64_t n) {
-  torch::stable::parallel_for(0, n, int64_t(1) << 16, [&](int64_t begin, int64_t end) {
+  linclass::parallel_for(0, n, int64_t(1) << 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) sum[i] += static_cast<float>(part[i]);
   });
 }
@@ -100,7 +101,7 @@ void add_widened(float* sum, const T* part, int64_t n) {
 // range of columns, so the sums do not depend on the thread count.
 template <typename T>
 void add_column_sums(float* sums, const T* rows, int64_t n, int64_t columns) {
-  torch::stable::parallel_for(0, columns, 1024, [&](int64_t begin, int64_t end) {
+  linclass::parallel_for(0, columns, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = 0; i < n; ++i) {
       const T* row = rows + i * columns;
       for (int64_t j = begin; j < end; ++j) sums[j] += static_cast<float>(row[j]);

@@ -17,6 +17,7 @@
 
 #include "buffer_cache.h"
 #include "common.h"
+#include "parallel.h"
 #include "cross_entropy.h"
 #include "multi_margin.h"
 #include "small_gemm.h"
@@ -134,7 +135,7 @@ double linear_sgd_step(const Tensor& X, const Tensor& Wt, const Tensor& y,
   const float two_reg = float(2 * reg), step = float(lr);
   using VF = cpu::Vec<float>;
   constexpr int64_t L = VF::size();
-  torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  linclass::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       double s2 = 0;
       for (int64_t i = b * per, e = std::min(n, i + per); i < e; i += L) {
@@ -197,7 +198,7 @@ void linear_sgd_sweep_step(const Tensor& X, const Tensor& W, const Tensor& y,
   const auto& lanes = ce ? ce->lane_targets : svm->lane_targets;
   const float* scale = grad_scale.const_data_ptr<float>();
   float* sp = S.mutable_data_ptr<float>();
-  torch::stable::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+  linclass::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       cpu::RowTask<float> task;
       task.input = sp + k * C;

@@ -75,7 +75,7 @@ TargetSummary scan_targets(const int64_t* target, int64_t rows, int64_t classes,
   const int64_t blocks = (rows + per_block - 1) / per_block;
   std::vector<double> sums(blocks, 0.0);
   std::vector<int64_t> bad(blocks, -1);
-  torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  linclass::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     acc_t* const lane = lane_targets;  // locals: the stores below cannot alias them
     const int64_t* const tgt = target;
     for (int64_t b = b0; b < b1; ++b) {

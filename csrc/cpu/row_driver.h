@@ -39,6 +39,7 @@
 
 #include "../buffer_cache.h"
 #include "../common.h"
+#include "../parallel.h"
 #include "convert.h"
 #include "lane_targets.h"
 #include "transpose.h"
@@ -748,7 +749,7 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   const bool lanes = use_lanes<Math>(C) || (strided_class_lanes(t.in) && (t.rule || t.lane_targets));
   const bool streamed = t.grad && t.stream_grad && streams_rows(t.gout, sizeof(scalar_t));
   const bool groups = use_groups<Math>(C, t.grad) && (Math::kGroupsStream || !streamed);
-  torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  linclass::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
     // The lane path's tiles beyond kLaneMaxClasses classes: one uninitialized buffer for
     // this thread's blocks (the math writes every entry before reading it).

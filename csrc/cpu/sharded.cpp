@@ -51,7 +51,7 @@ inline int64_t owned_column(int64_t y, int64_t start, int64_t width, int64_t ign
 template <typename T>
 void ce_stats_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64_t start,
                    int64_t ignore_index, const T* w, T* out) {
-  torch::stable::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+  linclass::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const T* row = x + i * C;
       const T* next = i + 1 < r1 ? row + C : nullptr;
@@ -87,7 +87,7 @@ void ce_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
                   int64_t ignore_index, const T* w, const T* shift, const T* a, const T* b,
                   const T* target_grad, T* g) {
   const bool stream = stream_rows(N, C, sizeof(T));
-  torch::stable::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+  linclass::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
     cpu::LineStream<T> line_stream;  // rows follow each other: their edges join
     cpu::LineStream<T>* const sink = stream ? &line_stream : nullptr;
     for (int64_t i = r0; i < r1; ++i) {
@@ -117,7 +117,7 @@ void mm_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
                   const T* x_y, const T* v, int64_t p, T margin, T* stats, T* g) {
   const bool stream = g && stream_rows(N, C, sizeof(T));
   constexpr int64_t W = Vec<T>::size();
-  torch::stable::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+  linclass::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
     cpu::LineStream<T> line_stream;  // rows follow each other: their edges join
     cpu::LineStream<T>* const sink = stream ? &line_stream : nullptr;
     for (int64_t i = r0; i < r1; ++i) {

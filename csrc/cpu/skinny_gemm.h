@@ -12,6 +12,7 @@
 #pragma once
 
 #include "../buffer_cache.h"
+#include "../parallel.h"
 #include "../tensor_ops.h"
 #include "vec_util.h"
 
@@ -74,7 +75,7 @@ template <typename T>
 void skinny_scores(const T* X, int64_t ldx, const T* W, int64_t ldw, const T* b, int64_t n,
                    int64_t D, int64_t C, T* S) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(D, 1));
-  torch::stable::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+  linclass::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t i0 = 0; i0 < n; i0 += 8)
         skinny::score_group(std::min<int64_t>(8, n - i0), X + i0 * ldx, ldx, W + c * ldw, D,
@@ -175,7 +176,7 @@ void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx,
                                                                      : ScalarType::Double)
          : Tensor();
   T* const partials = dX ? scratch.mutable_data_ptr<T>() : nullptr;
-  torch::stable::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+  linclass::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t c0 = k * chunk, c1 = std::min(C, c0 + chunk);
       T* part = dX ? partials + k * n * ldp : nullptr;

@@ -14,6 +14,7 @@
 // the number of threads.
 #pragma once
 
+#include "../parallel.h"
 #include "../tensor_ops.h"
 #include "vec_util.h"
 
@@ -82,7 +83,7 @@ struct SmallWeightGrad {
   // additions: waking the thread pool costs more than a few partials of a small W.
   void finish(float* dW, int64_t CD) const {
     const int64_t grain = std::max<int64_t>(4096, (int64_t(1) << 16) / std::max<int64_t>(used, 1));
-    torch::stable::parallel_for(0, CD, grain, [&](int64_t e0, int64_t e1) {
+    linclass::parallel_for(0, CD, grain, [&](int64_t e0, int64_t e1) {
       std::fill(dW + e0, dW + e1, 0.f);
       for (int64_t s = 0; s < used; ++s)
         for (int64_t e = e0; e < e1; ++e) dW[e] += partials[s * CD + e];
@@ -244,7 +245,7 @@ double run_block(const SmallLinear& a, Loss& loss, SmallWeightGrad& g) {
   const int64_t sub = small_sub_rows(a.D), subs = (a.n + sub - 1) / sub, CD = NC * a.D;
   std::vector<double> sums(size_t(std::max<int64_t>(subs, 0)));
   float* partials = a.weight_grad ? g.reserve(subs * CD) : nullptr;
-  torch::stable::parallel_for(0, subs, 1, [&](int64_t s0, int64_t s1) {
+  linclass::parallel_for(0, subs, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t r0 = s * sub, r1 = std::min(a.n, r0 + sub);
       scores_rows<NC>(a, r0, r1);
