@@ -5,11 +5,10 @@
 // probabilities below FLT_MIN, and on Intel cores every vector operation that makes
 // or reads a subnormal takes a microcode assist of ~100+ cycles.  A cross-entropy
 // whose rows are mostly such probabilities then runs ~15x slower, and so do the
-// products of a fused linear loss that read them (torch pays the same unless the user
-// calls torch.set_flush_denormal(True)).  Flushed, those gradient entries are 0
-// instead of subnormals: a change below ~1e-38 absolute (float64: 1e-307), the
-// behaviour of GPU kernels that use the hardware's fast exp (Triton's included).
-// The bits are per thread, so each task sets them and puts back what it found.
+// products of a fused linear loss that read them (torch pays the same).  Flushed, those
+// gradient entries are 0 instead of subnormals: a change of the order of the smallest
+// normal number (float32 1.2e-38, float64 2.2e-308).  The bits are per thread, so each
+// task sets them and puts back what it found.
 #pragma once
 
 #include <torch/csrc/stable/ops.h>

@@ -4,7 +4,8 @@ A softmax over scores that lie far apart has probabilities below the smallest no
 float; the C++ kernels flush those to zero (every task runs with the MXCSR's
 flush-to-zero and denormals-are-zero bits), since on Intel cores each subnormal costs a
 microcode assist (~15x the time of a cross-entropy over such rows).  These tests pin the
-result (every entry within the smallest normal of float64's, no subnormal left), the
+result (each entry within twice its dtype's smallest normal of the float64 result, no
+subnormal left), the
 paths that make such entries (lane, group and row paths, the fused linear products),
 and that the caller's own floating-point mode is left as it was.
 """
