@@ -30,6 +30,16 @@ bool cpu_multiplies_16bit(bool bf16) {
 #endif
 }
 
+bool cpu_is_intel() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  return ebx == 0x756e6547 && edx == 0x49656e69 && ecx == 0x6c65746e;  // "GenuineIntel"
+#else
+  return false;
+#endif
+}
+
 void check_linear_args(const char* op, const Tensor& input, const Tensor& weight,
                        const OptTensor& bias, const Tensor& target,
                        int64_t reduction, const Mask& mask) {

@@ -42,6 +42,13 @@ Grads empty_grads(const Tensor& input, const Tensor& weight, const Mask& mask);
 // product is emulated, slower than float32 or far slower (bench/results/linear-16bit.md).
 bool cpu_multiplies_16bit(bool bf16);
 
+// Whether this is an Intel CPU (cpuid's vendor string).  torch's BLAS on x86 is MKL,
+// whose kernels for the fused linear ops' skinny products (C x D and N x C) are fast on
+// Intel's cores and several times slower on others, so the register-blocked products
+// (small_gemm.h) beat it to 16 classes on an AMD EPYC but only to 11 on an Intel Xeon
+// (bench/results/linear-gemm-floor.md).
+bool cpu_is_intel();
+
 // Accumulates dW, db over blocks in block order; db in acc_type.  dW:
 //  - float32/64: every block's product added into the output;
 //  - 16-bit on the GPU (`gemm_in_input_dtype`: a float32 copy would turn the tensor-core

@@ -107,6 +107,8 @@ void cache_clear() { buffer_cache_clear(); }
 std::vector<int64_t> cache_stats() { return buffer_cache_stats(); }
 std::atomic<int64_t> g_block_rows_override{0};
 int64_t linear_block_rows(int64_t rows) { return g_block_rows_override.exchange(rows); }
+std::atomic<int64_t> g_small_gemm_classes_override{-1};  // -1: by the CPU's vendor
+int64_t small_gemm_classes(int64_t classes) { return g_small_gemm_classes_override.exchange(classes); }
 std::atomic<int64_t> g_16bit_products_override{-1};  // -1: as the CPU says
 int64_t linear_16bit_products(int64_t mode) { return g_16bit_products_override.exchange(mode); }
 bool native_16bit_products(bool bfloat16) { return linclass_linear_16bit_products(bfloat16) != 0; }
@@ -115,6 +117,12 @@ bool native_16bit_products(bool bfloat16) { return linclass_linear_16bit_product
 }  // namespace linclass
 
 extern "C" int64_t linclass_linear_block_rows() { return linclass::g_block_rows_override.load(); }
+extern "C" int64_t linclass_small_gemm_classes() {
+  const int64_t forced = linclass::g_small_gemm_classes_override.load();
+  if (forced >= 0) return forced;
+  static const bool intel = linclass::cpu_is_intel();  // cpuid traps on a VM: once
+  return intel ? 11 : -1;
+}
 extern "C" int linclass_linear_16bit_products(int bf16) {
   const int64_t forced = linclass::g_16bit_products_override.load();
   if (forced >= 0) return int(forced);
@@ -188,6 +196,10 @@ STABLE_TORCH_LIBRARY(linclass, m) {
   m.def("_buffer_cache_stats() -> int[]");
   m.def("_linear_block_rows(int rows) -> int");
   m.def("_linear_16bit_products(int mode) -> int");
+  // Up to how many classes the CPU fused linear ops take the register-blocked products
+  // (-1 = by the CPU's vendor, see linear_blocks.h; capped by the kernel module's own
+  // limit); returns the previous setting.
+  m.def("_small_gemm_classes(int classes) -> int");
   // Whether the linear ops' 16-bit products run in the input dtype on this CPU (the
   // knob above, else the CPU's instructions): the class-sharded linear ops ask it too.
   m.def("_native_16bit_products(bool bfloat16) -> bool");
@@ -202,6 +214,7 @@ STABLE_TORCH_LIBRARY_IMPL(linclass, CompositeExplicitAutograd, m) {
   m.impl("_buffer_cache_stats", TORCH_BOX(&cache_stats));
   m.impl("_linear_block_rows", TORCH_BOX(&linear_block_rows));
   m.impl("_linear_16bit_products", TORCH_BOX(&linear_16bit_products));
+  m.impl("_small_gemm_classes", TORCH_BOX(&small_gemm_classes));
   m.impl("_native_16bit_products", TORCH_BOX(&native_16bit_products));
 }
 

@@ -26,6 +26,10 @@ LINCLASS_SHARED int64_t linclass_linear_block_rows();
 // (1) or in float32 (0) for bfloat16 (`bf16` != 0) or float16 inputs: the CPU's answer
 // (linear_blocks.h) unless a test forced one.
 LINCLASS_SHARED int linclass_linear_16bit_products(int bf16);
+// Up to how many classes the CPU fused linear ops take their register-blocked products
+// (small_gemm.h) rather than the BLAS's: 11 on Intel CPUs, whose MKL is faster beyond,
+// else each module's own limit (-1), unless a test forced a count.
+LINCLASS_SHARED int64_t linclass_small_gemm_classes();
 // Offers a module's `const linclass::CpuKernels*`; returns 0, or -1 when the table of
 // every ISA is already taken.
 LINCLASS_SHARED int linclass_offer_cpu_kernels(const void* table);

@@ -251,13 +251,19 @@ def _cpp_only():
 
 
 @contextlib.contextmanager
-def _16bit_products(mode):
-    """The C++ ops' 16-bit weight-gradient products: 0 float32, 1 the input dtype."""
-    old = torch.ops.linclass._linear_16bit_products(mode)
+def _knob(op, value):
+    """A C++ testing knob (an op that sets a value and returns the previous one), set
+    for the block."""
+    old = op(value)
     try:
         yield
     finally:
-        torch.ops.linclass._linear_16bit_products(old)
+        op(old)
+
+
+def _16bit_products(mode):
+    """The C++ ops' 16-bit weight-gradient products: 0 float32, 1 the input dtype."""
+    return _knob(torch.ops.linclass._linear_16bit_products, mode)
 
 
 # 16-bit weight gradients on the CPU (csrc/linear_blocks.h): float32 products of converted
@@ -507,17 +513,22 @@ def test_tile_path_is_deterministic_and_has_no_score_matrix(tile_path):
 
 
 # ---- the C++ register-blocked path for few classes (csrc/cpu/small_gemm.h) -------------
-# float32 with C <= kSmallGemmC (12; 16 in the AVX-512 build) takes it; 17 classes the
-# BLAS blocks.  D = 600 crosses its 512-float column chunk, N = 130 leaves a partial
-# 3-row tile.
+# float32 with C <= kSmallGemmC (12; 16 in the AVX-512 build) takes it, on Intel CPUs up
+# to 11 classes (the knob _small_gemm_classes, -1 = by the vendor); beyond, the BLAS
+# blocks.  D = 600 crosses its 512-float column chunk, N = 130 leaves a partial 3-row tile.
+
+
+def _small_gemm_classes(classes):
+    return _knob(torch.ops.linclass._small_gemm_classes, classes)
 
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs the C++ kernels")
+@pytest.mark.parametrize("limit", [0, 16])  # the BLAS blocks, register-blocked where built
 @pytest.mark.parametrize("c", [1, 10, 12, 13, 16, 17])
-def test_cpp_few_class_path_against_float64(c):
+def test_cpp_few_class_path_against_float64(c, limit):
     x, w, b, t = make(130, 600, c, dtype=torch.float32)
     w = w * 0.1  # scores of a few units, as a trained layer gives: not all rows saturated
-    with linclass.backends.use("cpp"):
+    with linclass.backends.use("cpp"), _small_gemm_classes(limit):
         check_cross_entropy_keywords(x, w, b, t)
         for p, margin in itertools.product([1, 2], [1.0, 0.3]):
             check_fp32_against_fp64(linclass.linear_multi_margin_loss, unfused_mm, x, w, b, t, p=p,
@@ -525,3 +536,38 @@ def test_cpp_few_class_path_against_float64(c):
         step = linclass.sgd.linear_sgd_step(x, w.clone(), t, torch.arange(0, 130, 2), "softmax", 0.1, 0.0)
         ref = F.cross_entropy(x[::2].double() @ w.double().T, t[::2]).item()
         assert abs(step - ref) <= 1e-5 * max(1.0, abs(ref))
+
+
+def _cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs the C++ kernels")
+@pytest.mark.skipif(_cpu_vendor() is None, reason="no /proc/cpuinfo vendor")
+@pytest.mark.parametrize("c", [11, 12])
+def test_few_class_limit_follows_the_vendor(c):
+    """By default (-1) 12 classes take the BLAS blocks on an Intel CPU and the
+    register-blocked products elsewhere; 11 take the latter everywhere.  The two paths
+    add in other orders, so their last bits tell which ran."""
+    x, w, b, t = make(300, 700, c, dtype=torch.float32)
+    w = w * 0.1
+
+    def weight_grad(limit):
+        with linclass.backends.use("cpp"), _small_gemm_classes(limit):
+            w_ = w.clone().requires_grad_()
+            linclass.linear_cross_entropy(x, w_, t, b).backward()
+            return w_.grad
+
+    blas, blocked = weight_grad(0), weight_grad(16)
+    if torch.equal(blas, blocked):
+        pytest.skip("both paths gave the same bits")
+    intel = _cpu_vendor() == "GenuineIntel"
+    expected = blas if (intel and c > 11) else blocked
+    assert torch.equal(weight_grad(-1), expected)

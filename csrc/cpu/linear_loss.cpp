@@ -1,9 +1,9 @@
 // linclass::linear_cross_entropy and ::linear_multi_margin_loss on CPU: loss(X W^T + b, y)
 // and its gradients for X, W and b, a block of rows at a time (linear_blocks.h), so the
 // N x C scores never exist.  Per block: S = X_b W^T + b (GEMM; small_gemm.h for
-// C <= kSmallGemmC, skinny_gemm.h for N <= kSkinnyRows), the fused loss kernel turns S
-// into dS in place (and sums the block's losses), then dX_b = dS W, dW += dS^T X_b,
-// db += column sums of dS.  Extra memory is one block of scores (plus a
+// C <= small_gemm_max_classes(), skinny_gemm.h for N <= kSkinnyRows), the fused loss
+// kernel turns S into dS in place (and sums the block's losses), then dX_b = dS W,
+// dW += dS^T X_b, db += column sums of dS.  Extra memory is one block of scores (plus a
 // float32 dW accumulator for bfloat16/float16), never N x C.
 #include "cpu/ops.h"
 
@@ -152,7 +152,7 @@ double linear_blocks_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
                          const Params& p, const Mask& mask, Grads& grads) {
   const int64_t N = X.size(0), D = X.size(1), C = W.size(0);
   if constexpr (std::is_same_v<scalar_t, float>)
-    if (C <= cpu::kSmallGemmC && X.stride(1) == 1)
+    if (C <= cpu::small_gemm_max_classes() && X.stride(1) == 1)
       return linear_small_cpu<Math>(X, W, b, target, lane_targets, p, mask, grads);
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>)
     if (N >= 1 && N <= cpu::kSkinnyRows && C * D >= kSkinnyMinWeight && X.stride(1) == 1 &&

@@ -1,7 +1,7 @@
 // linclass::linear_sgd_step: one minibatch SGD step of the classic linear classifier, on
 // CPU float32, in one call:
 //
-//   Xb = X[index], yb = y[index]                       (read in place for C <= kSmallGemmC)
+//   Xb = X[index], yb = y[index]                       (read in place by small_gemm.h's products)
 //   L  = mean data loss of Xb W against yb + reg * sum(W * W)
 //   W -= learning_rate * (dL/dW)                        (dL/dW includes 2 * reg * W)
 //
@@ -66,7 +66,7 @@ double linear_sgd_step(const Tensor& X, const Tensor& Wt, const Tensor& y,
 
   // The minibatch labels; for few classes the kernels read the rows of X in place
   // through the index, the BLAS path gathers them.
-  const bool small = C <= cpu::kSmallGemmC;
+  const bool small = C <= cpu::small_gemm_max_classes();
   Tensor yb = empty({B}, y);
   int64_t* ybp = yb.mutable_data_ptr<int64_t>();
   const int64_t* yp = y.const_data_ptr<int64_t>();

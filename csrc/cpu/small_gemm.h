@@ -15,6 +15,7 @@
 #pragma once
 
 #include "../parallel.h"
+#include "../shared_state.h"
 #include "../tensor_ops.h"
 #include "vec_util.h"
 
@@ -28,13 +29,20 @@ namespace linclass::cpu {
 
 // Up to 12 classes: the score tile keeps 3 rows x 4 classes of accumulators, and the
 // dW product C accumulators, in AVX2's 16 vector registers.  With AVX-512's 32 registers
-// the path also beats the BLAS at 13-16 classes; from ~20 the BLAS's own blocking wins
-// (bench/results/linear-gemm-floor.md).
+// the path also beats a slow BLAS at 13-16 classes (MKL on an AMD EPYC); from ~20 the
+// BLAS's own blocking wins (bench/results/linear-gemm-floor.md).  On Intel CPUs MKL is
+// faster from 12 classes: small_gemm_max_classes() below.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kSmallGemmC = 16;
 #else
 constexpr int64_t kSmallGemmC = 12;
 #endif
+// The limit in force: kSmallGemmC, or fewer classes on a CPU whose BLAS is fast at these
+// shapes (linclass_small_gemm_classes, shared_state.h).
+inline int64_t small_gemm_max_classes() {
+  const int64_t limit = linclass_small_gemm_classes();
+  return limit < 0 ? kSmallGemmC : std::min(limit, kSmallGemmC);
+}
 // W is walked in column chunks of this many floats: the chunk of all C rows (12 x 2 KiB)
 // and of the 3 rows of X stays in L1 across the class passes of a tile.
 constexpr int64_t kSmallGemmChunk = 512;
