@@ -4,6 +4,7 @@ process; medians of each round's median over 30 steps, per shape.
 
     python bench/compiled_split.py                  # cross_entropy at three shapes
     python bench/compiled_split.py --op multi_margin_loss 65536x10 4096x1000
+    python bench/compiled_split.py --op one_op 4x10     # torch.compile's own cost per step
 
 An excess that stays about the same from a few MB of scores to a hundred is a cost per
 call (Dynamo's guards, AOTAutograd's and Inductor's wrappers), not a pass over the
@@ -35,13 +36,20 @@ def split_times(loss, x, y, steps=30):
     return statistics.median(forward), statistics.median(backward)
 
 
+def one_op(s, t):
+    """The least a compiled training step can be: one elementwise op and a sum.  Its
+    compiled / eager excess at a tiny shape is torch.compile's own cost per step."""
+    return (s * 2).sum()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shapes", nargs="*", default=["65536x10", "4096x1000", "1024x32000"])
-    parser.add_argument("--op", default="cross_entropy", choices=["cross_entropy", "multi_margin_loss"])
+    parser.add_argument("--op", default="cross_entropy",
+                        choices=["cross_entropy", "multi_margin_loss", "one_op"])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    op = getattr(linclass, args.op)
+    op = one_op if args.op == "one_op" else getattr(linclass, args.op)
     print(f"{args.op}, {torch.get_num_threads()} threads, torch {torch.__version__}; ms, "
           "medians of the rounds")
     print("| N x C | eager fwd | compiled fwd | eager bwd | compiled bwd | compiled / eager |")
