@@ -3,12 +3,12 @@
 //
 // Why: a softmax over well-separated scores (differences beyond ~87 in float32) has
 // probabilities below FLT_MIN, and on Intel cores every vector operation that makes
-// or reads a subnormal takes a microcode assist of ~100+ cycles.  A cross-entropy
-// whose rows are mostly such probabilities then runs ~15x slower, and so do the
-// products of a fused linear loss that read them (torch pays the same).  Flushed, those
-// gradient entries are 0 instead of subnormals: a change of the order of the smallest
-// normal number (float32 1.2e-38, float64 2.2e-308).  The bits are per thread, so each
-// task sets them and puts back what it found.
+// or reads a subnormal takes a microcode assist.  A cross-entropy whose rows are mostly
+// such probabilities then runs many times slower, and so do the products of a fused
+// linear loss that read them (bench/results/subnormals.md; torch pays the same).
+// Flushed, those gradient entries are 0 instead of subnormals: a change of the order of
+// the smallest normal number (float32 1.2e-38, float64 2.2e-308).  The bits are per
+// thread, so each task sets them and puts back what it found.
 #pragma once
 
 #include <torch/csrc/stable/ops.h>
