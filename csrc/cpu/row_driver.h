@@ -569,9 +569,9 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
   alignas(64) scalar_t stage[kGrad && same_type ? kLaneMaxClasses * W : 1];
   // Rows of a few classes move by permutes (transpose.h; pack_tile and unpack_tile take
   // them where the rows follow each other).
-  const bool permute = std::is_same_v<acc_t, float> && C <= kPermuteMaxClasses;
-  const VectorPermutes to_tile = permute ? permutes_to_tile(C) : VectorPermutes();
-  const VectorPermutes to_rows = permute ? permutes_to_rows(C) : VectorPermutes();
+  const TilePermutes* permutes = std::is_same_v<acc_t, float> ? tile_permutes(C) : nullptr;
+  const VectorPermutes* to_tile = permutes ? &permutes->to_tile : nullptr;
+  const VectorPermutes* to_rows = permutes ? &permutes->to_rows : nullptr;
   LineStream<acc_t> line_stream;
   RowGeometry stage_rows = t.gout;
   stage_rows.stride_n = C;
@@ -602,7 +602,7 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
         for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(g + off, 1, 3);
       }
     }
-    pack_tile(t.input, t.in, r, n, dst, permute ? &to_tile : nullptr);
+    pack_tile(t.input, t.in, r, n, dst, to_tile);
     return vy;
   };
   // The gradient and losses of rows [r, r + n) from tile `src`.
@@ -612,10 +612,10 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
         unpack_tile(src, stage_rows, 0, n, stage);
         stream_copy(t.grad + t.gout.offset(r), stage, n * C, line_stream);
       } else {
-        unpack_tile(src, t.gout, r, n, t.grad, permute ? &to_rows : nullptr);
+        unpack_tile(src, t.gout, r, n, t.grad, to_rows);
       }
     } else if constexpr (kGrad) {
-      unpack_tile(src, t.gout, r, n, t.grad, permute ? &to_rows : nullptr);
+      unpack_tile(src, t.gout, r, n, t.grad, to_rows);
     }
     if (t.loss_rows) {
       loss.store(tail);

@@ -7,6 +7,7 @@
 
 #include "vec_util.h"
 
+#include <array>
 #include <cstdint>
 
 namespace linclass::cpu {
@@ -265,6 +266,21 @@ inline VectorPermutes permutes_to_rows(int64_t C) {
     const int64_t q = W * o + l;
     return W * (q % C) + q / C;
   });
+}
+
+// Both tables for C classes, built once per process for every C up to
+// kPermuteMaxClasses (a block of rows would otherwise rebuild them); nullptr beyond.
+struct TilePermutes {
+  VectorPermutes to_tile, to_rows;
+};
+inline const TilePermutes* tile_permutes(int64_t C) {
+  if (C < 1 || C > kPermuteMaxClasses) return nullptr;
+  static const auto tables = [] {
+    std::array<TilePermutes, kPermuteMaxClasses + 1> t{};
+    for (int64_t c = 1; c <= kPermuteMaxClasses; ++c) t[c] = {permutes_to_tile(c), permutes_to_rows(c)};
+    return t;
+  }();
+  return &tables[C];
 }
 
 }  // namespace linclass::cpu
