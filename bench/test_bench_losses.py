@@ -56,3 +56,31 @@ def test_loss(benchmark, op, n, c, impl):
     else:
         with linclass.backends.use(impl[len("linclass["):-1]):
             benchmark.pedantic(cycle(inputs, forward_backward(ours)), rounds=rounds, warmup_rounds=2)
+
+
+PROBS_SHAPES = [(4, 10), (128, 100)] + SHAPES  # the small ones: the cost of a call
+PROBS_IMPLS = ["torch"] + [f"linclass[{b}]" for b in ("cpp",) if b in linclass.backends.available()] + ["copy_"]
+
+
+@pytest.mark.parametrize("impl", PROBS_IMPLS)
+@pytest.mark.parametrize("n,c", PROBS_SHAPES)
+def test_cross_entropy_probability_targets(benchmark, n, c, impl):
+    """cross_entropy against class probabilities (soft labels, distillation): torch's
+    composite (log_softmax, products, sums, and their backward) against the fused
+    kernel; bytes: the scores and the target read, the gradient written."""
+    benchmark.group = f"cross_entropy probability targets {n}x{c}"
+    benchmark.extra_info.update(op="cross_entropy_probs", impl=impl, n=n, c=c, bytes=3 * n * c * 4)
+    copies = copies_for(2 * n * c * 4)
+    inputs = [(torch.randn(n, c, requires_grad=True), torch.softmax(torch.randn(n, c), 1))
+              for _ in range(copies)]
+    rounds = _rounds(n, c)
+    if impl == "copy_":  # the same bytes: 1.5 N C floats read and 1.5 N C written
+        pairs = [(torch.randn(3 * n * c // 2), torch.empty(3 * n * c // 2)) for _ in inputs]
+        benchmark.pedantic(cycle(pairs, lambda src, dst: dst.copy_(src)), rounds=2 * rounds,
+                           warmup_rounds=2)
+    elif impl == "torch":
+        benchmark.pedantic(cycle(inputs, forward_backward(F.cross_entropy)), rounds=rounds, warmup_rounds=2)
+    else:
+        with linclass.backends.use(impl[len("linclass["):-1]):
+            benchmark.pedantic(cycle(inputs, forward_backward(linclass.cross_entropy)), rounds=rounds,
+                               warmup_rounds=2)

@@ -41,6 +41,26 @@ std::optional<RowGeometry> row_geometry(const Tensor& t) {
   return g;
 }
 
+namespace {
+
+// Class weights (one per class, the input's dtype and device) and the reduction code.
+void check_weight_and_reduction(const char* op, const OptTensor& weight, const Tensor& input,
+                                int64_t classes, int64_t reduction) {
+  if (weight.has_value()) {
+    LINCLASS_CHECK(weight->dim() == 1 && weight->size(0) == classes, op,
+                ": weight must be a 1-D tensor with one entry per class (", classes,
+                "), got shape ", shape_string(weight->sizes()));
+    LINCLASS_CHECK(weight->scalar_type() == input.scalar_type(), op, ": weight dtype ",
+                weight->scalar_type(), " does not match input dtype ", input.scalar_type());
+    LINCLASS_CHECK(same_device(*weight, input), op, ": weight is on ", device_string(*weight),
+                " but input is on ", device_string(input));
+  }
+  LINCLASS_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, op,
+              ": unknown reduction code ", reduction);
+}
+
+}  // namespace
+
 void check_class_index_args(const char* op, const Tensor& input, const Tensor& target,
                             const OptTensor& weight, int64_t reduction) {
   LINCLASS_CHECK(is_floating(input.scalar_type()), op,
@@ -63,23 +83,37 @@ void check_class_index_args(const char* op, const Tensor& input, const Tensor& t
                   " does not match input shape ", shape_string(input.sizes()), " (class dim removed)");
   }
   const int64_t classes = input.dim() == 1 ? input.size(0) : input.size(1);
-  if (weight.has_value()) {
-    LINCLASS_CHECK(weight->dim() == 1 && weight->size(0) == classes, op,
-                ": weight must be a 1-D tensor with one entry per class (", classes,
-                "), got shape ", shape_string(weight->sizes()));
-    LINCLASS_CHECK(weight->scalar_type() == input.scalar_type(), op, ": weight dtype ",
-                weight->scalar_type(), " does not match input dtype ", input.scalar_type());
-    LINCLASS_CHECK(same_device(*weight, input), op, ": weight is on ", device_string(*weight),
-                " but input is on ", device_string(input));
-  }
-  LINCLASS_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, op,
-              ": unknown reduction code ", reduction);
+  check_weight_and_reduction(op, weight, input, classes, reduction);
 }
 
 void check_cross_entropy_args(const Tensor& input, const Tensor& target,
                               const OptTensor& weight, double label_smoothing,
                               int64_t reduction) {
   check_class_index_args("cross_entropy", input, target, weight, reduction);
+  LINCLASS_CHECK(label_smoothing <= 1.0,
+              "cross_entropy: label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
+}
+
+void check_cross_entropy_probs_args(const Tensor& input, const Tensor& target,
+                                    const OptTensor& weight, double label_smoothing,
+                                    int64_t reduction) {
+  const char* op = "cross_entropy";
+  LINCLASS_CHECK(is_floating(input.scalar_type()), op,
+              ": input must be float32, float64, float16 or bfloat16, got ", input.scalar_type());
+  LINCLASS_CHECK(input.dim() == 1 || input.dim() == 2, op,
+              ": the fused probability-target loss takes (C,) or (N, C) scores, got shape ",
+              shape_string(input.sizes()));
+  LINCLASS_CHECK(target.scalar_type() == input.scalar_type(), op, ": probability target dtype ",
+              target.scalar_type(), " does not match input dtype ", input.scalar_type());
+  LINCLASS_CHECK(target.dim() == input.dim() && target.numel() == input.numel() &&
+                     target.size(0) == input.size(0) &&
+                     target.size(target.dim() - 1) == input.size(input.dim() - 1),
+                 op, ": probability target shape ", shape_string(target.sizes()),
+                 " does not match input shape ", shape_string(input.sizes()));
+  LINCLASS_CHECK(same_device(target, input), op, ": target is on ", device_string(target),
+              " but input is on ", device_string(input));
+  const int64_t classes = input.size(input.dim() - 1);
+  check_weight_and_reduction(op, weight, input, classes, reduction);
   LINCLASS_CHECK(label_smoothing <= 1.0,
               "cross_entropy: label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
 }

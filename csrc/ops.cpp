@@ -44,6 +44,10 @@ Out2 cross_entropy_cpu_op(Tensor input, Tensor target, OptTensor weight, int64_t
   return cpu().cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction,
                              compute_grad);
 }
+Out2 cross_entropy_probs_cpu_op(Tensor input, Tensor target, OptTensor weight,
+                                double label_smoothing, int64_t reduction, bool compute_grad) {
+  return cpu().cross_entropy_probs(input, target, weight, label_smoothing, reduction, compute_grad);
+}
 Out2 multi_margin_loss_cpu_op(Tensor input, Tensor target, int64_t p, double margin,
                               OptTensor weight, int64_t reduction, bool compute_grad) {
   return cpu().multi_margin_loss(input, target, p, margin, weight, reduction, compute_grad);
@@ -144,6 +148,11 @@ STABLE_TORCH_LIBRARY(linclass, m) {
   m.def(
       "cross_entropy(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, int reduction, bool compute_grad) -> (Tensor, Tensor)");
+  // Cross-entropy against class probabilities (target: the input's shape and dtype; the
+  // input (C,) or (N, C)); CPU only.
+  m.def(
+      "cross_entropy_probs(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
+      "int reduction, bool compute_grad) -> (Tensor, Tensor)");
   m.def(
       "multi_margin_loss(Tensor input, Tensor target, int p, float margin, Tensor? weight, "
       "int reduction, bool compute_grad) -> (Tensor, Tensor)");
@@ -220,6 +229,7 @@ STABLE_TORCH_LIBRARY_IMPL(linclass, CompositeExplicitAutograd, m) {
 
 STABLE_TORCH_LIBRARY_IMPL(linclass, CPU, m) {
   m.impl("cross_entropy", TORCH_BOX(&cross_entropy_cpu_op));
+  m.impl("cross_entropy_probs", TORCH_BOX(&cross_entropy_probs_cpu_op));
   m.impl("multi_margin_loss", TORCH_BOX(&multi_margin_loss_cpu_op));
   m.impl("linear_cross_entropy", TORCH_BOX(&linear_cross_entropy_cpu_op));
   m.impl("linear_multi_margin_loss", TORCH_BOX(&linear_multi_margin_loss_cpu_op));

@@ -11,8 +11,8 @@ the input's; loss_dtype below); the callables made here take `loss_dtype=` to co
 it, which linclass.functional sets to the input's dtype as torch's loss has, except
 under torch.autocast, whose loss is float32.
 
-  linclass::cross_entropy, multi_margin_loss, linear_cross_entropy,
-  linear_multi_margin_loss   the C++ ops: schemas and CPU/CUDA kernels are registered in
+  linclass::cross_entropy, cross_entropy_probs (probability targets, CPU only),
+  multi_margin_loss, linear_cross_entropy, linear_multi_margin_loss   the C++ ops: schemas and CPU/CUDA kernels are registered in
       csrc/ops.cpp (LibTorch stable ABI, which has no autograd); their autograd and fake
       kernels (shapes, for torch.compile) here, in CPP.
   linclass::<the same>_triton   the Triton ops, defined here with custom_op: launcher
@@ -75,6 +75,14 @@ def _fake_cpp_fused_loss(input, target, *args):
     if strides is None:
         return loss, grad
     return loss, input.new_empty_strided(tuple(input.shape), strides)
+
+
+def _fake_cpp_probs_loss(input, target, weight, label_smoothing, reduction, compute_grad):
+    """linclass::cross_entropy_probs's outputs: one loss per row for 'none' ((N, C)
+    scores; a 0-dim loss for (C,)), the gradient as the C++ ops lay it out."""
+    rows = tuple(input.shape[:1]) if input.dim() == 2 and reduction == REDUCTIONS["none"] else ()
+    _, grad = _fake_cpp_fused_loss(input, target, reduction, compute_grad)
+    return input.new_empty(rows, dtype=accumulation_dtype(input.dtype)), grad
 
 
 def _fake_linear_loss(input, weight, bias, target, *args):
@@ -333,6 +341,17 @@ FUSED_LOSS = _Family(_fake_fused_loss, _fused_loss_forward, _backward_fused_loss
                      _setup_fused_loss, _backward_traced_fused_loss,
                      lambda args: args[-1])  # compute_grad
 CPP_FUSED_LOSS = FUSED_LOSS._replace(fake=_fake_cpp_fused_loss)
+
+
+def _inputs(count: int, backward: Callable) -> Callable:
+    """`backward` for an op of `count` inputs (the fused-loss backward answers for 7)."""
+    return lambda ctx, *grads: backward(ctx, *grads)[:count]
+
+
+# cross_entropy_probs has no ignore_index: one input fewer.
+CPP_PROBS_LOSS = CPP_FUSED_LOSS._replace(
+    fake=_fake_cpp_probs_loss, backward=_inputs(6, _backward_fused_loss),
+    traced_backward=_inputs(6, _backward_traced_fused_loss))
 LINEAR_LOSS = _Family(_fake_linear_loss, _linear_loss_forward, _backward_linear_loss,
                       _setup_linear_loss, _backward_linear_loss,
                       lambda args: any(args[-1]))  # output_mask
@@ -432,6 +451,7 @@ if _extension.HAS_CPP:
     for _name in ("cross_entropy", "multi_margin_loss"):
         CPP[_name] = _register_cpp(_name, CPP_FUSED_LOSS)
         CPP[f"linear_{_name}"] = _register_cpp(f"linear_{_name}", CPP_LINEAR_LOSS)
+    CPP["cross_entropy_probs"] = _register_cpp("cross_entropy_probs", CPP_PROBS_LOSS)
 
 
 # The Triton ops, by family: filled when triton is installed.  The kernels are imported

@@ -71,7 +71,8 @@ def test_an_isa_beyond_the_cpu_falls_back_with_a_warning():
 
 
 # The CPU kernel tests, rerun under each ISA that this process is not using.
-KERNEL_TEST_FILES = ["tests/test_cross_entropy.py", "tests/test_multi_margin.py",
+KERNEL_TEST_FILES = ["tests/test_cross_entropy.py", "tests/test_cross_entropy_probs.py",
+                     "tests/test_multi_margin.py",
                      "tests/test_linear_loss.py", "tests/test_sharded_phases.py",
                      "tests/test_errors.py", "tests/test_properties.py", "tests/test_classifiers.py"]
 

@@ -74,7 +74,22 @@ def _case(rng):
     if rng.random() < 0.3:
         kw["weight"] = (torch.rand(C, dtype=torch.float64) * 2).to(dtype)
     t = _loss_options(rng, op == "cross_entropy", t, C, kw)
+    if op == "cross_entropy" and "ignore_index" not in kw and rng.random() < 0.25:
+        t = _layout(rng, _probabilities(rng, shape, dtype))
     return op, x, t, kw
+
+
+def _probabilities(rng, shape, dtype):
+    """A probability target of the scores' shape (class dim 1, or 0 for 1-D scores):
+    soft labels, one-hot rows, or any reals (torch takes them too)."""
+    class_dim = 1 if len(shape) > 1 else 0
+    kind = rng.choice(["soft", "onehot", "any"])
+    t = torch.randn(shape, dtype=torch.float64)
+    if kind == "soft":
+        t = torch.softmax(t * 3, class_dim)
+    elif kind == "onehot":
+        t = (t == t.amax(class_dim, keepdim=True)).double()
+    return t.to(dtype)
 
 
 def _loss_options(rng, cross_entropy: bool, t, C, kw):
@@ -123,7 +138,7 @@ def _check_case(backend, op, x, t, kw):
         return  # the Triton interpreter: ~1 ms per program
     ref_kw = dict(kw, weight=kw["weight"].double()) if "weight" in kw else kw
     xr = x.detach().double().requires_grad_()
-    best = getattr(F, op)(xr, t, **ref_kw)
+    best = getattr(F, op)(xr, t.double() if t.is_floating_point() else t, **ref_kw)
     xl = x.detach().requires_grad_()
     ours = getattr(linclass, op)(xl, t, **kw)
     with torch.no_grad():  # evaluation: the kernels' forward-only paths
@@ -135,7 +150,8 @@ def _check_case(backend, op, x, t, kw):
     what = f"{op} {x.dtype} {tuple(x.shape)} {kw}"
     on_torch = (linclass.backends.cpu_cross_entropy_on_torch if op == "cross_entropy"
                 else linclass.backends.cpu_hinge_on_torch)
-    if backend == "auto" and on_torch(x):  # routed to torch's own kernel: its result, bitwise
+    if backend == "auto" and on_torch(x) and not t.is_floating_point():  # routed to torch's
+        # own kernel (class indices only): its result, bitwise
         xt = x.detach().requires_grad_()
         theirs = getattr(F, op)(xt, t, **kw)
         if theirs.numel():
@@ -152,7 +168,8 @@ def _check_case(backend, op, x, t, kw):
     _close(evaluation, best.detach(), x.dtype, what + " evaluation loss")
     if best.numel() and xr.grad is not None:
         ref = xr.grad
-        if op == "cross_entropy":  # ignored rows get 0 here, NaN in torch (README)
+        if op == "cross_entropy" and not t.is_floating_point():  # ignored rows get 0
+            # here, NaN in torch (README)
             ignored = t == kw.get("ignore_index", -100)
             ref = torch.where(ignored.unsqueeze(1) if x.dim() > 1 else ignored, 0.0, ref)
         if op == "multi_margin_loss":

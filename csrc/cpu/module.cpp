@@ -20,6 +20,7 @@ PyMODINIT_FUNC LINCLASS_CAT(PyInit__cpu_, LINCLASS_ISA)(void) {
   static const CpuKernels table{
       LINCLASS_STR(LINCLASS_ISA),
       &cross_entropy_cpu,
+      &cross_entropy_probs_cpu,
       &multi_margin_loss_cpu,
       &linear_cross_entropy_cpu,
       &linear_multi_margin_loss_cpu,

@@ -26,6 +26,11 @@ std::tuple<Tensor, Tensor> cross_entropy_cpu(const Tensor& input, const Tensor& 
                                                      int64_t ignore_index, double label_smoothing,
                                                      int64_t reduction, bool compute_grad);
 
+// cpu/cross_entropy_probs.cpp: against class probabilities (a float target).
+std::tuple<Tensor, Tensor> cross_entropy_probs_cpu(const Tensor& input, const Tensor& target,
+                                                   const OptTensor& weight, double label_smoothing,
+                                                   int64_t reduction, bool compute_grad);
+
 // cpu/multi_margin.cpp
 std::tuple<Tensor, Tensor> multi_margin_loss_cpu(const Tensor& input, const Tensor& target,
                                                          int64_t p, double margin,
@@ -67,6 +72,7 @@ std::tuple<Tensor, Tensor> mm_shard_grad_cpu(const Tensor& x, const Tensor& targ
 struct CpuKernels {
   const char* isa;  // "avx512", "avx2" or "default"
   decltype(&cross_entropy_cpu) cross_entropy;
+  decltype(&cross_entropy_probs_cpu) cross_entropy_probs;
   decltype(&multi_margin_loss_cpu) multi_margin_loss;
   decltype(&linear_cross_entropy_cpu) linear_cross_entropy;
   decltype(&linear_multi_margin_loss_cpu) linear_multi_margin_loss;
