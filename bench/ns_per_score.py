@@ -30,6 +30,10 @@ def ns_per_score(op: str, classes: int, scores: int, with_grad: bool) -> float:
     if op == "cross_entropy":
         kernel = torch.ops.linclass.cross_entropy.default
         call = lambda: kernel(x, t, None, -100, 0.0, 1, with_grad)  # noqa: E731
+    elif op == "cross_entropy_probs":  # against class probabilities
+        kernel = torch.ops.linclass.cross_entropy_probs.default
+        probs = torch.softmax(torch.randn(n, classes), 1)
+        call = lambda: kernel(x, probs, None, 0.0, 1, with_grad)  # noqa: E731
     else:
         kernel = torch.ops.linclass.multi_margin_loss.default
         call = lambda: kernel(x, t, 1, 1.0, None, 1, with_grad)  # noqa: E731
@@ -57,7 +61,8 @@ def keep_freed_memory():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("classes", help="comma-separated class counts")
-    parser.add_argument("--op", choices=["cross_entropy", "multi_margin_loss"], default="cross_entropy")
+    parser.add_argument("--op", choices=["cross_entropy", "cross_entropy_probs", "multi_margin_loss"],
+                        default="cross_entropy")
     parser.add_argument("--forward-only", action="store_true", help="no gradient")
     parser.add_argument("--scores", type=int, default=250_000)
     parser.add_argument("--threads", type=int, default=1)

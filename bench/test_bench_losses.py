@@ -58,24 +58,29 @@ def test_loss(benchmark, op, n, c, impl):
             benchmark.pedantic(cycle(inputs, forward_backward(ours)), rounds=rounds, warmup_rounds=2)
 
 
-PROBS_SHAPES = [(4, 10), (128, 100)] + SHAPES  # the small ones: the cost of a call
+# The small ones: the cost of a call; the last, segmentation-shaped (N, C, H, W).
+PROBS_SHAPES = [(4, 10), (128, 100)] + SHAPES + [(8, 21, 128, 128)]
 PROBS_IMPLS = ["torch"] + [f"linclass[{b}]" for b in ("cpp",) if b in linclass.backends.available()] + ["copy_"]
 
 
 @pytest.mark.parametrize("impl", PROBS_IMPLS)
-@pytest.mark.parametrize("n,c", PROBS_SHAPES)
-def test_cross_entropy_probability_targets(benchmark, n, c, impl):
+@pytest.mark.parametrize("shape", PROBS_SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+def test_cross_entropy_probability_targets(benchmark, shape, impl):
     """cross_entropy against class probabilities (soft labels, distillation): torch's
     composite (log_softmax, products, sums, and their backward) against the fused
     kernel; bytes: the scores and the target read, the gradient written."""
-    benchmark.group = f"cross_entropy probability targets {n}x{c}"
-    benchmark.extra_info.update(op="cross_entropy_probs", impl=impl, n=n, c=c, bytes=3 * n * c * 4)
-    copies = copies_for(2 * n * c * 4)
-    inputs = [(torch.randn(n, c, requires_grad=True), torch.softmax(torch.randn(n, c), 1))
+    numel = 1
+    for size in shape:
+        numel *= size
+    name = "x".join(map(str, shape))
+    benchmark.group = f"cross_entropy probability targets {name}"
+    benchmark.extra_info.update(op="cross_entropy_probs", impl=impl, shape=name, bytes=3 * numel * 4)
+    copies = copies_for(2 * numel * 4)
+    inputs = [(torch.randn(shape, requires_grad=True), torch.softmax(torch.randn(shape), 1))
               for _ in range(copies)]
-    rounds = _rounds(n, c)
+    rounds = _rounds(numel, 1)
     if impl == "copy_":  # the same bytes: 1.5 N C floats read and 1.5 N C written
-        pairs = [(torch.randn(3 * n * c // 2), torch.empty(3 * n * c // 2)) for _ in inputs]
+        pairs = [(torch.randn(3 * numel // 2), torch.empty(3 * numel // 2)) for _ in inputs]
         benchmark.pedantic(cycle(pairs, lambda src, dst: dst.copy_(src)), rounds=2 * rounds,
                            warmup_rounds=2)
     elif impl == "torch":

@@ -100,19 +100,16 @@ void check_cross_entropy_probs_args(const Tensor& input, const Tensor& target,
   const char* op = "cross_entropy";
   LINCLASS_CHECK(is_floating(input.scalar_type()), op,
               ": input must be float32, float64, float16 or bfloat16, got ", input.scalar_type());
-  LINCLASS_CHECK(input.dim() == 1 || input.dim() == 2, op,
-              ": the fused probability-target loss takes (C,) or (N, C) scores, got shape ",
-              shape_string(input.sizes()));
+  LINCLASS_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension");
   LINCLASS_CHECK(target.scalar_type() == input.scalar_type(), op, ": probability target dtype ",
               target.scalar_type(), " does not match input dtype ", input.scalar_type());
-  LINCLASS_CHECK(target.dim() == input.dim() && target.numel() == input.numel() &&
-                     target.size(0) == input.size(0) &&
-                     target.size(target.dim() - 1) == input.size(input.dim() - 1),
-                 op, ": probability target shape ", shape_string(target.sizes()),
+  bool same_shape = target.dim() == input.dim();
+  for (int64_t d = 0; same_shape && d < input.dim(); ++d) same_shape = target.size(d) == input.size(d);
+  LINCLASS_CHECK(same_shape, op, ": probability target shape ", shape_string(target.sizes()),
                  " does not match input shape ", shape_string(input.sizes()));
   LINCLASS_CHECK(same_device(target, input), op, ": target is on ", device_string(target),
               " but input is on ", device_string(input));
-  const int64_t classes = input.size(input.dim() - 1);
+  const int64_t classes = input.size(input.dim() == 1 ? 0 : 1);
   check_weight_and_reduction(op, weight, input, classes, reduction);
   LINCLASS_CHECK(label_smoothing <= 1.0,
               "cross_entropy: label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);

@@ -46,8 +46,8 @@ void check_class_index_args(const char* op, const Tensor& input, const Tensor& t
 void check_cross_entropy_args(const Tensor& input, const Tensor& target,
                               const OptTensor& weight, double label_smoothing,
                               int64_t reduction);
-// cross_entropy_probs: input (C,) or (N, C), a probability target of the same shape
-// and dtype.
+// cross_entropy_probs: input (C,), (N, C) or (N, C, d1, ..., dk), a probability target
+// of the same shape and dtype.
 void check_cross_entropy_probs_args(const Tensor& input, const Tensor& target,
                                     const OptTensor& weight, double label_smoothing,
                                     int64_t reduction);

@@ -148,8 +148,8 @@ STABLE_TORCH_LIBRARY(linclass, m) {
   m.def(
       "cross_entropy(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, int reduction, bool compute_grad) -> (Tensor, Tensor)");
-  // Cross-entropy against class probabilities (target: the input's shape and dtype; the
-  // input (C,) or (N, C)); CPU only.
+  // Cross-entropy against class probabilities (target: the input's shape and dtype);
+  // CPU only.
   m.def(
       "cross_entropy_probs(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
       "int reduction, bool compute_grad) -> (Tensor, Tensor)");

@@ -78,11 +78,12 @@ def _fake_cpp_fused_loss(input, target, *args):
 
 
 def _fake_cpp_probs_loss(input, target, weight, label_smoothing, reduction, compute_grad):
-    """linclass::cross_entropy_probs's outputs: one loss per row for 'none' ((N, C)
-    scores; a 0-dim loss for (C,)), the gradient as the C++ ops lay it out."""
-    rows = tuple(input.shape[:1]) if input.dim() == 2 and reduction == REDUCTIONS["none"] else ()
+    """linclass::cross_entropy_probs's outputs: for 'none' a loss of the input's shape
+    without its class dim (0-dim for (C,) scores), the gradient as the C++ ops lay it
+    out."""
+    rows = (input.shape[:1] + input.shape[2:]) if reduction == REDUCTIONS["none"] else ()
     _, grad = _fake_cpp_fused_loss(input, target, reduction, compute_grad)
-    return input.new_empty(rows, dtype=accumulation_dtype(input.dtype)), grad
+    return input.new_empty(tuple(rows), dtype=accumulation_dtype(input.dtype)), grad
 
 
 def _fake_linear_loss(input, weight, bias, target, *args):

@@ -220,16 +220,18 @@ def _cross_entropy_layout(shape, target: torch.Tensor) -> tuple[torch.Tensor, in
 
 def _probs_on_kernel(backend: str, input, target, weight, ignore_index) -> bool:
     """Whether cross_entropy with a probability target runs the fused C++ CPU kernel
-    (linclass::cross_entropy_probs): (C,) or (N, C) scores with at least one class on
-    the CPU, a target of their shape and dtype and a weight of their dtype, neither
-    needing a gradient, no ignore_index, no torch.autocast.  The rest (K-dimensional
-    scores, other devices, mixed dtypes, a differentiable target, torch's errors)
-    goes to F.cross_entropy."""
-    return (backend == "cpp" and "cross_entropy_probs" in _ops.CPP and input.is_cpu
-            and input.dim() in (1, 2) and input.shape[-1] > 0 and target.shape == input.shape
-            and target.dtype is input.dtype and target.is_cpu and not _needs_grad(target)
+    (linclass::cross_entropy_probs): scores with at least one class on the CPU, a
+    target of their shape and dtype and a weight of their dtype, neither needing a
+    gradient, no ignore_index, no torch.autocast.  The rest (other devices, mixed
+    dtypes, a differentiable target, torch's errors) goes to F.cross_entropy."""
+    if not (backend == "cpp" and "cross_entropy_probs" in _ops.CPP and input.is_cpu
+            and input.dim() >= 1):
+        return False
+    classes = input.shape[1 if input.dim() > 1 else 0]
+    return (classes > 0 and target.shape == input.shape and target.dtype is input.dtype
+            and target.is_cpu and not _needs_grad(target)
             and (weight is None or (isinstance(weight, torch.Tensor) and weight.dtype is input.dtype
-                                    and weight.shape == input.shape[-1:] and weight.is_cpu
+                                    and weight.shape == (classes,) and weight.is_cpu
                                     and not _needs_grad(weight)))
             and type(ignore_index) is int and ignore_index == -100 and not _autocasting(input))
 
@@ -249,8 +251,8 @@ def cross_entropy(
 
     input: (C,), (N, C) or (N, C, d1, ..., dk) scores (float32/64, float16, bfloat16).
     target: class indices (int64 or uint8) of shape (), (N,) or (N, d1, ..., dk), or
-    class probabilities with the input's shape (a fused kernel of their own for (C,) and
-    (N, C) scores on the CPU; torch's otherwise).  The kernel computes the loss and
+    class probabilities with the input's shape (a fused kernel of their own on the CPU;
+    torch's otherwise).  The kernel computes the loss and
     d loss / d input together.
     """
     if (type(input) is torch.Tensor and type(target) is torch.Tensor

@@ -14,9 +14,13 @@
 // row of -inf gives NaN (loss and the row's gradient), and a -inf score with target 0
 // makes the loss NaN (0 * -inf), its gradient entry 0.
 //
-// Rows are made contiguous (input and target); 16-bit rows are converted to float32
-// per row.  Three passes over a row that stays in cache: its max, the exponentials
-// (kept in a scratch row) with the three sums, the gradient.
+// Scores and target are made contiguous.  Rows of (C,) or (N, C) scores with more than
+// kLaneMaxClasses classes go one at a time: three passes over a row that stays in
+// cache (its max; the exponentials, kept in a scratch row, with the three sums; the
+// gradient).  Shorter rows go W = Vec::size() a tile, transposed into SIMD lanes (one
+// row per lane: no horizontal sums).  K-dimensional scores (N, C, d1, ..., dk) are in
+// lanes as they lie: x[n, j, k .. k + W) is a vector of W positions' class j.  16-bit
+// values are converted to float32 a row (a tile) at a time.
 #include "cpu/ops.h"
 
 #include "buffer_cache.h"
@@ -81,6 +85,157 @@ acc_t probs_row(const acc_t* x, const acc_t* t, acc_t* work, acc_t* g, LineStrea
   return weight_total * std::log(sum) - hsum(a);
 }
 
+// W positions in SIMD lanes (the first `lanes` of them): class j of lane l at
+// x[j * xs + l], t[j * ts + l], g[j * gs + l]; the exponentials kept in work[j * W + l].
+// The lanes' losses to loss[0, lanes).  Lanes past `lanes` load zeros and are dropped.
+// With `stream`, the gradient's vectors (whole, aligned cache lines) are written with
+// non-temporal stores.
+template <typename acc_t>
+void probs_lanes(const acc_t* x, int64_t xs, const acc_t* t, int64_t ts, acc_t* work, acc_t* g,
+                 int64_t gs, int64_t lanes, const ProbsParams<acc_t>& p, acc_t* loss,
+                 bool stream = false) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t C = p.classes;
+  V m(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t j = 0; j < C; ++j) m = fast_max(m, V::loadu(x + j * xs, lanes));
+  // A lane whose max is +inf or -inf gets NaN through d (inf - inf) and vexp, as the
+  // row kernel's NaN rows.
+  const V keep(p.keep), spread(p.spread), zero(acc_t(0));
+  const auto weighted = [&](int64_t j) {
+    const V wt = fmadd(V::loadu(t + j * ts, lanes), keep, spread);
+    return p.weight ? wt * V(p.weight[j]) : wt;
+  };
+  // Each lane sums its C terms alone: in blocks of kSumBlock classes, then the blocks,
+  // so a sum rounds ~kSumBlock + C / kSumBlock times instead of ~C times (float32 over
+  // thousands of classes lost 1e-4 of the gradient in the random suite).
+  constexpr int64_t kSumBlock = 32;
+  V s = zero, total = zero, a = zero;
+  for (int64_t j0 = 0; j0 < C; j0 += kSumBlock) {
+    V s_block = zero, total_block = zero, a_block = zero;
+    for (int64_t j = j0; j < std::min(C, j0 + kSumBlock); ++j) {
+      const V d = V::loadu(x + j * xs, lanes) - m;
+      const V e = vexp(d);
+      if (g) e.store(work + j * W);
+      const V wt = weighted(j);
+      s_block = s_block + e;
+      total_block = total_block + wt;
+      a_block = fmadd(wt, d, a_block);
+    }
+    s = s + s_block;
+    total = total + total_block;
+    a = a + a_block;
+  }
+  (total * vlog(s) - a).store(loss, lanes);
+  if (g) {
+    const V scale(p.scale), coef = scale * total / s;
+    for (int64_t j = 0; j < C; ++j) {
+      const V out = coef * V::loadu(work + j * W) - scale * weighted(j);
+      if (stream)
+        stream_store(g + j * gs, out);
+      else
+        out.store(g + j * gs, lanes);
+    }
+  }
+}
+
+// Tiles [u0, u1) of K-dimensional scores with K positions per image, `tiles` tiles of W
+// positions per image: losses to loss_rows (when set, position-major) and their sum.
+// Scratch for tiles of W lanes x C classes: the exponentials and, where tiles are
+// staged (transposed rows, converted 16-bit values), the scores, target and gradient.
+template <typename acc_t>
+struct TileScratch {
+  static constexpr int64_t W = Vec<acc_t>::size();
+  TileScratch(int64_t classes, bool staged) : C(classes), buf((staged ? 4 : 1) * classes * W) {}
+  acc_t* work() { return buf.data(); }
+  acc_t* x() { return buf.data() + C * W; }
+  acc_t* t() { return buf.data() + 2 * C * W; }
+  acc_t* g() { return buf.data() + 3 * C * W; }
+  // The first n lanes' losses of `out`: to loss_rows[at ..) when set, and to *sum.
+  static void take(const acc_t* out, int64_t n, acc_t* loss_rows, int64_t at, double* sum) {
+    if (loss_rows) std::copy(out, out + n, loss_rows + at);
+    for (int64_t l = 0; l < n; ++l) *sum += double(out[l]);
+  }
+
+  int64_t C;
+  std::vector<acc_t> buf;
+};
+
+// With stream_grad (a gradient beyond the caches), tiles whose class vectors are whole
+// aligned cache lines (W x acc_t = 64 bytes: the AVX-512 builds) stream them to memory.
+template <typename scalar_t>
+double probs_tiles(const scalar_t* x, const scalar_t* t, scalar_t* g, int64_t K, int64_t tiles,
+                   int64_t u0, int64_t u1, const ProbsParams<acc_type<scalar_t>>& p,
+                   acc_type<scalar_t>* loss_rows, bool stream_grad) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  constexpr int64_t W = Vec<acc_t>::size();
+  const int64_t C = p.classes;
+  TileScratch<acc_t> scratch(C, /*staged=*/kConvert);  // 16-bit tiles are converted
+  acc_t *work = scratch.work(), *xs = scratch.x(), *ts = scratch.t(), *gs = scratch.g();
+  acc_t out[W];
+  double sum = 0;
+  bool streamed = false;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t image = u / tiles, k0 = (u % tiles) * W;
+    const int64_t lanes = std::min<int64_t>(W, K - k0);
+    const int64_t at = image * C * K + k0;
+    if constexpr (kConvert) {
+      for (int64_t j = 0; j < C; ++j) {
+        convert(x + at + j * K, xs + j * W, lanes);
+        convert(t + at + j * K, ts + j * W, lanes);
+      }
+      probs_lanes<acc_t>(xs, W, ts, W, work, g ? gs : nullptr, W, lanes, p, out);
+      if (g)
+        for (int64_t j = 0; j < C; ++j) convert(gs + j * W, g + at + j * K, lanes);
+    } else {
+      constexpr bool kLineVectors = W * sizeof(acc_t) == 64;
+      const bool stream = kLineVectors && stream_grad && lanes == W && K % W == 0 &&
+                          reinterpret_cast<uintptr_t>(g + at) % 64 == 0;
+      probs_lanes<acc_t>(x + at, K, t + at, K, work, g ? g + at : nullptr, K, lanes, p, out, stream);
+      streamed |= stream;
+    }
+    scratch.take(out, lanes, loss_rows, image * K + k0, &sum);
+  }
+  if (streamed) stream_fence();  // the streamed stores ordered before the task ends
+  return sum;
+}
+
+// Rows of up to kLaneMaxClasses classes (row_driver.h) take the lanes too, W rows a
+// tile transposed in and out (pack_tile / unpack_tile): on such short rows the row
+// path's horizontal sums and partial vectors are most of the work, 1.5-15x the time per
+// score (bench/results/cross-entropy-probs.md).
+
+// Rows [begin, end) of (N, C) scores, W rows a tile in SIMD lanes: losses to loss_rows
+// (when set) and their sum.
+template <typename scalar_t>
+double probs_row_tiles(const scalar_t* x, const scalar_t* t, scalar_t* g, int64_t begin, int64_t end,
+                       const ProbsParams<acc_type<scalar_t>>& p, acc_type<scalar_t>* loss_rows) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int64_t W = Vec<acc_t>::size();
+  const int64_t C = p.classes;
+  RowGeometry rows;  // contiguous (rows, C)
+  rows.outer = end;
+  rows.classes = C;
+  rows.stride_n = C;
+  const TilePermutes* permutes = tile_permutes(C);
+  const VectorPermutes* to_tile = permutes ? &permutes->to_tile : nullptr;
+  const VectorPermutes* to_rows = permutes ? &permutes->to_rows : nullptr;
+  TileScratch<acc_t> scratch(C, /*staged=*/true);
+  acc_t *work = scratch.work(), *xs = scratch.x(), *ts = scratch.t(), *gs = scratch.g();
+  acc_t out[W];
+  double sum = 0;
+  for (int64_t r0 = begin; r0 < end; r0 += W) {
+    const int64_t n = std::min<int64_t>(W, end - r0);
+    pack_tile(x, rows, r0, n, xs, to_tile);  // lanes past n: zeros, their results dropped
+    pack_tile(t, rows, r0, n, ts, to_tile);
+    probs_lanes<acc_t>(xs, W, ts, W, work, g ? gs : nullptr, W, W, p, out);
+    if (g) unpack_tile(gs, rows, r0, n, g, to_rows);
+    scratch.take(out, n, loss_rows, r0, &sum);
+  }
+  return sum;
+}
+
 // Rows [begin, end) of a block: losses to loss_rows (when set) and their sum returned.
 template <typename scalar_t>
 double probs_rows(const scalar_t* x, const scalar_t* t, scalar_t* g, bool stream_grad,
@@ -131,10 +286,15 @@ std::tuple<Tensor, Tensor> cross_entropy_probs_cpu(const Tensor& input_, const T
   const Tensor input = as_contiguous(input_);
   const Tensor target = as_contiguous(target_);
   const int64_t C = input.dim() == 1 ? input.size(0) : input.size(1);
-  const int64_t rows = input.dim() == 1 ? 1 : input.size(0);
+  // Positions per image of K-dimensional scores (1 for (N, C)); a row per position.
+  int64_t K = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) K *= input.size(d);
+  const int64_t rows = input.dim() == 1 ? 1 : input.size(0) * K;
 
-  std::vector<int64_t> loss_shape;  // 'none': one loss per row; else a 0-dim tensor
-  if (reduction == kNone && input.dim() == 2) loss_shape.push_back(rows);
+  std::vector<int64_t> loss_shape;  // 'none': the input's shape without its class dim
+  if (reduction == kNone)
+    for (int64_t d = 0; d < input.dim(); ++d)
+      if (d != 1 && input.dim() > 1) loss_shape.push_back(input.size(d));
   Tensor loss = empty(IntList(loss_shape.data(), loss_shape.size()), acc_scalar_type(input.scalar_type()), input);
   // The gradient in the input's layout where it is dense (the fake kernel's rule),
   // written contiguous first when that is another layout.
@@ -158,16 +318,27 @@ std::tuple<Tensor, Tensor> cross_entropy_probs_cpu(const Tensor& input_, const T
     scalar_t* g = compute_grad ? written.mutable_data_ptr<scalar_t>() : nullptr;
     acc_t* loss_rows = reduction == kNone ? loss.mutable_data_ptr<acc_t>() : nullptr;
     const bool stream_grad = compute_grad && cpu::stream_gradient(nbytes(written));
-    // Blocks fixed by (rows, C) and summed in order: the same bits at any thread count.
-    const int64_t block = std::max<int64_t>(1, cpu::kBlockElements / std::max<int64_t>(C, 1));
-    const int64_t blocks = rows == 0 ? 0 : (rows + block - 1) / block;
+    // Blocks of rows (or of tiles of W positions) fixed by the shape and summed in
+    // order: the same bits at any thread count.
+    const bool tiled = input.dim() > 2;
+    const bool lane_rows = !tiled && C <= cpu::kLaneMaxClasses;
+    constexpr int64_t W = cpu::Vec<acc_t>::size();
+    const int64_t tiles = (K + W - 1) / W;
+    const int64_t units = tiled ? input.size(0) * tiles : rows;
+    const int64_t unit_elements = std::max<int64_t>(C, 1) * (tiled ? W : 1);
+    int64_t block = std::max<int64_t>(1, cpu::kBlockElements / unit_elements);
+    if (lane_rows) block = (block + W - 1) / W * W;  // whole tiles
+    const int64_t blocks = units == 0 ? 0 : (units + block - 1) / block;
     std::vector<double> partials(blocks, 0.0);
     if (C == 0 && loss_rows) std::fill(loss_rows, loss_rows + rows, acc_t(0));  // no classes: no terms
     if (C > 0)
       parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b)
-          partials[b] = cpu::probs_rows<scalar_t>(x, t, g, stream_grad, b * block,
-                                                  std::min(rows, (b + 1) * block), p, loss_rows);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t u0 = b * block, u1 = std::min(units, u0 + block);
+          partials[b] = tiled ? cpu::probs_tiles<scalar_t>(x, t, g, K, tiles, u0, u1, p, loss_rows, stream_grad)
+                        : lane_rows ? cpu::probs_row_tiles<scalar_t>(x, t, g, u0, u1, p, loss_rows)
+                                    : cpu::probs_rows<scalar_t>(x, t, g, stream_grad, u0, u1, p, loss_rows);
+        }
       });
     if (reduction != kNone) {
       double total = 0;
