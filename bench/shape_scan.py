@@ -1,7 +1,8 @@
 """linclass against torch on the inputs users bring beyond the benchmark groups: dtypes,
 reductions, class weights, label smoothing, sliced and transposed scores, K-dim maps in
 both memory formats, logits transposed to (B, V, T), scores far apart (subnormal
-probabilities), a 1-D row, a huge row; and the fused linear ops at assorted N x D x C,
+probabilities), a 1-D row, a huge row, probability targets (`probs`); and the fused
+linear ops at assorted N x D x C,
 dtypes, without bias, with transposed operands, large weights, against F.linear + the
 loss.  Forward + backward (a 'none' loss is summed), 2 threads,
 the best of two medians of 15 (linear: 9) steps each; torch on 16-bit hinge inputs
@@ -71,6 +72,16 @@ def transposed_logits(b, t, v):
     return lambda: (torch.randn(b, t, v).transpose(1, 2), torch.randint(0, v, (b, t)))
 
 
+def probs(make):
+    """The same scores against class probabilities (a float target in their layout)."""
+    def made():
+        x, _ = make()
+        noise = torch.randn_like(x, dtype=torch.float32)  # in x's layout
+        return x, torch.softmax(noise, 1 if x.dim() > 1 else 0).to(x.dtype)
+
+    return made
+
+
 # name, inputs, options, whether the hinge takes them too
 CASES = [
     ("f32 8192x1000", rows(8192, 1000), {}, True),
@@ -107,6 +118,19 @@ CASES = [
     ("f32 spread 65536x10 over 110", spread(65536, 10, 110.0), {}, True),
     ("f32 1-D 100000", lambda: (torch.randn(100000), torch.tensor(5)), {}, False),
     ("f32 2x1000000", rows(2, 1000000), {}, True),
+    ("f32 probs 8192x1000", probs(rows(8192, 1000)), {}, False),
+    ("bf16 probs 8192x1000", probs(rows(8192, 1000, torch.bfloat16)), {}, False),
+    ("f64 probs 256x32000", probs(rows(256, 32000, torch.float64)), {}, False),
+    ("f32 probs 65536x10", probs(rows(65536, 10)), {}, False),
+    ("f32 probs 65536x10 weight smoothing", probs(rows(65536, 10)),
+     {"weight": torch.rand(10), "label_smoothing": 0.1}, False),
+    ("f32 probs 40000x40", probs(rows(40000, 40)), {}, False),
+    ("f32 probs 8192x1000 none", probs(rows(8192, 1000)), {"reduction": "none"}, False),
+    ("f32 probs colmajor 2048x1000", probs(column_major(2048, 1000)), {}, False),
+    ("f32 probs kdim 4x19x128x128", probs(kdim(4, 19, 128, 128)), {}, False),
+    ("f32 probs kdim 2x1000x32x32", probs(kdim(2, 1000, 32, 32)), {}, False),
+    ("bf16 probs kdim 4x19x128x128", probs(lambda: (torch.randn(4, 19, 128, 128).bfloat16(), None)), {}, False),
+    ("f32 probs channels_last 4x150x64x64", probs(channels_last(4, 150, 64, 64)), {}, False),
 ]
 
 

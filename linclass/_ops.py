@@ -12,9 +12,10 @@ it, which linclass.functional sets to the input's dtype as torch's loss has, exc
 under torch.autocast, whose loss is float32.
 
   linclass::cross_entropy, cross_entropy_probs (probability targets, CPU only),
-  multi_margin_loss, linear_cross_entropy, linear_multi_margin_loss   the C++ ops: schemas and CPU/CUDA kernels are registered in
-      csrc/ops.cpp (LibTorch stable ABI, which has no autograd); their autograd and fake
-      kernels (shapes, for torch.compile) here, in CPP.
+  multi_margin_loss, linear_cross_entropy, linear_multi_margin_loss   the C++ ops:
+      schemas and CPU/CUDA kernels are registered in csrc/ops.cpp (LibTorch stable ABI,
+      which has no autograd); their autograd and fake kernels (shapes, for
+      torch.compile) here, in CPP.
   linclass::<the same>_triton   the Triton ops, defined here with custom_op: launcher
       (kernels/), fake kernel and autograd, in TRITON.  They do not need linclass._C.
 """

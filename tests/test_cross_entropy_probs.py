@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import linclass
-from linclass import _ops
+from linclass import _ops, reference
 
 pytestmark = pytest.mark.skipif("cross_entropy_probs" not in _ops.CPP,
                                 reason="linclass._C is not built")
@@ -44,35 +44,10 @@ OURS = "LinclassCrossEntropyProbsBackward"
 
 
 def _loop_reference(x, t, weight, eps, reduction):
-    """Loss and d loss / d x (grad_output = 1) in float64, one score at a time; a row per
-    position of K-dimensional scores (N, C, d1, ..., dk)."""
-    shape = x.shape
-    if x.dim() > 2:  # classes last, then back
-        x, t = x.movedim(1, -1), t.movedim(1, -1)
-    rows = x.double().reshape(-1, x.shape[-1]).tolist()
-    targets = t.double().reshape(-1, x.shape[-1]).tolist()
-    C = x.shape[-1]
-    w = weight.double().tolist() if weight is not None else [1.0] * C
-    losses, grads = [], []
-    for r, tr in zip(rows, targets):
-        m = max(r)
-        lse = m + math.log(sum(math.exp(v - m) for v in r))
-        tt = [(1 - eps) * v + eps / C for v in tr]
-        wt = [w[j] * tt[j] for j in range(C)]
-        losses.append(sum(wt[j] * (lse - r[j]) for j in range(C)))
-        grads.append([math.exp(r[j] - lse) * sum(wt) - wt[j] for j in range(C)])
-    n = len(rows)
-    scale = 1.0 / n if reduction == "mean" and n else 1.0
-    grad = torch.tensor(grads, dtype=torch.float64).reshape(x.shape) * scale
-    if len(shape) > 2:
-        grad = grad.movedim(-1, 1)
-    if reduction == "none":
-        loss = torch.tensor(losses, dtype=torch.float64).reshape(x.shape[:-1])
-    elif reduction == "sum":
-        loss = torch.tensor(sum(losses), dtype=torch.float64)
-    else:
-        loss = torch.tensor(sum(losses) / n if n else float("nan"), dtype=torch.float64)
-    return loss, grad
+    """Loss and d loss / d x (grad_output = 1) in float64, one score at a time (the
+    package's naive loops, linclass.reference; a row per position of K-dimensional
+    scores)."""
+    return reference.cross_entropy(x, t, weight=weight, reduction=reduction, label_smoothing=eps)
 
 
 def _probabilities(shape, dtype, kind="soft"):
