@@ -159,6 +159,9 @@ def test_strided_scores_and_targets():
         ref_loss, ref_grad = _loop_reference(x, target, None, 0.0, "sum")
         _close(loss, ref_loss, torch.float32, "strided loss")
         _close(scores.grad, ref_grad, torch.float32, "strided grad")
+        per_row = linclass.cross_entropy(x.float(), target.float(), reduction="none")
+        _close(per_row, _loop_reference(x, target, None, 0.0, "none")[0], torch.float32,
+               "strided per-row losses")
         # The gradient comes back in the scores' layout where it is dense (as the fake
         # kernel says), else contiguous.
         dense = scores.stride() in ((1, 40), (130, 1))
@@ -298,6 +301,14 @@ def test_k_dimensional_layouts_and_16bit_accuracy():
     _close(loss, ref_loss, torch.float32, "channels-last loss")
     _close(xl.grad, ref_grad, torch.float32, "channels-last grad")
     assert xl.grad.stride() == xl.stride()
+    # channels-last scores against a contiguous target (brought to the scores' layout),
+    # per-position losses in the (N, H, W) order
+    xl.grad = None
+    per_position = linclass.cross_entropy(xl, t.float(), reduction="none")
+    _close(per_position, _loop_reference(x, t, None, 0.0, "none")[0], torch.float32,
+           "channels-last per-position losses")
+    per_position.sum().backward()
+    _close(xl.grad, ref_grad, torch.float32, "channels-last grad, contiguous target")
     # bfloat16 'sum' with smoothing: the kernel accumulates in float32, so its error is
     # the inputs' rounding only (torch's composite, in bfloat16 throughout, was off by
     # ~20% of the loss on such a case in the random suite).

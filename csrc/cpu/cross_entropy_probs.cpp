@@ -14,13 +14,15 @@
 // row of -inf gives NaN (loss and the row's gradient), and a -inf score with target 0
 // makes the loss NaN (0 * -inf), its gradient entry 0.
 //
-// Scores and target are made contiguous.  Rows of (C,) or (N, C) scores with more than
+// Scores are walked where they lie (rows of contiguous classes, or positions innermost;
+// else a contiguous copy), the target in the same layout.  Rows of more than
 // kLaneMaxClasses classes go one at a time: three passes over a row that stays in
 // cache (its max; the exponentials, kept in a scratch row, with the three sums; the
 // gradient).  Shorter rows go W = Vec::size() a tile, transposed into SIMD lanes (one
-// row per lane: no horizontal sums).  K-dimensional scores (N, C, d1, ..., dk) are in
-// lanes as they lie: x[n, j, k .. k + W) is a vector of W positions' class j.  16-bit
-// values are converted to float32 a row (a tile) at a time.
+// row per lane: no horizontal sums).  Positions innermost (contiguous K-dimensional
+// scores (N, C, d1, ..., dk), column-major (N, C)) are in lanes as they lie:
+// x[n, j, k .. k + W) is a vector of W positions' class j.  16-bit values are converted
+// to float32 a row (a tile) at a time.
 #include "cpu/ops.h"
 
 #include "buffer_cache.h"
@@ -276,6 +278,58 @@ double probs_rows(const scalar_t* x, const scalar_t* t, scalar_t* g, bool stream
   return sum;
 }
 
+// How the kernels walk a dense tensor of scores (or its target, or its gradient) in
+// place.  Rows: `rows` rows of C contiguous classes one after another (row-major
+// (N, C), channels-last maps; rows in the order of the loss's elements).  Lanes:
+// `images` blocks of C classes x `positions` positions, positions innermost
+// (contiguous (N, C, d1, ...), and column-major (N, C) as one image of N positions).
+struct ProbsLayout {
+  bool lanes;
+  int64_t images, positions;  // rows: images rows of one position each
+};
+
+// Whether t's elements are dense in the order of `dims`, innermost first (size-1 dims
+// take any stride).
+inline bool dense_in_order(const Tensor& t, const std::vector<int64_t>& dims) {
+  int64_t expected = 1;
+  for (int64_t d : dims) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+inline std::optional<ProbsLayout> probs_layout(const Tensor& t) {
+  const int64_t D = t.dim();
+  if (D == 1) return dense_in_order(t, {0}) ? std::optional<ProbsLayout>({false, 1, 1}) : std::nullopt;
+  if (t.numel() == 0) {  // nothing is read: only the loss's element count matters
+    int64_t rows = t.size(0);
+    for (int64_t d = 2; d < D; ++d) rows *= t.size(d);
+    return ProbsLayout{false, rows, 1};
+  }
+  int64_t positions = 1;
+  std::vector<int64_t> rows_order{1}, lanes_order;
+  for (int64_t d = D - 1; d >= 2; --d) {
+    positions *= t.size(d);
+    rows_order.push_back(d);
+    lanes_order.push_back(d);
+  }
+  rows_order.push_back(0);
+  lanes_order.push_back(1);
+  lanes_order.push_back(0);
+  if (dense_in_order(t, rows_order)) return ProbsLayout{false, t.size(0) * positions, 1};
+  if (D > 2 && dense_in_order(t, lanes_order)) return ProbsLayout{true, t.size(0), positions};
+  if (D == 2 && dense_in_order(t, {0, 1})) return ProbsLayout{true, 1, t.size(0)};  // x.t()
+  return std::nullopt;
+}
+
+// Whether a and b (same sizes) lay their elements out alike.
+inline bool same_layout(const Tensor& a, const Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
 }  // namespace
 }  // namespace cpu
 
@@ -283,13 +337,20 @@ std::tuple<Tensor, Tensor> cross_entropy_probs_cpu(const Tensor& input_, const T
                                                    const OptTensor& weight, double label_smoothing,
                                                    int64_t reduction, bool compute_grad) {
   check_cross_entropy_probs_args(input_, target_, weight, label_smoothing, reduction);
-  const Tensor input = as_contiguous(input_);
-  const Tensor target = as_contiguous(target_);
+  // Scores walked where they lie when their layout allows (else a contiguous copy), the
+  // target brought to the same layout.
+  std::optional<cpu::ProbsLayout> walk = cpu::probs_layout(input_);
+  const Tensor input = walk ? input_ : as_contiguous(input_);
+  if (!walk) walk = cpu::probs_layout(input);
+  Tensor target = target_;
+  if (!cpu::same_layout(target_, input)) {
+    target = empty_cpu_strided(input.sizes(), input.strides(), input.scalar_type());
+    copy_into(target, target_);
+  }
   const int64_t C = input.dim() == 1 ? input.size(0) : input.size(1);
-  // Positions per image of K-dimensional scores (1 for (N, C)); a row per position.
-  int64_t K = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) K *= input.size(d);
-  const int64_t rows = input.dim() == 1 ? 1 : input.size(0) * K;
+  const bool tiled = walk->lanes;
+  const int64_t K = walk->positions;  // positions per image of the lanes' walk
+  const int64_t rows = walk->images * K;  // = the loss's elements
 
   std::vector<int64_t> loss_shape;  // 'none': the input's shape without its class dim
   if (reduction == kNone)
@@ -297,9 +358,9 @@ std::tuple<Tensor, Tensor> cross_entropy_probs_cpu(const Tensor& input_, const T
       if (d != 1 && input.dim() > 1) loss_shape.push_back(input.size(d));
   Tensor loss = empty(IntList(loss_shape.data(), loss_shape.size()), acc_scalar_type(input.scalar_type()), input);
   // The gradient in the input's layout where it is dense (the fake kernel's rule),
-  // written contiguous first when that is another layout.
+  // written in the scores' walk first when that is another layout.
   Tensor grad = compute_grad ? empty_cached_like(input_) : empty_none(input);
-  const bool relayout = compute_grad && !grad.is_contiguous();
+  const bool relayout = compute_grad && !cpu::same_layout(grad, input);
   const Tensor written = relayout ? empty_cached(grad.sizes(), grad.scalar_type()) : grad;
 
   LINCLASS_DISPATCH_FLOATING(input.scalar_type(), "cross_entropy_probs_cpu", [&] {
@@ -320,11 +381,10 @@ std::tuple<Tensor, Tensor> cross_entropy_probs_cpu(const Tensor& input_, const T
     const bool stream_grad = compute_grad && cpu::stream_gradient(nbytes(written));
     // Blocks of rows (or of tiles of W positions) fixed by the shape and summed in
     // order: the same bits at any thread count.
-    const bool tiled = input.dim() > 2;
     const bool lane_rows = !tiled && C <= cpu::kLaneMaxClasses;
     constexpr int64_t W = cpu::Vec<acc_t>::size();
     const int64_t tiles = (K + W - 1) / W;
-    const int64_t units = tiled ? input.size(0) * tiles : rows;
+    const int64_t units = tiled ? walk->images * tiles : rows;
     const int64_t unit_elements = std::max<int64_t>(C, 1) * (tiled ? W : 1);
     int64_t block = std::max<int64_t>(1, cpu::kBlockElements / unit_elements);
     if (lane_rows) block = (block + W - 1) / W * W;  // whole tiles
