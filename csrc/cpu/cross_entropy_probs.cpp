@@ -110,7 +110,7 @@ void probs_lanes(const acc_t* x, int64_t xs, const acc_t* t, int64_t ts, acc_t* 
   };
   // Each lane sums its C terms alone: in blocks of kSumBlock classes, then the blocks,
   // so a sum rounds ~kSumBlock + C / kSumBlock times instead of ~C times (float32 over
-  // thousands of classes lost 1e-4 of the gradient in the random suite).
+  // thousands of classes: bench/results/cross-entropy-probs.md, Precision).
   constexpr int64_t kSumBlock = 32;
   V s = zero, total = zero, a = zero;
   for (int64_t j0 = 0; j0 < C; j0 += kSumBlock) {
@@ -205,8 +205,8 @@ double probs_tiles(const scalar_t* x, const scalar_t* t, scalar_t* g, int64_t K,
 
 // Rows of up to kLaneMaxClasses classes (row_driver.h) take the lanes too, W rows a
 // tile transposed in and out (pack_tile / unpack_tile): on such short rows the row
-// path's horizontal sums and partial vectors are most of the work, 1.5-15x the time per
-// score (bench/results/cross-entropy-probs.md).
+// path's horizontal sums and partial vectors are most of the work
+// (bench/results/cross-entropy-probs.md).
 
 // Rows [begin, end) of (N, C) scores, W rows a tile in SIMD lanes: losses to loss_rows
 // (when set) and their sum.
@@ -279,7 +279,7 @@ double probs_rows(const scalar_t* x, const scalar_t* t, scalar_t* g, bool stream
 }
 
 // How the kernels walk a dense tensor of scores (or its target, or its gradient) in
-// place.  Rows: `rows` rows of C contiguous classes one after another (row-major
+// place.  Rows: `images` rows of C contiguous classes one after another (row-major
 // (N, C), channels-last maps; rows in the order of the loss's elements).  Lanes:
 // `images` blocks of C classes x `positions` positions, positions innermost
 // (contiguous (N, C, d1, ...), and column-major (N, C) as one image of N positions).
