@@ -2,6 +2,7 @@
 
     python bench/distributed_bench.py                      # the issue's shapes, K = 2
     python bench/distributed_bench.py --rows 256 --classes 32000 --linear 512,256,32000
+    python bench/distributed_bench.py --linear '' --probabilities   # targets of class probabilities too
 
 One process runs linclass.cross_entropy / linear_cross_entropy on the whole problem with
 K threads; K spawned ranks with 1 thread each run linclass.distributed's op on their class
@@ -58,10 +59,12 @@ def _peak_bytes() -> int:
 def _problem(kind, shape, rank, world, seed=0):
     """The inputs of this rank (the whole problem when world == 1)."""
     g = torch.Generator().manual_seed(seed)
-    if kind == "scores":
+    if kind in ("scores", "probs"):
         n, c = shape
         a, b = c * rank // world, c * (rank + 1) // world
         x = torch.randn(n, b - a, generator=g).requires_grad_(True)
+        if kind == "probs":  # this rank's columns of (unnormalized) class probabilities
+            return (x,), torch.rand(n, b - a, generator=g) * (2 / c)
         y = torch.randint(0, c, (n,), generator=g)
         return (x,), y
     n, d, c = shape
@@ -76,7 +79,7 @@ def _step(kind, tensors, y, sharded):
     import linclass
     import linclass.distributed as ld
 
-    if kind == "scores":
+    if kind in ("scores", "probs"):
         fn = ld.cross_entropy if sharded else linclass.cross_entropy
         loss = fn(tensors[0], y)
     else:
@@ -105,15 +108,28 @@ def _measure(kind, shape, rank, world, repeats, sharded, barrier):
     times = _timed(lambda: _step(kind, tensors, y, sharded), repeats, barrier)
     memory = _peak_bytes() - base
     traffic = []
-    if kind == "scores":
+    if kind in ("scores", "probs"):
         # The memory traffic of each design with plain torch ops, after the peak memory
         # was read: the one-process kernel reads the scores and writes the gradient
         # (copy_); a rank reads its shard for the row statistics (sum) and again with
-        # the gradient's write (copy_).
+        # the gradient's write (copy_).  Targets of class probabilities are read in
+        # each of those passes too (sum).
         x = tensors[0].detach()
         out = torch.empty_like(x)
-        step = (lambda: (x.sum(), out.copy_(x))) if sharded else (lambda: out.copy_(x))
-        traffic = _timed(step, repeats, barrier)
+        t = y if kind == "probs" else None
+
+        def one_pass():
+            out.copy_(x)
+            if t is not None:
+                t.sum()
+
+        def shard_passes():
+            x.sum()
+            if t is not None:
+                t.sum()
+            one_pass()
+
+        traffic = _timed(shard_passes if sharded else one_pass, repeats, barrier)
     return times, memory, traffic
 
 
@@ -177,11 +193,16 @@ def main(argv=None) -> int:
                         help="N,D,C of the linear + loss op ('' to skip)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--linear-repeats", type=int, default=2)
+    parser.add_argument("--probabilities", action="store_true",
+                        help="also cross_entropy against class probabilities (N x C floats)")
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args(argv)
 
     configs = [("scores", (args.rows, args.classes), args.repeats,
                 f"cross_entropy {args.rows} x {args.classes}")]
+    if args.probabilities:
+        configs.append(("probs", (args.rows, args.classes), args.repeats,
+                        f"cross_entropy {args.rows} x {args.classes}, class probabilities"))
     if args.linear:
         n, d, c = (int(v) for v in args.linear.split(","))
         configs.append(("linear", (n, d, c), args.linear_repeats,
@@ -194,7 +215,7 @@ def main(argv=None) -> int:
         f"`python bench/distributed_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
         "| op | 1 process: time | extra memory | per rank: time | extra memory | time ratio | memory ratio "
-        "| traffic as torch ops: rank (sum + copy_) / 1 process (copy_) |",
+        "| traffic as torch ops: rank (sums + copy_) / 1 process (copy_) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for kind, shape, repeats, name in configs:

@@ -86,6 +86,15 @@ Out2 mm_shard_grad_op(Tensor x, Tensor target, int64_t start, Tensor x_y, Tensor
                       int64_t p, double margin, bool compute_grad) {
   return cpu().mm_shard_grad(x, target, start, x_y, row_coef, p, margin, compute_grad);
 }
+Tensor ce_probs_shard_stats_op(Tensor x, Tensor target, OptTensor weight, double label_smoothing,
+                               int64_t classes) {
+  return cpu().ce_probs_shard_stats(x, target, weight, label_smoothing, classes);
+}
+Tensor ce_probs_shard_grad_op(Tensor x, Tensor target, OptTensor weight, double label_smoothing,
+                              int64_t classes, Tensor shift, Tensor exp_coef, double scale) {
+  return cpu().ce_probs_shard_grad(x, target, weight, label_smoothing, classes, shift, exp_coef,
+                                   scale);
+}
 
 #ifdef LINCLASS_WITH_CUDA
 Out4 linear_cross_entropy_cuda_op(Tensor input, Tensor weight, OptTensor bias, Tensor target,
@@ -192,6 +201,12 @@ STABLE_TORCH_LIBRARY(linclass, m) {
   m.def(
       "_mm_shard_grad(Tensor x, Tensor target, int start, Tensor x_y, Tensor row_coef, int p, "
       "float margin, bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "_ce_probs_shard_stats(Tensor x, Tensor target, Tensor? weight, float label_smoothing, "
+      "int classes) -> Tensor");
+  m.def(
+      "_ce_probs_shard_grad(Tensor x, Tensor target, Tensor? weight, float label_smoothing, "
+      "int classes, Tensor shift, Tensor exp_coef, float scale) -> Tensor");
 
   // The CPU kernels' ISA: the active one, switching it, the loaded ones (cpu/ops.h).
   m.def("_cpu_isa() -> str");
@@ -238,6 +253,8 @@ STABLE_TORCH_LIBRARY_IMPL(linclass, CPU, m) {
   m.impl("_ce_shard_stats", TORCH_BOX(&ce_shard_stats_op));
   m.impl("_ce_shard_grad", TORCH_BOX(&ce_shard_grad_op));
   m.impl("_mm_shard_grad", TORCH_BOX(&mm_shard_grad_op));
+  m.impl("_ce_probs_shard_stats", TORCH_BOX(&ce_probs_shard_stats_op));
+  m.impl("_ce_probs_shard_grad", TORCH_BOX(&ce_probs_shard_grad_op));
 }
 
 #ifdef LINCLASS_WITH_CUDA

@@ -26,6 +26,13 @@ global C):
 S' is summed apart from the target's term (not S - e_y) so 1 - p_y keeps its precision
 when the row is confident: the same formula as the one-process kernels.
 
+Cross-entropy against class probabilities t (this rank's slice of the (N, C) target;
+t'_j = k t_j + q; C++ kernels on CPU, the torch ops otherwise: no Triton kernels yet):
+  phase 1, rank r:  m_r, s_r as above,  T_r = sum_j w_j t'_j,  A_r = sum_j w_j t'_j (x_j - m_r)
+  merge:            M, S as above,  T = sum_r T_r,  A = sum_r A_r + T_r (m_r - M)
+  loss:             T log S - A  ('mean' divides by N, whatever the weights, as torch)
+  phase 2:          dx_j = scale [T e_j exp(m_r - M) / S - w_j t'_j]
+
 Multi-margin (hinge): h_j = margin - x_y + x_j for j != y, v = w_y / C:
   phase 1: the owner of y gives x_y (exchanged first: every rank needs it)
   phase 2: l_r = sum_{j in r, j != y} max(0, h_j)^p,  dx_j = scale v p max(0, h_j)^(p-1) [h_j > 0],
@@ -220,6 +227,95 @@ def ce_phase2(x: Tensor, target: Tensor, start: int, weight_local: Tensor | None
     ignored = (merged.exp_coef == 0) & (merged.weight_coef == 0) & (merged.target_grad == 0)
     g.masked_fill_(ignored.unsqueeze(1), 0.0)
     return g
+
+
+# ---- cross-entropy against class probabilities --------------------------------------
+
+CE_PROBS_STATS = 4  # m_r, s_r, T_r, A_r
+
+
+def _smoothed_weighted(t: Tensor, weight_local: Tensor | None, label_smoothing: float,
+                       classes: int) -> Tensor:
+    """w_j t'_j with t' = (1 - eps) t + eps / C (the global C): a new tensor, as torch forms
+    it (a -inf score then meets eps / C > 0, not a 0 target, and gives an inf loss)."""
+    wt = t * (1.0 - label_smoothing) + label_smoothing / classes if label_smoothing else t.clone()
+    if weight_local is not None:
+        wt.mul_(weight_local.to(wt.dtype).unsqueeze(0))
+    return wt
+
+
+def ce_probs_phase1(x: Tensor, t: Tensor, weight_local: Tensor | None, label_smoothing: float,
+                    classes: int) -> Tensor:
+    """The (CE_PROBS_STATS, N) row statistics of this shard against its slice t of the
+    target probabilities: m_r = max x_j, s_r = sum exp(x_j - m_r), T_r = sum w_j t'_j,
+    A_r = sum w_j t'_j (x_j - m_r) (C++ kernels for CPU tensors with the 'cpp' backend,
+    else the torch ops below)."""
+    acc = accumulation_dtype(x.dtype)
+    n, width = x.shape
+    if phase_kernels(x) == "cpp":
+        return torch.ops.linclass._ce_probs_shard_stats(x.to(acc), t.to(acc), weight_local,
+                                                        label_smoothing, classes)
+    if not width:
+        zero = torch.zeros(n, dtype=acc, device=x.device)
+        return torch.stack([torch.full_like(zero, float("-inf")), zero, zero, zero])
+    xa = x.to(acc)
+    m = xa.amax(1)
+    # As ce_phase1: a shard with no finite max is shifted by 0 (its -inf scores stay -inf).
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    d = xa - shift.unsqueeze(1)  # a new buffer: the scores stay intact
+    wt = _smoothed_weighted(t.to(acc), weight_local, label_smoothing, classes)
+    big_t = wt.sum(1)
+    a = wt.mul_(d).sum(1)  # 0 * -inf = NaN where a -inf score has target 0, as in torch
+    s = d.exp_().sum(1)
+    return torch.stack([m, s, big_t, a])
+
+
+class MergedProbs(NamedTuple):
+    """ce_probs_merge's result, per row (N,)."""
+
+    loss: Tensor      # loss rows (NaN where the row is NaN)
+    shift: Tensor     # this rank's shift m_r (0 where it is not finite)
+    exp_coef: Tensor  # dx_j = exp_coef exp(x_j - shift) - scale w_j t'_j
+    scale: Tensor     # () the reduction's factor (1 / N for 'mean')
+
+
+def ce_probs_merge(stats: Tensor, reduction: str, rank: int) -> MergedProbs:
+    """The loss rows T log S - A and phase 2's coefficients from the gathered
+    (K, CE_PROBS_STATS, N) statistics: M = max_r m_r, S = sum_r s_r exp(m_r - M),
+    T = sum_r T_r, A = sum_r A_r + T_r (m_r - M)."""
+    m, s, big_t, a = stats.unbind(1)  # each (K, N)
+    acc = stats.dtype
+    n = stats.shape[2]
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    big_m = m.amax(0)  # +inf or NaN anywhere (or all -inf): a NaN row, as in torch
+    nan_rows = ~torch.isfinite(big_m)
+    big_m = torch.where(nan_rows, torch.zeros_like(big_m), big_m)
+    factor = torch.where(s > 0, torch.exp(shift - big_m), torch.zeros_like(s))
+    big_s = (s * factor).sum(0)
+    total_t = big_t.sum(0)
+    # A shard with no finite max has T_r (0 - M) added to its A_r of -inf or NaN: unchanged.
+    total_a = (a + big_t * (shift - big_m)).sum(0)
+    nan = torch.full_like(total_t, float("nan"))
+    loss = torch.where(nan_rows, nan, total_t * torch.log(big_s) - total_a)
+    one = torch.ones((), dtype=acc, device=stats.device)
+    scale = mean_of(one, n) if reduction == "mean" else one
+    exp_coef = torch.where(nan_rows, nan, scale * total_t * factor[rank] / big_s)
+    return MergedProbs(loss, shift[rank].contiguous(), exp_coef.contiguous(), scale)
+
+
+def ce_probs_phase2(x: Tensor, t: Tensor, weight_local: Tensor | None, merged: MergedProbs,
+                    label_smoothing: float, classes: int) -> Tensor:
+    """This shard's d loss / d scores (accumulation dtype): exp_coef exp(x_j - m_r) minus
+    scale w_j t'_j (a -inf score gets exactly -scale w_j t'_j, its exponential being 0)."""
+    acc = accumulation_dtype(x.dtype)
+    if phase_kernels(x) == "cpp":
+        return torch.ops.linclass._ce_probs_shard_grad(x.to(acc), t.to(acc), weight_local,
+                                                       label_smoothing, classes, merged.shift,
+                                                       merged.exp_coef, float(merged.scale))
+    g = x.to(acc) - merged.shift.unsqueeze(1)
+    g = g.exp_().mul_(merged.exp_coef.unsqueeze(1))
+    wt = _smoothed_weighted(t.to(acc), weight_local, label_smoothing, classes)
+    return g.sub_(wt.mul_(merged.scale))
 
 
 # ---- multi-margin ------------------------------------------------------------------

@@ -19,7 +19,8 @@ backward.  Collectives per call (each one stacked buffer):
     input that would make the ranks' buffers differ raises a clear error on every rank
     instead of crashing or hanging in the collective that follows;
   - cross-entropy: one all-gather of 6 numbers per row (max, sums of exponentials, the
-    target's score, the label-smoothing sum: the max-merge of online softmax);
+    target's score, the label-smoothing sum: the max-merge of online softmax); against
+    class probabilities (each rank passing its columns of them), 4 numbers per row;
   - multi-margin: one all-gather of the target scores, then one of 2 numbers per row.
 The linear + loss ops (the head's weight sharded by classes) add one all-gather per
 block of rows for cross-entropy and an all-reduce of the input's gradient.
@@ -179,7 +180,22 @@ class _ShardedLoss(torch.autograd.Function):
         return grad, None, None
 
 
-def _check_common(op: str, scores, target, weight, reduction: str) -> None:
+def _check_probabilities(op: str, scores, target) -> None:
+    """A float target: this rank's slice (N, C_local) of the class probabilities."""
+    if tuple(target.shape) != tuple(scores.shape):
+        raise ValueError(f"{op}: a target of class probabilities must be this rank's slice of "
+                         f"them, shaped as scores_local {list(scores.shape)}, got "
+                         f"{list(target.shape)}")
+    if target.dtype != scores.dtype:
+        raise TypeError(f"{op}: target probabilities must have the scores' dtype {scores.dtype}, "
+                        f"got {target.dtype}")
+    if target.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: the loss is not differentiable with respect to the target "
+                           "probabilities; pass target.detach()")
+
+
+def _check_common(op: str, scores, target, weight, reduction: str,
+                  probabilities: bool = False) -> None:
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"{op}: scores_local must be a Tensor, got {type(scores).__name__}")
     if scores.dtype not in _FLOAT_TYPES:
@@ -187,10 +203,13 @@ def _check_common(op: str, scores, target, weight, reduction: str) -> None:
                         f"{scores.dtype}")
     if scores.dim() != 2:
         raise ValueError(f"{op}: scores_local must be (N, C_local), got shape {list(scores.shape)}")
-    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32, torch.uint8):
-        raise TypeError(f"{op}: target must be a tensor of class indices (int64), got "
+    if probabilities and isinstance(target, torch.Tensor) and target.is_floating_point():
+        _check_probabilities(op, scores, target)
+    elif not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32, torch.uint8):
+        kinds = " or of this shard's class probabilities" if probabilities else ""
+        raise TypeError(f"{op}: target must be a tensor of class indices (int64){kinds}, got "
                         f"{getattr(target, 'dtype', type(target).__name__)}")
-    if tuple(target.shape) != (scores.shape[0],):
+    elif tuple(target.shape) != (scores.shape[0],):
         raise ValueError(f"{op}: target must be ({scores.shape[0]},), one global class index per "
                          f"row, got shape {list(target.shape)}")
     if target.device != scores.device:
@@ -267,6 +286,9 @@ def _enter(op: str, scores, target, group, class_start, weight, check,
     layout = exchange_layout(op, group, getattr(scores, "shape", None),
                              getattr(scores, "device", None), target, class_start, fingerprint,
                              weight, error)
+    if target.is_floating_point():  # class probabilities (checked by `check`)
+        _check_weight_size(op, weight, layout.classes)
+        return layout, target, options
     target = target.long()
     _check_range(op, target, layout.classes, ignore_index, range_error)
     _check_weight_size(op, weight, layout.classes)
@@ -299,8 +321,17 @@ def _dtensor_call(fn, scores, target, weight, kwargs):
 
     classes = scores.shape[1]
     chunk = math.ceil(classes / mesh.size())  # torch.chunk's split, as Shard(1) uses it
-    kwargs["class_start"] = min(mesh.get_coordinate()[0] * chunk, classes)
-    loss = fn(scores.to_local(), local(target), mesh.get_group(), weight=local(weight), **kwargs)
+    start = kwargs["class_start"] = min(mesh.get_coordinate()[0] * chunk, classes)
+    scores_local = scores.to_local()
+    if isinstance(target, torch.Tensor) and target.is_floating_point() and target.dim() == 2:
+        # Class probabilities: this rank's columns, from a DTensor sharded as the scores
+        # without a collective, else from the whole (N, C).
+        if isinstance(target, DTensor) and target.placements == placements \
+                and target.device_mesh == mesh:
+            target = target.to_local()
+        elif local(target).shape[1] == classes:
+            target = local(target)[:, start:start + scores_local.shape[1]]
+    loss = fn(scores_local, local(target), mesh.get_group(), weight=local(weight), **kwargs)
     return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
 
 
@@ -321,18 +352,28 @@ def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, 
     (N, C) (class_start defaults to the sum of the lower ranks' C_local).  target: (N,)
     global class indices, the same on every rank.  weight: the (C,) weights of all
     classes.  Label smoothing spreads over the global C.  Returns the loss, the same on
-    every rank (per row for 'none')."""
+    every rank (per row for 'none').
+
+    target may also be this rank's slice (N, C_local) of class probabilities (floats of
+    the scores' dtype, the columns of scores_local; a detached tensor), as
+    ``F.cross_entropy(scores, probabilities)`` of the gathered tensors: 'mean' divides by
+    N, label smoothing mixes in eps / C of the global C, ignore_index is not supported."""
     if _is_dtensor(scores_local):
         return _dtensor_call(cross_entropy, scores_local, target, weight, dict(
             class_start=class_start, ignore_index=ignore_index,
             label_smoothing=label_smoothing, reduction=reduction))
     op = "linclass.distributed.cross_entropy"
+    probabilities = isinstance(target, torch.Tensor) and target.is_floating_point()
 
     def check():
-        _check_common(op, scores_local, target, weight, reduction)
+        _check_common(op, scores_local, target, weight, reduction, probabilities=True)
         _check_smoothing(op, label_smoothing)
-        return dict(ignore_index=_ignore_index(ignore_index),
-                    label_smoothing=float(label_smoothing), reduction=reduction)
+        ignored = _ignore_index(ignore_index)
+        if probabilities and ignored >= 0:  # torch's rule
+            raise ValueError(f"{op}: ignore_index is not supported for a target of class "
+                             f"probabilities, got ignore_index={ignored}")
+        return dict(ignore_index=ignored, label_smoothing=float(label_smoothing),
+                    reduction=reduction, probabilities=probabilities)
 
     layout, target, options = _enter(op, scores_local, target, group, class_start, weight, check,
                                      IndexError)
@@ -340,6 +381,19 @@ def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, 
     start, width = layout.start, scores_local.shape[1]
     weight_local = None if weight is None else weight[start:start + width]
     compute_grad = scores_local.requires_grad and torch.is_grad_enabled()
+
+    def compute_probabilities():
+        x = scores_local.detach()
+        stats = _sharded.ce_probs_phase1(x, target, weight_local, label_smoothing,
+                                         layout.classes)
+        merged = _sharded.ce_probs_merge(_gather_rows(stats, group, layout.world), reduction,
+                                         layout.rank)
+        loss = _reduce(merged.loss, reduction, x.shape[0])
+        grad = None
+        if compute_grad:
+            grad = _sharded.ce_probs_phase2(x, target, weight_local, merged, label_smoothing,
+                                            layout.classes).to(scores_local.dtype)
+        return loss.to(_torch_loss_dtype(scores_local)), grad
 
     def compute():
         x = scores_local.detach()
@@ -355,9 +409,10 @@ def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, 
             grad = grad.to(scores_local.dtype)
         return loss.to(_torch_loss_dtype(scores_local)), grad
 
+    run = compute_probabilities if probabilities else compute
     if not compute_grad:
-        return compute()[0]
-    return _ShardedLoss.apply(scores_local, compute, reduction == "none")
+        return run()[0]
+    return _ShardedLoss.apply(scores_local, run, reduction == "none")
 
 
 def multi_margin_loss(scores_local: torch.Tensor, target: torch.Tensor, group=None, *,
@@ -736,14 +791,19 @@ def global_mean_denominator(target: torch.Tensor, weight: torch.Tensor | None = 
 
     DDP averages the gradients over the world_size ranks, so they become those of the
     global batch's mean; the global mean loss is the all-reduced sum of `loss` / world_size.
+    For a target of class probabilities (C on dimension 1) it is the global number of
+    rows, which torch's 'mean' divides by whatever the weights.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("global_mean_denominator: torch.distributed is not initialized; call "
                            "torch.distributed.init_process_group first")
-    valid = target != ignore_index
-    if weight is None:
-        local = valid.sum().to(torch.float64)
+    if target.is_floating_point():  # class probabilities: 'mean' divides by the rows
+        rows = math.prod(target.shape[:1] + target.shape[2:]) if target.dim() > 1 else 1
+        local = torch.tensor(float(rows), dtype=torch.float64, device=target.device)
+    elif weight is None:
+        local = (target != ignore_index).sum().to(torch.float64)
     else:
+        valid = target != ignore_index
         local = torch.where(valid, weight.to(torch.float64)[target.long().clamp(0, weight.numel() - 1)],
                             torch.zeros((), dtype=torch.float64, device=target.device)).sum()
     device = target.device if dist.get_backend(group) == "nccl" else torch.device("cpu")

@@ -140,6 +140,80 @@ def _case_matches_unsharded(rank, world):
     for backend, full in _phase_backends():
         with linclass.backends.use(backend):
             _matches_unsharded(rank, world, full)
+            _probabilities_match_unsharded(rank, world)
+
+
+def _sliced_target(fn):
+    """fn called with this rank's columns of a (N, C) target of class probabilities."""
+    def sharded(local, target, class_start=None, **kwargs):
+        a, width = sharded.shard
+        return fn(local, target[:, a:a + width], class_start=class_start, **kwargs)
+
+    sharded.__name__ = f"{fn.__name__}[probabilities]"
+    return sharded
+
+
+def _probabilities_match_unsharded(rank, world):
+    """Targets of class probabilities: each rank passes its columns of them (the phases
+    run as C++ kernels with the cpp backend, as torch ops with the others)."""
+    import linclass.distributed as ld
+
+    g = torch.Generator().manual_seed(5)
+    n, classes = 7, 11
+    x64 = torch.randn(n, classes, generator=g, dtype=torch.float64) * 4
+    x64[1, 5] = 40.0
+    probs = torch.softmax(torch.randn(n, classes, generator=g, dtype=torch.float64) * 2, 1)
+    probs[2] = 0.0  # a one-hot row (zeros elsewhere)
+    probs[2, 7] = 1.0
+    probs[3] *= 1.7  # not normalized: torch takes them as they are
+    w = torch.rand(classes, generator=g, dtype=torch.float64) + 0.1
+    fn = _sliced_target(ld.cross_entropy)
+    for name, layout in _layouts(classes, world):
+        fn.shard = _shard(x64, layout, rank)
+        for dtype, tol in ((torch.float64, F64), (torch.float32, F32)):
+            for kwargs in (dict(), dict(weight=w), dict(label_smoothing=0.2),
+                           dict(weight=w, label_smoothing=0.05)):
+                kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                for reduction in ("mean", "sum", "none"):
+                    _compare(rank, world, fn, F.cross_entropy, x64.to(dtype), probs.to(dtype), layout,
+                             dict(kwargs, reduction=reduction), tol)
+    layout = next(_layouts(classes, world))[1]
+    fn.shard = _shard(x64, layout, rank)
+    # Shards far below the global max (their exponentials underflow) keep their target terms.
+    far = x64.clone()
+    far[:, 0] = 900.0
+    for kwargs in (dict(), dict(label_smoothing=0.1, reduction="none")):
+        for dtype, tol in ((torch.float64, F64), (torch.float32, F32)):
+            _compare(rank, world, fn, F.cross_entropy, far.to(dtype), probs.to(dtype), layout, kwargs, tol)
+    # -inf scores with target 0 (NaN loss, 0 gradient) and with target > 0 or smoothing
+    # (inf loss), a shard all -inf, a row all -inf, +inf and NaN scores: torch's values,
+    # row by row.
+    odd = x64.clone()
+    odd[0, 1] = float("-inf")
+    odd[1, 2] = float("-inf")
+    odd[4, :] = float("-inf")
+    odd[4, 0] = 2.0
+    odd[3, :] = float("-inf")
+    odd[5, 4] = float("inf")
+    odd[6, 6] = float("nan")
+    hard = probs.clone()
+    hard[0, 1] = 0.0
+    for kwargs in (dict(reduction="none"), dict(reduction="none", label_smoothing=0.1)):
+        _compare(rank, world, fn, F.cross_entropy, odd, hard, layout, kwargs, F64)
+    # No rows: 'mean' is NaN, as in torch.
+    _compare(rank, world, fn, F.cross_entropy, x64[:0], probs[:0], layout, dict(), F64)
+    # Half precision: within a few ulps of the float64 result.
+    a, width = fn.shard
+    for dtype, rtol in ((torch.bfloat16, 2**-7), (torch.float16, 2**-9)):
+        local = x64[:, a:a + width].to(dtype).requires_grad_(True)
+        loss = ld.cross_entropy(local, probs[:, a:a + width].to(dtype), label_smoothing=0.1)
+        loss.backward()
+        full = x64.to(dtype).double().requires_grad_(True)
+        ref = F.cross_entropy(full, probs.to(dtype).double(), label_smoothing=0.1)
+        ref.backward()
+        assert loss.dtype == dtype and local.grad.dtype == dtype
+        torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=1e-3)
+        torch.testing.assert_close(local.grad.double(), full.grad[:, a:a + width], rtol=rtol, atol=1e-3)
 
 
 def _matches_unsharded(rank, world, full=True):
@@ -238,6 +312,13 @@ def _case_collectives(rank, world):
             loss.backward()
         assert forward.get_total_counts() == expected, (fn.__name__, forward.get_comm_counts())
         assert backward.get_total_counts() == 0, (fn.__name__, backward.get_comm_counts())
+    probs = torch.softmax(torch.randn(6, 5), 1)
+    with CommDebugMode() as forward:
+        loss = ld.cross_entropy(x, probs, label_smoothing=0.1)
+    with CommDebugMode() as backward:
+        loss.backward()
+    assert forward.get_total_counts() == 2, forward.get_comm_counts()
+    assert backward.get_total_counts() == 0, backward.get_comm_counts()
 
 
 def _expect_error(fn, error, match):
@@ -278,6 +359,17 @@ def _case_bad_input(rank, world):
         _expect_error(lambda: fn(x, y, weight=torch.ones(classes + 1)), RuntimeError,
                       "one entry per class")
     _expect_error(lambda: ld.cross_entropy(x, y, label_smoothing=1.5), ValueError, "label_smoothing")
+    probs = torch.softmax(torch.randn(n, width), 1)
+    # Class probabilities: the rank's own columns, the scores' dtype, no gradient, no
+    # ignore_index; a rank passing class indices while the others pass probabilities.
+    _expect_error(lambda: ld.cross_entropy(x, torch.rand(n, classes)), ValueError, "shaped as scores_local")
+    _expect_error(lambda: ld.cross_entropy(x, probs.double()), TypeError, "scores' dtype")
+    _expect_error(lambda: ld.cross_entropy(x, probs.clone().requires_grad_(True)), RuntimeError,
+                  "not differentiable")
+    _expect_error(lambda: ld.cross_entropy(x, probs, ignore_index=1), ValueError,
+                  "ignore_index is not supported")
+    _expect_error(lambda: ld.multi_margin_loss(x, probs), TypeError, "class indices")
+    _expect_error(lambda: ld.cross_entropy(x, probs if rank else y), ValueError, "different options")
     _expect_error(lambda: ld.multi_margin_loss(x, y, p=3), ValueError, "p == 1")
     # A bad option on one rank only: raised on every rank after the layout exchange (the
     # rank at fault its own error), never before it, where the others would wait.
@@ -325,6 +417,20 @@ def _case_dtensor(rank, world):
         expected.backward()
         torch.testing.assert_close(loss.to_local(), expected.detach(), **F64)
         torch.testing.assert_close(scores.grad.full_tensor(), full.grad, **F64)
+    # Class probabilities: as a DTensor sharded like the scores, replicated, or a plain
+    # (N, C) tensor; each rank reads its columns.
+    probs = torch.softmax(torch.randn(x.shape, generator=g, dtype=torch.float64), 1)
+    full = x.clone().requires_grad_(True)
+    expected = F.cross_entropy(full, probs, label_smoothing=0.1)
+    expected.backward()
+    for target in (distribute_tensor(probs, mesh, [Shard(1)]),
+                   distribute_tensor(probs, mesh, [Replicate()]), probs):
+        scores = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_(True)
+        loss = ld.cross_entropy(scores, target, label_smoothing=0.1)
+        assert isinstance(loss, DTensor) and loss.placements == (Replicate(),)
+        loss.backward()
+        torch.testing.assert_close(loss.to_local(), expected.detach(), **F64)
+        torch.testing.assert_close(scores.grad.full_tensor(), full.grad, **F64)
     with pytest.raises(ValueError, match="Shard\\(1\\)"):
         ld.cross_entropy(distribute_tensor(x, mesh, [Shard(0)]), y)
 
@@ -361,6 +467,20 @@ def _case_data_parallel_mean(rank, world):
     expected.backward()
     torch.testing.assert_close(total / world, expected.detach(), **F64)
     torch.testing.assert_close(grad, full_w.grad, **F64)
+
+    # Class probabilities: the global number of rows, whatever the weights.
+    probs = torch.softmax(torch.randn(sum(sizes), classes, generator=g, dtype=torch.float64), 1)
+    denom = ld.global_mean_denominator(probs[a:a + sizes[rank]], class_weight)
+    assert float(denom) == sum(sizes)
+    w = w0.clone().requires_grad_(True)
+    loss = linclass.cross_entropy(xs @ w.t(), probs[a:a + sizes[rank]], class_weight,
+                                  reduction="sum") * world / denom
+    loss.backward()
+    grad = w.grad.clone()
+    dist.all_reduce(grad)
+    full_w = w0.clone().requires_grad_(True)
+    F.cross_entropy(x @ full_w.t(), probs, class_weight).backward()
+    torch.testing.assert_close(grad / world, full_w.grad, **F64)
 
 
 def _case_linear_matches_unsharded(rank, world):

@@ -27,29 +27,12 @@
 
 #include "buffer_cache.h"
 #include "common.h"
+#include "cross_entropy_probs.h"
 #include "row_driver.h"
 
 namespace linclass {
 namespace cpu {
 namespace {
-
-template <typename acc_t>
-struct ProbsParams {
-  int64_t classes;
-  const acc_t* weight;  // nullptr: every class weighs 1
-  acc_t keep;           // 1 - label_smoothing
-  acc_t spread;         // label_smoothing / C
-  acc_t scale;          // of the gradient: 1 / rows for 'mean', else 1
-};
-
-// w_j t'_j for the lanes [j, j + n) (zero past n).
-template <typename acc_t>
-inline Vec<acc_t> weighted_target(const acc_t* t, int64_t j, int64_t n, const ProbsParams<acc_t>& p) {
-  using V = Vec<acc_t>;
-  V wt = fmadd(V::loadu(t + j, n), V(p.keep), V(p.spread));
-  if (p.weight) return wt * V::loadu(p.weight + j, n);  // zero-filled past n
-  return n < V::size() ? V::set(V(acc_t(0)), wt, n) : wt;
-}
 
 // One row's loss; with g, its gradient to g (through `stream` when set), the
 // exponentials kept in `work` (C elements) between the passes.
@@ -57,7 +40,6 @@ template <typename acc_t>
 acc_t probs_row(const acc_t* x, const acc_t* t, acc_t* work, acc_t* g, LineStream<acc_t>* stream,
                 const ProbsParams<acc_t>& p) {
   using V = Vec<acc_t>;
-  constexpr int64_t W = V::size();
   const int64_t C = p.classes;
   const acc_t m = max_of(x, C);
   if (!std::isfinite(m)) {  // a +inf score, or every score -inf
@@ -65,26 +47,14 @@ acc_t probs_row(const acc_t* x, const acc_t* t, acc_t* work, acc_t* g, LineStrea
     if (g) store_map(g, 0, C, stream, [nan](int64_t, int64_t) { return V(nan); });
     return nan;
   }
-  const V vm(m), zero(acc_t(0));
-  V s = zero, total = zero, a = zero;
-  for (int64_t j = 0; j < C; j += W) {
-    const int64_t n = std::min<int64_t>(W, C - j);
-    const V d = V::loadu(x + j, n) - vm;
-    const V e = n < W ? V::set(zero, vexp(d), n) : vexp(d);
-    if (g) e.store(work + j, n);
-    const V wt = weighted_target(t, j, n, p);
-    s = s + e;
-    total = total + wt;
-    a = fmadd(wt, d, a);  // lanes past n: 0 * (-m), finite
-  }
-  const acc_t sum = hsum(s), weight_total = hsum(total);
+  const ProbsSums<acc_t> sums = probs_row_sums(x, t, m, g ? work : nullptr, p);
   if (g) {
-    const V coef(p.scale * weight_total / sum), scale(p.scale);
+    const V coef(p.scale * sums.total / sums.s), scale(p.scale);
     store_map(g, 0, C, stream, [&](int64_t j, int64_t n) {
       return coef * V::loadu(work + j, n) - scale * weighted_target(t, j, n, p);
     });
   }
-  return weight_total * std::log(sum) - hsum(a);
+  return sums.total * std::log(sums.s) - sums.a;
 }
 
 // W positions in SIMD lanes (the first `lanes` of them): class j of lane l at

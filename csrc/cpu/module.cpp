@@ -29,6 +29,8 @@ PyMODINIT_FUNC LINCLASS_CAT(PyInit__cpu_, LINCLASS_ISA)(void) {
       &ce_shard_stats_cpu,
       &ce_shard_grad_cpu,
       &mm_shard_grad_cpu,
+      &ce_probs_shard_stats_cpu,
+      &ce_probs_shard_grad_cpu,
   };
   if (linclass_offer_cpu_kernels(&table) != 0) {
     PyErr_SetString(PyExc_ImportError, "linclass: too many CPU kernel tables");

@@ -67,6 +67,11 @@ std::tuple<Tensor, Tensor> mm_shard_grad_cpu(const Tensor& x, const Tensor& targ
                                                      int64_t start, const Tensor& x_y,
                                                      const Tensor& row_coef, int64_t p,
                                                      double margin, bool compute_grad);
+Tensor ce_probs_shard_stats_cpu(const Tensor& x, const Tensor& target, const OptTensor& weight,
+                                double label_smoothing, int64_t classes);
+Tensor ce_probs_shard_grad_cpu(const Tensor& x, const Tensor& target, const OptTensor& weight,
+                               double label_smoothing, int64_t classes, const Tensor& shift,
+                               const Tensor& exp_coef, double scale);
 
 // One ISA's build of the entry points above.
 struct CpuKernels {
@@ -81,6 +86,8 @@ struct CpuKernels {
   decltype(&ce_shard_stats_cpu) ce_shard_stats;
   decltype(&ce_shard_grad_cpu) ce_shard_grad;
   decltype(&mm_shard_grad_cpu) mm_shard_grad;
+  decltype(&ce_probs_shard_stats_cpu) ce_probs_shard_stats;
+  decltype(&ce_probs_shard_grad_cpu) ce_probs_shard_grad;
 };
 
 // csrc/cpu_dispatch.cpp (in linclass._C).  A module offers its table through

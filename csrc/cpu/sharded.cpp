@@ -7,6 +7,9 @@
 //                     target's entry, from the merged row coefficients
 //   _mm_shard_grad    multi-margin phase 2: given x_y, the row sums (loss part, gradient
 //                     part) and dx_j for j != y
+//   _ce_probs_shard_stats / _ce_probs_shard_grad   cross-entropy against this shard's
+//                     columns t of class probabilities: per row m, s, T, A (4 x N); then
+//                     dx_j = a_i exp(x_j - shift_i) - scale w_j t'_j
 // Phase 2 reads the scores again instead of keeping phase 1's exponentials: one pass over
 // x and one over dx (streamed), where keeping them would add a write and a read of N x C.
 // float32 and float64 (the caller converts half types); rows in parallel; every row's
@@ -16,6 +19,7 @@
 #include "cpu/ops.h"
 
 #include "buffer_cache.h"
+#include "cross_entropy_probs.h"
 #include "loss_driver.h"
 #include "vec_util.h"
 
@@ -149,6 +153,70 @@ void mm_grad_rows(const T* x, const int64_t* target, int64_t N, int64_t C, int64
   });
 }
 
+template <typename T>
+void ce_probs_stats_rows(const T* x, const T* t, int64_t N, const cpu::ProbsParams<T>& p, T* out) {
+  const int64_t C = p.classes;
+  linclass::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const T m = C ? cpu::max_of(x + i * C, C) : -std::numeric_limits<T>::infinity();
+      // As ce_stats_rows: no finite max, a shift of 0 (the merge makes such rows NaN
+      // where the global max is not finite either).
+      const cpu::ProbsSums<T> sums = cpu::probs_row_sums<T>(x + i * C, t + i * C,
+                                                         std::isfinite(m) ? m : T(0), nullptr, p);
+      out[i] = m;
+      out[N + i] = sums.s;
+      out[2 * N + i] = sums.total;
+      out[3 * N + i] = sums.a;
+    }
+  });
+}
+
+template <typename T>
+void ce_probs_grad_rows(const T* x, const T* t, int64_t N, const cpu::ProbsParams<T>& p,
+                        const T* shift, const T* a, T* g) {
+  const int64_t C = p.classes;
+  const bool stream = stream_rows(N, C, sizeof(T));
+  linclass::parallel_for(0, N, grain(C), [&](int64_t r0, int64_t r1) {
+    cpu::LineStream<T> line_stream;
+    cpu::LineStream<T>* const sink = stream ? &line_stream : nullptr;
+    const Vec<T> scale(p.scale);
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* row = x + i * C;
+      const T* trow = t + i * C;
+      const Vec<T> vs(shift[i]), va(a[i]);
+      cpu::store_map(g + i * C, 0, C, sink, [&](int64_t j, int64_t n) {
+        return cpu::vexp(Vec<T>::loadu(row + j, n) - vs) * va -
+               scale * cpu::weighted_target(trow, j, n, p);
+      });
+    }
+    if (stream) line_stream.finish();
+  });
+}
+
+void check_probs_shard(const Tensor& x, const Tensor& target, const char* op) {
+  LINCLASS_CHECK(x.dim() == 2, op, ": scores must be (N, C_local)");
+  LINCLASS_CHECK(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double, op,
+                 ": scores must be float32 or float64");
+  LINCLASS_CHECK(target.sizes() == x.sizes() && target.scalar_type() == x.scalar_type(), op,
+                 ": target probabilities must be shaped and typed as the scores");
+}
+
+// The weights of this shard's classes in the scores' dtype, and ProbsParams over them.
+template <typename T>
+cpu::ProbsParams<T> probs_params(const Tensor& x, const Tensor& w, double label_smoothing,
+                                 int64_t classes, double scale) {
+  LINCLASS_CHECK(classes > 0, "class-sharded cross-entropy: the global class count must be > 0");
+  return {x.size(1), w.defined() ? w.const_data_ptr<T>() : nullptr, T(1.0 - label_smoothing),
+          T(label_smoothing / double(classes)), T(scale)};
+}
+
+Tensor shard_weight(const OptTensor& weight, const Tensor& x, const char* op) {
+  if (!weight) return Tensor();
+  LINCLASS_CHECK(weight->dim() == 1 && weight->size(0) == x.size(1), op,
+                 ": weight must hold this shard's C_local class weights");
+  return as_contiguous(to_dtype(*weight, x.scalar_type()));
+}
+
 }  // namespace
 
 Tensor ce_shard_stats_cpu(const Tensor& x_, const Tensor& target_, int64_t start,
@@ -222,6 +290,42 @@ std::tuple<Tensor, Tensor> mm_shard_grad_cpu(const Tensor& x_, const Tensor& tar
                            compute_grad ? g.mutable_data_ptr<scalar_t>() : nullptr);
   });
   return {stats, g};
+}
+
+Tensor ce_probs_shard_stats_cpu(const Tensor& x_, const Tensor& target_, const OptTensor& weight,
+                                double label_smoothing, int64_t classes) {
+  check_probs_shard(x_, target_, "_ce_probs_shard_stats");
+  const Tensor x = as_contiguous(x_), target = as_contiguous(target_);
+  const Tensor w = shard_weight(weight, x, "_ce_probs_shard_stats");
+  const int64_t N = x.size(0);
+  Tensor out = empty({4, N}, x);
+  LINCLASS_DISPATCH_FLOAT_DOUBLE(x.scalar_type(), "_ce_probs_shard_stats", [&] {
+    ce_probs_stats_rows<scalar_t>(x.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), N,
+                                  probs_params<scalar_t>(x, w, label_smoothing, classes, 1.0),
+                                  out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+Tensor ce_probs_shard_grad_cpu(const Tensor& x_, const Tensor& target_, const OptTensor& weight,
+                               double label_smoothing, int64_t classes, const Tensor& shift,
+                               const Tensor& exp_coef, double scale) {
+  check_probs_shard(x_, target_, "_ce_probs_shard_grad");
+  const Tensor x = as_contiguous(x_), target = as_contiguous(target_);
+  const Tensor w = shard_weight(weight, x, "_ce_probs_shard_grad");
+  const int64_t N = x.size(0), C = x.size(1);
+  for (const Tensor* t : {&shift, &exp_coef})
+    LINCLASS_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == x.scalar_type() &&
+                       t->is_contiguous(),
+                   "_ce_probs_shard_grad: row coefficients must be contiguous (N,) in the scores' dtype");
+  Tensor g = empty_cached({N, C}, x.scalar_type());
+  LINCLASS_DISPATCH_FLOAT_DOUBLE(x.scalar_type(), "_ce_probs_shard_grad", [&] {
+    ce_probs_grad_rows<scalar_t>(x.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), N,
+                                 probs_params<scalar_t>(x, w, label_smoothing, classes, scale),
+                                 shift.const_data_ptr<scalar_t>(), exp_coef.const_data_ptr<scalar_t>(),
+                                 g.mutable_data_ptr<scalar_t>());
+  });
+  return g;
 }
 
 }  // namespace linclass
