@@ -10,6 +10,9 @@ program per row walks its columns in BLOCK_C blocks.
              ignored rows: all 0)
   mm_grad    multi-margin phase 2: the row's loss part and gradient part (2, N), and
              dx_j = v p max(0, h_j)^(p-1) [h_j > 0] for j != y (the target's column 0)
+  ce_probs_stats / ce_probs_grad   cross-entropy against this shard's columns t of
+             class probabilities: per row m, s, T = sum w t', A = sum w t' (x - m) (a
+             (4, N) tensor); then dx_j = a exp(x_j - shift) - scale w_j t'_j
 Inputs are contiguous and in the accumulation dtype (float32, or float64): the caller
 converts.  Scalars that must keep float64 precision (margin) come in as tensors.
 """
@@ -32,6 +35,20 @@ def _owned_column(y, start, C, ignore_index):
 
 
 @triton.jit
+def _row_max(x_row, C, BLOCK_C: tl.constexpr):
+    """The row's max, and the shift its exponentials take: the max, or 0 where it is not
+    finite (a shard all -inf, or holding +inf / NaN: the merge makes such rows NaN)."""
+    offs = tl.arange(0, BLOCK_C)
+    m_vec = tl.full([BLOCK_C], float("-inf"), x_row.dtype.element_ty)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + offs
+        m_vec = tl.maximum(m_vec, tl.load(x_row + cols, mask=cols < C, other=float("-inf")))
+    m = tl.max(m_vec, 0)
+    finite = (m == m) & (m != float("inf")) & (m != float("-inf"))
+    return m, tl.where(finite, m, 0.0).to(x_row.dtype.element_ty)
+
+
+@triton.jit
 def _ce_stats_kernel(X, T, W, OUT, n_rows, C, start, ignore_index,
                      HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -39,13 +56,7 @@ def _ce_stats_kernel(X, T, W, OUT, n_rows, C, start, ignore_index,
     own, col = _owned_column(tl.load(T + row), start, C, ignore_index)
     offs = tl.arange(0, BLOCK_C)
     acc = X.dtype.element_ty
-    m_vec = tl.full([BLOCK_C], float("-inf"), acc)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + offs
-        m_vec = tl.maximum(m_vec, tl.load(x_row + cols, mask=cols < C, other=float("-inf")))
-    m = tl.max(m_vec, 0)
-    finite = (m == m) & (m != float("inf")) & (m != float("-inf"))
-    shift = tl.where(finite, m, 0.0).to(acc)
+    m, shift = _row_max(x_row, C, BLOCK_C)
     s_vec = tl.zeros([BLOCK_C], acc)
     u_vec = tl.zeros([BLOCK_C], acc)
     for c0 in range(0, C, BLOCK_C):
@@ -129,8 +140,60 @@ def _mm_grad_kernel(X, T, XY, V, MARGIN, STATS, G, n_rows, C, start,
     tl.store(STATS + n_rows + row, tl.sum(grad_vec, 0))
 
 
-def _block(C):
-    return min(next_pow2(max(C, 1)), _MAX_BLOCK)
+@triton.jit
+def _weighted_target(T, W, cols, mask, keep, spread, HAS_WEIGHT: tl.constexpr):
+    """w_j t'_j with t' = keep t + spread (0 past the row's end)."""
+    wt = tl.load(T + cols, mask=mask, other=0.0) * keep + spread
+    if HAS_WEIGHT:
+        wt *= tl.load(W + cols, mask=mask, other=0.0)
+    return tl.where(mask, wt, 0.0)
+
+
+@triton.jit
+def _ce_probs_stats_kernel(X, T, W, OUT, n_rows, C, keep, spread,
+                           HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * C
+    t_row = T + row * C
+    offs = tl.arange(0, BLOCK_C)
+    acc = X.dtype.element_ty
+    m, shift = _row_max(x_row, C, BLOCK_C)
+    s_vec = tl.zeros([BLOCK_C], acc)
+    t_vec = tl.zeros([BLOCK_C], acc)
+    a_vec = tl.zeros([BLOCK_C], acc)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + offs
+        mask = cols < C
+        d = tl.load(x_row + cols, mask=mask, other=0.0) - shift
+        wt = _weighted_target(t_row, W, cols, mask, keep, spread, HAS_WEIGHT)
+        s_vec += tl.where(mask, _exp(d), 0.0)
+        t_vec += wt
+        a_vec += tl.where(mask, wt * d, 0.0)  # 0 * -inf = NaN where t' = 0, as in torch
+    tl.store(OUT + row, m)
+    tl.store(OUT + n_rows + row, tl.sum(s_vec, 0))
+    tl.store(OUT + 2 * n_rows + row, tl.sum(t_vec, 0))
+    tl.store(OUT + 3 * n_rows + row, tl.sum(a_vec, 0))
+
+
+@triton.jit
+def _ce_probs_grad_kernel(X, T, W, SHIFT, A, G, C, keep, spread, scale,
+                          HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * C
+    t_row = T + row * C
+    shift = tl.load(SHIFT + row)
+    a = tl.load(A + row)
+    offs = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + offs
+        mask = cols < C
+        g = a * _exp(tl.load(x_row + cols, mask=mask, other=0.0) - shift)
+        g -= scale * _weighted_target(t_row, W, cols, mask, keep, spread, HAS_WEIGHT)
+        tl.store(G + row * C + cols, g, mask=mask)
+
+
+def _block(C, most=_MAX_BLOCK):
+    return min(next_pow2(max(C, 1)), most)
 
 
 def _warps(C):
@@ -170,3 +233,28 @@ def mm_grad(x, target, start, x_y, row_coef, p, margin, compute_grad):
                               n, C, start, P=p, COMPUTE_GRAD=bool(compute_grad),
                               BLOCK_C=_block(C), num_warps=_warps(C))
     return stats, g
+
+
+def ce_probs_stats(x, t, weight, label_smoothing, classes):
+    n, C = x.shape
+    out = torch.empty(4, n, dtype=x.dtype, device=x.device)
+    if n:
+        w = weight.to(x.dtype).contiguous() if weight is not None else x
+        # Three row sums in registers: half the other kernels' block, which spilled
+        # (float64, sm_80: tests/test_triton_aot.py).
+        _ce_probs_stats_kernel[(n,)](x, t, w, out, n, C, 1.0 - label_smoothing,
+                                     label_smoothing / classes, HAS_WEIGHT=weight is not None,
+                                     BLOCK_C=_block(C, _MAX_BLOCK // 2), num_warps=_warps(C))
+    return out
+
+
+def ce_probs_grad(x, t, weight, label_smoothing, classes, shift, exp_coef, scale):
+    n, C = x.shape
+    g = torch.empty_like(x)
+    if n and C:
+        w = weight.to(x.dtype).contiguous() if weight is not None else x
+        _ce_probs_grad_kernel[(n,)](x, t, w, shift, exp_coef, g, C, 1.0 - label_smoothing,
+                                    label_smoothing / classes, scale,
+                                    HAS_WEIGHT=weight is not None, BLOCK_C=_block(C),
+                                    num_warps=_warps(C))
+    return g

@@ -27,7 +27,7 @@ S' is summed apart from the target's term (not S - e_y) so 1 - p_y keeps its pre
 when the row is confident: the same formula as the one-process kernels.
 
 Cross-entropy against class probabilities t (this rank's slice of the (N, C) target;
-t'_j = k t_j + q; C++ kernels on CPU, the torch ops otherwise: no Triton kernels yet):
+t'_j = k t_j + q):
   phase 1, rank r:  m_r, s_r as above,  T_r = sum_j w_j t'_j,  A_r = sum_j w_j t'_j (x_j - m_r)
   merge:            M, S as above,  T = sum_r T_r,  A = sum_r A_r + T_r (m_r - M)
   loss:             T log S - A  ('mean' divides by N, whatever the weights, as torch)
@@ -248,13 +248,16 @@ def ce_probs_phase1(x: Tensor, t: Tensor, weight_local: Tensor | None, label_smo
                     classes: int) -> Tensor:
     """The (CE_PROBS_STATS, N) row statistics of this shard against its slice t of the
     target probabilities: m_r = max x_j, s_r = sum exp(x_j - m_r), T_r = sum w_j t'_j,
-    A_r = sum w_j t'_j (x_j - m_r) (C++ kernels for CPU tensors with the 'cpp' backend,
-    else the torch ops below)."""
+    A_r = sum w_j t'_j (x_j - m_r)."""
     acc = accumulation_dtype(x.dtype)
     n, width = x.shape
-    if phase_kernels(x) == "cpp":
+    kernels = phase_kernels(x)
+    if kernels == "cpp":
         return torch.ops.linclass._ce_probs_shard_stats(x.to(acc), t.to(acc), weight_local,
                                                         label_smoothing, classes)
+    if kernels == "triton":
+        return _triton().ce_probs_stats(x.to(acc).contiguous(), t.to(acc).contiguous(),
+                                        weight_local, label_smoothing, classes)
     if not width:
         zero = torch.zeros(n, dtype=acc, device=x.device)
         return torch.stack([torch.full_like(zero, float("-inf")), zero, zero, zero])
@@ -276,7 +279,7 @@ class MergedProbs(NamedTuple):
     loss: Tensor      # loss rows (NaN where the row is NaN)
     shift: Tensor     # this rank's shift m_r (0 where it is not finite)
     exp_coef: Tensor  # dx_j = exp_coef exp(x_j - shift) - scale w_j t'_j
-    scale: Tensor     # () the reduction's factor (1 / N for 'mean')
+    scale: float      # the reduction's factor (1 / N for 'mean')
 
 
 def ce_probs_merge(stats: Tensor, reduction: str, rank: int) -> MergedProbs:
@@ -284,7 +287,6 @@ def ce_probs_merge(stats: Tensor, reduction: str, rank: int) -> MergedProbs:
     (K, CE_PROBS_STATS, N) statistics: M = max_r m_r, S = sum_r s_r exp(m_r - M),
     T = sum_r T_r, A = sum_r A_r + T_r (m_r - M)."""
     m, s, big_t, a = stats.unbind(1)  # each (K, N)
-    acc = stats.dtype
     n = stats.shape[2]
     shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     big_m = m.amax(0)  # +inf or NaN anywhere (or all -inf): a NaN row, as in torch
@@ -297,8 +299,7 @@ def ce_probs_merge(stats: Tensor, reduction: str, rank: int) -> MergedProbs:
     total_a = (a + big_t * (shift - big_m)).sum(0)
     nan = torch.full_like(total_t, float("nan"))
     loss = torch.where(nan_rows, nan, total_t * torch.log(big_s) - total_a)
-    one = torch.ones((), dtype=acc, device=stats.device)
-    scale = mean_of(one, n) if reduction == "mean" else one
+    scale = (1.0 / n if n else float("nan")) if reduction == "mean" else 1.0
     exp_coef = torch.where(nan_rows, nan, scale * total_t * factor[rank] / big_s)
     return MergedProbs(loss, shift[rank].contiguous(), exp_coef.contiguous(), scale)
 
@@ -308,10 +309,15 @@ def ce_probs_phase2(x: Tensor, t: Tensor, weight_local: Tensor | None, merged: M
     """This shard's d loss / d scores (accumulation dtype): exp_coef exp(x_j - m_r) minus
     scale w_j t'_j (a -inf score gets exactly -scale w_j t'_j, its exponential being 0)."""
     acc = accumulation_dtype(x.dtype)
-    if phase_kernels(x) == "cpp":
+    kernels = phase_kernels(x)
+    if kernels == "cpp":
         return torch.ops.linclass._ce_probs_shard_grad(x.to(acc), t.to(acc), weight_local,
                                                        label_smoothing, classes, merged.shift,
-                                                       merged.exp_coef, float(merged.scale))
+                                                       merged.exp_coef, merged.scale)
+    if kernels == "triton":
+        return _triton().ce_probs_grad(x.to(acc).contiguous(), t.to(acc).contiguous(),
+                                       weight_local, label_smoothing, classes, merged.shift,
+                                       merged.exp_coef, merged.scale)
     g = x.to(acc) - merged.shift.unsqueeze(1)
     g = g.exp_().mul_(merged.exp_coef.unsqueeze(1))
     wt = _smoothed_weighted(t.to(acc), weight_local, label_smoothing, classes)

@@ -59,6 +59,23 @@ def sharded_multi_margin(x, y, shards, p=1, margin=1.0, weight=None, reduction="
     return loss, torch.cat([g for _, g in parts], dim=1)
 
 
+def sharded_probabilities(x, t, shards, weight=None, label_smoothing=0.0, reduction="mean"):
+    """(loss, d loss / d x) against class probabilities t from per-shard phases."""
+    edges = _edges(x.shape[1], shards)
+    cuts = list(zip(edges, edges[1:]))
+    local_w = [None if weight is None else weight[a:b] for a, b in cuts]
+    stats = torch.stack([_sharded.ce_probs_phase1(x[:, a:b], t[:, a:b], w, label_smoothing,
+                                                  x.shape[1]) for (a, b), w in zip(cuts, local_w)])
+    grads = []
+    for r, (a, b) in enumerate(cuts):
+        merged = _sharded.ce_probs_merge(stats, reduction, r)
+        grads.append(_sharded.ce_probs_phase2(x[:, a:b], t[:, a:b], local_w[r], merged,
+                                              label_smoothing, x.shape[1]))
+    rows = merged.loss
+    loss = rows if reduction == "none" else rows.sum() / (x.shape[0] if reduction == "mean" else 1)
+    return loss, torch.cat(grads, dim=1)
+
+
 def _reference(fn, x, y, **kwargs):
     full = x.double().requires_grad_(True)
     loss = fn(full, y, **kwargs)
@@ -99,6 +116,31 @@ def test_cross_entropy_phases(backend, shape, shards, dtype):
             expected = -e[1:].sum() / e.sum()
             rel = (grad[0, 0].double() - expected).abs() / expected.abs()
             assert rel < (1e-5 if dtype == torch.float32 else 1e-12), rel
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,shards", [((3, 1), 1), ((37, 19), 3), ((2100, 1003), 2),
+                                          ((5, 4099), 4), ((3, 64128), 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_probability_target_phases(backend, shape, shards, dtype):
+    """Against class probabilities, each shard its columns of them; long float32 rows
+    keep their precision (each row's sums run over up to 32064 columns a shard)."""
+    n, classes = shape
+    _skip_slow(backend, n)
+    g = torch.Generator().manual_seed(n + classes)
+    x = (torch.randn(n, classes, generator=g, dtype=torch.float64) * 5).to(dtype)
+    x[0, 0] = 60.0
+    t = torch.softmax(torch.randn(n, classes, generator=g, dtype=torch.float64) * 3, 1).to(dtype)
+    weight = (torch.rand(classes, generator=g, dtype=torch.float64) + 0.2).to(dtype)
+    tol = dict(rtol=1e-10, atol=1e-13) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-7)
+    with linclass.backends.use(backend):
+        for kwargs in (dict(), dict(weight=weight, label_smoothing=0.1, reduction="sum"),
+                       dict(label_smoothing=0.3, reduction="none")):
+            loss, grad = sharded_probabilities(x, t, shards, **kwargs)
+            ref_kwargs = {k: v.double() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            expected, expected_grad = _reference(F.cross_entropy, x, t.double(), **ref_kwargs)
+            torch.testing.assert_close(loss.double(), expected, **tol)
+            torch.testing.assert_close(grad.double(), expected_grad, **tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -158,5 +200,11 @@ def test_phases_on_cuda(backend, dtype):
                 torch.testing.assert_close(grad.double().cpu(), expected_grad, **tol)
             loss, grad = sharded_multi_margin(x, y, shards, p=2)
             expected, expected_grad = _reference(F.multi_margin_loss, x.cpu(), y.cpu(), p=2)
+            torch.testing.assert_close(loss.double().cpu(), expected, **tol)
+            torch.testing.assert_close(grad.double().cpu(), expected_grad, **tol)
+            t = torch.softmax(torch.randn(n, classes, generator=g), 1).to(dtype).cuda()
+            loss, grad = sharded_probabilities(x, t, shards, label_smoothing=0.1)
+            expected, expected_grad = _reference(F.cross_entropy, x.cpu(), t.cpu().double(),
+                                                 label_smoothing=0.1)
             torch.testing.assert_close(loss.double().cpu(), expected, **tol)
             torch.testing.assert_close(grad.double().cpu(), expected_grad, **tol)

@@ -13,7 +13,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = {"_cross_entropy_tile_kernel", "_cross_entropy_loop_kernel", "_cross_entropy_consts_kernel", "_multi_margin_tile_kernel",
            "_multi_margin_loop_kernel", "_linear_tile_kernel", "_scale_kernel", "_ce_stats_kernel",
-           "_ce_grad_kernel", "_mm_grad_kernel"}
+           "_ce_grad_kernel", "_mm_grad_kernel", "_ce_probs_stats_kernel", "_ce_probs_grad_kernel"}
 
 
 def _nvidia_tools():

@@ -131,6 +131,10 @@ def record():
                 for p in (1, 2):
                     sharded.mm_grad(xs, ts, 0, row, row, p, 1.0, True)
                 sharded.mm_grad(xs, ts, 0, row, row, 1, 1.0, False)
+                probs = torch.rand(4, c, dtype=dtype)
+                for weight in (None, ws):
+                    sharded.ce_probs_stats(xs, probs, weight, 0.1, 2 * c)
+                    sharded.ce_probs_grad(xs, probs, weight, 0.1, 2 * c, row, row, 0.25)
     finally:
         JITFunction.__getitem__ = saved
     return launches
