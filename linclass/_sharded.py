@@ -244,12 +244,18 @@ def _smoothed_weighted(t: Tensor, weight_local: Tensor | None, label_smoothing: 
     return wt
 
 
+def _probs_dtype(x: Tensor, t: Tensor) -> torch.dtype:
+    """The arithmetic's dtype: the accumulation dtype of the scores and probabilities
+    promoted together (float64 if either is), as torch computes mixed inputs."""
+    return accumulation_dtype(torch.promote_types(x.dtype, t.dtype))
+
+
 def ce_probs_phase1(x: Tensor, t: Tensor, weight_local: Tensor | None, label_smoothing: float,
                     classes: int) -> Tensor:
     """The (CE_PROBS_STATS, N) row statistics of this shard against its slice t of the
     target probabilities: m_r = max x_j, s_r = sum exp(x_j - m_r), T_r = sum w_j t'_j,
     A_r = sum w_j t'_j (x_j - m_r)."""
-    acc = accumulation_dtype(x.dtype)
+    acc = _probs_dtype(x, t)
     n, width = x.shape
     kernels = phase_kernels(x)
     if kernels == "cpp":
@@ -306,9 +312,9 @@ def ce_probs_merge(stats: Tensor, reduction: str, rank: int) -> MergedProbs:
 
 def ce_probs_phase2(x: Tensor, t: Tensor, weight_local: Tensor | None, merged: MergedProbs,
                     label_smoothing: float, classes: int) -> Tensor:
-    """This shard's d loss / d scores (accumulation dtype): exp_coef exp(x_j - m_r) minus
+    """This shard's d loss / d scores (_probs_dtype): exp_coef exp(x_j - m_r) minus
     scale w_j t'_j (a -inf score gets exactly -scale w_j t'_j, its exponential being 0)."""
-    acc = accumulation_dtype(x.dtype)
+    acc = _probs_dtype(x, t)
     kernels = phase_kernels(x)
     if kernels == "cpp":
         return torch.ops.linclass._ce_probs_shard_grad(x.to(acc), t.to(acc), weight_local,

@@ -186,9 +186,6 @@ def _check_probabilities(op: str, scores, target) -> None:
         raise ValueError(f"{op}: a target of class probabilities must be this rank's slice of "
                          f"them, shaped as scores_local {list(scores.shape)}, got "
                          f"{list(target.shape)}")
-    if target.dtype != scores.dtype:
-        raise TypeError(f"{op}: target probabilities must have the scores' dtype {scores.dtype}, "
-                        f"got {target.dtype}")
     if target.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(f"{op}: the loss is not differentiable with respect to the target "
                            "probabilities; pass target.detach()")
@@ -354,8 +351,8 @@ def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, 
     classes.  Label smoothing spreads over the global C.  Returns the loss, the same on
     every rank (per row for 'none').
 
-    target may also be this rank's slice (N, C_local) of class probabilities (floats of
-    the scores' dtype, the columns of scores_local; a detached tensor), as
+    target may also be this rank's slice (N, C_local) of class probabilities (the columns
+    of scores_local; floats, a detached tensor), as
     ``F.cross_entropy(scores, probabilities)`` of the gathered tensors: 'mean' divides by
     N, label smoothing mixes in eps / C of the global C, ignore_index is not supported."""
     if _is_dtensor(scores_local):
@@ -393,7 +390,8 @@ def cross_entropy(scores_local: torch.Tensor, target: torch.Tensor, group=None, 
         if compute_grad:
             grad = _sharded.ce_probs_phase2(x, target, weight_local, merged, label_smoothing,
                                             layout.classes).to(scores_local.dtype)
-        return loss.to(_torch_loss_dtype(scores_local)), grad
+        # torch promotes: float32 scores against float64 probabilities give a float64 loss.
+        return loss.to(torch.promote_types(_torch_loss_dtype(scores_local), target.dtype)), grad
 
     def compute():
         x = scores_local.detach()

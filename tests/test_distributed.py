@@ -202,16 +202,22 @@ def _probabilities_match_unsharded(rank, world):
         _compare(rank, world, fn, F.cross_entropy, odd, hard, layout, kwargs, F64)
     # No rows: 'mean' is NaN, as in torch.
     _compare(rank, world, fn, F.cross_entropy, x64[:0], probs[:0], layout, dict(), F64)
+    # Probabilities of another dtype than the scores: torch's promoted loss (float64
+    # arithmetic here), the gradient in the scores' dtype.
+    _compare(rank, world, fn, F.cross_entropy, x64.float(), probs, layout,
+             dict(label_smoothing=0.1), F32)
     # Half precision: within a few ulps of the float64 result.
     a, width = fn.shard
-    for dtype, rtol in ((torch.bfloat16, 2**-7), (torch.float16, 2**-9)):
+    for dtype, rtol, t_dtype in ((torch.bfloat16, 2**-7, torch.bfloat16),
+                                 (torch.float16, 2**-9, torch.float16),
+                                 (torch.bfloat16, 2**-7, torch.float32)):
         local = x64[:, a:a + width].to(dtype).requires_grad_(True)
-        loss = ld.cross_entropy(local, probs[:, a:a + width].to(dtype), label_smoothing=0.1)
+        loss = ld.cross_entropy(local, probs[:, a:a + width].to(t_dtype), label_smoothing=0.1)
         loss.backward()
         full = x64.to(dtype).double().requires_grad_(True)
-        ref = F.cross_entropy(full, probs.to(dtype).double(), label_smoothing=0.1)
+        ref = F.cross_entropy(full, probs.to(t_dtype).double(), label_smoothing=0.1)
         ref.backward()
-        assert loss.dtype == dtype and local.grad.dtype == dtype
+        assert loss.dtype == t_dtype and local.grad.dtype == dtype
         torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=1e-3)
         torch.testing.assert_close(local.grad.double(), full.grad[:, a:a + width], rtol=rtol, atol=1e-3)
 
@@ -360,10 +366,9 @@ def _case_bad_input(rank, world):
                       "one entry per class")
     _expect_error(lambda: ld.cross_entropy(x, y, label_smoothing=1.5), ValueError, "label_smoothing")
     probs = torch.softmax(torch.randn(n, width), 1)
-    # Class probabilities: the rank's own columns, the scores' dtype, no gradient, no
-    # ignore_index; a rank passing class indices while the others pass probabilities.
+    # Class probabilities: the rank's own columns, no gradient, no ignore_index; a rank
+    # passing class indices while the others pass probabilities.
     _expect_error(lambda: ld.cross_entropy(x, torch.rand(n, classes)), ValueError, "shaped as scores_local")
-    _expect_error(lambda: ld.cross_entropy(x, probs.double()), TypeError, "scores' dtype")
     _expect_error(lambda: ld.cross_entropy(x, probs.clone().requires_grad_(True)), RuntimeError,
                   "not differentiable")
     _expect_error(lambda: ld.cross_entropy(x, probs, ignore_index=1), ValueError,
