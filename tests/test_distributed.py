@@ -752,7 +752,17 @@ def _case_random_layouts(rank, world, seeds):
         else:
             x = (torch.randn(n, classes, generator=g, dtype=torch.float64) * 3).to(dtype)
             mine = [x[:, a:b].clone().requires_grad_()]
-            loss = getattr(ld, op)(mine[0], y, **kw)
+            if op == "cross_entropy" and rng.random() < 0.35:  # class probabilities
+                kw.pop("ignore_index", None)
+                probs = torch.rand(n, classes, generator=g, dtype=torch.float64)
+                if rng.random() < 0.5:
+                    probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-3)
+                probs = probs.to(rng.choice([dtype, torch.float64]))
+                what += f" probabilities {probs.dtype}"
+                loss = ld.cross_entropy(mine[0], probs[:, a:b], **kw)
+                y = probs.double()
+            else:
+                loss = getattr(ld, op)(mine[0], y, **kw)
             full = [x.double().requires_grad_()]
             scores = full[0]
         kw.pop("class_start")
