@@ -8,11 +8,16 @@
 #
 #   bash bench/wheel_matrix.sh                      # the default versions below
 #   VERSIONS="2.11.0 2.14.1" bash bench/wheel_matrix.sh
+#   PYTHONS="python3.12 python3.13" bash bench/wheel_matrix.sh   # also other Pythons
+#
+# VERSIONS run with `python3`; each interpreter in PYTHONS gets the build's torch
+# release (the abi3 wheel's other axis: Python 3.10 and newer).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$ROOT/.venv/bin/python}
 VERSIONS=${VERSIONS:-"2.11.0 2.13.0 2.14.1 2.15.0"}
+PYTHONS=${PYTHONS:-}
 OUT=${OUT:-$ROOT/bench/results/wheel-matrix.md}
 WORK=${WORK:-$(mktemp -d /tmp/linclass-wheel-matrix.XXXXXX)}
 # The test suite, less what tests the source tree itself (the wheel build, the per-ISA
@@ -25,6 +30,7 @@ mkdir -p "$WORK/dist"
 "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/dist" "$ROOT" || exit 1
 WHEEL=$(ls "$WORK"/dist/linclass-*.whl)
 BUILD_TORCH=$("$PY" -c "import torch; print(torch.__version__)")
+BUILD_RELEASE=${BUILD_TORCH%%+*}
 rm -rf "$WORK/tests" && cp -r "$ROOT/tests" "$WORK/tests"
 
 {
@@ -38,18 +44,28 @@ rm -rf "$WORK/tests" && cp -r "$ROOT/tests" "$WORK/tests"
   echo "(Triton uninstalled, so every kernel test runs the C++ backend), less: $(echo $SKIP)."
   echo "Command: \`bash bench/wheel_matrix.sh\`."
   echo
-  echo "| torch | CPU kernels loaded | tests | result |"
-  echo "|---|---|---|---|"
-} > "$OUT.tmp"
+  echo "| Python | torch | CPU kernels loaded | tests | result |"
+  echo "|---|---|---|---|---|"
+} > "$WORK/table.md"
 
-for v in $VERSIONS; do
+# "interpreter torch-release" pairs: VERSIONS with python3, then each of PYTHONS with the
+# build's release.
+pairs=()
+for v in $VERSIONS; do pairs+=("python3 $v"); done
+for p in $PYTHONS; do pairs+=("$p $BUILD_RELEASE"); done
+
+for pair in "${pairs[@]}"; do
+  read -r python v <<< "$pair"
+  pyver=$("$python" -c 'import platform; print(platform.python_version())') || exit 1
   venv="$WORK/venv-$v"
-  python3 -m venv "$venv"
+  [ "$python" = python3 ] || venv="$WORK/venv-py$pyver-$v"
+  tag=$(basename "$venv")
+  "$python" -m venv "$venv"
   # A pip configuration file may cap torch (a constraints file): ignored here, since
   # newer releases are the point (PIP_* variables, e.g. PIP_FIND_LINKS, still apply).
   if ! PIP_CONFIG_FILE=/dev/null "$venv/bin/pip" install -q "torch==$v" numpy pytest hypothesis expecttest \
-      pytest-benchmark scikit-learn matplotlib tqdm > "$WORK/install-$v.log" 2>&1; then
-    echo "| $v | - | - | torch $v could not be installed ($(tail -1 "$WORK/install-$v.log")) |" >> "$OUT.tmp"
+      pytest-benchmark scikit-learn matplotlib tqdm > "$WORK/install-$tag.log" 2>&1; then
+    echo "| $pyver | $v | - | - | torch $v could not be installed ($(tail -1 "$WORK/install-$tag.log")) |" >> "$WORK/table.md"
     continue
   fi
   "$venv/bin/pip" uninstall -q -y triton > /dev/null 2>&1
@@ -58,11 +74,11 @@ for v in $VERSIONS; do
   tests=$(cd "$WORK/tests" && ls test_*.py | grep -vxF -f <(tr -s ' \n' '\n' <<< "$SKIP"))
   # shellcheck disable=SC2086
   (cd "$WORK/tests" && timeout 2400 "$venv/bin/python" -m pytest -q -p no:cacheprovider $tests \
-      > "$WORK/tests-$v.log" 2>&1)
+      > "$WORK/tests-$tag.log" 2>&1)
   rc=$?
-  summary=$(grep -E "passed|failed|error" "$WORK/tests-$v.log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
-  echo "| $("$venv/bin/python" -c 'import torch; print(torch.__version__)') | $isa | $summary | $([ $rc = 0 ] && echo pass || echo "FAIL (rc $rc)") |" >> "$OUT.tmp"
-  echo "torch $v: $summary (rc $rc); log $WORK/tests-$v.log"
+  summary=$(grep -E "passed|failed|error" "$WORK/tests-$tag.log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+  echo "| $pyver | $("$venv/bin/python" -c 'import torch; print(torch.__version__)') | $isa | $summary | $([ $rc = 0 ] && echo pass || echo "FAIL (rc $rc)") |" >> "$WORK/table.md"
+  echo "Python $pyver, torch $v: $summary (rc $rc); log $WORK/tests-$tag.log"
 done
-mv "$OUT.tmp" "$OUT"
+mv "$WORK/table.md" "$OUT"
 cat "$OUT"
