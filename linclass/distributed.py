@@ -326,8 +326,10 @@ def _dtensor_call(fn, scores, target, weight, kwargs):
         if isinstance(target, DTensor) and target.placements == placements \
                 and target.device_mesh == mesh:
             target = target.to_local()
-        elif local(target).shape[1] == classes:
-            target = local(target)[:, start:start + scores_local.shape[1]]
+        else:
+            whole = local(target)  # (a collective for a sharded DTensor: once)
+            target = whole[:, start:start + scores_local.shape[1]] \
+                if whole.shape[1] == classes else whole
     loss = fn(scores_local, local(target), mesh.get_group(), weight=local(weight), **kwargs)
     return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
 

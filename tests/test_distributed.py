@@ -422,14 +422,15 @@ def _case_dtensor(rank, world):
         expected.backward()
         torch.testing.assert_close(loss.to_local(), expected.detach(), **F64)
         torch.testing.assert_close(scores.grad.full_tensor(), full.grad, **F64)
-    # Class probabilities: as a DTensor sharded like the scores, replicated, or a plain
-    # (N, C) tensor; each rank reads its columns.
+    # Class probabilities: as a DTensor sharded like the scores, replicated, sharded by
+    # rows, or a plain (N, C) tensor; each rank reads its columns.
     probs = torch.softmax(torch.randn(x.shape, generator=g, dtype=torch.float64), 1)
     full = x.clone().requires_grad_(True)
     expected = F.cross_entropy(full, probs, label_smoothing=0.1)
     expected.backward()
     for target in (distribute_tensor(probs, mesh, [Shard(1)]),
-                   distribute_tensor(probs, mesh, [Replicate()]), probs):
+                   distribute_tensor(probs, mesh, [Replicate()]),
+                   distribute_tensor(probs, mesh, [Shard(0)]), probs):
         scores = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_(True)
         loss = ld.cross_entropy(scores, target, label_smoothing=0.1)
         assert isinstance(loss, DTensor) and loss.placements == (Replicate(),)
