@@ -34,15 +34,15 @@ BUILD_RELEASE=${BUILD_TORCH%%+*}
 rm -rf "$WORK/tests" && cp -r "$ROOT/tests" "$WORK/tests"
 
 {
-  echo "# One wheel, several torch releases"
+  echo "# One wheel, several torch releases and Pythons"
   echo
   echo "Wheel \`$(basename "$WHEEL")\`, built once against torch $BUILD_TORCH"
   echo "($(date -u +%Y-%m-%d), $(uname -m), Python $("$PY" -c 'import platform; print(platform.python_version())'),"
   echo "commit $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet || echo ' with local changes'))."
-  echo "Each row: a fresh venv with that torch, the wheel (\`pip install --no-deps\`) and the"
+  echo "Each row: a venv of that Python with that torch (made by the script; WORK's from an earlier run is reused), the wheel (\`pip install --no-deps\`) and the"
   echo "test extras but torchvision, \`pytest\` on a copy of tests/ outside the source tree"
   echo "(Triton uninstalled, so every kernel test runs the C++ backend), less: $(echo $SKIP)."
-  echo "Command: \`bash bench/wheel_matrix.sh\`."
+  echo "Command: \`${PYTHONS:+PYTHONS=\"$PYTHONS\" }bash bench/wheel_matrix.sh\`."
   echo
   echo "| Python | torch | CPU kernels loaded | tests | result |"
   echo "|---|---|---|---|---|"
@@ -60,7 +60,7 @@ for pair in "${pairs[@]}"; do
   venv="$WORK/venv-$v"
   [ "$python" = python3 ] || venv="$WORK/venv-py$pyver-$v"
   tag=$(basename "$venv")
-  "$python" -m venv "$venv"
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"  # a venv of an earlier run is reused
   # A pip configuration file may cap torch (a constraints file): ignored here, since
   # newer releases are the point (PIP_* variables, e.g. PIP_FIND_LINKS, still apply).
   if ! PIP_CONFIG_FILE=/dev/null "$venv/bin/pip" install -q "torch==$v" numpy pytest hypothesis expecttest \
