@@ -2,9 +2,10 @@
 
 A classifier head too wide for one device is split by classes: rank r holds the scores
 of classes [class_start, class_start + C_local) of a global (N, C).  Each function here is
-called by every rank of the group with its own shard and the same (replicated) target,
-and returns the loss of the gathered scores, identical on every rank; backward gives each
-rank its slice of d loss / d scores.  Nothing N x C is ever gathered.
+called by every rank of the group with its own shard and the same (replicated) class
+indices (or, for cross_entropy, its own columns of class probabilities), and returns the
+loss of the gathered scores, identical on every rank; backward gives each rank its slice
+of d loss / d scores.  Nothing N x C is ever gathered.
 
     import linclass.distributed as ld
     loss = ld.cross_entropy(scores_local, target, group)       # = F.cross_entropy(scores, target)
