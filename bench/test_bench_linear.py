@@ -6,6 +6,9 @@ Groups (N x D x C):
   4096 x 1024 x 32000   a language-model head: input and weight take gradients
   10000 x 3073 x 20, 100, 200 and 4096 x 1024 x 1000: the class counts between them
   8 x 1024 x 128256     a short batch through a large-vocabulary head
+  per-row cross_entropy 4096 x 1024 x 32000: reduction='none' weighted per row (masks,
+                        per-token weights), which linclass runs a block of rows at a
+                        time, making the scores again in backward (one more GEMM)
 Peak extra memory: in a fresh subprocess holding the inputs, the resident-set
 high-water mark is reset (/proc/self/clear_refs), one forward + backward runs, and the
 new mark minus the resident set before is reported.  It sees the C++ allocations
@@ -40,6 +43,10 @@ LOSSES = {
     "multi_margin_loss": (lambda x, w, t: F.multi_margin_loss(F.linear(x, w), t),
                           linclass.linear_multi_margin_loss),
 }
+# reduction='none' weighted per row: (loss * row_weight).sum()
+PER_ROW_CASES = [(4096, 1024, 32000)]
+PER_ROW = (lambda x, w, t, r: (F.cross_entropy(F.linear(x, w), t, reduction="none") * r).sum(),
+           lambda x, w, t, r: (linclass.linear_cross_entropy(x, w, t, reduction="none") * r).sum())
 IMPLS = ["torch"] + [f"linclass[{b}]" for b in ("cpp",) if b in linclass.backends.available()]
 
 _MEMORY_SCRIPT = textwrap.dedent("""
@@ -55,10 +62,14 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     x = torch.randn(n, d).requires_grad_(input_grad)
     w = (torch.randn(c, d) * 0.01).requires_grad_()
     t = torch.randint(0, c, (n,))
+    r = torch.rand(n)
     fns = {{"cross_entropy": (lambda: F.cross_entropy(F.linear(x, w), t),
                               lambda: linclass.linear_cross_entropy(x, w, t)),
             "multi_margin_loss": (lambda: F.multi_margin_loss(F.linear(x, w), t),
-                                  lambda: linclass.linear_multi_margin_loss(x, w, t))}}
+                                  lambda: linclass.linear_multi_margin_loss(x, w, t)),
+            "per-row cross_entropy": (
+                lambda: (F.cross_entropy(F.linear(x, w), t, reduction="none") * r).sum(),
+                lambda: (linclass.linear_cross_entropy(x, w, t, reduction="none") * r).sum())}}
     fn = fns[loss][0 if impl == "torch" else 1]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current resident set
@@ -105,3 +116,29 @@ def test_linear_loss(benchmark, loss, n, d, c, impl):
     else:
         with linclass.backends.use(impl[len("linclass["):-1]):
             benchmark.pedantic(step, rounds=case["rounds"], warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,d,c", PER_ROW_CASES)
+def test_linear_loss_per_row(benchmark, n, d, c, impl):
+    benchmark.group = f"linear_per-row cross_entropy {n}x{d}x{c}"
+    torch.manual_seed(0)
+    x = torch.randn(n, d).requires_grad_()
+    w = (torch.randn(c, d) * 0.01).requires_grad_()
+    t = torch.randint(0, c, (n,))
+    r = torch.rand(n)
+    fn = PER_ROW[0 if impl == "torch" else 1]
+
+    def step():
+        x.grad = w.grad = None
+        fn(x, w, t, r).backward()
+
+    nbytes = 4 * (n * d * 2 + 2 * c * d)
+    benchmark.extra_info.update(op="linear_per-row cross_entropy", impl=impl, n=n, d=d, c=c,
+                                bytes=nbytes,
+                                peak_extra_mb=peak_extra_mb(n, d, c, True, "per-row cross_entropy", impl))
+    if impl == "torch":
+        benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    else:
+        with linclass.backends.use(impl[len("linclass["):-1]):
+            benchmark.pedantic(step, rounds=3, warmup_rounds=1)

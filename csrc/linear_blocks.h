@@ -7,7 +7,8 @@
 // dW += dS^T X_b,  db += column sums of dS.  Blocks run in order and every sum adds
 // them in order, so results do not depend on the thread count.  Only 'mean' and 'sum'
 // are fused: with 'none' the gradients depend on a per-row grad_output that does not
-// exist yet (linclass.functional then composes linear + fused loss).
+// exist yet (linclass/_linear_blocks.py then runs the blocks in Python, the scores made
+// again in backward).
 #pragma once
 
 

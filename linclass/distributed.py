@@ -41,8 +41,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import _extension, _ops, _sharded
-from .functional import (_FLOAT_TYPES, _HALF_TYPES, _autocast_linear, _autocasting,
+from . import _linear_blocks, _ops, _sharded
+from .functional import (_FLOAT_TYPES, _autocast_linear, _autocasting,
                          _fold_leading_dims, _ignore_index, _margin, _reduction_code,
                          _torch_loss_dtype)
 
@@ -455,25 +455,6 @@ def multi_margin_loss(scores_local: torch.Tensor, target: torch.Tensor, group=No
 
 # ---- the head's weight sharded by classes ------------------------------------------
 
-# Scores are made a block of rows at a time: as many rows as about this many bytes of the
-# global (N, C) scores hold, each rank making its shard's columns of them (1/K of these
-# bytes).  The same cap as the one-process op's blocks (csrc/cpu/linear_loss.cpp), so
-# that a rank's GEMMs are as deep: each block streams the whole weight shard through
-# three products, and blocks sized by the shard's bytes instead (half as many rows at 2
-# ranks) made 2x the one process's weight traffic in all.
-BLOCK_BYTES = 64 << 20
-
-
-def _row_blocks(rows: int, classes: int, dtype: torch.dtype):
-    """Slices of the rows, the same on every rank (each block runs a collective):
-    `classes` is the global C."""
-    per_row = max(classes, 1) * torch.empty((), dtype=_ops.accumulation_dtype(dtype)).element_size()
-    step = max(1, min(rows, BLOCK_BYTES // per_row))
-    # No rows: one empty block, so the ops' exchanges and sums still run (every rank has
-    # the same N, so the same blocks).
-    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)] or [slice(0, 0)]
-
-
 def _check_linear(op: str, input, weight_local, bias_local, target, reduction: str) -> None:
     if not isinstance(input, torch.Tensor) or input.dim() != 2 or input.dtype not in _FLOAT_TYPES:
         raise ValueError(f"{op}: input must be a floating (N, D) tensor (or (*, D) with target "
@@ -522,15 +503,6 @@ class _ShardedLinearLoss(torch.autograd.Function):
         return (*grads, None)
 
 
-def _native_16bit_products(x) -> bool:
-    """Whether products of x's 16-bit dtype run natively: always on CUDA; on the CPU as
-    the single-process linear ops decide (its instructions, or their testing knob)."""
-    if x.is_cuda:
-        return True
-    return x.is_cpu and _extension.HAS_CPP and bool(
-        torch.ops.linclass._native_16bit_products(x.dtype == torch.bfloat16))
-
-
 def _linear_loss(op: str, kind: str, input, weight_local, bias_local, target, group,
                  class_start, check_options, reduction: str):
     """check_options() checks the loss's own options and returns them as a dict, or
@@ -568,42 +540,16 @@ def _linear_loss_in(op: str, kind: str, input, weight_local, bias_local, target,
                  IndexError if kind == "ce" else RuntimeError)
     start, n = layout.start, input.shape[0]
     acc = _ops.accumulation_dtype(input.dtype)
-    x, w = input.detach(), weight_local.detach()
-    b = None if bias_local is None else bias_local.detach()
-    # The gradient products' operands: 16-bit ones where the device multiplies them
-    # natively (the GPU's tensor cores; CPUs with AVX512-BF16 / AMX), as F.linear's
-    # backward and the single-process ops do; else float32 copies, made once (a CPU that
-    # emulates 16-bit products is slower than float32: bench/results/linear-16bit.md).
-    native = input.dtype in _HALF_TYPES and _native_16bit_products(x)
-    x_mm, w_mm = (x, w) if native else (x.to(acc), w.to(acc))
-    blocks = _row_blocks(n, layout.classes, input.dtype)
-
-    # One buffer for every block's scores (and, for cross-entropy, the gradient written
-    # over them): no allocation per block, so the peak memory is the same at every call.
-    block_buffer = x.new_empty((blocks[0].stop - blocks[0].start if blocks else 0, w.shape[0]))
-
-    def scores(block):
-        out = block_buffer[:block.stop - block.start]
-        if b is None:
-            return torch.mm(x[block], w.t(), out=out)
-        return torch.addmm(b, x[block], w.t(), out=out)
+    # Blocks sized by the global C (_linear_blocks.BLOCK_BYTES), the same on every rank
+    # (each block runs a collective).
+    blocks = _linear_blocks.blocks_of(input, weight_local, bias_local, layout.classes)
+    x, w, b, x_mm, w_mm = blocks.x, blocks.w, blocks.b, blocks.x_mm, blocks.w_mm
+    scores = blocks.scores
 
     def gradients(block_grads, fixup=None):
         """Accumulates the blocks' score gradients G into (input, weight, bias) gradients;
         the input's is summed over the group (every rank holds a part of its classes)."""
-        gi = torch.zeros(n, x.shape[1], dtype=acc, device=x.device) if wants[0] else None
-        gw = torch.zeros(w.shape, dtype=acc, device=x.device) if wants[1] else None
-        gb = torch.zeros(w.shape[0], dtype=acc, device=x.device) if wants[2] else None
-        for block, g in block_grads:
-            if gb is not None:
-                gb += g.sum(0)
-            g = g.to(x_mm.dtype)  # 16-bit for native products (rounded once, as F.linear's)
-            if gi is not None:
-                gi[block] = g @ w_mm
-            if gw is not None and native:
-                gw += g.t() @ x_mm[block]  # each block's product rounded once, summed in float32
-            elif gw is not None:
-                gw.addmm_(g.t(), x_mm[block])
+        gi, gw, gb = blocks.gradients(block_grads, wants)
         if fixup is not None:
             fixup(gi, gw, gb)
         if gi is not None:
@@ -621,7 +567,7 @@ def _linear_loss_in(op: str, kind: str, input, weight_local, bias_local, target,
                 """Per block of rows: scores, statistics, their exchange (one all-gather
                 of the block's), merge, and with_grads the block's score gradient from
                 the same scores (so they are made once)."""
-                for k in blocks:
+                for k in blocks.slices:
                     s = scores(k)
                     stats = _sharded.ce_phase1(s, target[k], start, None, smoothing > 0,
                                                ignore_index)
@@ -639,7 +585,7 @@ def _linear_loss_in(op: str, kind: str, input, weight_local, bias_local, target,
                 return gradients(
                     (k, _sharded.ce_phase2(scores(k), target[k], start, None, m, ignore_index,
                                            overwrite=True).mul_(grad_out[k].to(acc).unsqueeze(1)))
-                    for k, m in zip(blocks, merged))
+                    for k, m in zip(blocks.slices, merged))
 
             grads = None
             if any(wants) and reduction != "none":
@@ -669,7 +615,7 @@ def _linear_loss_in(op: str, kind: str, input, weight_local, bias_local, target,
             parts = []
 
             def block_grads(row_scale=None, with_grads=True):
-                for k in blocks:
+                for k in blocks.slices:
                     st, g = _sharded.mm_phase2(scores(k), target[k], start, x_y[k], p, margin,
                                                None, layout.classes, reduction, rows=n,
                                                compute_grad=with_grads)
@@ -732,7 +678,7 @@ def linear_cross_entropy(input: torch.Tensor, weight_local: torch.Tensor, target
     target are the same on every rank.
 
     No (N, C) or (N, C_local) tensor is made: the scores are made a block of rows at a
-    time (as many rows as BLOCK_BYTES of the global scores hold), the block's row
+    time (as many rows as _linear_blocks.BLOCK_BYTES of the global scores hold), the block's row
     statistics are exchanged (one all-gather per block, of 6 numbers per row), and the
     block's gradient is made from the same scores and accumulated into the input, weight
     and bias gradients.  The input's gradient is summed over the group (in the forward;

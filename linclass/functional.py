@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
 
-from . import _extension, _ops, backends
+from . import _extension, _linear_blocks, _ops, backends
 
 
 def _op_table(name: str) -> dict:
@@ -92,12 +92,14 @@ def _autocast_linear(input, weight, bias):
 _CHECK_GPU_TARGETS = os.environ.get("LINCLASS_CHECK_TARGETS", "0") == "1"
 
 
-def _check_targets(op: str, backend: str, target: torch.Tensor, classes: int,
+def _check_targets(op: str, backend: str | None, target: torch.Tensor, classes: int,
                    ignore_index: int | None, error: type) -> None:
     """Raise `error` naming the first target outside [0, classes) (ignore_index allowed).
 
     The C++ CPU kernels check their targets themselves; the other backends are checked
-    here when the targets are in host memory (free) or LINCLASS_CHECK_TARGETS=1.
+    here when the targets are in host memory (free) or LINCLASS_CHECK_TARGETS=1, and so
+    are those of kernels that see them a block of rows at a time (backend None), whose
+    errors would name a target by its place in its block.
     """
     if backend == "cpp" or torch.compiler.is_compiling():
         return
@@ -438,6 +440,30 @@ def _fused_linear(op, input, weight, bias, target, options):
         return op(_as_rows(x), w, b, target, *options, mask)
 
 
+def _rows_exceed_one_block(input, weight) -> bool:
+    """Whether the scores of a fused linear loss with reduction='none' take more than one
+    block of rows (_linear_blocks.BLOCK_BYTES): then it runs a block at a time
+    (_linear_blocks.LinearLossRows, one more GEMM than composing F.linear and the loss);
+    within one block composing them holds no more memory and is faster."""
+    rows = input.shape[0] if input.dim() == 2 else 1
+    return _linear_blocks.exceeds_one_block(rows, weight.shape[0], input.dtype, input.device)
+
+
+def _linear_loss_rows(run_loss, input, weight, bias, rows_target, shape):
+    """A fused linear loss with reduction='none', a block of rows at a time: the per-row
+    losses as torch's, of the target's `shape` (under torch.autocast: products in its
+    dtype, float32 losses)."""
+    if not _autocasting(input):
+        loss = _linear_blocks.LinearLossRows.apply(_as_rows(input), weight, bias, rows_target,
+                                                   run_loss, input.dtype)
+    else:
+        with torch.autocast(input.device.type, enabled=False):
+            x, w, b = _autocast_linear(input, weight, bias)
+            loss = _linear_blocks.LinearLossRows.apply(_as_rows(x), w, b, rows_target, run_loss,
+                                                       torch.float32)
+    return loss if loss.shape == shape else loss.reshape(shape)
+
+
 def _as_rows(input):
     """A (D,) input as the one row (1, D) the ops take."""
     return input.unsqueeze(0) if input.dim() == 1 else input
@@ -452,7 +478,10 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     ``W`` is passed as ``W.t()`` without a copy); bias (C,).  With 'mean' or 'sum' the
     scores are made, turned into their gradient and consumed a block of rows at a time,
     and the gradients for input, weight and bias are accumulated as the blocks go.
-    With 'none', or probability targets, it computes ``linclass.cross_entropy(F.linear(...))``.
+    With 'none' the forward makes the per-row losses a block at a time and the backward
+    makes each block's scores again (one more GEMM; where all the scores fit in one
+    block it composes ``linclass.cross_entropy(F.linear(...))``, as for probability
+    targets).
     An input (*, D) with target (*) is taken as N = prod(*) rows (a transformer's (B, T, D)
     hidden states and (B, T) labels); the loss of 'none' then has shape (*).
     """
@@ -464,7 +493,8 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     reduction, reduction_code = _reduction_code(None, None, reduction)
     _check_linear("linear_cross_entropy", input, weight, bias, target)
     backend = backends.resolve_for(input, _linear_bytes(input, weight) if input.is_cuda else None)
-    if reduction == "none" or backend == "torch" or target.is_floating_point():
+    if (backend == "torch" or target.is_floating_point()
+            or (reduction == "none" and not _rows_exceed_one_block(input, weight))):
         return cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing)
     if target.dtype not in (torch.int64, torch.uint8):
@@ -474,7 +504,13 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     t1 = target if target.dim() == 1 else target.reshape(-1)
     if t1.dtype is not torch.int64:
         t1 = t1.long()
-    _check_targets("linear_cross_entropy", backend, t1, weight.shape[0], ignore_index, IndexError)
+    _check_targets("linear_cross_entropy", None if reduction == "none" else backend, t1,
+                   weight.shape[0], ignore_index, IndexError)
+    if reduction == "none":
+        loss_op, ignore = CROSS_ENTROPY[backend].op, _ignore_index(ignore_index)
+        return _linear_loss_rows(
+            lambda s, t, code, grad: loss_op(s, t, None, ignore, smoothing, code, grad),
+            input, weight, bias, t1, target.shape)
     return _fused_linear(LINEAR_CROSS_ENTROPY[backend], input, weight, bias, t1,
                          (_ignore_index(ignore_index), smoothing, reduction_code))
 
@@ -494,12 +530,18 @@ def linear_multi_margin_loss(input: torch.Tensor, weight: torch.Tensor, target: 
         raise ValueError("only p == 1 and p == 2 supported")
     _check_linear("linear_multi_margin_loss", input, weight, bias, target)
     backend = backends.resolve_for(input, _linear_bytes(input, weight) if input.is_cuda else None)
-    if reduction == "none" or backend == "torch":
+    if backend == "torch" or (reduction == "none" and not _rows_exceed_one_block(input, weight)):
         return multi_margin_loss(F.linear(input, weight, bias), target, p=p, margin=margin,
                                  reduction=reduction)
     if target.dtype != torch.int64:
         raise RuntimeError(f"linear_multi_margin_loss: expected target dtype int64, got {target.dtype}")
     t1 = target if target.dim() == 1 else target.reshape(-1)
-    _check_targets("linear_multi_margin_loss", backend, t1, weight.shape[0], None, RuntimeError)
+    _check_targets("linear_multi_margin_loss", None if reduction == "none" else backend, t1,
+                   weight.shape[0], None, RuntimeError)
+    if reduction == "none":
+        loss_op, p, margin = MULTI_MARGIN_LOSS[backend].op, int(p), _margin(margin)
+        return _linear_loss_rows(
+            lambda s, t, code, grad: loss_op(s, t, p, margin, None, code, grad),
+            input, weight, bias, t1, target.shape)
     return _fused_linear(LINEAR_MULTI_MARGIN_LOSS[backend], input, weight, bias, t1,
                          (int(p), _margin(margin), reduction_code))

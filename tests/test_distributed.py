@@ -503,9 +503,10 @@ def _linear_matches_unsharded(rank, world, full=True):
     from torch.distributed.tensor.debug import CommDebugMode
 
     import linclass.distributed as ld
+    from linclass import _linear_blocks
 
-    default_block_bytes = ld.BLOCK_BYTES
-    ld.BLOCK_BYTES = 3 * 8 * 13  # blocks of about three rows: the block loop is exercised
+    default_block_bytes = _linear_blocks.BLOCK_BYTES
+    _linear_blocks.BLOCK_BYTES = 3 * 8 * 13  # blocks of about three rows: the block loop is exercised
     g = torch.Generator().manual_seed(0)
     n, d, classes = 10, 5, 13
     x0 = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -563,7 +564,7 @@ def _linear_matches_unsharded(rank, world, full=True):
             torch.testing.assert_close(grads[1], full[1][a:a + width], **F64)
     # Collectives (one block of rows): layout, statistics and the input gradient's sum
     # in the forward; none in backward.
-    ld.BLOCK_BYTES = default_block_bytes
+    _linear_blocks.BLOCK_BYTES = default_block_bytes
     w = w0[:classes // world * world].reshape(world, -1, d)[rank].clone().requires_grad_(True)
     for fn, expected in ((ld.linear_cross_entropy, 3), (ld.linear_multi_margin_loss, 4)):
         x = x0.clone().requires_grad_(True)
@@ -658,6 +659,7 @@ def _case_linear_16bit_products(rank, world):
     else in float32 of converted operands; both within bfloat16 rounding of the float64
     result of the same bfloat16 values, over several blocks of rows."""
     import linclass.distributed as ld
+    from linclass import _linear_blocks
 
     g = torch.Generator().manual_seed(1)
     n, d, classes = 23, 12, 17
@@ -674,8 +676,8 @@ def _case_linear_16bit_products(rank, world):
                 products.append({t.dtype for t in args if isinstance(t, torch.Tensor)})
             return func(*args, **(kwargs or {}))
 
-    default_block_bytes = ld.BLOCK_BYTES
-    ld.BLOCK_BYTES = 4 * 8 * classes  # blocks of a few rows: dW summed over blocks
+    default_block_bytes = _linear_blocks.BLOCK_BYTES
+    _linear_blocks.BLOCK_BYTES = 4 * 8 * classes  # blocks of a few rows: dW summed over blocks
     old = torch.ops.linclass._linear_16bit_products(-1)
     try:
         for mode in (0, 1):
@@ -703,7 +705,7 @@ def _case_linear_16bit_products(rank, world):
                 torch.testing.assert_close(bias.grad.double(), bf.grad[a:a + width], **tol)
     finally:
         torch.ops.linclass._linear_16bit_products(old)
-        ld.BLOCK_BYTES = default_block_bytes
+        _linear_blocks.BLOCK_BYTES = default_block_bytes
 
 
 def _case_random_layouts(rank, world, seeds):

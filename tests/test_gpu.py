@@ -278,6 +278,34 @@ def test_linear_losses_match_torch(gpu_backend, n, d, c, bias):
             torch.testing.assert_close(g, e)
 
 
+def test_linear_losses_per_row_in_blocks(gpu_backend, monkeypatch):
+    """reduction='none' above one block: the per-row losses a block at a time, the
+    scores made again in backward and weighted per row (linclass/_linear_blocks.py)."""
+    from linclass import _linear_blocks
+
+    monkeypatch.setattr(_linear_blocks, "CUDA_BLOCK_BYTES", 7 * 1000 * 8)  # 7 rows a block
+    n, d, c = 50, 32, 1000
+    x = torch.randn(n, d, device="cuda", dtype=torch.float64)
+    w = torch.randn(c, d, device="cuda", dtype=torch.float64)
+    b = torch.randn(c, device="cuda", dtype=torch.float64)
+    t = torch.randint(0, c, (n,), device="cuda")
+    t[3] = -100
+    grad_output = torch.rand(n, device="cuda", dtype=torch.float64)
+    cases = [(linclass.linear_cross_entropy, F.cross_entropy, dict(label_smoothing=0.1)),
+             (linclass.linear_multi_margin_loss, F.multi_margin_loss, dict(p=2, margin=0.5))]
+    for fused, unfused, kw in cases:
+        tt = t.clamp(min=0) if fused is linclass.linear_multi_margin_loss else t
+        ins, ref = [leaf(v) for v in (x, w, b)], [leaf(v) for v in (x, w, b)]
+        out = fused(ins[0], ins[1], tt, bias=ins[2], reduction="none", **kw)
+        exp = unfused(F.linear(*ref), tt, reduction="none", **kw)
+        assert "LinearLossRows" in type(out.grad_fn).__name__
+        out.backward(grad_output)
+        exp.backward(grad_output)
+        torch.testing.assert_close(out, exp)
+        for a, e in zip(ins, ref):
+            torch.testing.assert_close(a.grad, e.grad)
+
+
 def test_linear_cross_entropy_bf16_error_relative_to_fp32(gpu_backend):
     n, d, c = 512, 256, 32000
     x32 = torch.randn(n, d, device="cuda")

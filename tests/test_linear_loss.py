@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import linclass
+from linclass import _linear_blocks
 from conftest import KERNEL_BACKENDS
 from helpers import rel_error
 
@@ -22,18 +23,24 @@ def linear_backend(request):
 
 
 @contextlib.contextmanager
-def _block_rows(rows):
-    """Rows per block of the C++ and (when installed) the Triton fused linear ops."""
+def _block_rows(rows, none_block_bytes=1):
+    """Rows per block of the C++ and (when installed) the Triton fused linear ops; with
+    rows set, reduction='none' runs blocks of none_block_bytes of scores (default: one
+    row per block; linclass._linear_blocks)."""
     triton_linear = None
     if linclass.backends.runs_on("triton", "cpu"):
         from linclass.kernels import linear_loss as triton_linear
     old = torch.ops.linclass._linear_block_rows(rows)
+    old_block_bytes = _linear_blocks.BLOCK_BYTES
+    if rows:
+        _linear_blocks.BLOCK_BYTES = none_block_bytes
     if triton_linear:
         triton_linear.BLOCK_ROWS = rows
     try:
         yield
     finally:
         torch.ops.linclass._linear_block_rows(old)
+        _linear_blocks.BLOCK_BYTES = old_block_bytes
         if triton_linear:
             triton_linear.BLOCK_ROWS = 0
 
@@ -50,10 +57,16 @@ def make(n, d, c, dtype=torch.float64, bias=True, transposed_weight=False):
 
 
 def grads_of(fn, x, w, b, *args, **kwargs):
+    """The loss and its gradients; a per-row loss ('none') weighted by a grad_output of
+    its own per row (drawn from the loss's shape alone, the same for every fn)."""
     leaves = [v.detach().clone().requires_grad_(True) if v is not None else None for v in (x, w, b)]
     loss = fn(leaves[0], leaves[1], *args, bias=leaves[2], **kwargs)
     want = [v for v in leaves if v is not None]
-    grads = torch.autograd.grad(loss.sum() if loss.dim() else loss, want)
+    grad_output = None
+    if loss.dim():
+        g = torch.Generator().manual_seed(loss.numel())
+        grad_output = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype)
+    grads = torch.autograd.grad(loss, want, grad_output)
     return loss.detach(), grads
 
 
@@ -209,13 +222,16 @@ def test_low_precision_error_relative_to_fp32(linear_backend, dtype):
 
 
 def check_low_precision(x, w, b, t, dtype):
-    """Loss and gradients in `dtype` no further from the float32 result than torch's."""
-    oracle = grads_of(unfused_ce, x, w, b, t)
-    ours = grads_of(linclass.linear_cross_entropy, x.to(dtype), w.to(dtype), b.to(dtype), t)
-    theirs = grads_of(unfused_ce, x.to(dtype), w.to(dtype), b.to(dtype), t)
-    for o, th, ref in zip((ours[0],) + ours[1], (theirs[0],) + theirs[1], (oracle[0],) + oracle[1]):
-        assert o.dtype == dtype
-        assert rel_error(o, ref) <= rel_error(th, ref) + 1e-2
+    """Loss and gradients in `dtype` no further from the float32 result than torch's
+    (also per row, weighted per row in backward)."""
+    for reduction in ("mean", "none"):
+        oracle = grads_of(unfused_ce, x, w, b, t, reduction=reduction)
+        ours = grads_of(linclass.linear_cross_entropy, x.to(dtype), w.to(dtype), b.to(dtype), t,
+                        reduction=reduction)
+        theirs = grads_of(unfused_ce, x.to(dtype), w.to(dtype), b.to(dtype), t, reduction=reduction)
+        for o, th, ref in zip((ours[0],) + ours[1], (theirs[0],) + theirs[1], (oracle[0],) + oracle[1]):
+            assert o.dtype == dtype
+            assert rel_error(o, ref) <= rel_error(th, ref) + 1e-2
 
 
 @pytest.mark.parametrize("d,c", [(20, 12), (2000, 10), (40, 300)])  # small-C sub-blocks, BLAS
@@ -335,24 +351,42 @@ def test_few_rows_large_weight_float32_deterministic_across_threads():
                                  (oracle[0],) + oracle[1]):
             assert rel_error(ours, ref) <= 2 * rel_error(th, ref) + 1e-7
 
-def test_no_score_matrix_is_allocated(linear_backend):
-    # N x C would be 2048 * 300 * 4 bytes; with blocks, nothing that large exists.
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_score_matrix_is_allocated(linear_backend, reduction):
+    # N x C would be 2048 * 300 * 4 bytes; with blocks, nothing that large exists
+    # ('none': blocks of 64 rows in the forward and again in the backward).
     from torch.profiler import ProfilerActivity, profile
 
     x, w, b, t = make(2048, 8, 300, dtype=torch.float32)
     w = w.requires_grad_()
-    with _block_rows(64), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        linclass.linear_cross_entropy(x, w, t, b).backward()
+    grad_output = torch.rand(2048) if reduction == "none" else None
+    with (_block_rows(64, none_block_bytes=64 * 300 * 4),
+          profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof):
+        for fn in (linclass.linear_cross_entropy, linclass.linear_multi_margin_loss):
+            fn(x, w, t, b, reduction=reduction).backward(grad_output)
     biggest = max((e.self_cpu_memory_usage for e in prof.events()), default=0)
     assert biggest < 2048 * 300 * 4 // 4, biggest
 
 
+def test_none_within_one_block_composes_and_above_runs_blocks(monkeypatch):
+    """reduction='none' composes F.linear and the loss while the scores fit one block
+    (no more memory, one GEMM fewer), and runs blocks above."""
+    x, w, b, t = make(40, 8, 30)
+    x.requires_grad_()
+    assert "LinearLossRows" not in type(linclass.linear_cross_entropy(x, w, t, b, reduction="none").grad_fn).__name__
+    monkeypatch.setattr(_linear_blocks, "BLOCK_BYTES", 39 * 30 * 8)
+    for fn in (linclass.linear_cross_entropy, linclass.linear_multi_margin_loss):
+        assert "LinearLossRows" in type(fn(x, w, t, b, reduction="none").grad_fn).__name__
+
+
 def test_errors(linear_backend):
     x, w, b, t = make(4, 5, 3, dtype=torch.float32)
-    with pytest.raises(IndexError, match=r"target\[2\] = 7"):
-        linclass.linear_cross_entropy(x, w, torch.tensor([0, 1, 7, 2]), b)
-    with pytest.raises(RuntimeError, match="target"):
-        linclass.linear_multi_margin_loss(x, w, torch.tensor([0, 1, -1, 2]), b)
+    for reduction in ("mean", "none"):  # 'none': blocks of one row with linear_backend's 3rows
+        with pytest.raises(IndexError, match=r"cross_entropy: target\[2\] = 7"):
+            linclass.linear_cross_entropy(x, w, torch.tensor([0, 1, 7, 2]), b, reduction=reduction)
+        with pytest.raises(RuntimeError, match=r"multi_margin_loss: target\[2\] = -1"):
+            linclass.linear_multi_margin_loss(x, w, torch.tensor([0, 1, -1, 2]), b,
+                                              reduction=reduction)
     with pytest.raises(RuntimeError, match=r"weight must be \(C, D\)"):
         linclass.linear_cross_entropy(x, w.t(), t, b)
     with pytest.raises(RuntimeError, match="bias"):
@@ -393,13 +427,19 @@ def test_compile_fullgraph(linear_backend):
     def f(x, w, b):
         return linclass.linear_cross_entropy(x, w, t, b) + linclass.linear_multi_margin_loss(x, w, t, b)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    leaves = [v.clone().requires_grad_() for v in (x, w, b)]
-    ref_leaves = [v.clone().requires_grad_() for v in (x, w, b)]
-    compiled(*leaves).backward()
-    f(*ref_leaves).backward()
-    for a, r in zip(leaves, ref_leaves):
-        torch.testing.assert_close(a.grad, r.grad)
+    def per_row(x, w, b):  # 'none' weighted per row: blocks of one row (_block_rows)
+        return ((linclass.linear_cross_entropy(x, w, t, b, reduction="none")
+                 + linclass.linear_multi_margin_loss(x, w, t, b, reduction="none"))
+                * torch.arange(1.0, 17.0)).sum()
+
+    for fn in (f, per_row):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+        ref_leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+        compiled(*leaves).backward()
+        fn(*ref_leaves).backward()
+        for a, r in zip(leaves, ref_leaves):
+            torch.testing.assert_close(a.grad, r.grad)
 
 
 def test_modules_match_linear_plus_loss(linear_backend):
