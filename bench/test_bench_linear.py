@@ -9,6 +9,8 @@ Groups (N x D x C):
   per-row cross_entropy 4096 x 1024 x 32000: reduction='none' weighted per row (masks,
                         per-token weights), which linclass runs a block of rows at a
                         time, making the scores again in backward (one more GEMM)
+  probabilities cross_entropy 4096 x 1024 x 32000: against class probabilities
+                        (distillation), a block of rows at a time
 Peak extra memory: in a fresh subprocess holding the inputs, the resident-set
 high-water mark is reset (/proc/self/clear_refs), one forward + backward runs, and the
 new mark minus the resident set before is reported.  It sees the C++ allocations
@@ -43,10 +45,17 @@ LOSSES = {
     "multi_margin_loss": (lambda x, w, t: F.multi_margin_loss(F.linear(x, w), t),
                           linclass.linear_multi_margin_loss),
 }
-# reduction='none' weighted per row: (loss * row_weight).sum()
-PER_ROW_CASES = [(4096, 1024, 32000)]
-PER_ROW = (lambda x, w, t, r: (F.cross_entropy(F.linear(x, w), t, reduction="none") * r).sum(),
-           lambda x, w, t, r: (linclass.linear_cross_entropy(x, w, t, reduction="none") * r).sum())
+# Beyond 'mean' class indices, (torch, linclass) given x, w, class indices t, row weights
+# r and probabilities p: reduction='none' weighted per row, and probability targets.
+VARIANT_CASES = [(4096, 1024, 32000)]
+VARIANTS = {
+    "per-row cross_entropy": (
+        lambda x, w, t, r, p: (F.cross_entropy(F.linear(x, w), t, reduction="none") * r).sum(),
+        lambda x, w, t, r, p: (linclass.linear_cross_entropy(x, w, t, reduction="none") * r).sum()),
+    "probabilities cross_entropy": (
+        lambda x, w, t, r, p: F.cross_entropy(F.linear(x, w), p),
+        lambda x, w, t, r, p: linclass.linear_cross_entropy(x, w, p)),
+}
 IMPLS = ["torch"] + [f"linclass[{b}]" for b in ("cpp",) if b in linclass.backends.available()]
 
 _MEMORY_SCRIPT = textwrap.dedent("""
@@ -63,13 +72,16 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     w = (torch.randn(c, d) * 0.01).requires_grad_()
     t = torch.randint(0, c, (n,))
     r = torch.rand(n)
+    p = torch.rand(n, c).softmax(1) if loss.startswith("probabilities") else None
     fns = {{"cross_entropy": (lambda: F.cross_entropy(F.linear(x, w), t),
                               lambda: linclass.linear_cross_entropy(x, w, t)),
             "multi_margin_loss": (lambda: F.multi_margin_loss(F.linear(x, w), t),
                                   lambda: linclass.linear_multi_margin_loss(x, w, t)),
             "per-row cross_entropy": (
                 lambda: (F.cross_entropy(F.linear(x, w), t, reduction="none") * r).sum(),
-                lambda: (linclass.linear_cross_entropy(x, w, t, reduction="none") * r).sum())}}
+                lambda: (linclass.linear_cross_entropy(x, w, t, reduction="none") * r).sum()),
+            "probabilities cross_entropy": (lambda: F.cross_entropy(F.linear(x, w), p),
+                                            lambda: linclass.linear_cross_entropy(x, w, p))}}
     fn = fns[loss][0 if impl == "torch" else 1]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current resident set
@@ -119,24 +131,27 @@ def test_linear_loss(benchmark, loss, n, d, c, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("n,d,c", PER_ROW_CASES)
-def test_linear_loss_per_row(benchmark, n, d, c, impl):
-    benchmark.group = f"linear_per-row cross_entropy {n}x{d}x{c}"
+@pytest.mark.parametrize("n,d,c", VARIANT_CASES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_linear_loss_variant(benchmark, variant, n, d, c, impl):
+    benchmark.group = f"linear_{variant} {n}x{d}x{c}"
     torch.manual_seed(0)
     x = torch.randn(n, d).requires_grad_()
     w = (torch.randn(c, d) * 0.01).requires_grad_()
     t = torch.randint(0, c, (n,))
     r = torch.rand(n)
-    fn = PER_ROW[0 if impl == "torch" else 1]
+    p = torch.rand(n, c).softmax(1) if variant.startswith("probabilities") else None
+    fn = VARIANTS[variant][0 if impl == "torch" else 1]
 
     def step():
         x.grad = w.grad = None
-        fn(x, w, t, r).backward()
+        fn(x, w, t, r, p).backward()
 
-    nbytes = 4 * (n * d * 2 + 2 * c * d)
-    benchmark.extra_info.update(op="linear_per-row cross_entropy", impl=impl, n=n, d=d, c=c,
-                                bytes=nbytes,
-                                peak_extra_mb=peak_extra_mb(n, d, c, True, "per-row cross_entropy", impl))
+    # the input read once and its gradient written, the weight and its gradient, the
+    # probabilities read once
+    nbytes = 4 * (n * d * 2 + 2 * c * d + (n * c if p is not None else 0))
+    benchmark.extra_info.update(op=f"linear_{variant}", impl=impl, n=n, d=d, c=c, bytes=nbytes,
+                                peak_extra_mb=peak_extra_mb(n, d, c, True, variant, impl))
     if impl == "torch":
         benchmark.pedantic(step, rounds=3, warmup_rounds=1)
     else:

@@ -1,7 +1,8 @@
 """The fused linear + loss ops' Python paths, a block of rows at a time: the class-sharded
-ops (linclass.distributed) and the one-process ops' reduction='none' above one block of
-scores (LinearLossRows below).  The one-process 'mean'/'sum' ops run the same scheme in
-their kernels (csrc/linear_blocks.h, kernels/linear_loss.py).
+ops (linclass.distributed), and above one block of scores the one-process ops'
+reduction='none' (LinearLossRows) and cross-entropy against probability targets
+(LinearLossBlocks, LinearLossRows).  The one-process class-index 'mean'/'sum' ops run
+the same scheme in their kernels (csrc/linear_blocks.h, kernels/linear_loss.py).
 
 Per block:  S = X_b W^T + b  (F.linear's product, rounded once to the input dtype);
 a fused loss kernel turns S into the block's score gradient G;  dX_b = G W,
@@ -11,6 +12,7 @@ gradient, never N x C.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, NamedTuple
 
 import torch
@@ -149,3 +151,39 @@ class LinearLossRows(torch.autograd.Function):
         return (None if gi is None else gi.to(input.dtype),
                 None if gw is None else gw.to(weight.dtype),
                 None if gb is None else gb.to(bias.dtype), None, None, None)
+
+
+class LinearLossBlocks(torch.autograd.Function):
+    """loss(X W^T + b, y) with reduction 'sum', or 'mean' over `mean_rows` rows, without
+    the N x C scores: per block the scores, their summed loss and gradient (the fused
+    kernel, one pass), and the block's products, all in the forward; the backward
+    scales the saved gradients by grad_output.  run_loss as for LinearLossRows."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, target, run_loss: Callable, mean_rows, loss_dtype):
+        wants = list(ctx.needs_input_grad[:3])
+        blocks = blocks_of(input, weight, bias, weight.shape[0])
+        acc = _ops.accumulation_dtype(input.dtype)
+        total = torch.zeros((), dtype=acc, device=input.device)
+
+        def block_grads():
+            for k in blocks.slices:
+                loss, g = run_loss(blocks.scores(k), target[k], _ops.REDUCTIONS["sum"], any(wants))
+                total.add_(loss)
+                yield k, g
+
+        grads = blocks.gradients(block_grads(), wants)  # runs every block, gradients or not
+        scale = None if mean_rows is None else 1.0 / mean_rows if mean_rows else math.nan
+        grads = [None if g is None else (g if scale is None else g.mul_(scale)).to(t.dtype)
+                 for g, t in zip(grads, (input, weight, bias))]
+        ctx.present = [i for i, g in enumerate(grads) if g is not None]
+        ctx.save_for_backward(*(grads[i] for i in ctx.present))
+        return (total if scale is None else total * scale).to(loss_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        _ops._check_first_order()
+        grads = [None] * 3
+        for i, g in zip(ctx.present, _ops._rescale(list(ctx.saved_tensors), grad_loss)):
+            grads[i] = g
+        return (*grads, None, None, None, None)

@@ -220,17 +220,20 @@ def _cross_entropy_layout(shape, target: torch.Tensor) -> tuple[torch.Tensor, in
     return target, shape[1]
 
 
-def _probs_on_kernel(backend: str, input, target, weight, ignore_index) -> bool:
+def _probs_on_kernel(backend: str, input, target, weight, ignore_index, scores_shape=None) -> bool:
     """Whether cross_entropy with a probability target runs the fused C++ CPU kernel
     (linclass::cross_entropy_probs): scores with at least one class on the CPU, a
     target of their shape and dtype and a weight of their dtype, neither needing a
     gradient, no ignore_index, no torch.autocast.  The rest (other devices, mixed
-    dtypes, a differentiable target, torch's errors) goes to F.cross_entropy."""
+    dtypes, a differentiable target, torch's errors) goes to F.cross_entropy.
+    scores_shape: that of the scores the input makes (a fused linear op's), else the
+    input's own."""
+    shape = input.shape if scores_shape is None else scores_shape
     if not (backend == "cpp" and "cross_entropy_probs" in _ops.CPP and input.is_cpu
-            and input.dim() >= 1):
+            and len(shape) >= 1):
         return False
-    classes = input.shape[1 if input.dim() > 1 else 0]
-    return (classes > 0 and target.shape == input.shape and target.dtype is input.dtype
+    classes = shape[1 if len(shape) > 1 else 0]
+    return (classes > 0 and target.shape == shape and target.dtype is input.dtype
             and target.is_cpu and not _needs_grad(target)
             and (weight is None or (isinstance(weight, torch.Tensor) and weight.dtype is input.dtype
                                     and weight.shape == (classes,) and weight.is_cpu
@@ -464,6 +467,23 @@ def _linear_loss_rows(run_loss, input, weight, bias, rows_target, shape):
     return loss if loss.shape == shape else loss.reshape(shape)
 
 
+def _linear_probs_in_blocks(input, weight, bias, probs, reduction, smoothing):
+    """linear_cross_entropy against class probabilities (N, C) on the CPU, above one
+    block of scores: the probability kernel a block of rows at a time
+    (linclass/_linear_blocks.py), so that only the target is N x C."""
+    probs_op = _ops.CPP["cross_entropy_probs"].op
+
+    def run_loss(s, t, code, grad):
+        return probs_op(s, t, None, smoothing, code, grad)
+
+    if reduction == "none":
+        return _linear_blocks.LinearLossRows.apply(input, weight, bias, probs, run_loss,
+                                                   input.dtype)
+    return _linear_blocks.LinearLossBlocks.apply(input, weight, bias, probs, run_loss,
+                                                 input.shape[0] if reduction == "mean" else None,
+                                                 input.dtype)
+
+
 def _as_rows(input):
     """A (D,) input as the one row (1, D) the ops take."""
     return input.unsqueeze(0) if input.dim() == 1 else input
@@ -479,9 +499,9 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     scores are made, turned into their gradient and consumed a block of rows at a time,
     and the gradients for input, weight and bias are accumulated as the blocks go.
     With 'none' the forward makes the per-row losses a block at a time and the backward
-    makes each block's scores again (one more GEMM; where all the scores fit in one
-    block it composes ``linclass.cross_entropy(F.linear(...))``, as for probability
-    targets).
+    makes each block's scores again (one more GEMM).  Probability targets (N, C) run
+    the CPU probability kernel a block at a time (other devices: composed).  Where all
+    the scores fit in one block, both compose ``linclass.cross_entropy(F.linear(...))``.
     An input (*, D) with target (*) is taken as N = prod(*) rows (a transformer's (B, T, D)
     hidden states and (B, T) labels); the loss of 'none' then has shape (*).
     """
@@ -493,6 +513,11 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     reduction, reduction_code = _reduction_code(None, None, reduction)
     _check_linear("linear_cross_entropy", input, weight, bias, target)
     backend = backends.resolve_for(input, _linear_bytes(input, weight) if input.is_cuda else None)
+    if target.is_floating_point() and input.dim() == 2 and _rows_exceed_one_block(input, weight) \
+            and _probs_on_kernel(backend, input, target, None, ignore_index,
+                                 (input.shape[0], weight.shape[0])):
+        return _linear_probs_in_blocks(input, weight, bias, target, reduction,
+                                       _label_smoothing(label_smoothing))
     if (backend == "torch" or target.is_floating_point()
             or (reduction == "none" and not _rows_exceed_one_block(input, weight))):
         return cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index,

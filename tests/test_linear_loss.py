@@ -193,6 +193,44 @@ def test_vector_input(linear_backend):
     check(linclass.linear_cross_entropy, unfused_ce, x[0], w, b, t[0])
 
 
+@pytest.mark.parametrize("n,d,c", [(5, 1, 7), (33, 17, 10), (7, 16, 3000)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_probability_targets_match_unfused(linear_backend, n, d, c, bias):
+    """Probability targets: on the CPU kernel a block of rows at a time above one block
+    of scores (linear_backend's 3rows: one row a block), else composed."""
+    x, w, b, _ = make(n, d, c, bias=bias, transposed_weight=True)
+    probs = torch.rand(n, c, dtype=torch.float64).softmax(1)
+    probs[0] = 0.0
+    probs[0, -1] = 1.0  # a one-hot row
+    for reduction, smoothing in itertools.product(["mean", "sum", "none"], [0.0, 0.3]):
+        check(linclass.linear_cross_entropy, unfused_ce, x, w, b, probs, reduction=reduction,
+              label_smoothing=smoothing)
+
+
+def test_probability_targets_take_blocks_only_on_the_cpu_kernel(monkeypatch):
+    x, w, b, _ = make(40, 8, 30)
+    x.requires_grad_()
+    probs = torch.rand(40, 30, dtype=torch.float64).softmax(1)
+
+    def node(*args, **kw):
+        return type(linclass.linear_cross_entropy(*args, **kw).grad_fn).__name__
+
+    assert "LinearLoss" not in node(x, w, probs, b)  # one block: composed
+    monkeypatch.setattr(_linear_blocks, "BLOCK_BYTES", 39 * 30 * 8)
+    assert "LinearLossBlocks" in node(x, w, probs, b)
+    assert "LinearLossRows" in node(x, w, probs, b, reduction="none")
+    with linclass.backends.use("torch"):
+        assert "LinearLoss" not in node(x, w, probs, b)
+    # a differentiable target gets its gradient (torch's path)
+    p = probs.clone().requires_grad_()
+    linclass.linear_cross_entropy(x, w, p, b).backward()
+    assert p.grad is not None
+    # torch's errors and mixed dtypes (torch promotes) are torch's
+    with pytest.raises(RuntimeError, match="ignore_index"):
+        linclass.linear_cross_entropy(x, w, probs, b, ignore_index=0)
+    assert linclass.linear_cross_entropy(x, w, probs.float(), b).dtype == torch.float64
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_leading_dimensions_are_rows(linear_backend, reduction):
     """A (B, T, D) input with (B, T) targets (a transformer's hidden states and labels; also
@@ -223,12 +261,15 @@ def test_low_precision_error_relative_to_fp32(linear_backend, dtype):
 
 def check_low_precision(x, w, b, t, dtype):
     """Loss and gradients in `dtype` no further from the float32 result than torch's
-    (also per row, weighted per row in backward)."""
-    for reduction in ("mean", "none"):
+    (also per row, weighted per row in backward; and against probability targets)."""
+    probs = torch.rand(t.shape[0], w.shape[0], dtype=torch.float64).softmax(1).to(x.dtype)
+    for reduction, t in itertools.product(("mean", "none"), (t, probs)):
         oracle = grads_of(unfused_ce, x, w, b, t, reduction=reduction)
-        ours = grads_of(linclass.linear_cross_entropy, x.to(dtype), w.to(dtype), b.to(dtype), t,
+        low_t = t.to(dtype) if t.is_floating_point() else t
+        ours = grads_of(linclass.linear_cross_entropy, x.to(dtype), w.to(dtype), b.to(dtype), low_t,
                         reduction=reduction)
-        theirs = grads_of(unfused_ce, x.to(dtype), w.to(dtype), b.to(dtype), t, reduction=reduction)
+        theirs = grads_of(unfused_ce, x.to(dtype), w.to(dtype), b.to(dtype), low_t,
+                          reduction=reduction)
         for o, th, ref in zip((ours[0],) + ours[1], (theirs[0],) + theirs[1], (oracle[0],) + oracle[1]):
             assert o.dtype == dtype
             assert rel_error(o, ref) <= rel_error(th, ref) + 1e-2
@@ -360,10 +401,13 @@ def test_no_score_matrix_is_allocated(linear_backend, reduction):
     x, w, b, t = make(2048, 8, 300, dtype=torch.float32)
     w = w.requires_grad_()
     grad_output = torch.rand(2048) if reduction == "none" else None
+    probs = torch.rand(2048, 300).softmax(1)
     with (_block_rows(64, none_block_bytes=64 * 300 * 4),
           profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof):
         for fn in (linclass.linear_cross_entropy, linclass.linear_multi_margin_loss):
             fn(x, w, t, b, reduction=reduction).backward(grad_output)
+        if linear_backend == "cpp":  # probability targets: blocks on the CPU kernel only
+            linclass.linear_cross_entropy(x, w, probs, b, reduction=reduction).backward(grad_output)
     biggest = max((e.self_cpu_memory_usage for e in prof.events()), default=0)
     assert biggest < 2048 * 300 * 4 // 4, biggest
 
@@ -427,10 +471,13 @@ def test_compile_fullgraph(linear_backend):
     def f(x, w, b):
         return linclass.linear_cross_entropy(x, w, t, b) + linclass.linear_multi_margin_loss(x, w, t, b)
 
+    probs = torch.rand(16, 6).softmax(1)
+
     def per_row(x, w, b):  # 'none' weighted per row: blocks of one row (_block_rows)
         return ((linclass.linear_cross_entropy(x, w, t, b, reduction="none")
-                 + linclass.linear_multi_margin_loss(x, w, t, b, reduction="none"))
-                * torch.arange(1.0, 17.0)).sum()
+                 + linclass.linear_multi_margin_loss(x, w, t, b, reduction="none")
+                 + linclass.linear_cross_entropy(x, w, probs, b, reduction="none"))
+                * torch.arange(1.0, 17.0)).sum() + linclass.linear_cross_entropy(x, w, probs, b)
 
     for fn in (f, per_row):
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
