@@ -122,6 +122,8 @@ std::atomic<int64_t> g_block_rows_override{0};
 int64_t linear_block_rows(int64_t rows) { return g_block_rows_override.exchange(rows); }
 std::atomic<int64_t> g_small_gemm_classes_override{-1};  // -1: by the CPU's vendor
 int64_t small_gemm_classes(int64_t classes) { return g_small_gemm_classes_override.exchange(classes); }
+std::atomic<int64_t> g_lane_permute_classes_override{-1};  // -1: by the CPU's vendor
+int64_t lane_permute_classes(int64_t classes) { return g_lane_permute_classes_override.exchange(classes); }
 std::atomic<int64_t> g_16bit_products_override{-1};  // -1: as the CPU says
 int64_t linear_16bit_products(int64_t mode) { return g_16bit_products_override.exchange(mode); }
 bool native_16bit_products(bool bfloat16) { return linclass_linear_16bit_products(bfloat16) != 0; }
@@ -135,6 +137,15 @@ extern "C" int64_t linclass_small_gemm_classes() {
   if (forced >= 0) return forced;
   static const bool intel = linclass::cpu_is_intel();  // cpuid traps on a VM: once
   return intel ? 11 : -1;
+}
+extern "C" int64_t linclass_lane_permute_classes() {
+  const int64_t forced = linclass::g_lane_permute_classes_override.load();
+  if (forced >= 0) return forced;
+  // Intel's cores run a 512-bit two-source permute (vpermt2ps) at one a cycle; on the
+  // AMD EPYC (Zen 5) VM it is slower, and the permutes lost to the pair transposes from
+  // 5 classes (bench/results/class-count-ab.md).
+  static const bool intel = linclass::cpu_is_intel();  // cpuid traps on a VM: once
+  return intel ? 7 : 4;
 }
 extern "C" int linclass_linear_16bit_products(int bf16) {
   const int64_t forced = linclass::g_16bit_products_override.load();
@@ -224,6 +235,10 @@ STABLE_TORCH_LIBRARY(linclass, m) {
   // (-1 = by the CPU's vendor, see linear_blocks.h; capped by the kernel module's own
   // limit); returns the previous setting.
   m.def("_small_gemm_classes(int classes) -> int");
+  // Up to how many classes the CPU lane path moves rows of a tile by permutes (-1 = by
+  // the CPU's vendor, transpose.h; capped by the kernel module's own limit); returns the
+  // previous setting.
+  m.def("_lane_permute_classes(int classes) -> int");
   // Whether the linear ops' 16-bit products run in the input dtype on this CPU (the
   // knob above, else the CPU's instructions): the class-sharded linear ops ask it too.
   m.def("_native_16bit_products(bool bfloat16) -> bool");
@@ -239,6 +254,7 @@ STABLE_TORCH_LIBRARY_IMPL(linclass, CompositeExplicitAutograd, m) {
   m.impl("_linear_block_rows", TORCH_BOX(&linear_block_rows));
   m.impl("_linear_16bit_products", TORCH_BOX(&linear_16bit_products));
   m.impl("_small_gemm_classes", TORCH_BOX(&small_gemm_classes));
+  m.impl("_lane_permute_classes", TORCH_BOX(&lane_permute_classes));
   m.impl("_native_16bit_products", TORCH_BOX(&native_16bit_products));
 }
 

@@ -30,6 +30,9 @@ LINCLASS_SHARED int linclass_linear_16bit_products(int bf16);
 // (small_gemm.h) rather than the BLAS's: 11 on Intel CPUs, whose MKL is faster beyond,
 // else each module's own limit (-1), unless a test forced a count.
 LINCLASS_SHARED int64_t linclass_small_gemm_classes();
+// Up to how many classes the CPU lane path moves a tile's rows by vector permutes
+// (transpose.h): 7 on Intel CPUs, 4 elsewhere, unless a test forced a count.
+LINCLASS_SHARED int64_t linclass_lane_permute_classes();
 // Offers a module's `const linclass::CpuKernels*`; returns 0, or -1 when the table of
 // every ISA is already taken.
 LINCLASS_SHARED int linclass_offer_cpu_kernels(const void* table);

@@ -7,6 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import helpers  # noqa: E402
 import linclass  # noqa: E402
 
 
@@ -24,6 +25,15 @@ def _seed():
 def kernel_backend(request):
     """Each fused backend in turn, forced (so a test never silently runs another)."""
     with linclass.backends.use(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=[0, 7], ids=["pairs", "permutes"])
+def lane_permutes(request):
+    """The C++ lane path's few-class tiles moved by pair transposes (0) or by vector
+    permutes up to 7 classes: by default the CPU's vendor picks (transpose.h), so both
+    are forced here on any CPU."""
+    with helpers.lane_permute_classes(request.param):
         yield request.param
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import linclass
@@ -18,6 +20,20 @@ ORACLE_TOL = {
     torch.bfloat16: dict(rtol=2**-8, atol=1e-6),
     torch.float16: dict(rtol=2**-10, atol=1e-7),
 }
+
+
+@contextlib.contextmanager
+def lane_permute_classes(classes: int):
+    """Up to how many classes the C++ lane path moves rows by vector permutes (its
+    testing knob; by default 7 on Intel CPUs, 4 elsewhere), set for the block, so that
+    the permutes and the pair transposes are both tested on any CPU."""
+    knob = getattr(torch.ops.linclass, "_lane_permute_classes", None) if linclass._extension.HAS_CPP else None
+    old = knob(classes) if knob is not None else None
+    try:
+        yield
+    finally:
+        if knob is not None:
+            knob(old)
 
 
 def leaf(t: torch.Tensor) -> torch.Tensor:

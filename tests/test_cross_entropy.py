@@ -75,9 +75,10 @@ def _few_class_rows(C, dtype, layout):
 @pytest.mark.parametrize("C", [1, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_few_classes_against_float64(kernel_backend, C, layout, dtype):
+def test_few_classes_against_float64(kernel_backend, lane_permutes, C, layout, dtype):
     # Rows of up to seven classes that follow each other move between the rows and the
-    # C++ lane path's tiles by permutes (transpose.h); strided rows come in by the pair
+    # C++ lane path's tiles by permutes (transpose.h; up to 0 or 7 classes with
+    # lane_permutes, else by the pair transposes); strided rows come in by the pair
     # transposes (their gradient, a new tensor, goes out by permutes).
     x = _few_class_rows(C, dtype, layout)
     t = torch.randint(0, C, (70,))

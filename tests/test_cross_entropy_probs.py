@@ -99,9 +99,10 @@ def test_small_cases_against_a_float64_loop(C, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("C", [2, 3, 5, 7, 10, 16, 24, 33, 39, 40])
-def test_rows_in_lanes_whole_tiles_and_tails(C, dtype):
+def test_rows_in_lanes_whole_tiles_and_tails(lane_permutes, C, dtype):
     # Up to 39 classes the rows go 16 (8) a tile into SIMD lanes: 50 rows are whole tiles
-    # (transposes, permutes up to 7 classes, pairs, a last class) and a tail.
+    # (transposes, permutes up to 7 classes or none (lane_permutes), pairs, a last class)
+    # and a tail.
     torch.manual_seed(C)
     x = (torch.randn(50, C, dtype=torch.float64) * 3).to(dtype)
     t = _probabilities((50, C), dtype)

@@ -5,6 +5,7 @@
 // AVX2 blocks.
 #pragma once
 
+#include "../shared_state.h"
 #include "vec_util.h"
 
 #include <array>
@@ -269,12 +270,14 @@ inline VectorPermutes permutes_to_rows(int64_t C) {
 }
 
 // Both tables for C classes, built once per process for every C up to
-// kPermuteMaxClasses (a block of rows would otherwise rebuild them); nullptr beyond.
+// kPermuteMaxClasses (a block of rows would otherwise rebuild them); nullptr beyond, and
+// beyond the CPU's own limit (linclass_lane_permute_classes, shared_state.h: the
+// permutes cost more than the pair transposes from 5 classes on an AMD EPYC).
 struct TilePermutes {
   VectorPermutes to_tile, to_rows;
 };
 inline const TilePermutes* tile_permutes(int64_t C) {
-  if (C < 1 || C > kPermuteMaxClasses) return nullptr;
+  if (C < 1 || C > kPermuteMaxClasses || C > linclass_lane_permute_classes()) return nullptr;
   static const auto tables = [] {
     std::array<TilePermutes, kPermuteMaxClasses + 1> t{};
     for (int64_t c = 1; c <= kPermuteMaxClasses; ++c) t[c] = {permutes_to_tile(c), permutes_to_rows(c)};
