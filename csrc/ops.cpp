@@ -123,6 +123,10 @@ int64_t linear_block_rows(int64_t rows) { return g_block_rows_override.exchange(
 std::atomic<int64_t> g_small_gemm_classes_override{-1};  // -1: by the CPU's vendor
 int64_t small_gemm_classes(int64_t classes) { return g_small_gemm_classes_override.exchange(classes); }
 std::atomic<int64_t> g_lane_permute_classes_override{-1};  // -1: by the CPU's vendor
+std::atomic<int64_t> g_cross_entropy_lane_classes_override{-1};  // -1: by the CPU's vendor
+int64_t cross_entropy_lane_classes(int64_t classes) {
+  return g_cross_entropy_lane_classes_override.exchange(classes);
+}
 int64_t lane_permute_classes(int64_t classes) { return g_lane_permute_classes_override.exchange(classes); }
 std::atomic<int64_t> g_16bit_products_override{-1};  // -1: as the CPU says
 int64_t linear_16bit_products(int64_t mode) { return g_16bit_products_override.exchange(mode); }
@@ -146,6 +150,15 @@ extern "C" int64_t linclass_lane_permute_classes() {
   // 5 classes (bench/results/class-count-ab.md).
   static const bool intel = linclass::cpu_is_intel();  // cpuid traps on a VM: once
   return intel ? 7 : 4;
+}
+extern "C" int64_t linclass_cross_entropy_lane_classes() {
+  const int64_t forced = linclass::g_cross_entropy_lane_classes_override.load();
+  if (forced >= 0) return forced;
+  // On the Intel VM the group path took over from 40 classes; on the AMD EPYC (Zen 5)
+  // VM the lanes were faster than the groups to 47 classes, in training and evaluation
+  // (bench/results/class-count-ab.md).
+  static const bool intel = linclass::cpu_is_intel();  // cpuid traps on a VM: once
+  return intel ? 39 : 47;
 }
 extern "C" int linclass_linear_16bit_products(int bf16) {
   const int64_t forced = linclass::g_16bit_products_override.load();
@@ -239,6 +252,9 @@ STABLE_TORCH_LIBRARY(linclass, m) {
   // the CPU's vendor, transpose.h; capped by the kernel module's own limit); returns the
   // previous setting.
   m.def("_lane_permute_classes(int classes) -> int");
+  // Up to how many classes cross-entropy rows take the CPU lane path before the group
+  // path (-1 = by the CPU's vendor, row_driver.h); returns the previous setting.
+  m.def("_cross_entropy_lane_classes(int classes) -> int");
   // Whether the linear ops' 16-bit products run in the input dtype on this CPU (the
   // knob above, else the CPU's instructions): the class-sharded linear ops ask it too.
   m.def("_native_16bit_products(bool bfloat16) -> bool");
@@ -255,6 +271,7 @@ STABLE_TORCH_LIBRARY_IMPL(linclass, CompositeExplicitAutograd, m) {
   m.impl("_linear_16bit_products", TORCH_BOX(&linear_16bit_products));
   m.impl("_small_gemm_classes", TORCH_BOX(&small_gemm_classes));
   m.impl("_lane_permute_classes", TORCH_BOX(&lane_permute_classes));
+  m.impl("_cross_entropy_lane_classes", TORCH_BOX(&cross_entropy_lane_classes));
   m.impl("_native_16bit_products", TORCH_BOX(&native_16bit_products));
 }
 

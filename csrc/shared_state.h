@@ -33,6 +33,10 @@ LINCLASS_SHARED int64_t linclass_small_gemm_classes();
 // Up to how many classes the CPU lane path moves a tile's rows by vector permutes
 // (transpose.h): 7 on Intel CPUs, 4 elsewhere, unless a test forced a count.
 LINCLASS_SHARED int64_t linclass_lane_permute_classes();
+// Up to how many classes cross-entropy rows take the CPU lane path before the group path
+// (row_driver.h, group_min_classes): 39 on Intel CPUs, 47 elsewhere, unless a test
+// forced a count.
+LINCLASS_SHARED int64_t linclass_cross_entropy_lane_classes();
 // Offers a module's `const linclass::CpuKernels*`; returns 0, or -1 when the table of
 // every ISA is already taken.
 LINCLASS_SHARED int linclass_offer_cpu_kernels(const void* table);

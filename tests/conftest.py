@@ -37,6 +37,19 @@ def lane_permutes(request):
         yield request.param
 
 
+@pytest.fixture(params=[39, 47], ids=["groups-from-40", "lanes-to-47"])
+def cross_entropy_lanes(request):
+    """Cross-entropy rows of 40-47 classes in the C++ group path (39) or the lane path
+    (47): the CPU's vendor picks by default (row_driver.h), so both are forced here."""
+    knob = getattr(torch.ops.linclass, "_cross_entropy_lane_classes", None) if linclass._extension.HAS_CPP else None
+    old = knob(request.param) if knob is not None else None
+    try:
+        yield request.param
+    finally:
+        if knob is not None:
+            knob(old)
+
+
 def pytest_report_header(config):
     # tests/test_cpu_isa.py reads this line to know which kernels a run used.
     return f"linclass CPU kernels: {linclass.backends.cpu_isa()}"

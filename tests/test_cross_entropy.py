@@ -226,10 +226,11 @@ def test_ignored_rows_across_blocks_match_torch(kernel_backend, ignored, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5), (6, 1), (64, 3), (33, 17), (100, 32), (16, 33),
                                    (23, 39), (18, 40),  # C++ lanes' last width, groups' first
+                                   (20, 44), (33, 47), (17, 48),  # ... or lanes' to 47
                                    (37, 65), (50, 72), (21, 73),
                                    (40, 100), (17, 257), (31, 512), (19, 513),  # C++ group path
                                    (64, 1000), (8, 4097), (3, 50257)])
-def test_matches_torch_shapes(kernel_backend, dtype, shape):
+def test_matches_torch_shapes(kernel_backend, cross_entropy_lanes, dtype, shape):
     x = torch.randn(shape, dtype=dtype) * 4
     t = torch.randint(0, shape[1], (shape[0],))
     for reduction in ["none", "mean", "sum"]:
@@ -254,7 +255,7 @@ def test_masked_scores_get_exactly_zero_probability(kernel_backend, C):
 
 @pytest.mark.parametrize("C", [41, 65, 72, 100, 264])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": "rand"}])
-def test_group_rows_last_columns(kernel_backend, C, options):
+def test_group_rows_last_columns(kernel_backend, cross_entropy_lanes, C, options):
     """The C++ group path takes a row's last C % W columns (when at most half a vector)
     for all the group's rows at once, one row per lane: targets in those columns, an
     ignored row, scores of +inf and NaN there, and a last group of padding rows."""

@@ -178,6 +178,9 @@ struct CrossEntropyMath {
   // Below this the lane path is as fast or faster: a row of two or three vectors wastes
   // most of its last one (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMinClasses = 40;
+  // ... on Intel CPUs; elsewhere the lanes are faster to 47 classes (group_min_classes,
+  // row_driver.h).
+  static constexpr bool kLaneClassesByCpu = true;
   // group_s reads each row's last full vector at C - W (the max pass): C >= W always.
   static_assert(kGroupMinClasses >= GroupIO<float>::kMaxRows);
   // Past this the row path is as fast: the per-row work is a small share of a long row.

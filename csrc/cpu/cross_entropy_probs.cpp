@@ -16,7 +16,7 @@
 //
 // Scores are walked where they lie (rows of contiguous classes, or positions innermost;
 // else a contiguous copy), the target in the same layout.  Rows of more than
-// kLaneMaxClasses classes go one at a time: three passes over a row that stays in
+// kProbsLaneMaxClasses classes go one at a time: three passes over a row that stays in
 // cache (its max; the exponentials, kept in a scratch row, with the three sums; the
 // gradient).  Shorter rows go W = Vec::size() a tile, transposed into SIMD lanes (one
 // row per lane: no horizontal sums).  Positions innermost (contiguous K-dimensional
@@ -173,10 +173,14 @@ double probs_tiles(const scalar_t* x, const scalar_t* t, scalar_t* g, int64_t K,
   return sum;
 }
 
-// Rows of up to kLaneMaxClasses classes (row_driver.h) take the lanes too, W rows a
-// tile transposed in and out (pack_tile / unpack_tile): on such short rows the row
-// path's horizontal sums and partial vectors are most of the work
-// (bench/results/cross-entropy-probs.md).
+// Rows of up to kProbsLaneMaxClasses classes take the lanes too, W rows a tile
+// transposed in and out (pack_tile / unpack_tile): on such short rows the row path's
+// horizontal sums and partial vectors are most of the work
+// (bench/results/cross-entropy-probs.md).  Up to 39 (not the class-index losses' lane
+// capacity): from 48 classes the row path was faster on the Intel VM, and at 40-47
+// the lanes' gain was small (bench/results/class-count-ab.md).
+constexpr int64_t kProbsLaneMaxClasses = 39;
+static_assert(kProbsLaneMaxClasses <= cpu::kLaneMaxClasses);
 
 // Rows [begin, end) of (N, C) scores, W rows a tile in SIMD lanes: losses to loss_rows
 // (when set) and their sum.
@@ -351,7 +355,7 @@ std::tuple<Tensor, Tensor> cross_entropy_probs_cpu(const Tensor& input_, const T
     const bool stream_grad = compute_grad && cpu::stream_gradient(nbytes(written));
     // Blocks of rows (or of tiles of W positions) fixed by the shape and summed in
     // order: the same bits at any thread count.
-    const bool lane_rows = !tiled && C <= cpu::kLaneMaxClasses;
+    const bool lane_rows = !tiled && C <= cpu::kProbsLaneMaxClasses;
     constexpr int64_t W = cpu::Vec<acc_t>::size();
     const int64_t tiles = (K + W - 1) / W;
     const int64_t units = tiled ? walk->images * tiles : rows;

@@ -98,6 +98,7 @@ struct MultiMarginMath {
   // Below this the lane path is as fast or faster: a row of two or three vectors wastes
   // most of its last one (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMinClasses = 40;
+  static constexpr bool kLaneClassesByCpu = false;
   // Past this the row path is as fast in training: the hinge's passes are light, and
   // the row path prefetches each next row during its pass (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMaxClasses = 64;

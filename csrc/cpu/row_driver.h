@@ -56,10 +56,10 @@
 namespace linclass::cpu {
 
 // The lane path's capacity: rows of up to this many classes fit its tiles.  Each loss
-// takes the lanes below its Math::kGroupMinClasses (at most kLaneMaxClasses + 1): on
-// rows this short a row-major pass wastes most of its last vector, while the lanes'
+// takes the lanes below its group_min_classes (at most kLaneMaxClasses + 1): on rows
+// this short a row-major pass wastes most of its last vector, while the lanes'
 // transposes cost the same per score at any C.
-constexpr int64_t kLaneMaxClasses = 39;
+constexpr int64_t kLaneMaxClasses = 47;
 // Elements per block (and per parallel task at least): below this, threads cost more
 // than they save.
 constexpr int64_t kBlockElements = 16384;
@@ -184,21 +184,33 @@ inline int64_t block_rows(int64_t classes, bool whole_tiles) {
   return (r + w - 1) / w * w;
 }
 
-// Which path a loss's rows take: groups from Math::kGroupMinClasses to
-// Math::kGroupMaxClasses classes (kGroupMaxClassesForwardOnly without gradient), lanes
-// below, rows above.  Either way each row's loss is the same bits (the group path adds
-// in the row path's order).
+// Where a loss's groups begin: Math::kGroupMinClasses, or for a loss whose
+// Math::kLaneClassesByCpu is set the CPU's own count (linclass_cross_entropy_lane_classes,
+// shared_state.h: how fast a CPU runs the group path's partial last vectors and
+// horizontal reductions against the lanes' transposes differs between vendors), within
+// [Vec<float>::size(), kLaneMaxClasses + 1].
+template <typename Math>
+inline int64_t group_min_classes() {
+  static_assert(Math::kGroupMinClasses <= kLaneMaxClasses + 1);
+  if constexpr (Math::kLaneClassesByCpu)
+    return std::clamp<int64_t>(linclass_cross_entropy_lane_classes() + 1, Vec<float>::size(),
+                               kLaneMaxClasses + 1);
+  return Math::kGroupMinClasses;
+}
+// Which path a loss's rows take: groups from group_min_classes to Math::kGroupMaxClasses
+// classes (kGroupMaxClassesForwardOnly without gradient), lanes below, rows above.
+// Either way each row's loss is the same bits (the group path adds in the row path's
+// order).
 template <typename Math>
 inline bool use_groups(int64_t classes, bool grad) {
   static_assert(Math::kGroupMaxClasses <= kGroupMaxClasses);
   static_assert(Math::kGroupMaxClassesForwardOnly <= kGroupMaxClasses);
-  return classes >= Math::kGroupMinClasses &&
+  return classes >= group_min_classes<Math>() &&
          classes <= (grad ? Math::kGroupMaxClasses : Math::kGroupMaxClassesForwardOnly);
 }
 template <typename Math>
 inline bool use_lanes(int64_t classes) {
-  static_assert(Math::kGroupMinClasses <= kLaneMaxClasses + 1);
-  return classes < Math::kGroupMinClasses;
+  return classes < group_min_classes<Math>();
 }
 // Rows whose classes are strided and whose neighbouring rows are adjacent: K-dim inputs
 // (N, C, d1, ...) with contiguous d's (a segmentation's scores) and column-major
