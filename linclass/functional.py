@@ -444,10 +444,10 @@ def _fused_linear(op, input, weight, bias, target, options):
 
 
 def _rows_exceed_one_block(input, weight) -> bool:
-    """Whether the scores of a fused linear loss with reduction='none' take more than one
-    block of rows (_linear_blocks.BLOCK_BYTES): then it runs a block at a time
-    (_linear_blocks.LinearLossRows, one more GEMM than composing F.linear and the loss);
-    within one block composing them holds no more memory and is faster."""
+    """Whether a fused linear loss's scores take more than one block of rows
+    (_linear_blocks.BLOCK_BYTES): then reduction='none' and probability targets run a
+    block at a time (_linear_blocks); within one block composing F.linear and the loss
+    holds no more memory and is as fast or faster ('none': one GEMM fewer)."""
     rows = input.shape[0] if input.dim() == 2 else 1
     return _linear_blocks.exceeds_one_block(rows, weight.shape[0], input.dtype, input.device)
 
