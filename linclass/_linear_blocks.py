@@ -74,7 +74,8 @@ class Blocks(NamedTuple):
         (None for the others).  Blocks add in order: the same result every run."""
         acc = _ops.accumulation_dtype(self.x.dtype)
         x, w = self.x, self.w
-        gi = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device) if wants[0] else None
+        # Every row of gi is written by its block (the slices cover the rows): no zero fill.
+        gi = torch.empty(x.shape[0], x.shape[1], dtype=acc, device=x.device) if wants[0] else None
         gw = torch.zeros(w.shape, dtype=acc, device=x.device) if wants[1] else None
         gb = torch.zeros(w.shape[0], dtype=acc, device=x.device) if wants[2] else None
         native = self.x_mm.dtype in _HALF_TYPES

@@ -33,7 +33,7 @@ def lane_permutes(request):
     """The C++ lane path's few-class tiles moved by pair transposes (0) or by vector
     permutes up to 7 classes: by default the CPU's vendor picks (transpose.h), so both
     are forced here on any CPU."""
-    with helpers.lane_permute_classes(request.param):
+    with helpers.cpp_knob("_lane_permute_classes", request.param):
         yield request.param
 
 
@@ -41,13 +41,8 @@ def lane_permutes(request):
 def cross_entropy_lanes(request):
     """Cross-entropy rows of 40-47 classes in the C++ group path (39) or the lane path
     (47): the CPU's vendor picks by default (row_driver.h), so both are forced here."""
-    knob = getattr(torch.ops.linclass, "_cross_entropy_lane_classes", None) if linclass._extension.HAS_CPP else None
-    old = knob(request.param) if knob is not None else None
-    try:
+    with helpers.cpp_knob("_cross_entropy_lane_classes", request.param):
         yield request.param
-    finally:
-        if knob is not None:
-            knob(old)
 
 
 def pytest_report_header(config):

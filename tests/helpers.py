@@ -23,12 +23,11 @@ ORACLE_TOL = {
 
 
 @contextlib.contextmanager
-def lane_permute_classes(classes: int):
-    """Up to how many classes the C++ lane path moves rows by vector permutes (its
-    testing knob; by default 7 on Intel CPUs, 4 elsewhere), set for the block, so that
-    the permutes and the pair transposes are both tested on any CPU."""
-    knob = getattr(torch.ops.linclass, "_lane_permute_classes", None) if linclass._extension.HAS_CPP else None
-    old = knob(classes) if knob is not None else None
+def cpp_knob(name: str, value: int):
+    """A C++ testing knob (torch.ops.linclass.<name>: sets a value, returns the previous
+    one) set for the block; nothing without the C++ extension."""
+    knob = getattr(torch.ops.linclass, name, None) if linclass._extension.HAS_CPP else None
+    old = knob(value) if knob is not None else None
     try:
         yield
     finally:
