@@ -600,9 +600,10 @@ def test_tile_path_is_deterministic_and_has_no_score_matrix(tile_path):
 
 
 # ---- the C++ register-blocked path for few classes (csrc/cpu/small_gemm.h) -------------
-# float32 with C <= kSmallGemmC (12; 16 in the AVX-512 build) takes it, on Intel CPUs up
+# float32 with C <= kSmallGemmC (12; 64 in the AVX-512 build) takes it, on Intel CPUs up
 # to 11 classes (the knob _small_gemm_classes, -1 = by the vendor); beyond, the BLAS
-# blocks.  D = 600 crosses its 512-float column chunk, N = 130 leaves a partial 3-row tile.
+# blocks.  D = 600 crosses its 512-float column chunk, N = 130 leaves a partial 3-row tile;
+# 15-64 classes take the dW product in class groups (2-7 of them), 65 the BLAS blocks.
 
 
 def _small_gemm_classes(classes):
@@ -610,8 +611,8 @@ def _small_gemm_classes(classes):
 
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs the C++ kernels")
-@pytest.mark.parametrize("limit", [0, 16])  # the BLAS blocks, register-blocked where built
-@pytest.mark.parametrize("c", [1, 10, 12, 13, 16, 17])
+@pytest.mark.parametrize("limit", [0, 64])  # the BLAS blocks, register-blocked where built
+@pytest.mark.parametrize("c", [1, 10, 12, 13, 16, 17, 24, 37, 64, 65])
 def test_cpp_few_class_path_against_float64(c, limit):
     x, w, b, t = make(130, 600, c, dtype=torch.float32)
     w = w * 0.1  # scores of a few units, as a trained layer gives: not all rows saturated
@@ -638,11 +639,12 @@ def _cpu_vendor():
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs the C++ kernels")
 @pytest.mark.skipif(_cpu_vendor() is None, reason="no /proc/cpuinfo vendor")
-@pytest.mark.parametrize("c", [11, 12])
+@pytest.mark.parametrize("c", [11, 12, 40])
 def test_few_class_limit_follows_the_vendor(c):
     """By default (-1) 12 classes take the BLAS blocks on an Intel CPU and the
-    register-blocked products elsewhere; 11 take the latter everywhere.  The two paths
-    add in other orders, so their last bits tell which ran."""
+    register-blocked products elsewhere (40: where the build has them, AVX-512); 11 take
+    the latter everywhere.  The two paths add in other orders, so their last bits tell
+    which ran."""
     x, w, b, t = make(300, 700, c, dtype=torch.float32)
     w = w * 0.1
 
@@ -652,7 +654,7 @@ def test_few_class_limit_follows_the_vendor(c):
             linclass.linear_cross_entropy(x, w_, t, b).backward()
             return w_.grad
 
-    blas, blocked = weight_grad(0), weight_grad(16)
+    blas, blocked = weight_grad(0), weight_grad(64)
     if torch.equal(blas, blocked):
         pytest.skip("both paths gave the same bits")
     intel = _cpu_vendor() == "GenuineIntel"

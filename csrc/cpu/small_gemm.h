@@ -23,17 +23,19 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 namespace linclass::cpu {
 
 // Up to 12 classes: the score tile keeps 3 rows x 4 classes of accumulators, and the
 // dW product C accumulators, in AVX2's 16 vector registers.  With AVX-512's 32 registers
-// the path also beats a slow BLAS at 13-16 classes (MKL on an AMD EPYC); from ~20 the
-// BLAS's own blocking wins (bench/results/linear-gemm-floor.md).  On Intel CPUs MKL is
-// faster from 12 classes: small_gemm_max_classes() below.
+// the dW product takes the classes in groups (weight_rows), and the path beats a slow
+// BLAS (MKL on an AMD EPYC) up to 64 classes: 1.2-1.9x its products at 17-64
+// (bench/results/linear-gemm-floor.md).  On Intel CPUs MKL is faster from 12 classes:
+// small_gemm_max_classes() below.
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int64_t kSmallGemmC = 16;
+constexpr int64_t kSmallGemmC = 64;
 #else
 constexpr int64_t kSmallGemmC = 12;
 #endif
@@ -183,12 +185,12 @@ constexpr int kVectorRegisters = 16;
 // changes no bit of the result.
 template <int NC, int K>
 inline void weight_columns(const SmallLinear& a, int64_t r0, int64_t r1, int64_t j, float* out,
-                           bool accumulate) {
+                           bool accumulate, int64_t c0 = 0) {
   constexpr int64_t L = VF::size();
   VF acc[K][NC];
   for (int k = 0; k < K; ++k)
     for (int c = 0; c < NC; ++c)
-      acc[k][c] = accumulate ? VF::loadu(out + c * a.D + j + k * L) : VF(0.f);
+      acc[k][c] = accumulate ? VF::loadu(out + (c0 + c) * a.D + j + k * L) : VF(0.f);
   const bool ahead = j + 2 * K * L <= a.D;
   for (int64_t r = r0; r < r1; ++r) {
     const float* x = row_ptr(a, r) + j;
@@ -196,24 +198,35 @@ inline void weight_columns(const SmallLinear& a, int64_t r0, int64_t r1, int64_t
       for (int k = 0; k < K; ++k) __builtin_prefetch(x + (K + k) * L, 0, 3);
     VF xv[K];
     for (int k = 0; k < K; ++k) xv[k] = VF::loadu(x + k * L);
-    const float* s = a.S + r * NC;
+    const float* s = a.S + r * a.C + c0;
     for (int c = 0; c < NC; ++c) {
       const VF sc(s[c]);
       for (int k = 0; k < K; ++k) acc[k][c] = cpu::fmadd(sc, xv[k], acc[k][c]);
     }
   }
   for (int k = 0; k < K; ++k)
-    for (int c = 0; c < NC; ++c) acc[k][c].store(out + c * a.D + j + k * L);
+    for (int c = 0; c < NC; ++c) acc[k][c].store(out + (c0 + c) * a.D + j + k * L);
 }
 
 template <int NC>
 void weight_rows(const SmallLinear& a, int64_t r0, int64_t r1, float* out, bool accumulate) {
   constexpr int64_t L = VF::size();
   // Two vectors of columns where their 2 NC accumulators, the two loads and a broadcast
-  // fit the registers.
-  constexpr int K = 2 * NC + 3 <= kVectorRegisters ? 2 : 1;
+  // fit the registers; past 14 classes, groups of at most 10 classes (a group of 12 had
+  // GCC spill its accumulators to the stack), each walking the same rows, whose columns
+  // j stay in L1 between the groups.
+  constexpr int kMaxGroup = 10;
+  constexpr int kGroups = NC <= 14 ? 1 : (NC + kMaxGroup - 1) / kMaxGroup, G = (NC + kGroups - 1) / kGroups;
+  constexpr int K = 2 * G + 3 <= kVectorRegisters ? 2 : 1;
   int64_t j = 0;
-  for (; j + K * L <= a.D; j += K * L) weight_columns<NC, K>(a, r0, r1, j, out, accumulate);
+  for (; j + K * L <= a.D; j += K * L) {
+    if constexpr (kGroups == 1) {
+      weight_columns<NC, K>(a, r0, r1, j, out, accumulate);
+    } else {
+      for (int g = 0; g + 1 < kGroups; ++g) weight_columns<G, K>(a, r0, r1, j, out, accumulate, g * G);
+      weight_columns<NC - (kGroups - 1) * G, K>(a, r0, r1, j, out, accumulate, (kGroups - 1) * G);
+    }
+  }
   for (; j < a.D; j += L) {  // the last columns, one (partial) vector at a time
     const int64_t m = std::min<int64_t>(L, a.D - j);
     VF acc[NC];
@@ -227,23 +240,52 @@ void weight_rows(const SmallLinear& a, int64_t r0, int64_t r1, float* out, bool 
   }
 }
 
-// dX[r0:r1] = dS[r0:r1] W, W's column chunk in L1 while the rows pass.
+// Rows q < 3 of a dX tile (pointers to their dS rows and dX rows; a short tile repeats
+// its last row, stored once): K vectors of columns from j, the last one `last` columns
+// wide.  Each class's K vectors of W serve the 3 rows and each broadcast dS entry K
+// vectors: 3 K independent sums, where one sum per vector was a chain of NC dependent
+// multiply-adds.  Every element still adds its classes in order from zero.
+template <int NC, int K>
+inline void input_tile(const SmallLinear& a, const float* const* s, float* const* out, int64_t rows,
+                       int64_t j, int64_t last) {
+  constexpr int64_t L = VF::size();
+  VF acc[3][K];
+  for (int q = 0; q < 3; ++q)
+    for (int k = 0; k < K; ++k) acc[q][k] = VF(0.f);
+  for (int c = 0; c < NC; ++c) {
+    const float* w = a.W + c * a.ldw + j;
+    VF wv[K];
+    for (int k = 0; k < K; ++k) wv[k] = k + 1 < K || last == L ? VF::loadu(w + k * L) : VF::loadu(w + k * L, last);
+    for (int q = 0; q < 3; ++q) {
+      const VF sc(s[q][c]);
+      for (int k = 0; k < K; ++k) acc[q][k] = cpu::fmadd(sc, wv[k], acc[q][k]);
+    }
+  }
+  for (int64_t q = 0; q < rows; ++q)
+    for (int k = 0; k < K; ++k) acc[q][k].store(out[q] + j + k * L, k + 1 < K ? L : last);
+}
+
+// dX[r0:r1] = dS[r0:r1] W, W's column chunk in L1 while the rows pass, 3 rows at a time.
 template <int NC>
 void input_rows(const SmallLinear& a, int64_t r0, int64_t r1) {
   constexpr int64_t L = VF::size();
+  // Vectors of columns a tile: its 3 K sums, K loads of W and a broadcast fit the registers.
+  constexpr int K = 4 * 3 + 4 + 1 <= kVectorRegisters ? 4 : 2;
   for (int64_t j0 = 0; j0 < a.D; j0 += kSmallGemmChunk) {
     const int64_t j1 = std::min(a.D, j0 + kSmallGemmChunk);
-    for (int64_t r = r0; r < r1; ++r) {
-      VF s[NC];
-      for (int c = 0; c < NC; ++c) s[c] = VF(a.S[r * NC + c]);
-      float* out = a.dX + r * a.lddx;
-      for (int64_t j = j0; j < j1; j += L) {
-        const int64_t m = std::min<int64_t>(L, j1 - j);
-        VF acc(0.f);
-        for (int c = 0; c < NC; ++c)
-          acc = cpu::fmadd(s[c], m == L ? VF::loadu(a.W + c * a.ldw + j) : VF::loadu(a.W + c * a.ldw + j, m), acc);
-        acc.store(out + j, m);
+    for (int64_t r = r0; r < r1; r += 3) {
+      const int64_t m = std::min<int64_t>(3, r1 - r);
+      const float* s[3];
+      float* out[3];
+      for (int64_t q = 0; q < 3; ++q) {
+        const int64_t row = r + std::min(q, m - 1);
+        s[q] = a.S + row * NC;
+        out[q] = a.dX + row * a.lddx;
       }
+      int64_t j = j0;
+      for (; j + K * L <= j1; j += K * L) input_tile<NC, K>(a, s, out, m, j, L);
+      for (; j + L <= j1; j += L) input_tile<NC, 1>(a, s, out, m, j, L);
+      if (j < j1) input_tile<NC, 1>(a, s, out, m, j, j1 - j);
     }
   }
 }
@@ -268,6 +310,16 @@ double run_block(const SmallLinear& a, Loss& loss, SmallWeightGrad& g) {
   return total;
 }
 
+// run_block<C> for the run-time a.C, one instantiation per class count up to kSmallGemmC.
+template <typename Loss, int... Ks>
+double run_block_of(const SmallLinear& a, Loss& loss, SmallWeightGrad& grad,
+                    std::integer_sequence<int, Ks...>) {
+  double total = 0;
+  const bool ran = ((a.C == Ks + 1 && (total = run_block<Ks + 1>(a, loss, grad), true)) || ...);
+  LINCLASS_CHECK(ran, "small_linear_block: C = ", a.C, " is not in [1, ", kSmallGemmC, "]");
+  return total;
+}
+
 }  // namespace detail
 
 // Runs the block: scores, `loss(S_rows, first_row, rows) -> summed loss` (turns the
@@ -278,19 +330,7 @@ double run_block(const SmallLinear& a, Loss& loss, SmallWeightGrad& g) {
 // few; any n works.
 template <typename Loss>
 double small_linear_block(const SmallLinear& a, Loss&& loss, SmallWeightGrad& grad) {
-  switch (a.C) {
-#define LINCLASS_SMALL_CASE(k) \
-  case k:                      \
-    return detail::run_block<k>(a, loss, grad);
-    LINCLASS_SMALL_CASE(1) LINCLASS_SMALL_CASE(2) LINCLASS_SMALL_CASE(3) LINCLASS_SMALL_CASE(4)
-    LINCLASS_SMALL_CASE(5) LINCLASS_SMALL_CASE(6) LINCLASS_SMALL_CASE(7) LINCLASS_SMALL_CASE(8)
-    LINCLASS_SMALL_CASE(9) LINCLASS_SMALL_CASE(10) LINCLASS_SMALL_CASE(11) LINCLASS_SMALL_CASE(12)
-#if defined(CPU_CAPABILITY_AVX512)
-    LINCLASS_SMALL_CASE(13) LINCLASS_SMALL_CASE(14) LINCLASS_SMALL_CASE(15) LINCLASS_SMALL_CASE(16)
-#endif
-#undef LINCLASS_SMALL_CASE
-  }
-  LINCLASS_CHECK(false, "small_linear_block: C = ", a.C, " is not in [1, ", kSmallGemmC, "]");
+  return detail::run_block_of(a, loss, grad, std::make_integer_sequence<int, int(kSmallGemmC)>());
 }
 
 }  // namespace linclass::cpu
