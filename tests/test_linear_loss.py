@@ -600,7 +600,7 @@ def test_tile_path_is_deterministic_and_has_no_score_matrix(tile_path):
 
 
 # ---- the C++ register-blocked path for few classes (csrc/cpu/small_gemm.h) -------------
-# float32 with C <= kSmallGemmC (12; 64 in the AVX-512 build) takes it, on Intel CPUs up
+# float32 with C <= kSmallGemmC (12; 32 in the AVX2 build, 64 AVX-512) takes it, on Intel CPUs up
 # to 11 classes (the knob _small_gemm_classes, -1 = by the vendor); beyond, the BLAS
 # blocks.  D = 600 crosses its 512-float column chunk, N = 130 leaves a partial 3-row tile;
 # 15-64 classes take the dW product in class groups (2-7 of them), 65 the BLAS blocks.

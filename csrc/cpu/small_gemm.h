@@ -28,14 +28,16 @@
 
 namespace linclass::cpu {
 
-// Up to 12 classes: the score tile keeps 3 rows x 4 classes of accumulators, and the
-// dW product C accumulators, in AVX2's 16 vector registers.  With AVX-512's 32 registers
-// the dW product takes the classes in groups (weight_rows), and the path beats a slow
-// BLAS (MKL on an AMD EPYC) up to 64 classes: 1.2-1.9x its products at 17-64
-// (bench/results/linear-gemm-floor.md).  On Intel CPUs MKL is faster from 12 classes:
-// small_gemm_max_classes() below.
+// The score tile keeps 3 rows x 4 classes of accumulators in registers, the dW product
+// up to 14 classes' (past that, groups of classes: weight_rows).  The path beats a slow
+// BLAS (MKL on an AMD EPYC) up to 64 classes with AVX-512's 32 registers (1.2-1.9x its
+// products at 17-64) and to 32 with the AVX2 kernels (1.1-1.6x at 16-32 with MKL told to
+// use AVX2); bench/results/linear-gemm-floor.md.  The x86-64 baseline build keeps 12.
+// On Intel CPUs MKL is faster from 12 classes: small_gemm_max_classes() below.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kSmallGemmC = 64;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kSmallGemmC = 32;
 #else
 constexpr int64_t kSmallGemmC = 12;
 #endif
