@@ -29,11 +29,11 @@
 namespace linclass::cpu {
 
 // The score tile keeps 3 rows x 4 classes of accumulators in registers, the dW product
-// up to 14 classes' (past that, groups of classes: weight_rows).  The path beats a slow
-// BLAS (MKL on an AMD EPYC) up to 64 classes with AVX-512's 32 registers (1.2-1.9x its
-// products at 17-64) and to 32 with the AVX2 kernels (1.1-1.6x at 16-32 with MKL told to
-// use AVX2); bench/results/linear-gemm-floor.md.  The x86-64 baseline build keeps 12.
-// On Intel CPUs MKL is faster from 12 classes: small_gemm_max_classes() below.
+// one per class (past 14 classes, for groups of at most 10: weight_rows).  The path
+// beats a slow BLAS (MKL on an AMD EPYC) up to 64 classes with AVX-512's 32 registers
+// (1.2-1.9x its products at 17-64) and to 32 with the AVX2 kernels (1.1-1.6x at 16-32
+// with MKL told to use AVX2); bench/results/linear-gemm-floor.md.  The x86-64 baseline
+// build keeps 12.  On Intel CPUs MKL is faster from 12 classes: small_gemm_max_classes().
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kSmallGemmC = 64;
 #elif defined(CPU_CAPABILITY_AVX2)
