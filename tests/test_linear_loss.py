@@ -275,7 +275,8 @@ def check_low_precision(x, w, b, t, dtype):
             assert rel_error(o, ref) <= rel_error(th, ref) + 1e-2
 
 
-@pytest.mark.parametrize("d,c", [(20, 12), (2000, 10), (40, 300)])  # small-C sub-blocks, BLAS
+# small-C sub-blocks (6000 x 40: two blocks, class groups where built), the BLAS blocks
+@pytest.mark.parametrize("d,c", [(20, 12), (2000, 10), (6000, 40), (40, 300)])
 def test_deterministic_across_threads(linear_backend, d, c):
     if linear_backend == "triton" and d > 100:
         pytest.skip("the Triton path's GEMMs are torch's; thread-count independence is the C++ path's")

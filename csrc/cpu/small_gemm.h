@@ -50,8 +50,10 @@ inline int64_t small_gemm_max_classes() {
 // W is walked in column chunks of this many floats: the chunk of all C rows (12 x 2 KiB)
 // and of the 3 rows of X stays in L1 across the class passes of a tile.
 constexpr int64_t kSmallGemmChunk = 512;
-// Sub-blocks per block of the caller (and dW partials, C x D each).
-constexpr int64_t kSubBlocks = 8;
+// Sub-blocks per block of the caller (and dW partials, C x D each): the most threads a
+// block keeps busy, fixed so that no result depends on the thread count.  16 covers a
+// 16-core host; on 2 cores 16 cost nothing against 8 (bench/results/linear-gemm-floor.md).
+constexpr int64_t kSubBlocks = 16;
 
 // Rows per sub-block: ~448 KiB of X (one core's L2 here), a multiple of the 3-row tile.
 inline int64_t small_sub_rows(int64_t D) {
