@@ -46,7 +46,7 @@ bool cpu_multiplies_16bit(bool bf16);
 // Whether this is an Intel CPU (cpuid's vendor string).  torch's BLAS on x86 is MKL,
 // whose kernels for the fused linear ops' skinny products (C x D and N x C) are fast on
 // Intel's cores and several times slower on others, so the register-blocked products
-// (small_gemm.h) beat it to 16 classes on an AMD EPYC but only to 11 on an Intel Xeon
+// (small_gemm.h) beat it to 64 classes on an AMD EPYC but only to 11 on an Intel Xeon
 // (bench/results/linear-gemm-floor.md).
 bool cpu_is_intel();
 
