@@ -46,7 +46,7 @@ def compare(shape: str, alternations: int = 2) -> str:
             finally:
                 torch.ops.linclass._small_gemm_classes(-1)
             times["torch"].append(median_ms(theirs, REPS))
-    return f"{shape}  " + "  ".join(f"{k} {'/'.join(f'{v:.2f}' for v in vs)}" for k, vs in times.items())
+    return f"{shape}  " + "  ".join(f"{k} {'/'.join(f'{v:.3f}' for v in vs)}" for k, vs in times.items())
 
 
 def main():

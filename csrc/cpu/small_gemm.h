@@ -54,6 +54,7 @@ constexpr int64_t kSmallGemmChunk = 512;
 // block keeps busy, fixed so that no result depends on the thread count.  16 covers a
 // 16-core host; on 2 cores 16 cost nothing against 8 (bench/results/linear-gemm-floor.md).
 constexpr int64_t kSubBlocks = 16;
+constexpr int64_t kMinSubBlocks = 4, kMinSubRows = 24;
 
 // Rows per sub-block: ~448 KiB of X (one core's L2 here), a multiple of the 3-row tile.
 inline int64_t small_sub_rows(int64_t D) {
@@ -296,7 +297,12 @@ void input_rows(const SmallLinear& a, int64_t r0, int64_t r1) {
 
 template <int NC, typename Loss>
 double run_block(const SmallLinear& a, Loss& loss, SmallWeightGrad& g) {
-  const int64_t sub = small_sub_rows(a.D), subs = (a.n + sub - 1) / sub, CD = NC * a.D;
+  // A block of fewer rows than kMinSubBlocks full sub-blocks (a small batch) is cut
+  // into kMinSubBlocks shorter ones, of at least kMinSubRows rows, so that its rows
+  // spread over the threads: 200 rows in sub-blocks of 96 gave one thread 192 of them.
+  const int64_t quarter = (a.n + kMinSubBlocks - 1) / kMinSubBlocks;
+  const int64_t sub = std::min(small_sub_rows(a.D), std::max(kMinSubRows, (quarter + 2) / 3 * 3));
+  const int64_t subs = (a.n + sub - 1) / sub, CD = NC * a.D;
   std::vector<double> sums(size_t(std::max<int64_t>(subs, 0)));
   float* partials = a.weight_grad ? g.reserve(subs * CD) : nullptr;
   linclass::parallel_for(0, subs, 1, [&](int64_t s0, int64_t s1) {
