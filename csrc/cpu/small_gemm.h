@@ -31,9 +31,9 @@ namespace linclass::cpu {
 // The score tile keeps 3 rows x 4 classes of accumulators in registers, the dW product
 // one per class (past 14 classes, for groups of at most 10: weight_rows).  The path
 // beats a slow BLAS (MKL on an AMD EPYC) up to 64 classes with AVX-512's 32 registers
-// (1.2-1.9x its products at 17-64) and to 32 with the AVX2 kernels (1.1-1.6x at 16-32
-// with MKL told to use AVX2); bench/results/linear-gemm-floor.md.  The x86-64 baseline
-// build keeps 12.  On Intel CPUs MKL is faster from 12 classes: small_gemm_max_classes().
+// and to 32 with the AVX2 kernels (bench/results/linear-gemm-floor.md); the x86-64
+// baseline build keeps 12.  On Intel CPUs MKL is faster from 12 classes:
+// small_gemm_max_classes().
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kSmallGemmC = 64;
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -51,8 +51,8 @@ inline int64_t small_gemm_max_classes() {
 // and of the 3 rows of X stays in L1 across the class passes of a tile.
 constexpr int64_t kSmallGemmChunk = 512;
 // Sub-blocks per block of the caller (and dW partials, C x D each): the most threads a
-// block keeps busy, fixed so that no result depends on the thread count.  16 covers a
-// 16-core host; on 2 cores 16 cost nothing against 8 (bench/results/linear-gemm-floor.md).
+// block keeps busy, fixed so that no result depends on the thread count: 16 lets a
+// 16-core host use every core, at no cost on fewer (bench/results/linear-gemm-floor.md).
 constexpr int64_t kSubBlocks = 16;
 constexpr int64_t kMinSubBlocks = 4, kMinSubRows = 24;
 
