@@ -28,6 +28,22 @@ def median_ms(fn, reps):
     return statistics.median(times) * 1e3
 
 
+def training_step(loss, params):
+    """A no-argument step: clears params' gradients, then loss().backward()."""
+    def run():
+        for p in params:
+            p.grad = None
+        loss().backward()
+    return run
+
+
+def parse_shape(spec: str):
+    """'NxDxC' or 'NxDxC:grad' (the input takes a gradient) -> (n, d, c, input_grad)."""
+    dims, _, flag = spec.partition(":")
+    n, d, c = (int(v) for v in dims.split("x"))
+    return n, d, c, flag == "grad"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shapes", nargs="+", help="NxDxC, with :grad when the input takes a gradient")
@@ -40,9 +56,7 @@ def main():
           "products / fused |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for spec in args.shapes:
-        dims, _, flag = spec.partition(":")
-        n, d, c = (int(v) for v in dims.split("x"))
-        input_grad = flag == "grad"
+        n, d, c, input_grad = parse_shape(spec)
         torch.manual_seed(0)
         x = torch.randn(n, d).requires_grad_(input_grad)
         w = (torch.randn(c, d) * 0.01).requires_grad_()
@@ -55,15 +69,9 @@ def main():
             if input_grad:
                 torch.mm(g, w.detach())
 
-        def step(loss):
-            def run():
-                x.grad = w.grad = None
-                loss().backward()
-            return run
-
         floor = median_ms(products, args.reps)
-        theirs = median_ms(step(lambda: F.cross_entropy(F.linear(x, w), t)), args.reps)
-        ours = median_ms(step(lambda: linclass.linear_cross_entropy(x, w, t)), args.reps)
+        theirs = median_ms(training_step(lambda: F.cross_entropy(F.linear(x, w), t), (x, w)), args.reps)
+        ours = median_ms(training_step(lambda: linclass.linear_cross_entropy(x, w, t), (x, w)), args.reps)
         print(f"| {n} x {d} x {c} | {'yes' if input_grad else 'no'} | {floor:.1f} | {theirs:.1f} | "
               f"{ours:.1f} | {theirs / ours:.2f}x | {floor / ours:.0%} |")
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import linclass
+from gemm_floor import training_step  # bench/ is the script's directory
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
@@ -47,12 +48,6 @@ def compare(spec, rounds=3):
     b = torch.randn(c, dtype=dtype, requires_grad=True)
     t = torch.randint(0, c, (n,))
 
-    def step(loss):
-        def run():
-            x.grad = w.grad = b.grad = None
-            loss().backward()
-        return run
-
     knob = torch.ops.linclass._linear_16bit_products
     repeats = 5 if n * d * c > 1e11 else 9
     variants = {"torch": (None, lambda: F.cross_entropy(F.linear(x, w, b), t)),
@@ -63,7 +58,7 @@ def compare(spec, rounds=3):
         for label, (mode, loss) in variants.items():
             old = knob(mode) if mode is not None else None
             try:
-                times[label] += timed(step(loss), repeats)
+                times[label] += timed(training_step(loss, (x, w, b)), repeats)
             finally:
                 if mode is not None:
                     knob(old)

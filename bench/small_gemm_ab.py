@@ -15,27 +15,19 @@ import torch
 import torch.nn.functional as F
 
 import linclass
-from gemm_floor import median_ms  # bench/ is the script's directory
+from gemm_floor import median_ms, parse_shape, training_step  # bench/ is the script's directory
 
 REPS = 25
 
 
 def compare(shape: str, alternations: int = 2) -> str:
-    dims, _, grad = shape.partition(":")
-    n, d, c = map(int, dims.split("x"))
-    x = torch.randn(n, d).requires_grad_(grad == "grad")
+    n, d, c, input_grad = parse_shape(shape)
+    x = torch.randn(n, d).requires_grad_(input_grad)
     w = (torch.randn(c, d) * 0.01).requires_grad_()
     b = torch.zeros(c, requires_grad=True)
     t = torch.randint(0, c, (n,))
-
-    def step(loss):
-        def run():
-            x.grad = w.grad = b.grad = None
-            loss().backward()
-        return run
-
-    ours = step(lambda: linclass.linear_cross_entropy(x, w, t, b))
-    theirs = step(lambda: F.cross_entropy(F.linear(x, w, b), t))
+    ours = training_step(lambda: linclass.linear_cross_entropy(x, w, t, b), (x, w, b))
+    theirs = training_step(lambda: F.cross_entropy(F.linear(x, w, b), t), (x, w, b))
     times = {"register-blocked": [], "BLAS blocks": [], "torch": []}
     with linclass.backends.use("cpp"):
         for _ in range(alternations):
