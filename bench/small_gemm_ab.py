@@ -1,12 +1,18 @@
-"""The fused linear cross-entropy's register-blocked products (csrc/cpu/small_gemm.h)
-against the BLAS blocks at the same shapes, in one process: the testing knob
-torch.ops.linclass._small_gemm_classes(0) sends every class count to the BLAS blocks,
--1 restores the CPU's own limit.  Forward + backward, float32, 2 threads, medians of 25
-steps, two alternations (ms: register-blocked / BLAS blocks / torch's F.linear +
-F.cross_entropy step); a shape ending in ':grad' also takes the input's gradient
-(bench/results/linear-gemm-floor.md):
+"""The fused linear cross-entropy's own products against the BLAS blocks at the same
+shapes, in one process, with a testing knob:
+
+* the register-blocked products for few classes (csrc/cpu/small_gemm.h; the default):
+  torch.ops.linclass._small_gemm_classes(0) sends every class count to the BLAS blocks,
+  -1 restores the CPU's own limit;
+* `--few-rows`: the products for at most 16 rows (csrc/cpu/skinny_gemm.h):
+  torch.ops.linclass._linear_block_rows(N) runs the N rows as one BLAS block, 0 restores.
+
+Forward + backward, float32, 2 threads, medians of 25 steps, two alternations (ms: own
+products / BLAS blocks / torch's F.linear + F.cross_entropy step); a shape ending in
+':grad' also takes the input's gradient (bench/results/linear-gemm-floor.md):
 
     python bench/small_gemm_ab.py 10000x3073x20 4096x512x37:grad
+    python bench/small_gemm_ab.py --few-rows 4x100x1000:grad 16x512x500:grad
 """
 
 import argparse
@@ -20,7 +26,7 @@ from gemm_floor import median_ms, parse_shape, training_step  # bench/ is the sc
 REPS = 25
 
 
-def compare(shape: str, alternations: int = 2) -> str:
+def compare(shape: str, few_rows: bool, alternations: int = 2) -> str:
     n, d, c, input_grad = parse_shape(shape)
     x = torch.randn(n, d).requires_grad_(input_grad)
     w = (torch.randn(c, d) * 0.01).requires_grad_()
@@ -28,15 +34,17 @@ def compare(shape: str, alternations: int = 2) -> str:
     t = torch.randint(0, c, (n,))
     ours = training_step(lambda: linclass.linear_cross_entropy(x, w, t, b), (x, w, b))
     theirs = training_step(lambda: F.cross_entropy(F.linear(x, w, b), t), (x, w, b))
-    times = {"register-blocked": [], "BLAS blocks": [], "torch": []}
+    knob, blas, own = ((torch.ops.linclass._linear_block_rows, n, 0) if few_rows
+                       else (torch.ops.linclass._small_gemm_classes, 0, -1))
+    times = {"own products": [], "BLAS blocks": [], "torch": []}
     with linclass.backends.use("cpp"):
         for _ in range(alternations):
-            times["register-blocked"].append(median_ms(ours, REPS))
-            torch.ops.linclass._small_gemm_classes(0)
+            times["own products"].append(median_ms(ours, REPS))
+            knob(blas)
             try:
                 times["BLAS blocks"].append(median_ms(ours, REPS))
             finally:
-                torch.ops.linclass._small_gemm_classes(-1)
+                knob(own)
             times["torch"].append(median_ms(theirs, REPS))
     return f"{shape}  " + "  ".join(f"{k} {'/'.join(f'{v:.3f}' for v in vs)}" for k, vs in times.items())
 
@@ -44,10 +52,12 @@ def compare(shape: str, alternations: int = 2) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shapes", nargs="+", help="N x D x C, e.g. 10000x3073x20 or 4096x512x37:grad")
+    parser.add_argument("--few-rows", action="store_true",
+                        help="A/B the products for at most 16 rows (skinny_gemm.h)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     for shape in args.shapes:
-        print(compare(shape), flush=True)
+        print(compare(shape, args.few_rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -295,11 +295,13 @@ def test_deterministic_across_threads(linear_backend, d, c):
 
 
 
-# A few rows through a large weight (N <= 16, C x D >= 2^18, unit-stride rows): the C++
+# A few rows (N <= 16, unit-stride rows), C past the register-blocked products: the C++
 # path's own products (csrc/cpu/skinny_gemm.h) instead of the BLAS.  D = 1024 puts rows
-# 4 KiB apart; D = 37 and C = 7103 leave tails in every vector loop and class group.
+# 4 KiB apart; D = 37 and C = 7103 leave tails in every vector loop and class group;
+# the small weights run on one thread, or on a few chunks shared by the threads.
 SKINNY = [(1, 1024, 300), (5, 37, 7103), (8, 1024, 257), (9, 64, 4099), (16, 300, 1000),
-          (13, 20000, 150)]  # the last: dX partials capped by memory, 3 chunks
+          (13, 20000, 150),  # dX partials capped by memory, 3 chunks
+          (1, 3, 70), (2, 17, 131), (16, 40, 300), (11, 5, 1000)]
 
 
 def _cpp_only():
@@ -372,9 +374,10 @@ def test_few_rows_large_weight_partial_grads_and_strided_input(wants):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
 
 
-def test_few_rows_large_weight_float32_deterministic_across_threads():
+@pytest.mark.parametrize("n,d,c", [(12, 1024, 600), (5, 40, 700)])
+def test_few_rows_float32_deterministic_across_threads(n, d, c):
     with _cpp_only():
-        x, w, b, t = make(12, 1024, 600, dtype=torch.float32)
+        x, w, b, t = make(n, d, c, dtype=torch.float32)
         threads = torch.get_num_threads()
         results = []
         try:

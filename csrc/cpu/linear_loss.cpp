@@ -107,10 +107,6 @@ double loss_block(Tensor& Sb, const Tensor& target, const acc_type<scalar_t>* la
   return cpu::run_rows_sum<scalar_t, Math>(task, p);
 }
 
-// At least this many weights for the few-row products of skinny_gemm.h: below it the
-// BLAS call is short anyway.
-constexpr int64_t kSkinnyMinWeight = int64_t(1) << 18;
-
 // All N <= kSkinnyRows rows as one block, with skinny_gemm.h's products (unit-stride
 // rows of X and W; float32/64).
 template <typename scalar_t, typename Math, typename Params>
@@ -155,7 +151,7 @@ double linear_blocks_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
     if (C <= cpu::small_gemm_max_classes() && X.stride(1) == 1)
       return linear_small_cpu<Math>(X, W, b, target, lane_targets, p, mask, grads);
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>)
-    if (N >= 1 && N <= cpu::kSkinnyRows && C * D >= kSkinnyMinWeight && X.stride(1) == 1 &&
+    if (N >= 1 && N <= cpu::kSkinnyRows && X.stride(1) == 1 &&
         W.stride(1) == 1 && !linear_block_rows_override())
       return linear_skinny_cpu<scalar_t, Math>(X, W, b, target, lane_targets, p, mask, grads);
   const bool any_grad = mask[0] || mask[1] || mask[2];

@@ -1,12 +1,14 @@
-// The products of a fused linear + loss with only a few rows (n <= kSkinnyRows) and a
-// large weight matrix W (C x D), for cpu/linear_loss.cpp:
+// The products of a fused linear + loss with only a few rows (n <= kSkinnyRows), for
+// cpu/linear_loss.cpp (W is C x D):
 //   S  = X W^T (+ b)      scores, n x C         skinny_scores
 //   dX = dS W             input gradient, n x D  skinny_backward (optional)
 //   dW = dS^T X           weight gradient, C x D  skinny_backward (optional)
 // With so few rows every product is a stream over W (and dW): nothing is reused but
 // the rows of X, which stay in L1.  The BLAS runs these shapes as general GEMMs, at a
 // fraction of memory speed on the development VM (MKL on an AMD EPYC: 8 rows of a
-// 128256 x 1024 head read W at 8 GB/s); here W goes by once per product.  Every
+// 128256 x 1024 head read W at 8 GB/s); here W goes by once per product.  A small W
+// takes them too: the BLAS path's fixed costs (three products through the dispatcher,
+// the BLAS's threads woken for each) exceed these loops' whole time there.  Every
 // output element is summed by one thread in a fixed order (scores over D, dX over the
 // classes in order), so results do not depend on the thread count.
 #pragma once
@@ -24,6 +26,10 @@ namespace linclass::cpu {
 
 // Up to this many rows take these products (two groups of 8 rows in registers).
 constexpr int64_t kSkinnyRows = 16;
+
+// The fewest multiply-adds a thread takes in skinny_backward: waking a thread costs
+// more than a smaller share.
+constexpr int64_t kSkinnyTaskWork = int64_t(1) << 16;
 
 // A row stride for n x D work arrays: D rounded up to whole vectors plus one, so that
 // rows are never a multiple of 4 KiB apart (such rows fall in the same L1 sets, and a
@@ -176,7 +182,9 @@ void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx,
                                                                      : ScalarType::Double)
          : Tensor();
   T* const partials = dX ? scratch.mutable_data_ptr<T>() : nullptr;
-  linclass::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+  const int64_t per_chunk = n * chunk * D * ((dX ? 1 : 0) + (dW ? 1 : 0));
+  const int64_t grain = std::max<int64_t>(1, kSkinnyTaskWork / std::max<int64_t>(1, per_chunk));
+  linclass::parallel_for(0, chunks, grain, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t c0 = k * chunk, c1 = std::min(C, c0 + chunk);
       T* part = dX ? partials + k * n * ldp : nullptr;
