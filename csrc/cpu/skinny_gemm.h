@@ -73,6 +73,30 @@ inline void score_group(int64_t m, const T* X, int64_t ldx, const T* w, int64_t 
   }
 }
 
+// S[c0, c0 + m) (+ b) of the row x, for m <= V (a vector's width) classes from c0: V dot
+// products at once, reduced together (sum_rows: lane q is bitwise the hsum of its
+// accumulator, as score_rows's).
+template <typename T>
+inline void score_tile(const T* x, const T* W, int64_t ldw, int64_t D, int64_t c0, int64_t m,
+                       const T* b, T* s) {
+  constexpr int64_t V = Vec<T>::size();
+  const T* w[V];
+  for (int64_t q = 0; q < V; ++q) w[q] = W + (c0 + std::min(q, m - 1)) * ldw;
+  Vec<T> acc[V];
+  for (int64_t q = 0; q < V; ++q) acc[q] = Vec<T>(T(0));
+  int64_t j = 0;
+  for (; j + V <= D; j += V) {
+    const Vec<T> xv = Vec<T>::loadu(x + j);
+    for (int64_t q = 0; q < V; ++q) acc[q] = fmadd(xv, Vec<T>::loadu(w[q] + j), acc[q]);
+  }
+  if (j < D) {  // masked loads zero the lanes past D
+    const Vec<T> xv = Vec<T>::loadu(x + j, D - j);
+    for (int64_t q = 0; q < V; ++q) acc[q] = fmadd(xv, Vec<T>::loadu(w[q] + j, D - j), acc[q]);
+  }
+  const Vec<T> bias = b ? Vec<T>::loadu(b + c0, m) : Vec<T>(T(0));
+  (sum_rows(acc) + bias).store(s + c0, m);
+}
+
 }  // namespace skinny
 
 // S (n x C, row stride C) = X W^T + b: X (n x D, row stride ldx), W (C x D, row stride
@@ -81,6 +105,22 @@ template <typename T>
 void skinny_scores(const T* X, int64_t ldx, const T* W, int64_t ldw, const T* b, int64_t n,
                    int64_t D, int64_t C, T* S) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(D, 1));
+  // A weight within the L2 cache with rows of at most 4 KiB: a vector's width of
+  // classes of one row at a time (score_tile), which saves the score-by-score
+  // horizontal sums that bound a small D; a larger W streams by once for 8 rows at a
+  // time, class after class, which the hardware prefetches better than many rows of W
+  // at once (bench/results/linear-gemm-floor.md).  Both sum in the same order.
+  const int64_t row_bytes = D * int64_t(sizeof(T));
+  if (row_bytes <= 4096 && C * row_bytes <= (int64_t(1) << 20)) {
+    constexpr int64_t V = Vec<T>::size();
+    const int64_t tiles = (C + V - 1) / V;
+    linclass::parallel_for(0, tiles, std::max<int64_t>(1, grain / V), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t i = 0; i < n; ++i)
+          skinny::score_tile(X + i * ldx, W, ldw, D, t * V, std::min(V, C - t * V), b, S + i * C);
+    });
+    return;
+  }
   linclass::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t i0 = 0; i0 < n; i0 += 8)
