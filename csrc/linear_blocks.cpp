@@ -98,6 +98,18 @@ void GradAccumulator::add(const Tensor& dS, const Tensor& Xb, const Tensor& W, i
   add_bias(dS);
 }
 
+void GradAccumulator::add_in_float32(const Tensor& dS, const Tensor& dSf, const Tensor& Xf,
+                                  const Tensor& Wf, int64_t r0) {
+  copy_into(dSf, dS);  // exact
+  if (mask_[0]) {
+    const Tensor part = empty_cached({dS.size(0), Wf.size(1)}, acc_type_);
+    mm_out(part, dSf, Wf);
+    copy_into(narrowed(g_.input, 0, r0, dS.size(0)), part);
+  }
+  if (mask_[1]) add_weight_grad(dSf, Xf, r0);  // float32 operands: no further conversion
+  add_bias(dS);
+}
+
 namespace {
 // sum += part, float32 += 16-bit, both contiguous with the same number of elements.
 template <typename T>

@@ -61,9 +61,19 @@ class Blocks(NamedTuple):
     w_mm: torch.Tensor  # multiplies them natively, else float32 copies (made once)
     slices: list
     buffer: torch.Tensor  # one buffer for every block's scores
+    wide: torch.Tensor | None  # float32 scores where x_mm, w_mm are float32 copies
 
     def scores(self, block: slice) -> torch.Tensor:
         out = self.buffer[:block.stop - block.start]
+        if self.wide is not None:
+            # 16-bit products this CPU only emulates (30x slower or worse than float32):
+            # the product of the float32 copies, rounded once into the block's scores.
+            wide = self.wide[:block.stop - block.start]
+            if self.b is None:
+                torch.mm(self.x_mm[block], self.w_mm.t(), out=wide)
+            else:
+                torch.addmm(self.b.to(wide.dtype), self.x_mm[block], self.w_mm.t(), out=wide)
+            return out.copy_(wide)
         if self.b is None:
             return torch.mm(self.x[block], self.w.t(), out=out)
         return torch.addmm(self.b, self.x[block], self.w.t(), out=out)
@@ -103,7 +113,8 @@ def blocks_of(input: torch.Tensor, weight: torch.Tensor, bias, classes: int) -> 
     x_mm, w_mm = (x, w) if native else (x.to(acc), w.to(acc))
     slices = row_blocks(x.shape[0], classes, input.dtype, input.device)
     buffer = x.new_empty((slices[0].stop - slices[0].start, w.shape[0]))
-    return Blocks(x, w, b, x_mm, w_mm, slices, buffer)
+    wide = x_mm.new_empty(buffer.shape) if x_mm.dtype != x.dtype else None
+    return Blocks(x, w, b, x_mm, w_mm, slices, buffer, wide)
 
 
 def exceeds_one_block(rows: int, classes: int, dtype: torch.dtype, device: torch.device) -> bool:

@@ -339,13 +339,16 @@ def test_16bit_weight_gradient_error(products, rows, dtype):
     with _cpp_only(), _block_rows(rows), _16bit_products(products):
         x, w, b, t = make(96, 64, 300, dtype=torch.float32)
         x, w, b = x.to(dtype), (w * 0.2).to(dtype), b.to(dtype)
-        exact = grads_of(unfused_ce, x.double(), w.double(), b.double(), t)[1]
-        ours = grads_of(linclass.linear_cross_entropy, x, w, b, t)[1]
-        theirs = grads_of(unfused_ce, x, w, b, t)[1]
+        exact_loss, exact = grads_of(unfused_ce, x.double(), w.double(), b.double(), t)
+        our_loss, ours = grads_of(linclass.linear_cross_entropy, x, w, b, t)
+        their_loss, theirs = grads_of(unfused_ce, x, w, b, t)
         bounds = (1.1, 1.2 if products and rows else 1.1, 1.1)  # input, weight, bias
         for name, o, th, ex, bound in zip(("input", "weight", "bias"), ours, theirs, exact, bounds):
             assert o.dtype == dtype
             assert rel_error(o, ex) <= bound * rel_error(th, ex) + 1e-6, name
+        # The loss, from scores rounded to the input dtype as F.linear's (products 0:
+        # made in float32 from converted operands, then rounded).
+        assert abs(our_loss.double() - exact_loss) <= 2 * abs(their_loss.double() - exact_loss) + 1e-3 * abs(exact_loss)
 
 
 @pytest.mark.parametrize("n,d,c", SKINNY)

@@ -155,22 +155,44 @@ double linear_blocks_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
         W.stride(1) == 1 && !linear_block_rows_override())
       return linear_skinny_cpu<scalar_t, Math>(X, W, b, target, lane_targets, p, mask, grads);
   const bool any_grad = mask[0] || mask[1] || mask[2];
-  const int64_t BR = block_rows(N, D, C, X.element_size());
-  // Up to 64 MiB: from the buffer cache, not page-faulted afresh each call.
-  Tensor S = empty_cached({std::min(BR, std::max<int64_t>(N, 1)), C}, X.scalar_type());
-  const Tensor Wt = transposed(W);
   GradAccumulator acc(grads, mask, acc_scalar_type(X.scalar_type()), false, N);
+  // 16-bit inputs whose products this CPU only emulates: the products in float32 on
+  // converted operands (GradAccumulator::widens_products), the scores rounded to the
+  // input dtype before the loss, as F.linear's are.  Blocks are then sized by their
+  // float32 scores, which the 16-bit ones sit beside.
+  const bool widen = acc.widens_products();
+  const ScalarType f32 = ScalarType::Float;
+  const int64_t BR = block_rows(N, D, C, widen ? 4 : X.element_size());
+  const int64_t block = std::min(BR, std::max<int64_t>(N, 1));
+  // Up to 64 MiB: from the buffer cache, not page-faulted afresh each call.
+  Tensor S = empty_cached({block, C}, X.scalar_type());
+  Tensor Sf, Wf, bf;
+  if (widen) {
+    Sf = empty_cached({block, C}, f32);
+    Wf = empty_cached({C, D}, f32);
+    copy_into(Wf, W);
+    if (b) bf = to_dtype(*b, f32);
+  }
+  const Tensor Wt = transposed(widen ? Wf : W);
   double total = 0;
   for (int64_t r0 = 0; r0 < N; r0 += BR) {
     const int64_t n = std::min(BR, N - r0);
     Tensor Sb = narrowed(S, 0, 0, n);
     const Tensor Xb = narrowed(X, 0, r0, n);
+    const Tensor Xf = widen ? to_dtype(Xb, f32) : Tensor();
+    const Tensor Sfb = widen ? narrowed(Sf, 0, 0, n) : Tensor();
+    const Tensor& out = widen ? Sfb : Sb;
     if (b)
-      addmm_out(Sb, *b, Xb, Wt);
+      addmm_out(out, widen ? bf : *b, widen ? Xf : Xb, Wt);
     else
-      mm_out(Sb, Xb, Wt);
+      mm_out(out, widen ? Xf : Xb, Wt);
+    if (widen) copy_into(Sb, Sfb);
     total += loss_block<scalar_t, Math>(Sb, target, lane_targets, r0, any_grad, p);
-    if (any_grad) acc.add(Sb, Xb, W, r0);
+    if (!any_grad) continue;
+    if (widen)
+      acc.add_in_float32(Sb, Sfb, Xf, Wf, r0);
+    else
+      acc.add(Sb, Xb, W, r0);
   }
   acc.finish();
   return total;
