@@ -99,7 +99,7 @@ void GradAccumulator::add(const Tensor& dS, const Tensor& Xb, const Tensor& W, i
 }
 
 void GradAccumulator::add_in_float32(const Tensor& dS, const Tensor& dSf, const Tensor& Xf,
-                                  const Tensor& Wf, int64_t r0) {
+                                     const Tensor& Wf, int64_t r0) {
   copy_into(dSf, dS);  // exact
   if (mask_[0]) {
     const Tensor part = empty_cached({dS.size(0), Wf.size(1)}, acc_type_);

@@ -60,7 +60,7 @@ bool cpu_is_intel();
 //    rounding), summed in float32; one block (most inputs up to ~1000 rows) is then
 //    exactly F.linear's backward, several round once more per block;
 //  - 16-bit elsewhere: each block's operands converted, the products summed in float32,
-//    one rounding in all.
+//    one rounding in all (and the scores and dX made in float32 too: add_in_float32).
 class GradAccumulator {
  public:
   // total_rows: the rows of all blocks (-1: unknown).

@@ -4,7 +4,8 @@
 // C <= small_gemm_max_classes(), skinny_gemm.h for N <= kSkinnyRows), the fused loss
 // kernel turns S into dS in place (and sums the block's losses), then dX_b = dS W,
 // dW += dS^T X_b, db += column sums of dS.  Extra memory is one block of scores (plus a
-// float32 dW accumulator for bfloat16/float16), never N x C.
+// float32 dW accumulator for bfloat16/float16, and where the CPU emulates their products
+// a float32 copy of W and the block's float32 scores), never N x C.
 #include "cpu/ops.h"
 
 #include "buffer_cache.h"
