@@ -77,7 +77,7 @@ class GradAccumulator {
   // Whether 16-bit inputs on the CPU should have all three products in float32 from
   // converted operands (add_in_float32): where the CPU only emulates products in their
   // dtype (float16 without AMX-FP16, bfloat16 without AVX512-BF16 or AMX-BF16), a 16-bit
-  // product runs 30x slower or worse than a float32 one (bench/results/linear-16bit.md).
+  // product runs far slower than a float32 one (bench/results/linear-16bit.md).
   bool widens_products() const { return low_ && !products_in_input_dtype_ && g_.input.is_cpu(); }
   // add() for widens_products(): dS (16-bit) is widened into dSf (float32, the block's
   // shape), Xf and Wf are the block's and the weight's float32 copies; dX is rounded once

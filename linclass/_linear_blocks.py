@@ -66,7 +66,7 @@ class Blocks(NamedTuple):
     def scores(self, block: slice) -> torch.Tensor:
         out = self.buffer[:block.stop - block.start]
         if self.wide is not None:
-            # 16-bit products this CPU only emulates (30x slower or worse than float32):
+            # 16-bit products this CPU only emulates (far slower than float32 ones):
             # the product of the float32 copies, rounded once into the block's scores.
             wide = self.wide[:block.stop - block.start]
             if self.b is None:
