@@ -85,14 +85,50 @@ Grads empty_grads(const Tensor& input, const Tensor& weight, const Mask& mask) {
           mask[2] ? empty({weight.size(0)}, input) : empty_none(input)};
 }
 
+void block_product(const Tensor& out, const Tensor& a, const Tensor& b, const OptTensor& bias,
+                   bool accumulate) {
+  const bool onednn = out.is_cpu() && out.scalar_type() == ScalarType::Float &&
+                      a.scalar_type() == ScalarType::Float && b.scalar_type() == ScalarType::Float &&
+                      a.size(0) * a.size(1) * b.size(1) >= kOneDnnMinWork &&
+                      linclass_linear_onednn() != 0;
+  if (onednn) {
+    // Each call's result is a new tensor: at most kOneDnnOutBytes, so that glibc reuses
+    // the memory the last one freed instead of mapping fresh pages (their faults cost
+    // as much as the product at 32000 classes), and little memory is added to the op's.
+    // A product is cut along out's rows (each part reads all of b) or columns (all of
+    // a), whichever re-reads the smaller operand.
+    const int64_t M = out.size(0), N = out.size(1);
+    const int64_t parts = std::max<int64_t>(1, (M * N * 4 + kOneDnnOutBytes - 1) / kOneDnnOutBytes);
+    const bool by_rows = a.size(0) * a.size(1) >= b.size(0) * b.size(1);
+    const int64_t extent = by_rows ? M : N, step = (extent + parts - 1) / parts;
+    for (int64_t i0 = 0; i0 < extent; i0 += step) {
+      const int64_t n = std::min(step, extent - i0);
+      const Tensor part = n == extent ? out : narrowed(out, by_rows ? 0 : 1, i0, n);
+      const Tensor ap = by_rows && n < extent ? narrowed(a, 0, i0, n) : a;
+      // oneDNN's weight is (out features, in features): b^T, or the part's columns of it,
+      // copied where they are no dense matrix (the columns of a row-major b): oneDNN ran
+      // such a weight ~500x slower.
+      Tensor w = by_rows || n == extent ? transposed(b) : narrowed(transposed(b), 0, i0, n);
+      if (!w.is_contiguous() && !transposed(w).is_contiguous()) w = as_contiguous(w);
+      const OptTensor bp = bias && !by_rows && n < extent ? OptTensor(narrowed(*bias, 0, i0, n)) : bias;
+      copy_into(part, accumulate ? onednn_linear_add(ap, part, w) : onednn_linear(ap, w, bp));
+    }
+  } else if (accumulate) {
+    addmm_(out, a, b);
+  } else if (bias) {
+    addmm_out(out, *bias, a, b);
+  } else {
+    mm_out(out, a, b);
+  }
+}
+
 bool GradAccumulator::native_16bit_products(ScalarType dtype) {
   return linclass_linear_16bit_products(dtype == ScalarType::BFloat16) != 0;
 }
 
 void GradAccumulator::add(const Tensor& dS, const Tensor& Xb, const Tensor& W, int64_t r0) {
   if (mask_[0]) {
-    Tensor rows = narrowed(g_.input, 0, r0, dS.size(0));
-    mm_out(rows, dS, W);
+    block_product(narrowed(g_.input, 0, r0, dS.size(0)), dS, W);
   }
   if (mask_[1]) add_weight_grad(dS, Xb, r0);
   add_bias(dS);
@@ -103,7 +139,7 @@ void GradAccumulator::add_in_float32(const Tensor& dS, const Tensor& dSf, const 
   copy_into(dSf, dS);  // exact
   if (mask_[0]) {
     const Tensor part = empty_cached({dS.size(0), Wf.size(1)}, acc_type_);
-    mm_out(part, dSf, Wf);
+    block_product(part, dSf, Wf);
     copy_into(narrowed(g_.input, 0, r0, dS.size(0)), part);
   }
   if (mask_[1]) add_weight_grad(dSf, Xf, r0);  // float32 operands: no further conversion
@@ -155,10 +191,10 @@ void GradAccumulator::add_weight_grad(const Tensor& dS, const Tensor& Xb, int64_
   const Tensor X = low_ ? to_dtype(Xb, acc_type_) : Xb;
   if (!started_) {
     if (low_) dW_ = empty_cached(g_.weight.sizes(), acc_type_);  // the first block; later ones accumulate
-    mm_out(low_ ? dW_ : g_.weight, dSt, X);
+    block_product(low_ ? dW_ : g_.weight, dSt, X);
     started_ = true;
   } else {
-    addmm_(low_ ? dW_ : g_.weight, dSt, X);
+    block_product(low_ ? dW_ : g_.weight, dSt, X, std::nullopt, /*accumulate=*/true);
   }
 }
 

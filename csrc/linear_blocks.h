@@ -50,6 +50,18 @@ bool cpu_multiplies_16bit(bool bf16);
 // (bench/results/linear-gemm-floor.md).
 bool cpu_is_intel();
 
+// out = a @ b (+ bias, one value per column), or out += a @ b with `accumulate`: one of
+// a block's products.  Float32 products on the CPU go through oneDNN where
+// linclass_linear_onednn() says so (off Intel: MKL's kernels for these shapes run at
+// half its speed or less there, bench/results/linear-gemm-floor.md) and the product has
+// at least kOneDnnMinWork multiply-adds (below, oneDNN's fixed cost per call exceeds what
+// it saves); its results, at most kOneDnnOutBytes a call, are copied into out.  The rest
+// take the BLAS, in place.
+constexpr int64_t kOneDnnMinWork = int64_t(1) << 22;
+constexpr int64_t kOneDnnOutBytes = int64_t(4) << 20;
+void block_product(const Tensor& out, const Tensor& a, const Tensor& b,
+                   const OptTensor& bias = std::nullopt, bool accumulate = false);
+
 // Accumulates dW, db over blocks in block order; db in acc_type.  dW:
 //  - float32/64: every block's product added into the output;
 //  - 16-bit on the GPU (`gemm_in_input_dtype`: a float32 copy would turn the tensor-core

@@ -64,6 +64,13 @@ Out4 linear_multi_margin_loss_cpu_op(Tensor input, Tensor weight, OptTensor bias
   return cpu().linear_multi_margin_loss(input, weight, bias, target, p, margin, reduction,
                                         to_mask(mask));
 }
+void block_product_op(Tensor out, Tensor a, Tensor b, OptTensor bias, bool accumulate) {
+  LINCLASS_CHECK(out.dim() == 2 && a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
+                     out.size(0) == a.size(0) && out.size(1) == b.size(1),
+                 "_block_product: out ", shape_string(out.sizes()), " != a ", shape_string(a.sizes()),
+                 " @ b ", shape_string(b.sizes()));
+  block_product(out, a, b, bias, accumulate);
+}
 double sgd_step_op(Tensor input, Tensor weight, Tensor target, Tensor index, int64_t loss,
                    double learning_rate, double reg) {
   return cpu().sgd_step(input, weight, target, index, loss, learning_rate, reg);
@@ -128,6 +135,10 @@ int64_t cross_entropy_lane_classes(int64_t classes) {
   return g_cross_entropy_lane_classes_override.exchange(classes);
 }
 int64_t lane_permute_classes(int64_t classes) { return g_lane_permute_classes_override.exchange(classes); }
+std::atomic<int64_t> g_onednn_override{-1};  // -1: by the CPU's vendor
+int64_t linear_onednn(int64_t mode) { return g_onednn_override.exchange(mode); }
+std::atomic<bool> g_onednn_available{true};
+bool set_onednn_available(bool available) { return g_onednn_available.exchange(available); }
 std::atomic<int64_t> g_16bit_products_override{-1};  // -1: as the CPU says
 int64_t linear_16bit_products(int64_t mode) { return g_16bit_products_override.exchange(mode); }
 bool native_16bit_products(bool bfloat16) { return linclass_linear_16bit_products(bfloat16) != 0; }
@@ -159,6 +170,15 @@ extern "C" int64_t linclass_cross_entropy_lane_classes() {
   // (bench/results/class-count-ab.md).
   static const bool intel = linclass::cpu_is_intel();  // cpuid traps on a VM: once
   return intel ? 39 : 47;
+}
+extern "C" int linclass_linear_onednn() {
+  if (!linclass::g_onednn_available.load()) return 0;
+  const int64_t forced = linclass::g_onednn_override.load();
+  if (forced >= 0) return int(forced != 0);
+  // On the AMD EPYC (Zen 5) VM MKL ran the fused linear ops' products at 30-55% of
+  // oneDNN's speed (its generic kernels off Intel); on Intel MKL's are its own best.
+  static const bool intel = linclass::cpu_is_intel();  // cpuid traps on a VM: once
+  return int(!intel);
 }
 extern "C" int linclass_linear_16bit_products(int bf16) {
   const int64_t forced = linclass::g_16bit_products_override.load();
@@ -201,6 +221,11 @@ STABLE_TORCH_LIBRARY(linclass, m) {
   m.def(
       "linear_multi_margin_loss(Tensor input, Tensor weight, Tensor? bias, Tensor target, int p, "
       "float margin, int reduction, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // out = a @ b (+ bias), or out += a @ b: a block's product as the fused linear ops make
+  // it on the CPU (linear_blocks.h, block_product), for their Python paths
+  // (linclass/_linear_blocks.py).
+  m.def("_block_product(Tensor(a!) out, Tensor a, Tensor b, Tensor? bias, bool accumulate) -> ()");
 
   // One SGD step of the classic linear classifier (cpu/linear_sgd.cpp, CPU float32): the
   // weight, stored (C, D), is updated in place; returns the minibatch loss.
@@ -248,6 +273,12 @@ STABLE_TORCH_LIBRARY(linclass, m) {
   // (-1 = by the CPU's vendor, see linear_blocks.h; capped by the kernel module's own
   // limit); returns the previous setting.
   m.def("_small_gemm_classes(int classes) -> int");
+  // Whether the CPU fused linear ops' float32 products go through oneDNN (-1 = by the
+  // CPU's vendor, 0 = the BLAS, 1 = oneDNN; linear_blocks.h); returns the previous
+  // setting.  linclass/_extension.py tells _set_onednn_available whether this torch
+  // has oneDNN's op at all (without it the BLAS always).
+  m.def("_linear_onednn(int mode) -> int");
+  m.def("_set_onednn_available(bool available) -> bool");
   // Up to how many classes the CPU lane path moves rows of a tile by permutes (-1 = by
   // the CPU's vendor, transpose.h; capped by the kernel module's own limit); returns the
   // previous setting.
@@ -270,6 +301,8 @@ STABLE_TORCH_LIBRARY_IMPL(linclass, CompositeExplicitAutograd, m) {
   m.impl("_linear_block_rows", TORCH_BOX(&linear_block_rows));
   m.impl("_linear_16bit_products", TORCH_BOX(&linear_16bit_products));
   m.impl("_small_gemm_classes", TORCH_BOX(&small_gemm_classes));
+  m.impl("_linear_onednn", TORCH_BOX(&linear_onednn));
+  m.impl("_set_onednn_available", TORCH_BOX(&set_onednn_available));
   m.impl("_lane_permute_classes", TORCH_BOX(&lane_permute_classes));
   m.impl("_cross_entropy_lane_classes", TORCH_BOX(&cross_entropy_lane_classes));
   m.impl("_native_16bit_products", TORCH_BOX(&native_16bit_products));
@@ -282,6 +315,7 @@ STABLE_TORCH_LIBRARY_IMPL(linclass, CPU, m) {
   m.impl("linear_cross_entropy", TORCH_BOX(&linear_cross_entropy_cpu_op));
   m.impl("linear_multi_margin_loss", TORCH_BOX(&linear_multi_margin_loss_cpu_op));
   m.impl("linear_sgd_step", TORCH_BOX(&sgd_step_op));
+  m.impl("_block_product", TORCH_BOX(&block_product_op));
   m.impl("linear_sgd_sweep_step", TORCH_BOX(&sgd_sweep_step_op));
   m.impl("_ce_shard_stats", TORCH_BOX(&ce_shard_stats_op));
   m.impl("_ce_shard_grad", TORCH_BOX(&ce_shard_grad_op));

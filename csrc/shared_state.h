@@ -30,6 +30,11 @@ LINCLASS_SHARED int linclass_linear_16bit_products(int bf16);
 // (small_gemm.h) rather than the BLAS's: 11 on Intel CPUs, whose MKL is faster beyond,
 // else each module's own limit (-1), unless a test forced a count.
 LINCLASS_SHARED int64_t linclass_small_gemm_classes();
+// Whether the CPU fused linear ops' float32 products go through oneDNN (torch's
+// mkldnn::_linear_pointwise) rather than the BLAS (aten::mm, MKL on x86): off Intel,
+// where MKL's kernels for these shapes run at half oneDNN's speed or less, when torch
+// has oneDNN, unless a test forced a choice (linear_blocks.h, block_product).
+LINCLASS_SHARED int linclass_linear_onednn();
 // Up to how many classes the CPU lane path moves a tile's rows by vector permutes
 // (transpose.h): 7 on Intel CPUs, 4 elsewhere, unless a test forced a count.
 LINCLASS_SHARED int64_t linclass_lane_permute_classes();

@@ -164,6 +164,16 @@ inline void mm_out(const Tensor& out, const Tensor& a, const Tensor& b) {
 inline Tensor mm(const Tensor& a, const Tensor& b) { return call_aten("aten::mm", "", a, b); }
 void addmm_out(const Tensor& out, const Tensor& self, const Tensor& a, const Tensor& b);
 inline void addmm_(const Tensor& self, const Tensor& a, const Tensor& b) { addmm_out(self, self, a, b); }
+// torch's oneDNN inner product (mkldnn::_linear_pointwise, in torch's x86 builds): a new
+// x @ w^T (+ bias), or x @ w^T + other (its "binary add" form).
+inline Tensor onednn_linear(const Tensor& x, const Tensor& w, const OptTensor& bias) {
+  return call_aten("mkldnn::_linear_pointwise", "", x, w, bias, std::string("none"),
+                   std::vector<int64_t>{}, std::optional<std::string>());
+}
+inline Tensor onednn_linear_add(const Tensor& x, const Tensor& other, const Tensor& w) {
+  return call_aten("mkldnn::_linear_pointwise", "binary", x, other, w, OptTensor(),
+                   std::string("add"));
+}
 // self *= factor (a number, or a tensor that broadcasts); a + b.
 void mul_(const Tensor& self, double factor);
 inline void mul_(const Tensor& self, const Tensor& other) { call_aten("aten::mul_", "Tensor", self, other); }

@@ -45,6 +45,28 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 HAS_CUDA_KERNELS = has_kernel("cross_entropy", "CUDA")
 
 
+def _has_onednn_linear() -> bool:
+    """Whether torch has oneDNN's inner product op with the arguments the CPU fused linear
+    ops pass it (csrc/tensor_ops.h, onednn_linear): a torch built without oneDNN has
+    none, and a later torch might change it; then their products stay on the BLAS."""
+    expected = {"default": ["X", "W", "B", "attr", "scalars", "algorithm"],
+                "binary": ["X", "other", "W", "B", "attr"]}
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        return torch.backends.mkldnn.is_available() and all(
+            [a.name for a in getattr(op, overload)._schema.arguments] == names
+            for overload, names in expected.items())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# The CPU fused linear ops may run their float32 products through oneDNN's inner product
+# (csrc/linear_blocks.h, block_product).
+HAS_ONEDNN = _has_onednn_linear()
+if HAS_CPP:
+    torch.ops.linclass._set_onednn_available(HAS_ONEDNN)
+
+
 def supported_isas() -> list[str]:
     """The ISAs this CPU runs, widest first.
 

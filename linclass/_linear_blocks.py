@@ -52,6 +52,22 @@ def native_16bit_products(x: torch.Tensor) -> bool:
         torch.ops.linclass._native_16bit_products(x.dtype == torch.bfloat16))
 
 
+def product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias=None,
+            accumulate: bool = False) -> torch.Tensor:
+    """out = a @ b (+ bias), or out += a @ b with `accumulate`; returns out.  On the CPU
+    the C++ op's own products (csrc/linear_blocks.h, block_product: float32 through
+    oneDNN where that is faster than the BLAS), elsewhere torch's.  One dtype for all."""
+    if out.is_cpu and _extension.HAS_CPP:
+        torch.ops.linclass._block_product(out, a, b, bias, accumulate)
+    elif accumulate:
+        out.addmm_(a, b)
+    elif bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
+    return out
+
+
 class Blocks(NamedTuple):
     """A linear layer's operands (detached) and its scores a block of rows at a time."""
     x: torch.Tensor
@@ -69,14 +85,9 @@ class Blocks(NamedTuple):
             # 16-bit products this CPU only emulates (far slower than float32 ones):
             # the product of the float32 copies, rounded once into the block's scores.
             wide = self.wide[:block.stop - block.start]
-            if self.b is None:
-                torch.mm(self.x_mm[block], self.w_mm.t(), out=wide)
-            else:
-                torch.addmm(self.b.to(wide.dtype), self.x_mm[block], self.w_mm.t(), out=wide)
-            return out.copy_(wide)
-        if self.b is None:
-            return torch.mm(self.x[block], self.w.t(), out=out)
-        return torch.addmm(self.b, self.x[block], self.w.t(), out=out)
+            bias = None if self.b is None else self.b.to(wide.dtype)
+            return out.copy_(product(wide, self.x_mm[block], self.w_mm.t(), bias))
+        return product(out, self.x[block], self.w.t(), self.b)
 
     def gradients(self, block_grads: Iterable, wants) -> list:
         """Accumulates the blocks' score gradients G, given as (block, G) pairs, into the
@@ -93,12 +104,14 @@ class Blocks(NamedTuple):
             if gb is not None:
                 gb += g.sum(0)
             g = g.to(self.x_mm.dtype)  # 16-bit for native products (rounded once, as F.linear's)
-            if gi is not None:
+            if gi is not None and native:
                 gi[block] = g @ self.w_mm
+            elif gi is not None:
+                product(gi[block], g, self.w_mm)
             if gw is not None and native:
                 gw += g.t() @ self.x_mm[block]  # each block's product rounded once, summed in float32
             elif gw is not None:
-                gw.addmm_(g.t(), self.x_mm[block])
+                product(gw, g.t(), self.x_mm[block], accumulate=True)
         return [gi, gw, gb]
 
 

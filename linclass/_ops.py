@@ -201,6 +201,8 @@ def _scale_saved_grad_(grad: Tensor, grad_output: Tensor) -> None:
 
 _LIB.impl("scale_saved_grad_", _scale_saved_grad_, "CPU")
 _LIB.impl("scale_saved_grad_", _scale_saved_grad_, "CUDA")
+if _extension.HAS_CPP:  # the fused linear ops' Python paths' products (_linear_blocks.product)
+    torch.library.register_fake("linclass::_block_product", lambda out, a, b, bias, accumulate: None)
 torch.library.register_fake("linclass::scale_saved_grad_", lambda grad, grad_output: None,
                             lib=_LIB)
 

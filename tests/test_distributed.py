@@ -673,7 +673,8 @@ def _case_linear_16bit_products(rank, world):
     class Products(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.out,
-                        torch.ops.aten.addmm.out, torch.ops.aten.addmm_.default):
+                        torch.ops.aten.addmm.out, torch.ops.aten.addmm_.default,
+                        torch.ops.linclass._block_product.default):  # _linear_blocks.product
                 products.append({t.dtype for t in args if isinstance(t, torch.Tensor)})
             return func(*args, **(kwargs or {}))
 

@@ -275,23 +275,30 @@ def check_low_precision(x, w, b, t, dtype):
             assert rel_error(o, ref) <= rel_error(th, ref) + 1e-2
 
 
+def same_for_thread_counts(x, w, b, t, counts, **kw):
+    """linear_cross_entropy's loss and gradients with torch's thread count set to each of
+    `counts` in turn (None: the current one), asserted bitwise equal; returns them."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in counts:
+            torch.set_num_threads(n or threads)
+            results.append(grads_of(linclass.linear_cross_entropy, x, w, b, t, **kw))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grads in results[1:]:
+        assert torch.equal(loss, results[0][0])
+        assert all(torch.equal(g, r) for g, r in zip(grads, results[0][1]))
+    return results[0]
+
+
 # small-C sub-blocks (6000 x 40: two blocks, class groups where built), the BLAS blocks
 @pytest.mark.parametrize("d,c", [(20, 12), (2000, 10), (6000, 40), (40, 300)])
 def test_deterministic_across_threads(linear_backend, d, c):
     if linear_backend == "triton" and d > 100:
         pytest.skip("the Triton path's GEMMs are torch's; thread-count independence is the C++ path's")
     x, w, b, t = make(300, d, c, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in [threads, threads, 1]:
-            torch.set_num_threads(n)
-            results.append(grads_of(linclass.linear_cross_entropy, x, w, b, t, label_smoothing=0.1))
-    finally:
-        torch.set_num_threads(threads)
-    for loss, grads in results[1:]:
-        assert torch.equal(loss, results[0][0])
-        assert all(torch.equal(g, r) for g, r in zip(grads, results[0][1]))
+    same_for_thread_counts(x, w, b, t, [None, None, 1], label_smoothing=0.1)
 
 
 
@@ -381,21 +388,11 @@ def test_few_rows_large_weight_partial_grads_and_strided_input(wants):
 def test_few_rows_float32_deterministic_across_threads(n, d, c):
     with _cpp_only():
         x, w, b, t = make(n, d, c, dtype=torch.float32)
-        threads = torch.get_num_threads()
-        results = []
-        try:
-            for n in [threads, 1, 3]:
-                torch.set_num_threads(n)
-                results.append(grads_of(linclass.linear_cross_entropy, x, w, b, t))
-        finally:
-            torch.set_num_threads(threads)
-        for loss, grads in results[1:]:
-            assert torch.equal(loss, results[0][0])
-            assert all(torch.equal(g, r) for g, r in zip(grads, results[0][1]))
+        first = same_for_thread_counts(x, w, b, t, [None, 1, 3])
         # In float32: no further from the float64 result than torch's float32 composition.
         oracle = grads_of(unfused_ce, x.double(), w.double(), b.double(), t)
         theirs = grads_of(unfused_ce, x, w, b, t)
-        for ours, th, ref in zip((results[0][0],) + results[0][1], (theirs[0],) + theirs[1],
+        for ours, th, ref in zip((first[0],) + first[1], (theirs[0],) + theirs[1],
                                  (oracle[0],) + oracle[1]):
             assert rel_error(ours, ref) <= 2 * rel_error(th, ref) + 1e-7
 
@@ -633,6 +630,14 @@ def test_cpp_few_class_path_against_float64(c, limit):
         assert abs(step - ref) <= 1e-5 * max(1.0, abs(ref))
 
 
+def _weight_grad_with(knob, x, w, b, t):
+    """linear_cross_entropy's weight gradient on the C++ kernels under a knob's setting."""
+    with linclass.backends.use("cpp"), knob:
+        w_ = w.clone().requires_grad_()
+        linclass.linear_cross_entropy(x, w_, t, b).backward()
+        return w_.grad
+
+
 def _cpu_vendor():
     try:
         with open("/proc/cpuinfo") as f:
@@ -656,10 +661,7 @@ def test_few_class_limit_follows_the_vendor(c):
     w = w * 0.1
 
     def weight_grad(limit):
-        with linclass.backends.use("cpp"), _small_gemm_classes(limit):
-            w_ = w.clone().requires_grad_()
-            linclass.linear_cross_entropy(x, w_, t, b).backward()
-            return w_.grad
+        return _weight_grad_with(_small_gemm_classes(limit), x, w, b, t)
 
     blas, blocked = weight_grad(0), weight_grad(64)
     if torch.equal(blas, blocked):
@@ -667,3 +669,127 @@ def test_few_class_limit_follows_the_vendor(c):
     intel = _cpu_vendor() == "GenuineIntel"
     expected = blas if (intel and c > 11) else blocked
     assert torch.equal(weight_grad(-1), expected)
+
+
+# ---- the C++ BLAS blocks' float32 products through oneDNN (csrc/linear_blocks.h) ------
+# block_product: products of at least 2^22 multiply-adds run through torch's oneDNN
+# inner product off Intel (the knob _linear_onednn: -1 by the vendor, 0 the BLAS, 1
+# oneDNN), each call's result at most 4 MiB.  1200 x 6 x 4000 cuts the score product
+# into column parts (the bias's parts with them); 40 x 1100 x 4100 the weight gradient
+# into row parts; 1100 x 5000 x 100 the input gradient into column parts (of W's
+# columns, copied); 256-row blocks make dW a sum over blocks (oneDNN's "add" form).
+
+needs_onednn = pytest.mark.skipif(
+    "cpp" not in linclass.backends.available() or not linclass._extension.HAS_ONEDNN,
+    reason="needs the C++ kernels and torch's oneDNN")
+
+
+def _onednn(mode):
+    return _knob(torch.ops.linclass._linear_onednn, mode)
+
+
+def check_within_torch_error(fused, unfused, x, w, b, t, factor=4.0, **kw):
+    """The float32 loss and gradients no further from the float64 result than `factor`
+    times torch's float32 composition (norm-relative).  oneDNN's products round
+    differently from MKL's: up to ~2x torch's error (1e-6) at D = 5000."""
+    loss, grads = grads_of(fused, x, w, b, t, **kw)
+    exact_loss, exact = grads_of(unfused, *(v.double() if v is not None else None for v in (x, w, b)), t, **kw)
+    their_loss, theirs = grads_of(unfused, x, w, b, t, **kw)
+    assert loss.dtype == x.dtype
+    assert abs(loss.double() - exact_loss) <= factor * abs(their_loss.double() - exact_loss) + 1e-6 * abs(exact_loss)
+    for name, o, th, ex in zip(("input", "weight", "bias"), grads, theirs, exact):
+        assert o.dtype == x.dtype
+        assert rel_error(o, ex) <= factor * rel_error(th, ex) + 1e-7, name
+
+
+@needs_onednn
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("n,d,c,rows,bias,transposed", [
+    (1200, 6, 4000, 0, True, False), (1200, 6, 4000, 0, False, True),
+    (40, 1100, 4100, 0, True, False), (700, 64, 500, 256, True, True), (300, 200, 300, 0, False, False),
+    (1100, 5000, 100, 0, True, False)])
+def test_onednn_products_against_float64(mode, n, d, c, rows, bias, transposed):
+    x, w, b, t = make(n, d, c, dtype=torch.float32, bias=bias, transposed_weight=transposed)
+    w = w * 0.1
+    with linclass.backends.use("cpp"), _onednn(mode), _block_rows(rows):
+        for reduction in ("mean", "sum"):
+            check_within_torch_error(linclass.linear_cross_entropy, unfused_ce, x, w, b, t,
+                                     label_smoothing=0.1, reduction=reduction)
+        check_within_torch_error(linclass.linear_multi_margin_loss, unfused_mm, x, w, b, t, p=2)
+
+
+@needs_onednn
+def test_onednn_products_strided_input_and_16bit():
+    """X's rows inside a wider tensor, X transposed; float16 inputs whose products this
+    CPU makes in float32 (their float32 copies then go through oneDNN too)."""
+    x, w, b, t = make(600, 130, 300, dtype=torch.float32)
+    w = w * 0.1
+    with linclass.backends.use("cpp"), _onednn(1):
+        wide = torch.randn(600, 140)
+        wide[:, :130] = x
+        check_within_torch_error(linclass.linear_cross_entropy, unfused_ce, wide[:, :130], w, b, t)
+        check_within_torch_error(linclass.linear_cross_entropy, unfused_ce, x.t().contiguous().t(), w, b, t)
+        with _16bit_products(0):
+            h = [v.half() for v in (x, w, b)]
+            _, ours = grads_of(linclass.linear_cross_entropy, *h, t)
+            _, exact = grads_of(unfused_ce, *(v.double() for v in h), t)
+            _, theirs = grads_of(unfused_ce, *h, t)
+            for o, ex, th in zip(ours, exact, theirs):
+                assert o.dtype == torch.float16
+                assert rel_error(o, ex) <= 1.1 * rel_error(th, ex) + 1e-6
+
+
+@needs_onednn
+@pytest.mark.parametrize("n,d,c", [(2000, 300, 130), (64, 1024, 1000), (700, 77, 5000)])
+def test_onednn_products_deterministic_across_threads(n, d, c):
+    x, w, b, t = make(n, d, c, dtype=torch.float32)
+    with linclass.backends.use("cpp"), _onednn(1):
+        same_for_thread_counts(x, w, b, t, [None, 1, 3])
+
+
+@needs_onednn
+@pytest.mark.skipif(_cpu_vendor() is None, reason="no /proc/cpuinfo vendor")
+def test_onednn_choice_follows_the_vendor_and_availability():
+    """By default (-1) oneDNN off Intel, the BLAS on Intel; never where torch has no
+    oneDNN (linclass._extension tells the C++ side).  The two add in other orders, so
+    their last bits tell which ran."""
+    x, w, b, t = make(500, 300, 200, dtype=torch.float32)
+
+    def weight_grad(mode):
+        return _weight_grad_with(_onednn(mode), x, w, b, t)
+
+    blas, onednn = weight_grad(0), weight_grad(1)
+    if torch.equal(blas, onednn):
+        pytest.skip("both libraries gave the same bits")
+    assert torch.equal(weight_grad(-1), blas if _cpu_vendor() == "GenuineIntel" else onednn)
+    old = torch.ops.linclass._set_onednn_available(False)
+    try:
+        assert torch.equal(weight_grad(1), blas)
+    finally:
+        torch.ops.linclass._set_onednn_available(old)
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs the C++ kernels")
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_block_product_matches_torch(mode, dtype):
+    """The Python paths' products (_linear_blocks.product, the C++ block_product): a @ b
+    with and without a bias, accumulated, on transposed operands; a clear error for
+    shapes that do not fit; opcheck."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 500, generator=g), torch.randn(200, 500, generator=g).t()
+    bias, start = torch.randn(200, generator=g), torch.randn(300, 200, generator=g)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype is torch.float32 else dict(rtol=2e-2, atol=0.5)
+    a, b, bias, start = (v.to(dtype) for v in (a, b, bias, start))
+    exact = a.double() @ b.double()
+    with _onednn(mode):
+        out = _linear_blocks.product(torch.empty(300, 200, dtype=dtype), a, b)
+        torch.testing.assert_close(out.double(), exact, **tol)
+        out = _linear_blocks.product(torch.empty(300, 200, dtype=dtype), a, b, bias)
+        torch.testing.assert_close(out.double(), exact + bias.double(), **tol)
+        out = _linear_blocks.product(start.clone(), a.t().contiguous().t(), b, accumulate=True)
+        torch.testing.assert_close(out.double(), exact + start.double(), **tol)
+        with pytest.raises(RuntimeError, match="_block_product"):
+            _linear_blocks.product(torch.empty(300, 199, dtype=dtype), a, b)
+        torch.library.opcheck(torch.ops.linclass._block_product.default,
+                              (torch.empty(300, 200, dtype=dtype), a, b, bias, False))

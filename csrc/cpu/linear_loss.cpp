@@ -183,10 +183,7 @@ double linear_blocks_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
     const Tensor Xf = widen ? to_dtype(Xb, f32) : Tensor();
     const Tensor Sfb = widen ? narrowed(Sf, 0, 0, n) : Tensor();
     const Tensor& out = widen ? Sfb : Sb;
-    if (b)
-      addmm_out(out, widen ? bf : *b, widen ? Xf : Xb, Wt);
-    else
-      mm_out(out, widen ? Xf : Xb, Wt);
+    block_product(out, widen ? Xf : Xb, Wt, b ? OptTensor(widen ? bf : *b) : std::nullopt);
     if (widen) copy_into(Sb, Sfb);
     total += loss_block<scalar_t, Math>(Sb, target, lane_targets, r0, any_grad, p);
     if (!any_grad) continue;
