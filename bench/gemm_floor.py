@@ -3,7 +3,9 @@ take at a shape, against the whole step (F.linear + loss + backward, and linclas
 fused op).  A step needs the products S = X W^T, dW = G^T X and, when the input takes a
 gradient, dX = G W; no fusion removes them, so when they are most of torch's step
 the fused op cannot be much faster (issue 17's D = 3073 shapes between 20 and 200
-classes).  Medians of --reps calls, 2 threads by default:
+classes).  The same three products through torch's oneDNN inner product (the fused op's
+choice off Intel, csrc/linear_blocks.h) are its floor there.  Medians of --reps calls,
+2 threads by default:
 
     python bench/gemm_floor.py 10000x3073x20 10000x3073x100 4096x1024x1000:grad
 """
@@ -52,9 +54,10 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.reps} calls (ms)")
-    print("| N x D x C | input grad | products alone | torch step | linclass fused | torch / fused | "
-          "products / fused |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    onednn = torch.ops.mkldnn._linear_pointwise if linclass._extension.HAS_ONEDNN else None
+    print("| N x D x C | input grad | products alone (BLAS) | products alone (oneDNN) | torch step | "
+          "linclass fused | torch / fused | BLAS products / fused |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for spec in args.shapes:
         n, d, c, input_grad = parse_shape(spec)
         torch.manual_seed(0)
@@ -69,10 +72,17 @@ def main():
             if input_grad:
                 torch.mm(g, w.detach())
 
+        def onednn_products():  # linear(a, w) = a @ w^T
+            onednn(x.detach(), w.detach(), None, "none", [], "")
+            onednn(g.t(), x.detach().t(), None, "none", [], "")
+            if input_grad:
+                onednn(g, w.detach().t(), None, "none", [], "")
+
         floor = median_ms(products, args.reps)
+        onednn_floor = f"{median_ms(onednn_products, args.reps):.1f}" if onednn else "-"
         theirs = median_ms(training_step(lambda: F.cross_entropy(F.linear(x, w), t), (x, w)), args.reps)
         ours = median_ms(training_step(lambda: linclass.linear_cross_entropy(x, w, t), (x, w)), args.reps)
-        print(f"| {n} x {d} x {c} | {'yes' if input_grad else 'no'} | {floor:.1f} | {theirs:.1f} | "
+        print(f"| {n} x {d} x {c} | {'yes' if input_grad else 'no'} | {floor:.1f} | {onednn_floor} | {theirs:.1f} | "
               f"{ours:.1f} | {theirs / ours:.2f}x | {floor / ours:.0%} |")
 
 

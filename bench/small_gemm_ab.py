@@ -5,7 +5,10 @@ shapes, in one process, with a testing knob:
   torch.ops.linclass._small_gemm_classes(0) sends every class count to the BLAS blocks,
   -1 restores the CPU's own limit;
 * `--few-rows`: the products for at most 16 rows (csrc/cpu/skinny_gemm.h):
-  torch.ops.linclass._linear_block_rows(N) runs the N rows as one BLAS block, 0 restores.
+  torch.ops.linclass._linear_block_rows(N) runs the N rows as one BLAS block, 0 restores;
+* `--onednn`: the BLAS blocks' float32 products through oneDNN (csrc/linear_blocks.h,
+  block_product): torch.ops.linclass._linear_onednn(1) forces them there, 0 to the BLAS,
+  -1 restores the choice by the CPU's vendor.
 
 Forward + backward, float32, 2 threads, medians of 25 steps, two alternations (ms: own
 products / BLAS blocks / torch's F.linear + F.cross_entropy step); a shape ending in
@@ -13,6 +16,7 @@ products / BLAS blocks / torch's F.linear + F.cross_entropy step); a shape endin
 
     python bench/small_gemm_ab.py 10000x3073x20 4096x512x37:grad
     python bench/small_gemm_ab.py --few-rows 4x100x1000:grad 16x512x500:grad
+    python bench/small_gemm_ab.py --onednn 10000x3073x100 4096x1024x1000:grad
 """
 
 import argparse
@@ -26,7 +30,7 @@ from gemm_floor import median_ms, parse_shape, training_step  # bench/ is the sc
 REPS = 25
 
 
-def compare(shape: str, few_rows: bool, alternations: int = 2) -> str:
+def compare(shape: str, few_rows: bool, onednn: bool, alternations: int = 2) -> str:
     n, d, c, input_grad = parse_shape(shape)
     x = torch.randn(n, d).requires_grad_(input_grad)
     w = (torch.randn(c, d) * 0.01).requires_grad_()
@@ -35,13 +39,17 @@ def compare(shape: str, few_rows: bool, alternations: int = 2) -> str:
     ours = training_step(lambda: linclass.linear_cross_entropy(x, w, t, b), (x, w, b))
     theirs = training_step(lambda: F.cross_entropy(F.linear(x, w, b), t), (x, w, b))
     knob, blas, own = ((torch.ops.linclass._linear_block_rows, n, 0) if few_rows
+                       else (torch.ops.linclass._linear_onednn, 0, -1) if onednn
                        else (torch.ops.linclass._small_gemm_classes, 0, -1))
-    times = {"own products": [], "BLAS blocks": [], "torch": []}
+    label = "oneDNN products" if onednn else "own products"
+    times = {label: [], "BLAS blocks": [], "torch": []}
     with linclass.backends.use("cpp"):
         for _ in range(alternations):
-            times["own products"].append(median_ms(ours, REPS))
-            knob(blas)
+            if onednn:
+                knob(1)
             try:
+                times[label].append(median_ms(ours, REPS))
+                knob(blas)
                 times["BLAS blocks"].append(median_ms(ours, REPS))
             finally:
                 knob(own)
@@ -54,10 +62,12 @@ def main():
     parser.add_argument("shapes", nargs="+", help="N x D x C, e.g. 10000x3073x20 or 4096x512x37:grad")
     parser.add_argument("--few-rows", action="store_true",
                         help="A/B the products for at most 16 rows (skinny_gemm.h)")
+    parser.add_argument("--onednn", action="store_true",
+                        help="A/B the BLAS blocks' float32 products through oneDNN")
     args = parser.parse_args()
     torch.set_num_threads(2)
     for shape in args.shapes:
-        print(compare(shape, args.few_rows), flush=True)
+        print(compare(shape, args.few_rows, args.onednn), flush=True)
 
 
 if __name__ == "__main__":
