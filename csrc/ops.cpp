@@ -69,6 +69,9 @@ void block_product_op(Tensor out, Tensor a, Tensor b, OptTensor bias, bool accum
                      out.size(0) == a.size(0) && out.size(1) == b.size(1),
                  "_block_product: out ", shape_string(out.sizes()), " != a ", shape_string(a.sizes()),
                  " @ b ", shape_string(b.sizes()));
+  LINCLASS_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == out.size(1)),
+                 "_block_product: bias must be (", out.size(1), ",), got ",
+                 shape_string(bias->sizes()));
   block_product(out, a, b, bias, accumulate);
 }
 double sgd_step_op(Tensor input, Tensor weight, Tensor target, Tensor index, int64_t loss,
@@ -176,7 +179,8 @@ extern "C" int linclass_linear_onednn() {
   const int64_t forced = linclass::g_onednn_override.load();
   if (forced >= 0) return int(forced != 0);
   // On the AMD EPYC (Zen 5) VM MKL ran the fused linear ops' products at 30-55% of
-  // oneDNN's speed (its generic kernels off Intel); on Intel MKL's are its own best.
+  // oneDNN's speed (its generic kernels off Intel); Intel CPUs keep MKL's own kernels
+  // (the two not yet compared on one).
   static const bool intel = linclass::cpu_is_intel();  // cpuid traps on a VM: once
   return int(!intel);
 }

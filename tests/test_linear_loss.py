@@ -791,5 +791,7 @@ def test_block_product_matches_torch(mode, dtype):
         torch.testing.assert_close(out.double(), exact + start.double(), **tol)
         with pytest.raises(RuntimeError, match="_block_product"):
             _linear_blocks.product(torch.empty(300, 199, dtype=dtype), a, b)
+        with pytest.raises(RuntimeError, match="_block_product: bias"):
+            _linear_blocks.product(torch.empty(300, 200, dtype=dtype), a, b, bias[:199])
         torch.library.opcheck(torch.ops.linclass._block_product.default,
                               (torch.empty(300, 200, dtype=dtype), a, b, bias, False))
