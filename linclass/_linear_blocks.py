@@ -56,8 +56,10 @@ def product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias=None,
             accumulate: bool = False) -> torch.Tensor:
     """out = a @ b (+ bias), or out += a @ b with `accumulate`; returns out.  On the CPU
     the C++ op's own products (csrc/linear_blocks.h, block_product: float32 through
-    oneDNN where that is faster than the BLAS), elsewhere torch's.  One dtype for all."""
-    if out.is_cpu and _extension.HAS_CPP:
+    oneDNN where that is faster than the BLAS), elsewhere torch's.  One dtype for all.
+    Traced (torch.compile) torch's too: torch 2.11's functionalization lost the op's
+    writes into a view (a block's rows of the input gradient)."""
+    if out.is_cpu and _extension.HAS_CPP and not torch.compiler.is_compiling():
         torch.ops.linclass._block_product(out, a, b, bias, accumulate)
     elif accumulate:
         out.addmm_(a, b)

@@ -443,11 +443,19 @@ def _fused_linear(op, input, weight, bias, target, options):
         return op(_as_rows(x), w, b, target, *options, mask)
 
 
+# torch 2.11 traced the block paths' autograd Functions wrongly under torch.compile (zero
+# gradients: tests/test_linear_loss.py::test_compile_fullgraph in bench/wheel_matrix.sh);
+# 2.13 and 2.14 trace them right, 2.12 was not tried.  Older torch composes there.
+_TRACES_BLOCKS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
+
+
 def _rows_exceed_one_block(input, weight) -> bool:
     """Whether a fused linear loss's scores take more than one block of rows
     (_linear_blocks.BLOCK_BYTES): then reduction='none' and probability targets run a
     block at a time (_linear_blocks); within one block composing F.linear and the loss
     holds no more memory and is as fast or faster ('none': one GEMM fewer)."""
+    if not _TRACES_BLOCKS and torch.compiler.is_compiling():
+        return False
     rows = input.shape[0] if input.dim() == 2 else 1
     return _linear_blocks.exceeds_one_block(rows, weight.shape[0], input.dtype, input.device)
 
