@@ -93,8 +93,8 @@ void block_product(const Tensor& out, const Tensor& a, const Tensor& b, const Op
                       linclass_linear_onednn() != 0;
   if (onednn) {
     // Each call's result is a new tensor: at most kOneDnnOutBytes, so that glibc reuses
-    // the memory the last one freed instead of mapping fresh pages (their faults cost
-    // as much as the product at 32000 classes), and little memory is added to the op's.
+    // the memory the last one freed instead of mapping fresh pages (whose faults cost
+    // as much as a large product), and little memory is added to the op's.
     // A product is cut along out's rows (each part reads all of b) or columns (all of
     // a), whichever re-reads the smaller operand.
     const int64_t M = out.size(0), N = out.size(1);
@@ -107,7 +107,7 @@ void block_product(const Tensor& out, const Tensor& a, const Tensor& b, const Op
       const Tensor ap = by_rows && n < extent ? narrowed(a, 0, i0, n) : a;
       // oneDNN's weight is (out features, in features): b^T, or the part's columns of it,
       // copied where they are no dense matrix (the columns of a row-major b): oneDNN ran
-      // such a weight ~500x slower.
+      // such a weight far slower (bench/results/linear-gemm-floor.md).
       Tensor w = by_rows || n == extent ? transposed(b) : narrowed(transposed(b), 0, i0, n);
       if (!w.is_contiguous() && !transposed(w).is_contiguous()) w = as_contiguous(w);
       const OptTensor bp = bias && !by_rows && n < extent ? OptTensor(narrowed(*bias, 0, i0, n)) : bias;

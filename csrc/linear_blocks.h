@@ -52,8 +52,8 @@ bool cpu_is_intel();
 
 // out = a @ b (+ bias, one value per column), or out += a @ b with `accumulate`: one of
 // a block's products.  Float32 products on the CPU go through oneDNN where
-// linclass_linear_onednn() says so (off Intel: MKL's kernels for these shapes run at
-// half its speed or less there, bench/results/linear-gemm-floor.md) and the product has
+// linclass_linear_onednn() says so (off Intel, where MKL's kernels for these shapes run
+// well below oneDNN's, bench/results/linear-gemm-floor.md) and the product has
 // at least kOneDnnMinWork multiply-adds (below, oneDNN's fixed cost per call exceeds what
 // it saves); its results, at most kOneDnnOutBytes a call, are copied into out.  The rest
 // take the BLAS, in place.

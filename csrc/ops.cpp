@@ -178,9 +178,9 @@ extern "C" int linclass_linear_onednn() {
   if (!linclass::g_onednn_available.load()) return 0;
   const int64_t forced = linclass::g_onednn_override.load();
   if (forced >= 0) return int(forced != 0);
-  // On the AMD EPYC (Zen 5) VM MKL ran the fused linear ops' products at 30-55% of
-  // oneDNN's speed (its generic kernels off Intel); Intel CPUs keep MKL's own kernels
-  // (the two not yet compared on one).
+  // On an AMD EPYC (Zen 5) MKL ran the fused linear ops' products at a fraction of
+  // oneDNN's speed (its generic kernels off Intel; bench/results/linear-gemm-floor.md);
+  // Intel CPUs keep MKL's own kernels (the two not yet compared on one).
   static const bool intel = linclass::cpu_is_intel();  // cpuid traps on a VM: once
   return int(!intel);
 }

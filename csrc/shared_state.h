@@ -32,8 +32,8 @@ LINCLASS_SHARED int linclass_linear_16bit_products(int bf16);
 LINCLASS_SHARED int64_t linclass_small_gemm_classes();
 // Whether the CPU fused linear ops' float32 products go through oneDNN (torch's
 // mkldnn::_linear_pointwise) rather than the BLAS (aten::mm, MKL on x86): off Intel,
-// where MKL's kernels for these shapes run at half oneDNN's speed or less, when torch
-// has oneDNN, unless a test forced a choice (linear_blocks.h, block_product).
+// where MKL's kernels for these shapes run well below oneDNN's, when torch has oneDNN,
+// unless a test forced a choice (linear_blocks.h, block_product).
 LINCLASS_SHARED int linclass_linear_onednn();
 // Up to how many classes the CPU lane path moves a tile's rows by vector permutes
 // (transpose.h): 7 on Intel CPUs, 4 elsewhere, unless a test forced a count.
