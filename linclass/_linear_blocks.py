@@ -57,8 +57,9 @@ def product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias=None,
     """out = a @ b (+ bias), or out += a @ b with `accumulate`; returns out.  On the CPU
     the C++ op's own products (csrc/linear_blocks.h, block_product: float32 through
     oneDNN where that is faster than the BLAS), elsewhere torch's.  One dtype for all.
-    Traced (torch.compile) torch's too: torch 2.11's functionalization lost the op's
-    writes into a view (a block's rows of the input gradient)."""
+    Traced (torch.compile) torch's too, which every supported torch functionalizes;
+    the op writes into views (a block's rows of the input gradient), which is only
+    tested eagerly here."""
     if out.is_cpu and _extension.HAS_CPP and not torch.compiler.is_compiling():
         torch.ops.linclass._block_product(out, a, b, bias, accumulate)
     elif accumulate:
