@@ -4,14 +4,16 @@ shapes, in one process, with a testing knob:
 * the register-blocked products for few classes (csrc/cpu/small_gemm.h; the default):
   torch.ops.linclass._small_gemm_classes(0) sends every class count to the BLAS blocks,
   -1 restores the CPU's own limit;
-* `--few-rows`: the products for at most 16 rows (csrc/cpu/skinny_gemm.h):
+* `--few-rows`: the products for a few rows (csrc/cpu/skinny_gemm.h; up to 16 rows, and
+  up to 32 with a weight of at most 1 MiB, rows of at most 2 KiB, D >= 48 or N x C <= 6144):
   torch.ops.linclass._linear_block_rows(N) runs the N rows as one BLAS block, 0 restores;
 * `--onednn`: the BLAS blocks' float32 products through oneDNN (csrc/linear_blocks.h,
   block_product): torch.ops.linclass._linear_onednn(1) forces them there, 0 to the BLAS,
   -1 restores the choice by the CPU's vendor.
 
-Forward + backward, float32, 2 threads, medians of 25 steps, two alternations (ms: own
-products / BLAS blocks / torch's F.linear + F.cross_entropy step); a shape ending in
+Forward + backward, float32, 2 threads, medians of 25 steps, --alternations rounds (ms,
+each round's: own products / BLAS blocks / torch's F.linear + F.cross_entropy step; then
+the median of the rounds' ratios own / BLAS and own / torch); a shape ending in
 ':grad' also takes the input's gradient (bench/results/linear-gemm-floor.md):
 
     python bench/small_gemm_ab.py 10000x3073x20 4096x512x37:grad
@@ -20,6 +22,7 @@ products / BLAS blocks / torch's F.linear + F.cross_entropy step); a shape endin
 """
 
 import argparse
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -54,20 +57,30 @@ def compare(shape: str, few_rows: bool, onednn: bool, alternations: int = 2) -> 
             finally:
                 knob(own)
             times["torch"].append(median_ms(theirs, REPS))
-    return f"{shape}  " + "  ".join(f"{k} {'/'.join(f'{v:.3f}' for v in vs)}" for k, vs in times.items())
+    own_ms, blas_ms, torch_ms = times.values()
+
+    def median_ratio(a, b):
+        return statistics.median(x / y for x, y in zip(a, b))
+
+    ratios = (f"  median ratio to BLAS blocks {median_ratio(own_ms, blas_ms):.2f}, "
+              f"to torch {median_ratio(own_ms, torch_ms):.2f}")
+    listed = "  ".join(f"{k} {'/'.join(f'{v:.3f}' for v in vs)}" for k, vs in times.items())
+    return f"{shape}  {listed}{ratios}"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shapes", nargs="+", help="N x D x C, e.g. 10000x3073x20 or 4096x512x37:grad")
     parser.add_argument("--few-rows", action="store_true",
-                        help="A/B the products for at most 16 rows (skinny_gemm.h)")
+                        help="A/B the products for a few rows (skinny_gemm.h)")
     parser.add_argument("--onednn", action="store_true",
                         help="A/B the BLAS blocks' float32 products through oneDNN")
+    parser.add_argument("--alternations", type=int, default=2,
+                        help="rounds of the three timings (a noisy machine wants more)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     for shape in args.shapes:
-        print(compare(shape, args.few_rows, args.onednn), flush=True)
+        print(compare(shape, args.few_rows, args.onednn, args.alternations), flush=True)
 
 
 if __name__ == "__main__":

@@ -306,9 +306,12 @@ def test_deterministic_across_threads(linear_backend, d, c):
 # path's own products (csrc/cpu/skinny_gemm.h) instead of the BLAS.  D = 1024 puts rows
 # 4 KiB apart; D = 37 and C = 7103 leave tails in every vector loop and class group;
 # the small weights run on one thread, or on a few chunks shared by the threads.
+# 17-32 rows with a cache-resident weight take them too, their backward 16 rows at a
+# time, dW summed over the chunks (a full chunk and one row; two full chunks; tails).
 SKINNY = [(1, 1024, 300), (5, 37, 7103), (8, 1024, 257), (9, 64, 4099), (16, 300, 1000),
           (13, 20000, 150),  # dX partials capped by memory, 3 chunks
-          (1, 3, 70), (2, 17, 131), (16, 40, 300), (11, 5, 1000)]
+          (1, 3, 70), (2, 17, 131), (16, 40, 300), (11, 5, 1000),
+          (17, 48, 300), (32, 64, 1000), (25, 5, 100), (30, 130, 97)]
 
 
 def _cpp_only():
@@ -384,7 +387,7 @@ def test_few_rows_large_weight_partial_grads_and_strided_input(wants):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("n,d,c", [(12, 1024, 600), (5, 40, 700)])
+@pytest.mark.parametrize("n,d,c", [(12, 1024, 600), (5, 40, 700), (32, 64, 1000), (21, 300, 200)])
 def test_few_rows_float32_deterministic_across_threads(n, d, c):
     with _cpp_only():
         x, w, b, t = make(n, d, c, dtype=torch.float32)

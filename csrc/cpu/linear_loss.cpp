@@ -1,7 +1,7 @@
 // linclass::linear_cross_entropy and ::linear_multi_margin_loss on CPU: loss(X W^T + b, y)
 // and its gradients for X, W and b, a block of rows at a time (linear_blocks.h), so the
 // N x C scores never exist.  Per block: S = X_b W^T + b (GEMM; small_gemm.h for
-// C <= small_gemm_max_classes(), skinny_gemm.h for N <= kSkinnyRows), the fused loss
+// C <= small_gemm_max_classes(), skinny_gemm.h for takes_few_row_products), the fused loss
 // kernel turns S into dS in place (and sums the block's losses), then dX_b = dS W,
 // dW += dS^T X_b, db += column sums of dS.  Extra memory is one block of scores (plus a
 // float32 dW accumulator for bfloat16/float16, and where the CPU emulates their products
@@ -108,8 +108,23 @@ double loss_block(Tensor& Sb, const Tensor& target, const acc_type<scalar_t>* la
   return cpu::run_rows_sum<scalar_t, Math>(task, p);
 }
 
-// All N <= kSkinnyRows rows as one block, with skinny_gemm.h's products (unit-stride
-// rows of X and W; float32/64).
+// Whether the N rows take skinny_gemm.h's products (as one block) rather than the BLAS
+// blocks': every batch of at most kSkinnyRows rows (there the BLAS's fixed costs and
+// general GEMMs cost more, whatever W's size); up to kSkinnyChunkRows rows while W stays
+// in L2 (1 MiB) and a chunk's 16-row partial of dX in L1 (rows of at most 2 KiB), unless
+// D is small and the scores many: with fewer than 48 features each score's own
+// reduction costs ~1 ns more than the BLAS's, which beyond ~6000 scores exceeds the
+// BLAS calls' fixed costs (bench/results/linear-gemm-floor.md, `small_gemm_ab.py
+// --few-rows`).
+constexpr int64_t kSkinnyChunkRows = 2 * cpu::kSkinnyRows;
+bool takes_few_row_products(int64_t N, int64_t D, int64_t C, int64_t elem) {
+  if (N <= cpu::kSkinnyRows) return N >= 1;
+  return N <= kSkinnyChunkRows && C * D * elem <= (int64_t(1) << 20) && D * elem <= 2048 &&
+         (D >= 48 || N * C <= 6144);
+}
+
+// The N rows as one block, with skinny_gemm.h's products (unit-stride rows of X and W;
+// float32/64); the backward kSkinnyRows rows at a time.
 template <typename scalar_t, typename Math, typename Params>
 double linear_skinny_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
                          const Tensor& target, const scalar_t* lane_targets, const Params& p,
@@ -130,10 +145,12 @@ double linear_skinny_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
                      C, s);
   const double total =
       loss_block<scalar_t, Math>(S, target, lane_targets, 0, mask[0] || mask[1] || mask[2], p);
-  if (mask[0] || mask[1])
-    cpu::skinny_backward(s, N, C, x, ldx, w, W.stride(0), D,
-                         mask[0] ? grads.input.mutable_data_ptr<scalar_t>() : nullptr,
-                         mask[1] ? grads.weight.mutable_data_ptr<scalar_t>() : nullptr);
+  for (int64_t r0 = 0; r0 < N && (mask[0] || mask[1]); r0 += cpu::kSkinnyRows)
+    cpu::skinny_backward(s + r0 * C, std::min(cpu::kSkinnyRows, N - r0), C, x + r0 * ldx, ldx, w,
+                         W.stride(0), D,
+                         mask[0] ? grads.input.mutable_data_ptr<scalar_t>() + r0 * D : nullptr,
+                         mask[1] ? grads.weight.mutable_data_ptr<scalar_t>() : nullptr,
+                         /*accumulate_dw=*/r0 > 0);
   if (mask[2]) {  // db = column sums of dS, rows in order
     scalar_t* db = grads.bias.mutable_data_ptr<scalar_t>();
     std::copy(s, s + C, db);
@@ -152,7 +169,7 @@ double linear_blocks_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
     if (C <= cpu::small_gemm_max_classes() && X.stride(1) == 1)
       return linear_small_cpu<Math>(X, W, b, target, lane_targets, p, mask, grads);
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>)
-    if (N >= 1 && N <= cpu::kSkinnyRows && X.stride(1) == 1 &&
+    if (takes_few_row_products(N, D, C, sizeof(scalar_t)) && X.stride(1) == 1 &&
         W.stride(1) == 1 && !linear_block_rows_override())
       return linear_skinny_cpu<scalar_t, Math>(X, W, b, target, lane_targets, p, mask, grads);
   const bool any_grad = mask[0] || mask[1] || mask[2];

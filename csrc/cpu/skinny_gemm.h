@@ -1,5 +1,6 @@
-// The products of a fused linear + loss with only a few rows (n <= kSkinnyRows), for
-// cpu/linear_loss.cpp (W is C x D):
+// The products of a fused linear + loss with only a few rows, for cpu/linear_loss.cpp
+// (W is C x D; skinny_backward takes at most kSkinnyRows rows a call, the op calls it
+// for each such chunk of a few dozen rows, summing dW over the chunks):
 //   S  = X W^T (+ b)      scores, n x C         skinny_scores
 //   dX = dS W             input gradient, n x D  skinny_backward (optional)
 //   dW = dS^T X           weight gradient, C x D  skinny_backward (optional)
@@ -24,7 +25,7 @@
 
 namespace linclass::cpu {
 
-// Up to this many rows take these products (two groups of 8 rows in registers).
+// Rows per call of skinny_backward (two groups of 8 rows in registers).
 constexpr int64_t kSkinnyRows = 16;
 
 // The fewest multiply-adds a thread takes in skinny_backward: waking a thread costs
@@ -163,7 +164,7 @@ inline void group_columns(const T* ds, int64_t n, int64_t g, const T* const* w, 
 template <bool kDX, bool kDW, typename T>
 void backward_chunk(const T* dS, int64_t n, int64_t C, int64_t c0, int64_t c1, const T* X,
                     int64_t ldx, const T* W, int64_t ldw, int64_t D, T* part, int64_t ldp, T* dW,
-                    bool stream) {
+                    bool stream, bool accumulate) {
   constexpr int64_t V = Vec<T>::size();
   T ds[kSkinnyRows * kGroup];
   for (int64_t c = c0; c < c1; c += kGroup) {
@@ -184,7 +185,9 @@ void backward_chunk(const T* dS, int64_t n, int64_t C, int64_t c0, int64_t c1, c
       group_columns<kDX, true>(ds, n, g, w, X, ldx, part, ldp, j, m, dw);
       for (int64_t q = 0; q < g; ++q) {
         T* out = dW + (c + q) * D + j;
-        if (stream && m == V && reinterpret_cast<uintptr_t>(out) % sizeof(Vec<T>) == 0)
+        if (accumulate)
+          (Vec<T>::loadu(out, m) + dw[q]).store(out, m);
+        else if (stream && m == V && reinterpret_cast<uintptr_t>(out) % sizeof(Vec<T>) == 0)
           stream_store(out, dw[q]);
         else
           dw[q].store(out, m);
@@ -195,8 +198,10 @@ void backward_chunk(const T* dS, int64_t n, int64_t C, int64_t c0, int64_t c1, c
 
 }  // namespace skinny
 
-// dX (n x D, contiguous) = dS W and dW (C x D, contiguous) = dS^T X, either null when
-// not wanted; dS is n x C (row stride C); X's rows at stride ldx (best not a multiple
+// dX (n x D, contiguous) = dS W and dW (C x D, contiguous) = dS^T X, or dW += dS^T X
+// with accumulate_dw (the op's later chunks of rows: each element then adds its chunks
+// in row order), either null when not wanted; n <= kSkinnyRows; dS is n x C (row
+// stride C); X's rows at stride ldx (best not a multiple
 // of 4 KiB: rows that far apart share L1 sets).  Classes in chunks whose number depends
 // on the shape only: each chunk streams its rows of W and of dW whole (dW with
 // streaming stores when larger than the caches), kGroup classes at a time, and sums
@@ -205,7 +210,7 @@ void backward_chunk(const T* dS, int64_t n, int64_t C, int64_t c0, int64_t c1, c
 // pieces, one column block per pass: ~3x slower here.)
 template <typename T>
 void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx, const T* W,
-                     int64_t ldw, int64_t D, T* dX, T* dW) {
+                     int64_t ldw, int64_t D, T* dX, T* dW, bool accumulate_dw = false) {
   const int64_t ldp = skinny_stride<T>(D);
   // Up to 64 chunks of at least 64 classes, and at most 8 MiB of dX partials (a wide D
   // gets fewer, longer chunks): a function of the shape only.
@@ -213,7 +218,7 @@ void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx,
   const int64_t most = std::clamp<int64_t>((int64_t(8) << 20) / partial_bytes, 1, 64);
   const int64_t chunk = std::max<int64_t>(64, (C + most - 1) / most);
   const int64_t chunks = (C + chunk - 1) / chunk;
-  const bool stream = dW && C * D * int64_t(sizeof(T)) > (int64_t(8) << 20);
+  const bool stream = dW && !accumulate_dw && C * D * int64_t(sizeof(T)) > (int64_t(8) << 20);
   // From the buffer cache (up to 8 MiB: a fresh allocation would page-fault every
   // call); each chunk zeroes its own partial.
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
@@ -230,11 +235,11 @@ void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx,
       T* part = dX ? partials + k * n * ldp : nullptr;
       if (part) std::fill(part, part + n * ldp, T(0));
       if (dX && dW)
-        skinny::backward_chunk<true, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream);
+        skinny::backward_chunk<true, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream, accumulate_dw);
       else if (dX)
-        skinny::backward_chunk<true, false>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream);
+        skinny::backward_chunk<true, false>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream, accumulate_dw);
       else
-        skinny::backward_chunk<false, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream);
+        skinny::backward_chunk<false, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream, accumulate_dw);
     }
     if (stream) stream_fence();
   });
