@@ -608,7 +608,11 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
         for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(in + off, 0, 3);
       else
         for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(in + off, 0, 1);
-      if (tally) __builtin_prefetch(t.target + r + kPrefetchTiles * W, 0, 3);  // W int64: one line
+      if (tally) {  // the tile's W int64 targets: one line per 8 (two with AVX-512)
+        const char* ty = reinterpret_cast<const char*>(t.target + r + kPrefetchTiles * W);
+        for (int64_t off = 0; off < W * int64_t(sizeof(int64_t)); off += 64)
+          __builtin_prefetch(ty + off, 0, 3);
+      }
       if (kGrad && !staged) {
         const char* g = reinterpret_cast<const char*>(t.grad + t.gout.offset(r + kPrefetchTiles * W));
         for (int64_t off = 0; off < tile_bytes; off += 64) __builtin_prefetch(g + off, 1, 3);
