@@ -201,12 +201,12 @@ void backward_chunk(const T* dS, int64_t n, int64_t C, int64_t c0, int64_t c1, c
 // dX (n x D, contiguous) = dS W and dW (C x D, contiguous) = dS^T X, or dW += dS^T X
 // with accumulate_dw (the op's later chunks of rows: each element then adds its chunks
 // in row order), either null when not wanted; n <= kSkinnyRows; dS is n x C (row
-// stride C); X's rows at stride ldx (best not a multiple
-// of 4 KiB: rows that far apart share L1 sets).  Classes in chunks whose number depends
-// on the shape only: each chunk streams its rows of W and of dW whole (dW with
-// streaming stores when larger than the caches), kGroup classes at a time, and sums
-// its classes' part of dX into its own n x D partial in class order; the partials are
-// then added in chunk order.  (Cutting the columns instead read every row of W in
+// stride C); X's rows at stride ldx (best not a multiple of 4 KiB: rows that far apart
+// share L1 sets).  Classes in chunks whose number depends on the shape only: each
+// chunk streams its rows of W and of dW whole (dW with streaming stores when larger
+// than the caches and not accumulated), kGroup classes at a time, and sums its
+// classes' part of dX into its own n x D partial in class order; the partials are then
+// added in chunk order.  (Cutting the columns instead read every row of W in
 // pieces, one column block per pass: ~3x slower here.)
 template <typename T>
 void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx, const T* W,
@@ -235,11 +235,14 @@ void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx,
       T* part = dX ? partials + k * n * ldp : nullptr;
       if (part) std::fill(part, part + n * ldp, T(0));
       if (dX && dW)
-        skinny::backward_chunk<true, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream, accumulate_dw);
+        skinny::backward_chunk<true, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW,
+                                           stream, accumulate_dw);
       else if (dX)
-        skinny::backward_chunk<true, false>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream, accumulate_dw);
+        skinny::backward_chunk<true, false>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW,
+                                            stream, accumulate_dw);
       else
-        skinny::backward_chunk<false, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW, stream, accumulate_dw);
+        skinny::backward_chunk<false, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW,
+                                            stream, accumulate_dw);
     }
     if (stream) stream_fence();
   });
