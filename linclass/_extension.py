@@ -65,6 +65,19 @@ def _has_onednn_linear() -> bool:
 HAS_ONEDNN = _has_onednn_linear()
 if HAS_CPP:
     torch.ops.linclass._set_onednn_available(HAS_ONEDNN)
+_onednn_told = [HAS_ONEDNN]  # what the C++ side was last told
+_mkldnn_enabled = getattr(torch._C, "_get_mkldnn_enabled", lambda: True)
+
+
+def follow_mkldnn_flag() -> None:
+    """Keeps the fused linear ops' products off oneDNN while torch.backends.mkldnn is
+    disabled (`torch.backends.mkldnn.flags(enabled=False)`, which turns torch's own
+    oneDNN paths off: whoever sets it expects none from here either).  The flag is
+    read on every eager call of those ops (a C call) and the C++ side told when it
+    changed; a compiled graph keeps the choice of the last eager call."""
+    if HAS_ONEDNN and _mkldnn_enabled() != _onednn_told[0]:
+        _onednn_told[0] = not _onednn_told[0]
+        torch.ops.linclass._set_onednn_available(_onednn_told[0])
 
 
 def supported_isas() -> list[str]:

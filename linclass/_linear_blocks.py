@@ -61,6 +61,7 @@ def product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias=None,
     the op writes into views (a block's rows of the input gradient), which is only
     tested eagerly here."""
     if out.is_cpu and _extension.HAS_CPP and not torch.compiler.is_compiling():
+        _extension.follow_mkldnn_flag()
         torch.ops.linclass._block_product(out, a, b, bias, accumulate)
     elif accumulate:
         out.addmm_(a, b)

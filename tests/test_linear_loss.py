@@ -772,6 +772,34 @@ def test_onednn_choice_follows_the_vendor_and_availability():
         torch.ops.linclass._set_onednn_available(old)
 
 
+@needs_onednn
+def test_onednn_off_while_torch_mkldnn_is_disabled():
+    """torch.backends.mkldnn disabled keeps both the C++ op's products and the
+    Python paths' (_linear_blocks.product) on the BLAS, whatever the knob says; leaving
+    the context gives oneDNN back."""
+    x, w, b, t = make(500, 300, 200, dtype=torch.float32)
+    blas, onednn = (_weight_grad_with(_onednn(mode), x, w, b, t) for mode in (0, 1))
+    if torch.equal(blas, onednn):
+        pytest.skip("both libraries gave the same bits")
+    g = torch.Generator().manual_seed(0)
+    a, m = torch.randn(300, 500, generator=g), torch.randn(500, 200, generator=g)
+
+    def product(mode):
+        with _onednn(mode):
+            return _linear_blocks.product(torch.empty(300, 200), a, m)
+
+    blas_product = product(0)
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # (its flags() context also warns about Intel GPUs)
+    try:
+        assert torch.equal(_weight_grad_with(_onednn(1), x, w, b, t), blas)
+        assert torch.equal(product(1), blas_product)
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+    assert torch.equal(_weight_grad_with(_onednn(1), x, w, b, t), onednn)
+    assert not torch.equal(product(1), blas_product)
+
+
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs the C++ kernels")
 @pytest.mark.parametrize("mode", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
