@@ -775,8 +775,8 @@ def test_onednn_choice_follows_the_vendor_and_availability():
 @needs_onednn
 def test_onednn_off_while_torch_mkldnn_is_disabled():
     """torch.backends.mkldnn disabled keeps both the C++ op's products and the
-    Python paths' (_linear_blocks.product) on the BLAS, whatever the knob says; leaving
-    the context gives oneDNN back."""
+    Python paths' (_linear_blocks.product) on the BLAS, whatever the knob says; enabled
+    again, oneDNN is back."""
     x, w, b, t = make(500, 300, 200, dtype=torch.float32)
     blas, onednn = (_weight_grad_with(_onednn(mode), x, w, b, t) for mode in (0, 1))
     if torch.equal(blas, onednn):
