@@ -387,7 +387,10 @@ def test_few_rows_large_weight_partial_grads_and_strided_input(wants):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("n,d,c", [(12, 1024, 600), (5, 40, 700), (32, 64, 1000), (21, 300, 200)])
+# (1, 3073, 64) and (8, 1024, 32): few rows that the register-blocked products' class
+# count would take, on the few-row ones (few_rows_beat_small_gemm).
+@pytest.mark.parametrize("n,d,c", [(12, 1024, 600), (5, 40, 700), (32, 64, 1000), (21, 300, 200),
+                                   (1, 3073, 64), (8, 1024, 32)])
 def test_few_rows_float32_deterministic_across_threads(n, d, c):
     with _cpp_only():
         x, w, b, t = make(n, d, c, dtype=torch.float32)

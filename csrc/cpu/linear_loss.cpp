@@ -123,6 +123,16 @@ bool takes_few_row_products(int64_t N, int64_t D, int64_t C, int64_t elem) {
          (D >= 48 || N * C <= 6144);
 }
 
+// Whether a handful of rows that could take the register-blocked products (small_gemm.h)
+// run faster on the few-row ones: the register-blocked dW is summed from partials of
+// the whole C x D (written, then added into dW), and through a weight of 32 classes or
+// more and 32K elements or more those passes cost more than the few-row products' one
+// stream over dW (1 x 3073 x 64: 148 against 37 us; with 10-20 classes the
+// register-blocked ones stay ahead from 2 rows: bench/results/linear-gemm-floor.md).
+bool few_rows_beat_small_gemm(int64_t N, int64_t D, int64_t C) {
+  return N <= 8 && C >= 32 && C * D >= 32768;
+}
+
 // The N rows as one block, with skinny_gemm.h's products (unit-stride rows of X and W;
 // float32/64); the backward kSkinnyRows rows at a time.
 template <typename scalar_t, typename Math, typename Params>
@@ -165,12 +175,16 @@ double linear_blocks_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
                          const Tensor& target, const acc_type<scalar_t>* lane_targets,
                          const Params& p, const Mask& mask, Grads& grads) {
   const int64_t N = X.size(0), D = X.size(1), C = W.size(0);
-  if constexpr (std::is_same_v<scalar_t, float>)
-    if (C <= cpu::small_gemm_max_classes() && X.stride(1) == 1)
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const bool few_rows = (kFloat || std::is_same_v<scalar_t, double>) &&
+                        takes_few_row_products(N, D, C, sizeof(scalar_t)) && X.stride(1) == 1 &&
+                        W.stride(1) == 1 && !linear_block_rows_override();
+  if constexpr (kFloat)
+    if (C <= cpu::small_gemm_max_classes() && X.stride(1) == 1 &&
+        !(few_rows && few_rows_beat_small_gemm(N, D, C)))
       return linear_small_cpu<Math>(X, W, b, target, lane_targets, p, mask, grads);
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>)
-    if (takes_few_row_products(N, D, C, sizeof(scalar_t)) && X.stride(1) == 1 &&
-        W.stride(1) == 1 && !linear_block_rows_override())
+  if constexpr (kFloat || std::is_same_v<scalar_t, double>)
+    if (few_rows)
       return linear_skinny_cpu<scalar_t, Math>(X, W, b, target, lane_targets, p, mask, grads);
   const bool any_grad = mask[0] || mask[1] || mask[2];
   GradAccumulator acc(grads, mask, acc_scalar_type(X.scalar_type()), false, N);
