@@ -75,7 +75,7 @@ def follow_mkldnn_flag() -> None:
     oneDNN paths off: whoever sets it expects none from here either).  The flag is
     read on every eager call of those ops (a C call) and the C++ side told when it
     changed; a compiled graph keeps the choice of the last eager call."""
-    if HAS_ONEDNN and _mkldnn_enabled() != _onednn_told[0]:
+    if HAS_CPP and HAS_ONEDNN and _mkldnn_enabled() != _onednn_told[0]:
         _onednn_told[0] = not _onednn_told[0]
         torch.ops.linclass._set_onednn_available(_onednn_told[0])
 

@@ -436,7 +436,7 @@ def _fused_linear(op, input, weight, bias, target, options):
     torch.autocast, F.linear's products run in autocast's dtype (input, weight and bias
     cast as F.linear's are) and the loss, from those 16-bit scores, is float32."""
     mask = [_needs_grad(input), _needs_grad(weight), bias is not None and _needs_grad(bias)]
-    if not torch.compiler.is_compiling():
+    if input.is_cpu and not torch.compiler.is_compiling():
         _extension.follow_mkldnn_flag()
     if not _autocasting(input):
         return op(_as_rows(input), weight, bias, target, *options, mask, loss_dtype=input.dtype)

@@ -113,7 +113,7 @@ double loss_block(Tensor& Sb, const Tensor& target, const acc_type<scalar_t>* la
 // general GEMMs cost more, whatever W's size); up to kSkinnyChunkRows rows while W stays
 // in L2 (1 MiB) and a chunk's 16-row partial of dX in L1 (rows of at most 2 KiB), unless
 // D is small and the scores many: with fewer than 48 features each score's own
-// reduction costs ~1 ns more than the BLAS's, which beyond ~6000 scores exceeds the
+// reduction costs more than the BLAS's, which beyond some 6000 scores outweighs the
 // BLAS calls' fixed costs (bench/results/linear-gemm-floor.md, `small_gemm_ab.py
 // --few-rows`).
 constexpr int64_t kSkinnyChunkRows = 2 * cpu::kSkinnyRows;
@@ -127,8 +127,8 @@ bool takes_few_row_products(int64_t N, int64_t D, int64_t C, int64_t elem) {
 // run faster on the few-row ones: the register-blocked dW is summed from partials of
 // the whole C x D (written, then added into dW), and through a weight of 32 classes or
 // more and 32K elements or more those passes cost more than the few-row products' one
-// stream over dW (1 x 3073 x 64: 148 against 37 us; with 10-20 classes the
-// register-blocked ones stay ahead from 2 rows: bench/results/linear-gemm-floor.md).
+// stream over dW (with 10-20 classes the register-blocked ones stay ahead from 2 rows:
+// bench/results/linear-gemm-floor.md).
 bool few_rows_beat_small_gemm(int64_t N, int64_t D, int64_t C) {
   return N <= 8 && C >= 32 && C * D >= 32768;
 }
