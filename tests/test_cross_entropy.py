@@ -644,16 +644,17 @@ def test_single_nc_buffer_per_step(kernel_backend):
 
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs linclass._C")
-@pytest.mark.parametrize("c", [5, 10, 33, 39, 40, 65, 100, 127, 128, 255, 1000, 1100, 1105])
+@pytest.mark.parametrize("c", [5, 10, 33, 39, 40, 65, 100, 127, 128, 255, 1000, 1100, 1105, 16500])
 def test_gradients_of_8_mib_and_more_with_and_without_streaming(c):
     # Past 8 MiB the C++ paths write the gradient with non-temporal stores: rows on
     # vector boundaries (128) where they lie; rows off them from 64 classes (65 to
     # 1105) through one LineStream, which joins each row's last partial vector to the
-    # next row's first; the lane path from a staging buffer from 8 classes up (10, 33,
-    # 39; its last tile partial, n % 16 != 0).  Shorter rows (5, 40) are written with
-    # ordinary stores.  Ignored rows (zeros), label smoothing with
-    # class weights and the hinge's p = 2 take the same streams: every variant must
-    # give torch's values.
+    # next row's first, also across blocks (16500: a row per block, each thread's rows
+    # through one scratch row of exponentials); the lane path from a staging buffer
+    # from 8 classes up (10, 33, 39; its last tile partial, n % 16 != 0).  Shorter rows
+    # (5, 40) are written with ordinary stores.  Ignored rows (zeros), label smoothing
+    # with class weights and the hinge's p = 2 take the same streams: every variant
+    # must give torch's values.
     n = (9 << 20) // (4 * c)
     x = torch.randn(n, c)
     t = torch.randint(0, c, (n,))
@@ -676,7 +677,7 @@ def test_gradients_of_8_mib_and_more_with_and_without_streaming(c):
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="C++ kernels not built")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(37, 7), (64, 10), (33, 45), (20, 100), (6, 1000), (3, 4099),
-                                   (2, 5, 3, 9)])
+                                   (5, 16411), (2, 5, 3, 9)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_half_types_are_float32_math_rounded_once(dtype, shape, reduction):
     """The C++ kernels read 16-bit scores as float32 (exactly) and round each result

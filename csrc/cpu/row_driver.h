@@ -275,22 +275,34 @@ inline int64_t num_blocks(const RowGeometry& g) {
   return (g.rows() + b - 1) / b;
 }
 
+// How the row and group paths reach a row: in place where the scores (and the gradient)
+// are contiguous acc_t (`direct`), else converted into a scratch row, the math run
+// there, and the gradient written back; a streamed gradient (`stream`) leaves the
+// exponentials in a scratch row too, which stays in cache.
+struct RowAccess {
+  bool direct, stream;
+  bool uses_scratch() const { return !direct || stream; }
+};
+template <typename scalar_t>
+RowAccess row_access(const RowTask<scalar_t>& t, bool grad) {
+  using acc_t = acc_type<scalar_t>;
+  const bool direct = std::is_same_v<scalar_t, acc_t> && t.in.stride_c == 1 &&
+                      (!grad || t.gout.stride_c == 1);
+  return {direct, grad && direct && t.stream_grad && streams_rows(t.gout, sizeof(acc_t))};
+}
+
 // ---- the row path ----------------------------------------------------------------
 
 // Rows [r0, r1); rows up to `ahead_end` belong to this thread too and may be prefetched.
+// `buf`: room for one row (C acc_t) where row_access(t, kGrad).uses_scratch().
 template <typename scalar_t, typename Math, bool kGrad, typename Params>
 void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
-                   int64_t ahead_end, double* partial) {
+                   int64_t ahead_end, double* partial, acc_type<scalar_t>* buf) {
   using acc_t = acc_type<scalar_t>;
   const int64_t C = t.in.classes;
-  // Rows are used in place when they already are contiguous acc_t; otherwise they are
-  // converted into `buf`, the math runs in place there, and the gradient is written back.
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
-  const bool direct = same_type && t.in.stride_c == 1 && (!kGrad || t.gout.stride_c == 1);
-  // A streamed gradient needs a cache-resident scratch row for the exponentials.
-  const bool stream = kGrad && direct && t.stream_grad && streams_rows(t.gout, sizeof(acc_t));
+  const auto [direct, stream] = row_access(t, kGrad);
   LineStream<acc_t> line_stream;
-  std::vector<acc_t> buf(direct && !stream ? 0 : C);
   // The hardware prefetchers stop at 4 KiB page boundaries, so the first pass over a
   // row would wait on memory; instead the math prefetches the next row during its
   // compute-bound pass over this one (RowIO::next).
@@ -314,19 +326,19 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
                               ? reinterpret_cast<const acc_t*>(t.input + t.in.offset(r + 1))
                               : nullptr;
       loss = Math::template row<acc_t, kGrad>(
-          {xr, stream ? buf.data() : gr, gr, next, stream ? &line_stream : nullptr}, y, p);
+          {xr, stream ? buf : gr, gr, next, stream ? &line_stream : nullptr}, y, p);
     } else {
       const int64_t sc = t.in.stride_c;
       if (sc == 1 && !same_type)
-        cpu::convert(x, buf.data(), C);
+        cpu::convert(x, buf, C);
       else
         for (int64_t j = 0; j < C; ++j) buf[j] = acc_t(x[j * sc]);
-      loss = Math::template row<acc_t, kGrad>({buf.data(), buf.data(), buf.data(), nullptr, nullptr},
+      loss = Math::template row<acc_t, kGrad>({buf, buf, buf, nullptr, nullptr},
                                               y, p);
       if constexpr (kGrad) {
         const int64_t gc = t.gout.stride_c;
         if (gc == 1)
-          cpu::convert(buf.data(), g, C);
+          cpu::convert(buf, g, C);
         else
           for (int64_t j = 0; j < C; ++j) g[j * gc] = scalar_t(buf[j]);
       }
@@ -514,19 +526,21 @@ inline void unpack_tile(const acc_t* tile, const RowGeometry& g, int64_t r0, int
   }
 }
 
-// An uninitialized 64-byte-aligned buffer of `classes` tiles' class rows (W values each),
-// or none for 0.
+// An uninitialized 64-byte-aligned buffer of `elements` acc_t, or none for 0: one per
+// thread for all of its blocks (the lane path's tiles of more than kLaneMaxClasses
+// classes; the row and group paths' scratch rows).  Every user writes an entry before
+// reading it, so nothing is zero-filled: a zeroed row per block cost a memset and a free
+// the size of a row of scores for every row of 16384 classes and more.
 template <typename acc_t>
-struct LargeTile {
-  static constexpr int64_t W = Vec<acc_t>::size();
+struct ThreadScratch {
   acc_t* data = nullptr;
   size_t bytes = 0;
   bool cached = false;
   // From the buffer cache when large (a tile of 10^5 classes is megabytes, which a fresh
   // allocation page-faults on every call), else from the allocator; 64-byte aligned.
-  explicit LargeTile(int64_t classes) {
-    if (classes == 0) return;
-    bytes = size_t(classes * W) * sizeof(acc_t);
+  explicit ThreadScratch(int64_t elements) {
+    if (elements == 0) return;
+    bytes = size_t(elements) * sizeof(acc_t);
     cached = bytes >= kMinCachedBytes;
     void* block = nullptr;
     if (cached)
@@ -536,15 +550,15 @@ struct LargeTile {
     LINCLASS_CHECK(block != nullptr, "linclass: out of memory allocating ", bytes, " bytes");
     data = static_cast<acc_t*>(block);
   }
-  ~LargeTile() {
+  ~ThreadScratch() {
     if (!data) return;
     if (cached)
       linclass_cache_give_back(data, bytes);
     else
       std::free(data);
   }
-  LargeTile(const LargeTile&) = delete;
-  LargeTile& operator=(const LargeTile&) = delete;
+  ThreadScratch(const ThreadScratch&) = delete;
+  ThreadScratch& operator=(const ThreadScratch&) = delete;
 };
 
 // large_tile: room for Math::kLaneTiles tiles of C classes when C > kLaneMaxClasses.
@@ -665,20 +679,18 @@ void run_lane_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int
 
 // Rows [r0, r1) in groups of W = Vec::size() rows (Math::group); a last partial group is
 // padded with rows that contribute nothing, so every row takes the same path.
+// `buf`: room for W rows (W * C acc_t) where row_access(t, kGrad).uses_scratch().
 template <typename scalar_t, typename Math, bool kGrad, typename Params>
 void run_group_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
-                     int64_t ahead_end, double* partial) {
+                     int64_t ahead_end, double* partial, acc_type<scalar_t>* buf) {
   using acc_t = acc_type<scalar_t>;
   using V = Vec<acc_t>;
   constexpr int W = V::size();
   static_assert(W <= GroupIO<acc_t>::kMaxRows);
   const int64_t C = t.in.classes;
-  // As in run_row_block: rows used in place, or converted into `buf` and written back.
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
-  const bool direct = same_type && t.in.stride_c == 1 && (!kGrad || t.gout.stride_c == 1);
-  const bool stream = kGrad && direct && t.stream_grad && streams_rows(t.gout, sizeof(acc_t));
+  const auto [direct, stream] = row_access(t, kGrad);  // `buf`: room for W rows if needed
   LineStream<acc_t> line_stream;
-  std::vector<acc_t> buf(direct && !stream ? 0 : W * C);
   std::vector<acc_t> padding;  // a row of zeros to read, one to write: 2 C
   DeferredLogs<acc_t> logs;
   const bool defer = partial && !t.loss_rows && DeferredLogs<acc_t>::template applies<Math>(p);
@@ -704,7 +716,7 @@ void run_group_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, in
         acc_t* g = kGrad ? reinterpret_cast<acc_t*>(t.grad + t.gout.offset(row)) : nullptr;
         io.x[l] = reinterpret_cast<const acc_t*>(x);
         io.g[l] = g;
-        io.work[l] = stream ? buf.data() + l * C : g;
+        io.work[l] = stream ? buf + l * C : g;
         // As in the row path, the next rows are fetched during this group's
         // compute-bound pass (the hardware prefetchers stop at page boundaries).
         io.next[l] = row + W < ahead_end
@@ -712,7 +724,7 @@ void run_group_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, in
                          : nullptr;
       } else {
         io.next[l] = nullptr;
-        acc_t* row_buf = buf.data() + l * C;
+        acc_t* row_buf = buf + l * C;
         const int64_t sc = t.in.stride_c;
         if (sc == 1 && !same_type)
           cpu::convert(x, row_buf, C);
@@ -729,7 +741,7 @@ void run_group_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, in
         const int64_t gc = t.gout.stride_c;
         for (int64_t l = 0; l < n; ++l) {
           scalar_t* g = t.grad + t.gout.offset(r + l);
-          const acc_t* row_buf = buf.data() + l * C;
+          const acc_t* row_buf = buf + l * C;
           if (gc == 1)
             cpu::convert(row_buf, g, C);
           else
@@ -765,27 +777,30 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   const bool lanes = use_lanes<Math>(C) || (strided_class_lanes(t.in) && (t.rule || t.lane_targets));
   const bool streamed = t.grad && t.stream_grad && streams_rows(t.gout, sizeof(scalar_t));
   const bool groups = use_groups<Math>(C, t.grad) && (Math::kGroupsStream || !streamed);
+  const RowAccess access = row_access(t, t.grad != nullptr);
+  constexpr int64_t W = Vec<acc_t>::size();
   linclass::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
-    // The lane path's tiles beyond kLaneMaxClasses classes: one uninitialized buffer for
-    // this thread's blocks (the math writes every entry before reading it).
-    LargeTile<acc_t> large_tile(lanes && C > kLaneMaxClasses ? Math::kLaneTiles * C : 0);
+    // One scratch buffer for this thread's blocks: the lane path's tiles beyond
+    // kLaneMaxClasses classes, or the row or group path's scratch rows.
+    ThreadScratch<acc_t> scratch(lanes ? (C > kLaneMaxClasses ? Math::kLaneTiles * C * W : 0)
+                                 : access.uses_scratch() ? (groups ? W : 1) * C : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
       double* partial = t.partials ? t.partials + b : nullptr;
       TargetTally* tally = t.rule ? t.tallies + b : nullptr;
       if (lanes && t.grad)
-        run_lane_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial, tally, large_tile.data);
+        run_lane_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial, tally, scratch.data);
       else if (lanes)
-        run_lane_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial, tally, large_tile.data);
+        run_lane_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial, tally, scratch.data);
       else if (groups && t.grad)
-        run_group_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
+        run_group_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial, scratch.data);
       else if (groups)
-        run_group_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);
+        run_group_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial, scratch.data);
       else if (t.grad)
-        run_row_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial);
+        run_row_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial, scratch.data);
       else
-        run_row_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial);
+        run_row_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial, scratch.data);
     }
   });
 }
