@@ -20,6 +20,8 @@
 #include "loss_driver.h"
 #include "row_driver.h"
 
+#include <optional>
+
 namespace linclass::cpu {
 
 template <typename acc_t>
@@ -97,10 +99,47 @@ struct CrossEntropyMath {
     return y == p.ignore_index;
   }
 
+  // A row's gradient from its exponentials e_j in `work` (row() below): a e_j - b w_j,
+  // and g_y in the target's column.
+  template <typename acc_t>
+  struct RowGradient {
+    const acc_t* work;
+    const acc_t* weight;
+    Vec<acc_t> a, b;
+    acc_t g_y;
+    int64_t y;
+    bool smoothing;
+    // Inlined into the pass it is interleaved with: a call would spill its vectors.
+    __attribute__((always_inline)) Vec<acc_t> operator()(int64_t j, int64_t n) const {
+      Vec<acc_t> out = a * Vec<acc_t>::loadu(work + j, n);
+      if (smoothing) out = out - b * Vec<acc_t>::loadu(weight + j, n);
+      return (j <= y && y < j + n) ? with_lane(out, y - j, g_y) : out;
+    }
+  };
+  // A streamed row's gradient not yet written (row_driver.h, Math::kDefersGradient).
+  static constexpr bool kDefersGradient = true;
+  template <typename acc_t>
+  using PendingGradient = std::optional<StoreSpan<acc_t, RowGradient<acc_t>>>;
+
   // e_j goes to io.work and the gradient to io.g, so a caller streaming g to memory
-  // keeps `work` in cache.
+  // keeps `work` in cache.  With `pending` (a streamed gradient, io.stream set), the row
+  // first writes the pending gradient of the row before it, its stores spread through
+  // this row's exponentials' pass, and leaves its own gradient there (its head vector
+  // written), reading io.work until then: so the stores, which wait on memory, overlap
+  // with the compute-bound pass instead of following it (bench/results/class-count-ab.md).
   template <typename acc_t, bool kGrad>
   static acc_t row(const RowIO<acc_t>& io, int64_t y, const CrossEntropyParams<acc_t>& p) {
+    return row_impl<acc_t, kGrad, false>(io, y, p, nullptr);
+  }
+  template <typename acc_t, bool kGrad>
+  static acc_t row(const RowIO<acc_t>& io, int64_t y, const CrossEntropyParams<acc_t>& p,
+                   PendingGradient<acc_t>* pending) {
+    return row_impl<acc_t, kGrad, true>(io, y, p, pending);
+  }
+  // kDefer: `pending` is set (and io.stream); else none of its code is compiled in.
+  template <typename acc_t, bool kGrad, bool kDefer>
+  static acc_t row_impl(const RowIO<acc_t>& io, int64_t y, const CrossEntropyParams<acc_t>& p,
+                        PendingGradient<acc_t>* pending) {
     using V = Vec<acc_t>;
     const acc_t* x = io.x;
     acc_t* work = io.work;
@@ -112,9 +151,16 @@ struct CrossEntropyMath {
       if (!smoothing && C >= Vec<acc_t>::size()) return row_loss_folded(io, y, p);
     }
     const acc_t m = max_of(x, C);
+    // The row before's pending gradient, as a local: its fields stay in registers
+    // through the pass below.
+    PendingGradient<acc_t> before;
+    if constexpr (kDefer) before.swap(*pending);
     if (!std::isfinite(m)) {  // a +inf score, or all -inf: NaN like torch (NaN scores reach s)
-      if constexpr (kGrad)
+      if constexpr (kGrad) {
+        if constexpr (kDefer)
+          if (before) before->rest();
         store_map(g, 0, C, stream, [](int64_t, int64_t) { return V(std::numeric_limits<acc_t>::quiet_NaN()); });
+      }
       return std::numeric_limits<acc_t>::quiet_NaN();
     }
     const acc_t d_y = x[y] - m;  // read before work (which may alias x) is written
@@ -126,19 +172,36 @@ struct CrossEntropyMath {
       return ce_loss(std::log(s), d_y, w_y, sum_wd, p);
     } else {
       // s' leaves the target's column out, so it keeps its relative precision.
-      const acc_t s_excl = smoothing ? exp_sum<true>(x, work, 0, C, m, p.weight, &sum_wd, io.next, y)
-                                     : exp_sum(x, work, 0, C, m, nullptr, nullptr, io.next, y);
+      auto exp_pass = [&](auto&& between) __attribute__((always_inline)) {
+        return smoothing ? exp_sum<true>(x, work, 0, C, m, p.weight, &sum_wd, io.next, y, nullptr, between)
+                         : exp_sum(x, work, 0, C, m, nullptr, nullptr, io.next, y, nullptr, between);
+      };
+      acc_t s_excl;
+      if constexpr (kDefer) {
+        // The row before's whole vectors at the offsets of this row's (it has as many).
+        s_excl = before ? exp_pass([&before](int64_t k, int64_t n) __attribute__((always_inline)) {
+          for (int64_t i = 0; i < n; i += Vec<acc_t>::size()) before->store_whole(k + i);
+        })
+                        : exp_pass(NothingBetween{});
+        if (before) {
+          before->skip_whole();
+          before->rest();
+        }
+      } else {
+        s_excl = exp_pass(NothingBetween{});
+      }
       const acc_t e_y = sexp(d_y);
       const acc_t s = s_excl + e_y;
-      const V a(ce_exp_coef(w_y, p.scale, s, p));
-      const V b(p.scale * p.smooth);
-      const acc_t g_y = ce_target_grad(w_y, p.scale, s, s_excl, e_y, p);
+      const RowGradient<acc_t> gradient{work, p.weight, V(ce_exp_coef(w_y, p.scale, s, p)),
+                                        V(p.scale * p.smooth),
+                                        ce_target_grad(w_y, p.scale, s, s_excl, e_y, p), y, smoothing};
       work[y] = e_y;  // defined, though its lane is replaced by g_y
-      store_map(g, 0, C, stream, [&](int64_t j, int64_t n) {
-        V out = a * V::loadu(work + j, n);
-        if (smoothing) out = out - b * V::loadu(p.weight + j, n);
-        return (j <= y && y < j + n) ? with_lane(out, y - j, g_y) : out;
-      });
+      if constexpr (kDefer) {
+        pending->emplace(StoreSpan<acc_t, RowGradient<acc_t>>{g, 0, C, stream, gradient});
+        (*pending)->head();
+      } else {
+        store_map(g, 0, C, stream, gradient);
+      }
       return ce_loss(std::log(s), d_y, w_y, sum_wd, p);
     }
   }

@@ -24,6 +24,12 @@
 //       rows' losses to `loss`, one per lane, their gradients to io.g (log_arg: as for
 //       lanes());
 //   bool ignored(int64_t y, const Params& p);
+//   static constexpr bool kDefersGradient, and when it is true a type
+//   PendingGradient<acc_t> (a std::optional<StoreSpan<acc_t, ...>>) and
+//   acc_t row<kGrad>(io, y, p, PendingGradient<acc_t>* pending)
+//       for streamed rows: the row writes the pending gradient of the row before it
+//       (interleaved with its own work) and leaves its own there, reading io.work until
+//       then; the driver alternates two scratch rows and writes the last one;
 //   static constexpr bool kDeferredLog, and when it is true
 //   bool defers_log(const Params& p), acc_t log_weight(const Params& p)
 //       the loss of a row is log_weight * log(a) + (what lanes() returns) for a per-row
@@ -293,16 +299,53 @@ RowAccess row_access(const RowTask<scalar_t>& t, bool grad) {
 
 // ---- the row path ----------------------------------------------------------------
 
+// A Math that defers its gradients (kDefersGradient) does so for streamed rows of at
+// least this many bytes: below, the per-row cost of handing the gradient on exceeds
+// the overlap it buys (bench/results/class-count-ab.md).
+constexpr int64_t kDeferredGradientRowBytes = 8 << 10;
+
+// What a thread's streamed rows carry from one row (and block) to the next: the
+// LineStream, and for a Math that defers its gradients the one not yet written.
+template <typename Math, typename acc_t, bool = Math::kDefersGradient>
+struct RowStreamState {
+  LineStream<acc_t> lines;
+  struct {
+    void finish() {}
+  } deferred;
+  void finish() { lines.finish(); }
+};
+template <typename Math, typename acc_t>
+struct RowStreamState<Math, acc_t, true> {
+  LineStream<acc_t> lines;
+  struct Deferred {
+    typename Math::template PendingGradient<acc_t> pending;
+    int64_t rows = 0;  // rows written through `pending`: their work rows alternate
+    void finish() {
+      if (pending) pending->rest();
+      pending.reset();
+    }
+  } deferred;
+  void finish() {
+    deferred.finish();
+    lines.finish();
+  }
+};
+
 // Rows [r0, r1); rows up to `ahead_end` belong to this thread too and may be prefetched.
-// `buf`: room for one row (C acc_t) where row_access(t, kGrad).uses_scratch().
+// `buf`: room for one row (C acc_t) where row_access(t, kGrad).uses_scratch(), two for
+// a streamed gradient of a Math that defers it.  `state`: the thread's, finished by the
+// caller after its last block.
 template <typename scalar_t, typename Math, bool kGrad, typename Params>
 void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
-                   int64_t ahead_end, double* partial, acc_type<scalar_t>* buf) {
+                   int64_t ahead_end, double* partial, acc_type<scalar_t>* buf,
+                   RowStreamState<Math, acc_type<scalar_t>>& state) {
   using acc_t = acc_type<scalar_t>;
   const int64_t C = t.in.classes;
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
   const auto [direct, stream] = row_access(t, kGrad);
-  LineStream<acc_t> line_stream;
+  LineStream<acc_t>& line_stream = state.lines;
+  const bool defers =
+      Math::kDefersGradient && stream && C * int64_t(sizeof(acc_t)) >= kDeferredGradientRowBytes;
   // The hardware prefetchers stop at 4 KiB page boundaries, so the first pass over a
   // row would wait on memory; instead the math prefetches the next row during its
   // compute-bound pass over this one (RowIO::next).
@@ -314,6 +357,7 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
     acc_t loss = 0;
     if (Math::ignored(y, p)) {
       if constexpr (kGrad) {
+        state.deferred.finish();  // rows go out in order: the LineStream joins them
         if (stream)
           store_map(reinterpret_cast<acc_t*>(g), 0, C, &line_stream, [](int64_t, int64_t) { return Vec<acc_t>(acc_t(0)); });
         else
@@ -325,8 +369,16 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
       const acc_t* next = r + 1 < ahead_end
                               ? reinterpret_cast<const acc_t*>(t.input + t.in.offset(r + 1))
                               : nullptr;
-      loss = Math::template row<acc_t, kGrad>(
-          {xr, stream ? buf : gr, gr, next, stream ? &line_stream : nullptr}, y, p);
+      if (defers) {
+        if constexpr (Math::kDefersGradient) {
+          acc_t* work = buf + (state.deferred.rows++ % 2) * C;  // not the pending row's
+          loss = Math::template row<acc_t, kGrad>({xr, work, gr, next, &line_stream}, y, p,
+                                                  &state.deferred.pending);
+        }
+      } else {
+        loss = Math::template row<acc_t, kGrad>(
+            {xr, stream ? buf : gr, gr, next, stream ? &line_stream : nullptr}, y, p);
+      }
     } else {
       const int64_t sc = t.in.stride_c;
       if (sc == 1 && !same_type)
@@ -346,7 +398,6 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
     if (t.loss_rows) t.loss_rows[r] = loss;
     sum += double(loss);
   }
-  if (stream) line_stream.finish();
   if (partial) *partial = sum;
 }
 
@@ -783,8 +834,11 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
     const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
     // One scratch buffer for this thread's blocks: the lane path's tiles beyond
     // kLaneMaxClasses classes, or the row or group path's scratch rows.
-    ThreadScratch<acc_t> scratch(lanes ? (C > kLaneMaxClasses ? Math::kLaneTiles * C * W : 0)
-                                 : access.uses_scratch() ? (groups ? W : 1) * C : 0);
+    ThreadScratch<acc_t> scratch(
+        lanes ? (C > kLaneMaxClasses ? Math::kLaneTiles * C * W : 0)
+        : access.uses_scratch() ? (groups ? W : Math::kDefersGradient && access.stream ? 2 : 1) * C
+                                : 0);
+    RowStreamState<Math, acc_t> row_state;  // the row path's, across this thread's blocks
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * per_block, r1 = std::min(rows, r0 + per_block);
       double* partial = t.partials ? t.partials + b : nullptr;
@@ -798,10 +852,11 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
       else if (groups)
         run_group_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial, scratch.data);
       else if (t.grad)
-        run_row_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial, scratch.data);
+        run_row_block<scalar_t, Math, true>(t, p, r0, r1, ahead_end, partial, scratch.data, row_state);
       else
-        run_row_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial, scratch.data);
+        run_row_block<scalar_t, Math, false>(t, p, r0, r1, ahead_end, partial, scratch.data, row_state);
     }
+    row_state.finish();
   });
 }
 

@@ -229,10 +229,15 @@ struct Same {  // keeps T deduced from x alone (nullptr args then convert)
 // `next` (optional) is prefetched at the same offsets: the next row, so that fetching it
 // from memory overlaps this compute-bound pass.  With `row_max`, the pass also finds
 // max_j x[j] over [begin, end) (as max_of does), so that a caller whose m is only
-// provisional needs no separate max pass.
-template <bool kWeighted, bool kMax, typename T>
+// provisional needs no separate max pass.  `between(k, n)` runs after columns
+// [k, k + n) - begin (two vectors, one in the tail): a caller's other work to
+// interleave with this compute-bound pass, such as the previous row's streamed stores.
+struct NothingBetween {
+  void operator()(int64_t, int64_t) const {}
+};
+template <bool kWeighted, bool kMax, typename T, typename Between>
 inline T exp_sum_impl(const T* x, T* out, int64_t begin, int64_t end, T m, const T* w, T* wd,
-                      const T* next, int64_t skip, T* row_max) {
+                      const T* next, int64_t skip, T* row_max, Between& between) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> vm(m), zero(T(0)), lowest(-std::numeric_limits<T>::infinity());
   Vec<T> s0 = zero, s1 = zero, a0 = zero, a1 = zero, m0 = lowest, m1 = lowest;
@@ -266,6 +271,7 @@ inline T exp_sum_impl(const T* x, T* out, int64_t begin, int64_t end, T m, const
       a0 = fmadd(Vec<T>::loadu(w + j), d0, a0);
       a1 = fmadd(Vec<T>::loadu(w + j + W), d1, a1);
     }
+    between(j - begin, 2 * W);
   }
   for (; j < end; j += W) {
     const int64_t n = std::min<int64_t>(W, end - j);
@@ -277,20 +283,21 @@ inline T exp_sum_impl(const T* x, T* out, int64_t begin, int64_t end, T m, const
     if (skip >= j && skip < j + n) e = with_lane(e, skip - j, T(0));
     s0 = s0 + e;
     if constexpr (kWeighted) a0 = fmadd(Vec<T>::loadu(w + j, n), d, a0);  // w zero-filled
+    between(j - begin, n);
   }
   if constexpr (kWeighted) *wd += hsum(a0 + a1);
   if constexpr (kMax) *row_max = hmax(fast_max(m0, m1));
   return hsum(s0 + s1);
 }
 
-template <bool kWeighted = false, typename T>
+template <bool kWeighted = false, typename T, typename Between = NothingBetween>
 inline T exp_sum(const T* x, typename Same<T>::type* out, int64_t begin, int64_t end,
                  typename Same<T>::type m, const typename Same<T>::type* w = nullptr,
                  typename Same<T>::type* wd = nullptr,
                  const typename Same<T>::type* next = nullptr, int64_t skip = -1,
-                 typename Same<T>::type* row_max = nullptr) {
-  return row_max ? exp_sum_impl<kWeighted, true>(x, out, begin, end, m, w, wd, next, skip, row_max)
-                 : exp_sum_impl<kWeighted, false>(x, out, begin, end, m, w, wd, next, skip, row_max);
+                 typename Same<T>::type* row_max = nullptr, Between&& between = {}) {
+  return row_max ? exp_sum_impl<kWeighted, true>(x, out, begin, end, m, w, wd, next, skip, row_max, between)
+                 : exp_sum_impl<kWeighted, false>(x, out, begin, end, m, w, wd, next, skip, row_max, between);
 }
 
 // Non-temporal store of a full vector to an address aligned to sizeof(Vec<T>): the
@@ -340,43 +347,76 @@ struct LineStream {
   }
 };
 
-// dst[j] = f(j, n)[j - j0] for j in [begin, end): f(j0, n) returns the vector for
-// columns [j0, j0 + n), n < W only at the edges (load inputs with loadu(ptr, n)), in
-// increasing j0.  With `stream`, the span goes out with aligned non-temporal stores,
-// its partial edge vectors through the LineStream.
+// A streamed span of store_map (below), stored in parts so that a caller can spread its
+// whole vectors through other work: head() the first partial vector (which completes
+// the LineStream's waiting one where the span continues it), then the whole aligned
+// vectors, and rest() what remains, leaving the last partial vector waiting in the
+// LineStream.  A caller that interleaves them names each whole vector by its offset k
+// past the head (store_whole(k), every k = 0, W, 2W, ... below end - j, at its own
+// pace: offsets in its registers, not this span's), then skip_whole() and rest().
 template <typename T, typename F>
-inline void store_map(T* dst, int64_t begin, int64_t end, LineStream<T>* stream, F&& f) {
-  constexpr int64_t W = Vec<T>::size();
-  int64_t j = begin;
-  if (!stream) {
-    for (; j + W <= end; j += W) f(j, W).store(dst + j);
-    if (j < end) f(j, end - j).store(dst + j, end - j);
-    return;
-  }
-  const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(dst + j) / sizeof(T)) % W;
-  if (misaligned && j < end) {
-    const int64_t head = std::min<int64_t>(end - j, W - misaligned);
+struct StoreSpan {
+  T* dst;
+  int64_t j, end;
+  LineStream<T>* stream;
+  F f;
+
+  void head() {
+    constexpr int64_t W = Vec<T>::size();
+    const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(dst + j) / sizeof(T)) % W;
+    if (!misaligned || j >= end) return;
+    const int64_t n = std::min<int64_t>(end - j, W - misaligned);
     T* const base = dst + j - misaligned;
     if (stream->at == base && stream->filled == misaligned) {  // completes the waiting vector
-      stream->pending = Vec<T>::set(lanes_up(f(j, head), misaligned), stream->pending, misaligned);
-      stream->filled += head;
+      stream->pending = Vec<T>::set(lanes_up(f(j, n), misaligned), stream->pending, misaligned);
+      stream->filled += n;
       if (stream->filled == W) {
         stream_store(base, stream->pending);
         stream->at = nullptr;
       }
     } else {
       stream->flush();
-      f(j, head).store(dst + j, head);
+      f(j, n).store(dst + j, n);
     }
-    j += head;
+    j += n;
   }
-  for (; j + W <= end; j += W) stream_store(dst + j, f(j, W));
-  if (j < end) {  // the last partial vector waits for the next row
-    stream->flush();
-    stream->pending = f(j, end - j);
-    stream->at = dst + j;
-    stream->filled = end - j;
+  __attribute__((always_inline)) void store_whole(int64_t k) const {
+    if (j + k + Vec<T>::size() <= end) stream_store(dst + j + k, f(j + k, Vec<T>::size()));
   }
+  void skip_whole() { j += (end - j) / Vec<T>::size() * Vec<T>::size(); }
+  void rest() {
+    constexpr int64_t W = Vec<T>::size();
+    const F& make = f;  // locals: a stored vector could alias the span's own fields
+    T* const out = dst;
+    const int64_t stop = end;
+    int64_t k = j;
+    for (; k + W <= stop; k += W) stream_store(out + k, make(k, W));
+    if (k < stop) {  // the last partial vector waits for the next row
+      stream->flush();
+      stream->pending = make(k, stop - k);
+      stream->at = out + k;
+      stream->filled = stop - k;
+    }
+    j = stop;
+  }
+};
+
+// dst[j] = f(j, n)[j - j0] for j in [begin, end): f(j0, n) returns the vector for
+// columns [j0, j0 + n), n < W only at the edges (load inputs with loadu(ptr, n)), in
+// increasing j0.  With `stream`, the span goes out with aligned non-temporal stores,
+// its partial edge vectors through the LineStream (StoreSpan).
+template <typename T, typename F>
+inline void store_map(T* dst, int64_t begin, int64_t end, LineStream<T>* stream, F&& f) {
+  constexpr int64_t W = Vec<T>::size();
+  if (!stream) {
+    int64_t j = begin;
+    for (; j + W <= end; j += W) f(j, W).store(dst + j);
+    if (j < end) f(j, end - j).store(dst + j, end - j);
+    return;
+  }
+  StoreSpan<T, F&> span{dst, begin, end, stream, f};
+  span.head();
+  span.rest();
 }
 
 // dst[0, n) = src[0, n), streamed (store_map): a staged span of rows going out to memory.
