@@ -142,7 +142,9 @@ struct MultiMarginMath {
       const acc_t coef = p.scale * w_over_c;
       const V vc(c), vcoef(coef);
       const acc_t g_y = -coef * sum_d;
-      store_map(io.g, 0, C, io.stream, [&](int64_t j, int64_t n) {
+      // Inlined: a streamed row off vector boundaries calls it at both of its edges as
+      // well, and GCC then left it out of line, spilling the vectors at every call.
+      store_map(io.g, 0, C, io.stream, [&](int64_t j, int64_t n) __attribute__((always_inline)) {
         V h, d;
         hinge<P>(vc + V::loadu(x + j, n), h, d);
         const V out = vcoef * d;
