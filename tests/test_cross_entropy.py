@@ -675,22 +675,23 @@ def test_gradients_of_8_mib_and_more_with_and_without_streaming(c):
 
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs linclass._C")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("c", [2048, 2051, 16400])
-def test_streamed_rows_whose_gradients_are_written_during_the_next_row(c):
+def test_streamed_rows_whose_gradients_are_written_during_the_next_row(c, dtype):
     # Streamed rows of 8 KiB and more hand their gradient on: row r's stores go out
     # during row r + 1's exponentials' pass (row_driver.h, kDeferredGradientRowBytes).
     # Around a pending gradient: ignored rows and a NaN row (each writes its own first),
     # rows off vector boundaries (2051: each row's edges joined through the LineStream
     # with its neighbours'), a row per block (16400), the end of each thread's rows;
     # every variant equal to torch's values, and the same bits on 1, 2 and 3 threads.
-    n = (9 << 20) // (4 * c) + 3
-    x = torch.randn(n, c)
+    n = (9 << 20) // (dtype.itemsize * c) + 3
+    x = torch.randn(n, c, dtype=dtype)
     x[n // 2, 7] = float("inf")  # a NaN row, like torch's
     t = torch.randint(0, c, (n,))
     t[1::5] = -100
     t[2] = t[3] = -100  # two ignored rows in a row
     t[n // 2] = 0  # the NaN row counts
-    w = torch.rand(c) + 0.5
+    w = torch.rand(c, dtype=dtype) + 0.5
     with linclass.backends.use("cpp"):
         for kwargs in ({}, dict(weight=w, label_smoothing=0.1)):
             loss, grad = run(linclass.cross_entropy, x, t, reduction="sum", **kwargs)
@@ -700,14 +701,14 @@ def test_streamed_rows_whose_gradients_are_written_during_the_next_row(c):
             assert grad[n // 2].isnan().all() and loss.isnan()
             rows = torch.ones(n, dtype=torch.bool)
             rows[n // 2] = False
-            assert_close(grad[rows], ref_grad[rows].float(), torch.float32, f"grad {kwargs}")
+            assert_close(grad[rows], ref_grad[rows].to(dtype), dtype, f"grad {kwargs}")
             assert (grad[t == -100] == 0).all()
             finite = x[rows], t[rows]
             assert_close(run(linclass.cross_entropy, *finite, reduction="sum", **kwargs)[0],
                          F.cross_entropy(finite[0].double(), finite[1], reduction="sum",
                                          **{k: v.double() if torch.is_tensor(v) else v
-                                            for k, v in kwargs.items()}).float(),
-                         torch.float32, f"loss {kwargs}")
+                                            for k, v in kwargs.items()}).to(dtype),
+                         dtype, f"loss {kwargs}")
             threads = torch.get_num_threads()
             try:
                 for count in (1, 3):
