@@ -111,8 +111,9 @@ struct MultiMarginMath {
   // non-temporal stores with the next row's reads, where the group issues 16 rows of
   // them in a burst after its light first pass.
   static constexpr bool kGroupsStream = false;
-  // Each row's gradient is written in its own second pass, which the row path already
-  // interleaves with prefetching the next row: the hinge's passes are light.
+  // Each row's gradient goes out in the row's own second pass: handing it on to the
+  // next row's first pass, as cross-entropy does, is not tried here, where both passes
+  // are light (no exp to overlap the stores with).
   static constexpr bool kDefersGradient = false;
   template <typename acc_t, bool kGrad>
   static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const MultiMarginParams<acc_t>& p,
