@@ -259,3 +259,27 @@ def test_half_types_are_float32_math_rounded_once(dtype, shape, reduction):
     loss32, grad32 = torch.ops.linclass.multi_margin_loss(x.float(), t, *args32)
     assert loss.dtype == torch.float32 and torch.equal(loss, loss32)  # the op's loss: float32
     assert torch.equal(grad, grad32.to(dtype))
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs linclass._C")
+@pytest.mark.parametrize("c,dtype", [(2048, torch.float32), (2051, torch.float32),
+                                     (2051, torch.float64), (16400, torch.float32)])
+def test_long_streamed_rows_hand_their_gradient_to_the_next_row(c, dtype):
+    """Rows of 8 KiB and more write their gradient, recomputed from their scores, during
+    the next row's sums (kDeferredGradientRowBytes): rows off vector boundaries (2051),
+    a row per block (16400), each thread's last row; p = 1, and p = 2 with a margin and
+    class weights; against torch in float64, the same bits on a repeat call and on one
+    thread."""
+    n = (9 << 20) // (dtype.itemsize * c) + 3
+    x = torch.randn(n, c, dtype=dtype)
+    t = torch.randint(0, c, (n,))
+    w = torch.rand(c, dtype=dtype) + 0.5
+    with linclass.backends.use("cpp"):
+        for kwargs in ({}, dict(p=2, margin=0.7, weight=w)):
+            loss, grad = run(linclass.multi_margin_loss, x, t, reduction="sum", **kwargs)
+            ref_loss, ref_grad = run(F.multi_margin_loss, x.double(), t, reduction="sum",
+                                     **{k: v.double() if torch.is_tensor(v) else v
+                                        for k, v in kwargs.items()})
+            assert_close(loss, ref_loss.to(dtype), dtype, f"loss {kwargs}")
+            assert_close(grad, ref_grad.to(dtype), dtype, f"grad {kwargs}")
+            assert_deterministic(linclass.multi_margin_loss, x, t, reduction="sum", **kwargs)

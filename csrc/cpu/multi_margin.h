@@ -16,6 +16,8 @@
 #include "loss_driver.h"
 #include "row_driver.h"
 
+#include <optional>
+
 namespace linclass::cpu {
 
 template <typename acc_t>
@@ -46,12 +48,12 @@ __attribute__((always_inline)) inline void hinge(const V& z, V& h, V& d) {
   }
 }
 // Over columns [begin, end) but `skip`: sum_h += sum h(c + x_j), sum_d += sum d(c + x_j);
-// `next` (optional) is prefetched at the same offsets, as in exp_sum.  One pass with the
+// `next` (optional) is prefetched at the same offsets, and `between` runs, as in exp_sum.  One pass with the
 // target's lane zeroed, and a masked vector for the last columns: summing the two ranges
 // around the target, each with a scalar tail, cost up to 2 (W - 1) scalar steps per row.
-template <int P, typename T>
+template <int P, typename T, typename Between = NothingBetween>
 inline void hinge_sums(const T* x, int64_t begin, int64_t end, T c, T& sum_h, T& sum_d,
-                       const T* next, int64_t skip) {
+                       const T* next, int64_t skip, Between&& between = {}) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> vc(c), zero(T(0));
   Vec<T> sh = zero, sd = zero;
@@ -70,6 +72,7 @@ inline void hinge_sums(const T* x, int64_t begin, int64_t end, T c, T& sum_h, T&
     }
     sh = sh + h;
     sd = sd + d;
+    between(j - begin, n);  // as in exp_sum
   }
   sum_h += hsum(sh);
   sum_d += hsum(sd);
@@ -81,11 +84,48 @@ struct MultiMarginMath {
     return false;
   }
 
+  // A row's gradient, recomputed from its scores: coef * h'(c + x_j), g_y in the
+  // target's column.
+  template <int P, typename acc_t>
+  __attribute__((always_inline)) static Vec<acc_t> gradient_at(const acc_t* x, const Vec<acc_t>& c,
+                                                               const Vec<acc_t>& coef, acc_t g_y,
+                                                               int64_t y, int64_t j, int64_t n) {
+    Vec<acc_t> h, d;
+    hinge<P>(c + Vec<acc_t>::loadu(x + j, n), h, d);
+    const Vec<acc_t> out = coef * d;
+    return (j <= y && y < j + n) ? with_lane(out, y - j, g_y) : out;
+  }
+  template <typename acc_t>
+  struct RowGradient {
+    const acc_t* x;
+    Vec<acc_t> c, coef;
+    acc_t g_y;
+    int64_t y;
+    bool squared;  // p = 2
+    // Inlined into the pass it is interleaved with: a call would spill its vectors.
+    __attribute__((always_inline)) Vec<acc_t> operator()(int64_t j, int64_t n) const {
+      return squared ? gradient_at<2>(x, c, coef, g_y, y, j, n) : gradient_at<1>(x, c, coef, g_y, y, j, n);
+    }
+  };
+  // A streamed row's gradient not yet written (row_driver.h, Math::kDefersGradient).
+  static constexpr bool kDefersGradient = true;
+  template <typename acc_t>
+  using PendingGradient = std::optional<StoreSpan<acc_t, RowGradient<acc_t>>>;
+
   // io.work is unused: the gradient is a second, store-only pass over the row (x is in
-  // cache by then), which lets it stream g and place the target's entry in order.
+  // cache by then), which lets it stream g and place the target's entry in order.  With
+  // `pending` (a streamed gradient), that pass is the next row's: this row's first pass
+  // stores the pending gradient of the row before it, as cross-entropy's rows do, so
+  // the stores overlap with the reads (bench/results/class-count-ab.md).
   template <typename acc_t, bool kGrad>
   static acc_t row(const RowIO<acc_t>& io, int64_t y, const MultiMarginParams<acc_t>& p) {
-    return p.p == 1 ? row_p<1, kGrad>(io, y, p) : row_p<2, kGrad>(io, y, p);
+    return p.p == 1 ? row_p<1, kGrad, false, acc_t>(io, y, p, nullptr)
+                    : row_p<2, kGrad, false, acc_t>(io, y, p, nullptr);
+  }
+  template <typename acc_t, bool kGrad>
+  static acc_t row(const RowIO<acc_t>& io, int64_t y, const MultiMarginParams<acc_t>& p,
+                   PendingGradient<acc_t>* pending) {
+    return p.p == 1 ? row_p<1, kGrad, true>(io, y, p, pending) : row_p<2, kGrad, true>(io, y, p, pending);
   }
 
   // One tile per call: the hinge's per-tile tail is short (no log, no division).
@@ -111,10 +151,6 @@ struct MultiMarginMath {
   // non-temporal stores with the next row's reads, where the group issues 16 rows of
   // them in a burst after its light first pass.
   static constexpr bool kGroupsStream = false;
-  // Each row's gradient goes out in the row's own second pass: handing it on to the
-  // next row's first pass, as cross-entropy does, is not tried here, where both passes
-  // are light (no exp to overlap the stores with).
-  static constexpr bool kDefersGradient = false;
   template <typename acc_t, bool kGrad>
   static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const MultiMarginParams<acc_t>& p,
                     Vec<acc_t>* /*log_arg: always null*/) {
@@ -130,27 +166,49 @@ struct MultiMarginMath {
   }
 
  private:
-  template <int P, bool kGrad, typename acc_t>
-  static acc_t row_p(const RowIO<acc_t>& io, int64_t y, const MultiMarginParams<acc_t>& p) {
+  // kDefer: `pending` is set (and io.stream); else none of its code is compiled in.
+  template <int P, bool kGrad, bool kDefer, typename acc_t>
+  static acc_t row_p(const RowIO<acc_t>& io, int64_t y, const MultiMarginParams<acc_t>& p,
+                     PendingGradient<acc_t>* pending) {
     using V = Vec<acc_t>;
     const acc_t* x = io.x;
     const int64_t C = p.classes;
     const acc_t w_over_c = p.weight[y] / acc_t(C);
     const acc_t c = p.margin - x[y];
     acc_t sum_h = 0, sum_d = 0;
-    hinge_sums<P>(x, 0, C, c, sum_h, sum_d, io.next, y);  // the target's term left out
+    if constexpr (kDefer) {
+      PendingGradient<acc_t> before;  // a local: its fields stay in registers
+      before.swap(*pending);
+      // The row before's whole vectors at the offsets of this row's (it has as many).
+      if (before)
+        hinge_sums<P>(x, 0, C, c, sum_h, sum_d, io.next, y,
+                      [&before](int64_t k, int64_t n) __attribute__((always_inline)) {
+                        for (int64_t i = 0; i < n; i += Vec<acc_t>::size()) before->store_whole(k + i);
+                      });
+      else
+        hinge_sums<P>(x, 0, C, c, sum_h, sum_d, io.next, y);
+      if (before) {
+        before->skip_whole();
+        before->rest();
+      }
+    } else {
+      hinge_sums<P>(x, 0, C, c, sum_h, sum_d, io.next, y);  // the target's term left out
+    }
     if constexpr (kGrad) {
       const acc_t coef = p.scale * w_over_c;
       const V vc(c), vcoef(coef);
       const acc_t g_y = -coef * sum_d;
-      // Inlined: a streamed row off vector boundaries calls it at both of its edges as
-      // well, and GCC then left it out of line, spilling the vectors at every call.
-      store_map(io.g, 0, C, io.stream, [&](int64_t j, int64_t n) __attribute__((always_inline)) {
-        V h, d;
-        hinge<P>(vc + V::loadu(x + j, n), h, d);
-        const V out = vcoef * d;
-        return (j <= y && y < j + n) ? with_lane(out, y - j, g_y) : out;
-      });
+      if constexpr (kDefer) {
+        pending->emplace(StoreSpan<acc_t, RowGradient<acc_t>>{
+            io.g, 0, C, io.stream, RowGradient<acc_t>{x, vc, vcoef, g_y, y, P == 2}});
+        (*pending)->head();
+      } else {
+        // Inlined: a streamed row off vector boundaries calls it at both of its edges as
+        // well, and GCC then left it out of line, spilling the vectors at every call.
+        store_map(io.g, 0, C, io.stream, [&](int64_t j, int64_t n) __attribute__((always_inline)) {
+          return gradient_at<P>(x, vc, vcoef, g_y, y, j, n);
+        });
+      }
     }
     return w_over_c * sum_h;
   }

@@ -28,8 +28,8 @@
 //   PendingGradient<acc_t> (a std::optional<StoreSpan<acc_t, ...>>) and
 //   acc_t row<kGrad>(io, y, p, PendingGradient<acc_t>* pending)
 //       for streamed rows: the row writes the pending gradient of the row before it
-//       (interleaved with its own work) and leaves its own there, reading io.work until
-//       then; the driver alternates two scratch rows and writes the last one;
+//       (interleaved with its own first pass) and leaves its own there, reading io.x or
+//       io.work until then; the driver alternates two scratch rows and writes the last;
 //   static constexpr bool kDeferredLog, and when it is true
 //   bool defers_log(const Params& p), acc_t log_weight(const Params& p)
 //       the loss of a row is log_weight * log(a) + (what lanes() returns) for a per-row
