@@ -20,8 +20,6 @@
 #include "loss_driver.h"
 #include "row_driver.h"
 
-#include <optional>
-
 namespace linclass::cpu {
 
 template <typename acc_t>
@@ -116,8 +114,7 @@ struct CrossEntropyMath {
       return (j <= y && y < j + n) ? with_lane(out, y - j, g_y) : out;
     }
   };
-  // A streamed row's gradient not yet written (row_driver.h, Math::kDefersGradient).
-  static constexpr bool kDefersGradient = true;
+  // A streamed row's gradient not yet written (row_driver.h).
   template <typename acc_t>
   using PendingGradient = std::optional<StoreSpan<acc_t, RowGradient<acc_t>>>;
 
@@ -177,19 +174,10 @@ struct CrossEntropyMath {
                          : exp_sum(x, work, 0, C, m, nullptr, nullptr, io.next, y, nullptr, between);
       };
       acc_t s_excl;
-      if constexpr (kDefer) {
-        // The row before's whole vectors at the offsets of this row's (it has as many).
-        s_excl = before ? exp_pass([&before](int64_t k, int64_t n) __attribute__((always_inline)) {
-          for (int64_t i = 0; i < n; i += Vec<acc_t>::size()) before->store_whole(k + i);
-        })
-                        : exp_pass(NothingBetween{});
-        if (before) {
-          before->skip_whole();
-          before->rest();
-        }
-      } else {
+      if constexpr (kDefer)
+        interleaving(before, [&](auto&& between) __attribute__((always_inline)) { s_excl = exp_pass(between); });
+      else
         s_excl = exp_pass(NothingBetween{});
-      }
       const acc_t e_y = sexp(d_y);
       const acc_t s = s_excl + e_y;
       const RowGradient<acc_t> gradient{work, p.weight, V(ce_exp_coef(w_y, p.scale, s, p)),

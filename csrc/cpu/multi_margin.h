@@ -16,8 +16,6 @@
 #include "loss_driver.h"
 #include "row_driver.h"
 
-#include <optional>
-
 namespace linclass::cpu {
 
 template <typename acc_t>
@@ -48,9 +46,10 @@ __attribute__((always_inline)) inline void hinge(const V& z, V& h, V& d) {
   }
 }
 // Over columns [begin, end) but `skip`: sum_h += sum h(c + x_j), sum_d += sum d(c + x_j);
-// `next` (optional) is prefetched at the same offsets, and `between` runs, as in exp_sum.  One pass with the
-// target's lane zeroed, and a masked vector for the last columns: summing the two ranges
-// around the target, each with a scalar tail, cost up to 2 (W - 1) scalar steps per row.
+// `next` (optional) is prefetched at the same offsets, and `between` runs, as in
+// exp_sum.  One pass with the target's lane zeroed, and a masked vector for the last
+// columns: summing the two ranges around the target, each with a scalar tail, cost up to
+// 2 (W - 1) scalar steps per row.
 template <int P, typename T, typename Between = NothingBetween>
 inline void hinge_sums(const T* x, int64_t begin, int64_t end, T c, T& sum_h, T& sum_d,
                        const T* next, int64_t skip, Between&& between = {}) {
@@ -107,8 +106,7 @@ struct MultiMarginMath {
       return squared ? gradient_at<2>(x, c, coef, g_y, y, j, n) : gradient_at<1>(x, c, coef, g_y, y, j, n);
     }
   };
-  // A streamed row's gradient not yet written (row_driver.h, Math::kDefersGradient).
-  static constexpr bool kDefersGradient = true;
+  // A streamed row's gradient not yet written (row_driver.h).
   template <typename acc_t>
   using PendingGradient = std::optional<StoreSpan<acc_t, RowGradient<acc_t>>>;
 
@@ -176,23 +174,15 @@ struct MultiMarginMath {
     const acc_t w_over_c = p.weight[y] / acc_t(C);
     const acc_t c = p.margin - x[y];
     acc_t sum_h = 0, sum_d = 0;
+    // The target's term left out of the sums.
     if constexpr (kDefer) {
       PendingGradient<acc_t> before;  // a local: its fields stay in registers
       before.swap(*pending);
-      // The row before's whole vectors at the offsets of this row's (it has as many).
-      if (before)
-        hinge_sums<P>(x, 0, C, c, sum_h, sum_d, io.next, y,
-                      [&before](int64_t k, int64_t n) __attribute__((always_inline)) {
-                        for (int64_t i = 0; i < n; i += Vec<acc_t>::size()) before->store_whole(k + i);
-                      });
-      else
-        hinge_sums<P>(x, 0, C, c, sum_h, sum_d, io.next, y);
-      if (before) {
-        before->skip_whole();
-        before->rest();
-      }
+      interleaving(before, [&](auto&& between) __attribute__((always_inline)) {
+        hinge_sums<P>(x, 0, C, c, sum_h, sum_d, io.next, y, between);
+      });
     } else {
-      hinge_sums<P>(x, 0, C, c, sum_h, sum_d, io.next, y);  // the target's term left out
+      hinge_sums<P>(x, 0, C, c, sum_h, sum_d, io.next, y);
     }
     if constexpr (kGrad) {
       const acc_t coef = p.scale * w_over_c;

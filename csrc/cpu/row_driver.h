@@ -24,8 +24,7 @@
 //       rows' losses to `loss`, one per lane, their gradients to io.g (log_arg: as for
 //       lanes());
 //   bool ignored(int64_t y, const Params& p);
-//   static constexpr bool kDefersGradient, and when it is true a type
-//   PendingGradient<acc_t> (a std::optional<StoreSpan<acc_t, ...>>) and
+//   a type PendingGradient<acc_t> (a std::optional<StoreSpan<acc_t, ...>>) and
 //   acc_t row<kGrad>(io, y, p, PendingGradient<acc_t>* pending)
 //       for streamed rows: the row writes the pending gradient of the row before it
 //       (interleaved with its own first pass) and leaves its own there, reading io.x or
@@ -299,41 +298,31 @@ RowAccess row_access(const RowTask<scalar_t>& t, bool grad) {
 
 // ---- the row path ----------------------------------------------------------------
 
-// A Math that defers its gradients (kDefersGradient) does so for streamed rows of at
-// least this many bytes: below, the per-row cost of handing the gradient on exceeds
-// the overlap it buys (bench/results/class-count-ab.md).
+// Streamed rows of at least this many bytes hand their gradient to the next row
+// (Math::row with `pending`): below, the per-row cost of handing it on exceeds the
+// overlap it buys (bench/results/class-count-ab.md).
 constexpr int64_t kDeferredGradientRowBytes = 8 << 10;
 
 // What a thread's streamed rows carry from one row (and block) to the next: the
-// LineStream, and for a Math that defers its gradients the one not yet written.
-template <typename Math, typename acc_t, bool = Math::kDefersGradient>
+// LineStream, and the gradient not yet written.
+template <typename Math, typename acc_t>
 struct RowStreamState {
   LineStream<acc_t> lines;
-  struct {
-    void finish() {}
-  } deferred;
-  void finish() { lines.finish(); }
-};
-template <typename Math, typename acc_t>
-struct RowStreamState<Math, acc_t, true> {
-  LineStream<acc_t> lines;
-  struct Deferred {
-    typename Math::template PendingGradient<acc_t> pending;
-    int64_t rows = 0;  // rows written through `pending`: their work rows alternate
-    void finish() {
-      if (pending) pending->rest();
-      pending.reset();
-    }
-  } deferred;
+  typename Math::template PendingGradient<acc_t> pending;
+  int64_t deferred_rows = 0;  // rows written through `pending`: their work rows alternate
+  void finish_pending() {
+    if (pending) pending->rest();
+    pending.reset();
+  }
   void finish() {
-    deferred.finish();
+    finish_pending();
     lines.finish();
   }
 };
 
 // Rows [r0, r1); rows up to `ahead_end` belong to this thread too and may be prefetched.
 // `buf`: room for one row (C acc_t) where row_access(t, kGrad).uses_scratch(), two for
-// a streamed gradient of a Math that defers it.  `state`: the thread's, finished by the
+// a streamed gradient.  `state`: the thread's, finished by the
 // caller after its last block.
 template <typename scalar_t, typename Math, bool kGrad, typename Params>
 void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int64_t r1,
@@ -344,8 +333,7 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
   const auto [direct, stream] = row_access(t, kGrad);
   LineStream<acc_t>& line_stream = state.lines;
-  const bool defers =
-      Math::kDefersGradient && stream && C * int64_t(sizeof(acc_t)) >= kDeferredGradientRowBytes;
+  const bool defers = stream && C * int64_t(sizeof(acc_t)) >= kDeferredGradientRowBytes;
   // The hardware prefetchers stop at 4 KiB page boundaries, so the first pass over a
   // row would wait on memory; instead the math prefetches the next row during its
   // compute-bound pass over this one (RowIO::next).
@@ -357,7 +345,7 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
     acc_t loss = 0;
     if (Math::ignored(y, p)) {
       if constexpr (kGrad) {
-        state.deferred.finish();  // rows go out in order: the LineStream joins them
+        state.finish_pending();  // rows go out in order: the LineStream joins them
         if (stream)
           store_map(reinterpret_cast<acc_t*>(g), 0, C, &line_stream, [](int64_t, int64_t) { return Vec<acc_t>(acc_t(0)); });
         else
@@ -370,11 +358,9 @@ void run_row_block(const RowTask<scalar_t>& t, const Params& p, int64_t r0, int6
                               ? reinterpret_cast<const acc_t*>(t.input + t.in.offset(r + 1))
                               : nullptr;
       if (defers) {
-        if constexpr (Math::kDefersGradient) {
-          acc_t* work = buf + (state.deferred.rows++ % 2) * C;  // not the pending row's
-          loss = Math::template row<acc_t, kGrad>({xr, work, gr, next, &line_stream}, y, p,
-                                                  &state.deferred.pending);
-        }
+        acc_t* work = buf + (state.deferred_rows++ % 2) * C;  // not the pending row's
+        loss = Math::template row<acc_t, kGrad>({xr, work, gr, next, &line_stream}, y, p,
+                                                &state.pending);
       } else {
         loss = Math::template row<acc_t, kGrad>(
             {xr, stream ? buf : gr, gr, next, stream ? &line_stream : nullptr}, y, p);
@@ -836,7 +822,7 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
     // kLaneMaxClasses classes, or the row or group path's scratch rows.
     ThreadScratch<acc_t> scratch(
         lanes ? (C > kLaneMaxClasses ? Math::kLaneTiles * C * W : 0)
-        : access.uses_scratch() ? (groups ? W : Math::kDefersGradient && access.stream ? 2 : 1) * C
+        : access.uses_scratch() ? (groups ? W : access.stream ? 2 : 1) * C
                                 : 0);
     RowStreamState<Math, acc_t> row_state;  // the row path's, across this thread's blocks
     for (int64_t b = b0; b < b1; ++b) {

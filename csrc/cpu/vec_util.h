@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
 
 namespace linclass::cpu {
@@ -400,6 +401,22 @@ struct StoreSpan {
     j = stop;
   }
 };
+
+// A row's first pass with the row before's pending gradient interleaved: runs
+// pass(between), `between` (exp_sum's hook) storing `before`'s whole vectors at the
+// offsets the pass reaches (the rows have as many), then the rest of `before`, which is
+// left empty; without a pending gradient, pass(NothingBetween{}).
+template <typename Span, typename Pass>
+__attribute__((always_inline)) inline void interleaving(std::optional<Span>& before, Pass&& pass) {
+  if (!before) return pass(NothingBetween{});
+  pass([&before](int64_t k, int64_t n) __attribute__((always_inline)) {
+    for (int64_t i = 0; i < n; i += Vec<typename std::remove_pointer_t<decltype(before->dst)>>::size())
+      before->store_whole(k + i);
+  });
+  before->skip_whole();
+  before->rest();
+  before.reset();
+}
 
 // dst[j] = f(j, n)[j - j0] for j in [begin, end): f(j0, n) returns the vector for
 // columns [j0, j0 + n), n < W only at the edges (load inputs with loadu(ptr, n)), in
