@@ -38,7 +38,8 @@ def test_matches_naive_reference(kernel_backend, N, C, reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5), (6, 1), (64, 3), (33, 17), (100, 32), (16, 33),
                                    (23, 39), (18, 40),  # C++ lanes' last width, groups' first
-                                   (37, 64), (37, 65),  # the hinge's last group width, its first row one
+                                   (37, 64), (37, 65),  # groups: a whole last vector, one column past it
+                                   (37, 160), (37, 161),  # the hinge's last training group width, its first row one
                                    (50, 72), (21, 73), (40, 100), (17, 200), (19, 201),
                                    (64, 1000), (8, 4097), (3, 50257)])
 def test_matches_torch_shapes(kernel_backend, dtype, shape):
@@ -89,14 +90,15 @@ def test_matches_torch_every_keyword(kernel_backend, shape, reduction, p, margin
 
 
 
-@pytest.mark.parametrize("C", [3, 39, 40, 64, 65, 128, 256, 257, 600])
+@pytest.mark.parametrize("C", [3, 39, 40, 64, 65, 72, 128, 160, 161, 200, 256, 257, 600])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_evaluation_matches_training_and_float64(kernel_backend, C, dtype):
     """A forward without gradient takes its own path at some class counts (the C++
-    kernels' row groups run forward-only up to more classes than in training): its
-    losses against float64 torch and, on the C++ backend, each row's loss bitwise the
-    training one (same terms, same order; a reduction sums the rows in another order
-    there), for every keyword."""
+    kernels' row groups run forward-only up to more classes than in training: 161-256,
+    where 200 ends in 8 columns past its last whole vector, which the training groups
+    sum across their rows): its losses against float64 torch and, on the C++ backend,
+    each row's loss bitwise the training one (same terms, same order; a reduction sums
+    the rows in another order there), for every keyword."""
     for p, margin, weight in OPTIONS:
         x, t, w = make_case(37, C, weight, dtype=dtype)
         for reduction in ["none", "mean", "sum"]:
@@ -259,6 +261,34 @@ def test_half_types_are_float32_math_rounded_once(dtype, shape, reduction):
     loss32, grad32 = torch.ops.linclass.multi_margin_loss(x.float(), t, *args32)
     assert loss.dtype == torch.float32 and torch.equal(loss, loss32)  # the op's loss: float32
     assert torch.equal(grad, grad32.to(dtype))
+
+
+@pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs linclass._C")
+@pytest.mark.parametrize("c", [65, 66, 72, 136, 152, 160])
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-cache", "streamed"])
+def test_group_rows_last_columns_summed_across_the_group(c, streamed):
+    """The group path sums a row's last C % 16 columns (at most 8; none at 160) for its
+    16 rows at once, one row per lane: targets in those columns (their terms left out),
+    a padded last group, p = 1 and p = 2 with a margin and class weights, a gradient in
+    cache and one of 8 MiB and more (streamed); against torch in float64, the same bits
+    on a repeat call and on one thread."""
+    n = (9 << 20) // (4 * c) + 5 if streamed else 37
+    x = torch.randn(n, c)
+    t = torch.randint(0, c, (n,))
+    t[::3] = c - 1 - torch.arange(0, n, 3) % max(c % 16, 1)  # targets in the last columns
+    w = torch.rand(c) + 0.5
+    with linclass.backends.use("cpp"):
+        for kwargs in ({}, dict(p=2, margin=0.7, weight=w)):
+            for reduction in ("none", "sum"):
+                g = torch.rand(n) if reduction == "none" else None
+                loss, grad = run(linclass.multi_margin_loss, x, t, reduction=reduction, grad_output=g, **kwargs)
+                ref_loss, ref_grad = run(F.multi_margin_loss, x.double(), t, reduction=reduction,
+                                         grad_output=None if g is None else g.double(),
+                                         **{k: v.double() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+                what = f"{reduction} {kwargs}"
+                assert_close(loss, ref_loss.float(), torch.float32, f"loss {what}")
+                assert_close(grad, ref_grad.float(), torch.float32, f"grad {what}")
+            assert_deterministic(linclass.multi_margin_loss, x, t, reduction="sum", **kwargs)
 
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs linclass._C")

@@ -237,7 +237,6 @@ struct CrossEntropyMath {
   // Past this the row path is as fast: the per-row work is a small share of a long row.
   static constexpr int64_t kGroupMaxClasses = 512;
   static constexpr int64_t kGroupMaxClassesForwardOnly = kGroupMaxClasses;
-  static constexpr bool kGroupsStream = true;  // streamed rows gain in groups too
   template <typename acc_t, bool kGrad>
   static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const CrossEntropyParams<acc_t>& p,
                     Vec<acc_t>* log_arg) {

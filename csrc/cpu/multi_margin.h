@@ -137,18 +137,15 @@ struct MultiMarginMath {
   // most of its last one (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMinClasses = 40;
   static constexpr bool kLaneClassesByCpu = false;
-  // Past this the row path is as fast in training: the hinge's passes are light, and
-  // the row path prefetches each next row during its pass (bench/results/class-count-ab.md).
-  static constexpr int64_t kGroupMaxClasses = 64;
+  // Past this the row path is as fast in training, streamed or not: the hinge's passes
+  // are light, and the row path prefetches each next row during its pass
+  // (bench/results/class-count-ab.md).
+  static constexpr int64_t kGroupMaxClasses = 160;
   // Forward-only, a row is one light pass and its per-row tail (two horizontal sums, the
   // target's lookups) weighs more: the groups share it over their rows, up to where
   // the row path's prefetching of each next row reads longer rows from memory faster
   // (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMaxClassesForwardOnly = 256;
-  // A streamed gradient goes out faster row by row: the row path interleaves its
-  // non-temporal stores with the next row's reads, where the group issues 16 rows of
-  // them in a burst after its light first pass.
-  static constexpr bool kGroupsStream = false;
   template <typename acc_t, bool kGrad>
   static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const MultiMarginParams<acc_t>& p,
                     Vec<acc_t>* /*log_arg: always null*/) {
@@ -219,25 +216,47 @@ struct MultiMarginMath {
     }
     const V w_over_c = V::loadu(lane) / V(acc_t(C));
     const V first = first_columns<acc_t>();
+    // A row's last C % W columns, when they are at most half a vector, are summed for all
+    // W rows at once, one row per lane, as in cross-entropy's groups: as the end of each
+    // row's pass they would cost a whole vector per row (C = 65: five vectors for 65
+    // scores); the gradient's pass still writes each row whole.  Only where training
+    // takes the groups as well: past that, forward-only groups sum in the row path's
+    // order, so that evaluation's losses stay bitwise training's.
+    constexpr int kMaxTail = W / 2;
+    const int64_t tail = C % W <= kMaxTail && C <= kGroupMaxClasses ? C % W : 0, body = C - tail;
     V part_h[W], part_d[W];
     for (int r = 0; r < W; ++r) {
       const acc_t* x = io.x[r];
       const V vc(c_row[r]), yr(target[r]);
       V sh = zero, sd = zero;
-      row_chunks(C, io.next[r], first, [&](int64_t j, int64_t n, const V& columns) {
+      row_chunks(body, io.next[r], first, [&](int64_t j, int64_t n, const V& columns) {
         V h, d;
         hinge<P>(vc + V::loadu(x + j, n), h, d);
         sh = add_except_target(sh, h, n, columns, yr);  // the target's term left out
         sd = add_except_target(sd, d, n, columns, yr);
       });
+      // row_chunks fetched the next group's row up to the body's end; its tail's line too.
+      if (tail && io.next[r]) __builtin_prefetch(io.next[r] + C - 1, 0, 3);
       part_h[r] = sh;
       part_d[r] = sd;
+    }
+    // The tail's terms, a row per lane, added to the rows' sums after their reductions.
+    V tail_h = zero, tail_d = zero;
+    if (tail) {
+      const V vc = V::loadu(c_row), vy = V::loadu(target);
+      for (int64_t j = body; j < C; ++j) {
+        for (int r = 0; r < W; ++r) lane[r] = io.x[r][j];
+        V h, d;
+        hinge<P>(vc + V::loadu(lane), h, d);
+        tail_h = tail_h + select_eq(vy, V(acc_t(j)), zero, h);  // the target's term left out
+        tail_d = tail_d + select_eq(vy, V(acc_t(j)), zero, d);
+      }
     }
     if constexpr (kGrad) {
       const V coef = V(p.scale) * w_over_c;
       alignas(64) acc_t coefs[W], g_y[W];
       coef.store(coefs);
-      (zero - coef * sum_rows(part_d)).store(g_y);
+      (zero - coef * (sum_rows(part_d) + tail_d)).store(g_y);
       for (int r = 0; r < W; ++r) {
         const acc_t* x = io.x[r];
         const int64_t y = io.y[r];
@@ -251,7 +270,7 @@ struct MultiMarginMath {
       }
     }
     // Padding rows (x = 0, c = 0, w_y = 0) sum no terms: their loss is an exact 0.
-    return w_over_c * sum_rows(part_h);
+    return w_over_c * (sum_rows(part_h) + tail_h);
   }
 
   template <int P, bool kGrad, typename acc_t>

@@ -16,8 +16,7 @@
 //       losses to loss[u];
 //   static constexpr int64_t kGroupMinClasses (at most kLaneMaxClasses + 1), kGroupMaxClasses
 //       and kGroupMaxClassesForwardOnly (with and without gradient; at most the driver's
-//       kGroupMaxClasses), static constexpr bool kGroupsStream
-//       (false: rows whose gradient streams in place take the row path instead), and
+//       kGroupMaxClasses), and
 //   void group<acc_t, kGrad>(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const Params& p,
 //                            Vec<acc_t>* log_arg)
 //       Vec::size() rows of at least Vec::size() classes each, row-major (GroupIO); the
@@ -812,8 +811,7 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   // and tally, so the result does not depend on the thread count.
   // Strided classes take the lanes only where the setup prepared the lane path's targets.
   const bool lanes = use_lanes<Math>(C) || (strided_class_lanes(t.in) && (t.rule || t.lane_targets));
-  const bool streamed = t.grad && t.stream_grad && streams_rows(t.gout, sizeof(scalar_t));
-  const bool groups = use_groups<Math>(C, t.grad) && (Math::kGroupsStream || !streamed);
+  const bool groups = use_groups<Math>(C, t.grad);
   const RowAccess access = row_access(t, t.grad != nullptr);
   constexpr int64_t W = Vec<acc_t>::size();
   linclass::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
