@@ -90,13 +90,13 @@ def test_matches_torch_every_keyword(kernel_backend, shape, reduction, p, margin
 
 
 
-@pytest.mark.parametrize("C", [3, 39, 40, 64, 65, 72, 128, 160, 161, 200, 256, 257, 600])
+@pytest.mark.parametrize("C", [3, 39, 40, 64, 65, 72, 100, 120, 128, 160, 161, 200, 256, 257, 600])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_evaluation_matches_training_and_float64(kernel_backend, C, dtype):
     """A forward without gradient takes its own path at some class counts (the C++
-    kernels' row groups run forward-only up to more classes than in training: 161-256,
-    where 200 ends in 8 columns past its last whole vector, which the training groups
-    sum across their rows): its losses against float64 torch and, on the C++ backend,
+    kernels' row groups run forward-only up to more classes than in training: 161-256;
+    100 ends in 4 columns past its last whole vector, which the groups sum across their
+    rows, 120 and 200 in 8, which they do not): its losses against float64 torch and, on the C++ backend,
     each row's loss bitwise the training one (same terms, same order; a reduction sums
     the rows in another order there), for every keyword."""
     for p, margin, weight in OPTIONS:
@@ -247,7 +247,8 @@ def test_classic_svm_loss_is_multi_margin_times_c(kernel_backend):
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="C++ kernels not built")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(37, 7), (64, 10), (33, 45), (20, 100), (6, 1000), (3, 4099)])
+@pytest.mark.parametrize("shape", [(37, 7), (64, 10), (33, 45), (20, 100), (17, 101), (9, 136),
+                                   (6, 1000), (3, 4099)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_half_types_are_float32_math_rounded_once(dtype, shape, reduction):
     """As for cross_entropy: the float32 kernel's results on the same values, rounded
@@ -264,10 +265,11 @@ def test_half_types_are_float32_math_rounded_once(dtype, shape, reduction):
 
 
 @pytest.mark.skipif("cpp" not in linclass.backends.available(), reason="needs linclass._C")
-@pytest.mark.parametrize("c", [65, 66, 72, 136, 152, 160])
+@pytest.mark.parametrize("c", [65, 66, 72, 88, 100, 136, 160])
 @pytest.mark.parametrize("streamed", [False, True], ids=["in-cache", "streamed"])
 def test_group_rows_last_columns_summed_across_the_group(c, streamed):
-    """The group path sums a row's last C % 16 columns (at most 8; none at 160) for its
+    """The group path sums a row's last C % 16 columns (at most 8, up to 100 classes;
+    136 takes the groups without, 160 has none) for its
     16 rows at once, one row per lane: targets in those columns (their terms left out),
     a padded last group, p = 1 and p = 2 with a margin and class weights, a gradient in
     cache and one of 8 MiB and more (streamed); against torch in float64, the same bits

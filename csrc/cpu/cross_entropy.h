@@ -236,6 +236,7 @@ struct CrossEntropyMath {
   static_assert(kGroupMinClasses >= GroupIO<float>::kMaxRows);
   // Past this the row path is as fast: the per-row work is a small share of a long row.
   static constexpr int64_t kGroupMaxClasses = 512;
+  static constexpr int64_t kGroupMaxClassesConverted = kGroupMaxClasses;
   static constexpr int64_t kGroupMaxClassesForwardOnly = kGroupMaxClasses;
   template <typename acc_t, bool kGrad>
   static void group(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const CrossEntropyParams<acc_t>& p,

@@ -141,6 +141,9 @@ struct MultiMarginMath {
   // are light, and the row path prefetches each next row during its pass
   // (bench/results/class-count-ab.md).
   static constexpr int64_t kGroupMaxClasses = 160;
+  // Rows converted into scratch (16-bit or strided scores): past this, a group's 16 rows
+  // converted in and out cost more than the group saves.
+  static constexpr int64_t kGroupMaxClassesConverted = 100;
   // Forward-only, a row is one light pass and its per-row tail (two horizontal sums, the
   // target's lookups) weighs more: the groups share it over their rows, up to where
   // the row path's prefetching of each next row reads longer rows from memory faster
@@ -220,10 +223,10 @@ struct MultiMarginMath {
     // W rows at once, one row per lane, as in cross-entropy's groups: as the end of each
     // row's pass they would cost a whole vector per row (C = 65: five vectors for 65
     // scores); the gradient's pass still writes each row whole.  Only where training
-    // takes the groups as well: past that, forward-only groups sum in the row path's
-    // order, so that evaluation's losses stay bitwise training's.
+    // takes the groups as well, whatever the rows: past that, groups sum in the row
+    // path's order, so that evaluation's losses stay bitwise training's.
     constexpr int kMaxTail = W / 2;
-    const int64_t tail = C % W <= kMaxTail && C <= kGroupMaxClasses ? C % W : 0, body = C - tail;
+    const int64_t tail = C % W <= kMaxTail && C <= kGroupMaxClassesConverted ? C % W : 0, body = C - tail;
     V part_h[W], part_d[W];
     for (int r = 0; r < W; ++r) {
       const acc_t* x = io.x[r];

@@ -14,9 +14,10 @@
 //       contributes nothing (ignored or padding: its loss and gradient are exact
 //       zeros); overwrites the tiles with the gradient when kGrad and writes the rows'
 //       losses to loss[u];
-//   static constexpr int64_t kGroupMinClasses (at most kLaneMaxClasses + 1), kGroupMaxClasses
-//       and kGroupMaxClassesForwardOnly (with and without gradient; at most the driver's
-//       kGroupMaxClasses), and
+//   static constexpr int64_t kGroupMinClasses (at most kLaneMaxClasses + 1), kGroupMaxClasses,
+//       kGroupMaxClassesConverted and kGroupMaxClassesForwardOnly (with a gradient, with
+//       one on rows converted into scratch (16-bit or strided scores), without; at most
+//       the driver's kGroupMaxClasses), and
 //   void group<acc_t, kGrad>(const GroupIO<acc_t>& io, Vec<acc_t>& loss, const Params& p,
 //                            Vec<acc_t>* log_arg)
 //       Vec::size() rows of at least Vec::size() classes each, row-major (GroupIO); the
@@ -202,15 +203,17 @@ inline int64_t group_min_classes() {
   return Math::kGroupMinClasses;
 }
 // Which path a loss's rows take: groups from group_min_classes to Math::kGroupMaxClasses
-// classes (kGroupMaxClassesForwardOnly without gradient), lanes below, rows above.
-// Either way each row's loss is the same bits (the group path adds in the row path's
-// order).
+// classes (kGroupMaxClassesConverted where the rows are converted into scratch,
+// kGroupMaxClassesForwardOnly without gradient), lanes below, rows above.
 template <typename Math>
-inline bool use_groups(int64_t classes, bool grad) {
+inline bool use_groups(int64_t classes, bool grad, bool converted) {
   static_assert(Math::kGroupMaxClasses <= kGroupMaxClasses);
+  static_assert(Math::kGroupMaxClassesConverted <= Math::kGroupMaxClasses);
   static_assert(Math::kGroupMaxClassesForwardOnly <= kGroupMaxClasses);
-  return classes >= group_min_classes<Math>() &&
-         classes <= (grad ? Math::kGroupMaxClasses : Math::kGroupMaxClassesForwardOnly);
+  const int64_t max_classes = !grad ? Math::kGroupMaxClassesForwardOnly
+                              : converted ? Math::kGroupMaxClassesConverted
+                                          : Math::kGroupMaxClasses;
+  return classes >= group_min_classes<Math>() && classes <= max_classes;
 }
 template <typename Math>
 inline bool use_lanes(int64_t classes) {
@@ -811,8 +814,8 @@ void run_rows(const RowTask<scalar_t>& t, const Params& p) {
   // and tally, so the result does not depend on the thread count.
   // Strided classes take the lanes only where the setup prepared the lane path's targets.
   const bool lanes = use_lanes<Math>(C) || (strided_class_lanes(t.in) && (t.rule || t.lane_targets));
-  const bool groups = use_groups<Math>(C, t.grad);
   const RowAccess access = row_access(t, t.grad != nullptr);
+  const bool groups = use_groups<Math>(C, t.grad != nullptr, !access.direct);
   constexpr int64_t W = Vec<acc_t>::size();
   linclass::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const int64_t ahead_end = std::min(rows, b1 * per_block);  // this thread's last row
