@@ -264,11 +264,9 @@ struct MultiMarginMath {
         const acc_t* x = io.x[r];
         const int64_t y = io.y[r];
         const V vc(c_row[r]), vcoef(coefs[r]);
-        store_map(io.g[r], 0, C, io.stream, [&](int64_t j, int64_t n) {
-          V h, d;
-          hinge<P>(vc + V::loadu(x + j, n), h, d);
-          const V out = vcoef * d;
-          return (j <= y && y < j + n) ? with_lane(out, y - j, g_y[r]) : out;
+        // Inlined, as in row_p: the groups stream too, rows off vector boundaries included.
+        store_map(io.g[r], 0, C, io.stream, [&](int64_t j, int64_t n) __attribute__((always_inline)) {
+          return gradient_at<P>(x, vc, vcoef, g_y[r], y, j, n);
         });
       }
     }
