@@ -5,7 +5,7 @@ shapes, in one process, with a testing knob:
   torch.ops.linclass._small_gemm_classes(0) sends every class count to the BLAS blocks,
   -1 restores the CPU's own limit;
 * `--few-rows`: the products for a few rows (csrc/cpu/skinny_gemm.h; up to 16 rows, and
-  up to 32 with a weight of at most 1 MiB, rows of at most 2 KiB, D >= 48 or N x C <= 6144):
+  up to 64 with a weight of at most 1 MiB and rows of at most 2 KiB):
   torch.ops.linclass._linear_block_rows(N) runs the N rows as one BLAS block, 0 restores;
 * `--onednn`: the BLAS blocks' float32 products through oneDNN (csrc/linear_blocks.h,
   block_product): torch.ops.linclass._linear_onednn(1) forces them there, 0 to the BLAS,

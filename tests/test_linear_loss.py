@@ -306,12 +306,17 @@ def test_deterministic_across_threads(linear_backend, d, c):
 # path's own products (csrc/cpu/skinny_gemm.h) instead of the BLAS.  D = 1024 puts rows
 # 4 KiB apart; D = 37 and C = 7103 leave tails in every vector loop and class group;
 # the small weights run on one thread, or on a few chunks shared by the threads.
-# 17-32 rows with a cache-resident weight take them too, their backward 16 rows at a
+# 17-64 rows with a cache-resident weight take them too, their backward 16 rows at a
 # time, dW summed over the chunks (a full chunk and one row; two full chunks; tails).
+# The scores from transposed weight tiles (score_lanes: D <= 64, or 8 rows and more):
+# 1-2 rows 4 tiles at once, 3-7 rows 2 (groups with empty tiles past C), D at 64 and 65
+# on either side of the row limit, 33-64 rows.
 SKINNY = [(1, 1024, 300), (5, 37, 7103), (8, 1024, 257), (9, 64, 4099), (16, 300, 1000),
           (13, 20000, 150),  # dX partials capped by memory, 3 chunks
           (1, 3, 70), (2, 17, 131), (16, 40, 300), (11, 5, 1000),
-          (17, 48, 300), (32, 64, 1000), (25, 5, 100), (30, 130, 97)]
+          (17, 48, 300), (32, 64, 1000), (25, 5, 100), (30, 130, 97),
+          (3, 64, 100), (4, 65, 300), (7, 1, 33), (8, 65, 170), (33, 100, 77), (64, 16, 700),
+          (50, 512, 130)]
 
 
 def _cpp_only():
@@ -373,24 +378,49 @@ def test_few_rows_match_unfused(n, d, c, bias):
 @pytest.mark.parametrize("wants", [(True, False, False), (False, True, False), (False, False, True),
                                    (True, True, True)])
 def test_few_rows_large_weight_partial_grads_and_strided_input(wants):
-    """Each gradient alone and together; X's rows strided inside a wider tensor."""
+    """Each gradient alone and together; X's rows strided inside a wider tensor (a view
+    of the leaf: a clone of the view would be contiguous)."""
     with _cpp_only():
         x, w, b, t = make(6, 1024 + 5, 300)
-        x = x[:, :1024]
         w = w[:, :1024].contiguous()
         leaves = [v.clone().requires_grad_(want) for v, want in zip((x, w, b), wants)]
-        ours = torch.autograd.grad(linclass.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2]),
+        x_rows = leaves[0][:, :1024]
+        assert x_rows.stride(0) == 1024 + 5
+        ours = torch.autograd.grad(linclass.linear_cross_entropy(x_rows, leaves[1], t, leaves[2]),
                                    [v for v in leaves if v.requires_grad])
-        ref = torch.autograd.grad(unfused_ce(leaves[0], leaves[1], t, leaves[2]),
+        ref = torch.autograd.grad(unfused_ce(x_rows, leaves[1], t, leaves[2]),
                                   [v for v in leaves if v.requires_grad])
         for g, r in zip(ours, ref):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,d,c", [(2, 7, 100), (9, 64, 301), (40, 100, 90), (5, 70, 50)])
+def test_few_rows_row_strided_weight(n, d, c, dtype):
+    """W's rows further apart than D (a view of a wider leaf): the transposed score tiles
+    and the backward read them at W's row stride."""
+    with _cpp_only():
+        x, w, b, t = make(n, d + 5, c, dtype=dtype)
+        x = x[:, :d].contiguous()
+        tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+        for fused, unfused, kw in ((linclass.linear_cross_entropy, unfused_ce, dict(label_smoothing=0.1)),
+                                   (linclass.linear_multi_margin_loss, unfused_mm, {})):
+            results = []
+            for fn in (fused, unfused):
+                leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+                rows = leaves[1][:, :d]
+                assert rows.stride(0) == d + 5
+                loss = fn(leaves[0], rows, t, leaves[2], **kw)
+                results.append((loss, *torch.autograd.grad(loss, leaves)))
+            for ours, ref in zip(*results):
+                torch.testing.assert_close(ours, ref, **tol)
+            assert not results[0][2][:, d:].any()
+
+
 # (1, 3073, 64) and (8, 1024, 32): few rows that the register-blocked products' class
 # count would take, on the few-row ones (few_rows_beat_small_gemm).
 @pytest.mark.parametrize("n,d,c", [(12, 1024, 600), (5, 40, 700), (32, 64, 1000), (21, 300, 200),
-                                   (1, 3073, 64), (8, 1024, 32)])
+                                   (1, 3073, 64), (8, 1024, 32), (40, 16, 700), (3, 33, 1000)])
 def test_few_rows_float32_deterministic_across_threads(n, d, c):
     with _cpp_only():
         x, w, b, t = make(n, d, c, dtype=torch.float32)

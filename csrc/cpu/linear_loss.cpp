@@ -111,16 +111,12 @@ double loss_block(Tensor& Sb, const Tensor& target, const acc_type<scalar_t>* la
 // Whether the N rows take skinny_gemm.h's products (as one block) rather than the BLAS
 // blocks': every batch of at most kSkinnyRows rows (there the BLAS's fixed costs and
 // general GEMMs cost more, whatever W's size); up to kSkinnyChunkRows rows while W stays
-// in L2 (1 MiB) and a chunk's 16-row partial of dX in L1 (rows of at most 2 KiB), unless
-// D is small and the scores many: with fewer than 48 features each score's own
-// reduction costs more than the BLAS's, which beyond some 6000 scores outweighs the
-// BLAS calls' fixed costs (bench/results/linear-gemm-floor.md, `small_gemm_ab.py
-// --few-rows`).
-constexpr int64_t kSkinnyChunkRows = 2 * cpu::kSkinnyRows;
+// in L2 (1 MiB) and a chunk's 16-row partial of dX in L1 (rows of at most 2 KiB)
+// (bench/results/linear-gemm-floor.md, `small_gemm_ab.py --few-rows`).
+constexpr int64_t kSkinnyChunkRows = 4 * cpu::kSkinnyRows;
 bool takes_few_row_products(int64_t N, int64_t D, int64_t C, int64_t elem) {
   if (N <= cpu::kSkinnyRows) return N >= 1;
-  return N <= kSkinnyChunkRows && C * D * elem <= (int64_t(1) << 20) && D * elem <= 2048 &&
-         (D >= 48 || N * C <= 6144);
+  return N <= kSkinnyChunkRows && C * D * elem <= (int64_t(1) << 20) && D * elem <= 2048;
 }
 
 // Whether a handful of rows that could take the register-blocked products (small_gemm.h)

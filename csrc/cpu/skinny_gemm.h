@@ -17,6 +17,7 @@
 #include "../buffer_cache.h"
 #include "../parallel.h"
 #include "../tensor_ops.h"
+#include "row_driver.h"
 #include "vec_util.h"
 
 #include <algorithm>
@@ -31,6 +32,12 @@ constexpr int64_t kSkinnyRows = 16;
 // The fewest multiply-adds a thread takes in skinny_backward: waking a thread costs
 // more than a smaller share.
 constexpr int64_t kSkinnyTaskWork = int64_t(1) << 16;
+
+// The scores take score_lanes (below) up to this many features, and from this many rows
+// whatever the features: with fewer rows and more features transposing the weight's
+// tiles costs more than the horizontal sums it saves (bench/results/linear-gemm-floor.md).
+constexpr int64_t kLaneScoresMaxD = 64;
+constexpr int64_t kLaneScoresMinRows = 8;
 
 // A row stride for n x D work arrays: D rounded up to whole vectors plus one, so that
 // rows are never a multiple of 4 KiB apart (such rows fall in the same L1 sets, and a
@@ -98,6 +105,78 @@ inline void score_tile(const T* x, const T* W, int64_t ldw, int64_t D, int64_t c
   (sum_rows(acc) + bias).store(s + c0, m);
 }
 
+// Features per partial sum of score_lanes: each score adds its D products in runs of
+// this many, each run from zero, so its rounding grows with 16 + D / 16 terms rather
+// than D, close to a dot product's D / W + log2 W (a single chain failed the float32
+// accuracy tests at D = 1024).
+constexpr int64_t kLaneScoresRun = 16;
+
+// S[i, c0 .. c0 + m_p) of P tiles of V classes (tile p from c0 = p V) for the M rows
+// X + i * ldx, from each tile's weights transposed: Wt[(p D + k) V + q] = W[c0 + q, k].
+// Each score is a chain of multiply-adds in its own lane, x's features broadcast: no
+// horizontal sums, which cost a small D more than its multiply-adds (score_tile's
+// sum_rows).  P tiles at once give a row or two enough independent chains; a score's
+// additions are the same whatever M and P.
+template <int M, int P, typename T>
+inline void score_lanes(const T* X, int64_t ldx, const T* Wt, int64_t D, const Vec<T>* bias, T* S,
+                        int64_t ldS, const int64_t* m) {
+  constexpr int64_t V = Vec<T>::size();
+  Vec<T> acc[M][P];
+  for (int i = 0; i < M; ++i)
+    for (int p = 0; p < P; ++p) acc[i][p] = Vec<T>(T(0));
+  for (int64_t k0 = 0; k0 < D; k0 += kLaneScoresRun) {
+    Vec<T> run[M][P];
+    for (int i = 0; i < M; ++i)
+      for (int p = 0; p < P; ++p) run[i][p] = Vec<T>(T(0));
+    for (int64_t k = k0; k < std::min(D, k0 + kLaneScoresRun); ++k) {
+      Vec<T> wk[P];
+      for (int p = 0; p < P; ++p) wk[p] = Vec<T>::loadu(Wt + (p * D + k) * V);
+      for (int i = 0; i < M; ++i) {
+        const Vec<T> xk(X[i * ldx + k]);
+        for (int p = 0; p < P; ++p) run[i][p] = fmadd(xk, wk[p], run[i][p]);
+      }
+    }
+    for (int i = 0; i < M; ++i)
+      for (int p = 0; p < P; ++p) acc[i][p] = acc[i][p] + run[i][p];
+  }
+  for (int i = 0; i < M; ++i)
+    for (int p = 0; p < P; ++p)
+      if (m[p] > 0) (acc[i][p] + bias[p]).store(S + i * ldS + p * V, m[p]);
+}
+
+template <int P, typename T>
+inline void score_lanes_group(int64_t rows, const T* X, int64_t ldx, const T* Wt, int64_t D,
+                              const Vec<T>* bias, T* S, int64_t ldS, const int64_t* m) {
+  switch (rows) {
+#define LINCLASS_SKINNY_CASE(M) \
+  case M: return score_lanes<M, P>(X, ldx, Wt, D, bias, S, ldS, m);
+    LINCLASS_SKINNY_CASE(1) LINCLASS_SKINNY_CASE(2) LINCLASS_SKINNY_CASE(3) LINCLASS_SKINNY_CASE(4)
+    LINCLASS_SKINNY_CASE(5) LINCLASS_SKINNY_CASE(6) LINCLASS_SKINNY_CASE(7) LINCLASS_SKINNY_CASE(8)
+#undef LINCLASS_SKINNY_CASE
+  }
+}
+
+// score_lanes over every row for P tiles from tile t0 (tiles past C store nothing),
+// their weights packed into wt (room for P D V).
+template <int P, typename T>
+inline void score_lanes_tiles(const T* X, int64_t ldx, int64_t n, const T* W, const RowGeometry& w_rows,
+                              const T* b, int64_t C, int64_t t0, T* wt, T* S) {
+  constexpr int64_t V = Vec<T>::size();
+  const int64_t D = w_rows.classes;
+  int64_t m[P];
+  Vec<T> bias[P];
+  for (int p = 0; p < P; ++p) {
+    const int64_t c0 = (t0 + p) * V;
+    m[p] = std::clamp<int64_t>(C - c0, 0, V);
+    if (m[p] > 0) pack_tile(W, w_rows, c0, m[p], wt + p * D * V);
+    else std::fill(wt + p * D * V, wt + (p + 1) * D * V, T(0));
+    bias[p] = b && m[p] > 0 ? Vec<T>::loadu(b + c0, m[p]) : Vec<T>(T(0));
+  }
+  for (int64_t i0 = 0; i0 < n; i0 += 8)
+    score_lanes_group<P>(std::min<int64_t>(8, n - i0), X + i0 * ldx, ldx, wt, D, bias,
+                         S + i0 * C + t0 * V, C, m);
+}
+
 }  // namespace skinny
 
 // S (n x C, row stride C) = X W^T + b: X (n x D, row stride ldx), W (C x D, row stride
@@ -106,15 +185,35 @@ template <typename T>
 void skinny_scores(const T* X, int64_t ldx, const T* W, int64_t ldw, const T* b, int64_t n,
                    int64_t D, int64_t C, T* S) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(D, 1));
-  // A weight within the L2 cache with rows of at most 4 KiB: a vector's width of
-  // classes of one row at a time (score_tile), which saves the score-by-score
-  // horizontal sums that bound a small D; a larger W streams by once for 8 rows at a
+  constexpr int64_t V = Vec<T>::size();
+  const int64_t tiles = (C + V - 1) / V;
+  if (D <= kLaneScoresMaxD || n >= kLaneScoresMinRows) {
+    // A vector's width of classes at a time, their weights transposed (the lane path's
+    // pack_tile) once for all n rows (score_lanes); one or two rows take 4 tiles at
+    // once, 3-7 rows 2 tiles, for enough independent chains.
+    RowGeometry w_rows;
+    w_rows.outer = C;
+    w_rows.classes = D;
+    w_rows.stride_n = ldw;
+    const int P = n >= 8 ? 1 : n >= 3 ? 2 : 4;
+    const int64_t groups = (tiles + P - 1) / P;
+    linclass::parallel_for(0, groups, std::max<int64_t>(1, grain / (V * P)), [&](int64_t g0, int64_t g1) {
+      ThreadScratch<T> wt(P * D * Vec<T>::size());
+      for (int64_t g = g0; g < g1; ++g) {
+        if (P == 1) skinny::score_lanes_tiles<1>(X, ldx, n, W, w_rows, b, C, g, wt.data, S);
+        else if (P == 2) skinny::score_lanes_tiles<2>(X, ldx, n, W, w_rows, b, C, 2 * g, wt.data, S);
+        else skinny::score_lanes_tiles<4>(X, ldx, n, W, w_rows, b, C, 4 * g, wt.data, S);
+      }
+    });
+    return;
+  }
+  // Fewer rows of more features, a weight within the L2 cache with rows of at most 4 KiB:
+  // a vector's width of classes of one row at a time (score_tile), their dot products
+  // reduced together; a larger W streams by once for 8 rows at a
   // time, class after class, which the hardware prefetches better than many rows of W
   // at once (bench/results/linear-gemm-floor.md).  Both sum in the same order.
   const int64_t row_bytes = D * int64_t(sizeof(T));
   if (row_bytes <= 4096 && C * row_bytes <= (int64_t(1) << 20)) {
-    constexpr int64_t V = Vec<T>::size();
-    const int64_t tiles = (C + V - 1) / V;
     linclass::parallel_for(0, tiles, std::max<int64_t>(1, grain / V), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t i = 0; i < n; ++i)
