@@ -310,13 +310,15 @@ def test_deterministic_across_threads(linear_backend, d, c):
 # time, dW summed over the chunks (a full chunk and one row; two full chunks; tails).
 # The scores from transposed weight tiles (score_lanes: D <= 64, or 8 rows and more):
 # 1-2 rows 4 tiles at once, 3-7 rows 2 (groups with empty tiles past C), D at 64 and 65
-# on either side of the row limit, 33-64 rows.
+# on either side of the row limit, 33-64 rows; 65-1024 rows of at most 64 features (and
+# 65 x 65, the BLAS blocks beside them).
 SKINNY = [(1, 1024, 300), (5, 37, 7103), (8, 1024, 257), (9, 64, 4099), (16, 300, 1000),
           (13, 20000, 150),  # dX partials capped by memory, 3 chunks
           (1, 3, 70), (2, 17, 131), (16, 40, 300), (11, 5, 1000),
           (17, 48, 300), (32, 64, 1000), (25, 5, 100), (30, 130, 97),
           (3, 64, 100), (4, 65, 300), (7, 1, 33), (8, 65, 170), (33, 100, 77), (64, 16, 700),
-          (50, 512, 130)]
+          (50, 512, 130),
+          (65, 64, 300), (200, 3, 1000), (1024, 16, 70), (65, 65, 100)]  # 65-1024 rows at D <= 64
 
 
 def _cpp_only():
@@ -420,7 +422,8 @@ def test_few_rows_row_strided_weight(n, d, c, dtype):
 # (1, 3073, 64) and (8, 1024, 32): few rows that the register-blocked products' class
 # count would take, on the few-row ones (few_rows_beat_small_gemm).
 @pytest.mark.parametrize("n,d,c", [(12, 1024, 600), (5, 40, 700), (32, 64, 1000), (21, 300, 200),
-                                   (1, 3073, 64), (8, 1024, 32), (40, 16, 700), (3, 33, 1000)])
+                                   (1, 3073, 64), (8, 1024, 32), (40, 16, 700), (3, 33, 1000),
+                                   (300, 20, 500)])
 def test_few_rows_float32_deterministic_across_threads(n, d, c):
     with _cpp_only():
         x, w, b, t = make(n, d, c, dtype=torch.float32)

@@ -111,12 +111,17 @@ double loss_block(Tensor& Sb, const Tensor& target, const acc_type<scalar_t>* la
 // Whether the N rows take skinny_gemm.h's products (as one block) rather than the BLAS
 // blocks': every batch of at most kSkinnyRows rows (there the BLAS's fixed costs and
 // general GEMMs cost more, whatever W's size); up to kSkinnyChunkRows rows while W stays
-// in L2 (1 MiB) and a chunk's 16-row partial of dX in L1 (rows of at most 2 KiB)
+// in L2 (1 MiB) and a 16-row partial of dX in L1 (rows of at most 2 KiB); and up to
+// kSkinnyManyRows rows of at most cpu::kLaneScoresMaxD features (the BLAS is slow at so
+// short a product) through such a weight, their scores within one BLAS block's 64 MiB
 // (bench/results/linear-gemm-floor.md, `small_gemm_ab.py --few-rows`).
 constexpr int64_t kSkinnyChunkRows = 4 * cpu::kSkinnyRows;
+constexpr int64_t kSkinnyManyRows = 1024;
 bool takes_few_row_products(int64_t N, int64_t D, int64_t C, int64_t elem) {
   if (N <= cpu::kSkinnyRows) return N >= 1;
-  return N <= kSkinnyChunkRows && C * D * elem <= (int64_t(1) << 20) && D * elem <= 2048;
+  if (C * D * elem > (int64_t(1) << 20)) return false;
+  if (N <= kSkinnyChunkRows) return D * elem <= 2048;
+  return N <= kSkinnyManyRows && D <= cpu::kLaneScoresMaxD && N * C * elem <= (int64_t(64) << 20);
 }
 
 // Whether a handful of rows that could take the register-blocked products (small_gemm.h)
@@ -130,7 +135,7 @@ bool few_rows_beat_small_gemm(int64_t N, int64_t D, int64_t C) {
 }
 
 // The N rows as one block, with skinny_gemm.h's products (unit-stride rows of X and W;
-// float32/64); the backward kSkinnyRows rows at a time.
+// float32/64).
 template <typename scalar_t, typename Math, typename Params>
 double linear_skinny_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
                          const Tensor& target, const scalar_t* lane_targets, const Params& p,
@@ -151,12 +156,10 @@ double linear_skinny_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
                      C, s);
   const double total =
       loss_block<scalar_t, Math>(S, target, lane_targets, 0, mask[0] || mask[1] || mask[2], p);
-  for (int64_t r0 = 0; r0 < N && (mask[0] || mask[1]); r0 += cpu::kSkinnyRows)
-    cpu::skinny_backward(s + r0 * C, std::min(cpu::kSkinnyRows, N - r0), C, x + r0 * ldx, ldx, w,
-                         W.stride(0), D,
-                         mask[0] ? grads.input.mutable_data_ptr<scalar_t>() + r0 * D : nullptr,
-                         mask[1] ? grads.weight.mutable_data_ptr<scalar_t>() : nullptr,
-                         /*accumulate_dw=*/r0 > 0);
+  if (mask[0] || mask[1])
+    cpu::skinny_backward(s, N, C, x, ldx, w, W.stride(0), D,
+                         mask[0] ? grads.input.mutable_data_ptr<scalar_t>() : nullptr,
+                         mask[1] ? grads.weight.mutable_data_ptr<scalar_t>() : nullptr);
   if (mask[2]) {  // db = column sums of dS, rows in order
     scalar_t* db = grads.bias.mutable_data_ptr<scalar_t>();
     std::copy(s, s + C, db);

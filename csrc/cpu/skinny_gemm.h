@@ -1,6 +1,5 @@
 // The products of a fused linear + loss with only a few rows, for cpu/linear_loss.cpp
-// (W is C x D; skinny_backward takes at most kSkinnyRows rows a call, the op calls it
-// for each such chunk of a few dozen rows, summing dW over the chunks):
+// (W is C x D):
 //   S  = X W^T (+ b)      scores, n x C         skinny_scores
 //   dX = dS W             input gradient, n x D  skinny_backward (optional)
 //   dW = dS^T X           weight gradient, C x D  skinny_backward (optional)
@@ -26,7 +25,7 @@
 
 namespace linclass::cpu {
 
-// Rows per call of skinny_backward (two groups of 8 rows in registers).
+// Rows per step of skinny_backward (two groups of 8 rows in registers).
 constexpr int64_t kSkinnyRows = 16;
 
 // The fewest multiply-adds a thread takes in skinny_backward: waking a thread costs
@@ -297,19 +296,20 @@ void backward_chunk(const T* dS, int64_t n, int64_t C, int64_t c0, int64_t c1, c
 
 }  // namespace skinny
 
-// dX (n x D, contiguous) = dS W and dW (C x D, contiguous) = dS^T X, or dW += dS^T X
-// with accumulate_dw (the op's later chunks of rows: each element then adds its chunks
-// in row order), either null when not wanted; n <= kSkinnyRows; dS is n x C (row
-// stride C); X's rows at stride ldx (best not a multiple of 4 KiB: rows that far apart
-// share L1 sets).  Classes in chunks whose number depends on the shape only: each
-// chunk streams its rows of W and of dW whole (dW with streaming stores when larger
-// than the caches and not accumulated), kGroup classes at a time, and sums its
-// classes' part of dX into its own n x D partial in class order; the partials are then
-// added in chunk order.  (Cutting the columns instead read every row of W in
-// pieces, one column block per pass: ~3x slower here.)
+// dX (n x D, contiguous) = dS W and dW (C x D, contiguous) = dS^T X, either null when
+// not wanted; dS is n x C (row stride C); X's rows at stride ldx (best not a multiple of
+// 4 KiB: rows that far apart share L1 sets).  Classes in chunks whose number depends on
+// the shape only: each chunk streams its rows of W and of dW whole (dW with streaming
+// stores when larger than the caches and written once), kGroup classes at a time, for
+// kSkinnyRows rows at a time (their register groups and dX partials are sized for
+// that many), dW adding the row blocks in row order; each chunk sums its classes' part of
+// dX into its own n x D partial in class order, and the partials are then added in chunk
+// order.  One parallel region for all n rows: a region per 16 rows cost more than the
+// products of a few hundred rows of a small weight.  (Cutting the columns instead read
+// every row of W in pieces, one column block per pass: ~3x slower here.)
 template <typename T>
 void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx, const T* W,
-                     int64_t ldw, int64_t D, T* dX, T* dW, bool accumulate_dw = false) {
+                     int64_t ldw, int64_t D, T* dX, T* dW) {
   const int64_t ldp = skinny_stride<T>(D);
   // Up to 64 chunks of at least 64 classes, and at most 8 MiB of dX partials (a wide D
   // gets fewer, longer chunks): a function of the shape only.
@@ -317,7 +317,7 @@ void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx,
   const int64_t most = std::clamp<int64_t>((int64_t(8) << 20) / partial_bytes, 1, 64);
   const int64_t chunk = std::max<int64_t>(64, (C + most - 1) / most);
   const int64_t chunks = (C + chunk - 1) / chunk;
-  const bool stream = dW && !accumulate_dw && C * D * int64_t(sizeof(T)) > (int64_t(8) << 20);
+  const bool stream = dW && n <= kSkinnyRows && C * D * int64_t(sizeof(T)) > (int64_t(8) << 20);
   // From the buffer cache (up to 8 MiB: a fresh allocation would page-fault every
   // call); each chunk zeroes its own partial.
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
@@ -333,15 +333,22 @@ void skinny_backward(const T* dS, int64_t n, int64_t C, const T* X, int64_t ldx,
       const int64_t c0 = k * chunk, c1 = std::min(C, c0 + chunk);
       T* part = dX ? partials + k * n * ldp : nullptr;
       if (part) std::fill(part, part + n * ldp, T(0));
-      if (dX && dW)
-        skinny::backward_chunk<true, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW,
-                                           stream, accumulate_dw);
-      else if (dX)
-        skinny::backward_chunk<true, false>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW,
-                                            stream, accumulate_dw);
-      else
-        skinny::backward_chunk<false, true>(dS, n, C, c0, c1, X, ldx, W, ldw, D, part, ldp, dW,
-                                            stream, accumulate_dw);
+      for (int64_t r0 = 0; r0 < n; r0 += kSkinnyRows) {
+        const int64_t rows = std::min(kSkinnyRows, n - r0);
+        const T* ds = dS + r0 * C;
+        const T* x = X + r0 * ldx;
+        T* p = part ? part + r0 * ldp : nullptr;
+        const bool accumulate = r0 > 0;
+        if (dX && dW)
+          skinny::backward_chunk<true, true>(ds, rows, C, c0, c1, x, ldx, W, ldw, D, p, ldp, dW,
+                                             stream, accumulate);
+        else if (dX)
+          skinny::backward_chunk<true, false>(ds, rows, C, c0, c1, x, ldx, W, ldw, D, p, ldp, dW,
+                                              stream, accumulate);
+        else
+          skinny::backward_chunk<false, true>(ds, rows, C, c0, c1, x, ldx, W, ldw, D, p, ldp, dW,
+                                              stream, accumulate);
+      }
     }
     if (stream) stream_fence();
   });
