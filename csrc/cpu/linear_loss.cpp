@@ -147,10 +147,11 @@ double linear_skinny_cpu(const Tensor& X, const Tensor& W, const OptTensor& b,
   // X's rows copied at a padded stride (skinny_stride): a user's rows 4 KiB apart
   // (D = 1024 floats) made the backward ~5x slower.
   const int64_t ldx = cpu::skinny_stride<scalar_t>(D);
-  std::vector<scalar_t> xp(size_t(N * ldx));
+  // Uninitialized: nothing reads a row's padding past D.
+  const std::unique_ptr<scalar_t[]> xp(new scalar_t[size_t(N * ldx)]);
   for (int64_t i = 0; i < N; ++i)
-    std::copy_n(X.const_data_ptr<scalar_t>() + i * X.stride(0), D, xp.data() + i * ldx);
-  const scalar_t* x = xp.data();
+    std::copy_n(X.const_data_ptr<scalar_t>() + i * X.stride(0), D, xp.get() + i * ldx);
+  const scalar_t* x = xp.get();
   const scalar_t* w = W.const_data_ptr<scalar_t>();
   cpu::skinny_scores(x, ldx, w, W.stride(0), b ? br.const_data_ptr<scalar_t>() : nullptr, N, D,
                      C, s);

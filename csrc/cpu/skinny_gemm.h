@@ -197,11 +197,15 @@ void skinny_scores(const T* X, int64_t ldx, const T* W, int64_t ldw, const T* b,
     const int P = n >= 8 ? 1 : n >= 3 ? 2 : 4;
     const int64_t groups = (tiles + P - 1) / P;
     linclass::parallel_for(0, groups, std::max<int64_t>(1, grain / (V * P)), [&](int64_t g0, int64_t g1) {
-      ThreadScratch<T> wt(P * D * Vec<T>::size());
+      // The packed tiles on the stack up to 4 x 64 features (16 KiB), else on the heap.
+      alignas(64) T local[4 * kLaneScoresMaxD * Vec<T>::size()];
+      const bool on_stack = P * D <= 4 * kLaneScoresMaxD;
+      ThreadScratch<T> heap(on_stack ? 0 : P * D * Vec<T>::size());
+      T* wt = on_stack ? local : heap.data;
       for (int64_t g = g0; g < g1; ++g) {
-        if (P == 1) skinny::score_lanes_tiles<1>(X, ldx, n, W, w_rows, b, C, g, wt.data, S);
-        else if (P == 2) skinny::score_lanes_tiles<2>(X, ldx, n, W, w_rows, b, C, 2 * g, wt.data, S);
-        else skinny::score_lanes_tiles<4>(X, ldx, n, W, w_rows, b, C, 4 * g, wt.data, S);
+        if (P == 1) skinny::score_lanes_tiles<1>(X, ldx, n, W, w_rows, b, C, g, wt, S);
+        else if (P == 2) skinny::score_lanes_tiles<2>(X, ldx, n, W, w_rows, b, C, 2 * g, wt, S);
+        else skinny::score_lanes_tiles<4>(X, ldx, n, W, w_rows, b, C, 4 * g, wt, S);
       }
     });
     return;
