@@ -23,13 +23,14 @@ namespace {
 // (blocks sized to keep X_b in a few MiB of cache made that product shallow, and the
 // step slower than deeper blocks that re-read X_b from L3 or memory:
 // bench/results/linear-gemm-floor.md); more while the input block stays within 4 MiB;
-// the score block within 64 MiB caps it, but at least 32 rows so that the GEMMs stay
-// efficient.
+// the score block within kMaxScoreBlockBytes caps it, but at least 32 rows so that the
+// GEMMs stay efficient.
 constexpr int64_t kDepthRows = 1024;
+constexpr int64_t kMaxScoreBlockBytes = int64_t(64) << 20;
 int64_t block_rows(int64_t N, int64_t D, int64_t C, int64_t elem) {
   if (const int64_t o = linear_block_rows_override()) return std::max<int64_t>(1, o);
   const int64_t by_input = (int64_t(4) << 20) / std::max<int64_t>(1, D * elem);
-  const int64_t by_scores = (int64_t(64) << 20) / std::max<int64_t>(1, C * elem);
+  const int64_t by_scores = kMaxScoreBlockBytes / std::max<int64_t>(1, C * elem);
   const int64_t rows = std::min(std::max(kDepthRows, by_input), by_scores);
   return std::min(std::max<int64_t>(32, rows), std::max<int64_t>(N, 1));
 }
@@ -113,7 +114,7 @@ double loss_block(Tensor& Sb, const Tensor& target, const acc_type<scalar_t>* la
 // general GEMMs cost more, whatever W's size); up to kSkinnyChunkRows rows while W stays
 // in L2 (1 MiB) and a 16-row partial of dX in L1 (rows of at most 2 KiB); and up to
 // kSkinnyManyRows rows of at most cpu::kLaneScoresMaxD features (the BLAS is slow at so
-// short a product) through such a weight, their scores within one BLAS block's 64 MiB
+// short a product) through such a weight, their scores within a BLAS block's cap
 // (bench/results/linear-gemm-floor.md, `small_gemm_ab.py --few-rows`).
 constexpr int64_t kSkinnyChunkRows = 4 * cpu::kSkinnyRows;
 constexpr int64_t kSkinnyManyRows = 1024;
@@ -121,7 +122,7 @@ bool takes_few_row_products(int64_t N, int64_t D, int64_t C, int64_t elem) {
   if (N <= cpu::kSkinnyRows) return N >= 1;
   if (C * D * elem > (int64_t(1) << 20)) return false;
   if (N <= kSkinnyChunkRows) return D * elem <= 2048;
-  return N <= kSkinnyManyRows && D <= cpu::kLaneScoresMaxD && N * C * elem <= (int64_t(64) << 20);
+  return N <= kSkinnyManyRows && D <= cpu::kLaneScoresMaxD && N * C * elem <= kMaxScoreBlockBytes;
 }
 
 // Whether a handful of rows that could take the register-blocked products (small_gemm.h)
